@@ -1,0 +1,168 @@
+//! The layout of `$ASIMOV_HOME` (default `~/.asimov`): one place that names every path,
+//! so no other module builds one by hand.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Home {
+    root: PathBuf,
+}
+
+impl Home {
+    /// `$ASIMOV_HOME`, else `~/.asimov`.
+    pub fn from_env() -> io::Result<Home> {
+        if let Some(dir) = std::env::var_os("ASIMOV_HOME").filter(|v| !v.is_empty()) {
+            return Ok(Home::at(PathBuf::from(dir)));
+        }
+        let home = std::env::var_os("HOME")
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| io::Error::other("neither ASIMOV_HOME nor HOME is set"))?;
+        Ok(Home::at(PathBuf::from(home).join(".asimov")))
+    }
+
+    pub fn at(root: impl Into<PathBuf>) -> Home {
+        Home { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The watched desired state.
+    pub fn manifests(&self) -> PathBuf {
+        self.root.join("manifests")
+    }
+
+    pub fn database(&self) -> PathBuf {
+        self.root.join("state.db")
+    }
+
+    /// Credentials (API keys, tokens), each a file of mode 0600.
+    pub fn credentials(&self) -> PathBuf {
+        self.root.join("credentials")
+    }
+
+    /// Pinned SSH host keys, one file per machine.
+    pub fn known_hosts(&self) -> PathBuf {
+        self.root.join("known_hosts")
+    }
+
+    /// Folders of `local` provider instances.
+    pub fn local_instances(&self) -> PathBuf {
+        self.root.join("local")
+    }
+
+    /// Logs of finished runs, kept after their instance is gone.
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+
+    pub fn run_log(&self, run: &str) -> PathBuf {
+        self.logs().join(format!("{run}.log"))
+    }
+
+    /// Outputs pulled back from instances, `artifacts/<run>/`.
+    pub fn artifacts(&self) -> PathBuf {
+        self.root.join("artifacts")
+    }
+
+    pub fn controller_lock(&self) -> PathBuf {
+        self.root.join("controller.lock")
+    }
+
+    pub fn controller_pid(&self) -> PathBuf {
+        self.root.join("controller.pid")
+    }
+
+    pub fn controller_log(&self) -> PathBuf {
+        self.root.join("controller.log")
+    }
+
+    /// Creates the folders a controller or CLI needs; idempotent.
+    pub fn ensure(&self) -> io::Result<()> {
+        for dir in [self.root.clone(), self.manifests(), self.logs(), self.artifacts()] {
+            std::fs::create_dir_all(dir)?;
+        }
+        for private in [self.credentials(), self.known_hosts()] {
+            std::fs::create_dir_all(&private)?;
+            set_mode(&private, 0o700)?;
+        }
+        Ok(())
+    }
+
+    /// The identity of this home's controller in ownership tags: random, made once.
+    pub fn controller_id(&self) -> io::Result<String> {
+        let path = self.root.join("controller-id");
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        std::fs::create_dir_all(&self.root)?;
+        let id = random_id();
+        // Write-then-link: two processes racing both end up reading one winner's id.
+        let tmp = tempfile::NamedTempFile::new_in(&self.root)?;
+        std::fs::write(tmp.path(), &id)?;
+        match tmp.persist_noclobber(&path) {
+            Ok(_) => Ok(id),
+            Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
+                Ok(std::fs::read_to_string(&path)?.trim().to_string())
+            }
+            Err(e) => Err(e.error),
+        }
+    }
+}
+
+/// Eight lowercase base-36 characters from the OS's randomness.
+fn random_id() -> String {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut bytes);
+    }
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    bytes.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+}
+
+/// Sets a path's Unix permission bits.
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Writes a file readable only by its owner (mode 0600), atomically.
+pub fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?; // created 0600
+    tmp.write_all(contents)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    set_mode(path, 0o600)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controller_id_is_made_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        let a = home.controller_id().unwrap();
+        assert_eq!(a.len(), 8);
+        assert_eq!(home.controller_id().unwrap(), a);
+    }
+
+    #[test]
+    fn private_files_are_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write_private(&path, b"x").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+}

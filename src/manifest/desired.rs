@@ -1,0 +1,241 @@
+//! Validated, typed desired state: what the rest of asimov consumes. Built from the raw
+//! serde types only by `manifest::load*`; downstream code never sees an `Option` that
+//! "should be Some" or a string that should have been a duration.
+
+use crate::model::{JobName, ProviderKind, RunName};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every object from a set of manifest files, validated.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Manifests {
+    pub jobs: Vec<Job>,
+    pub fleets: Vec<Fleet>,
+    pub budgets: Vec<Budget>,
+}
+
+/// Where an object came from, for messages and for `delete -f`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Origin {
+    pub file: PathBuf,
+    /// 1-based line of the document's first line.
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job {
+    pub name: JobName,
+    pub labels: BTreeMap<String, String>,
+    pub spec: JobSpec,
+    /// One entry per run, in a stable order; names are `<job>-<index>`.
+    pub runs: Vec<RunSpec>,
+    /// Hash of the spec as written; a change means the job was edited.
+    pub spec_hash: String,
+    pub origin: Origin,
+}
+
+/// One expanded run of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSpec {
+    pub name: RunName,
+    pub index: u32,
+    /// The matrix values of this run (`config`, `branch`, ...), empty without a matrix.
+    pub matrix: BTreeMap<String, String>,
+    /// The run command with `${matrix.KEY}` substituted.
+    pub command: String,
+    /// Setup commands with `${matrix.KEY}` substituted.
+    pub setup: Vec<String>,
+    /// Git ref to check out for this run (matrix `branch`, else the source's ref).
+    pub git_ref: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub source: Source,
+    pub files: Vec<FileCopy>,
+    pub setup: Vec<String>,
+    pub run: String,
+    pub env: BTreeMap<String, String>,
+    /// Names of secrets from the credential store, handed to the job as env vars.
+    pub secrets: Vec<String>,
+    pub resources: Resources,
+    /// Tried in order, looping back. Never empty: defaults to `[local]`.
+    pub placement: Vec<Placement>,
+    pub image: Option<String>,
+    pub max_duration: Option<Duration>,
+    pub retry: RetryPolicy,
+    pub checkpoint: Option<Checkpoint>,
+    pub artifacts: Option<Artifacts>,
+    pub stop_when: Vec<StopRule>,
+    pub schedule: Option<Schedule>,
+    /// Name of the Budget this job's spending counts against.
+    pub budget: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// No code to upload; the run command stands alone.
+    None,
+    /// A local folder (absolute after loading), uploaded respecting `.gitignore`.
+    Workdir(PathBuf),
+    /// A git repository cloned on the instance at `reference`.
+    Git { repo: String, reference: Option<String> },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileCopy {
+    /// Local path, `~` expanded, absolute after loading.
+    pub from: PathBuf,
+    /// Path on the instance; `~` means the instance user's home.
+    pub to: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Resources {
+    pub gpu: Option<GpuRequest>,
+    pub disk_gb: Option<u32>,
+    pub cuda: Option<String>,
+    pub cpus: Option<u32>,
+    pub memory_gb: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuRequest {
+    /// Acceptable GPU names, in order of preference; empty means any.
+    pub names: Vec<String>,
+    pub count: u32,
+    pub min_vram_gb: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Placement {
+    pub provider: ProviderKind,
+    /// For `ssh`: the Fleet whose hosts the run may use.
+    pub fleet: Option<String>,
+    pub instance_types: Vec<String>,
+    pub regions: Vec<String>,
+    pub max_price_per_hour: Option<f64>,
+    pub premium_pct: Option<f64>,
+    /// Offer filters such as `reliability: ">=0.98"`, kept as written.
+    pub filters: BTreeMap<String, String>,
+    pub spot: bool,
+}
+
+impl Placement {
+    pub fn local() -> Self {
+        Placement {
+            provider: ProviderKind::Local,
+            fleet: None,
+            instance_types: Vec::new(),
+            regions: Vec::new(),
+            max_price_per_hour: None,
+            premium_pct: None,
+            filters: BTreeMap::new(),
+            spot: false,
+        }
+    }
+}
+
+/// What counts as a reason to start another attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RetryOn {
+    NoCapacity,
+    Preemption,
+    Error,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub on: Vec<RetryOn>,
+    /// Further attempts after the first; 0 means never restart.
+    pub max_restarts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy { on: vec![RetryOn::NoCapacity, RetryOn::Preemption], max_restarts: 3 }
+    }
+}
+
+impl RetryPolicy {
+    pub fn retries(&self, on: RetryOn) -> bool {
+        self.on.contains(&on)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Checkpoint {
+    /// Folder on the instance holding checkpoints; synced and restored on restart.
+    pub path: String,
+    pub every: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Artifacts {
+    /// Paths on the instance to bring back when the run ends.
+    pub paths: Vec<String>,
+    /// `s3://bucket/prefix`, or a local folder; default `$ASIMOV_HOME/artifacts/<run>/`.
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricMode {
+    Max,
+    Min,
+}
+
+/// Stop the run when `metric` has not improved for `patience` reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StopRule {
+    pub metric: String,
+    pub mode: MetricMode,
+    pub patience: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    /// Start no earlier than this Unix time (seconds).
+    pub at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fleet {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub hosts: Vec<Host>,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Host {
+    /// Short name used in `get fleets` and instance ids; defaults to the address.
+    pub name: String,
+    pub user: Option<String>,
+    pub address: String,
+    pub port: u16,
+    pub identity_file: Option<PathBuf>,
+    pub gpus: u32,
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub limit_usd: f64,
+    /// Length of the budget's window; `None` means for ever.
+    pub period: Option<Duration>,
+    /// Jobs whose labels match all of these (or that name the budget) count against it.
+    pub selector: BTreeMap<String, String>,
+    pub action: BudgetAction,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetAction {
+    /// No new attempts start; running ones finish.
+    Block,
+    /// Running attempts are stopped too.
+    Stop,
+}
