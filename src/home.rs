@@ -81,7 +81,12 @@ impl Home {
 
     /// Creates the folders a controller or CLI needs; idempotent.
     pub fn ensure(&self) -> io::Result<()> {
-        for dir in [self.root.clone(), self.manifests(), self.logs(), self.artifacts()] {
+        for dir in [
+            self.root.clone(),
+            self.manifests(),
+            self.logs(),
+            self.artifacts(),
+        ] {
             std::fs::create_dir_all(dir)?;
         }
         for private in [self.credentials(), self.known_hosts()] {
@@ -123,7 +128,10 @@ fn random_id() -> String {
         let _ = f.read_exact(&mut bytes);
     }
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    bytes.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+    bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
 }
 
 /// Sets a path's Unix permission bits.

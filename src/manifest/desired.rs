@@ -80,7 +80,10 @@ pub enum Source {
     /// A local folder (absolute after loading), uploaded respecting `.gitignore`.
     Workdir(PathBuf),
     /// A git repository cloned on the instance at `reference`.
-    Git { repo: String, reference: Option<String> },
+    Git {
+        repo: String,
+        reference: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -154,7 +157,10 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { on: vec![RetryOn::NoCapacity, RetryOn::Preemption], max_restarts: 3 }
+        RetryPolicy {
+            on: vec![RetryOn::NoCapacity, RetryOn::Preemption],
+            max_restarts: 3,
+        }
     }
 }
 

@@ -150,7 +150,11 @@ pub struct OwnerTag {
 
 impl OwnerTag {
     pub fn new(controller: impl Into<String>, run: impl Into<String>, attempt: u32) -> Self {
-        OwnerTag { controller: controller.into(), run: run.into(), attempt }
+        OwnerTag {
+            controller: controller.into(),
+            run: run.into(),
+            attempt,
+        }
     }
 
     pub fn render(&self) -> String {

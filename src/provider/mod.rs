@@ -38,13 +38,16 @@ impl ProviderError {
         step: &'static str,
         message: impl Into<String>,
     ) -> Self {
-        ProviderError { provider, kind, step, message: message.into(), source: None }
+        ProviderError {
+            provider,
+            kind,
+            step,
+            message: message.into(),
+            source: None,
+        }
     }
 
-    pub fn with_source(
-        mut self,
-        source: impl std::error::Error + Send + Sync + 'static,
-    ) -> Self {
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
         self
     }
@@ -119,4 +122,12 @@ pub trait Provider: Send + Sync {
 
     /// Asks for the instance to be destroyed. `NotFound` means it is already gone.
     async fn destroy(&self, id: &InstanceId) -> ProviderResult<()>;
+
+    /// The agent on a listed instance: real backends drive the agent script over a
+    /// transport built from the endpoint (reusing one connection per machine); the fake
+    /// simulates the machine. `Transient` while the instance is not reachable yet.
+    fn machine(
+        &self,
+        instance: &Instance,
+    ) -> ProviderResult<std::sync::Arc<dyn crate::agent::Machine>>;
 }

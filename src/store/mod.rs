@@ -111,3 +111,94 @@ pub enum StoreError {
     #[error("state database is corrupt: {0}")]
     Corrupt(String),
 }
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A connection to the state database. Cheap to open; the controller keeps one, each
+/// CLI call opens its own. Every write is one transaction.
+pub struct Store {
+    #[allow(dead_code)] // used by the implementation
+    conn: rusqlite::Connection,
+}
+
+impl Store {
+    /// Opens (creating and migrating) the database at `path`, in WAL mode with a busy
+    /// timeout so readers never block the controller.
+    pub fn open(path: &std::path::Path) -> StoreResult<Store> {
+        let _ = path;
+        todo!("store")
+    }
+
+    /// Opens an existing database for reading only (CLI `get`, `describe`, `logs`).
+    /// Fails with `Open` if it does not exist.
+    pub fn open_read_only(path: &std::path::Path) -> StoreResult<Store> {
+        let _ = path;
+        todo!("store")
+    }
+
+    /// All runs, ordered by `seq`.
+    pub fn runs(&self) -> StoreResult<Vec<RunRecord>> {
+        todo!("store")
+    }
+
+    pub fn runs_of_job(&self, job: &str) -> StoreResult<Vec<RunRecord>> {
+        let _ = job;
+        todo!("store")
+    }
+
+    pub fn run(&self, name: &str) -> StoreResult<Option<RunRecord>> {
+        let _ = name;
+        todo!("store")
+    }
+
+    /// Inserts or replaces a run. A new run gets the next `seq` when `seq` is 0.
+    pub fn put_run(&self, run: &RunRecord) -> StoreResult<()> {
+        let _ = run;
+        todo!("store")
+    }
+
+    /// Removes a run with its attempts, events and cost entries. Callers do this only
+    /// once every attempt is released.
+    pub fn forget_run(&self, name: &str) -> StoreResult<()> {
+        let _ = name;
+        todo!("store")
+    }
+
+    pub fn attempts(&self, run: &str) -> StoreResult<Vec<AttemptRecord>> {
+        let _ = run;
+        todo!("store")
+    }
+
+    /// Every attempt not yet released, across all runs: what may still exist somewhere.
+    pub fn unreleased_attempts(&self) -> StoreResult<Vec<AttemptRecord>> {
+        todo!("store")
+    }
+
+    /// Inserts or replaces the attempt `(run, attempt)`.
+    pub fn put_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
+        let _ = attempt;
+        todo!("store")
+    }
+
+    pub fn add_event(&self, event: &Event) -> StoreResult<()> {
+        let _ = event;
+        todo!("store")
+    }
+
+    /// Events of one object, oldest first.
+    pub fn events(&self, object_kind: &str, object_name: &str) -> StoreResult<Vec<Event>> {
+        let _ = (object_kind, object_name);
+        todo!("store")
+    }
+
+    pub fn add_cost(&self, entry: &CostEntry) -> StoreResult<()> {
+        let _ = entry;
+        todo!("store")
+    }
+
+    /// Money spent by the given jobs since `since` (all time when `None`).
+    pub fn spent(&self, jobs: &[JobName], since: Option<Timestamp>) -> StoreResult<f64> {
+        let _ = (jobs, since);
+        todo!("store")
+    }
+}

@@ -13,10 +13,20 @@ pub enum TransportError {
         #[source]
         source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
-    #[error("host key of {machine} changed: pinned {pinned}, offered {offered}; refusing to connect")]
-    HostKeyChanged { machine: String, pinned: String, offered: String },
+    #[error(
+        "host key of {machine} changed: pinned {pinned}, offered {offered}; refusing to connect"
+    )]
+    HostKeyChanged {
+        machine: String,
+        pinned: String,
+        offered: String,
+    },
     #[error("{step} on {machine} failed: {message}")]
-    Failed { machine: String, step: &'static str, message: String },
+    Failed {
+        machine: String,
+        step: &'static str,
+        message: String,
+    },
     #[error("{step} on {machine}")]
     Io {
         machine: String,
