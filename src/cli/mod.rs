@@ -1,6 +1,85 @@
 //! The command line: clap types, one file per verb, rendering (tables, JSON, progress
-//! bars) and exit codes. The only layer that prints.
+//! bars) and exit codes. The only layer that prints; everything below returns errors
+//! and data.
 
-pub fn run() -> std::process::ExitCode {
-    std::process::ExitCode::SUCCESS
+mod args;
+pub mod daemon;
+mod get;
+pub mod render;
+
+use crate::home::Home;
+use args::{Cli, Command};
+use clap::Parser;
+use std::process::ExitCode;
+
+/// Any failure of a verb; printed once, as a chain, by `run`.
+pub type CliError = Box<dyn std::error::Error + Send + Sync>;
+pub type CliResult = Result<ExitCode, CliError>;
+
+/// A failure described in one sentence, for errors that have no typed source.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Failure(pub String);
+
+pub fn fail(message: impl Into<String>) -> CliError {
+    Box::new(Failure(message.into()))
+}
+
+pub fn run() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {}", chain(err.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `outer: cause: root cause`, on one line.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ASIMOV_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn dispatch(cli: Cli) -> CliResult {
+    let home = Home::from_env()?;
+    let Some(command) = cli.command else {
+        return Err(fail(
+            "the interactive prompt is not built yet; see `asimov --help`",
+        ));
+    };
+    match command {
+        Command::Get { kind, name, output } => {
+            init_tracing("warn");
+            get::run(&home, kind, name.as_deref(), output)
+        }
+        _ => {
+            init_tracing("warn");
+            Err(fail("not built yet"))
+        }
+    }
+}
+
+/// Seconds since the epoch, from the system clock; the CLI's only clock.
+pub fn now() -> crate::model::Timestamp {
+    chrono::Utc::now().timestamp()
 }

@@ -1,0 +1,107 @@
+//! The command line's shape (clap derive). Verbs and flags are a contract: DESIGN.md
+//! "Contracts that tests and scripts rely on".
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "asimov",
+    version,
+    about = "Declarative controller for ML training jobs on rented GPUs",
+    long_about = "Write what should run as YAML manifests (jobs, fleets, budgets); asimov \
+                  creates, configures, restarts from checkpoint and destroys instances until \
+                  reality matches. State lives in $ASIMOV_HOME (default ~/.asimov)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Add or update jobs, fleets and budgets from manifest files or folders
+    Apply {
+        /// Manifest files or folders of them (*.yaml, *.yml)
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Print what would change, and change nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Show a progress bar per run until every run ends; exit non-zero if any fails
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete a job (destroying its instances) or every object in manifest files
+    Delete {
+        /// `job NAME`, `fleet NAME` or `budget NAME`
+        #[arg(num_args = 0..=2)]
+        target: Vec<String>,
+        /// Delete the objects these manifest files define
+        #[arg(short = 'f', long = "filename", num_args = 1..)]
+        files: Vec<PathBuf>,
+        /// Return at once instead of waiting until every instance is confirmed gone
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List objects: jobs, runs, fleets, budgets
+    Get {
+        kind: Kind,
+        name: Option<String>,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Show one object's spec, status and events
+    Describe { kind: Kind, name: String },
+    /// Print a run's log
+    Logs {
+        run: String,
+        /// Keep printing as the log grows, until the run ends
+        #[arg(short = 'f', long)]
+        follow: bool,
+    },
+    /// Run the controller in the foreground
+    Controller {
+        /// Watch this folder of manifests instead of $ASIMOV_HOME/manifests
+        #[arg(long)]
+        manifests: Option<PathBuf>,
+        /// Do one reconcile pass and exit
+        #[arg(long)]
+        once: bool,
+        /// Started by `apply`: detach from the terminal, log to $ASIMOV_HOME/controller.log
+        #[arg(long, hide = true)]
+        background: bool,
+    },
+    /// Measure asimov's own speed and print the figures
+    Bench {
+        /// Runs in the store for the `get runs` figure
+        #[arg(long, default_value_t = 10_000)]
+        runs: usize,
+        /// Jobs for the reconcile-pass figure
+        #[arg(long, default_value_t = 1_000)]
+        jobs: usize,
+        /// Seconds to sample an idle controller's CPU use
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Kind {
+    #[value(alias = "job")]
+    Jobs,
+    #[value(alias = "run")]
+    Runs,
+    #[value(alias = "fleet")]
+    Fleets,
+    #[value(alias = "budget")]
+    Budgets,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Wide,
+    Json,
+    Yaml,
+}

@@ -1,0 +1,143 @@
+//! One controller per `$ASIMOV_HOME`, guarded by an exclusive `flock` on
+//! `controller.lock` that the controller holds for its whole life. `apply` starts a
+//! background controller when the lock is free, so a single command is enough.
+
+use crate::home::Home;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Held by the running controller; released when dropped or when the process dies.
+#[derive(Debug)]
+pub struct ControllerLock {
+    _file: File,
+}
+
+fn open_lock(home: &Home) -> io::Result<File> {
+    std::fs::create_dir_all(home.root())?;
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(home.controller_lock())
+}
+
+fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
+    // SAFETY: flock on a file descriptor we own; no memory is shared with the kernel.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+impl ControllerLock {
+    /// Takes the lock, or `None` when another controller holds it.
+    pub fn try_acquire(home: &Home) -> io::Result<Option<ControllerLock>> {
+        let file = open_lock(home)?;
+        if !flock(&file, libc::LOCK_EX)? {
+            return Ok(None);
+        }
+        std::fs::write(home.controller_pid(), std::process::id().to_string())?;
+        Ok(Some(ControllerLock { _file: file }))
+    }
+}
+
+/// True when a controller holds this home's lock.
+pub fn is_running(home: &Home) -> io::Result<bool> {
+    let file = open_lock(home)?;
+    // A shared lock is refused exactly while someone holds the exclusive one.
+    Ok(!flock(&file, libc::LOCK_SH)?)
+}
+
+/// The pid the running controller wrote, if any.
+pub fn running_pid(home: &Home) -> Option<u32> {
+    if !is_running(home).ok()? {
+        return None;
+    }
+    std::fs::read_to_string(home.controller_pid())
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Starts a background controller for `home` unless one runs. Returns true when it
+/// started one.
+pub fn ensure_running(home: &Home) -> io::Result<bool> {
+    if is_running(home)? {
+        return Ok(false);
+    }
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(home.controller_log())?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["controller", "--background"])
+        .env("ASIMOV_HOME", home.root())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; the child leaves our session so a closed
+    // terminal or a Ctrl-C on `apply` does not reach the controller.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if is_running(home)? {
+            return Ok(true);
+        }
+        if let Some(status) = child.try_wait()? {
+            // Lost a race with another starter, which now holds the lock: fine.
+            if is_running(home)? {
+                return Ok(false);
+            }
+            return Err(io::Error::other(format!(
+                "the background controller exited at once ({status}); see {}",
+                home.controller_log().display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(io::Error::other(format!(
+        "the background controller did not start within 5s; see {}",
+        home.controller_log().display()
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_lock_holder_per_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        assert!(!is_running(&home).unwrap());
+        let held = ControllerLock::try_acquire(&home)
+            .unwrap()
+            .expect("first holder");
+        assert!(is_running(&home).unwrap());
+        assert!(ControllerLock::try_acquire(&home).unwrap().is_none());
+        assert_eq!(running_pid(&home), Some(std::process::id()));
+        drop(held);
+        assert!(!is_running(&home).unwrap());
+    }
+}

@@ -1,0 +1,200 @@
+//! Rendering of store records for people (tables) and scripts (JSON, YAML). The JSON
+//! shape of a run is a documented contract (README "Output for scripts"): fields are
+//! only ever added, never renamed or removed.
+
+use crate::model::Timestamp;
+use crate::store::RunRecord;
+use comfy_table::{Table, presets};
+use serde::Serialize;
+
+/// A run as `get runs -o json|yaml` prints it.
+#[derive(Debug, Serialize)]
+pub struct RunView<'a> {
+    pub name: &'a str,
+    pub job: &'a str,
+    pub phase: &'static str,
+    pub reason: &'a str,
+    pub provider: Option<&'static str>,
+    pub instance_id: Option<&'a str>,
+    pub host: Option<&'a str>,
+    pub gpu: Option<&'a str>,
+    pub price_per_hour: Option<f64>,
+    pub cost_usd: f64,
+    pub progress: Option<ProgressView>,
+    pub attempt: u32,
+    pub repository: Option<&'a str>,
+    pub commit: Option<&'a str>,
+    pub commit_message: Option<&'a str>,
+    pub author: Option<&'a str>,
+    pub dirty: bool,
+    pub exit_code: Option<i32>,
+    pub matrix: &'a std::collections::BTreeMap<String, String>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgressView {
+    pub done: u64,
+    pub total: Option<u64>,
+    pub fraction: Option<f64>,
+}
+
+impl<'a> RunView<'a> {
+    pub fn of(run: &'a RunRecord) -> Self {
+        RunView {
+            name: &run.name,
+            job: &run.job,
+            phase: run.phase.as_str(),
+            reason: &run.reason,
+            provider: run.provider.map(|p| p.as_str()),
+            instance_id: run.instance_id.as_deref(),
+            host: run.host.as_deref(),
+            gpu: run.gpu.as_deref(),
+            price_per_hour: run.price_per_hour,
+            cost_usd: round_cents(run.cost_usd),
+            progress: run.progress_done.map(|done| ProgressView {
+                done,
+                total: run.progress_total,
+                fraction: run
+                    .progress_total
+                    .filter(|t| *t > 0)
+                    .map(|t| done as f64 / t as f64),
+            }),
+            attempt: run.attempt,
+            repository: run.repository.as_deref(),
+            commit: run.commit.as_deref(),
+            commit_message: run.commit_message.as_deref(),
+            author: run.author.as_deref(),
+            dirty: run.dirty,
+            exit_code: run.exit_code,
+            matrix: &run.matrix,
+            created_at: rfc3339(run.created_at),
+            started_at: run.started_at.map(rfc3339),
+            finished_at: run.finished_at.map(rfc3339),
+        }
+    }
+}
+
+fn round_cents(usd: f64) -> f64 {
+    (usd * 10_000.0).round() / 10_000.0
+}
+
+pub fn rfc3339(t: Timestamp) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// "3m", "2h5m", "4d1h": how long ago or how long, for tables.
+pub fn age(seconds: i64) -> String {
+    let s = seconds.max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
+}
+
+pub fn new_table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header(header.to_vec());
+    table
+}
+
+fn progress_cell(run: &RunRecord) -> String {
+    match (run.progress_done, run.progress_total) {
+        (Some(d), Some(t)) if t > 0 => format!("{}%", (d * 100 / t).min(100)),
+        (Some(d), _) => d.to_string(),
+        _ => "-".into(),
+    }
+}
+
+fn short_commit(run: &RunRecord) -> String {
+    match &run.commit {
+        Some(c) => {
+            let short: String = c.chars().take(8).collect();
+            if run.dirty {
+                format!("{short}+dirty")
+            } else {
+                short
+            }
+        }
+        None => "-".into(),
+    }
+}
+
+fn dash(v: Option<&str>) -> &str {
+    v.unwrap_or("-")
+}
+
+/// The `get runs` table; `wide` adds placement, money and code columns.
+pub fn runs_table(runs: &[RunRecord], wide: bool, now: Timestamp) -> String {
+    let mut table = if wide {
+        new_table(&[
+            "NAME", "JOB", "PHASE", "PROGRESS", "ATTEMPT", "PROVIDER", "INSTANCE", "GPU", "$/H",
+            "COST", "COMMIT", "MESSAGE", "EXIT", "AGE", "REASON",
+        ])
+    } else {
+        new_table(&[
+            "NAME", "PHASE", "PROGRESS", "PROVIDER", "COST", "COMMIT", "AGE", "REASON",
+        ])
+    };
+    for run in runs {
+        let provider = run.provider.map(|p| p.as_str()).unwrap_or("-");
+        let cost = format!("${:.2}", run.cost_usd);
+        let age_cell = age(now - run.created_at);
+        if wide {
+            table.add_row(vec![
+                run.name.as_str(),
+                run.job.as_str(),
+                run.phase.as_str(),
+                &progress_cell(run),
+                &run.attempt.to_string(),
+                provider,
+                dash(run.instance_id.as_deref()),
+                dash(run.gpu.as_deref()),
+                &run.price_per_hour
+                    .map(|p| format!("{p:.3}"))
+                    .unwrap_or_else(|| "-".into()),
+                &cost,
+                &short_commit(run),
+                dash(run.commit_message.as_deref()),
+                &run.exit_code
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                &age_cell,
+                &run.reason,
+            ]);
+        } else {
+            table.add_row(vec![
+                run.name.as_str(),
+                run.phase.as_str(),
+                &progress_cell(run),
+                provider,
+                &cost,
+                &short_commit(run),
+                &age_cell,
+                &run.reason,
+            ]);
+        }
+    }
+    table.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(age(5), "5s");
+        assert_eq!(age(125), "2m");
+        assert_eq!(age(3600 * 2 + 300), "2h5m");
+        assert_eq!(age(86_400 * 4 + 3600), "4d1h");
+        assert_eq!(age(-3), "0s");
+    }
+}
