@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod failpoint;
 pub mod home;
 pub mod manifest;
 pub mod model;
