@@ -42,7 +42,7 @@ const STEPS: &[&str] = &[
         finished_at     INTEGER
     );
     CREATE INDEX runs_job ON runs (job);
-    CREATE INDEX runs_seq ON runs (seq);
+    CREATE INDEX runs_seq ON runs (seq, name);
 
     CREATE TABLE attempts (
         run             TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
