@@ -163,11 +163,16 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Room for every statement the store prepares (about twenty), so none is evicted and
+/// re-prepared.
+const STATEMENT_CACHE: usize = 64;
+
 /// How long a connection waits for another one's write lock before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A connection to the state database. Cheap to open; the controller keeps one, each
-/// CLI call opens its own. Every write is one transaction.
+/// CLI call opens its own. Every write is one transaction. `Send` but not `Sync` (one
+/// SQLite connection): share it across tasks behind a mutex, or open one per thread.
 pub struct Store {
     conn: rusqlite::Connection,
 }
@@ -205,6 +210,7 @@ impl Store {
         conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
             .map_err(open_err)?;
         migrations::migrate(&mut conn, path)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Store { conn })
     }
 
@@ -228,6 +234,7 @@ impl Store {
                 expected: SCHEMA_VERSION,
             });
         }
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Store { conn })
     }
 
