@@ -11,5 +11,6 @@ pub mod manifest;
 pub mod model;
 pub mod provider;
 pub mod reconcile;
+pub mod retry;
 pub mod store;
 pub mod transport;

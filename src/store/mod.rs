@@ -1,10 +1,24 @@
 //! The SQLite store in `$ASIMOV_HOME/state.db`: runs, attempts, events and the cost
 //! ledger, with schema migrations. Holds intent, history and cost; the providers hold
 //! the truth about instances. WAL mode, so CLI reads work while the controller writes.
-//! Knows nothing of providers, YAML or the planner.
+//! Also keeps the last known status of fleet hosts. Knows nothing of providers, YAML or
+//! the planner.
+//!
+//! Layout: `migrations` (the schema, versioned by `PRAGMA user_version`), `runs`,
+//! `history` (attempts, events, cost), `hosts`, `bench` (synthetic data for benchmarks).
 
 use crate::model::{InstanceId, JobName, Phase, ProviderKind, RunName, Timestamp};
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+mod bench;
+mod history;
+mod hosts;
+mod migrations;
+mod runs;
+
+pub use migrations::SCHEMA_VERSION;
 
 /// A run as the store remembers it. `get runs -o json` is rendered from this.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +102,25 @@ pub struct CostEntry {
     pub usd: f64,
 }
 
+/// The last known status of one host of a fleet, as the controller last probed it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRecord {
+    pub fleet: String,
+    pub host: String,
+    /// Whether the last probe reached the host at all.
+    pub reachable: bool,
+    /// Whether the host is running something asimov did not start (or cannot share).
+    pub busy: bool,
+    pub gpus_total: u32,
+    pub gpus_free: u32,
+    pub gpu_names: Vec<String>,
+    /// Runs asimov has on the host.
+    pub running: Vec<String>,
+    pub checked_at: Timestamp,
+    /// What the probe said, one short sentence ("ssh: connection refused"); empty when fine.
+    pub message: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the state database {path}")]
@@ -96,11 +129,27 @@ pub enum StoreError {
         #[source]
         source: rusqlite::Error,
     },
+    #[error("cannot create the directory of the state database {path}")]
+    CreateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot migrate the state database to version {version}")]
     Migrate {
         version: u32,
         #[source]
         source: rusqlite::Error,
+    },
+    /// The file has a schema this build does not read: written by a newer asimov, or (for
+    /// a read-only open) not yet migrated by a read-write open.
+    #[error(
+        "state database {path} has schema version {found}, this asimov uses version {expected}"
+    )]
+    Version {
+        path: std::path::PathBuf,
+        found: u32,
+        expected: u32,
     },
     #[error("state database {step} failed")]
     Query {
@@ -114,91 +163,126 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Room for every statement the store prepares (about twenty), so none is evicted and
+/// re-prepared.
+const STATEMENT_CACHE: usize = 64;
+
+/// How long a connection waits for another one's write lock before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection to the state database. Cheap to open; the controller keeps one, each
-/// CLI call opens its own. Every write is one transaction.
+/// CLI call opens its own. Every write is one transaction. `Send` but not `Sync` (one
+/// SQLite connection): share it across tasks behind a mutex, or open one per thread.
 pub struct Store {
-    #[allow(dead_code)] // used by the implementation
     conn: rusqlite::Connection,
 }
 
 impl Store {
     /// Opens (creating and migrating) the database at `path`, in WAL mode with a busy
-    /// timeout so readers never block the controller.
-    pub fn open(path: &std::path::Path) -> StoreResult<Store> {
-        let _ = path;
-        todo!("store")
+    /// timeout so readers never block the controller. Creates the parent directory.
+    ///
+    /// Fails with `Version` when the file was written by a newer asimov, `Migrate` when a
+    /// schema step fails (the file is then left at the last good version).
+    pub fn open(path: &Path) -> StoreResult<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = rusqlite::Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        // journal_mode answers with the mode in effect; anything but "wal" means readers
+        // would block the controller, so it is an error rather than a silent slowdown.
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+            .map_err(open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "{} cannot use write-ahead logging (journal mode is {mode})",
+                path.display()
+            )));
+        }
+        conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+            .map_err(open_err)?;
+        migrations::migrate(&mut conn, path)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(Store { conn })
     }
 
-    /// Opens an existing database for reading only (CLI `get`, `describe`, `logs`).
-    /// Fails with `Open` if it does not exist.
-    pub fn open_read_only(path: &std::path::Path) -> StoreResult<Store> {
-        let _ = path;
-        todo!("store")
+    /// Opens an existing database for reading only (CLI `get`, `describe`, `logs`); works
+    /// while the controller writes. Fails with `Open` if it does not exist, and with
+    /// `Version` if its schema is not the current one (a read-write `open` migrates it).
+    pub fn open_read_only(path: &Path) -> StoreResult<Store> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = rusqlite::Connection::open_with_flags(path, flags).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        let found = migrations::version(&conn).map_err(open_err)?;
+        if found != SCHEMA_VERSION {
+            return Err(StoreError::Version {
+                path: path.to_path_buf(),
+                found,
+                expected: SCHEMA_VERSION,
+            });
+        }
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        Ok(Store { conn })
     }
 
-    /// All runs, ordered by `seq`.
-    pub fn runs(&self) -> StoreResult<Vec<RunRecord>> {
-        todo!("store")
+    /// Starts a write transaction. IMMEDIATE takes the write lock up front, so a busy
+    /// database is waited for (busy timeout) instead of failing midway on a stale snapshot.
+    fn write(&self, step: &'static str) -> StoreResult<rusqlite::Transaction<'_>> {
+        rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)
+            .map_err(query(step))
     }
+}
 
-    pub fn runs_of_job(&self, job: &str) -> StoreResult<Vec<RunRecord>> {
-        let _ = job;
-        todo!("store")
+/// Maps a rusqlite error of `step`: values the schema allows but asimov cannot read
+/// (an unknown phase, bad JSON) are corruption, the rest a failed query.
+fn query(step: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |source| match source {
+        rusqlite::Error::FromSqlConversionFailure(column, _, cause) => {
+            StoreError::Corrupt(format!("{step}: column {column}: {cause}"))
+        }
+        source => StoreError::Query { step, source },
     }
+}
 
-    pub fn run(&self, name: &str) -> StoreResult<Option<RunRecord>> {
-        let _ = name;
-        todo!("store")
-    }
+/// A conversion failure for a text column holding a value asimov does not know.
+fn bad_value(column: usize, what: &str, value: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        column,
+        rusqlite::types::Type::Text,
+        format!("unknown {what} {value:?}").into(),
+    )
+}
 
-    /// Inserts or replaces a run. A new run gets the next `seq` when `seq` is 0.
-    pub fn put_run(&self, run: &RunRecord) -> StoreResult<()> {
-        let _ = run;
-        todo!("store")
+/// Reads a JSON text column into `T`.
+fn json_column<T: serde::de::DeserializeOwned + Default>(
+    row: &rusqlite::Row<'_>,
+    column: usize,
+) -> rusqlite::Result<T> {
+    let text: rusqlite::types::ValueRef<'_> = row.get_ref(column)?;
+    let bytes = text.as_bytes()?;
+    // Most maps and lists are empty; skip the parser for them.
+    if bytes == b"{}" || bytes == b"[]" {
+        return Ok(T::default());
     }
+    serde_json::from_slice(bytes).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
 
-    /// Removes a run with its attempts, events and cost entries. Callers do this only
-    /// once every attempt is released.
-    pub fn forget_run(&self, name: &str) -> StoreResult<()> {
-        let _ = name;
-        todo!("store")
-    }
-
-    pub fn attempts(&self, run: &str) -> StoreResult<Vec<AttemptRecord>> {
-        let _ = run;
-        todo!("store")
-    }
-
-    /// Every attempt not yet released, across all runs: what may still exist somewhere.
-    pub fn unreleased_attempts(&self) -> StoreResult<Vec<AttemptRecord>> {
-        todo!("store")
-    }
-
-    /// Inserts or replaces the attempt `(run, attempt)`.
-    pub fn put_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
-        let _ = attempt;
-        todo!("store")
-    }
-
-    pub fn add_event(&self, event: &Event) -> StoreResult<()> {
-        let _ = event;
-        todo!("store")
-    }
-
-    /// Events of one object, oldest first.
-    pub fn events(&self, object_kind: &str, object_name: &str) -> StoreResult<Vec<Event>> {
-        let _ = (object_kind, object_name);
-        todo!("store")
-    }
-
-    pub fn add_cost(&self, entry: &CostEntry) -> StoreResult<()> {
-        let _ = entry;
-        todo!("store")
-    }
-
-    /// Money spent by the given jobs since `since` (all time when `None`).
-    pub fn spent(&self, jobs: &[JobName], since: Option<Timestamp>) -> StoreResult<f64> {
-        let _ = (jobs, since);
-        todo!("store")
-    }
+/// Renders `value` as JSON text for a column.
+fn to_json<T: serde::Serialize>(value: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(value).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
 }

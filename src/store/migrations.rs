@@ -1,0 +1,192 @@
+//! The schema, as an append-only list of steps. Step `i` takes a file from
+//! `PRAGMA user_version` `i` to `i + 1`; a released step is never edited, only followed
+//! by a new one, so every old file migrates along the same path.
+
+use super::{StoreError, StoreResult};
+use rusqlite::{Connection, TransactionBehavior};
+use std::path::Path;
+
+/// The schema steps, oldest first.
+const STEPS: &[&str] = &[
+    // 1: runs, attempts, events and the cost ledger.
+    r#"
+    CREATE TABLE runs (
+        name            TEXT PRIMARY KEY NOT NULL,
+        job             TEXT NOT NULL,
+        run_index       INTEGER NOT NULL,
+        seq             INTEGER NOT NULL,
+        phase           TEXT NOT NULL,
+        reason          TEXT NOT NULL,
+        spec_hash       TEXT NOT NULL,
+        matrix          TEXT NOT NULL,
+        attempt         INTEGER NOT NULL,
+        placement_index INTEGER NOT NULL,
+        provider        TEXT,
+        instance_id     TEXT,
+        host            TEXT,
+        gpu             TEXT,
+        price_per_hour  REAL,
+        cost_usd        REAL NOT NULL,
+        progress_done   INTEGER,
+        progress_total  INTEGER,
+        exit_code       INTEGER,
+        repository      TEXT,
+        commit_id       TEXT,
+        commit_message  TEXT,
+        author          TEXT,
+        dirty           INTEGER NOT NULL,
+        diff            TEXT,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        started_at      INTEGER,
+        finished_at     INTEGER
+    );
+    CREATE INDEX runs_job ON runs (job);
+    CREATE INDEX runs_seq ON runs (seq, name);
+
+    CREATE TABLE attempts (
+        run             TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
+        attempt         INTEGER NOT NULL,
+        tag             TEXT NOT NULL,
+        provider        TEXT NOT NULL,
+        placement_index INTEGER NOT NULL,
+        instance_id     TEXT,
+        host            TEXT,
+        intent_at       INTEGER NOT NULL,
+        released_at     INTEGER,
+        outcome         TEXT,
+        PRIMARY KEY (run, attempt)
+    );
+    CREATE INDEX attempts_unreleased ON attempts (run, attempt) WHERE released_at IS NULL;
+
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        at          INTEGER NOT NULL,
+        object_kind TEXT NOT NULL,
+        object_name TEXT NOT NULL,
+        reason      TEXT NOT NULL,
+        message     TEXT NOT NULL
+    );
+    CREATE INDEX events_object ON events (object_kind, object_name, at, id);
+
+    CREATE TABLE cost (
+        id      INTEGER PRIMARY KEY AUTOINCREMENT,
+        run     TEXT NOT NULL,
+        job     TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        from_at INTEGER NOT NULL,
+        to_at   INTEGER NOT NULL,
+        usd     REAL NOT NULL
+    );
+    CREATE INDEX cost_job ON cost (job, to_at);
+    CREATE INDEX cost_run ON cost (run);
+    "#,
+    // 2: last known status of fleet hosts.
+    r#"
+    CREATE TABLE hosts (
+        fleet      TEXT NOT NULL,
+        host       TEXT NOT NULL,
+        reachable  INTEGER NOT NULL,
+        busy       INTEGER NOT NULL,
+        gpus_total INTEGER NOT NULL,
+        gpus_free  INTEGER NOT NULL,
+        gpu_names  TEXT NOT NULL,
+        running    TEXT NOT NULL,
+        checked_at INTEGER NOT NULL,
+        message    TEXT NOT NULL,
+        PRIMARY KEY (fleet, host)
+    );
+    "#,
+];
+
+/// The schema version this build writes and reads.
+pub const SCHEMA_VERSION: u32 = STEPS.len() as u32;
+
+/// The schema version of the open file (0 for a new one).
+pub(super) fn version(conn: &Connection) -> rusqlite::Result<u32> {
+    conn.query_row("PRAGMA user_version", [], |row| row.get(0))
+}
+
+/// Applies every step the file lacks, each in its own transaction together with the
+/// `user_version` bump, so a failure leaves the file at the last complete version.
+pub(super) fn migrate(conn: &mut Connection, path: &Path) -> StoreResult<()> {
+    migrate_to(conn, path, SCHEMA_VERSION)
+}
+
+fn migrate_to(conn: &mut Connection, path: &Path, target: u32) -> StoreResult<()> {
+    loop {
+        // IMMEDIATE, and the version read inside it: two processes opening a new file at
+        // once must not both apply the same step.
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let current = version(&tx).map_err(|source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if current > SCHEMA_VERSION {
+            return Err(StoreError::Version {
+                path: path.to_path_buf(),
+                found: current,
+                expected: SCHEMA_VERSION,
+            });
+        }
+        if current >= target {
+            return Ok(());
+        }
+        let next = current + 1;
+        let step = STEPS[current as usize];
+        let migrate_err = |source| StoreError::Migrate {
+            version: next,
+            source,
+        };
+        tx.execute_batch(step).map_err(migrate_err)?;
+        tx.pragma_update(None, "user_version", next)
+            .map_err(migrate_err)?;
+        tx.commit().map_err(migrate_err)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steps_apply_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = Connection::open(&path).unwrap();
+        migrate_to(&mut conn, &path, 1).unwrap();
+        assert_eq!(version(&conn).unwrap(), 1);
+        let hosts: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'hosts'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(hosts, 0);
+        migrate(&mut conn, &path).unwrap();
+        assert_eq!(version(&conn).unwrap(), SCHEMA_VERSION);
+        // Running again is a no-op.
+        migrate(&mut conn, &path).unwrap();
+        assert_eq!(version(&conn).unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn newer_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let err = migrate(&mut conn, &path).unwrap_err();
+        assert!(
+            matches!(err, StoreError::Version { found, .. } if found == SCHEMA_VERSION + 1),
+            "{err:?}"
+        );
+    }
+}
