@@ -712,20 +712,13 @@ fn unknown_values_in_the_file_are_reported_as_corruption() {
 }
 
 #[test]
-fn benchmark_seed_is_realistic_and_reads_fast() {
+fn benchmark_seed_is_realistic() {
     let (_dir, path) = temp_db();
     let store = Store::open(&path).unwrap();
     let now = 1_750_000_000;
     store.seed_runs_for_benchmark(10_000, now).unwrap();
 
-    let mut best = Duration::MAX;
-    let mut runs = Vec::new();
-    for _ in 0..5 {
-        let started = Instant::now();
-        runs = store.runs().unwrap();
-        best = best.min(started.elapsed());
-    }
-    eprintln!("runs() on 10000 rows: best of 5 {best:?}");
+    let runs = store.runs().unwrap();
     assert_eq!(runs.len(), 10_000);
     let seqs: Vec<i64> = runs.iter().map(|r| r.seq).collect();
     assert_eq!(seqs, (1..=10_000).collect::<Vec<i64>>());
@@ -753,9 +746,5 @@ fn benchmark_seed_is_realistic_and_reads_fast() {
     // Seeding again rewrites the same rows instead of adding more.
     store.seed_runs_for_benchmark(10_000, now).unwrap();
     assert_eq!(store.runs().unwrap(), runs);
-
-    // The 20 ms budget is for optimised builds; debug builds only report the time.
-    if !cfg!(debug_assertions) {
-        assert!(best < Duration::from_millis(20), "runs() took {best:?}");
-    }
+    // Speed is measured by `asimov bench` (BENCHMARKS.md), not asserted here.
 }
