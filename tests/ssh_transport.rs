@@ -296,8 +296,11 @@ async fn follow_streams_appended_lines_live() {
             .unwrap();
         next_text(&mut stream, &format!("line-{i}\n")).await;
     }
-    // `[+]` keeps the pattern from matching the shell that runs pgrep.
-    let running = t.exec("pgrep -f \"tail -c [+]1 -F '$HOME/run/log'\" || true").await.unwrap();
+    // Anchored at `tail`: neither the shell running pgrep nor the wrapper matches.
+    let running = t
+        .exec("pgrep -f \"^tail -c [+]1 -F $HOME/run/log\" || true")
+        .await
+        .unwrap();
     assert!(
         !running.stdout.trim().is_empty(),
         "remote tail should be running"
@@ -306,7 +309,10 @@ async fn follow_streams_appended_lines_live() {
     // Dropping the stream ends the remote tail.
     let mut gone = false;
     for _ in 0..50 {
-        let out = t.exec("pgrep -f \"tail -c [+]1 -F '$HOME/run/log'\" || true").await.unwrap();
+        let out = t
+            .exec("pgrep -f \"^tail -c [+]1 -F $HOME/run/log\" || true")
+            .await
+            .unwrap();
         if out.stdout.trim().is_empty() {
             gone = true;
             break;
