@@ -2,8 +2,15 @@
 //! `ssh` (OpenSSH, one multiplexed master connection per machine). Knows nothing of
 //! jobs, runs or the store: it moves bytes and runs shell text.
 
+pub mod ssh;
+
 use async_trait::async_trait;
 use std::path::Path;
+use std::pin::Pin;
+
+/// A live stream of a remote file's bytes (`logs -f`); ends when the connection does.
+pub type ByteStream<'a> =
+    Pin<Box<dyn futures_core::Stream<Item = Result<Vec<u8>, TransportError>> + Send + 'a>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -64,4 +71,28 @@ pub trait Transport: Send + Sync {
 
     /// Copies the remote file or folder `remote` into the local path `local`.
     async fn download(&self, remote: &str, local: &Path) -> Result<(), TransportError>;
+
+    /// The content of `remote_file` from its start, then every byte appended to it, live
+    /// (`logs -f`). A missing file is waited for. The default polls with `exec` every
+    /// half second; the ssh transport overrides it with a `tail -F` over its master.
+    async fn follow<'a>(&'a self, remote_file: &str) -> Result<ByteStream<'a>, TransportError> {
+        let path = format!("'{}'", remote_file.replace('\'', "'\\''"));
+        // Offsets count bytes of the text as received; a log that is not UTF-8 may be
+        // re-read in part. Good enough for the fallback; ssh streams raw bytes.
+        let stream =
+            futures_util::stream::unfold((self, path, 0usize), |(t, path, offset)| async move {
+                loop {
+                    let script = format!("[ -f {path} ] && tail -c +{} {path}; true", offset + 1);
+                    match t.exec(&script).await {
+                        Err(e) => return Some((Err(e), (t, path, offset))),
+                        Ok(out) if !out.stdout.is_empty() => {
+                            let next = offset + out.stdout.len();
+                            return Some((Ok(out.stdout.into_bytes()), (t, path, next)));
+                        }
+                        Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+                    }
+                }
+            });
+        Ok(Box::pin(stream))
+    }
 }

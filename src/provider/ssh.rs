@@ -1,0 +1,846 @@
+//! The `ssh` provider: the hosts of `kind: Fleet` manifests, reached over the pooled
+//! OpenSSH transport.
+//!
+//! An *instance* is a slot on a host: the folder `<remote root>/instances/<tag>` (remote
+//! root `~/.asimov-agent` unless configured) holding
+//! - `tag`: the rendered owner tag, written last, so a folder without it is no slot;
+//! - `gpus`: how many GPUs the slot holds; `gpu_ids`: which ones (`0,1`), for
+//!   `CUDA_VISIBLE_DEVICES`; `created`: Unix seconds.
+//!
+//! The agent may add `agent.sh` (run as `sh agent.sh stop` on destroy) and `agent.pid`
+//! (its process group leader: `list` reports the slot's agent alive while it runs, and
+//! destroy signals the group). Instance ids are `<fleet>/<host>/<tag>`.
+//!
+//! **Capacity.** A host declaring `gpus: N` (N > 0) runs GPU jobs side by side while
+//! their GPU counts fit in N, each on its own GPU ids. A job asking for no GPU takes the
+//! whole host: it needs a host with no slot at all, and nothing else is placed beside it.
+//! A host with `gpus: 0` thus runs one job at a time. The choice is made on the host
+//! under a lock (`mkdir`), so two controllers cannot overbook it.
+//!
+//! **Unreachable hosts.** `list` does not fail because one host is down: the host is
+//! marked unreachable (see `host_statuses`) and every slot last seen there is listed
+//! with state `Stopped`, so the planner treats it like a preempted instance (retry
+//! policy) instead of as gone; destroying it answers `Transient` until the host is back.
+//! Slots on a host that was already down when this process started are unknown until it
+//! answers. `list` fails (`Transient`) only when every host is unreachable.
+//!
+//! Must not know about the store, the planner or the agent's file formats beyond the
+//! two names above.
+
+use crate::home::Home;
+use crate::manifest::{Fleet, Host};
+use crate::model::{InstanceId, OwnerTag, ProviderKind};
+use crate::provider::{
+    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
+    ProviderResult,
+};
+use crate::transport::ssh::{SshPool, SshTarget, SshTransport, quote};
+use crate::transport::{Transport, TransportError};
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// Where slots live on a host unless the provider is told otherwise.
+pub const DEFAULT_REMOTE_ROOT: &str = "~/.asimov-agent";
+
+/// What `host_statuses` says about one host, as of the last `list` (or create/destroy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostStatus {
+    pub fleet: String,
+    pub host: String,
+    /// False when the last attempt to reach it failed, or it was never contacted.
+    pub reachable: bool,
+    /// True when no job of any size could be placed on it now.
+    pub busy: bool,
+    /// GPUs the manifest declares.
+    pub gpus_total: u32,
+    pub gpus_free: u32,
+    /// From `nvidia-smi` when present (`NVIDIA A100-SXM4-80GB, 81920 MiB`).
+    pub gpu_names: Vec<String>,
+    /// Tags of every slot on the host.
+    pub running: Vec<String>,
+    /// Tags of slots whose agent process is alive (`agent.pid`).
+    pub agents_alive: Vec<String>,
+    /// Why it is unreachable, or "not contacted yet".
+    pub message: Option<String>,
+}
+
+/// What `prepare_host` found and did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostReport {
+    pub fleet: String,
+    pub host: String,
+    /// What this call changed (`agent folder`, `gpu inventory`); empty when nothing.
+    pub changes: Vec<String>,
+    pub tmux: bool,
+    pub rsync: bool,
+    pub gpu_names: Vec<String>,
+}
+
+impl HostReport {
+    pub fn changed(&self) -> bool {
+        !self.changes.is_empty()
+    }
+}
+
+/// One slot as a host listed it.
+#[derive(Debug, Clone, PartialEq)]
+struct Slot {
+    tag: String,
+    gpus: u32,
+    gpu_ids: String,
+    created: Option<i64>,
+    alive: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct HostView {
+    reachable: bool,
+    contacted: bool,
+    message: Option<String>,
+    slots: Vec<Slot>,
+    gpu_names: Vec<String>,
+    /// Absolute remote root, learnt once the host answered.
+    root: Option<String>,
+}
+
+#[derive(Default)]
+struct State {
+    fleets: Vec<Fleet>,
+    /// Every host ever configured, so slots on a host removed from the manifests can
+    /// still be destroyed.
+    known: BTreeMap<(String, String), Host>,
+    views: BTreeMap<(String, String), HostView>,
+}
+
+pub struct SshProvider {
+    pool: Arc<SshPool>,
+    remote_root: String,
+    local_user: String,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for SshProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshProvider")
+            .field("remote_root", &self.remote_root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(kind: ErrorKind, step: &'static str, message: impl Into<String>) -> ProviderError {
+    ProviderError::new(ProviderKind::Ssh, kind, step, message)
+}
+
+/// Transport failures in provider terms: a host that cannot be reached now is
+/// transient; a changed host key or a refused login needs a person.
+fn from_transport(step: &'static str, e: TransportError) -> ProviderError {
+    let kind = match &e {
+        TransportError::Unreachable { .. } => ErrorKind::Transient,
+        TransportError::HostKeyChanged { .. } => ErrorKind::Unauthenticated,
+        TransportError::Failed {
+            step: "authenticate",
+            ..
+        } => ErrorKind::Unauthenticated,
+        TransportError::Failed { .. } | TransportError::Io { .. } => ErrorKind::Transient,
+    };
+    err(kind, step, e.to_string()).with_source(e)
+}
+
+/// `~`-relative roots become `"$HOME"/...` so the remote shell expands them.
+fn root_word(root: &str) -> String {
+    if root == "~" {
+        "\"$HOME\"".to_string()
+    } else if let Some(rest) = root.strip_prefix("~/") {
+        format!("\"$HOME\"/{}", quote(rest))
+    } else {
+        quote(root)
+    }
+}
+
+fn instance_id(fleet: &str, host: &str, tag: &str) -> InstanceId {
+    format!("{fleet}/{host}/{tag}")
+}
+
+impl SshProvider {
+    /// A provider with its own connection pool, keeping pinned keys in `home`.
+    pub fn new(home: Home) -> std::io::Result<SshProvider> {
+        Ok(SshProvider::with_pool(SshPool::new(home)?))
+    }
+
+    /// A provider sharing `pool` (the controller's one pool for all ssh machines).
+    pub fn with_pool(pool: Arc<SshPool>) -> SshProvider {
+        let local_user = std::env::var("USER")
+            .or_else(|_| std::env::var("LOGNAME"))
+            .unwrap_or_else(|_| "root".to_string());
+        SshProvider {
+            pool,
+            remote_root: DEFAULT_REMOTE_ROOT.to_string(),
+            local_user,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Puts slots under `root` on every host instead of `~/.asimov-agent`.
+    pub fn with_remote_root(mut self, root: impl Into<String>) -> SshProvider {
+        self.remote_root = root.into();
+        self
+    }
+
+    pub fn pool(&self) -> &Arc<SshPool> {
+        &self.pool
+    }
+
+    /// The fleets as the manifests say now; called by the controller every pass.
+    pub fn set_fleets(&self, fleets: Vec<Fleet>) {
+        let mut state = self.lock();
+        for fleet in &fleets {
+            for host in &fleet.hosts {
+                state
+                    .known
+                    .insert((fleet.name.clone(), host.name.clone()), host.clone());
+            }
+        }
+        state.fleets = fleets;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The pooled transport to one fleet host.
+    pub fn transport(&self, fleet: &str, host: &Host) -> SshTransport {
+        self.pool.transport(SshTarget {
+            machine: format!("{fleet}/{}", host.name),
+            host: host.address.clone(),
+            port: host.port,
+            user: host.user.clone(),
+            identity_file: host.identity_file.clone(),
+        })
+    }
+
+    /// The pooled transport to a listed instance's host.
+    pub fn transport_for(&self, instance: &Instance) -> ProviderResult<SshTransport> {
+        let (fleet, host, _) = split_id(&instance.id)?;
+        let known = self
+            .lock()
+            .known
+            .get(&(fleet.to_string(), host.to_string()))
+            .cloned();
+        let host = known.ok_or_else(|| {
+            err(
+                ErrorKind::NotFound,
+                "reach instance",
+                format!("unknown host {fleet}/{host}"),
+            )
+        })?;
+        Ok(self.transport(fleet, &host))
+    }
+
+    /// Every configured host as of the last list, create or destroy.
+    pub fn host_statuses(&self) -> Vec<HostStatus> {
+        let state = self.lock();
+        let mut out = Vec::new();
+        for fleet in &state.fleets {
+            for host in &fleet.hosts {
+                let view = state
+                    .views
+                    .get(&(fleet.name.clone(), host.name.clone()))
+                    .cloned()
+                    .unwrap_or_default();
+                let free = free_gpus(host, &view.slots);
+                let busy = if host.gpus == 0 {
+                    !view.slots.is_empty()
+                } else {
+                    free == 0
+                };
+                out.push(HostStatus {
+                    fleet: fleet.name.clone(),
+                    host: host.name.clone(),
+                    reachable: view.reachable,
+                    busy,
+                    gpus_total: host.gpus,
+                    gpus_free: free,
+                    gpu_names: view.gpu_names.clone(),
+                    running: view.slots.iter().map(|s| s.tag.clone()).collect(),
+                    agents_alive: view
+                        .slots
+                        .iter()
+                        .filter(|s| s.alive)
+                        .map(|s| s.tag.clone())
+                        .collect(),
+                    message: if view.contacted {
+                        view.message.clone()
+                    } else {
+                        Some("not contacted yet".to_string())
+                    },
+                });
+            }
+        }
+        out
+    }
+
+    /// Makes a host ready for jobs, idempotently: the agent folder, and the GPU
+    /// inventory (`nvidia-smi`) recorded beside it. Reports whether tmux and rsync are
+    /// present (it installs nothing). A second call on an unchanged host changes nothing.
+    pub async fn prepare_host(&self, fleet: &str, host: &Host) -> ProviderResult<HostReport> {
+        let t = self.transport(fleet, host);
+        let script = format!(
+            r#"root={root}
+changes=""
+if [ ! -d "$root/instances" ]; then mkdir -p "$root/instances" && changes="agent folder"; fi
+inv=""
+if command -v nvidia-smi >/dev/null 2>&1; then
+  inv=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true)
+fi
+old=$(cat "$root/gpus.csv" 2>/dev/null || true)
+if [ ! -f "$root/gpus.csv" ] || [ "$inv" != "$old" ]; then
+  printf '%s\n' "$inv" > "$root/gpus.csv.part" && mv -f "$root/gpus.csv.part" "$root/gpus.csv"
+  changes="$changes${{changes:+,}}gpu inventory"
+fi
+command -v tmux >/dev/null 2>&1 && echo "tmux	yes" || echo "tmux	no"
+command -v rsync >/dev/null 2>&1 && echo "rsync	yes" || echo "rsync	no"
+echo "changes	$changes"
+printf '%s\n' "$inv" | sed '/^$/d; s/^/gpu	/'
+"#,
+            root = root_word(&self.remote_root)
+        );
+        let out = t
+            .exec(&script)
+            .await
+            .map_err(|e| from_transport("prepare host", e))?;
+        if out.status != 0 {
+            return Err(err(
+                ErrorKind::Transient,
+                "prepare host",
+                format!(
+                    "{fleet}/{}: exit {}: {}",
+                    host.name,
+                    out.status,
+                    out.stderr.trim()
+                ),
+            ));
+        }
+        let mut report = HostReport {
+            fleet: fleet.to_string(),
+            host: host.name.clone(),
+            changes: Vec::new(),
+            tmux: false,
+            rsync: false,
+            gpu_names: Vec::new(),
+        };
+        for line in out.stdout.lines() {
+            let Some((key, value)) = line.split_once('\t') else {
+                continue;
+            };
+            match key {
+                "tmux" => report.tmux = value == "yes",
+                "rsync" => report.rsync = value == "yes",
+                "changes" => {
+                    report.changes = value
+                        .split(',')
+                        .filter(|c| !c.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
+                "gpu" => report.gpu_names.push(value.trim().to_string()),
+                _ => {}
+            }
+        }
+        let mut state = self.lock();
+        let view = state
+            .views
+            .entry((fleet.to_string(), host.name.clone()))
+            .or_default();
+        view.gpu_names = report.gpu_names.clone();
+        Ok(report)
+    }
+
+    /// Lists one host's slots in one exec.
+    async fn list_host(&self, fleet: &str, host: &Host) -> Result<HostView, TransportError> {
+        let t = self.transport(fleet, host);
+        let script = format!(
+            r#"root={root}
+printf 'root\t%s\n' "$root"
+for d in "$root"/instances/*; do
+  [ -f "$d/tag" ] || continue
+  alive=no
+  if [ -f "$d/agent.pid" ] && kill -0 "$(cat "$d/agent.pid")" 2>/dev/null; then alive=yes; fi
+  printf 'slot\t%s\t%s\t%s\t%s\t%s\n' "$(cat "$d/tag")" "$(cat "$d/gpus" 2>/dev/null || echo 0)" \
+    "$(cat "$d/gpu_ids" 2>/dev/null)" "$(cat "$d/created" 2>/dev/null)" "$alive"
+done
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | sed '/^$/d; s/^/gpu	/'
+fi
+true
+"#,
+            root = root_word(&self.remote_root)
+        );
+        let out = t.exec(&script).await?;
+        if out.status != 0 {
+            return Err(TransportError::Failed {
+                machine: t.target().machine.clone(),
+                step: "list slots",
+                message: out.stderr.trim().to_string(),
+            });
+        }
+        Ok(parse_listing(&out.stdout))
+    }
+
+    fn instance(&self, fleet: &str, host: &Host, view: &HostView, slot: &Slot) -> Option<Instance> {
+        let tag = OwnerTag::parse(&slot.tag)?;
+        let root = view
+            .root
+            .clone()
+            .unwrap_or_else(|| self.remote_root.clone());
+        let gpu = if slot.gpus == 0 {
+            None
+        } else {
+            let name = view
+                .gpu_names
+                .first()
+                .and_then(|n| n.split(',').next())
+                .map(str::trim)
+                .unwrap_or("GPU");
+            Some(format!("{}x {name}", slot.gpus))
+        };
+        Some(Instance {
+            provider: ProviderKind::Ssh,
+            id: instance_id(fleet, &host.name, &slot.tag),
+            tag,
+            state: if view.reachable {
+                InstanceState::Running
+            } else {
+                InstanceState::Stopped
+            },
+            endpoint: Some(Endpoint::Ssh {
+                host: host.address.clone(),
+                port: host.port,
+                user: host.user.clone().unwrap_or_else(|| self.local_user.clone()),
+                identity_file: host.identity_file.clone(),
+                root: format!("{}/instances/{}", root.trim_end_matches('/'), slot.tag),
+            }),
+            gpu,
+            price_per_hour: 0.0,
+            created_at: slot.created,
+            host: Some(host.name.clone()),
+        })
+    }
+
+    /// Tries to take a slot on one host; `Ok(None)` when the host is full.
+    async fn claim(
+        &self,
+        fleet: &str,
+        host: &Host,
+        tag: &str,
+        need: u32,
+    ) -> Result<Option<Slot>, TransportError> {
+        let t = self.transport(fleet, host);
+        let script = format!(
+            r#"root={root}; tag={tag}; total={total}; need={need}
+d="$root/instances/$tag"
+mkdir -p "$root/instances"
+# mkdir is atomic: one claimer at a time, whoever runs it.
+i=0
+while ! mkdir "$root/.claim.lock" 2>/dev/null; do
+  i=$((i+1)); if [ $i -gt 100 ]; then echo "claim lock $root/.claim.lock held for 10s" >&2; exit 5; fi
+  sleep 0.1
+done
+trap 'rmdir "$root/.claim.lock"' EXIT
+if [ -f "$d/tag" ]; then
+  printf 'slot\t%s\t%s\t%s\t%s\n' "$tag" "$(cat "$d/gpus")" "$(cat "$d/gpu_ids" 2>/dev/null)" "$(cat "$d/created" 2>/dev/null)"
+  exit 0
+fi
+used=" "; slots=0; whole=no
+for x in "$root"/instances/*; do
+  [ -f "$x/tag" ] || continue
+  slots=$((slots+1))
+  g=$(cat "$x/gpus" 2>/dev/null || echo 0)
+  [ "$g" = 0 ] && whole=yes
+  used="$used$(tr ',' ' ' < "$x/gpu_ids" 2>/dev/null) "
+done
+[ "$whole" = yes ] && exit 3
+if [ "$need" -eq 0 ]; then [ "$slots" -eq 0 ] || exit 3; fi
+ids=""; n=0; i=0
+while [ $i -lt $total ] && [ $n -lt $need ]; do
+  case "$used" in *" $i "*) ;; *) ids="$ids${{ids:+,}}$i"; n=$((n+1)) ;; esac
+  i=$((i+1))
+done
+[ $n -lt $need ] && exit 3
+now=$(date +%s)
+mkdir -p "$d"
+printf '%s\n' "$need" > "$d/gpus"
+printf '%s\n' "$ids" > "$d/gpu_ids"
+printf '%s\n' "$now" > "$d/created"
+printf '%s\n' "$tag" > "$d/tag.part" && mv -f "$d/tag.part" "$d/tag"
+printf 'slot\t%s\t%s\t%s\t%s\n' "$tag" "$need" "$ids" "$now"
+"#,
+            root = root_word(&self.remote_root),
+            tag = quote(tag),
+            total = host.gpus,
+        );
+        let out = t.exec(&script).await?;
+        match out.status {
+            0 => Ok(parse_listing(&out.stdout).slots.into_iter().next()),
+            3 => Ok(None),
+            status => Err(TransportError::Failed {
+                machine: t.target().machine.clone(),
+                step: "claim slot",
+                message: format!("exit {status}: {}", out.stderr.trim()),
+            }),
+        }
+    }
+}
+
+fn split_id(id: &str) -> ProviderResult<(&str, &str, &str)> {
+    let mut parts = id.splitn(3, '/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(f), Some(h), Some(t)) if !f.is_empty() && !h.is_empty() && !t.is_empty() => {
+            Ok((f, h, t))
+        }
+        _ => Err(err(
+            ErrorKind::NotFound,
+            "parse instance id",
+            format!("{id:?} is not <fleet>/<host>/<tag>"),
+        )),
+    }
+}
+
+/// GPUs not held by any slot; 0 while a whole-host slot is there.
+fn free_gpus(host: &Host, slots: &[Slot]) -> u32 {
+    if slots.iter().any(|s| s.gpus == 0) {
+        return 0;
+    }
+    let used: u32 = slots.iter().map(|s| s.gpus).sum();
+    host.gpus.saturating_sub(used)
+}
+
+/// Parses `root`, `slot` and `gpu` lines written by the host scripts.
+fn parse_listing(text: &str) -> HostView {
+    let mut view = HostView {
+        reachable: true,
+        contacted: true,
+        ..HostView::default()
+    };
+    for line in text.lines() {
+        let fields: Vec<&str> = line.split('\t').collect();
+        match fields.as_slice() {
+            ["root", root] => view.root = Some(root.to_string()),
+            ["slot", tag, gpus, ids, created, rest @ ..] => view.slots.push(Slot {
+                tag: tag.trim().to_string(),
+                gpus: gpus.trim().parse().unwrap_or(0),
+                gpu_ids: ids.trim().to_string(),
+                created: created.trim().parse().ok(),
+                alive: rest.first().is_some_and(|a| *a == "yes"),
+            }),
+            ["gpu", name] => view.gpu_names.push(name.trim().to_string()),
+            _ => {}
+        }
+    }
+    view
+}
+
+#[async_trait]
+impl Provider for SshProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Ssh
+    }
+
+    async fn list(&self) -> ProviderResult<Vec<Instance>> {
+        let fleets = self.lock().fleets.clone();
+        let hosts: Vec<(String, Host)> = fleets
+            .iter()
+            .flat_map(|f| f.hosts.iter().map(|h| (f.name.clone(), h.clone())))
+            .collect();
+        let results = futures_util::future::join_all(
+            hosts
+                .iter()
+                .map(|(fleet, host)| self.list_host(fleet, host)),
+        )
+        .await;
+        let mut unreachable = 0;
+        let mut instances = Vec::new();
+        let mut state = self.lock();
+        for ((fleet, host), result) in hosts.iter().zip(results) {
+            let key = (fleet.clone(), host.name.clone());
+            let previous = state.views.remove(&key).unwrap_or_default();
+            let view = match result {
+                Ok(mut view) => {
+                    if view.gpu_names.is_empty() {
+                        view.gpu_names = previous.gpu_names;
+                    }
+                    view
+                }
+                Err(e) => {
+                    unreachable += 1;
+                    tracing::warn!(fleet = %fleet, host = %host.name, error = %e, "ssh host not listed");
+                    // What it held last time stays listed, as Stopped: not gone.
+                    HostView {
+                        reachable: false,
+                        contacted: true,
+                        message: Some(e.to_string()),
+                        ..previous
+                    }
+                }
+            };
+            instances.extend(
+                view.slots
+                    .iter()
+                    .filter_map(|slot| self.instance(fleet, host, &view, slot)),
+            );
+            state.views.insert(key, view);
+        }
+        if !hosts.is_empty() && unreachable == hosts.len() {
+            return Err(err(
+                ErrorKind::Transient,
+                "list instances",
+                format!("none of the {} fleet hosts answered", hosts.len()),
+            ));
+        }
+        Ok(instances)
+    }
+
+    async fn create(&self, req: &CreateRequest) -> ProviderResult<Instance> {
+        let step = "create instance";
+        let Some(fleet_name) = req.placement.fleet.clone() else {
+            return Err(err(
+                ErrorKind::Permanent,
+                step,
+                "ssh placement names no fleet",
+            ));
+        };
+        let tag = req.tag.render();
+        let need = req.resources.gpu.as_ref().map(|g| g.count).unwrap_or(0);
+        let fleet = {
+            let state = self.lock();
+            let Some(fleet) = state.fleets.iter().find(|f| f.name == fleet_name).cloned() else {
+                return Err(err(
+                    ErrorKind::Permanent,
+                    step,
+                    format!("unknown fleet {fleet_name}"),
+                ));
+            };
+            // Already placed (a create cut off after the host answered): adopt it.
+            for host in &fleet.hosts {
+                if let Some(view) = state.views.get(&(fleet.name.clone(), host.name.clone()))
+                    && let Some(slot) = view.slots.iter().find(|s| s.tag == tag)
+                    && let Some(instance) = self.instance(&fleet.name, host, view, slot)
+                {
+                    return Ok(instance);
+                }
+            }
+            fleet
+        };
+        if need > 0 && !fleet.hosts.iter().any(|h| h.gpus >= need) {
+            return Err(err(
+                ErrorKind::Permanent,
+                step,
+                format!("no host in fleet {fleet_name} has {need} GPUs"),
+            ));
+        }
+        let mut skipped = Vec::new();
+        for host in &fleet.hosts {
+            if need > host.gpus {
+                continue;
+            }
+            match self.claim(&fleet.name, host, &tag, need).await {
+                Ok(Some(slot)) => {
+                    // Cached by the master that just ran the claim: no extra round trip.
+                    let home = self.transport(&fleet.name, host).remote_home().await.ok();
+                    let mut state = self.lock();
+                    let view = state
+                        .views
+                        .entry((fleet.name.clone(), host.name.clone()))
+                        .or_default();
+                    view.reachable = true;
+                    view.contacted = true;
+                    view.message = None;
+                    if view.root.is_none() {
+                        view.root = home.map(|h| resolve_root(&self.remote_root, &h));
+                    }
+                    view.slots.retain(|s| s.tag != slot.tag);
+                    view.slots.push(slot.clone());
+                    let view = view.clone();
+                    return self
+                        .instance(&fleet.name, host, &view, &slot)
+                        .ok_or_else(|| {
+                            err(
+                                ErrorKind::Permanent,
+                                step,
+                                format!("tag {tag} does not parse"),
+                            )
+                        });
+                }
+                Ok(None) => skipped.push(format!("{} busy", host.name)),
+                Err(e) => {
+                    skipped.push(format!("{} unreachable", host.name));
+                    let mut state = self.lock();
+                    let view = state
+                        .views
+                        .entry((fleet.name.clone(), host.name.clone()))
+                        .or_default();
+                    view.reachable = false;
+                    view.contacted = true;
+                    view.message = Some(e.to_string());
+                }
+            }
+        }
+        Err(err(
+            ErrorKind::NoCapacity,
+            step,
+            format!(
+                "no free slot for {need} GPU(s) in fleet {fleet_name} ({})",
+                skipped.join(", ")
+            ),
+        ))
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> ProviderResult<()> {
+        let step = "destroy instance";
+        let (fleet, host_name, tag) = split_id(id)?;
+        let host = self
+            .lock()
+            .known
+            .get(&(fleet.to_string(), host_name.to_string()))
+            .cloned()
+            .ok_or_else(|| {
+                err(
+                    ErrorKind::NotFound,
+                    step,
+                    format!("unknown host {fleet}/{host_name}"),
+                )
+            })?;
+        let t = self.transport(fleet, &host);
+        let script = format!(
+            r#"d={root}/instances/{tag}
+[ -d "$d" ] || {{ echo gone; exit 0; }}
+if [ -f "$d/agent.sh" ]; then (cd "$d" && sh ./agent.sh stop) >/dev/null 2>&1 || true; fi
+if [ -f "$d/agent.pid" ]; then
+  p=$(cat "$d/agent.pid")
+  kill -TERM -"$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || true
+fi
+rm -rf "$d"
+echo removed
+"#,
+            root = root_word(&self.remote_root),
+            tag = quote(tag),
+        );
+        let out = t.exec(&script).await.map_err(|e| from_transport(step, e))?;
+        if out.status != 0 {
+            return Err(err(
+                ErrorKind::Transient,
+                step,
+                format!("{id}: exit {}: {}", out.status, out.stderr.trim()),
+            ));
+        }
+        if let Some(view) = self
+            .lock()
+            .views
+            .get_mut(&(fleet.to_string(), host_name.to_string()))
+        {
+            view.slots.retain(|s| s.tag != tag);
+        }
+        if out.stdout.trim() == "gone" {
+            return Err(err(
+                ErrorKind::NotFound,
+                step,
+                format!("{id} is already gone"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>> {
+        if instance.state != InstanceState::Running {
+            return Err(err(
+                ErrorKind::Transient,
+                "reach instance",
+                format!("{} is on a host that does not answer", instance.id),
+            ));
+        }
+        let _transport = self.transport_for(instance)?;
+        // LEAD: swap in the agent once merged, e.g.
+        //   Ok(Arc::new(crate::agent::AgentMachine::new(Arc::new(_transport), root)))
+        // with `root` from `instance.endpoint` (Endpoint::Ssh { root, .. }).
+        Err(err(
+            ErrorKind::Permanent,
+            "reach instance",
+            "the agent machine over ssh is not wired in this build",
+        ))
+    }
+}
+
+/// `root` with a leading `~` replaced by the remote `home`.
+fn resolve_root(root: &str, home: &str) -> String {
+    if root == "~" {
+        home.to_string()
+    } else if let Some(rest) = root.strip_prefix("~/") {
+        format!("{}/{rest}", home.trim_end_matches('/'))
+    } else {
+        root.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(gpus: u32) -> Host {
+        Host {
+            name: "h".into(),
+            user: None,
+            address: "127.0.0.1".into(),
+            port: 22,
+            identity_file: None,
+            gpus,
+            labels: Default::default(),
+        }
+    }
+
+    fn slot(gpus: u32) -> Slot {
+        Slot {
+            tag: "t".into(),
+            gpus,
+            gpu_ids: String::new(),
+            created: None,
+            alive: false,
+        }
+    }
+
+    #[test]
+    fn free_gpus_counts_slots_and_whole_host_jobs() {
+        assert_eq!(free_gpus(&host(4), &[]), 4);
+        assert_eq!(free_gpus(&host(4), &[slot(1), slot(2)]), 1);
+        assert_eq!(free_gpus(&host(4), &[slot(0)]), 0);
+    }
+
+    #[test]
+    fn listing_lines_parse() {
+        let view = parse_listing(
+            "root\t/home/u/.asimov-agent\nslot\tasimov.c.r-0.1\t2\t0,1\t1700000000\tyes\ngpu\tA100, 81920 MiB\njunk\n",
+        );
+        assert_eq!(view.root.as_deref(), Some("/home/u/.asimov-agent"));
+        assert_eq!(
+            view.slots,
+            vec![Slot {
+                tag: "asimov.c.r-0.1".into(),
+                gpus: 2,
+                gpu_ids: "0,1".into(),
+                created: Some(1_700_000_000),
+                alive: true,
+            }]
+        );
+        assert_eq!(view.gpu_names, vec!["A100, 81920 MiB".to_string()]);
+    }
+
+    #[test]
+    fn ids_split_into_fleet_host_tag() {
+        assert_eq!(
+            split_id("lab/box/asimov.c.r-0.1").unwrap(),
+            ("lab", "box", "asimov.c.r-0.1")
+        );
+        assert!(split_id("lab/box").is_err());
+        assert_eq!(root_word("~/.a b"), "\"$HOME\"/'.a b'");
+        assert_eq!(root_word("/srv/x"), "'/srv/x'");
+    }
+}

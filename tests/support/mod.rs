@@ -1,0 +1,5 @@
+//! Real servers the integration tests start: OpenSSH servers on free localhost ports.
+//! Each test binary uses a different subset, hence the allow.
+#![allow(dead_code)]
+
+pub mod sshd;

@@ -1,0 +1,322 @@
+//! A real OpenSSH server (`/usr/sbin/sshd`) for tests, standing in for one remote host.
+//!
+//! Each `Sshd` lives in its own temp dir: config, a freshly generated ed25519 host key,
+//! a generated client key in its `authorized_keys`, its log, and a `home/` folder that
+//! becomes `$HOME` (and `TMUX_TMPDIR`) of every session, so two servers on one machine
+//! behave as two hosts with separate state even though they log in the same user.
+//! It runs as the current user (root here, hence `PermitRootLogin prohibit-password`,
+//! `StrictModes no`, `UsePAM no`). Dropping it kills the server and its sessions.
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const SSHD: &str = "/usr/sbin/sshd";
+
+pub struct Sshd {
+    dir: tempfile::TempDir,
+    port: u16,
+    user: String,
+    child: Option<Child>,
+}
+
+impl Sshd {
+    /// Starts a server, installing OpenSSH with `scripts/install-test-deps.sh` first if
+    /// it is missing. `None` (after a loud message) only when it cannot be installed.
+    pub fn start_or_skip() -> Option<Sshd> {
+        if !ensure_installed() {
+            eprintln!(
+                "\n!!!!!!!! SKIPPED: {SSHD} is not installed and scripts/install-test-deps.sh \
+                 could not install it; the ssh tests did not run !!!!!!!!\n"
+            );
+            return None;
+        }
+        Some(Sshd::start())
+    }
+
+    /// Starts a server on a free localhost port; panics when it does not come up.
+    pub fn start() -> Sshd {
+        let dir = tempfile::Builder::new()
+            .prefix("asimov-sshd-")
+            .tempdir()
+            .expect("temp dir for sshd");
+        let user = current_user();
+        std::fs::create_dir_all(dir.path().join("home")).expect("sshd home");
+        std::fs::create_dir_all(dir.path().join("tmux")).expect("sshd tmux dir");
+        keygen(&dir.path().join("ssh_host_ed25519_key"));
+        keygen(&dir.path().join("client_key"));
+        let public = std::fs::read(dir.path().join("client_key.pub")).expect("client key");
+        std::fs::write(dir.path().join("authorized_keys"), public).expect("authorized_keys");
+        // Privilege separation needs this folder when sshd starts as root.
+        if is_root() {
+            let _ = std::fs::create_dir_all("/run/sshd");
+        }
+        let port = free_port();
+        let mut sshd = Sshd {
+            dir,
+            port,
+            user,
+            child: None,
+        };
+        sshd.write_config();
+        sshd.spawn();
+        sshd
+    }
+
+    pub fn host(&self) -> &str {
+        "127.0.0.1"
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The private key whose public half is authorized.
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.path().join("client_key")
+    }
+
+    /// `$HOME` of every session on this server: this "host"'s own state.
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// The server's log (`sshd -e`), appended across restarts.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
+    }
+
+    /// How many SSH connections have authenticated so far: one per master connection.
+    pub fn logins(&self) -> usize {
+        self.log().matches("Accepted publickey").count()
+    }
+
+    /// `SHA256:...` of the current host key.
+    pub fn host_key_fingerprint(&self) -> String {
+        let out = Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(self.dir.path().join("ssh_host_ed25519_key.pub"))
+            .output()
+            .expect("ssh-keygen -lf");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split_whitespace()
+            .nth(1)
+            .expect("fingerprint in ssh-keygen output")
+            .to_string()
+    }
+
+    /// A fleet host entry pointing at this server.
+    pub fn fleet_host(&self, name: &str, gpus: u32) -> asimov::manifest::Host {
+        asimov::manifest::Host {
+            name: name.to_string(),
+            user: Some(self.user.clone()),
+            address: self.host().to_string(),
+            port: self.port,
+            identity_file: Some(self.client_key()),
+            gpus,
+            labels: Default::default(),
+        }
+    }
+
+    /// Kills the server and every session it forked; returns once the port is closed.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id() as i32;
+            // Sessions are forked children that call setsid(), so a process group kill
+            // would miss them; walk the process tree instead.
+            for p in descendants(pid) {
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = child.wait();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "sshd port {} stays open",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same port with the same keys.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Replaces the host key (as a reinstalled machine would) and restarts the server.
+    pub fn regenerate_host_key(&mut self) {
+        let key = self.dir.path().join("ssh_host_ed25519_key");
+        let _ = std::fs::remove_file(&key);
+        let _ = std::fs::remove_file(key.with_extension("pub"));
+        keygen(&key);
+        let was_running = self.is_running();
+        self.stop();
+        if was_running {
+            self.spawn();
+        }
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path().display();
+        let config = format!(
+            "Port {port}\n\
+             ListenAddress 127.0.0.1\n\
+             HostKey {d}/ssh_host_ed25519_key\n\
+             PidFile {d}/sshd.pid\n\
+             AuthorizedKeysFile {d}/authorized_keys\n\
+             PermitRootLogin prohibit-password\n\
+             StrictModes no\n\
+             UsePAM no\n\
+             PubkeyAuthentication yes\n\
+             PasswordAuthentication no\n\
+             KbdInteractiveAuthentication no\n\
+             PrintMotd no\n\
+             LogLevel VERBOSE\n\
+             Subsystem sftp internal-sftp\n\
+             SetEnv HOME={d}/home TMUX_TMPDIR={d}/tmux\n",
+            port = self.port,
+        );
+        std::fs::write(self.dir.path().join("sshd_config"), config).expect("sshd_config");
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("sshd.log"))
+            .expect("sshd log");
+        let child = Command::new(SSHD)
+            .arg("-D")
+            .arg("-e")
+            .arg("-f")
+            .arg(self.dir.path().join("sshd_config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sshd");
+        self.child = Some(child);
+        // Ready when the server sends its banner.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 4];
+                if s.read_exact(&mut buf).is_ok() && &buf == b"SSH-" {
+                    return;
+                }
+            }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("sshd exited with {status}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sshd did not come up on port {}:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id() as i32;
+            for p in descendants(pid) {
+                unsafe { libc::kill(p, libc::SIGKILL) };
+            }
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = child.wait();
+        }
+    }
+}
+
+/// True when sshd is present, after trying the project's install script once.
+fn ensure_installed() -> bool {
+    if Path::new(SSHD).exists() {
+        return true;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/install-test-deps.sh");
+    let _ = Command::new("sh").arg(script).status();
+    Path::new(SSHD).exists()
+}
+
+fn keygen(path: &Path) {
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "asimov-test", "-f"])
+        .arg(path)
+        .stdin(Stdio::null())
+        .status()
+        .expect("run ssh-keygen");
+    assert!(status.success(), "ssh-keygen failed for {}", path.display());
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn current_user() -> String {
+    let out = Command::new("id").arg("-un").output().expect("id -un");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every process below `root` in the process tree, read from /proc.
+fn descendants(root: i32) -> Vec<i32> {
+    let mut parents: Vec<(i32, i32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // The command name is in parentheses and may hold spaces; fields follow it.
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
+            if let Some(ppid) = ppid {
+                parents.push((pid, ppid));
+            }
+        }
+    }
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let p = found[i];
+        for (child, parent) in &parents {
+            if *parent == p && !found.contains(child) {
+                found.push(*child);
+            }
+        }
+        i += 1;
+    }
+    found.remove(0);
+    found
+}
