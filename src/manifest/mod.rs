@@ -3,5 +3,6 @@
 //! column), and schema output. Knows nothing of the store, providers or the clock.
 
 mod desired;
+pub mod yaml;
 
 pub use desired::*;
