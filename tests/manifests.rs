@@ -114,7 +114,8 @@ fn every_example_loads_and_round_trips() {
 #[test]
 fn hello_example_is_a_local_job_with_progress() {
     let file = crate_dir().join("examples/hello.yaml");
-    let loaded = load_paths(&[file.clone()], &Context::default()).unwrap_or_else(|p| panic!("{p}"));
+    let loaded = load_paths(std::slice::from_ref(&file), &Context::default())
+        .unwrap_or_else(|p| panic!("{p}"));
     let job = &loaded.manifests.jobs[0];
     assert_eq!(job.name, "hello");
     assert_eq!(job.spec.placement, vec![Placement::local()]);
@@ -183,7 +184,11 @@ fn swag_train_has_every_field() {
 #[test]
 fn matrix_is_a_stable_cartesian_product() {
     let text = "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: sweep}\nspec:\n  source: {git: {repo: r, ref: dev}}\n  setup: [\"git log -1 ${matrix.branch}\"]\n  run: train --config ${matrix.config} --lr ${matrix.lr}\n  matrix:\n    lr: [1e-4, 0.5]\n    config: [b.yaml, a.yaml]\n    branch: [main, exp]\n";
-    let job = load(text).unwrap_or_else(|p| panic!("{p}")).manifests.jobs.remove(0);
+    let job = load(text)
+        .unwrap_or_else(|p| panic!("{p}"))
+        .manifests
+        .jobs
+        .remove(0);
     let runs: Vec<String> = job
         .runs
         .iter()
@@ -211,12 +216,20 @@ fn matrix_is_a_stable_cartesian_product() {
         "    branch: [main, exp]\n    config: [b.yaml, a.yaml]\n    lr: [1e-4, 0.5]\n",
     );
     assert_ne!(reordered, text);
-    let again = load(&reordered).unwrap_or_else(|p| panic!("{p}")).manifests.jobs.remove(0);
+    let again = load(&reordered)
+        .unwrap_or_else(|p| panic!("{p}"))
+        .manifests
+        .jobs
+        .remove(0);
     assert_eq!(again.runs, job.runs);
     assert_eq!(again.spec_hash, job.spec_hash);
 
     // Changing a value changes the hash; labels are not part of the spec.
-    let edited = load(&text.replace("0.5", "0.25")).expect("valid").manifests.jobs.remove(0);
+    let edited = load(&text.replace("0.5", "0.25"))
+        .expect("valid")
+        .manifests
+        .jobs
+        .remove(0);
     assert_ne!(edited.spec_hash, job.spec_hash);
     let labelled = load(&text.replace("{name: sweep}", "{name: sweep, labels: {a: b}}"))
         .expect("valid")
@@ -262,9 +275,11 @@ fn runs_file_gives_one_run_per_line() {
         ]
     );
     assert_eq!(job.runs[2].matrix["branch"], "");
-    assert!(loaded.documents[0]
-        .yaml
-        .contains(&crate_dir().join("examples/runs.txt").display().to_string()));
+    assert!(
+        loaded.documents[0]
+            .yaml
+            .contains(&crate_dir().join("examples/runs.txt").display().to_string())
+    );
 }
 
 #[test]
@@ -277,7 +292,7 @@ fn runs_file_content_is_part_of_the_spec_hash() {
     )
     .expect("write");
     std::fs::write(dir.path().join("runs.txt"), "a.yaml,main\n").expect("write");
-    let first = load_paths(&[manifest.clone()], &ctx()).expect("valid");
+    let first = load_paths(std::slice::from_ref(&manifest), &ctx()).expect("valid");
     std::fs::write(dir.path().join("runs.txt"), "a.yaml,main\nb.yaml,main\n").expect("write");
     let second = load_paths(&[manifest], &ctx()).expect("valid");
     let (a, b) = (&first.manifests.jobs[0], &second.manifests.jobs[0]);
@@ -295,7 +310,10 @@ fn several_documents_in_one_file() {
         .iter()
         .map(|d| (d.kind, d.name.as_str(), d.origin.line))
         .collect();
-    assert_eq!(kinds, [(Kind::Fleet, "lab", 2), (Kind::Job, "lab-train", 21)]);
+    assert_eq!(
+        kinds,
+        [(Kind::Fleet, "lab", 2), (Kind::Job, "lab-train", 21)]
+    );
     let fleet = &loaded.manifests.fleets[0];
     let hosts: Vec<(&str, &str, u16, u32)> = fleet
         .hosts
@@ -304,7 +322,10 @@ fn several_documents_in_one_file() {
         .collect();
     assert_eq!(
         hosts,
-        [("gpu-box-1", "10.0.0.11", 22, 2), ("gpu-box-2", "10.0.0.12", 2222, 1)]
+        [
+            ("gpu-box-1", "10.0.0.11", 22, 2),
+            ("gpu-box-2", "10.0.0.12", 2222, 1)
+        ]
     );
     let home = PathBuf::from(std::env::var_os("HOME").expect("HOME"));
     assert_eq!(
@@ -341,8 +362,8 @@ fn folders_load_yaml_files_in_name_order() {
 
     // Without the fleet's file, both jobs are wrong, and both are reported.
     std::fs::remove_file(dir.path().join("c.yaml")).expect("rm");
-    let err = load_paths(&[dir.path().to_path_buf()], &Context::default())
-        .expect_err("unknown fleet");
+    let err =
+        load_paths(&[dir.path().to_path_buf()], &Context::default()).expect_err("unknown fleet");
     let a = dir.path().join("a.yml").display().to_string();
     let b = dir.path().join("b.yaml").display().to_string();
     assert_eq!(
@@ -383,12 +404,18 @@ fn problems_carry_exact_positions() {
         .iter()
         .map(|p| (p.line, p.column, p.path.as_str()))
         .collect();
-    // Stage 1 found the unknown field, so stage 2 (the duration) did not run on this
-    // document: its shape is wrong and its meaning cannot be trusted.
-    assert_eq!(got, [(9, 24, "/spec/placement/0/colour")]);
+    // Stage 1 finds the unknown field; stage 2 still checks the rest of the document.
+    assert_eq!(
+        got,
+        [
+            (7, 17, "/spec/max_duration"),
+            (9, 24, "/spec/placement/0/colour")
+        ]
+    );
     assert_eq!(
         err.to_string(),
-        "/manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`"
+        "/manifests/job.yaml:7:17: expected a duration like 30m or 43h, found \"forever\"\n\
+         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`"
     );
 
     let text = text.replace(", colour: red", "");
@@ -447,7 +474,11 @@ fn malformed_manifests_report_every_problem() {
     assert!(files.len() >= 25, "only {} malformed fixtures", files.len());
     let prefix = format!("{}/", crate_dir().display());
     for file in files {
-        let stem = file.file_stem().and_then(|s| s.to_str()).expect("name").to_string();
+        let stem = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("name")
+            .to_string();
         let err = match load_paths(std::slice::from_ref(&file), &ctx()) {
             Ok(_) => panic!("{stem}: loaded without problems"),
             Err(e) => e,

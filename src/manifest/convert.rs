@@ -3,9 +3,9 @@
 //! matrix keys) and every problem is collected, never stopping at the first.
 
 use super::desired::{
-    Artifacts, Budget, BudgetAction, Checkpoint, FileCopy, Fleet, GpuRequest, Host, Job,
-    JobSpec, MetricMode, Origin, Placement, Resources, RetryOn, RetryPolicy, RunSpec,
-    Schedule, Source, StopRule,
+    Artifacts, Budget, BudgetAction, Checkpoint, FileCopy, Fleet, GpuRequest, Host, Job, JobSpec,
+    MetricMode, Origin, Placement, Resources, RetryOn, RetryPolicy, RunSpec, Schedule, Source,
+    StopRule,
 };
 use super::raw;
 use super::schema;
@@ -455,7 +455,9 @@ fn convert_job(
             };
             c.value(
                 &pointer,
-                format!("unknown secret `{secret}`: expected the name of a stored secret ({known})"),
+                format!(
+                    "unknown secret `{secret}`: expected the name of a stored secret ({known})"
+                ),
             );
         }
         if !seen_secrets.insert(secret.clone()) {
@@ -521,13 +523,14 @@ fn convert_job(
     });
 
     let artifacts = s.artifacts.map(|a| {
-        if let Some(to) = &a.to {
-            if to.contains("://") && !is_s3_url(to) {
-                c.value(
-                    "/spec/artifacts/to",
-                    format!("expected s3://bucket/prefix or a local folder, found {to:?}"),
-                );
-            }
+        if let Some(to) = &a.to
+            && to.contains("://")
+            && !is_s3_url(to)
+        {
+            c.value(
+                "/spec/artifacts/to",
+                format!("expected s3://bucket/prefix or a local folder, found {to:?}"),
+            );
         }
         Artifacts {
             paths: a.paths,
@@ -548,21 +551,22 @@ fn convert_job(
         })
         .collect();
 
-    let schedule = s.schedule.and_then(|sch| {
-        match chrono::DateTime::parse_from_rfc3339(sch.at.trim()) {
-            Ok(t) => Some(Schedule { at: t.timestamp() }),
-            Err(_) => {
-                c.value(
-                    "/spec/schedule/at",
-                    format!(
-                        "expected an RFC 3339 time like 2026-11-23T05:23:00Z, found {:?}",
-                        sch.at
-                    ),
-                );
-                None
-            }
-        }
-    });
+    let schedule =
+        s.schedule.and_then(
+            |sch| match chrono::DateTime::parse_from_rfc3339(sch.at.trim()) {
+                Ok(t) => Some(Schedule { at: t.timestamp() }),
+                Err(_) => {
+                    c.value(
+                        "/spec/schedule/at",
+                        format!(
+                            "expected an RFC 3339 time like 2026-11-23T05:23:00Z, found {:?}",
+                            sch.at
+                        ),
+                    );
+                    None
+                }
+            },
+        );
 
     if let Some(budget) = &s.budget {
         let known = defined.get(&Kind::Budget);
@@ -570,7 +574,10 @@ fn convert_job(
             let all: BTreeSet<&String> = known.into_iter().flatten().chain(&ctx.budgets).collect();
             c.value(
                 "/spec/budget",
-                format!("unknown budget `{budget}`: {}", expected_names("Budget", &all)),
+                format!(
+                    "unknown budget `{budget}`: {}",
+                    expected_names("Budget", &all)
+                ),
             );
         }
     }
@@ -600,9 +607,11 @@ fn convert_job(
             matrix: m.clone(),
         })
         .collect();
-    if let Some(last) = runs.last() {
-        if last.name.len() > MAX_NAME && name.len() <= MAX_NAME {
-            c.value(
+    if let Some(last) = runs.last()
+        && last.name.len() > MAX_NAME
+        && name.len() <= MAX_NAME
+    {
+        c.value(
                 "/metadata/name",
                 format!(
                     "expected a job name short enough for its run names, found {name:?}: run `{}` has {} characters, at most {MAX_NAME} are allowed",
@@ -610,7 +619,6 @@ fn convert_job(
                     last.name.len()
                 ),
             );
-        }
     }
 
     let spec_hash = {
@@ -657,7 +665,10 @@ fn is_s3_url(s: &str) -> bool {
 fn convert_resources(c: &mut Check<'_>, r: raw::Resources) -> Resources {
     if let Some(cuda) = &r.cuda {
         let ok = !cuda.0.is_empty()
-            && cuda.0.split('.').all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+            && cuda
+                .0
+                .split('.')
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
         if !ok {
             c.value(
                 "/spec/resources/cuda",
@@ -874,7 +885,11 @@ fn read_runs_file(c: &mut Check<'_>, file: &Path) -> Vec<BTreeMap<String, String
     if runs.len() > MAX_RUNS {
         c.value(
             pointer,
-            format!("expected at most {MAX_RUNS} runs, {} has {}", file.display(), runs.len()),
+            format!(
+                "expected at most {MAX_RUNS} runs, {} has {}",
+                file.display(),
+                runs.len()
+            ),
         );
     }
     runs
@@ -1117,7 +1132,10 @@ mod tests {
         assert_eq!(local_path(base, "../data/x"), PathBuf::from("/m/data/x"));
         assert_eq!(local_path(base, "/abs/./y"), PathBuf::from("/abs/y"));
         if let Some(home) = std::env::var_os("HOME") {
-            assert_eq!(local_path(base, "~/.tmux.conf"), Path::new(&home).join(".tmux.conf"));
+            assert_eq!(
+                local_path(base, "~/.tmux.conf"),
+                Path::new(&home).join(".tmux.conf")
+            );
         }
     }
 

@@ -41,13 +41,14 @@ fn drop_null(value: &mut Value) {
         Value::Object(map) => {
             if let Some(Value::Array(any_of)) = map.get("anyOf") {
                 let is_null = |v: &Value| v.get("type").and_then(Value::as_str) == Some("null");
-                if any_of.len() == 2 && any_of.iter().any(is_null) {
-                    if let Some(Value::Object(inner)) = any_of.iter().find(|v| !is_null(v)) {
-                        let inner = inner.clone();
-                        map.remove("anyOf");
-                        for (k, v) in inner {
-                            map.entry(k).or_insert(v);
-                        }
+                if any_of.len() == 2
+                    && any_of.iter().any(is_null)
+                    && let Some(Value::Object(inner)) = any_of.iter().find(|v| !is_null(v))
+                {
+                    let inner = inner.clone();
+                    map.remove("anyOf");
+                    for (k, v) in inner {
+                        map.entry(k).or_insert(v);
                     }
                 }
             }
@@ -80,8 +81,7 @@ fn validator(kind: Kind) -> &'static jsonschema::Validator {
     cell.get_or_init(|| {
         // The schema is generated from our own types, so failing here is a bug in asimov,
         // not something a manifest can cause.
-        jsonschema::validator_for(schema_value(kind))
-            .expect("generated manifest schema compiles")
+        jsonschema::validator_for(schema_value(kind)).expect("generated manifest schema compiles")
     })
 }
 
@@ -141,7 +141,10 @@ fn explain(
             }
         }
         ValidationErrorKind::Required { property } => {
-            let name = property.as_str().map(str::to_string).unwrap_or_else(|| property.to_string());
+            let name = property
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| property.to_string());
             out.push(Problem::at(
                 file,
                 doc.key_pos(pointer),

@@ -247,12 +247,12 @@ impl Builder {
             if !seen.is_empty() {
                 return;
             }
-            if let Some(spans) = self.positions.get_mut(pointer) {
-                if key_at < spans.value {
-                    spans.value = key_at;
-                    if pointer.is_empty() {
-                        self.start = Some(key_at);
-                    }
+            if let Some(spans) = self.positions.get_mut(pointer)
+                && key_at < spans.value
+            {
+                spans.value = key_at;
+                if pointer.is_empty() {
+                    self.start = Some(key_at);
                 }
             }
         }
@@ -363,12 +363,11 @@ fn resolve_scalar(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Value
     if style != TScalarStyle::Plain {
         return Value::String(text);
     }
-    if let Some(tag) = tag {
-        if tag.handle == "tag:yaml.org,2002:" && tag.suffix == "str"
-            || tag.handle == "!!" && tag.suffix == "str"
-        {
-            return Value::String(text);
-        }
+    let str_tag = tag.is_some_and(|t| {
+        t.suffix == "str" && (t.handle == "!!" || t.handle == "tag:yaml.org,2002:")
+    });
+    if str_tag {
+        return Value::String(text);
     }
     match text.as_str() {
         "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
@@ -379,10 +378,10 @@ fn resolve_scalar(text: String, style: TScalarStyle, tag: Option<&Tag>) -> Value
     if let Some(n) = parse_int(&text) {
         return Value::Number(n.into());
     }
-    if looks_like_float(&text) {
-        if let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64) {
-            return Value::Number(n);
-        }
+    if looks_like_float(&text)
+        && let Some(n) = text.parse::<f64>().ok().and_then(Number::from_f64)
+    {
+        return Value::Number(n);
     }
     Value::String(text)
 }
