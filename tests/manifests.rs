@@ -351,6 +351,7 @@ fn folders_load_yaml_files_in_name_order() {
     )
     .expect("write");
     std::fs::write(dir.path().join("notes.txt"), "not yaml: [").expect("write");
+    std::fs::write(dir.path().join(".b.yaml.swp.yaml"), "not yaml: [").expect("write");
     std::fs::create_dir(dir.path().join("nested")).expect("mkdir");
     std::fs::write(dir.path().join("nested/z.yaml"), "broken: [").expect("write");
 

@@ -13,6 +13,7 @@ pub mod yaml;
 
 pub use convert::{is_dns_label, parse_duration};
 pub use desired::*;
+pub use yaml::to_yaml_string;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -161,7 +162,8 @@ impl fmt::Display for Problems {
 
 impl std::error::Error for Problems {}
 
-/// Loads files and folders (every `*.yaml` / `*.yml` directly inside, sorted by name).
+/// Loads files and folders (every non-hidden `*.yaml` / `*.yml` directly inside, sorted
+/// by name; subfolders are not entered).
 ///
 /// Fails with every problem in every file when anything is wrong, including files that
 /// cannot be read; nothing is returned partially.
@@ -202,7 +204,12 @@ fn manifest_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml")
         );
-        if is_yaml && path.is_file() {
+        // Editors leave hidden lock and backup files beside the manifests they edit.
+        let hidden = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'));
+        if is_yaml && !hidden && path.is_file() {
             files.push(path);
         }
     }
