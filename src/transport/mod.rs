@@ -2,6 +2,8 @@
 //! `ssh` (OpenSSH, one multiplexed master connection per machine). Knows nothing of
 //! jobs, runs or the store: it moves bytes and runs shell text.
 
+pub mod local;
+
 use async_trait::async_trait;
 use std::path::Path;
 
