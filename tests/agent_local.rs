@@ -617,3 +617,90 @@ async fn local_provider_lists_running_instances_whose_folder_is_gone() {
         ErrorKind::NotFound
     );
 }
+
+/// The agent under busybox's `sh`, `setsid`, `sleep`, `date`..., as on minimal images:
+/// skipped (with a note) where busybox is not installed.
+#[test]
+fn agent_runs_under_busybox() {
+    let Ok(busybox) = which("busybox") else {
+        eprintln!("busybox not installed; skipping");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for applet in [
+        "sh", "setsid", "date", "tail", "sleep", "mv", "cat", "sed", "tr", "mkdir",
+    ] {
+        std::os::unix::fs::symlink(&busybox, bin.join(applet)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let root = dir.path().join("asimov.t12.bb-0.1");
+    let _cleanup = Cleanup::new(&[&root], &["sleep 31901"]);
+    std::fs::create_dir_all(root.join("spec")).unwrap();
+    std::fs::write(root.join("agent.sh"), AGENT_SCRIPT).unwrap();
+    std::fs::write(root.join("spec/tag"), "asimov.t12.bb-0.1\n").unwrap();
+    std::fs::write(root.join("spec/max_duration"), "2").unwrap();
+    std::fs::write(root.join("spec/setup.sh"), "echo 'ASIMOV_PROGRESS 1/3'\n").unwrap();
+    std::fs::write(
+        root.join("spec/run.sh"),
+        "sh -c 'sleep 31901' & sleep 31901\n",
+    )
+    .unwrap();
+    let agent = |command: &str| {
+        let out = Command::new("sh")
+            .arg(root.join("agent.sh"))
+            .arg(command)
+            .arg(&root)
+            .env("PATH", &path)
+            .env("ASIMOV_NO_TMUX", "1")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{command}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    agent("start");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let (status, _) = asimov::agent::parse_status(&agent("status")).unwrap();
+        if status.state.is_finished() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status.state, AgentState::TimedOut);
+    assert_eq!(status.exit_code, Some(124));
+    assert_eq!(
+        status.progress,
+        Some(Progress {
+            done: 1,
+            total: Some(3)
+        })
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !processes_with("sleep 31901").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the job outlived its max_duration"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn which(program: &str) -> Result<PathBuf, ()> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map_err(|_| ())?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && !path.is_empty() {
+        Ok(PathBuf::from(path))
+    } else {
+        Err(())
+    }
+}

@@ -80,12 +80,13 @@ cmd_start() {
 			</dev/null >/dev/null 2>&1; then
 		put launcher "tmux $session"
 	elif command -v setsid >/dev/null 2>&1; then
+		# A new session has no controlling terminal to hang up, and the supervisor
+		# ignores SIGHUP itself: no nohup needed (busybox often lacks it).
 		put launcher setsid
-		setsid nohup sh "$ROOT/agent.sh" supervise "$ROOT" \
-			</dev/null >>"$ROOT/agent.out" 2>&1 &
+		setsid sh "$ROOT/agent.sh" supervise "$ROOT" </dev/null >>"$ROOT/agent.out" 2>&1 &
 	else
-		put launcher nohup
-		nohup sh "$ROOT/agent.sh" supervise "$ROOT" </dev/null >>"$ROOT/agent.out" 2>&1 &
+		put launcher background
+		sh "$ROOT/agent.sh" supervise "$ROOT" </dev/null >>"$ROOT/agent.out" 2>&1 &
 	fi
 	exit 0
 }
