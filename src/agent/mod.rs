@@ -6,7 +6,7 @@
 //! # The instance folder
 //!
 //! `agent.sh` manages one run in one folder `ROOT`: `agent.sh`, `spec/` (written by
-//! [`AgentMachine::start`]: `tag`, `run`, `env`, `secrets` (mode 0600, the only place a
+//! [`Machine::start`]: `tag`, `run`, `env`, `secrets` (mode 0600, the only place a
 //! secret is written), `setup.sh`, `run.sh`, `max_duration` in seconds, `outputs`),
 //! `work/` (the uploaded folder or git clone; the job's current directory) and the state
 //! files the agent writes: `status` (`starting|setup|running|succeeded|failed|timeout|
@@ -15,6 +15,11 @@
 //! `finished_at` (Unix seconds), `exit_code` (124 on timeout) and `log` (setup and run
 //! output, stdout and stderr). The job sees `ASIMOV_INSTANCE` (the tag), `ASIMOV_RUN` and
 //! `ASIMOV_ROOT`, the spec's env and its secrets as environment variables.
+//!
+//! Paths in `files` destinations and `outputs`: `~/...` is the machine's `$HOME`, a
+//! relative path is inside `work/`. [`Machine::collect`] puts a relative output at the
+//! same relative path in the outputs folder and an absolute one under its last
+//! component (`/tmp/output` → `output`); missing outputs are skipped with a warning.
 //!
 //! `agent.sh status ROOT` prints `key=value` lines, then the line [`LOG_MARKER`], then
 //! the last 4 KiB of the log: the controller reads everything in one exec
