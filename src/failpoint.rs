@@ -21,7 +21,11 @@ fn armed() -> Option<&'static Armed> {
                 Some((n, k)) => (n.to_string(), k.parse().ok()?),
                 None => (spec, 1),
             };
-            Some(Armed { name, on_hit, hits: AtomicU32::new(0) })
+            Some(Armed {
+                name,
+                on_hit,
+                hits: AtomicU32::new(0),
+            })
         })
         .as_ref()
 }

@@ -2,12 +2,54 @@
 //! remote machines alike), the `Machine` operations built on it over a `Transport`, and
 //! the parser of what it writes (status, heartbeat, exit code, log, progress).
 //! Knows nothing of providers' APIs, the store or the planner.
+//!
+//! # The instance folder
+//!
+//! `agent.sh` manages one run in one folder `ROOT`: `agent.sh`, `spec/` (written by
+//! [`Machine::start`]: `tag`, `run`, `env`, `secrets` (mode 0600, the only place a
+//! secret is written), `setup.sh`, `run.sh`, `max_duration` in seconds, `outputs`),
+//! `work/` (the uploaded folder or git clone; the job's current directory) and the state
+//! files the agent writes: `status` (`starting|setup|running|succeeded|failed|timeout|
+//! stopped`), `pid` (the supervisor, leader of its own process group), `run_pid` (the
+//! process group of the current setup or run command), `heartbeat`, `started_at`,
+//! `finished_at` (Unix seconds), `exit_code` (124 on timeout) and `log` (setup and run
+//! output, stdout and stderr). The job sees `ASIMOV_INSTANCE` (the tag), `ASIMOV_RUN` and
+//! `ASIMOV_ROOT`, the spec's env and its secrets as environment variables.
+//!
+//! Paths in `files` destinations and `outputs`: `~/...` is the machine's `$HOME`, a
+//! relative path is inside `work/`. [`Machine::collect`] puts a relative output at the
+//! same relative path in the outputs folder and an absolute one under its last
+//! component (`/tmp/output` → `output`); missing outputs are skipped with a warning.
+//!
+//! `agent.sh status ROOT` prints `key=value` lines, then the line [`LOG_MARKER`], then
+//! the last 4 KiB of the log: the controller reads everything in one exec
+//! ([`parse_status`]).
+//!
+//! # Progress
+//!
+//! Read from the log by [`parse_progress`]; the last report wins:
+//! - an explicit line `ASIMOV_PROGRESS <done>/<total>` or `ASIMOV_PROGRESS <done>`
+//!   (integers, at the start of a line; anything after a space is ignored), e.g.
+//!   `print(f"ASIMOV_PROGRESS {step}/{steps}", flush=True)`;
+//! - a tqdm bar, `45%|████▌     | 45/100 [00:01<00:01, 30.00it/s]`, with or without a
+//!   description before it, unit-scaled counts (`1.2k/10.0k`) and `\r`-separated updates.
 
 use crate::model::{Progress, RunName, Secret, Timestamp};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+mod git;
+mod machine;
+mod parse;
+
+pub use git::{GitInfo, capture_git, is_work_tree, workdir_files};
+pub use machine::{AgentMachine, output_name, sh_quote};
+pub use parse::{LOG_MARKER, parse_progress, parse_status};
+
+/// The agent script uploaded to every instance as `ROOT/agent.sh`.
+pub const AGENT_SCRIPT: &str = include_str!("agent.sh");
 
 /// Everything the agent needs to start one attempt of a run.
 #[derive(Debug, Clone)]

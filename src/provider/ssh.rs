@@ -7,7 +7,7 @@
 //! - `gpus`: how many GPUs the slot holds; `gpu_ids`: which ones (`0,1`), for
 //!   `CUDA_VISIBLE_DEVICES`; `created`: Unix seconds.
 //!
-//! The agent may add `agent.sh` (run as `sh agent.sh stop` on destroy) and `agent.pid`
+//! The agent may add `agent.sh` (run as `sh agent.sh stop ROOT` on destroy) and `pid`
 //! (its process group leader: `list` reports the slot's agent alive while it runs, and
 //! destroy signals the group). Instance ids are `<fleet>/<host>/<tag>`.
 //!
@@ -59,7 +59,7 @@ pub struct HostStatus {
     pub gpu_names: Vec<String>,
     /// Tags of every slot on the host.
     pub running: Vec<String>,
-    /// Tags of slots whose agent process is alive (`agent.pid`).
+    /// Tags of slots whose agent process is alive (`pid`).
     pub agents_alive: Vec<String>,
     /// Why it is unreachable, or "not contacted yet".
     pub message: Option<String>,
@@ -365,7 +365,7 @@ printf 'root\t%s\n' "$root"
 for d in "$root"/instances/*; do
   [ -f "$d/tag" ] || continue
   alive=no
-  if [ -f "$d/agent.pid" ] && kill -0 "$(cat "$d/agent.pid")" 2>/dev/null; then alive=yes; fi
+  if [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then alive=yes; fi
   printf 'slot\t%s\t%s\t%s\t%s\t%s\n' "$(cat "$d/tag")" "$(cat "$d/gpus" 2>/dev/null || echo 0)" \
     "$(cat "$d/gpu_ids" 2>/dev/null)" "$(cat "$d/created" 2>/dev/null)" "$alive"
 done
@@ -714,9 +714,9 @@ impl Provider for SshProvider {
         let script = format!(
             r#"d={root}/instances/{tag}
 [ -d "$d" ] || {{ echo gone; exit 0; }}
-if [ -f "$d/agent.sh" ]; then (cd "$d" && sh ./agent.sh stop) >/dev/null 2>&1 || true; fi
-if [ -f "$d/agent.pid" ]; then
-  p=$(cat "$d/agent.pid")
+if [ -f "$d/agent.sh" ]; then sh "$d/agent.sh" stop "$d" >/dev/null 2>&1 || true; fi
+if [ -f "$d/pid" ]; then
+  p=$(cat "$d/pid")
   kill -TERM -"$p" 2>/dev/null || kill -TERM "$p" 2>/dev/null || true
 fi
 rm -rf "$d"
@@ -758,15 +758,18 @@ echo removed
                 format!("{} is on a host that does not answer", instance.id),
             ));
         }
-        let _transport = self.transport_for(instance)?;
-        // LEAD: swap in the agent once merged, e.g.
-        //   Ok(Arc::new(crate::agent::AgentMachine::new(Arc::new(_transport), root)))
-        // with `root` from `instance.endpoint` (Endpoint::Ssh { root, .. }).
-        Err(err(
-            ErrorKind::Permanent,
-            "reach instance",
-            "the agent machine over ssh is not wired in this build",
-        ))
+        let transport = self.transport_for(instance)?;
+        let Some(Endpoint::Ssh { root, .. }) = &instance.endpoint else {
+            return Err(err(
+                ErrorKind::Permanent,
+                "reach instance",
+                format!("{} has no ssh endpoint", instance.id),
+            ));
+        };
+        Ok(Arc::new(crate::agent::AgentMachine::new(
+            Arc::new(transport),
+            root.clone(),
+        )))
     }
 }
 

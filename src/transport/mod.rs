@@ -2,6 +2,7 @@
 //! `ssh` (OpenSSH, one multiplexed master connection per machine). Knows nothing of
 //! jobs, runs or the store: it moves bytes and runs shell text.
 
+pub mod local;
 pub mod ssh;
 
 use async_trait::async_trait;

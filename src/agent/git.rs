@@ -1,0 +1,131 @@
+//! What the local git work tree says about a job's source: the files git would keep
+//! (what a workdir upload sends) and the commit, author and uncommitted diff each run
+//! records.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A job's source as git sees it when the run is launched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitInfo {
+    /// URL of the `origin` remote (else the first remote); `None` without remotes.
+    pub repository: Option<String>,
+    pub commit: String,
+    /// Subject line of the commit message.
+    pub commit_message: String,
+    /// `Name <email>` of the commit's author.
+    pub author: String,
+    /// Uncommitted changes against `HEAD` as a patch `git apply` takes (binary-safe),
+    /// new untracked files included; `None` when the tree is clean.
+    pub diff: Option<String>,
+    /// True when anything differs from `HEAD`, untracked files included.
+    pub dirty: bool,
+}
+
+fn git(dir: &Path, args: &[&str]) -> Option<Vec<u8>> {
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then_some(out.stdout)
+}
+
+fn git_text(dir: &Path, args: &[&str]) -> Option<String> {
+    git(dir, args).map(|b| String::from_utf8_lossy(&b).trim_end().to_string())
+}
+
+/// True when `dir` is inside a git work tree.
+pub fn is_work_tree(dir: &Path) -> bool {
+    git_text(dir, &["rev-parse", "--is-inside-work-tree"]).as_deref() == Some("true")
+}
+
+/// The commit, message, author, remote and uncommitted diff of the work tree at `dir`;
+/// `None` when `dir` is not in a git work tree or has no commit yet.
+pub fn capture_git(dir: &Path) -> Option<GitInfo> {
+    if !is_work_tree(dir) {
+        return None;
+    }
+    let commit = git_text(dir, &["rev-parse", "--verify", "HEAD"])?;
+    let commit_message = git_text(dir, &["log", "-1", "--format=%s", "HEAD"]).unwrap_or_default();
+    let author = git_text(dir, &["log", "-1", "--format=%an <%ae>", "HEAD"]).unwrap_or_default();
+    let repository = git_text(dir, &["remote", "get-url", "origin"]).or_else(|| {
+        let remotes = git_text(dir, &["remote"])?;
+        let first = remotes.lines().next()?.to_string();
+        git_text(dir, &["remote", "get-url", &first])
+    });
+    let status = git(dir, &["status", "--porcelain"]).unwrap_or_default();
+    let dirty = !status.is_empty();
+
+    let mut diff = git(dir, &["diff", "--binary", "HEAD"]).unwrap_or_default();
+    // `git diff` leaves out untracked files; a no-index diff against /dev/null adds each
+    // as a new file, so the patch recreates the whole tree on a clone.
+    let top = git_text(dir, &["rev-parse", "--show-toplevel"]).map(PathBuf::from);
+    if let (Some(top), Some(untracked)) = (
+        top,
+        git(
+            dir,
+            &[
+                "ls-files",
+                "-z",
+                "--others",
+                "--exclude-standard",
+                "--full-name",
+            ],
+        ),
+    ) {
+        for name in untracked.split(|b| *b == 0).filter(|n| !n.is_empty()) {
+            let name = String::from_utf8_lossy(name).into_owned();
+            // Exit status 1 means "differences found", which is the point here.
+            if let Ok(out) = Command::new("git")
+                .arg("-C")
+                .arg(&top)
+                .args(["diff", "--binary", "--no-index", "--", "/dev/null", &name])
+                .stdin(std::process::Stdio::null())
+                .output()
+            {
+                diff.extend_from_slice(&out.stdout);
+            }
+        }
+    }
+    let diff = String::from_utf8_lossy(&diff).into_owned();
+    Some(GitInfo {
+        repository,
+        commit,
+        commit_message,
+        author,
+        diff: (!diff.trim().is_empty()).then_some(diff),
+        dirty,
+    })
+}
+
+/// Files (relative paths) a workdir upload sends: what git would keep (tracked plus
+/// untracked-but-not-ignored) when `dir` is a git work tree, else `None` (send all).
+pub fn workdir_files(dir: &Path) -> Option<Vec<PathBuf>> {
+    if !is_work_tree(dir) {
+        return None;
+    }
+    let listing = git(
+        dir,
+        &[
+            "ls-files",
+            "-z",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+        ],
+    )?;
+    let mut files: Vec<PathBuf> = listing
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| {
+            use std::os::unix::ffi::OsStrExt;
+            PathBuf::from(std::ffi::OsStr::from_bytes(n))
+        })
+        .collect();
+    files.sort();
+    files.dedup();
+    Some(files)
+}

@@ -1,0 +1,483 @@
+//! `AgentMachine`: the `Machine` operations over any `Transport`, driving `agent.sh` in
+//! one instance folder.
+
+use super::git::workdir_files;
+use super::parse::parse_status;
+use super::{AGENT_SCRIPT, AgentError, AgentStatus, LaunchSource, LaunchSpec, Machine};
+use crate::transport::{CommandOutput, Transport};
+use async_trait::async_trait;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::OnceCell;
+
+/// The agent in the instance folder `root` of the machine `transport` reaches.
+///
+/// Layout under `root`: `agent.sh`, `spec/` (what to run), `work/` (the job's working
+/// folder and current directory) and the state files the agent writes (see `agent.sh`).
+pub struct AgentMachine {
+    transport: Arc<dyn Transport>,
+    root: String,
+    home: OnceCell<String>,
+    no_tmux: bool,
+}
+
+/// Quotes `s` for `sh` as one word.
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn valid_env_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
+        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
+}
+
+impl AgentMachine {
+    /// `root` is the instance folder on the machine (absolute, or starting with `~/`).
+    pub fn new(transport: Arc<dyn Transport>, root: impl Into<String>) -> Self {
+        AgentMachine {
+            transport,
+            root: root.into(),
+            home: OnceCell::new(),
+            no_tmux: false,
+        }
+    }
+
+    /// Launches the agent with `setsid` even where tmux exists (`ASIMOV_NO_TMUX=1`).
+    pub fn without_tmux(mut self) -> Self {
+        self.no_tmux = true;
+        self
+    }
+
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    fn fail(&self, step: &'static str, message: impl Into<String>) -> AgentError {
+        AgentError::Failed {
+            machine: self.transport.machine().to_string(),
+            step,
+            message: message.into(),
+        }
+    }
+
+    async fn run(&self, step: &'static str, script: &str) -> Result<CommandOutput, AgentError> {
+        self.transport
+            .exec(script)
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step,
+                source,
+            })
+    }
+
+    /// Runs `script` and fails the step unless it exits 0.
+    async fn run_ok(&self, step: &'static str, script: &str) -> Result<String, AgentError> {
+        let out = self.run(step, script).await?;
+        if out.status != 0 {
+            return Err(self.fail(step, failure_text(&out)));
+        }
+        Ok(out.stdout)
+    }
+
+    async fn run_with_stdin(
+        &self,
+        step: &'static str,
+        script: &str,
+        stdin: &[u8],
+    ) -> Result<(), AgentError> {
+        let out = self
+            .transport
+            .exec_with_stdin(script, stdin)
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step,
+                source,
+            })?;
+        if out.status != 0 {
+            return Err(self.fail(step, failure_text(&out)));
+        }
+        Ok(())
+    }
+
+    /// The machine's `$HOME`, asked once.
+    async fn home(&self) -> Result<&str, AgentError> {
+        self.home
+            .get_or_try_init(|| async {
+                let home = self
+                    .run_ok("read home folder", "printf %s \"$HOME\"")
+                    .await?;
+                if home.is_empty() {
+                    return Err(self.fail("read home folder", "HOME is not set"));
+                }
+                Ok(home)
+            })
+            .await
+            .map(String::as_str)
+    }
+
+    /// A path on the machine with a leading `~` made absolute; relative paths are taken
+    /// from the job's working folder.
+    async fn resolve(&self, path: &str) -> Result<String, AgentError> {
+        if path == "~" {
+            return Ok(self.home().await?.to_string());
+        }
+        if let Some(rest) = path.strip_prefix("~/") {
+            return Ok(format!("{}/{rest}", self.home().await?));
+        }
+        if path.starts_with('/') {
+            return Ok(path.to_string());
+        }
+        Ok(format!("{}/work/{path}", self.root_path().await?))
+    }
+
+    async fn root_path(&self) -> Result<String, AgentError> {
+        if self.root == "~" || self.root.starts_with("~/") {
+            let home = self.home().await?;
+            return Ok(format!("{home}{}", &self.root[1..]));
+        }
+        Ok(self.root.clone())
+    }
+
+    async fn write_file(
+        &self,
+        step: &'static str,
+        path: &str,
+        contents: &[u8],
+        private: bool,
+    ) -> Result<(), AgentError> {
+        let q = sh_quote(path);
+        let tmp = sh_quote(&format!("{path}.tmp"));
+        let script = if private {
+            format!("umask 077 && cat > {tmp} && chmod 600 {tmp} && mv -f {tmp} {q}")
+        } else {
+            format!("cat > {tmp} && mv -f {tmp} {q}")
+        };
+        self.run_with_stdin(step, &script, contents).await
+    }
+
+    async fn upload_source(&self, root: &str, source: &LaunchSource) -> Result<(), AgentError> {
+        let work = format!("{root}/work");
+        let qwork = sh_quote(&work);
+        // Nothing runs yet (no status file), so a half-done earlier upload can go.
+        self.run_ok("clear working folder", &format!("rm -rf {qwork}"))
+            .await?;
+        match source {
+            LaunchSource::None => {
+                self.run_ok("create working folder", &format!("mkdir -p {qwork}"))
+                    .await?;
+            }
+            LaunchSource::Workdir(dir) => self.upload_workdir(dir, &work).await?,
+            LaunchSource::Git {
+                repo,
+                reference,
+                commit,
+                diff,
+            } => {
+                let mut script = format!("git clone -q {} {qwork}", sh_quote(repo));
+                if let Some(target) = commit.as_ref().or(reference.as_ref()) {
+                    script.push_str(&format!(
+                        " && cd {qwork} && git -c advice.detachedHead=false checkout -q {}",
+                        sh_quote(target)
+                    ));
+                }
+                self.run_ok("clone source", &script).await?;
+                if let Some(diff) = diff.as_ref().filter(|d| !d.trim().is_empty()) {
+                    self.run_with_stdin(
+                        "apply uncommitted diff",
+                        &format!("cd {qwork} && git apply --whitespace=nowarn -"),
+                        diff.as_bytes(),
+                    )
+                    .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn upload_workdir(&self, dir: &Path, work: &str) -> Result<(), AgentError> {
+        let upload_err = |source| AgentError::Transport {
+            machine: self.transport.machine().to_string(),
+            step: "upload working folder",
+            source,
+        };
+        let Some(files) = workdir_files(dir) else {
+            return self.transport.upload(dir, work).await.map_err(upload_err);
+        };
+        // Stage what git would keep in a temporary folder (hard links where possible),
+        // then send that folder in one upload.
+        let stage =
+            tempfile::tempdir().map_err(|e| self.fail("stage working folder", e.to_string()))?;
+        let staged = stage.path().join("work");
+        let dir = dir.to_path_buf();
+        let target = staged.clone();
+        tokio::task::spawn_blocking(move || stage_files(&dir, &files, &target))
+            .await
+            .map_err(|e| self.fail("stage working folder", e.to_string()))?
+            .map_err(|e| self.fail("stage working folder", e.to_string()))?;
+        self.transport
+            .upload(&staged, work)
+            .await
+            .map_err(upload_err)
+    }
+
+    async fn copy_files(&self, files: &[(std::path::PathBuf, String)]) -> Result<(), AgentError> {
+        for (local, dest) in files {
+            let dest = self.resolve(dest).await?;
+            if let Some((parent, _)) = dest.rsplit_once('/').filter(|(p, _)| !p.is_empty()) {
+                self.run_ok(
+                    "create file folder",
+                    &format!("mkdir -p {}", sh_quote(parent)),
+                )
+                .await?;
+            }
+            self.transport
+                .upload(local, &dest)
+                .await
+                .map_err(|source| AgentError::Transport {
+                    machine: self.transport.machine().to_string(),
+                    step: "copy files",
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn agent(&self, root: &str, command: &str) -> String {
+        let q = sh_quote(root);
+        let script = sh_quote(&format!("{root}/agent.sh"));
+        let env = if self.no_tmux && command == "start" {
+            "ASIMOV_NO_TMUX=1 "
+        } else {
+            ""
+        };
+        format!("if [ -f {script} ]; then {env}sh {script} {command} {q}; fi")
+    }
+}
+
+fn failure_text(out: &CommandOutput) -> String {
+    let text = if out.stderr.trim().is_empty() {
+        out.stdout.trim()
+    } else {
+        out.stderr.trim()
+    };
+    format!("exit status {}: {}", out.status, text)
+}
+
+/// Copies (hard-links where it can) `files` under `from` into `to`, skipping files git
+/// lists that are gone from the folder (deleted, not yet committed).
+fn stage_files(from: &Path, files: &[std::path::PathBuf], to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for rel in files {
+        let src = from.join(rel);
+        let Ok(meta) = std::fs::symlink_metadata(&src) else {
+            continue;
+        };
+        let dst = to.join(rel);
+        if let Some(parent) = dst.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        if meta.is_file() && std::fs::hard_link(&src, &dst).is_ok() {
+            continue;
+        }
+        crate::transport::local::copy_tree(&src, &dst)?;
+    }
+    Ok(())
+}
+
+/// `export NAME='value'` lines, sourced by the agent with `.`.
+fn export_lines<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Result<String, String> {
+    let mut text = String::new();
+    for (name, value) in pairs {
+        if !valid_env_name(name) {
+            return Err(format!("invalid environment variable name {name:?}"));
+        }
+        text.push_str(&format!("export {name}={}\n", sh_quote(value)));
+    }
+    Ok(text)
+}
+
+fn setup_script(commands: &[String]) -> String {
+    if commands.is_empty() {
+        return String::new();
+    }
+    let mut text = String::from("set -e\n");
+    for command in commands {
+        // Echo the command as written (not expanded: no secret reaches the log).
+        text.push_str(&format!(
+            "printf '%s\\n' {}\n",
+            sh_quote(&format!("+ {command}"))
+        ));
+        text.push_str(command);
+        text.push('\n');
+    }
+    text
+}
+
+#[async_trait]
+impl Machine for AgentMachine {
+    async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
+        let root = self.root_path().await?;
+        let q = sh_quote(&root);
+        let started = self
+            .run("check agent", &format!("test -e {q}/status"))
+            .await?;
+        if started.status == 0 {
+            return Ok(());
+        }
+        self.run_ok("create instance folder", &format!("mkdir -p {q}/spec"))
+            .await?;
+
+        let env = export_lines(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .map_err(|m| self.fail("write environment", m))?;
+        let secrets = export_lines(spec.secrets.iter().map(|(k, v)| (k.as_str(), v.expose())))
+            .map_err(|m| self.fail("write secrets", m))?;
+        let spec_dir = format!("{root}/spec");
+        // The secrets file first, private from its first byte.
+        self.write_file(
+            "write secrets",
+            &format!("{spec_dir}/secrets"),
+            secrets.as_bytes(),
+            true,
+        )
+        .await?;
+        let max = spec
+            .max_duration
+            .map(|d| d.as_secs().max(1).to_string())
+            .unwrap_or_default();
+        let outputs: String = spec.outputs.iter().map(|o| format!("{o}\n")).collect();
+        let files: [(&str, String); 7] = [
+            ("tag", format!("{}\n", spec.tag)),
+            ("run", format!("{}\n", spec.run)),
+            ("env", env),
+            ("setup.sh", setup_script(&spec.setup)),
+            ("run.sh", format!("{}\n", spec.command)),
+            ("max_duration", max),
+            ("outputs", outputs),
+        ];
+        for (name, contents) in files {
+            self.write_file(
+                "write run spec",
+                &format!("{spec_dir}/{name}"),
+                contents.as_bytes(),
+                false,
+            )
+            .await?;
+        }
+        self.write_file(
+            "upload agent",
+            &format!("{root}/agent.sh"),
+            AGENT_SCRIPT.as_bytes(),
+            false,
+        )
+        .await?;
+        self.upload_source(&root, &spec.source).await?;
+        self.copy_files(&spec.files).await?;
+        self.run_ok("start agent", &self.agent(&root, "start"))
+            .await?;
+        Ok(())
+    }
+
+    async fn observe(&self) -> Result<Option<AgentStatus>, AgentError> {
+        let root = self.root_path().await?;
+        let text = self
+            .run_ok("read agent status", &self.agent(&root, "status"))
+            .await?;
+        Ok(parse_status(&text).map(|(status, _)| status))
+    }
+
+    async fn log_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        let root = self.root_path().await?;
+        let log = sh_quote(&format!("{root}/log"));
+        self.run_ok(
+            "read log",
+            &format!("if [ -f {log} ]; then tail -c {max_bytes} {log}; fi"),
+        )
+        .await
+    }
+
+    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError> {
+        let root = self.root_path().await?;
+        let transfer_err = |source| AgentError::Transport {
+            machine: self.transport.machine().to_string(),
+            step: "collect outputs",
+            source,
+        };
+        let remote_log = format!("{root}/log");
+        if self
+            .run("find log", &format!("test -f {}", sh_quote(&remote_log)))
+            .await?
+            .status
+            == 0
+        {
+            self.transport
+                .download(&remote_log, log)
+                .await
+                .map_err(transfer_err)?;
+        }
+        let listed = self
+            .run_ok(
+                "read outputs",
+                &format!(
+                    "if [ -f {0} ]; then cat {0}; fi",
+                    sh_quote(&format!("{root}/spec/outputs"))
+                ),
+            )
+            .await?;
+        for output in listed.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let remote = self.resolve(output).await?;
+            let exists = self
+                .run("find output", &format!("test -e {}", sh_quote(&remote)))
+                .await?;
+            if exists.status != 0 {
+                tracing::warn!(output, "output not found on the instance; skipped");
+                continue;
+            }
+            let local = outputs.join(output_name(output));
+            if let Ok(meta) = std::fs::symlink_metadata(&local) {
+                let removed = if meta.is_dir() {
+                    std::fs::remove_dir_all(&local)
+                } else {
+                    std::fs::remove_file(&local)
+                };
+                removed.map_err(|e| self.fail("collect outputs", e.to_string()))?;
+            }
+            self.transport
+                .download(&remote, &local)
+                .await
+                .map_err(transfer_err)?;
+        }
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), AgentError> {
+        let root = self.root_path().await?;
+        self.run_ok("stop agent", &self.agent(&root, "stop"))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Where an output lands in the outputs folder: a relative path keeps its path, an
+/// absolute or `~` path its last component (`/tmp/output` → `output`).
+pub fn output_name(output: &str) -> std::path::PathBuf {
+    let trimmed = output.trim_end_matches('/');
+    let relative = !(trimmed.starts_with('/') || trimmed.starts_with('~'));
+    let clean: std::path::PathBuf = Path::new(trimmed)
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(part) => Some(part),
+            _ => None,
+        })
+        .collect();
+    if relative {
+        clean
+    } else {
+        clean
+            .file_name()
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| "output".into())
+    }
+}
