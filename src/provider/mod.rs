@@ -3,6 +3,8 @@
 //! clouds. Errors are classified here, once; nothing above this layer reads a provider's
 //! raw message text to decide anything. Must not know about the store or the planner.
 
+pub mod fake;
+
 use crate::model::{InstanceId, OwnerTag, ProviderKind, Timestamp};
 use async_trait::async_trait;
 use std::path::PathBuf;
