@@ -7,6 +7,8 @@
 //! Only `execute` and `controller` touch providers and the store.
 
 pub mod budget;
+pub mod controller;
+pub mod execute;
 pub mod plan;
 
 pub use plan::{
