@@ -79,7 +79,9 @@ fn world(jobs: Vec<Job>, config: FakeConfig) -> World {
     let dir = tempfile::tempdir().expect("temp dir");
     let home = Home::at(dir.path());
     home.ensure().expect("home");
-    let store = Arc::new(Mutex::new(Store::open(&home.database()).expect("open store")));
+    let store = Arc::new(Mutex::new(
+        Store::open(&home.database()).expect("open store"),
+    ));
     let fake = Arc::new(FakeProvider::new(config));
     let providers: BTreeMap<ProviderKind, Arc<dyn Provider>> =
         BTreeMap::from([(ProviderKind::Fake, Arc::clone(&fake) as Arc<dyn Provider>)]);
@@ -145,7 +147,11 @@ fn phases(w: &World) -> Vec<(String, Phase)> {
 async fn delete_everything_and_converge(w: &World) {
     w.source.set(Manifests::default());
     converge(w, 200).await;
-    assert!(w.fake.instances().is_empty(), "leaked: {:?}", w.fake.instances());
+    assert!(
+        w.fake.instances().is_empty(),
+        "leaked: {:?}",
+        w.fake.instances()
+    );
     assert!(phases(w).is_empty(), "runs left: {:?}", phases(w));
     let open = w.store.lock().unwrap().unreleased_attempts().unwrap();
     assert!(open.is_empty(), "open attempts left: {open:?}");
@@ -159,7 +165,10 @@ async fn converges_then_second_pass_is_empty_then_deletes_cleanly() {
         assert_eq!(phase, Phase::Succeeded, "{run}");
         assert!(w.home.run_log(&run).exists(), "log of {run} collected");
     }
-    assert!(w.fake.instances().is_empty(), "succeeded runs keep no instance");
+    assert!(
+        w.fake.instances().is_empty(),
+        "succeeded runs keep no instance"
+    );
     let again = w.controller.run_once().await.expect("pass");
     assert!(again.planned.is_empty(), "second pass: {:?}", again.planned);
     assert_eq!(again.requeue_after, None);
@@ -174,7 +183,11 @@ async fn converges_with_a_fault_at_every_step() {
     f.inject(Operation::List, Fault::Error(ErrorKind::Transient), 1);
     f.inject(Operation::Create, Fault::CreateThenFail, 1);
     f.inject(Operation::Create, Fault::NoCapacity, 1);
-    f.inject(Operation::Create, Fault::RateLimited(Duration::from_secs(7)), 1);
+    f.inject(
+        Operation::Create,
+        Fault::RateLimited(Duration::from_secs(7)),
+        1,
+    );
     f.inject(Operation::Create, Fault::Error(ErrorKind::Transient), 1);
     f.inject(Operation::Start, Fault::Error(ErrorKind::Transient), 1);
     f.inject(Operation::Observe, Fault::Error(ErrorKind::Transient), 1);
@@ -199,9 +212,20 @@ async fn converges_with_a_fault_at_every_step() {
     assert!(f.vanish(&running.id), "preempted {}", running.id);
     f.inject(Operation::List, Fault::Vanish, 1);
     converge(&w, 400).await;
+    assert_eq!(f.pending_faults(), 0, "every injected fault was met");
     for (run, phase) in phases(&w) {
         assert_eq!(phase, Phase::Succeeded, "{run}");
     }
+    let outcomes: Vec<String> = phases(&w)
+        .iter()
+        .flat_map(|(run, _)| w.store.lock().unwrap().attempts(run).unwrap())
+        .filter_map(|a| a.outcome)
+        .collect();
+    assert!(
+        outcomes.iter().any(|o| o == "preempted"),
+        "a preempted attempt was restarted: {outcomes:?}"
+    );
+    assert!(outcomes.iter().any(|o| o == "no-capacity"), "{outcomes:?}");
     assert!(f.instances().is_empty(), "leaked: {:?}", f.instances());
     let again = w.controller.run_once().await.expect("pass");
     assert!(again.planned.is_empty(), "second pass: {:?}", again.planned);
@@ -248,7 +272,11 @@ async fn idle_controller_sleeps_and_shuts_down() {
     let task = tokio::spawn(async move { runner.controller.run(shutdown).await });
     // An hour of idleness: one pass at start-up, then nothing to look at.
     tokio::time::sleep(Duration::from_secs(3600)).await;
-    assert_eq!(w.fake.calls().list - lists, 1, "idle controller does not poll");
+    assert_eq!(
+        w.fake.calls().list - lists,
+        1,
+        "idle controller does not poll"
+    );
     // A desired-state change wakes it.
     w.source.set(Manifests {
         jobs: vec![job("train", 1), job("more", 1)],
@@ -256,7 +284,9 @@ async fn idle_controller_sleeps_and_shuts_down() {
     });
     tokio::time::sleep(Duration::from_secs(600)).await;
     assert!(
-        phases(&w).iter().any(|(r, p)| r == "more-0" && *p == Phase::Succeeded),
+        phases(&w)
+            .iter()
+            .any(|(r, p)| r == "more-0" && *p == Phase::Succeeded),
         "{:?}",
         phases(&w)
     );

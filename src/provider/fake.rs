@@ -170,6 +170,11 @@ impl FakeProvider {
         lock(&self.state).faults.push((op, fault, times));
     }
 
+    /// Injected faults not yet consumed (counting repeats).
+    pub fn pending_faults(&self) -> u32 {
+        lock(&self.state).faults.iter().map(|(_, _, n)| *n).sum()
+    }
+
     /// Call counts so far.
     pub fn calls(&self) -> Calls {
         lock(&self.state).calls
