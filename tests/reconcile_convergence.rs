@@ -297,3 +297,33 @@ async fn idle_controller_sleeps_and_shuts_down() {
         .expect("task");
     assert!(result.is_ok(), "{result:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn ambiguous_create_is_adopted_not_recreated() {
+    let w = world(vec![job("train", 1)], FakeConfig::default());
+    // The create lands but the call reports a timeout.
+    w.fake.inject(Operation::Create, Fault::CreateThenFail, 1);
+    converge(&w, 200).await;
+    assert_eq!(w.fake.calls().create, 1, "the landed instance was adopted");
+    assert_eq!(
+        w.fake.calls().destroy,
+        1,
+        "only the finished instance was destroyed"
+    );
+    let attempts = w.store.lock().unwrap().attempts("train-0").unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].outcome.as_deref(), Some("succeeded"));
+    assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn create_failing_without_landing_retries_with_the_same_tag() {
+    let w = world(vec![job("train", 1)], FakeConfig::default());
+    w.fake
+        .inject(Operation::Create, Fault::Error(ErrorKind::Transient), 2);
+    converge(&w, 200).await;
+    assert_eq!(w.fake.calls().create, 3);
+    let attempts = w.store.lock().unwrap().attempts("train-0").unwrap();
+    assert_eq!(attempts.len(), 1, "same attempt, same tag: {attempts:?}");
+    assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
+}
