@@ -3,6 +3,7 @@
 //! clouds. Errors are classified here, once; nothing above this layer reads a provider's
 //! raw message text to decide anything. Must not know about the store or the planner.
 
+pub mod fake;
 pub mod local;
 pub mod ssh;
 

@@ -1,0 +1,543 @@
+//! The in-process fake provider: a real, in-memory implementation of `Provider` held to
+//! the same conformance suite as the real backends, with configurable latency, boot and
+//! job times, and fault injection. It runs on tokio time, so tests under
+//! `#[tokio::test(start_paused = true)]` run hours of simulated work instantly.
+
+use super::{
+    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
+    ProviderResult,
+};
+use crate::agent::{AgentError, AgentState, AgentStatus, LaunchSpec, Machine};
+use crate::model::{InstanceId, Progress, ProviderKind, Timestamp};
+use async_trait::async_trait;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How the fake behaves when no fault is injected.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeConfig {
+    /// Added to every provider call.
+    pub latency: Duration,
+    /// Time from create until the instance is listed `Running` and reachable.
+    pub boot_time: Duration,
+    /// Time from start until the simulated job ends.
+    pub job_duration: Duration,
+    /// Exit code of the simulated job: 0 succeeds, anything else fails.
+    pub exit_code: i32,
+    /// At most this many live instances; further creates get `NoCapacity`.
+    pub capacity: Option<usize>,
+    pub price_per_hour: f64,
+}
+
+impl Default for FakeConfig {
+    fn default() -> Self {
+        FakeConfig {
+            latency: Duration::from_millis(50),
+            boot_time: Duration::from_secs(5),
+            job_duration: Duration::from_secs(60),
+            exit_code: 0,
+            capacity: None,
+            price_per_hour: 1.0,
+        }
+    }
+}
+
+/// The operations faults can be injected into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Operation {
+    List,
+    Create,
+    Destroy,
+    /// `Machine::start`.
+    Start,
+    /// `Machine::observe`.
+    Observe,
+    /// `Machine::collect`.
+    Collect,
+}
+
+/// A failure to inject.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Fail with this error kind.
+    Error(ErrorKind),
+    /// `RateLimited` with this retry-after.
+    RateLimited(Duration),
+    /// `NoCapacity` (for `Create`).
+    NoCapacity,
+    /// The create happens but the call reports a `Transient` error: the ambiguous timeout.
+    CreateThenFail,
+    /// Before the call runs, the oldest running instance vanishes (a preemption).
+    Vanish,
+}
+
+/// How many calls each operation received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Calls {
+    pub list: u64,
+    pub create: u64,
+    pub destroy: u64,
+    pub start: u64,
+    pub observe: u64,
+    pub collect: u64,
+}
+
+struct FakeInstance {
+    instance: Instance,
+    created: Instant,
+    machine: Arc<FakeMachine>,
+}
+
+#[derive(Default)]
+struct State {
+    instances: BTreeMap<u64, FakeInstance>,
+    /// Machines nobody else tagged: listed by the provider, never by `list`.
+    foreign: BTreeMap<u64, String>,
+    next_id: u64,
+    faults: Vec<(Operation, Fault, u32)>,
+    calls: Calls,
+}
+
+/// Seconds since the epoch that advance with tokio time (paused in tests), so the fake's
+/// heartbeats agree with a controller reading the same clock.
+#[derive(Debug, Clone, Copy)]
+pub struct FakeClock {
+    epoch_at_start: Timestamp,
+    start: Instant,
+}
+
+impl FakeClock {
+    pub fn new() -> Self {
+        let epoch_at_start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        FakeClock {
+            epoch_at_start,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.epoch_at_start + self.start.elapsed().as_secs() as i64
+    }
+}
+
+impl Default for FakeClock {
+    fn default() -> Self {
+        FakeClock::new()
+    }
+}
+
+/// The in-memory provider. Clone-free: share it as `Arc<FakeProvider>`.
+pub struct FakeProvider {
+    config: Mutex<FakeConfig>,
+    state: Arc<Mutex<State>>,
+    clock: FakeClock,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge the fake: the data is still consistent per call.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FakeProvider {
+    pub fn new(config: FakeConfig) -> Self {
+        FakeProvider {
+            config: Mutex::new(config),
+            state: Arc::new(Mutex::new(State::default())),
+            clock: FakeClock::new(),
+        }
+    }
+
+    /// The clock the fake's heartbeats use.
+    pub fn clock(&self) -> FakeClock {
+        self.clock
+    }
+
+    pub fn set_config(&self, config: FakeConfig) {
+        *lock(&self.config) = config;
+    }
+
+    fn config(&self) -> FakeConfig {
+        lock(&self.config).clone()
+    }
+
+    /// The next `times` calls of `op` meet `fault` (faults queue up in order).
+    pub fn inject(&self, op: Operation, fault: Fault, times: u32) {
+        lock(&self.state).faults.push((op, fault, times));
+    }
+
+    /// Injected faults not yet consumed (counting repeats).
+    pub fn pending_faults(&self) -> u32 {
+        lock(&self.state).faults.iter().map(|(_, _, n)| *n).sum()
+    }
+
+    /// Call counts so far.
+    pub fn calls(&self) -> Calls {
+        lock(&self.state).calls
+    }
+
+    /// Every live instance, without counting a call (for test assertions).
+    pub fn instances(&self) -> Vec<Instance> {
+        let st = lock(&self.state);
+        st.instances
+            .values()
+            .map(|f| self.current(f, &self.config()))
+            .collect()
+    }
+
+    /// Adds a machine that asimov did not create (no tag); `list` must not show it.
+    pub fn add_foreign(&self, label: &str) {
+        let mut st = lock(&self.state);
+        st.next_id += 1;
+        let id = st.next_id;
+        st.foreign.insert(id, label.to_string());
+    }
+
+    /// The instance `id` vanishes, as a preempted spot instance does. False when unknown.
+    pub fn vanish(&self, id: &str) -> bool {
+        let Ok(n) = id.parse::<u64>() else {
+            return false;
+        };
+        lock(&self.state).instances.remove(&n).is_some()
+    }
+
+    fn take_fault(&self, op: Operation) -> Option<Fault> {
+        let mut st = lock(&self.state);
+        let pos = st.faults.iter().position(|(o, _, n)| *o == op && *n > 0)?;
+        let fault = st.faults[pos].1.clone();
+        st.faults[pos].2 -= 1;
+        if st.faults[pos].2 == 0 {
+            st.faults.remove(pos);
+        }
+        if fault == Fault::Vanish {
+            let oldest = st
+                .instances
+                .iter()
+                .find(|(_, f)| f.created.elapsed() >= self.config().boot_time)
+                .map(|(k, _)| *k);
+            if let Some(k) = oldest {
+                st.instances.remove(&k);
+            }
+            return None;
+        }
+        Some(fault)
+    }
+
+    fn error(&self, step: &'static str, fault: Fault) -> ProviderError {
+        let kind = match fault {
+            Fault::Error(kind) => kind,
+            Fault::RateLimited(d) => ErrorKind::RateLimited {
+                retry_after: Some(d),
+            },
+            Fault::NoCapacity => ErrorKind::NoCapacity,
+            Fault::CreateThenFail | Fault::Vanish => ErrorKind::Transient,
+        };
+        ProviderError::new(ProviderKind::Fake, kind, step, "injected fault")
+    }
+
+    fn current(&self, f: &FakeInstance, config: &FakeConfig) -> Instance {
+        let mut i = f.instance.clone();
+        if f.created.elapsed() >= config.boot_time {
+            i.state = InstanceState::Running;
+            i.endpoint = Some(Endpoint::Local {
+                root: format!("/fake/{}", i.id).into(),
+            });
+        }
+        i
+    }
+
+    fn count(&self, op: Operation) {
+        let mut st = lock(&self.state);
+        let c = &mut st.calls;
+        match op {
+            Operation::List => c.list += 1,
+            Operation::Create => c.create += 1,
+            Operation::Destroy => c.destroy += 1,
+            Operation::Start => c.start += 1,
+            Operation::Observe => c.observe += 1,
+            Operation::Collect => c.collect += 1,
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for FakeProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Fake
+    }
+
+    async fn list(&self) -> ProviderResult<Vec<Instance>> {
+        let config = self.config();
+        tokio::time::sleep(config.latency).await;
+        self.count(Operation::List);
+        if let Some(f) = self.take_fault(Operation::List) {
+            return Err(self.error("list instances", f));
+        }
+        let st = lock(&self.state);
+        Ok(st
+            .instances
+            .values()
+            .map(|f| self.current(f, &config))
+            .collect())
+    }
+
+    async fn create(&self, req: &CreateRequest) -> ProviderResult<Instance> {
+        let config = self.config();
+        tokio::time::sleep(config.latency).await;
+        self.count(Operation::Create);
+        let fault = self.take_fault(Operation::Create);
+        if let Some(f) = &fault
+            && *f != Fault::CreateThenFail
+        {
+            return Err(self.error("create instance", f.clone()));
+        }
+        let mut st = lock(&self.state);
+        if config.capacity.is_some_and(|c| st.instances.len() >= c) {
+            return Err(ProviderError::new(
+                ProviderKind::Fake,
+                ErrorKind::NoCapacity,
+                "create instance",
+                "no machine free",
+            ));
+        }
+        st.next_id += 1;
+        let n = st.next_id;
+        let instance = Instance {
+            provider: ProviderKind::Fake,
+            id: n.to_string(),
+            tag: req.tag.clone(),
+            state: InstanceState::Provisioning,
+            endpoint: None,
+            gpu: req
+                .resources
+                .gpu
+                .as_ref()
+                .and_then(|g| g.names.first().cloned()),
+            price_per_hour: config.price_per_hour,
+            created_at: Some(self.clock.now()),
+            host: None,
+        };
+        let machine = Arc::new(FakeMachine {
+            state: Arc::clone(&self.state),
+            id: n,
+            clock: self.clock,
+            config: config.clone(),
+            job: Mutex::new(None),
+        });
+        st.instances.insert(
+            n,
+            FakeInstance {
+                instance: instance.clone(),
+                created: Instant::now(),
+                machine,
+            },
+        );
+        drop(st);
+        if fault.is_some() {
+            return Err(self.error("create instance", Fault::CreateThenFail));
+        }
+        Ok(instance)
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> ProviderResult<()> {
+        tokio::time::sleep(self.config().latency).await;
+        self.count(Operation::Destroy);
+        if let Some(f) = self.take_fault(Operation::Destroy) {
+            return Err(self.error("destroy instance", f));
+        }
+        let gone = id
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| lock(&self.state).instances.remove(&n));
+        match gone {
+            Some(_) => Ok(()),
+            None => Err(ProviderError::new(
+                ProviderKind::Fake,
+                ErrorKind::NotFound,
+                "destroy instance",
+                format!("no instance {id}"),
+            )),
+        }
+    }
+
+    fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn Machine>> {
+        let config = self.config();
+        let st = lock(&self.state);
+        let found = instance
+            .id
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| st.instances.get(&n));
+        match found {
+            Some(f) if f.created.elapsed() >= config.boot_time => {
+                Ok(Arc::clone(&f.machine) as Arc<dyn Machine>)
+            }
+            Some(_) => Err(ProviderError::new(
+                ProviderKind::Fake,
+                ErrorKind::Transient,
+                "reach instance",
+                "still booting",
+            )),
+            None => Err(ProviderError::new(
+                ProviderKind::Fake,
+                ErrorKind::NotFound,
+                "reach instance",
+                format!("no instance {}", instance.id),
+            )),
+        }
+    }
+}
+
+struct FakeJob {
+    run: String,
+    started: Instant,
+    started_at: Timestamp,
+    stopped: Option<Instant>,
+    max_duration: Option<Duration>,
+}
+
+/// A simulated machine: a started job runs for `job_duration` of tokio time, advancing
+/// its progress, then ends with the configured exit code.
+pub struct FakeMachine {
+    state: Arc<Mutex<State>>,
+    id: u64,
+    clock: FakeClock,
+    config: FakeConfig,
+    job: Mutex<Option<FakeJob>>,
+}
+
+impl FakeMachine {
+    fn fault(&self, op: Operation, step: &'static str) -> Result<(), AgentError> {
+        let mut st = lock(&self.state);
+        match op {
+            Operation::Start => st.calls.start += 1,
+            Operation::Observe => st.calls.observe += 1,
+            Operation::Collect => st.calls.collect += 1,
+            _ => {}
+        }
+        let alive = st.instances.contains_key(&self.id);
+        let pos = st.faults.iter().position(|(o, _, n)| *o == op && *n > 0);
+        if let Some(pos) = pos {
+            st.faults[pos].2 -= 1;
+            if st.faults[pos].2 == 0 {
+                st.faults.remove(pos);
+            }
+            return Err(AgentError::Failed {
+                machine: format!("fake/{}", self.id),
+                step,
+                message: "injected fault".into(),
+            });
+        }
+        if !alive {
+            return Err(AgentError::Failed {
+                machine: format!("fake/{}", self.id),
+                step,
+                message: "instance is gone".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Machine for FakeMachine {
+    async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
+        self.fault(Operation::Start, "start job")?;
+        let mut job = lock(&self.job);
+        if job.is_none() {
+            *job = Some(FakeJob {
+                run: spec.run.clone(),
+                started: Instant::now(),
+                started_at: self.clock.now(),
+                stopped: None,
+                max_duration: spec.max_duration,
+            });
+        }
+        Ok(())
+    }
+
+    async fn observe(&self) -> Result<Option<AgentStatus>, AgentError> {
+        self.fault(Operation::Observe, "read status")?;
+        let job = lock(&self.job);
+        let Some(j) = job.as_ref() else {
+            return Ok(None);
+        };
+        let total = self.config.job_duration.as_secs().max(1);
+        let elapsed = j.started.elapsed();
+        let (state, exit_code, ended) = if let Some(at) = j.stopped {
+            (AgentState::Stopped, None, Some(at - j.started))
+        } else if j
+            .max_duration
+            .is_some_and(|m| elapsed > m && m < self.config.job_duration)
+        {
+            (AgentState::TimedOut, None, j.max_duration)
+        } else if elapsed >= self.config.job_duration {
+            let state = if self.config.exit_code == 0 {
+                AgentState::Succeeded
+            } else {
+                AgentState::Failed
+            };
+            (
+                state,
+                Some(self.config.exit_code),
+                Some(self.config.job_duration),
+            )
+        } else {
+            (AgentState::Running, None, None)
+        };
+        let done = ended.unwrap_or(elapsed).as_secs().min(total);
+        Ok(Some(AgentStatus {
+            state,
+            exit_code,
+            heartbeat: Some(self.clock.now()),
+            started_at: Some(j.started_at),
+            finished_at: ended.map(|d| j.started_at + d.as_secs() as i64),
+            progress: Some(Progress {
+                done,
+                total: Some(total),
+            }),
+        }))
+    }
+
+    async fn log_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        let job = lock(&self.job);
+        let log = match job.as_ref() {
+            Some(j) => format!("fake job {} on instance {}\n", j.run, self.id),
+            None => String::new(),
+        };
+        let start = log.len().saturating_sub(max_bytes);
+        Ok(log.get(start..).unwrap_or_default().to_string())
+    }
+
+    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError> {
+        self.fault(Operation::Collect, "collect outputs")?;
+        let text = self.log_tail(usize::MAX).await?;
+        let io = |source: std::io::Error| AgentError::Failed {
+            machine: format!("fake/{}", self.id),
+            step: "collect outputs",
+            message: source.to_string(),
+        };
+        if let Some(dir) = log.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        }
+        tokio::fs::write(log, text).await.map_err(io)?;
+        tokio::fs::create_dir_all(outputs).await.map_err(io)?;
+        tokio::fs::write(outputs.join("result.txt"), b"ok\n")
+            .await
+            .map_err(io)?;
+        Ok(())
+    }
+
+    async fn stop(&self) -> Result<(), AgentError> {
+        if let Some(j) = lock(&self.job).as_mut()
+            && j.stopped.is_none()
+        {
+            j.stopped = Some(Instant::now());
+        }
+        Ok(())
+    }
+}

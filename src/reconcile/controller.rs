@@ -1,0 +1,596 @@
+//! The controller loop: a per-key queue (one key per job, one for orphans) with requeue
+//! timers; each pass lists every provider ONCE, reads the store, observes the agents of
+//! due runs, plans, and applies the due keys' ops (different runs concurrently, one run's
+//! ops in order). Events only enqueue keys; a pass never knows why it ran.
+//!
+//! Shutdown is two-step: the first signal stops starting new ops and lets in-flight ones
+//! finish; the second aborts them (safe: the tag rides on the create call, so a cut-off
+//! create is adopted on restart).
+
+use super::budget;
+use super::execute::{ExecError, Executor};
+use super::plan::{
+    self, AgentObservation, Desired, History, ListResult, Observed, Op, Plan, QueueKey,
+};
+use crate::manifest::Manifests;
+use crate::model::{ProviderKind, RunName, Timestamp};
+use crate::provider::{ErrorKind, Instance, InstanceState};
+use crate::store::StoreError;
+use async_trait::async_trait;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::sync::{Notify, Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Where the desired state comes from: the manifests folder (the lead's loader and
+/// watcher) or memory (tests).
+#[async_trait]
+pub trait DesiredSource: Send + Sync {
+    /// The desired state as it is now.
+    async fn load(&self) -> Result<Manifests, SourceError>;
+
+    /// Resolves when the desired state may have changed. Spurious wake-ups are fine.
+    async fn changed(&self);
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot load the desired state: {message}")]
+pub struct SourceError {
+    pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+/// An in-memory desired state, for tests and benchmarks.
+#[derive(Default)]
+pub struct MemorySource {
+    manifests: std::sync::Mutex<Manifests>,
+    notify: Notify,
+}
+
+impl MemorySource {
+    pub fn new(manifests: Manifests) -> Self {
+        MemorySource {
+            manifests: std::sync::Mutex::new(manifests),
+            notify: Notify::new(),
+        }
+    }
+
+    /// Replaces the desired state and wakes the controller.
+    pub fn set(&self, manifests: Manifests) {
+        *self.manifests.lock().unwrap_or_else(|e| e.into_inner()) = manifests;
+        self.notify.notify_one();
+    }
+}
+
+#[async_trait]
+impl DesiredSource for MemorySource {
+    async fn load(&self) -> Result<Manifests, SourceError> {
+        Ok(self
+            .manifests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Seconds since the epoch that advance with tokio time: real time in production,
+/// paused time in tests (so `now` agrees with simulated machines).
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    epoch_at_start: Timestamp,
+    start: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let epoch_at_start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        Clock {
+            epoch_at_start,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.epoch_at_start + self.start.elapsed().as_secs() as i64
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error("reconcile pass: loading the desired state")]
+    Source(#[source] SourceError),
+    #[error("reconcile pass: reading the store")]
+    Store(#[source] StoreError),
+    #[error("reconcile pass aborted by a second shutdown signal")]
+    Aborted,
+}
+
+/// The error policy: how long to wait before looking at a key again after an op of it
+/// failed with `kind`, on its `failures`-th consecutive failure (1-based).
+pub fn requeue_after_error(kind: &ErrorKind, failures: u32) -> Duration {
+    let backoff = plan::backoff_delay(failures.max(1));
+    match kind {
+        // Gone already, or raced: the next pass sees the truth.
+        ErrorKind::NotFound => Duration::from_secs(1),
+        ErrorKind::RateLimited { retry_after } => retry_after.unwrap_or(backoff).max(backoff),
+        ErrorKind::NoCapacity | ErrorKind::Transient => backoff,
+        // A person must act (fix a key, a spec): look rarely, but do look.
+        ErrorKind::Unauthenticated | ErrorKind::Permanent => Duration::from_secs(300),
+    }
+}
+
+/// Sends shutdown signals; the first stops new ops, the second aborts.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<u32>>);
+
+impl ShutdownHandle {
+    pub fn signal(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+}
+
+/// The receiving side given to [`Controller::run`].
+#[derive(Clone)]
+pub struct Shutdown(watch::Receiver<u32>);
+
+impl Shutdown {
+    pub fn new() -> (ShutdownHandle, Shutdown) {
+        let (tx, rx) = watch::channel(0);
+        (ShutdownHandle(Arc::new(tx)), Shutdown(rx))
+    }
+
+    fn count(&self) -> u32 {
+        *self.0.borrow()
+    }
+
+    /// Resolves once at least `n` signals were sent (never, if the handle is gone).
+    async fn reached(&mut self, n: u32) {
+        if self.0.wait_for(|c| *c >= n).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Default)]
+pub struct PassReport {
+    /// Every op the planner asked for (including those of keys not due).
+    pub planned: Vec<Op>,
+    /// Ops applied successfully.
+    pub applied: usize,
+    /// Ops that failed, with their error, rendered.
+    pub failed: Vec<(String, String)>,
+    pub requeue_after: Option<Duration>,
+    /// The plan's requeue by key, after the error policy.
+    pub requeue: BTreeMap<QueueKey, Duration>,
+}
+
+enum Due {
+    All,
+    Keys(BTreeSet<QueueKey>),
+}
+
+impl Due {
+    fn contains(&self, key: &QueueKey) -> bool {
+        match self {
+            Due::All => true,
+            Due::Keys(k) => k.contains(key),
+        }
+    }
+}
+
+pub struct Controller {
+    executor: Arc<Executor>,
+    source: Arc<dyn DesiredSource>,
+    controller_id: String,
+    clock: Clock,
+    /// Op groups (runs) applied at the same time.
+    concurrency: usize,
+    stopping: Arc<AtomicBool>,
+    failures: std::sync::Mutex<BTreeMap<QueueKey, u32>>,
+}
+
+impl Controller {
+    pub fn new(
+        executor: Arc<Executor>,
+        source: Arc<dyn DesiredSource>,
+        controller_id: impl Into<String>,
+    ) -> Self {
+        Controller {
+            executor,
+            source,
+            controller_id: controller_id.into(),
+            clock: Clock::new(),
+            concurrency: 16,
+            stopping: Arc::new(AtomicBool::new(false)),
+            failures: std::sync::Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    /// One pass over everything; the `--once` CLI and tests use it.
+    pub async fn run_once(&self) -> Result<PassReport, ControllerError> {
+        let (_handle, shutdown) = Shutdown::new();
+        self.pass(&Due::All, shutdown).await
+    }
+
+    /// Runs until shut down: passes when keys are due or the desired state changes,
+    /// sleeping in between (an idle controller sleeps until an event).
+    pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), ControllerError> {
+        let mut timers: BTreeMap<QueueKey, Instant> = BTreeMap::new();
+        let mut due = Due::All;
+        loop {
+            if shutdown.count() >= 1 {
+                return Ok(());
+            }
+            let report = match self.pass(&due, shutdown.clone()).await {
+                Ok(r) => r,
+                Err(ControllerError::Aborted) => return Err(ControllerError::Aborted),
+                Err(e) => {
+                    // The world could not even be read: try the whole pass again soon.
+                    tracing::warn!(error = %e, "reconcile pass failed");
+                    timers.clear();
+                    due = Due::All;
+                    tokio::select! {
+                        _ = tokio::time::sleep(plan::REQUEUE_LISTING_FAILED) => {}
+                        _ = shutdown.reached(1) => return Ok(()),
+                    }
+                    continue;
+                }
+            };
+            let now = Instant::now();
+            for (key, after) in &report.requeue {
+                if due.contains(key) || !timers.contains_key(key) {
+                    timers.insert(key.clone(), now + *after);
+                }
+            }
+            // A due key the plan no longer wants to see is idle.
+            timers.retain(|k, _| report.requeue.contains_key(k) || !due.contains(k));
+            let next = timers.values().min().copied();
+            let event = tokio::select! {
+                _ = async {
+                    match next {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => false,
+                _ = self.source.changed() => true,
+                _ = shutdown.reached(1) => return Ok(()),
+            };
+            if event {
+                due = Due::All;
+            } else {
+                let now = Instant::now();
+                let keys: BTreeSet<QueueKey> = timers
+                    .iter()
+                    .filter(|(_, at)| **at <= now)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in &keys {
+                    timers.remove(k);
+                }
+                due = Due::Keys(keys);
+            }
+        }
+    }
+
+    async fn pass(&self, due: &Due, mut shutdown: Shutdown) -> Result<PassReport, ControllerError> {
+        let manifests = self.source.load().await.map_err(ControllerError::Source)?;
+        let desired = Arc::new(Desired {
+            jobs: manifests.jobs,
+            budgets: manifests.budgets,
+            controller: self.controller_id.clone(),
+        });
+        // List FIRST, then read the store: an instance in the listing was created under
+        // an intent the store already holds, so nothing looks like an orphan by mistake.
+        let listed = self.list_all().await;
+        let now = self.now();
+        let history = self.history(&desired, now)?;
+        let agents = self.observe(&listed, &history, due).await;
+        let observed = Observed { listed, agents };
+        let now = self.now();
+        let plan = plan::plan(&desired, &observed, &history, now);
+        self.apply(plan, desired, due, &mut shutdown).await
+    }
+
+    async fn list_all(&self) -> BTreeMap<ProviderKind, ListResult> {
+        let mut set = JoinSet::new();
+        for (kind, provider) in &self.executor.providers {
+            let (kind, provider) = (*kind, Arc::clone(provider));
+            set.spawn(async move { (kind, provider.list().await) });
+        }
+        let mut listed = BTreeMap::new();
+        while let Some(joined) = set.join_next().await {
+            let Ok((kind, result)) = joined else { continue };
+            let entry = match result {
+                Ok(instances) => ListResult::Listed(instances),
+                Err(e) => {
+                    tracing::warn!(provider = %kind, error = %e, "listing failed");
+                    ListResult::Failed {
+                        kind: e.kind.clone(),
+                        message: e.to_string(),
+                    }
+                }
+            };
+            listed.insert(kind, entry);
+        }
+        listed
+    }
+
+    fn history(&self, desired: &Desired, now: Timestamp) -> Result<History, ControllerError> {
+        let store = self
+            .executor
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut h = History::default();
+        for run in store.runs().map_err(ControllerError::Store)? {
+            let attempts = store.attempts(&run.name).map_err(ControllerError::Store)?;
+            h.attempts.insert(run.name.clone(), attempts);
+            h.runs.insert(run.name.clone(), run);
+        }
+        for b in &desired.budgets {
+            let jobs = budget::jobs_of(b, &desired.jobs);
+            let spent = store
+                .spent(&jobs, budget::window_start(b, now))
+                .map_err(ControllerError::Store)?;
+            h.spent.insert(b.name.clone(), spent);
+        }
+        Ok(h)
+    }
+
+    /// Observes the agent of every running instance that a live attempt of a due key
+    /// holds; the rest are not observed (the planner waits on them).
+    async fn observe(
+        &self,
+        listed: &BTreeMap<ProviderKind, ListResult>,
+        history: &History,
+        due: &Due,
+    ) -> BTreeMap<String, AgentObservation> {
+        let live: BTreeMap<String, &RunName> = history
+            .attempts
+            .iter()
+            .flat_map(|(run, atts)| atts.iter().map(move |a| (run, a)))
+            .filter(|(_, a)| a.released_at.is_none() && a.outcome.is_none())
+            .filter(|(run, _)| {
+                history
+                    .runs
+                    .get(*run)
+                    .is_some_and(|r| due.contains(&QueueKey::Job(r.job.clone())))
+            })
+            .map(|(run, a)| (a.tag.clone(), run))
+            .collect();
+        let targets: Vec<Instance> = listed
+            .values()
+            .filter_map(|l| match l {
+                ListResult::Listed(v) => Some(v),
+                ListResult::Failed { .. } => None,
+            })
+            .flatten()
+            .filter(|i| i.tag.controller == self.controller_id)
+            .filter(|i| i.state == InstanceState::Running && live.contains_key(&i.tag.render()))
+            .cloned()
+            .collect();
+        let limit = Arc::new(Semaphore::new(self.concurrency));
+        let mut set = JoinSet::new();
+        for inst in targets {
+            let Some(provider) = self.executor.providers.get(&inst.provider).cloned() else {
+                continue;
+            };
+            let limit = Arc::clone(&limit);
+            set.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let tag = inst.tag.render();
+                let obs = match provider.machine(&inst) {
+                    Err(e) => AgentObservation::Unreachable {
+                        message: e.to_string(),
+                    },
+                    Ok(m) => match m.observe().await {
+                        Ok(None) => AgentObservation::NotStarted,
+                        Ok(Some(s)) => AgentObservation::Status(s),
+                        Err(e) => AgentObservation::Unreachable {
+                            message: e.to_string(),
+                        },
+                    },
+                };
+                (tag, obs)
+            });
+        }
+        let mut out = BTreeMap::new();
+        while let Some(joined) = set.join_next().await {
+            if let Ok((tag, obs)) = joined {
+                out.insert(tag, obs);
+            }
+        }
+        out
+    }
+
+    /// Applies the due keys' ops: one group per run (or per orphan), groups concurrently
+    /// up to the limit, a group's ops in order, stopping at its first failure.
+    async fn apply(
+        &self,
+        plan: Plan,
+        desired: Arc<Desired>,
+        due: &Due,
+        shutdown: &mut Shutdown,
+    ) -> Result<PassReport, ControllerError> {
+        let mut groups: BTreeMap<(QueueKey, String), Vec<Op>> = BTreeMap::new();
+        for op in &plan.ops {
+            let key = plan.key_of(op);
+            if !due.contains(&key) {
+                continue;
+            }
+            let group = match (op.run(), op) {
+                (Some(run), _) => run.to_string(),
+                (None, Op::Destroy { instance_id, .. }) => format!("orphan/{instance_id}"),
+                (None, _) => String::new(),
+            };
+            groups.entry((key, group)).or_default().push(op.clone());
+        }
+        let mut report = PassReport {
+            planned: plan.ops.clone(),
+            ..PassReport::default()
+        };
+        let limit = Arc::new(Semaphore::new(self.concurrency));
+        let mut set = JoinSet::new();
+        for ((key, _), ops) in groups {
+            let (executor, desired, limit) = (
+                Arc::clone(&self.executor),
+                Arc::clone(&desired),
+                Arc::clone(&limit),
+            );
+            let stopping = Arc::clone(&self.stopping);
+            let clock = self.clock;
+            set.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let mut applied = 0;
+                let mut failed: Option<(Op, ExecError)> = None;
+                for op in ops {
+                    // First shutdown signal: finish the op in flight, start no other.
+                    if stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match executor.apply(&op, &desired, clock.now()).await {
+                        Ok(()) => applied += 1,
+                        Err(e) => {
+                            failed = Some((op, e));
+                            break;
+                        }
+                    }
+                }
+                (key, applied, failed)
+            });
+        }
+        let mut requeue = plan.requeue.clone();
+        let mut errored: BTreeSet<QueueKey> = BTreeSet::new();
+        let mut signals_open = true;
+        loop {
+            let signals = shutdown.count();
+            if signals >= 2 {
+                set.abort_all();
+                return Err(ControllerError::Aborted);
+            }
+            if signals == 1 {
+                self.stopping.store(true, Ordering::SeqCst);
+            }
+            let joined = tokio::select! {
+                j = set.join_next() => j,
+                changed = shutdown.0.changed(), if signals_open => {
+                    // A dropped handle means no signal can come any more.
+                    signals_open = changed.is_ok();
+                    continue;
+                }
+            };
+            let Some(joined) = joined else { break };
+            let Ok((key, applied, failed)) = joined else {
+                continue;
+            };
+            report.applied += applied;
+            if let Some((op, e)) = failed {
+                tracing::warn!(op = %op, error = %error_chain(&e), "op failed");
+                let failures = {
+                    let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+                    let n = f.entry(key.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                let after = requeue_after_error(&e.kind(), failures);
+                // The error policy decides: a failure is not "look again in 2 s".
+                requeue.insert(key.clone(), after);
+                errored.insert(key);
+                report.failed.push((op.to_string(), error_chain(&e)));
+            }
+        }
+        {
+            let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+            f.retain(|k, _| errored.contains(k) || !due.contains(k));
+        }
+        report.requeue_after = requeue.values().min().copied();
+        report.requeue = requeue;
+        Ok(report)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_policy_table() {
+        let s = Duration::from_secs;
+        let table: Vec<(ErrorKind, u32, Duration)> = vec![
+            (ErrorKind::NotFound, 1, s(1)),
+            (ErrorKind::NotFound, 9, s(1)),
+            (ErrorKind::Transient, 1, s(5)),
+            (ErrorKind::Transient, 2, s(10)),
+            (ErrorKind::Transient, 3, s(20)),
+            (ErrorKind::Transient, 30, s(600)),
+            (ErrorKind::NoCapacity, 1, s(5)),
+            (
+                ErrorKind::RateLimited {
+                    retry_after: Some(s(42)),
+                },
+                1,
+                s(42),
+            ),
+            // A retry-after shorter than our backoff does not make us hammer.
+            (
+                ErrorKind::RateLimited {
+                    retry_after: Some(s(1)),
+                },
+                3,
+                s(20),
+            ),
+            (ErrorKind::RateLimited { retry_after: None }, 2, s(10)),
+            (ErrorKind::Unauthenticated, 1, s(300)),
+            (ErrorKind::Permanent, 1, s(300)),
+        ];
+        for (kind, failures, want) in table {
+            assert_eq!(
+                requeue_after_error(&kind, failures),
+                want,
+                "{kind:?} after {failures} failures"
+            );
+        }
+    }
+}

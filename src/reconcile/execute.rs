@@ -1,0 +1,621 @@
+//! The executor: applies ONE planned op at a time, idempotently, against the providers,
+//! the agents and the store. Every failure is classified by `ErrorKind` so the
+//! controller's error policy can pick the requeue; nothing here retries inline.
+
+use super::plan::{Desired, Op, SPEC_CHANGED, StatusUpdate};
+use crate::agent::{AgentError, LaunchSource, LaunchSpec};
+use crate::home::Home;
+use crate::manifest::{Job, RunSpec, Source};
+use crate::model::{Phase, ProviderKind, RunName, Secret, Timestamp};
+use crate::provider::{CreateRequest, ErrorKind, Provider, ProviderError};
+use crate::store::{AttemptRecord, CostEntry, Event, RunRecord, Store, StoreError};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Why an op could not be applied. Each variant names the op and keeps its cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("{op}")]
+    Provider {
+        op: String,
+        #[source]
+        source: Box<ProviderError>,
+    },
+    #[error("{op}")]
+    Store {
+        op: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("{op}")]
+    Agent {
+        op: String,
+        #[source]
+        source: Box<AgentError>,
+    },
+    #[error("{op}: provider {provider} is not configured")]
+    NoProvider { op: String, provider: ProviderKind },
+    #[error("{op}: run {run} is not in the store")]
+    MissingRun { op: String, run: RunName },
+    #[error("{op}: run {run} is not in the desired state")]
+    NotDesired { op: String, run: RunName },
+    #[error("{op}: cannot read secret {name} from the credential store")]
+    Secret {
+        op: String,
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{op}: {attempts} attempt(s) of {run} are not released yet")]
+    Unreleased {
+        op: String,
+        run: RunName,
+        attempts: usize,
+    },
+}
+
+impl ExecError {
+    /// The canonical class of the failure, for the error policy.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ExecError::Provider { source, .. } => source.kind.clone(),
+            // The store is local: a failure is a busy or full disk, worth a retry.
+            ExecError::Store { .. } | ExecError::Agent { .. } => ErrorKind::Transient,
+            ExecError::Unreleased { .. } | ExecError::MissingRun { .. } => ErrorKind::Transient,
+            ExecError::NoProvider { .. } | ExecError::NotDesired { .. } => ErrorKind::Permanent,
+            ExecError::Secret { .. } => ErrorKind::Permanent,
+        }
+    }
+}
+
+/// Applies ops. Shared by the controller's concurrent op groups.
+pub struct Executor {
+    pub providers: BTreeMap<ProviderKind, Arc<dyn Provider>>,
+    pub store: Arc<Mutex<Store>>,
+    pub home: Home,
+}
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    // Every store write is one transaction: a panic mid-op leaves nothing half-written.
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Executor {
+    pub fn new(
+        providers: BTreeMap<ProviderKind, Arc<dyn Provider>>,
+        store: Arc<Mutex<Store>>,
+        home: Home,
+    ) -> Self {
+        Executor {
+            providers,
+            store,
+            home,
+        }
+    }
+
+    fn provider(&self, op: &Op, kind: ProviderKind) -> Result<&Arc<dyn Provider>, ExecError> {
+        self.providers
+            .get(&kind)
+            .ok_or_else(|| ExecError::NoProvider {
+                op: op.to_string(),
+                provider: kind,
+            })
+    }
+
+    fn store<T>(
+        &self,
+        op: &Op,
+        f: impl FnOnce(&Store) -> Result<T, StoreError>,
+    ) -> Result<T, ExecError> {
+        f(&lock(&self.store)).map_err(|source| ExecError::Store {
+            op: op.to_string(),
+            source,
+        })
+    }
+
+    fn run_record(&self, op: &Op, run: &str) -> Result<RunRecord, ExecError> {
+        self.store(op, |s| s.run(run))?
+            .ok_or_else(|| ExecError::MissingRun {
+                op: op.to_string(),
+                run: run.to_string(),
+            })
+    }
+
+    fn attempt(&self, op: &Op, run: &str, n: u32) -> Result<Option<AttemptRecord>, ExecError> {
+        Ok(self
+            .store(op, |s| s.attempts(run))?
+            .into_iter()
+            .find(|a| a.attempt == n))
+    }
+
+    fn event(&self, op: &Op, run: &str, reason: &str, message: String, now: Timestamp) {
+        let e = Event {
+            at: now,
+            object_kind: "run".into(),
+            object_name: run.to_string(),
+            reason: reason.into(),
+            message,
+        };
+        // Events are for people reading `describe`; losing one must not fail the op.
+        if let Err(err) = self.store(op, |s| s.add_event(&e)) {
+            tracing::warn!(error = %err, "cannot record event");
+        }
+    }
+
+    /// Applies one op. Idempotent: applying it again, or after a crash half-way through,
+    /// leaves the same state.
+    pub async fn apply(&self, op: &Op, desired: &Desired, now: Timestamp) -> Result<(), ExecError> {
+        match op {
+            Op::RecordRun {
+                run,
+                job,
+                index,
+                spec_hash,
+                matrix,
+                supersede,
+            } => {
+                let existing = self.store(op, |s| s.run(run))?;
+                let rec = match existing {
+                    None => new_run(run, job, *index, spec_hash, matrix, now),
+                    Some(mut r) => {
+                        r.spec_hash = spec_hash.clone();
+                        r.matrix = matrix.clone();
+                        r.phase = Phase::Pending;
+                        r.reason = "spec changed; starting afresh".into();
+                        r.exit_code = None;
+                        r.progress_done = None;
+                        r.progress_total = None;
+                        r.finished_at = None;
+                        r.updated_at = now;
+                        r
+                    }
+                };
+                // Mark the superseded attempt first: the run row is what the planner
+                // reads as "done", so it is written last.
+                if let Some(n) = supersede
+                    && let Some(mut a) = self.attempt(op, run, *n)?
+                    && !a.outcome.as_deref().unwrap_or("").ends_with(SPEC_CHANGED)
+                {
+                    a.outcome = Some(format!(
+                        "{}{SPEC_CHANGED}",
+                        a.outcome.as_deref().unwrap_or("ended")
+                    ));
+                    self.store(op, |s| s.put_attempt(&a))?;
+                }
+                self.store(op, |s| s.put_run(&rec))?;
+                self.event(op, run, "Recorded", format!("spec {spec_hash}"), now);
+                Ok(())
+            }
+            Op::Create {
+                run,
+                attempt,
+                placement_index,
+                provider,
+                tag,
+            } => {
+                let (job, _) = find_run(desired, run).ok_or_else(|| ExecError::NotDesired {
+                    op: op.to_string(),
+                    run: run.clone(),
+                })?;
+                let backend = Arc::clone(self.provider(op, *provider)?);
+                let mut rec = self.run_record(op, run)?;
+                // Intent FIRST: whatever happens to the create call, the tag is known.
+                let mut a = match self.attempt(op, run, *attempt)? {
+                    Some(a) => a,
+                    None => {
+                        let a = AttemptRecord {
+                            run: run.clone(),
+                            attempt: *attempt,
+                            tag: tag.render(),
+                            provider: *provider,
+                            placement_index: *placement_index,
+                            instance_id: None,
+                            host: None,
+                            intent_at: now,
+                            released_at: None,
+                            outcome: None,
+                        };
+                        self.store(op, |s| s.put_attempt(&a))?;
+                        a
+                    }
+                };
+                rec.attempt = *attempt;
+                rec.placement_index = *placement_index;
+                rec.provider = Some(*provider);
+                rec.instance_id = None;
+                rec.phase = Phase::Provisioning;
+                rec.reason = format!("creating an instance on {provider}");
+                rec.updated_at = now;
+                self.store(op, |s| s.put_run(&rec))?;
+                let placement = job
+                    .spec
+                    .placement
+                    .get(*placement_index as usize)
+                    .cloned()
+                    .unwrap_or_else(crate::manifest::Placement::local);
+                let req = CreateRequest {
+                    tag: tag.clone(),
+                    placement,
+                    resources: job.spec.resources.clone(),
+                    image: job.spec.image.clone(),
+                };
+                match backend.create(&req).await {
+                    Ok(inst) => {
+                        a.instance_id = Some(inst.id.clone());
+                        a.host = inst.host.clone();
+                        self.store(op, |s| s.put_attempt(&a))?;
+                        rec.instance_id = Some(inst.id.clone());
+                        rec.host = inst.host.clone();
+                        rec.gpu = inst.gpu.clone();
+                        rec.price_per_hour = Some(inst.price_per_hour);
+                        rec.reason = format!("instance {provider}/{} created", inst.id);
+                        self.store(op, |s| s.put_run(&rec))?;
+                        self.event(op, run, "Created", rec.reason.clone(), now);
+                        Ok(())
+                    }
+                    // Definitely nothing was created: close the attempt now so the
+                    // planner moves to the next placement.
+                    Err(e)
+                        if matches!(
+                            e.kind,
+                            ErrorKind::NoCapacity
+                                | ErrorKind::Permanent
+                                | ErrorKind::Unauthenticated
+                        ) =>
+                    {
+                        let no_capacity = e.kind == ErrorKind::NoCapacity;
+                        a.outcome = Some(
+                            if no_capacity {
+                                "no-capacity"
+                            } else {
+                                "rejected"
+                            }
+                            .into(),
+                        );
+                        a.released_at = Some(now);
+                        self.store(op, |s| s.put_attempt(&a))?;
+                        rec.phase = Phase::Pending;
+                        rec.reason = if no_capacity {
+                            format!("no capacity on {provider}")
+                        } else {
+                            format!("{provider} rejected the create: {}", e.message)
+                        };
+                        self.store(op, |s| s.put_run(&rec))?;
+                        self.event(op, run, "CreateFailed", rec.reason.clone(), now);
+                        if no_capacity {
+                            Ok(())
+                        } else {
+                            Err(ExecError::Provider {
+                                op: op.to_string(),
+                                source: Box::new(e),
+                            })
+                        }
+                    }
+                    // Ambiguous (timeout, 5xx, rate limit): the intent stays; the next
+                    // pass adopts the instance if the listing shows the tag.
+                    Err(e) => Err(ExecError::Provider {
+                        op: op.to_string(),
+                        source: Box::new(e),
+                    }),
+                }
+            }
+            Op::Adopt {
+                run,
+                attempt,
+                provider,
+                instance,
+            } => {
+                if let Some(mut a) = self.attempt(op, run, *attempt)?
+                    && a.instance_id.is_none()
+                {
+                    a.instance_id = Some(instance.clone());
+                    self.store(op, |s| s.put_attempt(&a))?;
+                }
+                let mut rec = self.run_record(op, run)?;
+                if rec.attempt == *attempt {
+                    rec.instance_id = Some(instance.clone());
+                    rec.provider = Some(*provider);
+                    rec.updated_at = now;
+                    self.store(op, |s| s.put_run(&rec))?;
+                }
+                self.event(op, run, "Adopted", format!("{provider}/{instance}"), now);
+                Ok(())
+            }
+            Op::Start {
+                run,
+                attempt: _,
+                instance,
+            } => {
+                let (job, spec) = find_run(desired, run).ok_or_else(|| ExecError::NotDesired {
+                    op: op.to_string(),
+                    run: run.clone(),
+                })?;
+                let rec = self.run_record(op, run)?;
+                let launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
+                let backend = self.provider(op, instance.provider)?;
+                let machine = backend
+                    .machine(instance)
+                    .map_err(|source| ExecError::Provider {
+                        op: op.to_string(),
+                        source: Box::new(source),
+                    })?;
+                machine
+                    .start(&launch)
+                    .await
+                    .map_err(|source| ExecError::Agent {
+                        op: op.to_string(),
+                        source: Box::new(source),
+                    })?;
+                self.event(
+                    op,
+                    run,
+                    "Started",
+                    format!("{}/{}", instance.provider, instance.id),
+                    now,
+                );
+                Ok(())
+            }
+            Op::SetStatus(update) => self.set_status(op, update, now),
+            Op::Collect {
+                run,
+                attempt: _,
+                instance,
+            } => {
+                let backend = self.provider(op, instance.provider)?;
+                let machine = backend
+                    .machine(instance)
+                    .map_err(|source| ExecError::Provider {
+                        op: op.to_string(),
+                        source: Box::new(source),
+                    })?;
+                let outputs = self.home.artifacts().join(run);
+                machine
+                    .collect(&self.home.run_log(run), &outputs)
+                    .await
+                    .map_err(|source| ExecError::Agent {
+                        op: op.to_string(),
+                        source: Box::new(source),
+                    })?;
+                self.event(op, run, "Collected", outputs.display().to_string(), now);
+                Ok(())
+            }
+            Op::Destroy {
+                provider,
+                instance_id,
+                run,
+                reason,
+            } => {
+                let backend = self.provider(op, *provider)?;
+                match backend.destroy(instance_id).await {
+                    Ok(()) => {}
+                    // Already gone is what we wanted.
+                    Err(e) if e.kind == ErrorKind::NotFound => {}
+                    Err(source) => {
+                        return Err(ExecError::Provider {
+                            op: op.to_string(),
+                            source: Box::new(source),
+                        });
+                    }
+                }
+                if let Some(run) = run {
+                    self.event(
+                        op,
+                        run,
+                        "Destroyed",
+                        format!("{provider}/{instance_id}: {reason}"),
+                        now,
+                    );
+                }
+                Ok(())
+            }
+            Op::Release {
+                run,
+                attempt,
+                outcome,
+            } => {
+                let Some(mut a) = self.attempt(op, run, *attempt)? else {
+                    return Ok(());
+                };
+                if a.released_at.is_some() {
+                    return Ok(());
+                }
+                a.released_at = Some(now);
+                a.outcome.get_or_insert_with(|| outcome.clone());
+                let rec = self.store(op, |s| s.run(run))?;
+                if let Some(mut rec) = rec
+                    && a.instance_id.is_some()
+                    && let Some(price) = rec.price_per_hour.filter(|_| rec.attempt == *attempt)
+                {
+                    // The ledger entry lands with the release, once per attempt.
+                    let entry = CostEntry {
+                        run: run.clone(),
+                        job: rec.job.clone(),
+                        attempt: *attempt,
+                        from: a.intent_at,
+                        to: now,
+                        usd: super::budget::accrued(price, a.intent_at, now),
+                    };
+                    self.store(op, |s| s.add_cost(&entry))?;
+                    rec.cost_usd += entry.usd;
+                    self.store(op, |s| s.put_run(&rec))?;
+                }
+                self.store(op, |s| s.put_attempt(&a))?;
+                self.event(
+                    op,
+                    run,
+                    "Released",
+                    format!("attempt {attempt}: {outcome}"),
+                    now,
+                );
+                Ok(())
+            }
+            Op::Forget { run } => {
+                let open = self
+                    .store(op, |s| s.attempts(run))?
+                    .into_iter()
+                    .filter(|a| a.released_at.is_none())
+                    .count();
+                if open > 0 {
+                    return Err(ExecError::Unreleased {
+                        op: op.to_string(),
+                        run: run.clone(),
+                        attempts: open,
+                    });
+                }
+                self.store(op, |s| s.forget_run(run))
+            }
+            Op::Block { run, reason } => {
+                let mut rec = self.run_record(op, run)?;
+                rec.phase = Phase::Pending;
+                rec.reason = reason.clone();
+                rec.updated_at = now;
+                self.store(op, |s| s.put_run(&rec))?;
+                self.event(op, run, "Blocked", reason.clone(), now);
+                Ok(())
+            }
+        }
+    }
+
+    fn set_status(&self, op: &Op, u: &StatusUpdate, now: Timestamp) -> Result<(), ExecError> {
+        let mut rec = self.run_record(op, &u.run)?;
+        let changed_phase = rec.phase != u.phase;
+        rec.phase = u.phase;
+        rec.reason = u.reason.clone();
+        if let Some(p) = u.progress {
+            rec.progress_done = Some(p.done);
+            rec.progress_total = p.total;
+        }
+        if u.exit_code.is_some() {
+            rec.exit_code = u.exit_code;
+        }
+        if u.phase == Phase::Running && rec.started_at.is_none() {
+            rec.started_at = Some(now);
+        }
+        if u.phase.is_terminal() {
+            rec.finished_at.get_or_insert(now);
+        }
+        rec.updated_at = now;
+        // The run row first, then the attempt's outcome: a crash in between leaves a
+        // terminal run with an open attempt, which the planner destroys and releases.
+        self.store(op, |s| s.put_run(&rec))?;
+        if let Some((n, outcome)) = &u.outcome
+            && let Some(mut a) = self.attempt(op, &u.run, *n)?
+            && a.outcome.is_none()
+        {
+            a.outcome = Some(outcome.clone());
+            self.store(op, |s| s.put_attempt(&a))?;
+        }
+        if changed_phase {
+            self.event(op, &u.run, u.phase.as_str(), u.reason.clone(), now);
+        }
+        Ok(())
+    }
+
+    /// What the agent needs to start `spec`: secrets are read from the credential
+    /// store's 0600 files here and travel only inside the spec.
+    fn launch_spec(
+        &self,
+        op: &Op,
+        job: &Job,
+        spec: &RunSpec,
+        rec: &RunRecord,
+        tag: &str,
+    ) -> Result<LaunchSpec, ExecError> {
+        let mut secrets = Vec::new();
+        for name in &job.spec.secrets {
+            let path = self.home.credentials().join(name);
+            let value = std::fs::read_to_string(&path).map_err(|source| ExecError::Secret {
+                op: op.to_string(),
+                name: name.clone(),
+                source,
+            })?;
+            secrets.push((name.clone(), Secret::new(value.trim_end_matches('\n'))));
+        }
+        let source = match &job.spec.source {
+            Source::None => LaunchSource::None,
+            Source::Workdir(dir) => LaunchSource::Workdir(dir.clone()),
+            Source::Git { repo, reference } => LaunchSource::Git {
+                repo: repo.clone(),
+                reference: spec.git_ref.clone().or_else(|| reference.clone()),
+                commit: rec.commit.clone(),
+                diff: rec.diff.clone(),
+            },
+        };
+        let mut env = job.spec.env.clone();
+        for (k, v) in &spec.matrix {
+            env.entry(format!("ASIMOV_MATRIX_{}", k.to_uppercase()))
+                .or_insert_with(|| v.clone());
+        }
+        Ok(LaunchSpec {
+            run: spec.name.clone(),
+            tag: tag.to_string(),
+            setup: spec.setup.clone(),
+            command: spec.command.clone(),
+            env,
+            secrets,
+            max_duration: job.spec.max_duration,
+            source,
+            files: job
+                .spec
+                .files
+                .iter()
+                .map(|f| (f.from.clone(), f.to.clone()))
+                .collect(),
+            outputs: job
+                .spec
+                .artifacts
+                .as_ref()
+                .map(|a| a.paths.clone())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// The job and run spec of a desired run.
+pub fn find_run<'a>(desired: &'a Desired, run: &str) -> Option<(&'a Job, &'a RunSpec)> {
+    desired
+        .jobs
+        .iter()
+        .find_map(|j| j.runs.iter().find(|r| r.name == run).map(|r| (j, r)))
+}
+
+fn new_run(
+    run: &str,
+    job: &str,
+    index: u32,
+    spec_hash: &str,
+    matrix: &BTreeMap<String, String>,
+    now: Timestamp,
+) -> RunRecord {
+    RunRecord {
+        name: run.to_string(),
+        job: job.to_string(),
+        index,
+        seq: 0,
+        phase: Phase::Pending,
+        reason: "waiting to start".into(),
+        spec_hash: spec_hash.to_string(),
+        matrix: matrix.clone(),
+        attempt: 0,
+        placement_index: 0,
+        provider: None,
+        instance_id: None,
+        host: None,
+        gpu: None,
+        price_per_hour: None,
+        cost_usd: 0.0,
+        progress_done: None,
+        progress_total: None,
+        exit_code: None,
+        repository: None,
+        commit: None,
+        commit_message: None,
+        author: None,
+        dirty: false,
+        diff: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+    }
+}

@@ -1,0 +1,1312 @@
+//! The planner: a pure function from (desired, observed, history, now) to the ops that
+//! move the world one step closer to the desired state, and when to look again.
+//!
+//! No runtime, no clock, no I/O: everything it decides on is passed in, so every rule
+//! (create, adopt, restart, failover, budgets, orphans, deletion) is a table test.
+//!
+//! Invariants it keeps:
+//! - an instance is created only under a recorded attempt intent, and re-created with the
+//!   SAME tag only once the provider had a grace period to list it: never two instances
+//!   for one run;
+//! - absence from a failed listing is never read as "gone": nothing is released or
+//!   forgotten on a provider whose listing failed this pass;
+//! - an instance carrying this controller's tag that no live attempt owns is destroyed;
+//!   other controllers' instances are never touched.
+
+use super::budget::{self, BudgetState};
+use crate::agent::{AgentState, AgentStatus};
+use crate::manifest::{Budget, BudgetAction, Job, RunSpec};
+use crate::model::{
+    InstanceId, JobName, OwnerTag, Phase, Progress, ProviderKind, RunName, Timestamp,
+};
+use crate::provider::{ErrorKind, Instance, InstanceState};
+use crate::store::{AttemptRecord, RunRecord};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::Duration;
+
+/// Look again soon: something is being provisioned, started, destroyed or was just done.
+pub const REQUEUE_FAST: Duration = Duration::from_secs(2);
+/// Look again at a running job's progress.
+pub const REQUEUE_RUNNING: Duration = Duration::from_secs(10);
+/// A provider's listing failed; try it again.
+pub const REQUEUE_LISTING_FAILED: Duration = Duration::from_secs(10);
+/// A run held back by a budget or a missing provider.
+pub const REQUEUE_BLOCKED: Duration = Duration::from_secs(60);
+/// An agent whose heartbeat is older than this is lost (treated like a preemption).
+pub const HEARTBEAT_STALE_SECS: i64 = 60;
+
+/// The desired state this pass: validated jobs (with their runs) and budgets.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Desired {
+    pub jobs: Vec<Job>,
+    pub budgets: Vec<Budget>,
+    /// This home's controller id, the `<controller>` of ownership tags.
+    pub controller: String,
+}
+
+/// One provider's listing this pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ListResult {
+    Listed(Vec<Instance>),
+    /// The listing failed: absence tells nothing this pass.
+    Failed {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// What the agent on an instance said this pass.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentObservation {
+    /// The machine answered: nothing was started on it yet.
+    NotStarted,
+    Status(AgentStatus),
+    /// The machine could not be reached (yet).
+    Unreachable {
+        message: String,
+    },
+}
+
+/// What exists, as providers and agents said this pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Observed {
+    /// One entry per configured provider; a provider without an entry is not configured.
+    pub listed: BTreeMap<ProviderKind, ListResult>,
+    /// Agent observations keyed by the instance's rendered ownership tag. An instance
+    /// without an entry was not observed this pass: the planner waits, it never guesses.
+    pub agents: BTreeMap<String, AgentObservation>,
+}
+
+/// What the store remembers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct History {
+    pub runs: BTreeMap<RunName, RunRecord>,
+    /// Every attempt of every run, any order.
+    pub attempts: BTreeMap<RunName, Vec<AttemptRecord>>,
+    /// Ledger spending of each budget inside its window, by budget name.
+    pub spent: BTreeMap<String, f64>,
+}
+
+/// A change of a run's status, with the outcome of its current attempt when it ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatusUpdate {
+    pub run: RunName,
+    pub phase: Phase,
+    pub reason: String,
+    pub progress: Option<Progress>,
+    pub exit_code: Option<i32>,
+    /// `(attempt, outcome)`: the attempt has ended this way (its instance is now to be
+    /// destroyed and then released).
+    pub outcome: Option<(u32, String)>,
+}
+
+/// One idempotent step. Applying an op twice, or after a crash half-way, is harmless.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Insert (or, on a spec change, reset to Pending) the store row of a desired run.
+    RecordRun {
+        run: RunName,
+        job: JobName,
+        index: u32,
+        spec_hash: String,
+        matrix: BTreeMap<String, String>,
+        /// On a spec change of a finished run: this attempt's outcome gets
+        /// [`SPEC_CHANGED`] appended, which starts a fresh generation of attempts.
+        supersede: Option<u32>,
+    },
+    /// Write the attempt intent FIRST, then ask the provider for an instance with `tag`.
+    Create {
+        run: RunName,
+        attempt: u32,
+        placement_index: u32,
+        provider: ProviderKind,
+        tag: OwnerTag,
+    },
+    /// The listing shows our tag but the store lacks the instance id: record it.
+    Adopt {
+        run: RunName,
+        attempt: u32,
+        provider: ProviderKind,
+        instance: InstanceId,
+    },
+    /// Start the job on the instance through the agent (a no-op when already started).
+    Start {
+        run: RunName,
+        attempt: u32,
+        instance: Instance,
+    },
+    SetStatus(StatusUpdate),
+    /// Bring the log and outputs home.
+    Collect {
+        run: RunName,
+        attempt: u32,
+        instance: Instance,
+    },
+    /// Destroy an instance; `NotFound` counts as done.
+    Destroy {
+        provider: ProviderKind,
+        instance_id: InstanceId,
+        /// The run the instance belongs to, `None` for an orphan of an unknown run.
+        run: Option<RunName>,
+        reason: String,
+    },
+    /// The provider confirmed the attempt's instance gone: close the attempt.
+    Release {
+        run: RunName,
+        attempt: u32,
+        outcome: String,
+    },
+    /// The job was deleted and every attempt is released: drop the run.
+    Forget {
+        run: RunName,
+    },
+    /// Hold the run in Pending with a reason (budget, unconfigured provider).
+    Block {
+        run: RunName,
+        reason: String,
+    },
+}
+
+impl Op {
+    /// The run this op acts on, `None` for the destroy of an orphan of an unknown run.
+    pub fn run(&self) -> Option<&str> {
+        match self {
+            Op::RecordRun { run, .. }
+            | Op::Create { run, .. }
+            | Op::Adopt { run, .. }
+            | Op::Start { run, .. }
+            | Op::Collect { run, .. }
+            | Op::Release { run, .. }
+            | Op::Forget { run }
+            | Op::Block { run, .. } => Some(run),
+            Op::SetStatus(s) => Some(&s.run),
+            Op::Destroy { run, .. } => run.as_deref(),
+        }
+    }
+
+    /// Short name of the op's kind: "create", "destroy", ...
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::RecordRun { .. } => "record-run",
+            Op::Create { .. } => "create",
+            Op::Adopt { .. } => "adopt",
+            Op::Start { .. } => "start",
+            Op::SetStatus(_) => "set-status",
+            Op::Collect { .. } => "collect",
+            Op::Destroy { .. } => "destroy",
+            Op::Release { .. } => "release",
+            Op::Forget { .. } => "forget",
+            Op::Block { .. } => "block",
+        }
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Op::RecordRun {
+                run,
+                job,
+                index,
+                spec_hash,
+                matrix,
+                supersede,
+            } => {
+                write!(
+                    f,
+                    "record-run {run} job={job} index={index} spec={spec_hash}"
+                )?;
+                for (k, v) in matrix {
+                    write!(f, " {k}={v}")?;
+                }
+                if let Some(a) = supersede {
+                    write!(f, " supersede-attempt={a}")?;
+                }
+                Ok(())
+            }
+            Op::Create {
+                run,
+                attempt,
+                placement_index,
+                provider,
+                tag,
+            } => write!(
+                f,
+                "create {run} attempt={attempt} placement={placement_index} provider={provider} tag={tag}"
+            ),
+            Op::Adopt {
+                run,
+                attempt,
+                provider,
+                instance,
+            } => write!(f, "adopt {run} attempt={attempt} {provider}/{instance}"),
+            Op::Start {
+                run,
+                attempt,
+                instance,
+            } => write!(
+                f,
+                "start {run} attempt={attempt} {}/{}",
+                instance.provider, instance.id
+            ),
+            Op::SetStatus(s) => {
+                write!(f, "set-status {} {} {:?}", s.run, s.phase, s.reason)?;
+                if let Some(p) = s.progress {
+                    match p.total {
+                        Some(t) => write!(f, " progress={}/{t}", p.done)?,
+                        None => write!(f, " progress={}", p.done)?,
+                    }
+                }
+                if let Some(c) = s.exit_code {
+                    write!(f, " exit={c}")?;
+                }
+                if let Some((a, o)) = &s.outcome {
+                    write!(f, " attempt {a} ended={o}")?;
+                }
+                Ok(())
+            }
+            Op::Collect {
+                run,
+                attempt,
+                instance,
+            } => write!(
+                f,
+                "collect {run} attempt={attempt} {}/{}",
+                instance.provider, instance.id
+            ),
+            Op::Destroy {
+                provider,
+                instance_id,
+                run,
+                reason,
+            } => write!(
+                f,
+                "destroy {provider}/{instance_id} run={} {reason:?}",
+                run.as_deref().unwrap_or("-")
+            ),
+            Op::Release {
+                run,
+                attempt,
+                outcome,
+            } => write!(f, "release {run} attempt={attempt} outcome={outcome}"),
+            Op::Forget { run } => write!(f, "forget {run}"),
+            Op::Block { run, reason } => write!(f, "block {run} {reason:?}"),
+        }
+    }
+}
+
+/// What the controller's queue is keyed by: one key per job, and one for orphans of
+/// runs nobody knows any more.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum QueueKey {
+    Job(JobName),
+    Orphans,
+}
+
+impl fmt::Display for QueueKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QueueKey::Job(j) => write!(f, "job/{j}"),
+            QueueKey::Orphans => f.write_str("orphans"),
+        }
+    }
+}
+
+/// The ops of one pass, in order, and when to look again.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    /// The earliest of `requeue`; `None` when everything is idle.
+    pub requeue_after: Option<Duration>,
+    /// When each key wants to be looked at again; a key absent here is idle.
+    pub requeue: BTreeMap<QueueKey, Duration>,
+    /// The job of every run an op names, so the controller can key ops.
+    pub jobs_of_runs: BTreeMap<RunName, JobName>,
+}
+
+impl Plan {
+    /// The queue key an op belongs to.
+    pub fn key_of(&self, op: &Op) -> QueueKey {
+        op.run()
+            .and_then(|r| self.jobs_of_runs.get(r))
+            .map_or(QueueKey::Orphans, |j| QueueKey::Job(j.clone()))
+    }
+
+    /// Stable text for snapshots and `apply --dry-run`.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if self.ops.is_empty() {
+            out.push_str("no ops\n");
+        }
+        for op in &self.ops {
+            out.push_str(&op.to_string());
+            out.push('\n');
+        }
+        match self.requeue_after {
+            Some(d) => out.push_str(&format!("requeue after {}s", d.as_secs())),
+            None => out.push_str("idle"),
+        }
+        for (k, d) in &self.requeue {
+            out.push_str(&format!("; {k} {}s", d.as_secs()));
+        }
+        out.push('\n');
+        out
+    }
+}
+
+/// How long a provider may take to list an instance it created. Until then an intent
+/// that is not listed is NOT re-created (that could make a second instance).
+pub fn intent_grace(provider: ProviderKind) -> Duration {
+    match provider {
+        ProviderKind::Local | ProviderKind::Ssh | ProviderKind::Fake => Duration::ZERO,
+        ProviderKind::Vast | ProviderKind::Lambda | ProviderKind::Runpod => {
+            Duration::from_secs(120)
+        }
+    }
+}
+
+/// Delay before the next try after `failures` consecutive failures: 5 s doubling, at
+/// most 10 min. A pure stand-in for `crate::retry::Backoff::delay` until that lands.
+pub fn backoff_delay(failures: u32) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let secs = 5u64.saturating_mul(1u64 << (failures - 1).min(20));
+    Duration::from_secs(secs.min(600))
+}
+
+/// Appended to the outcome of a finished run's last attempt when its job's spec changed:
+/// the run starts afresh, with all its restarts.
+pub const SPEC_CHANGED: &str = " (spec changed)";
+
+/// Plans one pass. Pure: same inputs, same plan.
+pub fn plan(desired: &Desired, observed: &Observed, history: &History, now: Timestamp) -> Plan {
+    let mut p = Planner::new(desired, observed, history, now);
+    p.plan_all();
+    p.finish()
+}
+
+/// The view of a provider's listing the planner needs.
+enum Seen<'a> {
+    /// The listing of the attempt's provider failed or is missing.
+    Unknown,
+    Absent,
+    Listed(&'a Instance),
+}
+
+struct Planner<'a> {
+    desired: &'a Desired,
+    observed: &'a Observed,
+    history: &'a History,
+    now: Timestamp,
+    /// Listed instances carrying this controller's tag, by run.
+    ours: BTreeMap<&'a str, Vec<&'a Instance>>,
+    budgets: BTreeMap<String, BudgetState>,
+    plan: Plan,
+}
+
+/// What follows an ended attempt.
+#[derive(Debug, Clone, PartialEq)]
+enum Next {
+    Create {
+        placement_index: u32,
+        not_before: Timestamp,
+        reason: String,
+    },
+    Finished {
+        phase: Phase,
+        reason: String,
+    },
+}
+
+impl<'a> Planner<'a> {
+    fn new(
+        desired: &'a Desired,
+        observed: &'a Observed,
+        history: &'a History,
+        now: Timestamp,
+    ) -> Self {
+        let mut ours: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
+        for result in observed.listed.values() {
+            if let ListResult::Listed(instances) = result {
+                for i in instances {
+                    if i.tag.controller == desired.controller {
+                        ours.entry(i.tag.run.as_str()).or_default().push(i);
+                    }
+                }
+            }
+        }
+        let job_of_run: BTreeMap<&str, &str> = history
+            .runs
+            .values()
+            .map(|r| (r.name.as_str(), r.job.as_str()))
+            .collect();
+        let live: Vec<(JobName, f64, Timestamp)> = ours
+            .iter()
+            .flat_map(|(run, insts)| insts.iter().map(move |i| (*run, *i)))
+            .filter_map(|(run, i)| {
+                let job = job_of_run.get(run)?;
+                Some((
+                    job.to_string(),
+                    i.price_per_hour,
+                    i.created_at.unwrap_or(now),
+                ))
+            })
+            .collect();
+        let budgets = budget::states(&desired.budgets, &desired.jobs, &history.spent, &live, now);
+        Planner {
+            desired,
+            observed,
+            history,
+            now,
+            ours,
+            budgets,
+            plan: Plan::default(),
+        }
+    }
+
+    fn finish(mut self) -> Plan {
+        self.plan.requeue_after = self.plan.requeue.values().min().copied();
+        self.plan
+    }
+
+    fn push(&mut self, key: &QueueKey, op: Op) {
+        if let (Some(run), QueueKey::Job(job)) = (op.run(), key) {
+            self.plan
+                .jobs_of_runs
+                .insert(run.to_string(), job.to_string());
+        }
+        self.plan.ops.push(op);
+        self.wake(key, REQUEUE_FAST);
+    }
+
+    fn wake(&mut self, key: &QueueKey, after: Duration) {
+        let slot = self.plan.requeue.entry(key.clone()).or_insert(after);
+        *slot = (*slot).min(after);
+    }
+
+    fn wake_at(&mut self, key: &QueueKey, at: Timestamp) {
+        let secs = (at - self.now).max(1) as u64;
+        self.wake(key, Duration::from_secs(secs));
+    }
+
+    fn listing(&self, provider: ProviderKind) -> Option<&'a ListResult> {
+        self.observed.listed.get(&provider)
+    }
+
+    fn listing_ok(&self, provider: ProviderKind) -> bool {
+        matches!(self.listing(provider), Some(ListResult::Listed(_)))
+    }
+
+    /// Where the attempt's instance stands in its provider's listing, by tag.
+    fn seen(&self, a: &AttemptRecord) -> Seen<'a> {
+        match self.listing(a.provider) {
+            Some(ListResult::Listed(list)) => list
+                .iter()
+                .find(|i| i.tag.render() == a.tag && owned_by(a, i))
+                .map_or(Seen::Absent, Seen::Listed),
+            _ => Seen::Unknown,
+        }
+    }
+
+    fn plan_all(&mut self) {
+        let listing_failed = self
+            .observed
+            .listed
+            .values()
+            .any(|l| matches!(l, ListResult::Failed { .. }));
+        if listing_failed {
+            self.wake(&QueueKey::Orphans, REQUEUE_LISTING_FAILED);
+        }
+        let mut handled: BTreeSet<&str> = BTreeSet::new();
+        for job in &self.desired.jobs {
+            for spec in &job.runs {
+                handled.insert(spec.name.as_str());
+                self.desired_run(job, spec);
+            }
+        }
+        for rec in self.history.runs.values() {
+            if handled.insert(rec.name.as_str()) {
+                self.undesired_run(rec);
+            }
+        }
+        // Instances of ours naming a run nobody knows: orphans.
+        let unknown: Vec<&Instance> = self
+            .ours
+            .iter()
+            .filter(|(run, _)| !handled.contains(*run))
+            .flat_map(|(_, insts)| insts.iter().copied())
+            .collect();
+        for i in unknown {
+            self.destroy_orphan(&QueueKey::Orphans, None, i, "orphan: no such run");
+        }
+    }
+
+    fn attempts_of(&self, run: &str) -> Vec<&'a AttemptRecord> {
+        let mut v: Vec<&AttemptRecord> = self
+            .history
+            .attempts
+            .get(run)
+            .map(|a| a.iter().collect())
+            .unwrap_or_default();
+        v.sort_by_key(|a| a.attempt);
+        v
+    }
+
+    fn destroy_orphan(&mut self, key: &QueueKey, run: Option<&str>, i: &Instance, why: &str) {
+        if i.state == InstanceState::Terminating {
+            self.wake(key, REQUEUE_FAST);
+            return;
+        }
+        self.push(
+            key,
+            Op::Destroy {
+                provider: i.provider,
+                instance_id: i.id.clone(),
+                run: run.map(str::to_string),
+                reason: why.to_string(),
+            },
+        );
+    }
+
+    /// Listed instances of `run` that no unreleased attempt owns: destroyed.
+    fn destroy_stray(&mut self, key: &QueueKey, run: &str, attempts: &[&AttemptRecord]) {
+        let listed = self.ours.get(run).cloned().unwrap_or_default();
+        for i in listed {
+            let owner = attempts.iter().find(|a| a.attempt == i.tag.attempt);
+            let why = match owner {
+                None => "orphan: no attempt record",
+                Some(a) if a.released_at.is_some() => "orphan: attempt already released",
+                Some(a) if !owned_by(a, i) => "duplicate: attempt owns another instance",
+                Some(_) => continue,
+            };
+            self.destroy_orphan(key, Some(run), i, why);
+        }
+    }
+
+    /// The finalizer for one attempt that must end: destroy while listed, release once
+    /// the provider's (successful) listing confirms it gone. Returns true when this pass
+    /// releases it.
+    fn finish_attempt(&mut self, key: &QueueKey, a: &AttemptRecord, outcome: &str) -> bool {
+        let outcome = a.outcome.clone().unwrap_or_else(|| outcome.to_string());
+        match self.seen(a) {
+            Seen::Unknown => {
+                self.wake(key, REQUEUE_LISTING_FAILED);
+                false
+            }
+            Seen::Listed(i) => {
+                let why = format!("attempt {} ended: {outcome}", a.attempt);
+                self.destroy_orphan(key, Some(&a.run), i, &why);
+                false
+            }
+            Seen::Absent => {
+                // An intent whose create may still land: wait out the listing lag.
+                let grace = intent_grace(a.provider).as_secs() as i64;
+                if a.instance_id.is_none() && self.now - a.intent_at < grace {
+                    self.wake_at(key, a.intent_at + grace);
+                    return false;
+                }
+                self.push(
+                    key,
+                    Op::Release {
+                        run: a.run.clone(),
+                        attempt: a.attempt,
+                        outcome,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    fn undesired_run(&mut self, rec: &'a RunRecord) {
+        let key = QueueKey::Job(rec.job.clone());
+        let attempts = self.attempts_of(&rec.name);
+        if rec.phase != Phase::Deleting {
+            self.push(
+                &key,
+                Op::SetStatus(StatusUpdate {
+                    run: rec.name.clone(),
+                    phase: Phase::Deleting,
+                    reason: "job deleted".into(),
+                    progress: None,
+                    exit_code: rec.exit_code,
+                    outcome: None,
+                }),
+            );
+        }
+        self.destroy_stray(&key, &rec.name, &attempts);
+        let mut all_released = true;
+        for a in attempts.iter().filter(|a| a.released_at.is_none()) {
+            all_released &= self.finish_attempt(&key, a, "deleted");
+        }
+        // Forget only when every provider the run ever used listed successfully this
+        // pass and shows nothing of it: a failed listing proves nothing.
+        let providers_ok = attempts.iter().all(|a| self.listing_ok(a.provider));
+        let nothing_listed = self.ours.get(rec.name.as_str()).is_none_or(Vec::is_empty);
+        if all_released && providers_ok && nothing_listed {
+            self.push(
+                &key,
+                Op::Forget {
+                    run: rec.name.clone(),
+                },
+            );
+        } else {
+            // Destroys and waits above already asked to look again soon.
+            self.wake(&key, REQUEUE_LISTING_FAILED);
+        }
+    }
+
+    fn desired_run(&mut self, job: &'a Job, spec: &'a RunSpec) {
+        let key = QueueKey::Job(job.name.clone());
+        let attempts = self.attempts_of(&spec.name);
+        let record_op = |supersede| Op::RecordRun {
+            run: spec.name.clone(),
+            job: job.name.clone(),
+            index: spec.index,
+            spec_hash: job.spec_hash.clone(),
+            matrix: spec.matrix.clone(),
+            supersede,
+        };
+        // The row as it will be after this pass's RecordRun, if any.
+        let mut rec = match self.history.runs.get(&spec.name) {
+            Some(r) => r.clone(),
+            None => {
+                self.push(&key, record_op(None));
+                new_record(job, spec, self.now)
+            }
+        };
+        let mut superseded: AttemptRecord;
+        let mut attempts: Vec<&AttemptRecord> = attempts;
+        let all_released = attempts.iter().all(|a| a.released_at.is_some());
+        // An edited job re-runs its finished runs, once their instance is gone.
+        if rec.spec_hash != job.spec_hash && rec.phase.is_terminal() && all_released {
+            let last = attempts.iter().position(|a| a.attempt == rec.attempt);
+            self.push(&key, record_op(last.map(|_| rec.attempt)));
+            rec.spec_hash = job.spec_hash.clone();
+            rec.phase = Phase::Pending;
+            if let Some(i) = last {
+                superseded = attempts[i].clone();
+                superseded.outcome = Some(format!(
+                    "{}{SPEC_CHANGED}",
+                    superseded.outcome.as_deref().unwrap_or("ended")
+                ));
+                attempts[i] = &superseded;
+            }
+        }
+        if rec.phase == Phase::Deleting {
+            // Re-applied while being deleted: it lives on.
+            rec.phase = Phase::Pending;
+        }
+        self.destroy_stray(&key, &spec.name, &attempts);
+        // Older attempts still open (superseded): end them.
+        for a in attempts
+            .iter()
+            .filter(|a| a.released_at.is_none() && a.attempt != rec.attempt)
+        {
+            self.finish_attempt(&key, a, "superseded");
+        }
+        let current = attempts
+            .iter()
+            .copied()
+            .find(|a| a.attempt == rec.attempt && rec.attempt > 0);
+
+        match current {
+            Some(a) if a.released_at.is_none() => {
+                if rec.phase.is_terminal() {
+                    let outcome = if rec.phase == Phase::Succeeded {
+                        "succeeded"
+                    } else {
+                        "failed"
+                    };
+                    self.finish_attempt(&key, a, outcome);
+                } else if a.outcome.is_some() {
+                    self.finish_attempt(&key, a, "ended");
+                } else {
+                    self.live_attempt(&key, job, &rec, &attempts, a);
+                }
+            }
+            // No attempt open: absent + desired.
+            _ => {
+                if rec.phase.is_terminal() {
+                    return;
+                }
+                let next = next_step(job, &attempts, rec.exit_code);
+                self.next_attempt(&key, job, &rec, &attempts, next);
+            }
+        }
+    }
+
+    /// Absent + desired: make the next attempt, unless something holds it back.
+    fn next_attempt(
+        &mut self,
+        key: &QueueKey,
+        job: &'a Job,
+        rec: &RunRecord,
+        attempts: &[&AttemptRecord],
+        next: Next,
+    ) {
+        let (placement_index, not_before, reason) = match next {
+            Next::Finished { phase, reason } => {
+                self.set_status(key, rec, phase, reason, None, rec.exit_code, None);
+                return;
+            }
+            Next::Create {
+                placement_index,
+                not_before,
+                reason,
+            } => (placement_index, not_before, reason),
+        };
+        if let Some(at) = job.spec.schedule.as_ref().map(|s| s.at)
+            && at > self.now
+        {
+            let reason = format!("scheduled for {}", render_time(at));
+            self.set_status(key, rec, Phase::Pending, reason, None, None, None);
+            self.wake_at(key, at);
+            return;
+        }
+        if let Some(b) = budget::over_limit(job, &self.desired.budgets, &self.budgets).first() {
+            let reason = b.reason();
+            if rec.phase != Phase::Pending || rec.reason != reason {
+                self.push(
+                    key,
+                    Op::Block {
+                        run: rec.name.clone(),
+                        reason,
+                    },
+                );
+            }
+            self.wake(key, REQUEUE_BLOCKED);
+            return;
+        }
+        if not_before > self.now {
+            self.set_status(key, rec, Phase::Pending, reason, None, None, None);
+            self.wake_at(key, not_before);
+            return;
+        }
+        let placements = &job.spec.placement;
+        let Some(placement) = placements.get(placement_index as usize % placements.len().max(1))
+        else {
+            self.set_status(
+                key,
+                rec,
+                Phase::Failed,
+                "job has no placement".into(),
+                None,
+                None,
+                None,
+            );
+            return;
+        };
+        match self.listing(placement.provider) {
+            None => {
+                let reason = format!("provider {} is not configured", placement.provider);
+                if rec.phase != Phase::Pending || rec.reason != reason {
+                    self.push(
+                        key,
+                        Op::Block {
+                            run: rec.name.clone(),
+                            reason,
+                        },
+                    );
+                }
+                self.wake(key, REQUEUE_BLOCKED);
+                return;
+            }
+            Some(ListResult::Failed { .. }) => {
+                self.wake(key, REQUEUE_LISTING_FAILED);
+                return;
+            }
+            Some(ListResult::Listed(_)) => {}
+        }
+        // Never reuse a number: not one in the store, nor one a listing shows.
+        let highest_listed = self
+            .ours
+            .get(rec.name.as_str())
+            .map_or(0, |v| v.iter().map(|i| i.tag.attempt).max().unwrap_or(0));
+        let highest_recorded = attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
+        let attempt = rec.attempt.max(highest_listed).max(highest_recorded) + 1;
+        self.push(
+            key,
+            Op::Create {
+                run: rec.name.clone(),
+                attempt,
+                placement_index: placement_index % placements.len() as u32,
+                provider: placement.provider,
+                tag: OwnerTag::new(&self.desired.controller, &rec.name, attempt),
+            },
+        );
+    }
+
+    /// Present + desired: converge the current attempt.
+    fn live_attempt(
+        &mut self,
+        key: &QueueKey,
+        job: &'a Job,
+        rec: &RunRecord,
+        attempts: &[&AttemptRecord],
+        a: &AttemptRecord,
+    ) {
+        let instance = match (self.seen(a), &a.instance_id) {
+            (Seen::Unknown, _) => {
+                self.wake(key, REQUEUE_LISTING_FAILED);
+                return;
+            }
+            (Seen::Absent, None) => {
+                let grace = intent_grace(a.provider).as_secs() as i64;
+                if self.now - a.intent_at < grace {
+                    self.wake_at(key, a.intent_at + grace);
+                } else {
+                    // Same tag: if the first create did land after all, the listing
+                    // will show one tag, and the stray check destroys a duplicate.
+                    self.push(
+                        key,
+                        Op::Create {
+                            run: rec.name.clone(),
+                            attempt: a.attempt,
+                            placement_index: a.placement_index,
+                            provider: a.provider,
+                            tag: OwnerTag::parse(&a.tag).unwrap_or_else(|| {
+                                OwnerTag::new(&self.desired.controller, &rec.name, a.attempt)
+                            }),
+                        },
+                    );
+                }
+                return;
+            }
+            (Seen::Absent, Some(_)) => {
+                // Gone while we held it: preempted (or destroyed behind our back).
+                let outcome = "preempted";
+                let (phase, reason) = decide(job, attempts, a, outcome, rec.exit_code);
+                self.set_status(
+                    key,
+                    rec,
+                    phase,
+                    reason,
+                    None,
+                    rec.exit_code,
+                    Some((a.attempt, outcome)),
+                );
+                self.push(
+                    key,
+                    Op::Release {
+                        run: rec.name.clone(),
+                        attempt: a.attempt,
+                        outcome: outcome.into(),
+                    },
+                );
+                return;
+            }
+            (Seen::Listed(i), id) => {
+                if id.is_none() {
+                    self.push(
+                        key,
+                        Op::Adopt {
+                            run: rec.name.clone(),
+                            attempt: a.attempt,
+                            provider: i.provider,
+                            instance: i.id.clone(),
+                        },
+                    );
+                }
+                i
+            }
+        };
+        match instance.state {
+            InstanceState::Provisioning => {
+                let reason = format!("waiting for {} to boot", instance.id);
+                self.set_status(key, rec, Phase::Provisioning, reason, None, None, None);
+                self.wake(key, REQUEUE_FAST);
+            }
+            InstanceState::Stopped | InstanceState::Terminating => {
+                self.end_attempt(key, job, rec, attempts, a, instance, "preempted", None);
+            }
+            InstanceState::Running => self.running_instance(key, job, rec, attempts, a, instance),
+        }
+    }
+
+    fn running_instance(
+        &mut self,
+        key: &QueueKey,
+        job: &'a Job,
+        rec: &RunRecord,
+        attempts: &[&AttemptRecord],
+        a: &AttemptRecord,
+        instance: &'a Instance,
+    ) {
+        let status = match self.observed.agents.get(&a.tag) {
+            None => {
+                // Not observed this pass: no news is no decision.
+                self.wake(key, REQUEUE_RUNNING);
+                return;
+            }
+            Some(AgentObservation::Unreachable { .. }) => {
+                self.wake(key, REQUEUE_FAST);
+                return;
+            }
+            Some(AgentObservation::NotStarted) => {
+                let reason = format!("starting on {}/{}", instance.provider, instance.id);
+                self.set_status(key, rec, Phase::Starting, reason, None, None, None);
+                self.push(
+                    key,
+                    Op::Start {
+                        run: rec.name.clone(),
+                        attempt: a.attempt,
+                        instance: instance.clone(),
+                    },
+                );
+                return;
+            }
+            Some(AgentObservation::Status(s)) => s,
+        };
+        let exceeded = job.spec.max_duration.is_some_and(|max| {
+            status
+                .started_at
+                .is_some_and(|t| self.now - t > max.as_secs() as i64)
+        });
+        let stop_budget = budget::over_limit(job, &self.desired.budgets, &self.budgets)
+            .into_iter()
+            .find(|b| b.action == BudgetAction::Stop)
+            .map(BudgetState::reason);
+        let exit = status.exit_code;
+        match status.state {
+            s if !s.is_finished() && exceeded => {
+                self.end_attempt(key, job, rec, attempts, a, instance, "timed-out", exit);
+            }
+            s if !s.is_finished() && stop_budget.is_some() => {
+                self.end_attempt(key, job, rec, attempts, a, instance, "budget", exit);
+            }
+            AgentState::Starting | AgentState::Setup => {
+                let reason = format!("running setup on {}/{}", instance.provider, instance.id);
+                self.set_status(
+                    key,
+                    rec,
+                    Phase::Starting,
+                    reason,
+                    status.progress,
+                    None,
+                    None,
+                );
+                self.wake(key, REQUEUE_FAST);
+            }
+            AgentState::Running => {
+                let beat = status.heartbeat.or(status.started_at);
+                if beat.is_some_and(|h| self.now - h > HEARTBEAT_STALE_SECS) {
+                    self.end_attempt(key, job, rec, attempts, a, instance, "lost", exit);
+                    return;
+                }
+                let reason = format!("running on {}/{}", instance.provider, instance.id);
+                self.set_status(
+                    key,
+                    rec,
+                    Phase::Running,
+                    reason,
+                    status.progress,
+                    None,
+                    None,
+                );
+                self.wake(key, REQUEUE_RUNNING);
+            }
+            AgentState::Succeeded => {
+                self.end_attempt(key, job, rec, attempts, a, instance, "succeeded", exit)
+            }
+            AgentState::Failed => {
+                self.end_attempt(key, job, rec, attempts, a, instance, "failed", exit)
+            }
+            AgentState::TimedOut => {
+                self.end_attempt(key, job, rec, attempts, a, instance, "timed-out", exit)
+            }
+            AgentState::Stopped => {
+                self.end_attempt(key, job, rec, attempts, a, instance, "stopped", exit)
+            }
+        }
+    }
+
+    /// The attempt ends with `outcome`: bring home what it made (when it ran), record the
+    /// decision (retry or finish), and destroy its instance.
+    #[allow(clippy::too_many_arguments)]
+    fn end_attempt(
+        &mut self,
+        key: &QueueKey,
+        job: &'a Job,
+        rec: &RunRecord,
+        attempts: &[&AttemptRecord],
+        a: &AttemptRecord,
+        instance: &Instance,
+        outcome: &str,
+        exit_code: Option<i32>,
+    ) {
+        let ran = matches!(outcome, "succeeded" | "failed" | "timed-out");
+        if ran {
+            self.push(
+                key,
+                Op::Collect {
+                    run: rec.name.clone(),
+                    attempt: a.attempt,
+                    instance: instance.clone(),
+                },
+            );
+        }
+        let (phase, reason) = match outcome {
+            "budget" => (
+                Phase::Pending,
+                budget::over_limit(job, &self.desired.budgets, &self.budgets)
+                    .first()
+                    .map_or_else(|| "stopped by budget".to_string(), |b| b.reason()),
+            ),
+            _ => decide(job, attempts, a, outcome, exit_code),
+        };
+        self.set_status(
+            key,
+            rec,
+            phase,
+            reason,
+            None,
+            exit_code,
+            Some((a.attempt, outcome)),
+        );
+        self.destroy_orphan(
+            key,
+            Some(&rec.name),
+            instance,
+            &format!("attempt {} ended: {outcome}", a.attempt),
+        );
+    }
+
+    /// Emits a SetStatus when anything would change (or an outcome is to be recorded).
+    #[allow(clippy::too_many_arguments)]
+    fn set_status(
+        &mut self,
+        key: &QueueKey,
+        rec: &RunRecord,
+        phase: Phase,
+        reason: String,
+        progress: Option<Progress>,
+        exit_code: Option<i32>,
+        outcome: Option<(u32, &str)>,
+    ) {
+        let old_progress = rec.progress_done.map(|done| Progress {
+            done,
+            total: rec.progress_total,
+        });
+        let progress = progress.or(old_progress);
+        let unchanged = rec.phase == phase
+            && rec.reason == reason
+            && old_progress == progress
+            && (exit_code.is_none() || rec.exit_code == exit_code)
+            && outcome.is_none();
+        if unchanged {
+            return;
+        }
+        self.push(
+            key,
+            Op::SetStatus(StatusUpdate {
+                run: rec.name.clone(),
+                phase,
+                reason,
+                progress,
+                exit_code,
+                outcome: outcome.map(|(a, o)| (a, o.to_string())),
+            }),
+        );
+    }
+}
+
+/// True when `i` is the instance attempt `a` holds (any instance with its tag while the
+/// attempt has no id yet).
+fn owned_by(a: &AttemptRecord, i: &Instance) -> bool {
+    i.provider == a.provider && a.instance_id.as_ref().is_none_or(|id| *id == i.id)
+}
+
+fn new_record(job: &Job, spec: &RunSpec, now: Timestamp) -> RunRecord {
+    RunRecord {
+        name: spec.name.clone(),
+        job: job.name.clone(),
+        index: spec.index,
+        seq: 0,
+        phase: Phase::Pending,
+        reason: String::new(),
+        spec_hash: job.spec_hash.clone(),
+        matrix: spec.matrix.clone(),
+        attempt: 0,
+        placement_index: 0,
+        provider: None,
+        instance_id: None,
+        host: None,
+        gpu: None,
+        price_per_hour: None,
+        cost_usd: 0.0,
+        progress_done: None,
+        progress_total: None,
+        exit_code: None,
+        repository: None,
+        commit: None,
+        commit_message: None,
+        author: None,
+        dirty: false,
+        diff: None,
+        created_at: now,
+        updated_at: now,
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+/// `2026-11-23 05:23:00 UTC`.
+fn render_time(at: Timestamp) -> String {
+    chrono::DateTime::from_timestamp(at, 0).map_or_else(
+        || at.to_string(),
+        |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+    )
+}
+
+/// Outcomes where the job actually ran and counts against `max_restarts`.
+fn restart_kind(outcome: &str) -> Option<crate::manifest::RetryOn> {
+    use crate::manifest::RetryOn;
+    match outcome {
+        "preempted" | "lost" => Some(RetryOn::Preemption),
+        "failed" => Some(RetryOn::Error),
+        _ => None,
+    }
+}
+
+fn no_capacity(outcome: &str) -> bool {
+    matches!(outcome, "no-capacity" | "rejected")
+}
+
+/// Folds the ended attempts in order: what follows the last one, and whether it closed
+/// a generation (the run finished). Restarts are counted within a generation, so an
+/// edited job's fresh attempt starts with all its restarts.
+fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next {
+    let retry = &job.spec.retry;
+    let placements = job.spec.placement.len().max(1) as u32;
+    let mut restarts = 0u32;
+    let mut no_cap = 0u32;
+    let mut next = Next::Create {
+        placement_index: 0,
+        not_before: i64::MIN,
+        reason: String::new(),
+    };
+    for a in attempts.iter().filter(|a| a.outcome.is_some()) {
+        let outcome = a.outcome.as_deref().unwrap_or_default();
+        let same = a.placement_index;
+        if outcome.ends_with(SPEC_CHANGED) {
+            // The job was edited after this attempt finished the run: a fresh start.
+            restarts = 0;
+            no_cap = 0;
+            next = Next::Create {
+                placement_index: 0,
+                not_before: i64::MIN,
+                reason: "spec changed; starting afresh".into(),
+            };
+            continue;
+        }
+        next = if no_capacity(outcome) {
+            no_cap += 1;
+            let next_index = (same + 1) % placements;
+            let wait = backoff_delay(no_cap).as_secs() as i64;
+            let at = a.released_at.unwrap_or(a.intent_at) + wait;
+            if outcome == "no-capacity"
+                && !retry.retries(crate::manifest::RetryOn::NoCapacity)
+                && no_cap >= placements
+            {
+                Next::Finished {
+                    phase: Phase::Failed,
+                    reason: "no capacity on any placement".into(),
+                }
+            } else {
+                let provider = job
+                    .spec
+                    .placement
+                    .get(same as usize)
+                    .map_or("?", |p| p.provider.as_str());
+                Next::Create {
+                    placement_index: next_index,
+                    not_before: at,
+                    reason: format!(
+                        "{} on {provider}, next try at {}",
+                        outcome.replace('-', " "),
+                        render_time(at)
+                    ),
+                }
+            }
+        } else {
+            no_cap = 0;
+            match (outcome, restart_kind(outcome)) {
+                ("succeeded", _) => Next::Finished {
+                    phase: Phase::Succeeded,
+                    reason: "exit code 0".into(),
+                },
+                ("timed-out", _) => Next::Finished {
+                    phase: Phase::Failed,
+                    reason: "exceeded max_duration".into(),
+                },
+                (_, Some(on)) => {
+                    let what = match outcome {
+                        "failed" => match exit_code {
+                            Some(c) => format!("failed with exit code {c}"),
+                            None => "failed".to_string(),
+                        },
+                        "lost" => "agent lost (heartbeat stale)".to_string(),
+                        _ => "instance preempted".to_string(),
+                    };
+                    if !retry.retries(on) {
+                        Next::Finished {
+                            phase: Phase::Failed,
+                            reason: what,
+                        }
+                    } else if restarts >= retry.max_restarts {
+                        Next::Finished {
+                            phase: Phase::Failed,
+                            reason: format!("{what}; all {} restarts used", retry.max_restarts),
+                        }
+                    } else {
+                        restarts += 1;
+                        Next::Create {
+                            placement_index: same,
+                            not_before: i64::MIN,
+                            reason: format!("{what}; restart {restarts} of {}", retry.max_restarts),
+                        }
+                    }
+                }
+                // Stopped by a budget, superseded, deleted then re-applied: go again,
+                // without counting a restart.
+                _ => Next::Create {
+                    placement_index: same,
+                    not_before: i64::MIN,
+                    reason: format!("attempt {} ended: {outcome}", a.attempt),
+                },
+            }
+        };
+    }
+    next
+}
+
+/// What follows the ended attempts of a run.
+fn next_step(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next {
+    fold(job, attempts, exit_code)
+}
+
+/// The phase and reason a run takes when its live attempt `a` ends with `outcome`.
+fn decide(
+    job: &Job,
+    attempts: &[&AttemptRecord],
+    a: &AttemptRecord,
+    outcome: &str,
+    exit_code: Option<i32>,
+) -> (Phase, String) {
+    let mut ended = a.clone();
+    ended.outcome = Some(outcome.to_string());
+    let mut hypothetical: Vec<&AttemptRecord> = attempts
+        .iter()
+        .copied()
+        .filter(|x| x.attempt != a.attempt)
+        .collect();
+    hypothetical.push(&ended);
+    hypothetical.sort_by_key(|x| x.attempt);
+    match fold(job, &hypothetical, exit_code) {
+        Next::Finished { phase, reason } => (phase, reason),
+        Next::Create { reason, .. } => (Phase::Pending, reason),
+    }
+}

@@ -1,0 +1,171 @@
+//! The conformance suite every `Provider` backend must pass. Each backend supplies a
+//! factory for a fresh provider (and, where it can, a way to plant a machine asimov did
+//! not create); the suite then checks the contract the planner relies on.
+
+use asimov::manifest::{Placement, Resources};
+use asimov::model::{OwnerTag, ProviderKind};
+use asimov::provider::fake::{FakeConfig, FakeProvider};
+use asimov::provider::{CreateRequest, ErrorKind, InstanceState, Provider};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A provider under test, fresh for each check.
+pub struct Harness {
+    pub provider: Arc<dyn Provider>,
+    /// Plants a machine without an asimov tag, when the backend can.
+    pub plant_untagged: Option<Box<dyn Fn() + Send + Sync>>,
+    /// How long an instance may take to become `Running`.
+    pub boot_timeout: Duration,
+}
+
+fn request(kind: ProviderKind, run: &str, attempt: u32) -> CreateRequest {
+    CreateRequest {
+        tag: OwnerTag::new("conformance", run, attempt),
+        placement: Placement {
+            provider: kind,
+            ..Placement::local()
+        },
+        resources: Resources::default(),
+        image: None,
+    }
+}
+
+/// Runs every check against providers made by `make`.
+pub async fn conformance<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Harness>,
+{
+    create_carries_tag_and_is_listed(make().await).await;
+    destroy_then_not_listed(make().await).await;
+    destroy_of_gone_instance_is_not_found(make().await).await;
+    list_shows_only_asimov_tags(make().await).await;
+    listed_instance_reaches_running_with_a_machine(make().await).await;
+}
+
+async fn create_carries_tag_and_is_listed(h: Harness) {
+    let p = &h.provider;
+    let req = request(p.kind(), "conf-0", 1);
+    let created = p.create(&req).await.expect("create");
+    assert_eq!(created.tag, req.tag, "create returns the tag it was given");
+    assert_eq!(created.provider, p.kind());
+    let listed = p.list().await.expect("list");
+    let found: Vec<_> = listed.iter().filter(|i| i.id == created.id).collect();
+    assert_eq!(found.len(), 1, "created instance listed once: {listed:?}");
+    assert_eq!(found[0].tag, req.tag, "listing carries the tag");
+    p.destroy(&created.id).await.expect("cleanup");
+}
+
+async fn destroy_then_not_listed(h: Harness) {
+    let p = &h.provider;
+    let a = p
+        .create(&request(p.kind(), "conf-1", 1))
+        .await
+        .expect("create a");
+    let b = p
+        .create(&request(p.kind(), "conf-2", 1))
+        .await
+        .expect("create b");
+    p.destroy(&a.id).await.expect("destroy");
+    let listed = p.list().await.expect("list");
+    let gone = listed
+        .iter()
+        .all(|i| i.id != a.id || i.state == InstanceState::Terminating);
+    assert!(gone, "destroyed instance still listed as alive: {listed:?}");
+    assert!(
+        listed.iter().any(|i| i.id == b.id),
+        "the other instance is untouched"
+    );
+    p.destroy(&b.id).await.expect("cleanup");
+}
+
+async fn destroy_of_gone_instance_is_not_found(h: Harness) {
+    let p = &h.provider;
+    let a = p
+        .create(&request(p.kind(), "conf-3", 1))
+        .await
+        .expect("create");
+    p.destroy(&a.id).await.expect("destroy");
+    let again = p
+        .destroy(&a.id)
+        .await
+        .expect_err("second destroy must fail");
+    assert_eq!(again.kind, ErrorKind::NotFound, "{again}");
+    let never = p
+        .destroy(&"no-such-instance-0".to_string())
+        .await
+        .expect_err("destroy of an unknown id must fail");
+    assert_eq!(never.kind, ErrorKind::NotFound, "{never}");
+}
+
+async fn list_shows_only_asimov_tags(h: Harness) {
+    let p = &h.provider;
+    if let Some(plant) = &h.plant_untagged {
+        plant();
+    }
+    let a = p
+        .create(&request(p.kind(), "conf-4", 1))
+        .await
+        .expect("create");
+    let listed = p.list().await.expect("list");
+    for i in &listed {
+        let rendered = i.tag.render();
+        assert_eq!(
+            OwnerTag::parse(&rendered).as_ref(),
+            Some(&i.tag),
+            "listed a tag asimov cannot parse back: {rendered}"
+        );
+    }
+    assert_eq!(
+        listed.len(),
+        1,
+        "only the asimov instance is listed: {listed:?}"
+    );
+    p.destroy(&a.id).await.expect("cleanup");
+}
+
+async fn listed_instance_reaches_running_with_a_machine(h: Harness) {
+    let p = &h.provider;
+    let a = p
+        .create(&request(p.kind(), "conf-5", 1))
+        .await
+        .expect("create");
+    let deadline = tokio::time::Instant::now() + h.boot_timeout;
+    let running = loop {
+        let listed = p.list().await.expect("list");
+        if let Some(i) = listed
+            .into_iter()
+            .find(|i| i.id == a.id && i.state == InstanceState::Running)
+        {
+            break i;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instance never became running"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        running.endpoint.is_some(),
+        "a running instance has an endpoint"
+    );
+    let machine = p.machine(&running).expect("machine of a running instance");
+    let status = machine.observe().await.expect("observe");
+    assert_eq!(status, None, "nothing was started on a fresh instance");
+    p.destroy(&a.id).await.expect("cleanup");
+}
+
+#[tokio::test(start_paused = true)]
+async fn fake_provider_conforms() {
+    conformance(|| async {
+        let fake = Arc::new(FakeProvider::new(FakeConfig::default()));
+        let planter = Arc::clone(&fake);
+        Harness {
+            provider: fake,
+            plant_untagged: Some(Box::new(move || planter.add_foreign("my-own-box"))),
+            boot_timeout: Duration::from_secs(60),
+        }
+    })
+    .await;
+}

@@ -1,0 +1,889 @@
+//! Planner table tests: every case goes through `check`, which renders the plan as
+//! stable text and compares it with an insta snapshot.
+
+use asimov::agent::{AgentState, AgentStatus};
+use asimov::manifest::{
+    Budget, BudgetAction, Job, JobSpec, Origin, Placement, Resources, RetryOn, RetryPolicy,
+    RunSpec, Schedule, Source,
+};
+use asimov::model::{OwnerTag, Phase, Progress, ProviderKind, Timestamp};
+use asimov::provider::{ErrorKind, Instance, InstanceState};
+use asimov::reconcile::{AgentObservation, Desired, History, ListResult, Observed, plan};
+use asimov::store::{AttemptRecord, RunRecord};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+const ME: &str = "ctl1";
+const NOW: Timestamp = 1_800_000_000;
+
+fn check(desired: &Desired, observed: &Observed, history: &History, now: Timestamp, name: &str) {
+    let p = plan(desired, observed, history, now);
+    // Pure: the same inputs give the same plan.
+    assert_eq!(p, plan(desired, observed, history, now));
+    insta::assert_snapshot!(name, p.render());
+}
+
+fn job(name: &str, runs: u32, placement: &[ProviderKind]) -> Job {
+    Job {
+        name: name.into(),
+        labels: BTreeMap::new(),
+        spec: JobSpec {
+            source: Source::None,
+            files: vec![],
+            setup: vec![],
+            run: "python train.py".into(),
+            env: BTreeMap::new(),
+            secrets: vec![],
+            resources: Resources::default(),
+            placement: placement
+                .iter()
+                .map(|p| Placement {
+                    provider: *p,
+                    ..Placement::local()
+                })
+                .collect(),
+            image: None,
+            max_duration: None,
+            retry: RetryPolicy::default(),
+            checkpoint: None,
+            artifacts: None,
+            stop_when: vec![],
+            schedule: None,
+            budget: None,
+        },
+        runs: (0..runs)
+            .map(|i| RunSpec {
+                name: format!("{name}-{i}"),
+                index: i,
+                matrix: BTreeMap::new(),
+                command: "python train.py".into(),
+                setup: vec![],
+                git_ref: None,
+            })
+            .collect(),
+        spec_hash: "h1".into(),
+        origin: Origin {
+            file: "job.yaml".into(),
+            line: 1,
+        },
+    }
+}
+
+fn desired(jobs: Vec<Job>) -> Desired {
+    Desired {
+        jobs,
+        budgets: vec![],
+        controller: ME.into(),
+    }
+}
+
+fn listed(provider: ProviderKind, instances: Vec<Instance>) -> Observed {
+    let mut o = Observed::default();
+    o.listed.insert(provider, ListResult::Listed(instances));
+    o
+}
+
+fn instance(provider: ProviderKind, id: &str, tag: OwnerTag, state: InstanceState) -> Instance {
+    Instance {
+        provider,
+        id: id.into(),
+        tag,
+        state,
+        endpoint: None,
+        gpu: Some("H100".into()),
+        price_per_hour: 2.0,
+        created_at: Some(NOW - 600),
+        host: None,
+    }
+}
+
+fn tag(run: &str, attempt: u32) -> OwnerTag {
+    OwnerTag::new(ME, run, attempt)
+}
+
+fn record(run: &str, job: &str, phase: Phase, attempt: u32) -> RunRecord {
+    RunRecord {
+        name: run.into(),
+        job: job.into(),
+        index: 0,
+        seq: 1,
+        phase,
+        reason: String::new(),
+        spec_hash: "h1".into(),
+        matrix: BTreeMap::new(),
+        attempt,
+        placement_index: 0,
+        provider: None,
+        instance_id: None,
+        host: None,
+        gpu: None,
+        price_per_hour: None,
+        cost_usd: 0.0,
+        progress_done: None,
+        progress_total: None,
+        exit_code: None,
+        repository: None,
+        commit: None,
+        commit_message: None,
+        author: None,
+        dirty: false,
+        diff: None,
+        created_at: NOW - 1000,
+        updated_at: NOW - 1000,
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+fn attempt(run: &str, n: u32, provider: ProviderKind, instance: Option<&str>) -> AttemptRecord {
+    AttemptRecord {
+        run: run.into(),
+        attempt: n,
+        tag: tag(run, n).render(),
+        provider,
+        placement_index: 0,
+        instance_id: instance.map(str::to_string),
+        host: None,
+        intent_at: NOW - 700,
+        released_at: None,
+        outcome: None,
+    }
+}
+
+fn released(mut a: AttemptRecord, outcome: &str, at: Timestamp) -> AttemptRecord {
+    a.outcome = Some(outcome.into());
+    a.released_at = Some(at);
+    a
+}
+
+fn history(runs: Vec<RunRecord>, attempts: Vec<AttemptRecord>) -> History {
+    let mut h = History::default();
+    for r in runs {
+        h.runs.insert(r.name.clone(), r);
+    }
+    for a in attempts {
+        h.attempts.entry(a.run.clone()).or_default().push(a);
+    }
+    h
+}
+
+fn agent(state: AgentState, progress: Option<(u64, u64)>, exit: Option<i32>) -> AgentObservation {
+    AgentObservation::Status(AgentStatus {
+        state,
+        exit_code: exit,
+        heartbeat: Some(NOW - 5),
+        started_at: Some(NOW - 300),
+        finished_at: None,
+        progress: progress.map(|(done, t)| Progress {
+            done,
+            total: Some(t),
+        }),
+    })
+}
+
+const FAKE: ProviderKind = ProviderKind::Fake;
+
+#[test]
+fn create_new_run() {
+    let d = desired(vec![job("train", 2, &[FAKE])]);
+    check(
+        &d,
+        &listed(FAKE, vec![]),
+        &History::default(),
+        NOW,
+        "create_new_run",
+    );
+}
+
+#[test]
+fn recorded_run_without_attempt_creates() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let h = history(vec![record("train-0", "train", Phase::Pending, 0)], vec![]);
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "recorded_run_creates");
+}
+
+#[test]
+fn unconfigured_provider_blocks() {
+    let d = desired(vec![job("train", 1, &[ProviderKind::Lambda])]);
+    let h = history(vec![record("train-0", "train", Phase::Pending, 0)], vec![]);
+    check(
+        &d,
+        &listed(FAKE, vec![]),
+        &h,
+        NOW,
+        "unconfigured_provider_blocks",
+    );
+}
+
+#[test]
+fn adopt_listed_intent() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let h = history(
+        vec![record("train-0", "train", Phase::Provisioning, 1)],
+        vec![attempt("train-0", 1, FAKE, None)],
+    );
+    let o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-7",
+            tag("train-0", 1),
+            InstanceState::Provisioning,
+        )],
+    );
+    check(&d, &o, &h, NOW, "adopt_listed_intent");
+}
+
+#[test]
+fn start_on_running_instance() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let h = history(
+        vec![record("train-0", "train", Phase::Provisioning, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    let mut o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-7",
+            tag("train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    o.agents
+        .insert(tag("train-0", 1).render(), AgentObservation::NotStarted);
+    check(&d, &o, &h, NOW, "start_on_running_instance");
+}
+
+#[test]
+fn running_reports_progress_then_idles() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut rec = record("train-0", "train", Phase::Starting, 1);
+    let h = history(
+        vec![rec.clone()],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    let mut o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-7",
+            tag("train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    o.agents.insert(
+        tag("train-0", 1).render(),
+        agent(AgentState::Running, Some((3, 10)), None),
+    );
+    check(&d, &o, &h, NOW, "running_reports_progress");
+    // Once recorded, the same observation changes nothing.
+    rec.phase = Phase::Running;
+    rec.reason = "running on fake/i-7".into();
+    rec.progress_done = Some(3);
+    rec.progress_total = Some(10);
+    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    check(&d, &o, &h, NOW, "running_steady_state");
+}
+
+#[test]
+fn restart_on_preemption() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let h = history(
+        vec![record("train-0", "train", Phase::Running, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "preempted_is_released");
+    // Next pass: the released attempt is followed by a new one on the same placement.
+    let mut rec = record("train-0", "train", Phase::Pending, 1);
+    rec.reason = "instance preempted; restart 1 of 3".into();
+    let h = history(
+        vec![rec],
+        vec![released(
+            attempt("train-0", 1, FAKE, Some("i-7")),
+            "preempted",
+            NOW - 1,
+        )],
+    );
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "preempted_restarts");
+}
+
+#[test]
+fn preemption_not_retried_fails() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec.retry = RetryPolicy {
+        on: vec![RetryOn::Error],
+        max_restarts: 3,
+    };
+    let h = history(
+        vec![record("train-0", "train", Phase::Running, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    check(
+        &desired(vec![j]),
+        &listed(FAKE, vec![]),
+        &h,
+        NOW,
+        "preemption_not_retried",
+    );
+}
+
+#[test]
+fn failure_retried_then_exhausted() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec.retry = RetryPolicy {
+        on: vec![RetryOn::Error],
+        max_restarts: 1,
+    };
+    let d = desired(vec![j]);
+    let o = |id: &str, n: u32| {
+        let mut o = listed(
+            FAKE,
+            vec![instance(
+                FAKE,
+                id,
+                tag("train-0", n),
+                InstanceState::Running,
+            )],
+        );
+        o.agents.insert(
+            tag("train-0", n).render(),
+            agent(AgentState::Failed, Some((5, 10)), Some(3)),
+        );
+        o
+    };
+    let h = history(
+        vec![record("train-0", "train", Phase::Running, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-1"))],
+    );
+    check(&d, &o("i-1", 1), &h, NOW, "failure_retried");
+    let h = history(
+        vec![record("train-0", "train", Phase::Running, 2)],
+        vec![
+            released(
+                attempt("train-0", 1, FAKE, Some("i-1")),
+                "failed",
+                NOW - 400,
+            ),
+            attempt("train-0", 2, FAKE, Some("i-2")),
+        ],
+    );
+    check(&d, &o("i-2", 2), &h, NOW, "failure_retries_exhausted");
+}
+
+#[test]
+fn destroy_on_success() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let inst = instance(FAKE, "i-7", tag("train-0", 1), InstanceState::Running);
+    let mut o = listed(FAKE, vec![inst.clone()]);
+    o.agents.insert(
+        tag("train-0", 1).render(),
+        agent(AgentState::Succeeded, Some((10, 10)), Some(0)),
+    );
+    let h = history(
+        vec![record("train-0", "train", Phase::Running, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    check(&d, &o, &h, NOW, "success_collects_and_destroys");
+    // The destroy did not land yet: destroy again; once gone: release; then idle.
+    let mut rec = record("train-0", "train", Phase::Succeeded, 1);
+    rec.reason = "exit code 0".into();
+    let mut a = attempt("train-0", 1, FAKE, Some("i-7"));
+    a.outcome = Some("succeeded".into());
+    let h = history(vec![rec.clone()], vec![a.clone()]);
+    check(
+        &d,
+        &listed(FAKE, vec![inst]),
+        &h,
+        NOW,
+        "success_destroy_again",
+    );
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "success_release");
+    let h = history(vec![rec], vec![released(a, "succeeded", NOW)]);
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "success_idle");
+}
+
+#[test]
+fn orphans_are_destroyed() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut rec = record("train-0", "train", Phase::Running, 2);
+    rec.reason = "running on fake/i-2".into();
+    let h = history(
+        vec![rec],
+        vec![
+            released(
+                attempt("train-0", 1, FAKE, Some("i-1")),
+                "preempted",
+                NOW - 500,
+            ),
+            attempt("train-0", 2, FAKE, Some("i-2")),
+        ],
+    );
+    let o = listed(
+        FAKE,
+        vec![
+            // A run nobody knows.
+            instance(FAKE, "i-9", tag("ghost-0", 1), InstanceState::Running),
+            // An attempt already released that came back.
+            instance(FAKE, "i-1", tag("train-0", 1), InstanceState::Running),
+            // The live one: kept.
+            instance(FAKE, "i-2", tag("train-0", 2), InstanceState::Running),
+            // A second instance under the live tag.
+            instance(FAKE, "i-3", tag("train-0", 2), InstanceState::Running),
+            // An attempt number never recorded.
+            instance(FAKE, "i-4", tag("train-0", 5), InstanceState::Running),
+        ],
+    );
+    check(&d, &o, &h, NOW, "orphans_are_destroyed");
+}
+
+#[test]
+fn other_controllers_instances_are_left_alone() {
+    let d = desired(vec![]);
+    let o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-1",
+            OwnerTag::new("someone-else", "train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    check(
+        &d,
+        &o,
+        &History::default(),
+        NOW,
+        "other_controller_left_alone",
+    );
+}
+
+fn budget(action: BudgetAction) -> Budget {
+    Budget {
+        name: "team-a".into(),
+        labels: BTreeMap::new(),
+        limit_usd: 10.0,
+        period: None,
+        selector: BTreeMap::new(),
+        action,
+        origin: Origin {
+            file: "b.yaml".into(),
+            line: 1,
+        },
+    }
+}
+
+#[test]
+fn blocked_by_budget() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec.budget = Some("team-a".into());
+    let mut d = desired(vec![j]);
+    d.budgets = vec![budget(BudgetAction::Block)];
+    let mut h = history(vec![record("train-0", "train", Phase::Pending, 0)], vec![]);
+    h.spent.insert("team-a".into(), 10.5);
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "blocked_by_budget");
+    // Under the limit: created.
+    h.spent.insert("team-a".into(), 9.0);
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "under_budget_creates");
+}
+
+#[test]
+fn budget_stop_destroys_running() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec.budget = Some("team-a".into());
+    let mut d = desired(vec![j]);
+    d.budgets = vec![budget(BudgetAction::Stop)];
+    let mut h = history(
+        vec![record("train-0", "train", Phase::Running, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    // $9 in the ledger plus 10 minutes at $2/h of the live instance: over $10.
+    h.spent.insert("team-a".into(), 9.9);
+    let mut o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-7",
+            tag("train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    o.agents.insert(
+        tag("train-0", 1).render(),
+        agent(AgentState::Running, Some((3, 10)), None),
+    );
+    check(&d, &o, &h, NOW, "budget_stop_destroys_running");
+}
+
+#[test]
+fn scheduled_in_future_waits() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec.schedule = Some(Schedule { at: NOW + 3600 });
+    let h = history(vec![record("train-0", "train", Phase::Pending, 0)], vec![]);
+    check(
+        &desired(vec![j]),
+        &listed(FAKE, vec![]),
+        &h,
+        NOW,
+        "scheduled_in_future",
+    );
+}
+
+fn failed_listing() -> Observed {
+    let mut o = Observed::default();
+    o.listed.insert(
+        FAKE,
+        ListResult::Failed {
+            kind: ErrorKind::Transient,
+            message: "connection reset".into(),
+        },
+    );
+    o
+}
+
+#[test]
+fn failed_listing_never_destroys_or_forgets() {
+    // A running run whose instance the failed listing does not show: not preempted.
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut rec = record("train-0", "train", Phase::Running, 1);
+    rec.reason = "running on fake/i-7".into();
+    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    check(&d, &failed_listing(), &h, NOW, "failed_listing_running");
+    // A deleted job: marked Deleting, but not released nor forgotten.
+    let mut rec = record("old-0", "old", Phase::Deleting, 1);
+    rec.reason = "job deleted".into();
+    let h = history(vec![rec], vec![attempt("old-0", 1, FAKE, Some("i-3"))]);
+    check(
+        &desired(vec![]),
+        &failed_listing(),
+        &h,
+        NOW,
+        "failed_listing_deleted",
+    );
+}
+
+#[test]
+fn intent_grace_before_recreate() {
+    let vast = ProviderKind::Vast;
+    let d = desired(vec![job("train", 1, &[vast])]);
+    let mut a = attempt("train-0", 1, vast, None);
+    a.intent_at = NOW - 30;
+    let h = history(
+        vec![record("train-0", "train", Phase::Provisioning, 1)],
+        vec![a.clone()],
+    );
+    check(
+        &d,
+        &listed(vast, vec![]),
+        &h,
+        NOW,
+        "intent_within_grace_waits",
+    );
+    a.intent_at = NOW - 130;
+    let h = history(
+        vec![record("train-0", "train", Phase::Provisioning, 1)],
+        vec![a],
+    );
+    check(
+        &d,
+        &listed(vast, vec![]),
+        &h,
+        NOW,
+        "intent_after_grace_recreates_same_tag",
+    );
+}
+
+#[test]
+fn placement_failover_loops_back() {
+    let ps = [ProviderKind::Lambda, ProviderKind::Vast, FAKE];
+    let mut j = job("train", 1, &ps);
+    j.spec.retry = RetryPolicy {
+        on: vec![RetryOn::NoCapacity],
+        max_restarts: 0,
+    };
+    let d = desired(vec![j]);
+    let mut o = Observed::default();
+    for p in ps {
+        o.listed.insert(p, ListResult::Listed(vec![]));
+    }
+    let nc = |n: u32, p: ProviderKind, idx: u32, at: Timestamp| {
+        let mut a = released(attempt("train-0", n, p, None), "no-capacity", at);
+        a.placement_index = idx;
+        a
+    };
+    // Lambda full: next is Vast after a 5 s backoff.
+    let h = history(
+        vec![record("train-0", "train", Phase::Pending, 1)],
+        vec![nc(1, ps[0], 0, NOW - 10)],
+    );
+    check(&d, &o, &h, NOW, "failover_to_second");
+    // All three full, the last just now: wait for the backoff, then loop back to Lambda.
+    let h = history(
+        vec![record("train-0", "train", Phase::Pending, 3)],
+        vec![
+            nc(1, ps[0], 0, NOW - 100),
+            nc(2, ps[1], 1, NOW - 50),
+            nc(3, ps[2], 2, NOW - 1),
+        ],
+    );
+    check(&d, &o, &h, NOW, "failover_backoff_waits");
+    check(&d, &o, &h, NOW + 30, "failover_loops_back_to_first");
+}
+
+#[test]
+fn no_capacity_not_retried_fails_after_every_placement() {
+    let ps = [ProviderKind::Lambda, FAKE];
+    let mut j = job("train", 1, &ps);
+    j.spec.retry = RetryPolicy {
+        on: vec![],
+        max_restarts: 0,
+    };
+    let mut o = Observed::default();
+    for p in ps {
+        o.listed.insert(p, ListResult::Listed(vec![]));
+    }
+    let mut a2 = released(attempt("train-0", 2, FAKE, None), "no-capacity", NOW - 1);
+    a2.placement_index = 1;
+    let h = history(
+        vec![record("train-0", "train", Phase::Pending, 2)],
+        vec![
+            released(attempt("train-0", 1, ps[0], None), "no-capacity", NOW - 20),
+            a2,
+        ],
+    );
+    check(
+        &desired(vec![j]),
+        &o,
+        &h,
+        NOW,
+        "no_capacity_not_retried_fails",
+    );
+}
+
+#[test]
+fn deleted_job_destroys_then_forgets() {
+    let d = desired(vec![]);
+    let h = history(
+        vec![record("old-0", "old", Phase::Running, 1)],
+        vec![attempt("old-0", 1, FAKE, Some("i-3"))],
+    );
+    let o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-3",
+            tag("old-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    check(&d, &o, &h, NOW, "deleted_destroys");
+    let mut rec = record("old-0", "old", Phase::Deleting, 1);
+    rec.reason = "job deleted".into();
+    let h = history(
+        vec![rec.clone()],
+        vec![attempt("old-0", 1, FAKE, Some("i-3"))],
+    );
+    check(&d, &o, &h, NOW, "deleted_still_listed");
+    check(
+        &d,
+        &listed(FAKE, vec![]),
+        &h,
+        NOW,
+        "deleted_gone_releases_and_forgets",
+    );
+    let h = history(
+        vec![rec],
+        vec![released(
+            attempt("old-0", 1, FAKE, Some("i-3")),
+            "deleted",
+            NOW,
+        )],
+    );
+    check(
+        &d,
+        &listed(FAKE, vec![]),
+        &h,
+        NOW,
+        "deleted_released_forgets",
+    );
+}
+
+#[test]
+fn spec_change_on_finished_run_starts_fresh() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec_hash = "h2".into();
+    let mut rec = record("train-0", "train", Phase::Succeeded, 1);
+    rec.reason = "exit code 0".into();
+    let h = history(
+        vec![rec],
+        vec![released(
+            attempt("train-0", 1, FAKE, Some("i-1")),
+            "succeeded",
+            NOW - 50,
+        )],
+    );
+    let d = desired(vec![j]);
+    check(
+        &d,
+        &listed(FAKE, vec![]),
+        &h,
+        NOW,
+        "spec_change_fresh_attempt",
+    );
+    // After the RecordRun landed (it marked attempt 1) but the create did not: still a
+    // fresh attempt, not "Succeeded" again.
+    let mut rec = record("train-0", "train", Phase::Pending, 1);
+    rec.spec_hash = "h2".into();
+    let h = history(
+        vec![rec],
+        vec![released(
+            attempt("train-0", 1, FAKE, Some("i-1")),
+            "succeeded (spec changed)",
+            NOW - 50,
+        )],
+    );
+    check(
+        &d,
+        &listed(FAKE, vec![]),
+        &h,
+        NOW,
+        "spec_change_after_record",
+    );
+}
+
+#[test]
+fn max_duration_exceeded_and_stale_heartbeat() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec.max_duration = Some(Duration::from_secs(60));
+    let h = history(
+        vec![record("train-0", "train", Phase::Running, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    let mut o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-7",
+            tag("train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    o.agents.insert(
+        tag("train-0", 1).render(),
+        agent(AgentState::Running, Some((3, 10)), None),
+    );
+    check(&desired(vec![j]), &o, &h, NOW, "max_duration_exceeded");
+    let mut stale = AgentStatus {
+        state: AgentState::Running,
+        exit_code: None,
+        heartbeat: Some(NOW - 90),
+        started_at: Some(NOW - 300),
+        finished_at: None,
+        progress: None,
+    };
+    o.agents.insert(
+        tag("train-0", 1).render(),
+        AgentObservation::Status(stale.clone()),
+    );
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    check(&d, &o, &h, NOW, "stale_heartbeat_is_lost");
+    stale.heartbeat = Some(NOW - 30);
+    o.agents
+        .insert(tag("train-0", 1).render(), AgentObservation::Status(stale));
+    let mut rec = record("train-0", "train", Phase::Running, 1);
+    rec.reason = "running on fake/i-7".into();
+    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    check(&d, &o, &h, NOW, "fresh_heartbeat_is_fine");
+}
+
+#[test]
+fn planner_sources_stay_pure() {
+    for file in ["src/reconcile/plan.rs", "src/reconcile/budget.rs"] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let text = std::fs::read_to_string(&path).expect("read planner source");
+        for banned in [
+            "tokio",
+            "std::fs",
+            "SystemTime",
+            "Instant::now",
+            "reqwest",
+            "rusqlite",
+        ] {
+            assert!(
+                !text.contains(banned),
+                "{file} mentions {banned}: the planner must stay pure"
+            );
+        }
+    }
+}
+
+#[test]
+fn spec_change_waits_for_the_old_instance_to_go() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec_hash = "h2".into();
+    let mut rec = record("train-0", "train", Phase::Succeeded, 1);
+    rec.reason = "exit code 0".into();
+    let mut a = attempt("train-0", 1, FAKE, Some("i-1"));
+    a.outcome = Some("succeeded".into());
+    let h = history(vec![rec], vec![a]);
+    let o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-1",
+            tag("train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    check(
+        &desired(vec![j]),
+        &o,
+        &h,
+        NOW,
+        "spec_change_waits_for_old_instance",
+    );
+}
+
+#[test]
+fn edited_job_after_exhausted_failure_gets_all_restarts() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec.retry = RetryPolicy {
+        on: vec![RetryOn::Error],
+        max_restarts: 1,
+    };
+    let d = desired(vec![j]);
+    // Attempt 2 exhausted the restarts; the job was then edited (attempt 2 superseded)
+    // and attempt 3 failed: a restart is still left in the new generation.
+    let mut rec = record("train-0", "train", Phase::Running, 3);
+    rec.spec_hash = "h1".into();
+    let h = history(
+        vec![rec],
+        vec![
+            released(
+                attempt("train-0", 1, FAKE, Some("i-1")),
+                "failed",
+                NOW - 900,
+            ),
+            released(
+                attempt("train-0", 2, FAKE, Some("i-2")),
+                "failed (spec changed)",
+                NOW - 800,
+            ),
+            attempt("train-0", 3, FAKE, Some("i-3")),
+        ],
+    );
+    let mut o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-3",
+            tag("train-0", 3),
+            InstanceState::Running,
+        )],
+    );
+    o.agents.insert(
+        tag("train-0", 3).render(),
+        agent(AgentState::Failed, None, Some(1)),
+    );
+    check(&d, &o, &h, NOW, "edited_job_restarts_again");
+}
