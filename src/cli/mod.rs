@@ -2,10 +2,14 @@
 //! bars) and exit codes. The only layer that prints; everything below returns errors
 //! and data.
 
+mod apply;
 mod args;
+mod controller;
 pub mod daemon;
+mod desired;
 mod get;
 pub mod render;
+mod wait;
 
 use crate::home::Home;
 use args::{Cli, Command};
@@ -30,7 +34,13 @@ pub fn run() -> ExitCode {
     match dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {}", chain(err.as_ref()));
+            if let Some(problems) = err.downcast_ref::<crate::manifest::Problems>() {
+                // Every problem at once, one per line, then the one-line reason.
+                eprintln!("{problems}");
+                eprintln!("error: {} problem(s) in the manifests; nothing was changed", problems.0.len());
+            } else {
+                eprintln!("error: {}", chain(err.as_ref()));
+            }
             ExitCode::FAILURE
         }
     }
@@ -71,6 +81,14 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Get { kind, name, output } => {
             init_tracing("warn");
             get::run(&home, kind, name.as_deref(), output)
+        }
+        Command::Apply { files, dry_run, wait } => {
+            init_tracing("warn");
+            apply::run(&home, &files, dry_run, wait)
+        }
+        Command::Controller { manifests, once, background } => {
+            init_tracing("info");
+            controller::run(&home, manifests, once, background)
         }
         _ => {
             init_tracing("warn");
