@@ -129,3 +129,25 @@ pub fn workdir_files(dir: &Path) -> Option<Vec<PathBuf>> {
     files.dedup();
     Some(files)
 }
+
+/// The commit `reference` (default `HEAD`) names in the repository at `repo`, asked of
+/// the repository itself (`git ls-remote`), so that every attempt of a run checks out
+/// the same code even when the branch moves on.
+pub fn resolve_remote_commit(repo: &str, reference: Option<&str>) -> Option<String> {
+    let reference = reference.unwrap_or("HEAD");
+    if reference.len() == 40 && reference.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Some(reference.to_string());
+    }
+    let out = Command::new("git")
+        .args(["ls-remote", "--", repo, reference])
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().next()?;
+    Some(line.split_whitespace().next()?.to_string())
+}

@@ -44,7 +44,7 @@ mod git;
 mod machine;
 mod parse;
 
-pub use git::{GitInfo, capture_git, is_work_tree, workdir_files};
+pub use git::{GitInfo, capture_git, is_work_tree, resolve_remote_commit, workdir_files};
 pub use machine::{AgentMachine, output_name, sh_quote};
 pub use parse::{LOG_MARKER, parse_progress, parse_status};
 

@@ -75,7 +75,11 @@ pub fn running_pid(home: &Home) -> Option<u32> {
 /// started one.
 pub fn ensure_running(home: &Home) -> io::Result<bool> {
     if is_running(home)? {
-        return Ok(false);
+        if !runs_other_binary(home) {
+            return Ok(false);
+        }
+        // An upgraded asimov must not leave the old controller in charge.
+        replace_outdated(home)?;
     }
     let log = OpenOptions::new()
         .create(true)
@@ -120,6 +124,36 @@ pub fn ensure_running(home: &Home) -> io::Result<bool> {
         "the background controller did not start within 5s; see {}",
         home.controller_log().display()
     )))
+}
+
+/// True when the running controller executes a binary other than this one (asimov
+/// was rebuilt or upgraded: the kernel shows the old file as deleted).
+fn runs_other_binary(home: &Home) -> bool {
+    let (Some(pid), Ok(me)) = (running_pid(home), std::env::current_exe()) else {
+        return false;
+    };
+    match std::fs::read_link(format!("/proc/{pid}/exe")) {
+        Ok(theirs) => theirs != me,
+        Err(_) => false,
+    }
+}
+
+/// Asks the outdated controller to stop (SIGTERM: in-flight ops finish) and waits for
+/// its lock to be released.
+fn replace_outdated(home: &Home) -> io::Result<()> {
+    let Some(pid) = running_pid(home) else { return Ok(()) };
+    // SAFETY: signalling a process by pid; no memory is shared.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if !is_running(home)? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(io::Error::other(format!("the outdated controller (pid {pid}) did not stop within 30s")))
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ mod apply;
 mod args;
 mod controller;
 pub mod daemon;
+mod delete;
 mod desired;
 mod get;
 pub mod render;
@@ -85,6 +86,10 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Apply { files, dry_run, wait } => {
             init_tracing("warn");
             apply::run(&home, &files, dry_run, wait)
+        }
+        Command::Delete { target, files, no_wait } => {
+            init_tracing("warn");
+            delete::run(&home, &target, &files, no_wait)
         }
         Command::Controller { manifests, once, background } => {
             init_tracing("info");

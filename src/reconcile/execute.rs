@@ -155,7 +155,7 @@ impl Executor {
                 supersede,
             } => {
                 let existing = self.store(op, |s| s.run(run))?;
-                let rec = match existing {
+                let mut rec = match existing {
                     None => new_run(run, job, *index, spec_hash, matrix, now),
                     Some(mut r) => {
                         r.spec_hash = spec_hash.clone();
@@ -170,6 +170,9 @@ impl Executor {
                         r
                     }
                 };
+                if let Some((job, spec)) = find_run(desired, run) {
+                    record_source(&mut rec, job, spec);
+                }
                 // Mark the superseded attempt first: the run row is what the planner
                 // reads as "done", so it is written last.
                 if let Some(n) = supersede
@@ -462,7 +465,15 @@ impl Executor {
                         attempts: open,
                     });
                 }
-                self.store(op, |s| s.forget_run(run))
+                self.store(op, |s| s.forget_run(run))?;
+                // The kept log belongs to the run; outputs in artifacts/ are the user's.
+                match std::fs::remove_file(self.home.run_log(run)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        tracing::warn!(run = %run, error = %e, "cannot remove the run's log");
+                    }
+                    _ => {}
+                }
+                Ok(())
             }
             Op::Block { run, reason } => {
                 let mut rec = self.run_record(op, run)?;
@@ -577,6 +588,35 @@ pub fn find_run<'a>(desired: &'a Desired, run: &str) -> Option<(&'a Job, &'a Run
         .jobs
         .iter()
         .find_map(|j| j.runs.iter().find(|r| r.name == run).map(|r| (j, r)))
+}
+
+/// Records which code the run executes: for a workdir inside a git work tree, the
+/// commit, its message, the author and the uncommitted diff (jasnah's reproducibility
+/// record); for a git source, the commit its ref points at now, so every attempt runs
+/// the same code.
+fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) {
+    match &job.spec.source {
+        Source::None => {}
+        Source::Workdir(dir) => {
+            if let Some(info) = crate::agent::capture_git(dir) {
+                rec.repository = info.repository;
+                rec.commit = Some(info.commit);
+                rec.commit_message = Some(info.commit_message);
+                rec.author = Some(info.author);
+                rec.dirty = info.dirty;
+                rec.diff = info.diff;
+            }
+        }
+        Source::Git { repo, reference } => {
+            let reference = spec.git_ref.as_deref().or(reference.as_deref());
+            rec.repository = Some(repo.clone());
+            rec.commit = crate::agent::resolve_remote_commit(repo, reference);
+            rec.commit_message = None;
+            rec.author = None;
+            rec.dirty = false;
+            rec.diff = None;
+        }
+    }
 }
 
 fn new_run(
