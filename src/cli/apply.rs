@@ -3,7 +3,7 @@
 //! manifests folder, make sure a controller runs, and optionally follow the runs.
 
 use super::desired::{self, Change};
-use super::{daemon, wait, CliResult};
+use super::{CliResult, daemon, wait};
 use crate::home::Home;
 use crate::manifest::{self, Kind};
 use std::path::PathBuf;
@@ -11,15 +11,21 @@ use std::process::ExitCode;
 
 pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -> CliResult {
     let current = desired::load_current(home).unwrap_or_else(|problems| {
-        eprintln!("warning: the stored manifests have problems; fix them in {}:", home.manifests().display());
+        eprintln!(
+            "warning: the stored manifests have problems; fix them in {}:",
+            home.manifests().display()
+        );
         eprintln!("{problems}");
         Default::default()
     });
     let ctx = desired::context(home, &current);
     let loaded = manifest::load_paths(files, &ctx)?;
 
-    let changes: Vec<(Change, &manifest::Document)> =
-        loaded.documents.iter().map(|doc| (desired::change_of(home, doc), doc)).collect();
+    let changes: Vec<(Change, &manifest::Document)> = loaded
+        .documents
+        .iter()
+        .map(|doc| (desired::change_of(home, doc), doc))
+        .collect();
     let suffix = if dry_run { " (dry run)" } else { "" };
     if !dry_run {
         home.ensure()?;
@@ -30,13 +36,26 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
         }
     }
     for (change, doc) in &changes {
-        println!("{}/{} {}{suffix}", doc.kind.as_str().to_lowercase(), doc.name, change.as_str());
+        println!(
+            "{}/{} {}{suffix}",
+            doc.kind.as_str().to_lowercase(),
+            doc.name,
+            change.as_str()
+        );
         if dry_run && doc.kind == Kind::Job && *change != Change::Unchanged {
             if let Some(job) = loaded.manifests.jobs.iter().find(|j| j.name == doc.name) {
                 for run in &job.runs {
-                    let placement: Vec<&str> =
-                        job.spec.placement.iter().map(|p| p.provider.as_str()).collect();
-                    println!("  run/{} would start on {}", run.name, placement.join(" → "));
+                    let placement: Vec<&str> = job
+                        .spec
+                        .placement
+                        .iter()
+                        .map(|p| p.provider.as_str())
+                        .collect();
+                    println!(
+                        "  run/{} would start on {}",
+                        run.name,
+                        placement.join(" → ")
+                    );
                 }
             }
         }
@@ -45,7 +64,10 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
         return Ok(ExitCode::SUCCESS);
     }
     if daemon::ensure_running(home)? {
-        eprintln!("started a background controller (log: {})", home.controller_log().display());
+        eprintln!(
+            "started a background controller (log: {})",
+            home.controller_log().display()
+        );
     }
     if wait_for_runs && !loaded.manifests.jobs.is_empty() {
         return wait::follow(home, &loaded.manifests.jobs);

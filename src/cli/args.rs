@@ -72,6 +72,16 @@ pub enum Command {
         #[arg(long, hide = true)]
         background: bool,
     },
+    /// Store a secret (read from stdin, never from the command line) for jobs' `secrets:`
+    Secret {
+        #[command(subcommand)]
+        action: SecretAction,
+    },
+    /// Prepare every host of a fleet for runs (idempotent): agent folder, tmux, GPU inventory
+    Prepare {
+        /// The Fleet's name
+        fleet: String,
+    },
     /// Measure asimov's own speed and print the figures
     Bench {
         /// Runs in the store for the `get runs` figure
@@ -84,6 +94,16 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         idle_seconds: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SecretAction {
+    /// Save NAME's value from standard input into a file of mode 0600
+    Set { name: String },
+    /// Remove a secret
+    Rm { name: String },
+    /// List secret names (never values)
+    List,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -4,7 +4,7 @@
 //! good state in force and says why in the log, so one typo never tears anything down.
 
 use super::daemon::{self, ControllerLock};
-use super::{desired, fail, CliResult};
+use super::{CliResult, desired, fail};
 use crate::home::Home;
 use crate::manifest::Manifests;
 use crate::model::ProviderKind;
@@ -52,7 +52,8 @@ impl FolderSource {
             },
         )
         .and_then(|mut w| {
-            w.watcher().watch(&dir, notify::RecursiveMode::NonRecursive)?;
+            w.watcher()
+                .watch(&dir, notify::RecursiveMode::NonRecursive)?;
             Ok(w)
         });
         let watcher = match watcher {
@@ -62,7 +63,14 @@ impl FolderSource {
                 None
             }
         };
-        FolderSource { dir, home, dirty, notify, last_good: Mutex::new(None), _watcher: watcher }
+        FolderSource {
+            dir,
+            home,
+            dirty,
+            notify,
+            last_good: Mutex::new(None),
+            _watcher: watcher,
+        }
     }
 }
 
@@ -102,15 +110,23 @@ impl DesiredSource for FolderSource {
 /// The providers this controller drives, by kind.
 pub fn providers(home: &Home) -> std::io::Result<BTreeMap<ProviderKind, Arc<dyn Provider>>> {
     let mut providers: BTreeMap<ProviderKind, Arc<dyn Provider>> = BTreeMap::new();
-    providers.insert(ProviderKind::Local, Arc::new(crate::provider::local::LocalProvider::new(home.clone())));
-    providers.insert(ProviderKind::Ssh, Arc::new(crate::provider::ssh::SshProvider::new(home.clone())?));
+    providers.insert(
+        ProviderKind::Local,
+        Arc::new(crate::provider::local::LocalProvider::new(home.clone())),
+    );
+    providers.insert(
+        ProviderKind::Ssh,
+        Arc::new(crate::provider::ssh::SshProvider::new(home.clone())?),
+    );
     Ok(providers)
 }
 
 pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool) -> CliResult {
     home.ensure()?;
     let Some(_lock) = ControllerLock::try_acquire(home)? else {
-        let pid = daemon::running_pid(home).map(|p| format!(" (pid {p})")).unwrap_or_default();
+        let pid = daemon::running_pid(home)
+            .map(|p| format!(" (pid {p})"))
+            .unwrap_or_default();
         return Err(fail(format!(
             "a controller is already running for {}{pid}",
             home.root().display()
@@ -118,7 +134,10 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
     };
     let dir = manifests.unwrap_or_else(|| home.manifests());
     if !dir.is_dir() {
-        return Err(fail(format!("manifests folder {} does not exist", dir.display())));
+        return Err(fail(format!(
+            "manifests folder {} does not exist",
+            dir.display()
+        )));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -155,8 +174,11 @@ type Handle = crate::reconcile::controller::ShutdownHandle;
 /// second aborts them.
 fn spawn_signal_handlers(handle: Handle) {
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
             tracing::warn!("cannot install signal handlers");
             return;
         };

@@ -141,7 +141,9 @@ fn runs_other_binary(home: &Home) -> bool {
 /// Asks the outdated controller to stop (SIGTERM: in-flight ops finish) and waits for
 /// its lock to be released.
 fn replace_outdated(home: &Home) -> io::Result<()> {
-    let Some(pid) = running_pid(home) else { return Ok(()) };
+    let Some(pid) = running_pid(home) else {
+        return Ok(());
+    };
     // SAFETY: signalling a process by pid; no memory is shared.
     unsafe {
         libc::kill(pid as libc::pid_t, libc::SIGTERM);
@@ -153,7 +155,9 @@ fn replace_outdated(home: &Home) -> io::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    Err(io::Error::other(format!("the outdated controller (pid {pid}) did not stop within 30s")))
+    Err(io::Error::other(format!(
+        "the outdated controller (pid {pid}) did not stop within 30s"
+    )))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! reported gone before the provider confirms it.
 
 use super::desired;
-use super::{daemon, fail, CliError, CliResult};
+use super::{CliError, CliResult, daemon, fail};
 use crate::home::Home;
 use crate::manifest::{self, Kind, Loaded};
 use crate::store::Store;
@@ -18,14 +18,25 @@ pub fn run(home: &Home, target: &[String], files: &[PathBuf], no_wait: bool) -> 
         ([], false) => {
             let ctx = desired::context(home, &current);
             let loaded = manifest::load_paths(files, &ctx)?;
-            loaded.documents.iter().map(|d| (d.kind, d.name.clone())).collect()
+            loaded
+                .documents
+                .iter()
+                .map(|d| (d.kind, d.name.clone()))
+                .collect()
         }
         ([kind, name], true) => vec![(parse_kind(kind)?, name.clone())],
-        _ => return Err(fail("say what to delete: `delete job NAME` or `delete -f FILE`")),
+        _ => {
+            return Err(fail(
+                "say what to delete: `delete job NAME` or `delete -f FILE`",
+            ));
+        }
     };
     // Check everything before changing anything.
-    let deleted_jobs: Vec<&str> =
-        objects.iter().filter(|(k, _)| *k == Kind::Job).map(|(_, n)| n.as_str()).collect();
+    let deleted_jobs: Vec<&str> = objects
+        .iter()
+        .filter(|(k, _)| *k == Kind::Job)
+        .map(|(_, n)| n.as_str())
+        .collect();
     for (kind, name) in &objects {
         check_deletable(home, &current, *kind, name, &deleted_jobs)?;
     }
@@ -48,7 +59,9 @@ fn parse_kind(word: &str) -> Result<Kind, CliError> {
         "job" | "jobs" => Ok(Kind::Job),
         "fleet" | "fleets" => Ok(Kind::Fleet),
         "budget" | "budgets" => Ok(Kind::Budget),
-        other => Err(fail(format!("cannot delete {other:?}: expected job, fleet or budget"))),
+        other => Err(fail(format!(
+            "cannot delete {other:?}: expected job, fleet or budget"
+        ))),
     }
 }
 
@@ -56,7 +69,9 @@ fn runs_of(home: &Home, job: &str) -> Result<usize, CliError> {
     if !home.database().exists() {
         return Ok(0);
     }
-    Ok(Store::open_read_only(&home.database())?.runs_of_job(job)?.len())
+    Ok(Store::open_read_only(&home.database())?
+        .runs_of_job(job)?
+        .len())
 }
 
 fn check_deletable(
@@ -85,7 +100,11 @@ fn check_deletable(
         .iter()
         .filter(|j| !deleted_jobs.contains(&j.name.as_str()))
         .filter(|j| match kind {
-            Kind::Fleet => j.spec.placement.iter().any(|p| p.fleet.as_deref() == Some(name)),
+            Kind::Fleet => j
+                .spec
+                .placement
+                .iter()
+                .any(|p| p.fleet.as_deref() == Some(name)),
             Kind::Budget => j.spec.budget.as_deref() == Some(name),
             Kind::Job => false,
         })
@@ -99,7 +118,10 @@ fn check_deletable(
         )));
     }
     if !stored && (kind != Kind::Job || runs_of(home, name)? == 0) {
-        return Err(fail(format!("no {} named {name:?}", kind.as_str().to_lowercase())));
+        return Err(fail(format!(
+            "no {} named {name:?}",
+            kind.as_str().to_lowercase()
+        )));
     }
     Ok(())
 }
@@ -109,9 +131,15 @@ fn wait_until_forgotten(home: &Home, jobs: &[&str]) -> CliResult {
     let mut last_report = None;
     let mut last_liveness = Instant::now();
     loop {
-        let left: usize = jobs.iter().map(|j| runs_of(home, j)).sum::<Result<usize, _>>()?;
+        let left: usize = jobs
+            .iter()
+            .map(|j| runs_of(home, j))
+            .sum::<Result<usize, _>>()?;
         if left == 0 {
-            eprintln!("every instance is confirmed destroyed ({:.1}s)", started.elapsed().as_secs_f64());
+            eprintln!(
+                "every instance is confirmed destroyed ({:.1}s)",
+                started.elapsed().as_secs_f64()
+            );
             return Ok(ExitCode::SUCCESS);
         }
         if last_report != Some(left) {

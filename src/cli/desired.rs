@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 /// The stored file of one object.
 pub fn object_file(home: &Home, kind: Kind, name: &str) -> PathBuf {
-    home.manifests().join(format!("{}.{name}.yaml", kind.as_str().to_lowercase()))
+    home.manifests()
+        .join(format!("{}.{name}.yaml", kind.as_str().to_lowercase()))
 }
 
 /// Everything in the manifests folder, validated; empty when the folder does not exist.
@@ -41,8 +42,18 @@ pub fn secrets_context(home: &Home) -> Context {
 /// What new manifests may refer to: stored fleets and budgets, and secrets.
 pub fn context(home: &Home, current: &Loaded) -> Context {
     let mut ctx = secrets_context(home);
-    ctx.fleets = current.manifests.fleets.iter().map(|f| f.name.clone()).collect();
-    ctx.budgets = current.manifests.budgets.iter().map(|b| b.name.clone()).collect();
+    ctx.fleets = current
+        .manifests
+        .fleets
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    ctx.budgets = current
+        .manifests
+        .budgets
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
     ctx
 }
 
@@ -78,9 +89,12 @@ pub fn write(home: &Home, doc: &Document) -> std::io::Result<()> {
     use std::io::Write;
     let dir = home.manifests();
     std::fs::create_dir_all(&dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".apply-").tempfile_in(&dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".apply-")
+        .tempfile_in(&dir)?;
     tmp.write_all(doc.yaml.as_bytes())?;
-    tmp.persist(object_file(home, doc.kind, &doc.name)).map_err(|e| e.error)?;
+    tmp.persist(object_file(home, doc.kind, &doc.name))
+        .map_err(|e| e.error)?;
     Ok(())
 }
 

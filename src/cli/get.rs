@@ -11,7 +11,9 @@ use std::process::ExitCode;
 pub fn run(home: &Home, kind: Kind, name: Option<&str>, output: Output) -> CliResult {
     match kind {
         Kind::Runs => runs(home, name, output),
-        _ => Err(fail("not built yet")),
+        Kind::Jobs => jobs(home, name, output),
+        Kind::Fleets => fleets(home, name, output),
+        Kind::Budgets => budgets(home, name, output),
     }
 }
 
@@ -67,5 +69,223 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
         }
     }
     out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_structured(output: Output, value: &serde_json::Value) -> CliResult {
+    let mut out = std::io::stdout().lock();
+    match output {
+        Output::Yaml => write!(out, "{}", serde_yaml::to_string(value)?)?,
+        _ => writeln!(out, "{}", serde_json::to_string_pretty(value)?)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_store(home: &Home) -> Result<Option<Store>, super::CliError> {
+    if !home.database().exists() {
+        return Ok(None);
+    }
+    Ok(Some(Store::open_read_only(&home.database())?))
+}
+
+fn phase_counts(runs: &[RunRecord]) -> std::collections::BTreeMap<&'static str, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for run in runs {
+        *counts.entry(run.phase.as_str()).or_insert(0) += 1;
+    }
+    counts
+}
+
+pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
+    let current = super::desired::load_current(home)?;
+    let store = open_store(home)?;
+    let mut items = Vec::new();
+    let mut table = super::render::new_table(&["NAME", "RUNS", "PHASES", "PLACEMENT", "COST"]);
+    for job in current
+        .manifests
+        .jobs
+        .iter()
+        .filter(|j| name.is_none_or(|n| n == j.name))
+    {
+        let runs = match &store {
+            Some(s) => s.runs_of_job(&job.name)?,
+            None => Vec::new(),
+        };
+        let counts = phase_counts(&runs);
+        let cost: f64 = runs.iter().map(|r| r.cost_usd).sum();
+        let placement: Vec<String> = job
+            .spec
+            .placement
+            .iter()
+            .map(|p| match &p.fleet {
+                Some(f) => format!("{}:{f}", p.provider),
+                None => p.provider.to_string(),
+            })
+            .collect();
+        let phases: Vec<String> = counts.iter().map(|(p, n)| format!("{n} {p}")).collect();
+        table.add_row(vec![
+            job.name.clone(),
+            job.runs.len().to_string(),
+            if phases.is_empty() {
+                "-".into()
+            } else {
+                phases.join(", ")
+            },
+            placement.join(" → "),
+            format!("${cost:.2}"),
+        ]);
+        items.push(serde_json::json!({
+            "name": job.name, "labels": job.labels, "runs": job.runs.iter().map(|r| &r.name).collect::<Vec<_>>(),
+            "phases": counts, "placement": placement, "cost_usd": cost, "spec_hash": job.spec_hash,
+        }));
+    }
+    if let (Some(n), true) = (name, items.is_empty()) {
+        return Err(fail(format!("no job named {n:?}")));
+    }
+    match output {
+        Output::Table | Output::Wide if items.is_empty() => println!("No jobs."),
+        Output::Table | Output::Wide => println!("{table}"),
+        _ => return write_structured(output, &serde_json::json!({ "items": items })),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResult {
+    let current = super::desired::load_current(home)?;
+    let store = open_store(home)?;
+    let mut items = Vec::new();
+    let mut table = super::render::new_table(&[
+        "FLEET",
+        "HOST",
+        "ADDRESS",
+        "REACHABLE",
+        "STATE",
+        "GPUS",
+        "RUNNING",
+        "CHECKED",
+    ]);
+    let now = super::now();
+    for fleet in current
+        .manifests
+        .fleets
+        .iter()
+        .filter(|f| name.is_none_or(|n| n == f.name))
+    {
+        let records = match &store {
+            Some(s) => s.hosts(Some(&fleet.name))?,
+            None => Vec::new(),
+        };
+        let mut hosts = Vec::new();
+        for host in &fleet.hosts {
+            let rec = records.iter().find(|r| r.host == host.name);
+            let address = format!("{}:{}", host.address, host.port);
+            let (reachable, state, gpus, running, checked) = match rec {
+                Some(r) => (
+                    if r.reachable { "yes" } else { "no" }.to_string(),
+                    if r.busy { "busy" } else { "free" }.to_string(),
+                    format!("{}/{} free", r.gpus_free, r.gpus_total),
+                    if r.running.is_empty() {
+                        "-".into()
+                    } else {
+                        r.running.join(",")
+                    },
+                    format!("{} ago", super::render::age(now - r.checked_at)),
+                ),
+                None => (
+                    "?".into(),
+                    "unknown".into(),
+                    format!("{} declared", host.gpus),
+                    "-".into(),
+                    "never".into(),
+                ),
+            };
+            table.add_row(vec![
+                fleet.name.clone(),
+                host.name.clone(),
+                address.clone(),
+                reachable,
+                state,
+                gpus,
+                running,
+                checked,
+            ]);
+            hosts.push(serde_json::json!({
+                "name": host.name, "address": host.address, "port": host.port, "user": host.user,
+                "gpus_declared": host.gpus, "labels": host.labels,
+                "reachable": rec.map(|r| r.reachable), "busy": rec.map(|r| r.busy),
+                "gpus_total": rec.map(|r| r.gpus_total), "gpus_free": rec.map(|r| r.gpus_free),
+                "gpu_names": rec.map(|r| r.gpu_names.clone()), "running": rec.map(|r| r.running.clone()),
+                "message": rec.map(|r| r.message.clone()),
+                "checked_at": rec.map(|r| super::render::rfc3339(r.checked_at)),
+            }));
+        }
+        items.push(
+            serde_json::json!({ "name": fleet.name, "labels": fleet.labels, "hosts": hosts }),
+        );
+    }
+    if let (Some(n), true) = (name, items.is_empty()) {
+        return Err(fail(format!("no fleet named {n:?}")));
+    }
+    match output {
+        Output::Table | Output::Wide if items.is_empty() => println!("No fleets."),
+        Output::Table | Output::Wide => println!("{table}"),
+        _ => return write_structured(output, &serde_json::json!({ "items": items })),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliResult {
+    use crate::reconcile::budget;
+    let current = super::desired::load_current(home)?;
+    let store = open_store(home)?;
+    let now = super::now();
+    let mut items = Vec::new();
+    let mut table =
+        super::render::new_table(&["NAME", "LIMIT", "PERIOD", "SPENT", "ACTION", "JOBS"]);
+    for b in current
+        .manifests
+        .budgets
+        .iter()
+        .filter(|b| name.is_none_or(|n| n == b.name))
+    {
+        let jobs = budget::jobs_of(b, &current.manifests.jobs);
+        let since = budget::window_start(b, now);
+        let spent = match &store {
+            Some(s) => s.spent(&jobs, since)?,
+            None => 0.0,
+        };
+        let period = b
+            .period
+            .map(|p| humantime::format_duration(p).to_string())
+            .unwrap_or_else(|| "forever".into());
+        let action = match b.action {
+            crate::manifest::BudgetAction::Block => "block",
+            crate::manifest::BudgetAction::Stop => "stop",
+        };
+        table.add_row(vec![
+            b.name.clone(),
+            format!("${:.2}", b.limit_usd),
+            period.clone(),
+            format!("${spent:.2}"),
+            action.to_string(),
+            if jobs.is_empty() {
+                "-".into()
+            } else {
+                jobs.join(",")
+            },
+        ]);
+        items.push(serde_json::json!({
+            "name": b.name, "limit_usd": b.limit_usd, "period": period, "spent_usd": spent,
+            "action": action, "jobs": jobs, "over_limit": spent >= b.limit_usd,
+        }));
+    }
+    if let (Some(n), true) = (name, items.is_empty()) {
+        return Err(fail(format!("no budget named {n:?}")));
+    }
+    match output {
+        Output::Table | Output::Wide if items.is_empty() => println!("No budgets."),
+        Output::Table | Output::Wide => println!("{table}"),
+        _ => return write_structured(output, &serde_json::json!({ "items": items })),
+    }
     Ok(ExitCode::SUCCESS)
 }

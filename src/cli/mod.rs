@@ -7,9 +7,13 @@ mod args;
 mod controller;
 pub mod daemon;
 mod delete;
+mod describe;
 mod desired;
 mod get;
+mod logs;
+mod prepare;
 pub mod render;
+mod secret;
 mod wait;
 
 use crate::home::Home;
@@ -31,6 +35,11 @@ pub fn fail(message: impl Into<String>) -> CliError {
 }
 
 pub fn run() -> ExitCode {
+    // Like every Unix filter: `asimov get runs | head` ends quietly when head does.
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,
@@ -38,7 +47,10 @@ pub fn run() -> ExitCode {
             if let Some(problems) = err.downcast_ref::<crate::manifest::Problems>() {
                 // Every problem at once, one per line, then the one-line reason.
                 eprintln!("{problems}");
-                eprintln!("error: {} problem(s) in the manifests; nothing was changed", problems.0.len());
+                eprintln!(
+                    "error: {} problem(s) in the manifests; nothing was changed",
+                    problems.0.len()
+                );
             } else {
                 eprintln!("error: {}", chain(err.as_ref()));
             }
@@ -83,15 +95,43 @@ fn dispatch(cli: Cli) -> CliResult {
             init_tracing("warn");
             get::run(&home, kind, name.as_deref(), output)
         }
-        Command::Apply { files, dry_run, wait } => {
+        Command::Apply {
+            files,
+            dry_run,
+            wait,
+        } => {
             init_tracing("warn");
             apply::run(&home, &files, dry_run, wait)
         }
-        Command::Delete { target, files, no_wait } => {
+        Command::Delete {
+            target,
+            files,
+            no_wait,
+        } => {
             init_tracing("warn");
             delete::run(&home, &target, &files, no_wait)
         }
-        Command::Controller { manifests, once, background } => {
+        Command::Describe { kind, name } => {
+            init_tracing("warn");
+            describe::run(&home, kind, &name)
+        }
+        Command::Logs { run, follow } => {
+            init_tracing("warn");
+            logs::run(&home, &run, follow)
+        }
+        Command::Secret { action } => {
+            init_tracing("warn");
+            secret::run(&home, action)
+        }
+        Command::Prepare { fleet } => {
+            init_tracing("warn");
+            prepare::run(&home, &fleet)
+        }
+        Command::Controller {
+            manifests,
+            once,
+            background,
+        } => {
             init_tracing("info");
             controller::run(&home, manifests, once, background)
         }

@@ -1,7 +1,7 @@
 //! `apply --wait`: one progress bar per run, fed by polling the store read-only, until
 //! every run has ended under the applied spec. Exits non-zero if any run failed.
 
-use super::{daemon, fail, CliResult};
+use super::{CliResult, daemon, fail};
 use crate::home::Home;
 use crate::manifest::Job;
 use crate::model::Phase;
@@ -19,7 +19,11 @@ pub fn follow(home: &Home, jobs: &[Job]) -> CliResult {
     // Run name → the spec hash it must have ended under.
     let expected: BTreeMap<String, &str> = jobs
         .iter()
-        .flat_map(|job| job.runs.iter().map(move |r| (r.name.clone(), job.spec_hash.as_str())))
+        .flat_map(|job| {
+            job.runs
+                .iter()
+                .map(move |r| (r.name.clone(), job.spec_hash.as_str()))
+        })
         .collect();
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(10));
     let style = ProgressStyle::with_template(
@@ -75,8 +79,10 @@ pub fn follow(home: &Home, jobs: &[Job]) -> CliResult {
             }
         }
     }
-    let failed: Vec<&RunRecord> =
-        finished.values().filter(|r| r.phase == Phase::Failed).collect();
+    let failed: Vec<&RunRecord> = finished
+        .values()
+        .filter(|r| r.phase == Phase::Failed)
+        .collect();
     if failed.is_empty() {
         eprintln!("{} run(s) succeeded", finished.len());
         return Ok(ExitCode::SUCCESS);

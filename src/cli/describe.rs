@@ -1,0 +1,162 @@
+//! `asimov describe job|run|fleet|budget NAME`: one object's spec, status and events,
+//! for people.
+
+use super::args::{Kind, Output};
+use super::render::{age, new_table, rfc3339, runs_table};
+use super::{CliResult, desired, fail, get};
+use crate::home::Home;
+use crate::store::{Event, Store};
+use std::process::ExitCode;
+
+pub fn run(home: &Home, kind: Kind, name: &str) -> CliResult {
+    match kind {
+        Kind::Jobs => job(home, name),
+        Kind::Runs => run_detail(home, name),
+        Kind::Fleets => get::fleets(home, Some(name), Output::Table),
+        Kind::Budgets => get::budgets(home, Some(name), Output::Table),
+    }
+}
+
+fn store(home: &Home) -> Result<Option<Store>, super::CliError> {
+    if !home.database().exists() {
+        return Ok(None);
+    }
+    Ok(Some(Store::open_read_only(&home.database())?))
+}
+
+fn print_events(events: &[Event]) {
+    println!("Events:");
+    if events.is_empty() {
+        println!("  none");
+        return;
+    }
+    let now = super::now();
+    let mut table = new_table(&["AGE", "OBJECT", "REASON", "MESSAGE"]);
+    for e in events {
+        table.add_row(vec![
+            age(now - e.at),
+            format!("{}/{}", e.object_kind, e.object_name),
+            e.reason.clone(),
+            e.message.clone(),
+        ]);
+    }
+    for line in table.to_string().lines() {
+        println!("  {line}");
+    }
+}
+
+fn job(home: &Home, name: &str) -> CliResult {
+    let current = desired::load_current(home)?;
+    let doc = current
+        .documents
+        .iter()
+        .find(|d| d.kind == crate::manifest::Kind::Job && d.name == name);
+    let store = store(home)?;
+    let runs = match &store {
+        Some(s) => s.runs_of_job(name)?,
+        None => Vec::new(),
+    };
+    let Some(doc) = doc else {
+        if runs.is_empty() {
+            return Err(fail(format!("no job named {name:?}")));
+        }
+        println!("Job {name} is deleted; its runs are being torn down.");
+        println!("{}", runs_table(&runs, true, super::now()));
+        return Ok(ExitCode::SUCCESS);
+    };
+    println!("Name:      {name}");
+    println!("Manifest:  {}", doc.origin.file.display());
+    println!("Spec:");
+    for line in doc.yaml.lines() {
+        println!("  {line}");
+    }
+    println!("Runs:");
+    if runs.is_empty() {
+        println!("  none yet");
+    } else {
+        for line in runs_table(&runs, true, super::now()).lines() {
+            println!("  {line}");
+        }
+    }
+    let mut events = Vec::new();
+    if let Some(s) = &store {
+        events.extend(s.events("job", name)?);
+        for run in &runs {
+            events.extend(s.events("run", &run.name)?);
+        }
+    }
+    events.sort_by_key(|e| e.at);
+    print_events(&events);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_detail(home: &Home, name: &str) -> CliResult {
+    let Some(store) = store(home)? else {
+        return Err(fail(format!("no run named {name:?}")));
+    };
+    let Some(run) = store.run(name)? else {
+        return Err(fail(format!("no run named {name:?}")));
+    };
+    let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+    let rows: Vec<(&str, String)> = vec![
+        ("Name", run.name.clone()),
+        ("Job", run.job.clone()),
+        ("Phase", run.phase.to_string()),
+        ("Reason", run.reason.clone()),
+        ("Attempt", run.attempt.to_string()),
+        ("Provider", dash(run.provider.map(|p| p.to_string()))),
+        ("Instance", dash(run.instance_id.clone())),
+        ("Host", dash(run.host.clone())),
+        ("GPU", dash(run.gpu.clone())),
+        (
+            "Price/hour",
+            dash(run.price_per_hour.map(|p| format!("${p:.3}"))),
+        ),
+        ("Cost", format!("${:.4}", run.cost_usd)),
+        (
+            "Progress",
+            dash(run.progress_done.map(|d| match run.progress_total {
+                Some(t) => format!("{d}/{t}"),
+                None => d.to_string(),
+            })),
+        ),
+        ("Exit code", dash(run.exit_code.map(|c| c.to_string()))),
+        ("Matrix", format!("{:?}", run.matrix)),
+        ("Repository", dash(run.repository.clone())),
+        ("Commit", dash(run.commit.clone())),
+        ("Message", dash(run.commit_message.clone())),
+        ("Author", dash(run.author.clone())),
+        ("Dirty", run.dirty.to_string()),
+        ("Created", rfc3339(run.created_at)),
+        ("Started", dash(run.started_at.map(rfc3339))),
+        ("Finished", dash(run.finished_at.map(rfc3339))),
+    ];
+    for (k, v) in rows {
+        println!("{:<11} {v}", format!("{k}:"));
+    }
+    if let Some(diff) = &run.diff {
+        // The exact uncommitted changes the run used: with the commit, enough to
+        // reproduce it (`git checkout COMMIT && git apply`).
+        println!("Diff:");
+        for line in diff.lines() {
+            println!("  {line}");
+        }
+    }
+    println!("Attempts:");
+    let mut table = new_table(&["#", "PROVIDER", "INSTANCE", "HOST", "OUTCOME", "RELEASED"]);
+    for a in store.attempts(name)? {
+        table.add_row(vec![
+            a.attempt.to_string(),
+            a.provider.to_string(),
+            a.instance_id.unwrap_or_else(|| "-".into()),
+            a.host.unwrap_or_else(|| "-".into()),
+            a.outcome.unwrap_or_else(|| "-".into()),
+            a.released_at.map(rfc3339).unwrap_or_else(|| "no".into()),
+        ]);
+    }
+    for line in table.to_string().lines() {
+        println!("  {line}");
+    }
+    print_events(&store.events("run", name)?);
+    Ok(ExitCode::SUCCESS)
+}
