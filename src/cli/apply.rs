@@ -42,21 +42,23 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
             doc.name,
             change.as_str()
         );
-        if dry_run && doc.kind == Kind::Job && *change != Change::Unchanged {
-            if let Some(job) = loaded.manifests.jobs.iter().find(|j| j.name == doc.name) {
-                for run in &job.runs {
-                    let placement: Vec<&str> = job
-                        .spec
-                        .placement
-                        .iter()
-                        .map(|p| p.provider.as_str())
-                        .collect();
-                    println!(
-                        "  run/{} would start on {}",
-                        run.name,
-                        placement.join(" → ")
-                    );
-                }
+        if dry_run
+            && doc.kind == Kind::Job
+            && *change != Change::Unchanged
+            && let Some(job) = loaded.manifests.jobs.iter().find(|j| j.name == doc.name)
+        {
+            for run in &job.runs {
+                let placement: Vec<&str> = job
+                    .spec
+                    .placement
+                    .iter()
+                    .map(|p| p.provider.as_str())
+                    .collect();
+                println!(
+                    "  run/{} would start on {}",
+                    run.name,
+                    placement.join(" → ")
+                );
             }
         }
     }

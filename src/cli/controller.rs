@@ -78,10 +78,10 @@ impl FolderSource {
 impl DesiredSource for FolderSource {
     async fn load(&self) -> Result<Manifests, SourceError> {
         let mut last_good = self.last_good.lock().unwrap_or_else(|e| e.into_inner());
-        if !self.dirty.swap(false, Ordering::SeqCst) {
-            if let Some(m) = last_good.as_ref() {
-                return Ok(m.clone());
-            }
+        if !self.dirty.swap(false, Ordering::SeqCst)
+            && let Some(m) = last_good.as_ref()
+        {
+            return Ok(m.clone());
         }
         let ctx = desired::secrets_context(&self.home);
         match desired::load_folder(&self.dir, &ctx) {

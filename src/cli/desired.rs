@@ -29,10 +29,10 @@ pub fn secrets_context(home: &Home) -> Context {
     let mut ctx = Context::default();
     if let Ok(entries) = std::fs::read_dir(home.credentials()) {
         for entry in entries.flatten() {
-            if let Some(name) = entry.file_name().to_str() {
-                if !name.starts_with('.') {
-                    ctx.secrets.insert(name.to_string());
-                }
+            if let Some(name) = entry.file_name().to_str()
+                && !name.starts_with('.')
+            {
+                ctx.secrets.insert(name.to_string());
             }
         }
     }
