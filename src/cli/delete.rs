@@ -7,7 +7,6 @@ use super::desired;
 use super::{CliError, CliResult, daemon, fail};
 use crate::home::Home;
 use crate::manifest::{self, Kind, Loaded};
-use crate::store::Store;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -69,8 +68,8 @@ fn runs_of(home: &Home, job: &str) -> Result<usize, CliError> {
     if !home.database().exists() {
         return Ok(0);
     }
-    Ok(Store::open_read_only(&home.database())?
-        .runs_of_job(job)?
+    Ok(super::read_store(home)?
+        .map_or(Ok(Vec::new()), |s| s.runs_of_job(job))?
         .len())
 }
 

@@ -21,7 +21,7 @@ fn store(home: &Home) -> Result<Option<Store>, super::CliError> {
     if !home.database().exists() {
         return Ok(None);
     }
-    Ok(Some(Store::open_read_only(&home.database())?))
+    super::read_store(home)
 }
 
 fn print_events(events: &[Event]) {

@@ -22,7 +22,9 @@ fn load_runs(home: &Home, name: Option<&str>) -> Result<Vec<RunRecord>, super::C
     if !home.database().exists() {
         return Ok(Vec::new());
     }
-    let store = Store::open_read_only(&home.database())?;
+    let Some(store) = super::read_store(home)? else {
+        return Ok(Vec::new());
+    };
     Ok(match name {
         Some(n) => {
             let mut runs: Vec<RunRecord> = store.run(n)?.into_iter().collect();
@@ -85,7 +87,7 @@ fn open_store(home: &Home) -> Result<Option<Store>, super::CliError> {
     if !home.database().exists() {
         return Ok(None);
     }
-    Ok(Some(Store::open_read_only(&home.database())?))
+    super::read_store(home)
 }
 
 fn phase_counts(runs: &[RunRecord]) -> std::collections::BTreeMap<&'static str, usize> {

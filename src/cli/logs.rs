@@ -7,7 +7,7 @@ use super::{CliError, CliResult, desired, fail};
 use crate::home::Home;
 use crate::model::ProviderKind;
 use crate::provider::{Endpoint, Provider};
-use crate::store::{RunRecord, Store};
+use crate::store::RunRecord;
 use crate::transport::Transport;
 use futures_util::StreamExt;
 use std::io::Write;
@@ -33,14 +33,15 @@ fn load(home: &Home, run: &str) -> Result<RunRecord, CliError> {
     if !home.database().exists() {
         return Err(missing());
     }
-    Store::open_read_only(&home.database())?
+    super::read_store(home)?
+        .ok_or_else(missing)?
         .run(run)?
         .ok_or_else(missing)
 }
 
 /// The transport and log path of the run's live instance.
 async fn locate(home: &Home, record: &RunRecord) -> Result<(Arc<dyn Transport>, String), CliError> {
-    let store = Store::open_read_only(&home.database())?;
+    let store = super::read_store(home)?.ok_or_else(|| fail("no state database yet"))?;
     let attempt = store
         .attempts(&record.name)?
         .into_iter()

@@ -146,3 +146,20 @@ fn dispatch(cli: Cli) -> CliResult {
 pub fn now() -> crate::model::Timestamp {
     chrono::Utc::now().timestamp()
 }
+
+/// The store for reading, or `None` before anything was ever applied. A file the
+/// controller has created but not yet migrated is migrated here (safe to race: each
+/// migration step is its own immediate transaction).
+pub fn read_store(home: &Home) -> Result<Option<crate::store::Store>, CliError> {
+    use crate::store::{Store, StoreError};
+    if !home.database().exists() {
+        return Ok(None);
+    }
+    match Store::open_read_only(&home.database()) {
+        Ok(store) => Ok(Some(store)),
+        Err(StoreError::Version {
+            found, expected, ..
+        }) if found < expected => Ok(Some(Store::open(&home.database())?)),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -53,7 +53,7 @@ pub fn follow(home: &Home, jobs: &[Job]) -> CliResult {
             daemon::ensure_running(home)?;
         }
         if store.is_none() && home.database().exists() {
-            store = Store::open_read_only(&home.database()).ok();
+            store = super::read_store(home).ok().flatten();
         }
         let Some(db) = &store else { continue };
         for (name, hash) in &expected {

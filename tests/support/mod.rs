@@ -2,4 +2,5 @@
 //! Each test binary uses a different subset, hence the allow.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod sshd;

@@ -1,0 +1,197 @@
+//! Drives the real `asimov` binary against a throwaway `$ASIMOV_HOME`, the way a user
+//! (or a crash) would: separate processes, a real SQLite file, real local instances.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Asimov {
+    pub home: tempfile::TempDir,
+    /// A git work tree holding the test's manifests and the job's source.
+    pub repo: tempfile::TempDir,
+}
+
+impl Default for Asimov {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Asimov {
+    pub fn new() -> Asimov {
+        let asimov = Asimov {
+            home: tempfile::tempdir().expect("temp home"),
+            repo: tempfile::tempdir().expect("temp repo"),
+        };
+        let git = |args: &[&str]| {
+            let ok = Command::new("git")
+                .args(args)
+                .current_dir(asimov.repo.path())
+                .env("GIT_AUTHOR_NAME", "Ada Lovelace")
+                .env("GIT_AUTHOR_EMAIL", "ada@example.com")
+                .env("GIT_COMMITTER_NAME", "Ada Lovelace")
+                .env("GIT_COMMITTER_EMAIL", "ada@example.com")
+                .output()
+                .expect("git runs")
+                .status
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q", "-b", "main"]);
+        std::fs::write(asimov.repo.path().join("train.sh"), "echo training\n").unwrap();
+        git(&["add", "."]);
+        git(&["commit", "-q", "-m", "first experiment"]);
+        asimov
+    }
+
+    pub fn home(&self) -> &Path {
+        self.home.path()
+    }
+
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_asimov"));
+        cmd.env("ASIMOV_HOME", self.home.path())
+            .env("ASIMOV_NO_TMUX", "1")
+            .env_remove("ASIMOV_FAILPOINT")
+            .current_dir(self.repo.path());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("asimov runs")
+    }
+
+    /// Runs and insists on success, returning stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "asimov {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Writes a manifest into the repo and returns its path.
+    pub fn manifest(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.repo.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A foreground controller (`asimov controller`) as a child process.
+    pub fn spawn_controller(&self, failpoint: Option<&str>) -> Child {
+        let mut cmd = self.command();
+        cmd.args(["controller"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(fp) = failpoint {
+            cmd.env("ASIMOV_FAILPOINT", fp);
+        }
+        let child = cmd.spawn().expect("controller starts");
+        self.wait_for(
+            "the controller to hold its lock",
+            Duration::from_secs(10),
+            || self.controller_running(),
+        );
+        child
+    }
+
+    pub fn controller_running(&self) -> bool {
+        let lock = self.home.path().join("controller.lock");
+        let Ok(file) = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(lock)
+        else {
+            return false;
+        };
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+        rc != 0
+    }
+
+    pub fn runs_json(&self) -> serde_json::Value {
+        let text = self.ok(&["get", "runs", "-o", "json"]);
+        serde_json::from_str(&text).expect("get runs -o json is JSON")
+    }
+
+    pub fn run_phase(&self, run: &str) -> Option<String> {
+        self.runs_json()["items"]
+            .as_array()?
+            .iter()
+            .find(|r| r["name"] == run)
+            .map(|r| r["phase"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Local instance folders, by name (ownership tags).
+    pub fn local_instances(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.home.path().join("local"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Processes of this home's jobs still alive (found by their environment).
+    pub fn job_processes(&self) -> Vec<u32> {
+        let needle = format!("ASIMOV_ROOT={}", self.home.path().join("local").display());
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            if environ
+                .split(|b| *b == 0)
+                .any(|kv| kv.starts_with(needle.as_bytes()))
+            {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Asimov {
+    fn drop(&mut self) {
+        // Stop any controller of this home, then whatever its jobs left running.
+        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("controller.pid")) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                if self.controller_running() {
+                    // SAFETY: signalling a process by pid.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        for pid in self.job_processes() {
+            // SAFETY: signalling a process by pid.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Kills a child with SIGKILL and reaps it.
+pub fn kill9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
