@@ -8,7 +8,7 @@ mod support;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Child;
 use std::time::{Duration, Instant};
-use support::cli::{kill9, Asimov};
+use support::cli::{Asimov, kill9};
 
 const RUNS: [&str; 3] = ["crash-0", "crash-1", "crash-2"];
 
@@ -23,10 +23,17 @@ fn expect_killed(child: &mut Child, failpoint: &str) {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(status.signal(), Some(9), "controller should die at {failpoint}: {status}");
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "controller should die at {failpoint}: {status}"
+            );
             return;
         }
-        assert!(start.elapsed() < Duration::from_secs(60), "failpoint {failpoint} never reached");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "failpoint {failpoint} never reached"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -43,25 +50,47 @@ fn assert_no_duplicate_instances(a: &Asimov) {
 
 fn attempts(a: &Asimov) -> Vec<u64> {
     let runs = a.runs_json();
-    runs["items"].as_array().unwrap().iter().map(|r| r["attempt"].as_u64().unwrap()).collect()
+    runs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["attempt"].as_u64().unwrap())
+        .collect()
 }
 
 fn wait_all(a: &Asimov, phase: &str) {
-    a.wait_for(&format!("every run {phase}"), Duration::from_secs(60), || {
-        assert_no_duplicate_instances(a);
-        RUNS.iter().all(|r| a.run_phase(r).as_deref() == Some(phase))
-    });
+    a.wait_for(
+        &format!("every run {phase}"),
+        Duration::from_secs(60),
+        || {
+            assert_no_duplicate_instances(a);
+            RUNS.iter()
+                .all(|r| a.run_phase(r).as_deref() == Some(phase))
+        },
+    );
 }
 
 fn assert_nothing_left(a: &Asimov) {
     assert_eq!(a.runs_json()["items"], serde_json::json!([]));
-    assert!(a.local_instances().is_empty(), "orphan instances: {:?}", a.local_instances());
-    assert!(a.job_processes().is_empty(), "orphan processes: {:?}", a.job_processes());
+    assert!(
+        a.local_instances().is_empty(),
+        "orphan instances: {:?}",
+        a.local_instances()
+    );
+    assert!(
+        a.job_processes().is_empty(),
+        "orphan processes: {:?}",
+        a.job_processes()
+    );
 }
 
 #[test]
 fn killed_at_every_step_of_apply_the_restarted_controller_finishes_without_duplicates() {
-    for failpoint in ["create:after-intent", "create:after-provider", "start:after-upload"] {
+    for failpoint in [
+        "create:after-intent",
+        "create:after-provider",
+        "start:after-upload",
+    ] {
         let a = Asimov::new();
         let file = a.manifest("crash.yaml", &job("sleep 1"));
         let mut armed = a.spawn_controller(Some(failpoint));
@@ -73,9 +102,11 @@ fn killed_at_every_step_of_apply_the_restarted_controller_finishes_without_dupli
         wait_all(&a, "Succeeded");
         // One attempt each: the crash was adopted, not retried as a new instance.
         assert_eq!(attempts(&a), vec![1, 1, 1], "after a crash at {failpoint}");
-        a.wait_for("finished instances to be destroyed", Duration::from_secs(30), || {
-            a.local_instances().is_empty()
-        });
+        a.wait_for(
+            "finished instances to be destroyed",
+            Duration::from_secs(30),
+            || a.local_instances().is_empty(),
+        );
         a.ok(&["delete", "job", "crash"]);
         assert_nothing_left(&a);
         kill9(&mut controller);

@@ -248,7 +248,29 @@ impl Drop for Sshd {
             unsafe { libc::kill(pid, libc::SIGKILL) };
             let _ = child.wait();
         }
+        // Jobs started over ssh detach (tmux, setsid) and outlive their session; they
+        // carry this "host"'s HOME, which is how a failed test's leftovers are found.
+        for p in processes_with_env(&format!("HOME={}", self.home().display())) {
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
     }
+}
+
+/// Pids of processes whose environment holds exactly `entry` (`KEY=value`).
+pub fn processes_with_env(entry: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|b| *b == 0).any(|kv| kv == entry.as_bytes()) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// True when sshd is present, after trying the project's install script once.

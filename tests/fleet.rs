@@ -1,0 +1,307 @@
+//! Issue 3 end to end: a Fleet of real OpenSSH servers on localhost ports, driven through
+//! the `asimov` binary. The queue, outputs coming back, `logs -f`, a host going away
+//! mid-run and coming back, a changed host key, and preparing a host twice.
+
+mod support;
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use support::cli::Asimov;
+use support::sshd::Sshd;
+
+fn fleet_yaml(hosts: &[(&str, &Sshd)]) -> String {
+    let mut text = String::from(
+        "apiVersion: asimov/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  hosts:\n",
+    );
+    for (name, sshd) in hosts {
+        text.push_str(&format!(
+            "    - {{name: {name}, user: {}, address: {}, port: {}, identity_file: {}, gpus: 0}}\n",
+            sshd.user(),
+            sshd.host(),
+            sshd.port(),
+            sshd.client_key().display()
+        ));
+    }
+    text
+}
+
+fn job_yaml(name: &str, seeds: &[&str], run: &str) -> String {
+    format!(
+        "apiVersion: asimov/v1\nkind: Job\nmetadata: {{name: {name}}}\nspec:\n  source: {{workdir: .}}\n  \
+         matrix: {{seed: [{}]}}\n  run: {run}\n  artifacts: {{paths: [out]}}\n  \
+         placement: [{{provider: ssh, fleet: lab}}]\n",
+        seeds.join(", ")
+    )
+}
+
+fn two_hosts() -> Option<(Sshd, Sshd)> {
+    let a = Sshd::start_or_skip()?;
+    let b = Sshd::start_or_skip()?;
+    Some((a, b))
+}
+
+fn run_field(a: &Asimov, run: &str, field: &str) -> serde_json::Value {
+    a.runs_json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == run)
+        .map(|r| r[field].clone())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn a_fleet_of_two_queues_the_third_job_and_brings_every_output_back() {
+    let Some((h1, h2)) = two_hosts() else { return };
+    let a = Asimov::new();
+    // An uncommitted change, which each run must record as its diff.
+    std::fs::write(a.repo.path().join("train.sh"), "echo training harder\n").unwrap();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1), ("box-2", &h2)]));
+    let job = a.manifest(
+        "exp.yaml",
+        &job_yaml(
+            "exp",
+            &["a", "b", "c"],
+            "'sh train.sh; mkdir -p out; echo \"result ${matrix.seed}\" > out/result.txt; sleep 2'",
+        ),
+    );
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+
+    // The queue: two run, the third waits (Pending) for a free host, in apply order.
+    let mut saw_queue = false;
+    let start = Instant::now();
+    loop {
+        let runs = a.runs_json();
+        let items = runs["items"].as_array().cloned().unwrap_or_default();
+        let phase = |n: &str| {
+            items
+                .iter()
+                .find(|r| r["name"] == n)
+                .map(|r| r["phase"].as_str().unwrap_or("").to_string())
+        };
+        let busy = ["exp-0", "exp-1", "exp-2"]
+            .iter()
+            .filter(|n| {
+                matches!(
+                    phase(n).as_deref(),
+                    Some("Running" | "Starting" | "Provisioning")
+                )
+            })
+            .count();
+        assert!(busy <= 2, "never more runs than hosts: {items:?}");
+        if busy == 2 && phase("exp-2").as_deref() == Some("Pending") {
+            saw_queue = true;
+            let reason = run_field(&a, "exp-2", "reason");
+            assert!(
+                reason.as_str().unwrap_or("").contains("free host"),
+                "{reason}"
+            );
+        }
+        if ["exp-0", "exp-1", "exp-2"]
+            .iter()
+            .all(|n| phase(n).as_deref() == Some("Succeeded"))
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "runs did not finish: {items:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        saw_queue,
+        "the third run should have waited for a free host"
+    );
+
+    for (run, seed) in [("exp-0", "a"), ("exp-1", "b"), ("exp-2", "c")] {
+        let result = a.home().join("artifacts").join(run).join("out/result.txt");
+        let text = std::fs::read_to_string(&result)
+            .unwrap_or_else(|e| panic!("{}: {e}", result.display()));
+        assert_eq!(text.trim(), format!("result {seed}"));
+        assert_eq!(run_field(&a, run, "commit_message"), "first experiment");
+        assert_eq!(run_field(&a, run, "dirty"), true);
+        let host = run_field(&a, run, "host");
+        assert!(host == "box-1" || host == "box-2", "{host}");
+        let described = a.ok(&["describe", "run", run]);
+        assert!(
+            described.contains("+echo training harder"),
+            "the diff is recorded: {described}"
+        );
+        let log = a.ok(&["logs", run]);
+        assert!(log.contains("training harder"), "{log}");
+    }
+    let fleets = a.ok(&["get", "fleets"]);
+    assert!(
+        fleets.contains("box-1") && fleets.contains("box-2"),
+        "{fleets}"
+    );
+
+    a.ok(&["delete", "job", "exp"]);
+    for h in [&h1, &h2] {
+        let left: Vec<_> = std::fs::read_dir(h.home().join(".asimov-agent/instances"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "slots left on a host: {left:?}");
+    }
+}
+
+#[test]
+fn logs_follow_streams_a_running_job_live() {
+    let Some(h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1)]));
+    let job = a.manifest(
+        "tick.yaml",
+        &job_yaml(
+            "tick",
+            &["x"],
+            "'for i in 1 2 3 4 5 6; do echo tick-$i; sleep 0.5; done'",
+        ),
+    );
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    a.wait_for("tick-0 to run", Duration::from_secs(60), || {
+        a.run_phase("tick-0").as_deref() == Some("Running")
+    });
+    let mut follow = a
+        .command()
+        .args(["logs", "tick-0", "-f"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = follow.stdout.take().unwrap();
+    let started = Instant::now();
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    // Lines arrive while the job is still running, not all at the end.
+    while !seen.contains("tick-6") {
+        let n = stdout.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        if seen.contains("tick-2") && !seen.contains("tick-6") {
+            assert_ne!(
+                a.run_phase("tick-0").as_deref(),
+                Some("Succeeded"),
+                "{seen}"
+            );
+        }
+    }
+    assert!(seen.contains("tick-1") && seen.contains("tick-6"), "{seen}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let status = follow.wait().unwrap();
+    assert!(status.success());
+    a.ok(&["delete", "job", "tick"]);
+}
+
+#[test]
+fn a_host_that_goes_away_mid_run_is_replaced_and_rejoins() {
+    let Some((mut h1, h2)) = two_hosts() else {
+        return;
+    };
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1), ("box-2", &h2)]));
+    // The provider fills hosts in fleet order, so the run starts on box-1.
+    let job = a.manifest(
+        "long.yaml",
+        &job_yaml(
+            "long",
+            &["x"],
+            "'mkdir -p out; echo done > out/result.txt; sleep 4'",
+        ),
+    );
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    a.wait_for("long-0 to run", Duration::from_secs(60), || {
+        a.run_phase("long-0").as_deref() == Some("Running")
+    });
+    let first_host = run_field(&a, "long-0", "host")
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (gone, other) = if first_host == "box-1" {
+        (&mut h1, "box-2")
+    } else {
+        panic!("test expects box-1 first, got {first_host}")
+    };
+    gone.stop();
+
+    a.wait_for(
+        "the run to move to the other host and finish",
+        Duration::from_secs(120),
+        || a.run_phase("long-0").as_deref() == Some("Succeeded"),
+    );
+    assert_eq!(run_field(&a, "long-0", "host"), other);
+    assert!(run_field(&a, "long-0", "attempt").as_u64().unwrap() >= 2);
+    let fleets = a.ok(&["get", "fleets", "-o", "json"]);
+    assert!(
+        fleets.contains("\"reachable\": false"),
+        "box-1 shows unreachable: {fleets}"
+    );
+
+    gone.restart();
+    a.wait_for("box-1 to rejoin", Duration::from_secs(60), || {
+        let v: serde_json::Value =
+            serde_json::from_str(&a.ok(&["get", "fleets", "-o", "json"])).unwrap();
+        v["items"][0]["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|h| h["reachable"] == true)
+    });
+    a.ok(&["delete", "job", "long"]);
+    // The stale slot on box-1 was destroyed once it answered again.
+    let left: Vec<_> = std::fs::read_dir(h1.home().join(".asimov-agent/instances"))
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_changed_host_key_is_refused_with_both_fingerprints_and_prepare_is_idempotent() {
+    let Some(mut h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1)]));
+    a.ok(&["apply", "-f", fleet.to_str().unwrap()]);
+
+    let first = a.ok(&["prepare", "lab"]);
+    assert!(first.contains("lab/box-1: prepared"), "{first}");
+    let second = a.ok(&["prepare", "lab"]);
+    assert!(
+        second.contains("lab/box-1: already prepared, nothing changed"),
+        "{second}"
+    );
+
+    let pinned = h1.host_key_fingerprint();
+    h1.regenerate_host_key();
+    let offered = h1.host_key_fingerprint();
+    let out = a.run(&["prepare", "lab"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("lab/box-1"), "names the machine: {stderr}");
+    assert!(
+        stderr.contains(&pinned) && stderr.contains(&offered),
+        "both fingerprints: {stderr}"
+    );
+    assert!(stderr.contains("changed"), "says why: {stderr}");
+}
