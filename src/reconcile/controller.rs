@@ -616,13 +616,14 @@ impl Controller {
     }
 }
 
+/// Providers by kind, as the executor holds them.
+pub type Providers = BTreeMap<ProviderKind, Arc<dyn Provider>>;
+
 /// The providers a controller in `home` drives: `local`, and `ssh` (returned on its own
 /// too, for [`Executor::with_ssh`] and `prepare_host`).
-pub fn providers_for(
-    home: &Home,
-) -> std::io::Result<(BTreeMap<ProviderKind, Arc<dyn Provider>>, Arc<SshProvider>)> {
+pub fn providers_for(home: &Home) -> std::io::Result<(Providers, Arc<SshProvider>)> {
     let ssh = Arc::new(SshProvider::new(home.clone())?);
-    let providers: BTreeMap<ProviderKind, Arc<dyn Provider>> = BTreeMap::from([
+    let providers: Providers = BTreeMap::from([
         (
             ProviderKind::Local,
             Arc::new(LocalProvider::new(home.clone())) as Arc<dyn Provider>,
