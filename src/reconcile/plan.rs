@@ -691,7 +691,11 @@ impl<'a> Planner<'a> {
                 self.push(&q.key, q.op);
                 continue;
             }
-            let reason = format!("waiting for a free host in fleet {fleet} ({held} ahead)");
+            let place = match held {
+                0 => "next in line".to_string(),
+                n => format!("{n} ahead"),
+            };
+            let reason = format!("waiting for a free host in fleet {fleet} ({place})");
             self.set_status(&q.key, &q.rec, Phase::Pending, reason, None, None, None);
             self.wake(&q.key, REQUEUE_FAST);
             held += 1;
@@ -711,7 +715,12 @@ impl<'a> Planner<'a> {
     }
 
     fn destroy_orphan(&mut self, key: &QueueKey, run: Option<&str>, i: &Instance, why: &str) {
-        if i.state == InstanceState::Terminating || self.on_unreachable_host(i) {
+        if self.on_unreachable_host(i) {
+            // Destroying fails until the host answers; its listing will say when.
+            self.wake(key, REQUEUE_LISTING_FAILED);
+            return;
+        }
+        if i.state == InstanceState::Terminating {
             self.wake(key, REQUEUE_FAST);
             return;
         }
