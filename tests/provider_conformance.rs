@@ -9,7 +9,7 @@ mod support;
 
 use asimov::home::Home;
 use asimov::manifest::{Fleet, Origin, Placement, Resources};
-use asimov::model::{OwnerTag, ProviderKind};
+use asimov::model::OwnerTag;
 use asimov::provider::fake::{FakeConfig, FakeProvider};
 use asimov::provider::local::LocalProvider;
 use asimov::provider::ssh::SshProvider;
