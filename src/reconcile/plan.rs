@@ -11,7 +11,11 @@
 //! - absence from a failed listing is never read as "gone": nothing is released or
 //!   forgotten on a provider whose listing failed this pass;
 //! - an instance carrying this controller's tag that no live attempt owns is destroyed;
-//!   other controllers' instances are never touched.
+//!   other controllers' instances are never touched;
+//! - runs on an ssh fleet wait in a queue, per fleet in apply order (`seq`), and are
+//!   created only when the provider's fit rule finds them a reachable host; a slot on a
+//!   host that does not answer is never destroyed nor counted as a live instance until
+//!   the host answers again.
 
 use super::budget::{self, BudgetState};
 use crate::agent::{AgentState, AgentStatus};
