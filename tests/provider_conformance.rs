@@ -1,11 +1,20 @@
 //! The conformance suite every `Provider` backend must pass. Each backend supplies a
 //! factory for a fresh provider (and, where it can, a way to plant a machine asimov did
 //! not create); the suite then checks the contract the planner relies on.
+//!
+//! Backends here: the in-memory fake, `local` (a temp home), and `ssh` (a fleet of two
+//! real `sshd`s, skipped where no `sshd` binary exists).
 
-use asimov::manifest::{Placement, Resources};
-use asimov::model::{OwnerTag, ProviderKind};
+mod support;
+
+use asimov::home::Home;
+use asimov::manifest::{Fleet, Origin, Placement, Resources};
+use asimov::model::OwnerTag;
 use asimov::provider::fake::{FakeConfig, FakeProvider};
+use asimov::provider::local::LocalProvider;
+use asimov::provider::ssh::SshProvider;
 use asimov::provider::{CreateRequest, ErrorKind, InstanceState, Provider};
+use asimov::transport::ssh::{SshOptions, SshPool};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,13 +26,18 @@ pub struct Harness {
     pub plant_untagged: Option<Box<dyn Fn() + Send + Sync>>,
     /// How long an instance may take to become `Running`.
     pub boot_timeout: Duration,
+    /// The fleet placements name (`ssh` only).
+    pub fleet: Option<String>,
+    /// Kept alive as long as the provider is used (temp dirs, servers).
+    pub _keep: Box<dyn std::any::Any + Send>,
 }
 
-fn request(kind: ProviderKind, run: &str, attempt: u32) -> CreateRequest {
+fn request(h: &Harness, run: &str, attempt: u32) -> CreateRequest {
     CreateRequest {
         tag: OwnerTag::new("conformance", run, attempt),
         placement: Placement {
-            provider: kind,
+            provider: h.provider.kind(),
+            fleet: h.fleet.clone(),
             ..Placement::local()
         },
         resources: Resources::default(),
@@ -46,7 +60,7 @@ where
 
 async fn create_carries_tag_and_is_listed(h: Harness) {
     let p = &h.provider;
-    let req = request(p.kind(), "conf-0", 1);
+    let req = request(&h, "conf-0", 1);
     let created = p.create(&req).await.expect("create");
     assert_eq!(created.tag, req.tag, "create returns the tag it was given");
     assert_eq!(created.provider, p.kind());
@@ -59,14 +73,8 @@ async fn create_carries_tag_and_is_listed(h: Harness) {
 
 async fn destroy_then_not_listed(h: Harness) {
     let p = &h.provider;
-    let a = p
-        .create(&request(p.kind(), "conf-1", 1))
-        .await
-        .expect("create a");
-    let b = p
-        .create(&request(p.kind(), "conf-2", 1))
-        .await
-        .expect("create b");
+    let a = p.create(&request(&h, "conf-1", 1)).await.expect("create a");
+    let b = p.create(&request(&h, "conf-2", 1)).await.expect("create b");
     p.destroy(&a.id).await.expect("destroy");
     let listed = p.list().await.expect("list");
     let gone = listed
@@ -82,10 +90,7 @@ async fn destroy_then_not_listed(h: Harness) {
 
 async fn destroy_of_gone_instance_is_not_found(h: Harness) {
     let p = &h.provider;
-    let a = p
-        .create(&request(p.kind(), "conf-3", 1))
-        .await
-        .expect("create");
+    let a = p.create(&request(&h, "conf-3", 1)).await.expect("create");
     p.destroy(&a.id).await.expect("destroy");
     let again = p
         .destroy(&a.id)
@@ -104,10 +109,7 @@ async fn list_shows_only_asimov_tags(h: Harness) {
     if let Some(plant) = &h.plant_untagged {
         plant();
     }
-    let a = p
-        .create(&request(p.kind(), "conf-4", 1))
-        .await
-        .expect("create");
+    let a = p.create(&request(&h, "conf-4", 1)).await.expect("create");
     let listed = p.list().await.expect("list");
     for i in &listed {
         let rendered = i.tag.render();
@@ -127,10 +129,7 @@ async fn list_shows_only_asimov_tags(h: Harness) {
 
 async fn listed_instance_reaches_running_with_a_machine(h: Harness) {
     let p = &h.provider;
-    let a = p
-        .create(&request(p.kind(), "conf-5", 1))
-        .await
-        .expect("create");
+    let a = p.create(&request(&h, "conf-5", 1)).await.expect("create");
     let deadline = tokio::time::Instant::now() + h.boot_timeout;
     let running = loop {
         let listed = p.list().await.expect("list");
@@ -165,6 +164,69 @@ async fn fake_provider_conforms() {
             provider: fake,
             plant_untagged: Some(Box::new(move || planter.add_foreign("my-own-box"))),
             boot_timeout: Duration::from_secs(60),
+            fleet: None,
+            _keep: Box::new(()),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn local_provider_conforms() {
+    conformance(|| async {
+        let dir = tempfile::tempdir().expect("temp home");
+        let home = Home::at(dir.path());
+        home.ensure().expect("home");
+        let folder = home.local_instances().join("my-own-box");
+        Harness {
+            provider: Arc::new(LocalProvider::new(home)),
+            // A folder that is not an instance (no tag): never listed.
+            plant_untagged: Some(Box::new(move || {
+                std::fs::create_dir_all(&folder).expect("plant folder");
+            })),
+            boot_timeout: Duration::from_secs(10),
+            fleet: None,
+            _keep: Box::new(dir),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ssh_provider_conforms() {
+    // Probe once: without an sshd binary the whole suite is skipped.
+    if support::sshd::Sshd::start_or_skip().is_none() {
+        return;
+    }
+    conformance(|| async {
+        let (a, b) = (support::sshd::Sshd::start(), support::sshd::Sshd::start());
+        let dir = tempfile::tempdir().expect("temp home");
+        let options = SshOptions {
+            connect_timeout: Duration::from_secs(5),
+            ..SshOptions::default()
+        };
+        let pool = SshPool::with_options(Home::at(dir.path()), options).expect("ssh pool");
+        let provider = SshProvider::with_pool(pool);
+        // Two whole hosts: the suite holds two instances at once.
+        provider.set_fleets(vec![Fleet {
+            name: "conf".into(),
+            labels: Default::default(),
+            hosts: vec![a.fleet_host("a", 0), b.fleet_host("b", 0)],
+            origin: Origin {
+                file: "fleet.yaml".into(),
+                line: 1,
+            },
+        }]);
+        // A folder beside the slots that carries no tag: not an instance.
+        let foreign = a.home().join(".asimov-agent/instances/my-own-box");
+        Harness {
+            provider: Arc::new(provider),
+            plant_untagged: Some(Box::new(move || {
+                std::fs::create_dir_all(&foreign).expect("plant folder");
+            })),
+            boot_timeout: Duration::from_secs(20),
+            fleet: Some("conf".into()),
+            _keep: Box::new((a, b, dir)),
         }
     })
     .await;

@@ -328,3 +328,65 @@ async fn create_failing_without_landing_retries_with_the_same_tag() {
     assert_eq!(attempts.len(), 1, "same attempt, same tag: {attempts:?}");
     assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn cost_so_far_while_running_and_outputs_land_in_artifacts_to() {
+    let out = tempfile::tempdir().expect("artifacts folder");
+    let mut j = job("paid", 1);
+    j.spec.artifacts = Some(asimov::manifest::Artifacts {
+        paths: vec!["out/".into()],
+        to: Some(out.path().display().to_string()),
+    });
+    let config = FakeConfig {
+        price_per_hour: 3.6,
+        job_duration: Duration::from_secs(600),
+        ..FakeConfig::default()
+    };
+    let w = world(vec![j], config);
+    let run = |w: &World| w.store.lock().unwrap().run("paid-0").unwrap().unwrap();
+    // Until it runs.
+    for _ in 0..50 {
+        let report = w.controller.run_once().await.expect("pass");
+        if run(&w).phase == Phase::Running {
+            break;
+        }
+        tokio::time::sleep(report.requeue_after.unwrap_or(Duration::from_secs(1))).await;
+    }
+    assert_eq!(run(&w).phase, Phase::Running);
+    // A few minutes on: the record shows what it cost so far, before any release.
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        w.controller.run_once().await.expect("pass");
+    }
+    let rec = run(&w);
+    assert_eq!(rec.phase, Phase::Running);
+    assert!(
+        rec.cost_usd > 0.1 && rec.cost_usd < 1.0,
+        "cost so far of a $3.60/h run after minutes: {}",
+        rec.cost_usd
+    );
+    converge(&w, 400).await;
+    let rec = run(&w);
+    assert_eq!(rec.phase, Phase::Succeeded);
+    let ledger: f64 = w
+        .store
+        .lock()
+        .unwrap()
+        .costs("paid-0")
+        .unwrap()
+        .iter()
+        .map(|c| c.usd)
+        .sum();
+    assert!(
+        (rec.cost_usd - ledger).abs() < 1e-9,
+        "{} vs ledger {ledger}",
+        rec.cost_usd
+    );
+    assert!(rec.cost_usd > 0.5, "{}", rec.cost_usd);
+    assert!(
+        out.path().join("paid-0/result.txt").exists(),
+        "outputs not in artifacts.to/<run>/"
+    );
+    assert!(!w.home.artifacts().join("paid-0").exists());
+    assert!(w.home.run_log("paid-0").exists(), "log collected");
+}

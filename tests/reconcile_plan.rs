@@ -8,7 +8,9 @@ use asimov::manifest::{
 };
 use asimov::model::{OwnerTag, Phase, Progress, ProviderKind, Timestamp};
 use asimov::provider::{ErrorKind, Instance, InstanceState};
-use asimov::reconcile::{AgentObservation, Desired, History, ListResult, Observed, plan};
+use asimov::reconcile::{
+    AgentObservation, Desired, History, HostCapacity, ListResult, Observed, plan,
+};
 use asimov::store::{AttemptRecord, RunRecord};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -886,4 +888,213 @@ fn edited_job_after_exhausted_failure_gets_all_restarts() {
         agent(AgentState::Failed, None, Some(1)),
     );
     check(&d, &o, &h, NOW, "edited_job_restarts_again");
+}
+
+// ---- fleet queue ------------------------------------------------------------------
+
+const SSH: ProviderKind = ProviderKind::Ssh;
+
+/// A job placed on fleet `lab`, asking for `gpus` GPUs (none when 0).
+fn fleet_job(name: &str, runs: u32, gpus: u32) -> Job {
+    let mut j = job(name, runs, &[SSH]);
+    j.spec.placement[0].fleet = Some("lab".into());
+    if gpus > 0 {
+        j.spec.resources.gpu = Some(asimov::manifest::GpuRequest {
+            names: vec![],
+            count: gpus,
+            min_vram_gb: None,
+        });
+    }
+    j
+}
+
+fn host(name: &str, gpus: u32) -> HostCapacity {
+    HostCapacity {
+        host: name.into(),
+        reachable: true,
+        busy: false,
+        gpus_total: gpus,
+        gpus_free: gpus,
+        slots: 0,
+    }
+}
+
+/// `host` with one slot of `gpus` GPUs taken (0: the whole host).
+fn used(mut h: HostCapacity, gpus: u32) -> HostCapacity {
+    h.take(gpus);
+    h
+}
+
+fn down(mut h: HostCapacity) -> HostCapacity {
+    h.reachable = false;
+    h
+}
+
+fn fleet_observed(instances: Vec<Instance>, hosts: Vec<HostCapacity>) -> Observed {
+    let mut o = listed(SSH, instances);
+    o.fleets.insert("lab".into(), hosts);
+    o
+}
+
+fn slot(run: &str, attempt: u32, host: &str, state: InstanceState) -> Instance {
+    let t = tag(run, attempt);
+    let mut i = instance(SSH, &format!("lab/{host}/{}", t.render()), t, state);
+    i.host = Some(host.into());
+    i.price_per_hour = 0.0;
+    i
+}
+
+fn queued_records(job: &str, seqs: &[i64]) -> Vec<RunRecord> {
+    seqs.iter()
+        .enumerate()
+        .map(|(i, seq)| {
+            let mut r = record(&format!("{job}-{i}"), job, Phase::Pending, 0);
+            r.seq = *seq;
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn fleet_queue_holds_the_third_of_three_on_two_hosts() {
+    let d = desired(vec![fleet_job("train", 3, 0)]);
+    let h = history(queued_records("train", &[1, 2, 3]), vec![]);
+    let o = fleet_observed(vec![], vec![host("h1", 0), host("h2", 0)]);
+    check(&d, &o, &h, NOW, "fleet_queue_holds_third");
+}
+
+#[test]
+fn fleet_queue_respects_apply_order_across_jobs() {
+    // `b` was applied first (seq 1), `a` after (seq 2, 3); one free host.
+    let d = desired(vec![fleet_job("a", 2, 0), fleet_job("b", 1, 0)]);
+    let mut recs = queued_records("a", &[2, 3]);
+    recs.extend(queued_records("b", &[1]));
+    let h = history(recs, vec![]);
+    let o = fleet_observed(vec![], vec![host("h1", 0)]);
+    check(&d, &o, &h, NOW, "fleet_queue_apply_order");
+}
+
+#[test]
+fn fleet_queue_gpu_host_fits_two_one_gpu_jobs() {
+    let d = desired(vec![fleet_job("train", 3, 1)]);
+    let h = history(queued_records("train", &[1, 2, 3]), vec![]);
+    let o = fleet_observed(vec![], vec![host("gpu", 2)]);
+    check(&d, &o, &h, NOW, "fleet_queue_gpu_slots");
+    // One GPU already taken: only one more fits.
+    let o = fleet_observed(vec![], vec![used(host("gpu", 2), 1)]);
+    let p = plan(&d, &o, &h, NOW);
+    let creates = p.ops.iter().filter(|op| op.kind() == "create").count();
+    assert_eq!(creates, 1, "{}", p.render());
+}
+
+#[test]
+fn fleet_queue_picks_up_a_freed_host_next_pass() {
+    let d = desired(vec![fleet_job("train", 2, 0)]);
+    let mut running = record("train-0", "train", Phase::Running, 1);
+    running.reason = "running on ssh/lab/h1/asimov.ctl1.train-0.1".into();
+    let mut waiting = queued_records("train", &[1, 2]).remove(1);
+    waiting.reason = "waiting for a free host in fleet lab (next in line)".into();
+    let a1 = attempt("train-0", 1, SSH, Some("lab/h1/asimov.ctl1.train-0.1"));
+    // Pass 1: train-0 finished; its slot still holds the host.
+    let h = history(vec![running, waiting.clone()], vec![a1.clone()]);
+    let mut o = fleet_observed(
+        vec![slot("train-0", 1, "h1", InstanceState::Running)],
+        vec![used(host("h1", 0), 0)],
+    );
+    o.agents.insert(
+        tag("train-0", 1).render(),
+        agent(AgentState::Succeeded, None, Some(0)),
+    );
+    check(&d, &o, &h, NOW, "fleet_queue_busy_until_destroyed");
+    // Pass 2: the slot is destroyed and released; the host is free again.
+    let mut done = record("train-0", "train", Phase::Succeeded, 1);
+    done.reason = "exit code 0".into();
+    let h = history(
+        vec![done, waiting],
+        vec![released(a1, "succeeded", NOW - 1)],
+    );
+    let o = fleet_observed(vec![], vec![host("h1", 0)]);
+    check(&d, &o, &h, NOW, "fleet_queue_freed_host_taken");
+}
+
+#[test]
+fn fleet_queue_race_no_capacity_requeues_without_backoff() {
+    let d = desired(vec![fleet_job("train", 1, 0)]);
+    let mut rec = record("train-0", "train", Phase::Pending, 1);
+    rec.reason = "no free host on ssh".into();
+    let h = history(
+        vec![rec],
+        vec![released(
+            attempt("train-0", 1, SSH, None),
+            "queued",
+            NOW - 1,
+        )],
+    );
+    let o = fleet_observed(vec![], vec![host("h1", 0)]);
+    check(&d, &o, &h, NOW, "fleet_queue_race_requeued");
+    // Still full: waits in the queue at the fast requeue, no backoff, no failure.
+    let o = fleet_observed(vec![], vec![used(host("h1", 0), 0)]);
+    check(&d, &o, &h, NOW, "fleet_queue_race_still_full");
+}
+
+#[test]
+fn fleet_queue_skips_unreachable_hosts() {
+    let d = desired(vec![fleet_job("train", 2, 0)]);
+    let h = history(queued_records("train", &[1, 2]), vec![]);
+    let o = fleet_observed(vec![], vec![down(host("h1", 0)), host("h2", 0)]);
+    check(&d, &o, &h, NOW, "fleet_queue_unreachable_skipped");
+}
+
+#[test]
+fn unreachable_host_reschedules_elsewhere() {
+    let d = desired(vec![fleet_job("train", 1, 0)]);
+    let id1 = "lab/h1/asimov.ctl1.train-0.1";
+    let a1 = attempt("train-0", 1, SSH, Some(id1));
+    let mut rec = record("train-0", "train", Phase::Running, 1);
+    rec.reason = format!("running on ssh/{id1}");
+    let stranded = slot("train-0", 1, "h1", InstanceState::Stopped);
+    let hosts = vec![down(used(host("h1", 0), 0)), host("h2", 0)];
+    // Pass 1: h1 stopped answering; its slot is listed Stopped: a preemption. No
+    // destroy while the host is down.
+    let h = history(vec![rec.clone()], vec![a1.clone()]);
+    let o = fleet_observed(vec![stranded.clone()], hosts.clone());
+    check(&d, &o, &h, NOW, "unreachable_host_preempts");
+    // Pass 2: the attempt ended but cannot be destroyed yet; the run goes on on h2.
+    rec.phase = Phase::Pending;
+    rec.reason = "instance preempted; restart 1 of 3".into();
+    let mut ended = a1.clone();
+    ended.outcome = Some("preempted".into());
+    let h = history(vec![rec.clone()], vec![ended.clone()]);
+    check(&d, &o, &h, NOW, "unreachable_host_new_attempt");
+    // The new attempt runs on h2; h1 is still down: nothing touches the old slot, and
+    // the run's live instance is attempt 2's.
+    let id2 = "lab/h2/asimov.ctl1.train-0.2";
+    let mut rec2 = rec.clone();
+    rec2.attempt = 2;
+    rec2.phase = Phase::Running;
+    rec2.reason = format!("running on ssh/{id2}");
+    let a2 = attempt("train-0", 2, SSH, Some(id2));
+    let h = history(vec![rec2], vec![ended.clone(), a2]);
+    let mut o = fleet_observed(
+        vec![stranded, slot("train-0", 2, "h2", InstanceState::Running)],
+        vec![down(used(host("h1", 0), 0)), used(host("h2", 0), 0)],
+    );
+    o.agents.insert(
+        tag("train-0", 2).render(),
+        agent(AgentState::Running, None, None),
+    );
+    check(&d, &o, &h, NOW, "unreachable_host_old_slot_waits");
+    // h1 answers again: its old slot is destroyed, then released.
+    o.listed.insert(
+        SSH,
+        ListResult::Listed(vec![
+            slot("train-0", 1, "h1", InstanceState::Running),
+            slot("train-0", 2, "h2", InstanceState::Running),
+        ]),
+    );
+    o.fleets.insert(
+        "lab".into(),
+        vec![used(host("h1", 0), 0), used(host("h2", 0), 0)],
+    );
+    check(&d, &o, &h, NOW, "unreachable_host_back_destroys_old_slot");
 }

@@ -7,13 +7,12 @@ use super::daemon::{self, ControllerLock};
 use super::{CliResult, desired, fail};
 use crate::home::Home;
 use crate::manifest::Manifests;
-use crate::model::ProviderKind;
-use crate::provider::Provider;
-use crate::reconcile::controller::{Controller, DesiredSource, Shutdown, SourceError};
+use crate::reconcile::controller::{
+    Controller, DesiredSource, Shutdown, SourceError, providers_for,
+};
 use crate::reconcile::execute::Executor;
 use crate::store::Store;
 use async_trait::async_trait;
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -107,20 +106,6 @@ impl DesiredSource for FolderSource {
     }
 }
 
-/// The providers this controller drives, by kind.
-pub fn providers(home: &Home) -> std::io::Result<BTreeMap<ProviderKind, Arc<dyn Provider>>> {
-    let mut providers: BTreeMap<ProviderKind, Arc<dyn Provider>> = BTreeMap::new();
-    providers.insert(
-        ProviderKind::Local,
-        Arc::new(crate::provider::local::LocalProvider::new(home.clone())),
-    );
-    providers.insert(
-        ProviderKind::Ssh,
-        Arc::new(crate::provider::ssh::SshProvider::new(home.clone())?),
-    );
-    Ok(providers)
-}
-
 pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool) -> CliResult {
     home.ensure()?;
     let Some(_lock) = ControllerLock::try_acquire(home)? else {
@@ -145,7 +130,10 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         .build()?;
     runtime.block_on(async {
         let store = Store::open(&home.database())?;
-        let executor = Arc::new(Executor::new(providers(home)?, Arc::new(Mutex::new(store)), home.clone()));
+        let (providers, ssh) = providers_for(home)?;
+        let executor = Arc::new(
+            Executor::new(providers, Arc::new(Mutex::new(store)), home.clone()).with_ssh(ssh),
+        );
         let source = Arc::new(FolderSource::new(home.clone(), dir.clone()));
         let controller = Controller::new(executor, source, home.controller_id()?);
         if once {

@@ -10,11 +10,17 @@
 use super::budget;
 use super::execute::{ExecError, Executor};
 use super::plan::{
-    self, AgentObservation, Desired, History, ListResult, Observed, Op, Plan, QueueKey,
+    self, AgentObservation, Desired, History, HostCapacity, ListResult, Observed, Op, Plan,
+    QueueKey,
 };
-use crate::manifest::Manifests;
+use crate::home::Home;
+use crate::manifest::{Fleet, Manifests};
 use crate::model::{ProviderKind, RunName, Timestamp};
+use crate::provider::Provider;
+use crate::provider::local::LocalProvider;
+use crate::provider::ssh::SshProvider;
 use crate::provider::{ErrorKind, Instance, InstanceState};
+use crate::store::HostRecord;
 use crate::store::StoreError;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet};
@@ -305,6 +311,10 @@ impl Controller {
 
     async fn pass(&self, due: &Due, mut shutdown: Shutdown) -> Result<PassReport, ControllerError> {
         let manifests = self.source.load().await.map_err(ControllerError::Source)?;
+        // The fleets first: the ssh listing walks the hosts they name.
+        if let Some(ssh) = &self.executor.ssh {
+            ssh.set_fleets(manifests.fleets.clone());
+        }
         let desired = Arc::new(Desired {
             jobs: manifests.jobs,
             budgets: manifests.budgets,
@@ -314,12 +324,78 @@ impl Controller {
         // an intent the store already holds, so nothing looks like an orphan by mistake.
         let listed = self.list_all().await;
         let now = self.now();
+        let fleets = self.fleets(&manifests.fleets, now);
         let history = self.history(&desired, now)?;
         let agents = self.observe(&listed, &history, due).await;
-        let observed = Observed { listed, agents };
+        let observed = Observed {
+            listed,
+            agents,
+            fleets,
+        };
         let now = self.now();
         let plan = plan::plan(&desired, &observed, &history, now);
         self.apply(plan, desired, due, &mut shutdown).await
+    }
+
+    /// The fleet hosts as the ssh provider saw them in this pass's listing, for the
+    /// planner's queue; written to the store too, for `get fleets`. A failure to write
+    /// them is logged, never fatal: they are a view, rewritten every pass.
+    fn fleets(&self, desired: &[Fleet], now: Timestamp) -> BTreeMap<String, Vec<HostCapacity>> {
+        let mut out: BTreeMap<String, Vec<HostCapacity>> = BTreeMap::new();
+        let Some(ssh) = &self.executor.ssh else {
+            return out;
+        };
+        let statuses = ssh.host_statuses();
+        for s in &statuses {
+            out.entry(s.fleet.clone()).or_default().push(HostCapacity {
+                host: s.host.clone(),
+                reachable: s.reachable,
+                busy: s.busy,
+                gpus_total: s.gpus_total,
+                gpus_free: s.gpus_free,
+                slots: s.running.len() as u32,
+            });
+        }
+        let store = self
+            .executor
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let written = (|| -> Result<(), StoreError> {
+            for s in &statuses {
+                store.put_host(&HostRecord {
+                    fleet: s.fleet.clone(),
+                    host: s.host.clone(),
+                    reachable: s.reachable,
+                    busy: s.busy,
+                    gpus_total: s.gpus_total,
+                    gpus_free: s.gpus_free,
+                    gpu_names: s.gpu_names.clone(),
+                    running: s.running.clone(),
+                    checked_at: now,
+                    message: s.message.clone().unwrap_or_default(),
+                })?;
+            }
+            for f in desired {
+                let names: Vec<&str> = f.hosts.iter().map(|h| h.name.as_str()).collect();
+                store.forget_hosts_not_in(&f.name, &names)?;
+            }
+            // Fleets gone from the manifests: their hosts go too.
+            let gone: BTreeSet<String> = store
+                .hosts(None)?
+                .into_iter()
+                .map(|h| h.fleet)
+                .filter(|f| !desired.iter().any(|d| d.name == *f))
+                .collect();
+            for f in gone {
+                store.forget_hosts_not_in::<&str>(&f, &[])?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = written {
+            tracing::warn!(error = %error_chain(&e), "cannot record fleet hosts");
+        }
+        out
     }
 
     async fn list_all(&self) -> BTreeMap<ProviderKind, ListResult> {
@@ -538,6 +614,23 @@ impl Controller {
         report.requeue = requeue;
         Ok(report)
     }
+}
+
+/// Providers by kind, as the executor holds them.
+pub type Providers = BTreeMap<ProviderKind, Arc<dyn Provider>>;
+
+/// The providers a controller in `home` drives: `local`, and `ssh` (returned on its own
+/// too, for [`Executor::with_ssh`] and `prepare_host`).
+pub fn providers_for(home: &Home) -> std::io::Result<(Providers, Arc<SshProvider>)> {
+    let ssh = Arc::new(SshProvider::new(home.clone())?);
+    let providers: Providers = BTreeMap::from([
+        (
+            ProviderKind::Local,
+            Arc::new(LocalProvider::new(home.clone())) as Arc<dyn Provider>,
+        ),
+        (ProviderKind::Ssh, Arc::clone(&ssh) as Arc<dyn Provider>),
+    ]);
+    Ok((providers, ssh))
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -2,14 +2,17 @@
 //! the agents and the store. Every failure is classified by `ErrorKind` so the
 //! controller's error policy can pick the requeue; nothing here retries inline.
 
-use super::plan::{Desired, Op, SPEC_CHANGED, StatusUpdate};
+use super::plan::{Desired, Op, QUEUED, SPEC_CHANGED, StatusUpdate};
 use crate::agent::{AgentError, LaunchSource, LaunchSpec};
+use crate::failpoint;
 use crate::home::Home;
 use crate::manifest::{Job, RunSpec, Source};
 use crate::model::{Phase, ProviderKind, RunName, Secret, Timestamp};
+use crate::provider::ssh::SshProvider;
 use crate::provider::{CreateRequest, ErrorKind, Provider, ProviderError};
 use crate::store::{AttemptRecord, CostEntry, Event, RunRecord, Store, StoreError};
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Why an op could not be applied. Each variant names the op and keeps its cause.
@@ -46,6 +49,13 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{op}: cannot create {}", path.display())]
+    Local {
+        op: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{op}: {attempts} attempt(s) of {run} are not released yet")]
     Unreleased {
         op: String,
@@ -64,6 +74,7 @@ impl ExecError {
             ExecError::Unreleased { .. } | ExecError::MissingRun { .. } => ErrorKind::Transient,
             ExecError::NoProvider { .. } | ExecError::NotDesired { .. } => ErrorKind::Permanent,
             ExecError::Secret { .. } => ErrorKind::Permanent,
+            ExecError::Local { .. } => ErrorKind::Transient,
         }
     }
 }
@@ -73,6 +84,9 @@ pub struct Executor {
     pub providers: BTreeMap<ProviderKind, Arc<dyn Provider>>,
     pub store: Arc<Mutex<Store>>,
     pub home: Home,
+    /// The ssh provider (also in `providers`), when fleets are configured: the
+    /// controller feeds it the fleets and reads its host statuses each pass.
+    pub ssh: Option<Arc<SshProvider>>,
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -90,7 +104,17 @@ impl Executor {
             providers,
             store,
             home,
+            ssh: None,
         }
+    }
+
+    /// Also registers `ssh` as the `ssh` provider, and lets the controller drive its
+    /// fleets and host statuses.
+    pub fn with_ssh(mut self, ssh: Arc<SshProvider>) -> Self {
+        self.providers
+            .insert(ProviderKind::Ssh, Arc::clone(&ssh) as Arc<dyn Provider>);
+        self.ssh = Some(ssh);
+        self
     }
 
     fn provider(&self, op: &Op, kind: ProviderKind) -> Result<&Arc<dyn Provider>, ExecError> {
@@ -230,6 +254,7 @@ impl Executor {
                 rec.reason = format!("creating an instance on {provider}");
                 rec.updated_at = now;
                 self.store(op, |s| s.put_run(&rec))?;
+                failpoint::hit("create:after-intent");
                 let placement = job
                     .spec
                     .placement
@@ -242,7 +267,9 @@ impl Executor {
                     resources: job.spec.resources.clone(),
                     image: job.spec.image.clone(),
                 };
-                match backend.create(&req).await {
+                let created = backend.create(&req).await;
+                failpoint::hit("create:after-provider");
+                match created {
                     Ok(inst) => {
                         a.instance_id = Some(inst.id.clone());
                         a.host = inst.host.clone();
@@ -267,8 +294,13 @@ impl Executor {
                         ) =>
                     {
                         let no_capacity = e.kind == ErrorKind::NoCapacity;
+                        // A full fleet is a queue, not a failure: the planner waits for
+                        // a free host without a backoff.
+                        let queued = no_capacity && *provider == ProviderKind::Ssh;
                         a.outcome = Some(
-                            if no_capacity {
+                            if queued {
+                                QUEUED
+                            } else if no_capacity {
                                 "no-capacity"
                             } else {
                                 "rejected"
@@ -278,7 +310,9 @@ impl Executor {
                         a.released_at = Some(now);
                         self.store(op, |s| s.put_attempt(&a))?;
                         rec.phase = Phase::Pending;
-                        rec.reason = if no_capacity {
+                        rec.reason = if queued {
+                            format!("no free host on {provider}: {}", e.message)
+                        } else if no_capacity {
                             format!("no capacity on {provider}")
                         } else {
                             format!("{provider} rejected the create: {}", e.message)
@@ -349,6 +383,7 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
+                failpoint::hit("start:after-upload");
                 self.event(
                     op,
                     run,
@@ -371,9 +406,20 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
-                let outputs = self.home.artifacts().join(run);
+                let outputs = self.outputs_dir(desired, run);
+                let log = self.home.run_log(run);
+                for dir in [log.parent(), Some(outputs.as_path())]
+                    .into_iter()
+                    .flatten()
+                {
+                    std::fs::create_dir_all(dir).map_err(|source| ExecError::Local {
+                        op: op.to_string(),
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
+                }
                 machine
-                    .collect(&self.home.run_log(run), &outputs)
+                    .collect(&log, &outputs)
                     .await
                     .map_err(|source| ExecError::Agent {
                         op: op.to_string(),
@@ -400,6 +446,7 @@ impl Executor {
                         });
                     }
                 }
+                failpoint::hit("destroy:after-provider");
                 if let Some(run) = run {
                     self.event(
                         op,
@@ -422,6 +469,7 @@ impl Executor {
                 if a.released_at.is_some() {
                     return Ok(());
                 }
+                failpoint::hit("release:before");
                 a.released_at = Some(now);
                 a.outcome.get_or_insert_with(|| outcome.clone());
                 let rec = self.store(op, |s| s.run(run))?;
@@ -439,7 +487,8 @@ impl Executor {
                         usd: super::budget::accrued(price, a.intent_at, now),
                     };
                     self.store(op, |s| s.add_cost(&entry))?;
-                    rec.cost_usd += entry.usd;
+                    // The ledger is the truth: the running estimate is replaced by it.
+                    rec.cost_usd = self.ledger_cost(op, run)?;
                     self.store(op, |s| s.put_run(&rec))?;
                 }
                 self.store(op, |s| s.put_attempt(&a))?;
@@ -465,15 +514,16 @@ impl Executor {
                         attempts: open,
                     });
                 }
-                self.store(op, |s| s.forget_run(run))?;
-                // The kept log belongs to the run; outputs in artifacts/ are the user's.
+                failpoint::hit("forget:before");
+                // The kept log belongs to the run (outputs in artifacts/ are the user's).
+                // Removed first: a crash in between leaves the run, and Forget retried.
                 match std::fs::remove_file(self.home.run_log(run)) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         tracing::warn!(run = %run, error = %e, "cannot remove the run's log");
                     }
                     _ => {}
                 }
-                Ok(())
+                self.store(op, |s| s.forget_run(run))
             }
             Op::Block { run, reason } => {
                 let mut rec = self.run_record(op, run)?;
@@ -505,6 +555,7 @@ impl Executor {
         if u.phase.is_terminal() {
             rec.finished_at.get_or_insert(now);
         }
+        rec.cost_usd = self.running_cost(op, &rec, now)?;
         rec.updated_at = now;
         // The run row first, then the attempt's outcome: a crash in between leaves a
         // terminal run with an open attempt, which the planner destroys and releases.
@@ -520,6 +571,51 @@ impl Executor {
             self.event(op, &u.run, u.phase.as_str(), u.reason.clone(), now);
         }
         Ok(())
+    }
+
+    /// Sum of the run's ledger entries (released attempts).
+    fn ledger_cost(&self, op: &Op, run: &str) -> Result<f64, ExecError> {
+        Ok(self
+            .store(op, |s| s.costs(run))?
+            .iter()
+            .map(|c| c.usd)
+            .sum())
+    }
+
+    /// Cost so far: the ledger plus what the current attempt's instance has accrued
+    /// while it is held (its ledger entry lands only with its release).
+    fn running_cost(&self, op: &Op, rec: &RunRecord, now: Timestamp) -> Result<f64, ExecError> {
+        let mut usd = self.ledger_cost(op, &rec.name)?;
+        if let Some(price) = rec.price_per_hour
+            && rec.attempt > 0
+            && let Some(a) = self.attempt(op, &rec.name, rec.attempt)?
+            && a.released_at.is_none()
+            && a.instance_id.is_some()
+        {
+            usd += super::budget::accrued(price, a.intent_at, now);
+        }
+        Ok(usd)
+    }
+
+    /// Where a run's outputs land: `<artifacts.to>/<run>/` when the job names a local
+    /// folder (relative to its manifest's folder), else `$ASIMOV_HOME/artifacts/<run>/`.
+    fn outputs_dir(&self, desired: &Desired, run: &str) -> PathBuf {
+        let to = find_run(desired, run).and_then(|(job, _)| {
+            let to = job.spec.artifacts.as_ref()?.to.as_deref()?;
+            // Object stores (`s3://`) are not pulled to here: outputs come home.
+            if to.contains("://") {
+                return None;
+            }
+            let to = match to.strip_prefix("~/") {
+                Some(rest) => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(rest))?,
+                None => PathBuf::from(to),
+            };
+            Some(match job.origin.file.parent() {
+                Some(dir) if to.is_relative() => dir.join(to),
+                _ => to,
+            })
+        });
+        to.unwrap_or_else(|| self.home.artifacts()).join(run)
     }
 
     /// What the agent needs to start `spec`: secrets are read from the credential

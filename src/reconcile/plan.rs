@@ -11,7 +11,11 @@
 //! - absence from a failed listing is never read as "gone": nothing is released or
 //!   forgotten on a provider whose listing failed this pass;
 //! - an instance carrying this controller's tag that no live attempt owns is destroyed;
-//!   other controllers' instances are never touched.
+//!   other controllers' instances are never touched;
+//! - runs on an ssh fleet wait in a queue, per fleet in apply order (`seq`), and are
+//!   created only when the provider's fit rule finds them a reachable host; a slot on a
+//!   host that does not answer is never destroyed nor counted as a live instance until
+//!   the host answers again.
 
 use super::budget::{self, BudgetState};
 use crate::agent::{AgentState, AgentStatus};
@@ -33,6 +37,8 @@ pub const REQUEUE_RUNNING: Duration = Duration::from_secs(10);
 pub const REQUEUE_LISTING_FAILED: Duration = Duration::from_secs(10);
 /// A run held back by a budget or a missing provider.
 pub const REQUEUE_BLOCKED: Duration = Duration::from_secs(60);
+/// How often a running, paid run's status is rewritten so its cost so far stays fresh.
+pub const COST_REFRESH_SECS: i64 = 60;
 /// An agent whose heartbeat is older than this is lost (treated like a preemption).
 pub const HEARTBEAT_STALE_SECS: i64 = 60;
 
@@ -76,6 +82,50 @@ pub struct Observed {
     /// Agent observations keyed by the instance's rendered ownership tag. An instance
     /// without an entry was not observed this pass: the planner waits, it never guesses.
     pub agents: BTreeMap<String, AgentObservation>,
+    /// The hosts of each ssh fleet by name, in manifest order, as the ssh provider saw
+    /// them right after its listing. A fleet without an entry is not queued: its runs
+    /// go straight to the provider's create.
+    pub fleets: BTreeMap<String, Vec<HostCapacity>>,
+}
+
+/// What one fleet host can take, for the fleet queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostCapacity {
+    pub host: String,
+    /// False while it does not answer: nothing is placed on it, and its slots are
+    /// neither destroyed nor counted as a run's live instance.
+    pub reachable: bool,
+    /// No job of any size fits on it now.
+    pub busy: bool,
+    pub gpus_total: u32,
+    pub gpus_free: u32,
+    /// Slots on it (any size): a job asking for no GPU needs a host with none.
+    pub slots: u32,
+}
+
+impl HostCapacity {
+    /// The ssh provider's fit rule: GPU jobs side by side while their counts fit; a job
+    /// asking for no GPU takes a whole idle host.
+    pub fn fits(&self, gpus: u32) -> bool {
+        self.reachable
+            && gpus <= self.gpus_total
+            && if gpus == 0 {
+                self.slots == 0
+            } else {
+                self.gpus_free >= gpus
+            }
+    }
+
+    /// Takes room for a job of `gpus` (after [`HostCapacity::fits`] said yes).
+    pub fn take(&mut self, gpus: u32) {
+        self.slots += 1;
+        self.gpus_free = if gpus == 0 {
+            0
+        } else {
+            self.gpus_free.saturating_sub(gpus)
+        };
+        self.busy = gpus == 0 || self.gpus_free == 0;
+    }
 }
 
 /// What the store remembers.
@@ -376,6 +426,10 @@ pub fn backoff_delay(failures: u32) -> Duration {
     Duration::from_secs(secs.min(600))
 }
 
+/// The outcome of an attempt whose ssh create found no free host in its fleet: the run
+/// goes back to the fleet queue, without a backoff and without counting a restart.
+pub const QUEUED: &str = "queued";
+
 /// Appended to the outcome of a finished run's last attempt when its job's spec changed:
 /// the run starts afresh, with all its restarts.
 pub const SPEC_CHANGED: &str = " (spec changed)";
@@ -403,7 +457,20 @@ struct Planner<'a> {
     /// Listed instances carrying this controller's tag, by run.
     ours: BTreeMap<&'a str, Vec<&'a Instance>>,
     budgets: BTreeMap<String, BudgetState>,
+    /// Creates on queued fleets, decided once every run was seen.
+    queued: Vec<Queued>,
     plan: Plan,
+}
+
+/// A create waiting for its turn in a fleet queue.
+struct Queued {
+    key: QueueKey,
+    rec: RunRecord,
+    fleet: String,
+    gpus: u32,
+    /// Apply order: the run's `seq`, runs not recorded yet last (in desired order).
+    order: (i64, usize),
+    op: Op,
 }
 
 /// What follows an ended attempt.
@@ -462,6 +529,7 @@ impl<'a> Planner<'a> {
             now,
             ours,
             budgets,
+            queued: Vec::new(),
             plan: Plan::default(),
         }
     }
@@ -541,6 +609,102 @@ impl<'a> Planner<'a> {
         for i in unknown {
             self.destroy_orphan(&QueueKey::Orphans, None, i, "orphan: no such run");
         }
+        self.place_queued();
+    }
+
+    /// True when `i` is a slot on a fleet host that does not answer: it runs nothing we
+    /// can see or stop, so it is neither destroyed (that fails until the host is back)
+    /// nor taken as its run's live instance.
+    fn on_unreachable_host(&self, i: &Instance) -> bool {
+        if i.provider != ProviderKind::Ssh {
+            return false;
+        }
+        let mut parts = i.id.splitn(3, '/');
+        let (Some(fleet), Some(host)) = (parts.next(), parts.next()) else {
+            return false;
+        };
+        let host = i.host.as_deref().unwrap_or(host);
+        self.observed
+            .fleets
+            .get(fleet)
+            .and_then(|hosts| hosts.iter().find(|h| h.host == host))
+            .is_some_and(|h| !h.reachable)
+    }
+
+    /// Sends `op` (a create) to the provider now, or, for an ssh placement on a fleet
+    /// the controller reported, into that fleet's queue.
+    fn create_or_queue(&mut self, key: &QueueKey, job: &Job, rec: &RunRecord, op: Op) {
+        let Op::Create {
+            placement_index,
+            provider: ProviderKind::Ssh,
+            ..
+        } = &op
+        else {
+            return self.push(key, op);
+        };
+        let fleet = job
+            .spec
+            .placement
+            .get(*placement_index as usize)
+            .and_then(|p| p.fleet.clone());
+        let Some(fleet) = fleet.filter(|f| self.observed.fleets.contains_key(f)) else {
+            return self.push(key, op);
+        };
+        let seq = if rec.seq > 0 { rec.seq } else { i64::MAX };
+        let order = (seq, self.queued.len());
+        self.queued.push(Queued {
+            key: key.clone(),
+            rec: rec.clone(),
+            fleet,
+            gpus: job.spec.resources.gpu.as_ref().map_or(0, |g| g.count),
+            order,
+            op,
+        });
+    }
+
+    /// The fleet queues: per fleet, in apply order, a run is created when it fits the
+    /// free capacity left by those before it, and waits otherwise. A waiting run holds
+    /// back those behind it (runs start in apply order), unless no reachable host could
+    /// ever take it.
+    fn place_queued(&mut self) {
+        let mut queued = std::mem::take(&mut self.queued);
+        queued.sort_by_key(|q| (q.fleet.clone(), q.order));
+        let mut hosts: Vec<HostCapacity> = Vec::new();
+        let mut fleet = String::new();
+        let mut held = 0usize;
+        let mut blocked = false;
+        for q in queued {
+            if q.fleet != fleet {
+                fleet = q.fleet.clone();
+                hosts = self
+                    .observed
+                    .fleets
+                    .get(&fleet)
+                    .cloned()
+                    .unwrap_or_default();
+                held = 0;
+                blocked = false;
+            }
+            // No host of the fleet could ever take it: the provider says so for good.
+            if !hosts.iter().any(|h| q.gpus <= h.gpus_total) {
+                self.push(&q.key, q.op);
+                continue;
+            }
+            if !blocked && let Some(h) = hosts.iter_mut().find(|h| h.fits(q.gpus)) {
+                h.take(q.gpus);
+                self.push(&q.key, q.op);
+                continue;
+            }
+            let place = match held {
+                0 => "next in line".to_string(),
+                n => format!("{n} ahead"),
+            };
+            let reason = format!("waiting for a free host in fleet {fleet} ({place})");
+            self.set_status(&q.key, &q.rec, Phase::Pending, reason, None, None, None);
+            self.wake(&q.key, REQUEUE_FAST);
+            held += 1;
+            blocked |= hosts.iter().any(|h| h.reachable && q.gpus <= h.gpus_total);
+        }
     }
 
     fn attempts_of(&self, run: &str) -> Vec<&'a AttemptRecord> {
@@ -555,6 +719,11 @@ impl<'a> Planner<'a> {
     }
 
     fn destroy_orphan(&mut self, key: &QueueKey, run: Option<&str>, i: &Instance, why: &str) {
+        if self.on_unreachable_host(i) {
+            // Destroying fails until the host answers; its listing will say when.
+            self.wake(key, REQUEUE_LISTING_FAILED);
+            return;
+        }
         if i.state == InstanceState::Terminating {
             self.wake(key, REQUEUE_FAST);
             return;
@@ -722,7 +891,15 @@ impl<'a> Planner<'a> {
                     };
                     self.finish_attempt(&key, a, outcome);
                 } else if a.outcome.is_some() {
+                    // An ended attempt stranded on a host that does not answer waits
+                    // there for its destroy; the run goes on elsewhere meanwhile.
+                    let stranded =
+                        matches!(self.seen(a), Seen::Listed(i) if self.on_unreachable_host(i));
                     self.finish_attempt(&key, a, "ended");
+                    if stranded {
+                        let next = next_step(job, &attempts, rec.exit_code);
+                        self.next_attempt(&key, job, &rec, &attempts, next);
+                    }
                 } else {
                     self.live_attempt(&key, job, &rec, &attempts, a);
                 }
@@ -827,16 +1004,14 @@ impl<'a> Planner<'a> {
             .map_or(0, |v| v.iter().map(|i| i.tag.attempt).max().unwrap_or(0));
         let highest_recorded = attempts.iter().map(|a| a.attempt).max().unwrap_or(0);
         let attempt = rec.attempt.max(highest_listed).max(highest_recorded) + 1;
-        self.push(
-            key,
-            Op::Create {
-                run: rec.name.clone(),
-                attempt,
-                placement_index: placement_index % placements.len() as u32,
-                provider: placement.provider,
-                tag: OwnerTag::new(&self.desired.controller, &rec.name, attempt),
-            },
-        );
+        let op = Op::Create {
+            run: rec.name.clone(),
+            attempt,
+            placement_index: placement_index % placements.len() as u32,
+            provider: placement.provider,
+            tag: OwnerTag::new(&self.desired.controller, &rec.name, attempt),
+        };
+        self.create_or_queue(key, job, rec, op);
     }
 
     /// Present + desired: converge the current attempt.
@@ -860,18 +1035,16 @@ impl<'a> Planner<'a> {
                 } else {
                     // Same tag: if the first create did land after all, the listing
                     // will show one tag, and the stray check destroys a duplicate.
-                    self.push(
-                        key,
-                        Op::Create {
-                            run: rec.name.clone(),
-                            attempt: a.attempt,
-                            placement_index: a.placement_index,
-                            provider: a.provider,
-                            tag: OwnerTag::parse(&a.tag).unwrap_or_else(|| {
-                                OwnerTag::new(&self.desired.controller, &rec.name, a.attempt)
-                            }),
-                        },
-                    );
+                    let op = Op::Create {
+                        run: rec.name.clone(),
+                        attempt: a.attempt,
+                        placement_index: a.placement_index,
+                        provider: a.provider,
+                        tag: OwnerTag::parse(&a.tag).unwrap_or_else(|| {
+                            OwnerTag::new(&self.desired.controller, &rec.name, a.attempt)
+                        }),
+                    };
+                    self.create_or_queue(key, job, rec, op);
                 }
                 return;
             }
@@ -1091,11 +1264,16 @@ impl<'a> Planner<'a> {
             total: rec.progress_total,
         });
         let progress = progress.or(old_progress);
+        // A paid run's cost so far is refreshed by its status updates: now and then.
+        let cost_stale = phase == Phase::Running
+            && rec.price_per_hour.is_some_and(|p| p > 0.0)
+            && self.now - rec.updated_at >= COST_REFRESH_SECS;
         let unchanged = rec.phase == phase
             && rec.reason == reason
             && old_progress == progress
             && (exit_code.is_none() || rec.exit_code == exit_code)
-            && outcome.is_none();
+            && outcome.is_none()
+            && !cost_stale;
         if unchanged {
             return;
         }
@@ -1202,7 +1380,15 @@ fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next 
             };
             continue;
         }
-        next = if no_capacity(outcome) {
+        next = if outcome == QUEUED {
+            // The fleet was full when the create ran (another controller, or a host
+            // filled up since the listing): back in the queue, nothing counted.
+            Next::Create {
+                placement_index: same,
+                not_before: i64::MIN,
+                reason: "no free host at create time; back in the queue".into(),
+            }
+        } else if no_capacity(outcome) {
             no_cap += 1;
             let next_index = (same + 1) % placements;
             let wait = backoff_delay(no_cap).as_secs() as i64;
