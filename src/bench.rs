@@ -940,6 +940,54 @@ mod tests {
         assert!(s.threads >= 1 && s.voluntary + s.involuntary > 0, "{s:?}");
     }
 
+    /// A stand-in "controller" that sleeps: the sampling must see it idle, and it must be
+    /// gone afterwards.
+    #[test]
+    fn samples_an_idle_child_then_stops_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let script = dir.path().join("fake-asimov");
+        // exec keeps the pid, so the sampled process is the sleeping one.
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho \"$ASIMOV_HOME\" > \"$0.home\"\necho $$ > \"$0.pid\"\nexec sleep 60\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let idle = idle_figures(&script, Duration::from_secs(1)).expect("idle figures");
+        assert!(idle.sampled >= Duration::from_secs(1), "{idle:?}");
+        assert!(idle.cpu_percent < 50.0, "{idle:?}");
+        assert_eq!(idle.threads, 1, "{idle:?}");
+        let home = std::fs::read_to_string(dir.path().join("fake-asimov.home")).expect("home");
+        assert!(home.contains("asimov-bench-"), "{home}");
+        // The temp home is removed and the child stopped and reaped.
+        assert!(!Path::new(home.trim()).exists(), "{home}");
+        let pid = std::fs::read_to_string(dir.path().join("fake-asimov.pid")).expect("pid");
+        assert!(
+            !Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "child {pid} still there"
+        );
+    }
+
+    #[test]
+    fn a_child_that_exits_is_reported_with_its_stderr() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let script = dir.path().join("broken-asimov");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\necho 'error: not built yet' >&2\nexit 1\n",
+        )
+        .expect("script");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        match idle_figures(&script, Duration::from_secs(1)) {
+            Err(BenchError::ChildFailed { stderr, .. }) => {
+                assert_eq!(stderr, "error: not built yet")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn cpu_percent_of_a_window() {
         assert!((cpu_percent(0.5, Duration::from_secs(10)) - 5.0).abs() < 1e-9);
