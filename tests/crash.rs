@@ -102,7 +102,11 @@ fn killed_at_every_step_of_apply_the_restarted_controller_finishes_without_dupli
         wait_all(&a, "Succeeded");
         // One attempt each: the crash was adopted, not retried as a new instance.
         let described: Vec<String> = RUNS.iter().map(|r| a.ok(&["describe", "run", r])).collect();
-        assert_eq!(attempts(&a), vec![1, 1, 1], "after a crash at {failpoint}: {described:#?}");
+        assert_eq!(
+            attempts(&a),
+            vec![1, 1, 1],
+            "after a crash at {failpoint}: {described:#?}"
+        );
         a.wait_for(
             "finished instances to be destroyed",
             Duration::from_secs(30),
@@ -129,9 +133,11 @@ fn killed_at_every_step_of_delete_the_restarted_controller_tears_everything_down
         expect_killed(&mut armed, failpoint);
 
         let mut controller = a.spawn_controller(None);
-        a.wait_for("the teardown to be confirmed", Duration::from_secs(60), || {
-            a.runs_json()["items"] == serde_json::json!([])
-        });
+        a.wait_for(
+            "the teardown to be confirmed",
+            Duration::from_secs(60),
+            || a.runs_json()["items"] == serde_json::json!([]),
+        );
         assert_nothing_left(&a);
         kill9(&mut controller);
     }

@@ -41,6 +41,12 @@ fn load_runs(home: &Home, name: Option<&str>) -> Result<Vec<RunRecord>, super::C
     })
 }
 
+/// `{"items": [...]}`, serialized straight from the records (no JSON tree in between).
+#[derive(serde::Serialize)]
+struct RunList<'a> {
+    items: Vec<RunView<'a>>,
+}
+
 fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
     let runs = load_runs(home, name)?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -57,17 +63,17 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
             }
         }
         Output::Json => {
-            let views: Vec<RunView> = runs.iter().map(RunView::of).collect();
-            serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "items": views }))?;
+            let list = RunList {
+                items: runs.iter().map(RunView::of).collect(),
+            };
+            serde_json::to_writer_pretty(&mut out, &list)?;
             writeln!(out)?;
         }
         Output::Yaml => {
-            let views: Vec<RunView> = runs.iter().map(RunView::of).collect();
-            write!(
-                out,
-                "{}",
-                serde_yaml::to_string(&serde_json::json!({ "items": views }))?
-            )?;
+            let list = RunList {
+                items: runs.iter().map(RunView::of).collect(),
+            };
+            write!(out, "{}", serde_yaml::to_string(&list)?)?;
         }
     }
     out.flush()?;

@@ -127,6 +127,24 @@ fn dispatch(cli: Cli) -> CliResult {
             init_tracing("warn");
             prepare::run(&home, &fleet)
         }
+        Command::Bench {
+            runs,
+            jobs,
+            idle_seconds,
+        } => {
+            init_tracing("warn");
+            let report = crate::bench::run(crate::bench::BenchOptions {
+                runs,
+                jobs,
+                idle_seconds,
+                binary: std::env::current_exe()?,
+            })?;
+            println!("{report}");
+            if !report.complete() {
+                return Err(fail("some figures could not be taken; see above"));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Controller {
             manifests,
             once,
@@ -134,10 +152,6 @@ fn dispatch(cli: Cli) -> CliResult {
         } => {
             init_tracing("info");
             controller::run(&home, manifests, once, background)
-        }
-        _ => {
-            init_tracing("warn");
-            Err(fail("not built yet"))
         }
     }
 }
