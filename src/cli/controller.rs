@@ -31,7 +31,7 @@ pub struct FolderSource {
     dirty: Arc<AtomicBool>,
     notify: Arc<Notify>,
     last_good: Mutex<Option<Manifests>>,
-    _watcher: Option<notify_debouncer_mini::Debouncer<notify::RecommendedWatcher>>,
+    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 impl FolderSource {
@@ -41,18 +41,19 @@ impl FolderSource {
         let dirty = Arc::new(AtomicBool::new(true));
         let notify = Arc::new(Notify::new());
         let (d, n) = (dirty.clone(), notify.clone());
-        let watcher = notify_debouncer_mini::new_debouncer(
-            DEBOUNCE,
-            move |result: notify_debouncer_mini::DebounceEventResult| {
-                if result.is_ok() {
-                    d.store(true, Ordering::SeqCst);
-                    n.notify_one();
-                }
-            },
-        )
+        let watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+            // Reading the folder is itself an event (open, close): reacting to those
+            // would make every pass trigger the next one.
+            if let Ok(event) = result
+                && !matches!(event.kind, notify::EventKind::Access(_))
+            {
+                d.store(true, Ordering::SeqCst);
+                n.notify_one();
+            }
+        })
         .and_then(|mut w| {
-            w.watcher()
-                .watch(&dir, notify::RecursiveMode::NonRecursive)?;
+            use notify::Watcher;
+            w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
             Ok(w)
         });
         let watcher = match watcher {
@@ -103,6 +104,9 @@ impl DesiredSource for FolderSource {
 
     async fn changed(&self) {
         self.notify.notified().await;
+        // Debounce: an editor's save or `apply` of many files is a burst of events;
+        // look once, after it settles.
+        tokio::time::sleep(DEBOUNCE).await;
     }
 }
 

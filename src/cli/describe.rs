@@ -61,7 +61,7 @@ fn job(home: &Home, name: &str) -> CliResult {
             return Err(fail(format!("no job named {name:?}")));
         }
         println!("Job {name} is deleted; its runs are being torn down.");
-        println!("{}", runs_table(&runs, true, super::now()));
+        runs_table(&runs, true, super::now()).write(&mut std::io::stdout())?;
         return Ok(ExitCode::SUCCESS);
     };
     println!("Name:      {name}");
@@ -74,7 +74,9 @@ fn job(home: &Home, name: &str) -> CliResult {
     if runs.is_empty() {
         println!("  none yet");
     } else {
-        for line in runs_table(&runs, true, super::now()).lines() {
+        let mut text = Vec::new();
+        runs_table(&runs, true, super::now()).write(&mut text)?;
+        for line in String::from_utf8_lossy(&text).lines() {
             println!("  {line}");
         }
     }

@@ -55,11 +55,7 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
             if runs.is_empty() {
                 writeln!(out, "No runs.")?;
             } else {
-                writeln!(
-                    out,
-                    "{}",
-                    runs_table(&runs, output == Output::Wide, super::now())
-                )?;
+                runs_table(&runs, output == Output::Wide, super::now()).write(&mut out)?;
             }
         }
         Output::Json => {
