@@ -175,13 +175,13 @@ impl Asimov {
 impl Drop for Asimov {
     fn drop(&mut self) {
         // Stop any controller of this home, then whatever its jobs left running.
-        if let Ok(pid) = std::fs::read_to_string(self.home.path().join("controller.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                if self.controller_running() {
-                    // SAFETY: signalling a process by pid.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
+        let pid = std::fs::read_to_string(self.home.path().join("controller.pid"));
+        if let Ok(pid) = pid
+            && let Ok(pid) = pid.trim().parse::<i32>()
+            && self.controller_running()
+        {
+            // SAFETY: signalling a process by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         for pid in self.job_processes() {
             // SAFETY: signalling a process by pid.
