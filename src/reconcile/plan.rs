@@ -1093,7 +1093,17 @@ impl<'a> Planner<'a> {
                 self.wake(key, REQUEUE_FAST);
             }
             InstanceState::Stopped | InstanceState::Terminating => {
-                self.end_attempt(key, job, rec, attempts, a, instance, "preempted", None);
+                self.end_attempt(
+                    key,
+                    job,
+                    rec,
+                    attempts,
+                    a,
+                    instance,
+                    "preempted",
+                    None,
+                    None,
+                );
             }
             InstanceState::Running => self.running_instance(key, job, rec, attempts, a, instance),
         }
@@ -1145,10 +1155,30 @@ impl<'a> Planner<'a> {
         let exit = status.exit_code;
         match status.state {
             s if !s.is_finished() && exceeded => {
-                self.end_attempt(key, job, rec, attempts, a, instance, "timed-out", exit);
+                self.end_attempt(
+                    key,
+                    job,
+                    rec,
+                    attempts,
+                    a,
+                    instance,
+                    "timed-out",
+                    exit,
+                    status.progress,
+                );
             }
             s if !s.is_finished() && stop_budget.is_some() => {
-                self.end_attempt(key, job, rec, attempts, a, instance, "budget", exit);
+                self.end_attempt(
+                    key,
+                    job,
+                    rec,
+                    attempts,
+                    a,
+                    instance,
+                    "budget",
+                    exit,
+                    status.progress,
+                );
             }
             AgentState::Starting | AgentState::Setup => {
                 let reason = format!("running setup on {}/{}", instance.provider, instance.id);
@@ -1166,7 +1196,17 @@ impl<'a> Planner<'a> {
             AgentState::Running => {
                 let beat = status.heartbeat.or(status.started_at);
                 if beat.is_some_and(|h| self.now - h > HEARTBEAT_STALE_SECS) {
-                    self.end_attempt(key, job, rec, attempts, a, instance, "lost", exit);
+                    self.end_attempt(
+                        key,
+                        job,
+                        rec,
+                        attempts,
+                        a,
+                        instance,
+                        "lost",
+                        exit,
+                        status.progress,
+                    );
                     return;
                 }
                 let reason = format!("running on {}/{}", instance.provider, instance.id);
@@ -1181,18 +1221,50 @@ impl<'a> Planner<'a> {
                 );
                 self.wake(key, REQUEUE_RUNNING);
             }
-            AgentState::Succeeded => {
-                self.end_attempt(key, job, rec, attempts, a, instance, "succeeded", exit)
-            }
-            AgentState::Failed => {
-                self.end_attempt(key, job, rec, attempts, a, instance, "failed", exit)
-            }
-            AgentState::TimedOut => {
-                self.end_attempt(key, job, rec, attempts, a, instance, "timed-out", exit)
-            }
-            AgentState::Stopped => {
-                self.end_attempt(key, job, rec, attempts, a, instance, "stopped", exit)
-            }
+            AgentState::Succeeded => self.end_attempt(
+                key,
+                job,
+                rec,
+                attempts,
+                a,
+                instance,
+                "succeeded",
+                exit,
+                status.progress,
+            ),
+            AgentState::Failed => self.end_attempt(
+                key,
+                job,
+                rec,
+                attempts,
+                a,
+                instance,
+                "failed",
+                exit,
+                status.progress,
+            ),
+            AgentState::TimedOut => self.end_attempt(
+                key,
+                job,
+                rec,
+                attempts,
+                a,
+                instance,
+                "timed-out",
+                exit,
+                status.progress,
+            ),
+            AgentState::Stopped => self.end_attempt(
+                key,
+                job,
+                rec,
+                attempts,
+                a,
+                instance,
+                "stopped",
+                exit,
+                status.progress,
+            ),
         }
     }
 
@@ -1209,6 +1281,8 @@ impl<'a> Planner<'a> {
         instance: &Instance,
         outcome: &str,
         exit_code: Option<i32>,
+        // The agent's last word on progress: a short run may end between two looks.
+        progress: Option<Progress>,
     ) {
         let ran = matches!(outcome, "succeeded" | "failed" | "timed-out");
         if ran {
@@ -1235,7 +1309,7 @@ impl<'a> Planner<'a> {
             rec,
             phase,
             reason,
-            None,
+            progress,
             exit_code,
             Some((a.attempt, outcome)),
         );
