@@ -23,11 +23,14 @@ fn expect_killed(child: &mut Child, failpoint: &str) {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
-            assert_eq!(
-                status.signal(),
-                Some(9),
-                "controller should die at {failpoint}: {status}"
-            );
+            if status.signal() != Some(9) {
+                // It exited by itself: what it said is the only clue.
+                let mut said = String::new();
+                if let Some(mut stderr) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
+                }
+                panic!("controller should die at {failpoint}, not {status}: {said}");
+            }
             return;
         }
         assert!(
@@ -59,15 +62,50 @@ fn attempts(a: &Asimov) -> Vec<u64> {
 }
 
 fn wait_all(a: &Asimov, phase: &str) {
-    a.wait_for(
-        &format!("every run {phase}"),
-        Duration::from_secs(60),
-        || {
-            assert_no_duplicate_instances(a);
-            RUNS.iter()
-                .all(|r| a.run_phase(r).as_deref() == Some(phase))
-        },
-    );
+    let start = Instant::now();
+    loop {
+        assert_no_duplicate_instances(a);
+        if RUNS
+            .iter()
+            .all(|r| a.run_phase(r).as_deref() == Some(phase))
+        {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            panic!(
+                "timed out after 60s waiting for every run {phase}: {:#?}\ninstances: {:#?}",
+                RUNS.iter()
+                    .map(|r| a.ok(&["describe", "run", r]))
+                    .collect::<Vec<_>>(),
+                instance_files(a)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Each local instance's agent state files, for a failure message.
+fn instance_files(a: &Asimov) -> Vec<(String, Vec<(String, String)>)> {
+    a.local_instances()
+        .into_iter()
+        .map(|tag| {
+            let root = a.home.path().join("local").join(&tag);
+            let mut files: Vec<(String, String)> = std::fs::read_dir(&root)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().is_file())
+                .map(|e| {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    let text: String = text.chars().rev().take(300).collect();
+                    let text: String = text.chars().rev().collect();
+                    (e.file_name().to_string_lossy().into_owned(), text)
+                })
+                .collect();
+            files.sort();
+            (tag, files)
+        })
+        .collect()
 }
 
 fn assert_nothing_left(a: &Asimov) {
@@ -87,6 +125,7 @@ fn assert_nothing_left(a: &Asimov) {
 #[test]
 fn killed_at_every_step_of_apply_the_restarted_controller_finishes_without_duplicates() {
     for failpoint in [
+        "create:after-attempt",
         "create:after-intent",
         "create:after-provider",
         "start:after-upload",

@@ -390,3 +390,42 @@ async fn cost_so_far_while_running_and_outputs_land_in_artifacts_to() {
     assert!(!w.home.artifacts().join("paid-0").exists());
     assert!(w.home.run_log("paid-0").exists(), "log collected");
 }
+
+/// A create cut off between its attempt intent and its run row (a crash while other
+/// runs' ops go on) leaves the run row at attempt 0 under an open attempt 1. Whether the
+/// create reached the provider or not, the run finishes on attempt 1: re-created under
+/// the same tag, or adopted, and the run row catches up.
+#[tokio::test(start_paused = true)]
+async fn intent_written_without_its_run_row_is_continued_not_superseded() {
+    for fault in [Fault::Error(ErrorKind::Transient), Fault::CreateThenFail] {
+        let w = world(vec![job("train", 1)], FakeConfig::default());
+        w.fake.inject(Operation::Create, fault.clone(), 1);
+        let report = w.controller.run_once().await.expect("pass");
+        assert_eq!(report.failed.len(), 1, "{fault:?}: {:?}", report.failed);
+        {
+            // Roll the run row back to before the create: what the crash leaves.
+            let store = w.store.lock().unwrap();
+            let mut rec = store.run("train-0").unwrap().expect("run");
+            assert_eq!(rec.attempt, 1);
+            rec.attempt = 0;
+            rec.phase = Phase::Pending;
+            store.put_run(&rec).unwrap();
+        }
+        converge(&w, 200).await;
+        let store = w.store.lock().unwrap();
+        let rec = store.run("train-0").unwrap().expect("run");
+        assert_eq!(rec.phase, Phase::Succeeded, "{fault:?}");
+        assert_eq!(rec.attempt, 1, "{fault:?}");
+        let attempts: Vec<(u32, Option<String>)> = store
+            .attempts("train-0")
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.attempt, a.outcome))
+            .collect();
+        assert_eq!(
+            attempts,
+            vec![(1, Some("succeeded".to_string()))],
+            "{fault:?}"
+        );
+    }
+}

@@ -1098,3 +1098,36 @@ fn unreachable_host_reschedules_elsewhere() {
     );
     check(&d, &o, &h, NOW, "unreachable_host_back_destroys_old_slot");
 }
+
+/// A create cut off between its attempt intent and its run row (a crash, or a failed
+/// store write, while other runs' ops ran) leaves attempt 1 open with the run row still
+/// at attempt 0. That intent is the run's current attempt: it is re-created under the
+/// same tag (or adopted when listed), never superseded by an attempt 2.
+#[test]
+fn intent_ahead_of_run_row_is_the_current_attempt() {
+    let local = ProviderKind::Local;
+    let d = desired(vec![job("train", 1, &[local])]);
+    let mut a = attempt("train-0", 1, local, None);
+    a.intent_at = NOW - 2;
+    let h = history(
+        vec![record("train-0", "train", Phase::Pending, 0)],
+        vec![a.clone()],
+    );
+    check(
+        &d,
+        &listed(local, vec![]),
+        &h,
+        NOW,
+        "intent_ahead_of_run_row_recreates_same_tag",
+    );
+    let o = listed(
+        local,
+        vec![instance(
+            local,
+            &tag("train-0", 1).render(),
+            tag("train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    check(&d, &o, &h, NOW, "intent_ahead_of_run_row_adopts");
+}

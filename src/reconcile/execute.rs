@@ -243,6 +243,9 @@ impl Executor {
                             outcome: None,
                         };
                         self.store(op, |s| s.put_attempt(&a))?;
+                        // Other runs' ops go on between these two writes: a crash there
+                        // leaves the intent ahead of the run row.
+                        failpoint::hit("create:after-attempt");
                         a
                     }
                 };
@@ -349,6 +352,15 @@ impl Executor {
                     self.store(op, |s| s.put_attempt(&a))?;
                 }
                 let mut rec = self.run_record(op, run)?;
+                // A create cut off before its run row was written: the row catches up
+                // with the attempt the planner took as current.
+                if rec.attempt < *attempt
+                    && let Some(a) = self.attempt(op, run, *attempt)?
+                    && a.released_at.is_none()
+                {
+                    rec.attempt = *attempt;
+                    rec.placement_index = a.placement_index;
+                }
                 if rec.attempt == *attempt {
                     rec.instance_id = Some(instance.clone());
                     rec.provider = Some(*provider);

@@ -846,6 +846,19 @@ impl<'a> Planner<'a> {
                 new_record(job, spec, self.now)
             }
         };
+        // The create writes its attempt intent, then the run row: a crash (or a failed
+        // store write) in between leaves the newest attempt open above `rec.attempt`.
+        // No other write puts an open attempt there, and its tag may already name an
+        // instance, so it is the run's current attempt, not a stale one to supersede.
+        if let Some(newest) = attempts.iter().max_by_key(|a| a.attempt)
+            && newest.attempt > rec.attempt
+            && newest.released_at.is_none()
+            && newest.outcome.is_none()
+        {
+            rec.attempt = newest.attempt;
+            rec.placement_index = newest.placement_index;
+            rec.provider = Some(newest.provider);
+        }
         let mut superseded: AttemptRecord;
         let mut attempts: Vec<&AttemptRecord> = attempts;
         let all_released = attempts.iter().all(|a| a.released_at.is_some());
