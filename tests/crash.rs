@@ -125,7 +125,6 @@ fn assert_nothing_left(a: &Asimov) {
 #[test]
 fn killed_at_every_step_of_apply_the_restarted_controller_finishes_without_duplicates() {
     for failpoint in [
-        "create:after-attempt",
         "create:after-intent",
         "create:after-provider",
         "start:after-upload",

@@ -748,3 +748,24 @@ fn benchmark_seed_is_realistic() {
     assert_eq!(store.runs().unwrap(), runs);
     // Speed is measured by `asimov bench` (BENCHMARKS.md), not asserted here.
 }
+
+#[test]
+fn an_intent_writes_the_run_row_and_its_attempt_together() {
+    let (_dir, path) = temp_db();
+    let store = Store::open(&path).unwrap();
+    let mut run = bare_run("train-0", "train");
+    store.put_run(&run).unwrap();
+    run.attempt = 1;
+    let intent = attempt("train-0", 1, None);
+    store.put_intent(&intent, &run).unwrap();
+    assert_eq!(store.run("train-0").unwrap().unwrap().attempt, 1);
+    assert_eq!(store.attempts("train-0").unwrap(), vec![intent.clone()]);
+
+    // An attempt of an unknown run fails as a whole: no run row appears either.
+    let mut stray = bare_run("ghost-0", "ghost");
+    stray.attempt = 1;
+    let mut bad = attempt("other-0", 1, None);
+    bad.run = "other-0".into();
+    assert!(store.put_intent(&bad, &stray).is_err());
+    assert!(store.run("ghost-0").unwrap().is_none());
+}

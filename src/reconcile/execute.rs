@@ -227,28 +227,21 @@ impl Executor {
                 let backend = Arc::clone(self.provider(op, *provider)?);
                 let mut rec = self.run_record(op, run)?;
                 // Intent FIRST: whatever happens to the create call, the tag is known.
-                let mut a = match self.attempt(op, run, *attempt)? {
-                    Some(a) => a,
-                    None => {
-                        let a = AttemptRecord {
-                            run: run.clone(),
-                            attempt: *attempt,
-                            tag: tag.render(),
-                            provider: *provider,
-                            placement_index: *placement_index,
-                            instance_id: None,
-                            host: None,
-                            intent_at: now,
-                            released_at: None,
-                            outcome: None,
-                        };
-                        self.store(op, |s| s.put_attempt(&a))?;
-                        // Other runs' ops go on between these two writes: a crash there
-                        // leaves the intent ahead of the run row.
-                        failpoint::hit("create:after-attempt");
-                        a
-                    }
-                };
+                // The attempt and the run row pointing at it are one transaction.
+                let mut a = self
+                    .attempt(op, run, *attempt)?
+                    .unwrap_or_else(|| AttemptRecord {
+                        run: run.clone(),
+                        attempt: *attempt,
+                        tag: tag.render(),
+                        provider: *provider,
+                        placement_index: *placement_index,
+                        instance_id: None,
+                        host: None,
+                        intent_at: now,
+                        released_at: None,
+                        outcome: None,
+                    });
                 rec.attempt = *attempt;
                 rec.placement_index = *placement_index;
                 rec.provider = Some(*provider);
@@ -256,7 +249,7 @@ impl Executor {
                 rec.phase = Phase::Provisioning;
                 rec.reason = format!("creating an instance on {provider}");
                 rec.updated_at = now;
-                self.store(op, |s| s.put_run(&rec))?;
+                self.store(op, |s| s.put_intent(&a, &rec))?;
                 failpoint::hit("create:after-intent");
                 let placement = job
                     .spec

@@ -1,6 +1,8 @@
 //! Attempts (instance lifetimes of a run), events and the cost ledger.
 
-use super::{AttemptRecord, CostEntry, Event, Store, StoreResult, bad_value, query, to_json};
+use super::{
+    AttemptRecord, CostEntry, Event, RunRecord, Store, StoreResult, bad_value, query, to_json,
+};
 use crate::model::{JobName, ProviderKind, Timestamp};
 use rusqlite::{Row, named_params};
 
@@ -54,32 +56,17 @@ impl Store {
     pub fn put_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {
         const STEP: &str = "writing an attempt";
         let tx = self.write(STEP)?;
-        tx.prepare_cached(
-            "INSERT INTO attempts (run, attempt, tag, provider, placement_index, instance_id, \
-             host, intent_at, released_at, outcome) \
-             VALUES (:run, :attempt, :tag, :provider, :placement_index, :instance_id, :host, \
-             :intent_at, :released_at, :outcome) \
-             ON CONFLICT (run, attempt) DO UPDATE SET tag = excluded.tag, \
-             provider = excluded.provider, placement_index = excluded.placement_index, \
-             instance_id = excluded.instance_id, host = excluded.host, \
-             intent_at = excluded.intent_at, released_at = excluded.released_at, \
-             outcome = excluded.outcome",
-        )
-        .and_then(|mut stmt| {
-            stmt.execute(named_params! {
-                ":run": attempt.run,
-                ":attempt": attempt.attempt,
-                ":tag": attempt.tag,
-                ":provider": attempt.provider.as_str(),
-                ":placement_index": attempt.placement_index,
-                ":instance_id": attempt.instance_id,
-                ":host": attempt.host,
-                ":intent_at": attempt.intent_at,
-                ":released_at": attempt.released_at,
-                ":outcome": attempt.outcome,
-            })
-        })
-        .map_err(query(STEP))?;
+        upsert_attempt(&tx, attempt).map_err(query(STEP))?;
+        tx.commit().map_err(query(STEP))
+    }
+
+    /// Records the intent to create: the attempt and the run row that points at it, in
+    /// one transaction, so a crash never leaves one without the other.
+    pub fn put_intent(&self, attempt: &AttemptRecord, run: &RunRecord) -> StoreResult<()> {
+        const STEP: &str = "recording an intent";
+        let tx = self.write(STEP)?;
+        super::runs::upsert(&tx, run).map_err(query(STEP))?;
+        upsert_attempt(&tx, attempt).map_err(query(STEP))?;
         tx.commit().map_err(query(STEP))
     }
 
@@ -195,4 +182,34 @@ impl Store {
             .and_then(|mut stmt| stmt.query_row((jobs, since), |row| row.get(0)))
             .map_err(query(STEP))
     }
+}
+
+/// Inserts or replaces the attempt `(run, attempt)` inside `tx`.
+fn upsert_attempt(tx: &rusqlite::Transaction<'_>, attempt: &AttemptRecord) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO attempts (run, attempt, tag, provider, placement_index, instance_id, \
+     host, intent_at, released_at, outcome) \
+     VALUES (:run, :attempt, :tag, :provider, :placement_index, :instance_id, :host, \
+     :intent_at, :released_at, :outcome) \
+     ON CONFLICT (run, attempt) DO UPDATE SET tag = excluded.tag, \
+     provider = excluded.provider, placement_index = excluded.placement_index, \
+     instance_id = excluded.instance_id, host = excluded.host, \
+     intent_at = excluded.intent_at, released_at = excluded.released_at, \
+     outcome = excluded.outcome",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(named_params! {
+            ":run": attempt.run,
+            ":attempt": attempt.attempt,
+            ":tag": attempt.tag,
+            ":provider": attempt.provider.as_str(),
+            ":placement_index": attempt.placement_index,
+            ":instance_id": attempt.instance_id,
+            ":host": attempt.host,
+            ":intent_at": attempt.intent_at,
+            ":released_at": attempt.released_at,
+            ":outcome": attempt.outcome,
+        })
+    })
+    .map(|_| ())
 }
