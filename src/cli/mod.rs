@@ -86,8 +86,10 @@ fn init_tracing(default: &str) {
 fn dispatch(cli: Cli) -> CliResult {
     let home = Home::from_env()?;
     let Some(command) = cli.command else {
+        use clap::CommandFactory;
+        let _ = Cli::command().print_help();
         return Err(fail(
-            "the interactive prompt is not built yet; see `asimov --help`",
+            "no command given (the interactive prompt of `asimov` alone is not built yet)",
         ));
     };
     match command {
