@@ -180,7 +180,7 @@ impl Executor {
             } => {
                 let existing = self.store(op, |s| s.run(run))?;
                 let mut rec = match existing {
-                    None => new_run(run, job, *index, spec_hash, matrix, now),
+                    None => RunRecord::new_pending(run, job, *index, spec_hash, matrix, "waiting to start", now),
                     Some(mut r) => {
                         r.spec_hash = spec_hash.clone();
                         r.matrix = matrix.clone();
@@ -720,43 +720,3 @@ fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) {
     }
 }
 
-fn new_run(
-    run: &str,
-    job: &str,
-    index: u32,
-    spec_hash: &str,
-    matrix: &BTreeMap<String, String>,
-    now: Timestamp,
-) -> RunRecord {
-    RunRecord {
-        name: run.to_string(),
-        job: job.to_string(),
-        index,
-        seq: 0,
-        phase: Phase::Pending,
-        reason: "waiting to start".into(),
-        spec_hash: spec_hash.to_string(),
-        matrix: matrix.clone(),
-        attempt: 0,
-        placement_index: 0,
-        provider: None,
-        instance_id: None,
-        host: None,
-        gpu: None,
-        price_per_hour: None,
-        cost_usd: 0.0,
-        progress_done: None,
-        progress_total: None,
-        exit_code: None,
-        repository: None,
-        commit: None,
-        commit_message: None,
-        author: None,
-        dirty: false,
-        diff: None,
-        created_at: now,
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-    }
-}

@@ -1385,37 +1385,7 @@ fn owned_by(a: &AttemptRecord, i: &Instance) -> bool {
 }
 
 fn new_record(job: &Job, spec: &RunSpec, now: Timestamp) -> RunRecord {
-    RunRecord {
-        name: spec.name.clone(),
-        job: job.name.clone(),
-        index: spec.index,
-        seq: 0,
-        phase: Phase::Pending,
-        reason: String::new(),
-        spec_hash: job.spec_hash.clone(),
-        matrix: spec.matrix.clone(),
-        attempt: 0,
-        placement_index: 0,
-        provider: None,
-        instance_id: None,
-        host: None,
-        gpu: None,
-        price_per_hour: None,
-        cost_usd: 0.0,
-        progress_done: None,
-        progress_total: None,
-        exit_code: None,
-        repository: None,
-        commit: None,
-        commit_message: None,
-        author: None,
-        dirty: false,
-        diff: None,
-        created_at: now,
-        updated_at: now,
-        started_at: None,
-        finished_at: None,
-    }
+    RunRecord::new_pending(&spec.name, &job.name, spec.index, &job.spec_hash, &spec.matrix, "", now)
 }
 
 /// `2026-11-23 05:23:00 UTC`.

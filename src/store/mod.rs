@@ -59,6 +59,51 @@ pub struct RunRecord {
     pub finished_at: Option<Timestamp>,
 }
 
+impl RunRecord {
+    /// A run seen for the first time: Pending, no attempt yet, nothing known of its code.
+    pub fn new_pending(
+        name: &str,
+        job: &str,
+        index: u32,
+        spec_hash: &str,
+        matrix: &BTreeMap<String, String>,
+        reason: &str,
+        now: Timestamp,
+    ) -> RunRecord {
+        RunRecord {
+            name: name.to_string(),
+            job: job.to_string(),
+            index,
+            seq: 0,
+            phase: Phase::Pending,
+            reason: reason.to_string(),
+            spec_hash: spec_hash.to_string(),
+            matrix: matrix.clone(),
+            attempt: 0,
+            placement_index: 0,
+            provider: None,
+            instance_id: None,
+            host: None,
+            gpu: None,
+            price_per_hour: None,
+            cost_usd: 0.0,
+            progress_done: None,
+            progress_total: None,
+            exit_code: None,
+            repository: None,
+            commit: None,
+            commit_message: None,
+            author: None,
+            dirty: false,
+            diff: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
 /// One instance lifetime of a run. Written (as intent) before the create call, and
 /// closed only once the provider confirms the instance is gone.
 #[derive(Debug, Clone, PartialEq)]
