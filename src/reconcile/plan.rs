@@ -29,10 +29,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
-/// Look again soon: something is being provisioned, started, destroyed or was just done.
+/// Look again at once: a step was just taken (created, started, collected, destroyed...)
+/// and the next one can usually follow; waiting longer only adds to what asimov costs
+/// on top of the job.
+pub const REQUEUE_STEP: Duration = Duration::from_millis(200);
+/// Look again soon: something is being provisioned, started or destroyed.
 pub const REQUEUE_FAST: Duration = Duration::from_secs(2);
-/// Look again at a running job's progress.
-pub const REQUEUE_RUNNING: Duration = Duration::from_secs(10);
+/// Look again at a running job: its progress, and above all whether it ended (the
+/// outputs come back and a paid instance is destroyed within this much of the end).
+pub const REQUEUE_RUNNING: Duration = Duration::from_secs(3);
 /// A provider's listing failed; try it again.
 pub const REQUEUE_LISTING_FAILED: Duration = Duration::from_secs(10);
 /// A run held back by a budget or a missing provider.
@@ -545,8 +550,15 @@ impl<'a> Planner<'a> {
                 .jobs_of_runs
                 .insert(run.to_string(), job.to_string());
         }
+        // A status update records what was seen; any other op changes the world, and
+        // the next step should follow it promptly.
+        let after = if matches!(op, Op::SetStatus(_)) {
+            REQUEUE_FAST
+        } else {
+            REQUEUE_STEP
+        };
         self.plan.ops.push(op);
-        self.wake(key, REQUEUE_FAST);
+        self.wake(key, after);
     }
 
     fn wake(&mut self, key: &QueueKey, after: Duration) {
