@@ -129,7 +129,6 @@ fn record(run: &str, job: &str, phase: Phase, attempt: u32) -> RunRecord {
         commit_message: None,
         author: None,
         dirty: false,
-        diff: None,
         created_at: NOW - 1000,
         updated_at: NOW - 1000,
         started_at: None,

@@ -45,7 +45,6 @@ fn full_run(name: &str, job: &str) -> RunRecord {
         commit_message: Some("tune lr\n\nlonger message, with ünïcode".to_string()),
         author: Some("Ada <ada@example.com>".to_string()),
         dirty: true,
-        diff: Some("--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n".to_string()),
         created_at: 1_700_000_000,
         updated_at: 1_700_000_100,
         started_at: Some(1_700_000_050),
@@ -80,7 +79,6 @@ fn bare_run(name: &str, job: &str) -> RunRecord {
         commit_message: None,
         author: None,
         dirty: false,
-        diff: None,
         created_at: 1_700_000_000,
         updated_at: 1_700_000_000,
         started_at: None,
@@ -768,4 +766,23 @@ fn an_intent_writes_the_run_row_and_its_attempt_together() {
     bad.run = "other-0".into();
     assert!(store.put_intent(&bad, &stray).is_err());
     assert!(store.run("ghost-0").unwrap().is_none());
+}
+
+#[test]
+fn a_runs_diff_is_kept_apart_and_read_only_on_request() {
+    let (_dir, path) = temp_db();
+    let store = Store::open(&path).unwrap();
+    let run = full_run("train-0", "train");
+    let diff = "--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n";
+    store.put_run_with_diff(&run, Some(diff)).unwrap();
+    assert_eq!(store.diff("train-0").unwrap().as_deref(), Some(diff));
+    // Later writes of the record (status updates) leave the diff alone.
+    let mut later = store.run("train-0").unwrap().unwrap();
+    later.reason = "still training".into();
+    store.put_run(&later).unwrap();
+    assert_eq!(store.diff("train-0").unwrap().as_deref(), Some(diff));
+    // Recording the run's code again can clear it.
+    store.put_run_with_diff(&later, None).unwrap();
+    assert_eq!(store.diff("train-0").unwrap(), None);
+    assert_eq!(store.diff("nope").unwrap(), None);
 }

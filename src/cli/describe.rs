@@ -136,7 +136,7 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
     for (k, v) in rows {
         println!("{:<11} {v}", format!("{k}:"));
     }
-    if let Some(diff) = &run.diff {
+    if let Some(diff) = store.diff(name)? {
         // The exact uncommitted changes the run used: with the commit, enough to
         // reproduce it (`git checkout COMMIT && git apply`).
         println!("Diff:");

@@ -180,7 +180,15 @@ impl Executor {
             } => {
                 let existing = self.store(op, |s| s.run(run))?;
                 let mut rec = match existing {
-                    None => RunRecord::new_pending(run, job, *index, spec_hash, matrix, "waiting to start", now),
+                    None => RunRecord::new_pending(
+                        run,
+                        job,
+                        *index,
+                        spec_hash,
+                        matrix,
+                        "waiting to start",
+                        now,
+                    ),
                     Some(mut r) => {
                         r.spec_hash = spec_hash.clone();
                         r.matrix = matrix.clone();
@@ -194,9 +202,10 @@ impl Executor {
                         r
                     }
                 };
-                if let Some((job, spec)) = find_run(desired, run) {
-                    record_source(&mut rec, job, spec);
-                }
+                let diff = match find_run(desired, run) {
+                    Some((job, spec)) => record_source(&mut rec, job, spec),
+                    None => None,
+                };
                 // Mark the superseded attempt first: the run row is what the planner
                 // reads as "done", so it is written last.
                 if let Some(n) = supersede
@@ -209,7 +218,7 @@ impl Executor {
                     ));
                     self.store(op, |s| s.put_attempt(&a))?;
                 }
-                self.store(op, |s| s.put_run(&rec))?;
+                self.store(op, |s| s.put_run_with_diff(&rec, diff.as_deref()))?;
                 self.event(op, run, "Recorded", format!("spec {spec_hash}"), now);
                 Ok(())
             }
@@ -650,7 +659,7 @@ impl Executor {
                 repo: repo.clone(),
                 reference: spec.git_ref.clone().or_else(|| reference.clone()),
                 commit: rec.commit.clone(),
-                diff: rec.diff.clone(),
+                diff: self.store(op, |s| s.diff(&rec.name))?,
             },
         };
         let mut env = job.spec.env.clone();
@@ -694,10 +703,10 @@ pub fn find_run<'a>(desired: &'a Desired, run: &str) -> Option<(&'a Job, &'a Run
 /// Records which code the run executes: for a workdir inside a git work tree, the
 /// commit, its message, the author and the uncommitted diff (jasnah's reproducibility
 /// record); for a git source, the commit its ref points at now, so every attempt runs
-/// the same code.
-fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) {
+/// the same code. Returns the diff, which the store keeps apart from the record.
+fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) -> Option<String> {
     match &job.spec.source {
-        Source::None => {}
+        Source::None => None,
         Source::Workdir(dir) => {
             if let Some(info) = crate::agent::capture_git(dir) {
                 rec.repository = info.repository;
@@ -705,8 +714,9 @@ fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) {
                 rec.commit_message = Some(info.commit_message);
                 rec.author = Some(info.author);
                 rec.dirty = info.dirty;
-                rec.diff = info.diff;
+                return info.diff;
             }
+            None
         }
         Source::Git { repo, reference } => {
             let reference = spec.git_ref.as_deref().or(reference.as_deref());
@@ -715,8 +725,7 @@ fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) {
             rec.commit_message = None;
             rec.author = None;
             rec.dirty = false;
-            rec.diff = None;
+            None
         }
     }
 }
-

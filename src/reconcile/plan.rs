@@ -1397,7 +1397,15 @@ fn owned_by(a: &AttemptRecord, i: &Instance) -> bool {
 }
 
 fn new_record(job: &Job, spec: &RunSpec, now: Timestamp) -> RunRecord {
-    RunRecord::new_pending(&spec.name, &job.name, spec.index, &job.spec_hash, &spec.matrix, "", now)
+    RunRecord::new_pending(
+        &spec.name,
+        &job.name,
+        spec.index,
+        &job.spec_hash,
+        &spec.matrix,
+        "",
+        now,
+    )
 }
 
 /// `2026-11-23 05:23:00 UTC`.

@@ -129,7 +129,6 @@ fn synthetic(i: usize, now: Timestamp, mix: &mut Mix) -> (RunRecord, Vec<Attempt
         commit_message: Some(format!("sweep step {}", i / RUNS_PER_JOB)),
         author: Some("Ada <ada@example.com>".to_string()),
         dirty: mix.below(10) == 0,
-        diff: None,
         created_at,
         updated_at: finished_at.unwrap_or(now),
         started_at,

@@ -1,4 +1,6 @@
-//! The `runs` table: one row per run, every `RunRecord` field a column.
+//! The `runs` table: one row per run, every `RunRecord` field a column, plus the run's
+//! recorded diff, which only `diff`/`put_diff` read and write: it can be large, and
+//! listing thousands of runs must not carry it.
 
 use super::{RunRecord, Store, StoreResult, bad_value, json_column, query, to_json};
 use crate::model::{Phase, ProviderKind};
@@ -8,14 +10,14 @@ use rusqlite::{Row, Transaction, named_params};
 const COLUMNS: &str = "name, job, run_index, seq, phase, reason, spec_hash, matrix, attempt, \
      placement_index, provider, instance_id, host, gpu, price_per_hour, cost_usd, \
      progress_done, progress_total, exit_code, repository, commit_id, commit_message, \
-     author, dirty, diff, created_at, updated_at, started_at, finished_at";
+     author, dirty, created_at, updated_at, started_at, finished_at";
 
 /// Upsert that keeps a run's `seq` when the record carries 0, and gives a new run the next
 /// one. An update in place (not REPLACE) so the run's attempts are not cascaded away.
 const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason, spec_hash, \
      matrix, attempt, placement_index, provider, instance_id, host, gpu, price_per_hour, \
      cost_usd, progress_done, progress_total, exit_code, repository, commit_id, \
-     commit_message, author, dirty, diff, created_at, updated_at, started_at, finished_at) \
+     commit_message, author, dirty, created_at, updated_at, started_at, finished_at) \
      VALUES (:name, :job, :run_index, \
        CASE WHEN :seq <> 0 THEN :seq ELSE coalesce( \
          (SELECT seq FROM runs WHERE name = :name), \
@@ -23,7 +25,7 @@ const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason
        :phase, :reason, :spec_hash, :matrix, :attempt, :placement_index, :provider, \
        :instance_id, :host, :gpu, :price_per_hour, :cost_usd, :progress_done, \
        :progress_total, :exit_code, :repository, :commit_id, :commit_message, :author, \
-       :dirty, :diff, :created_at, :updated_at, :started_at, :finished_at) \
+       :dirty, :created_at, :updated_at, :started_at, :finished_at) \
      ON CONFLICT (name) DO UPDATE SET job = excluded.job, run_index = excluded.run_index, \
        seq = excluded.seq, phase = excluded.phase, reason = excluded.reason, \
        spec_hash = excluded.spec_hash, matrix = excluded.matrix, attempt = excluded.attempt, \
@@ -33,7 +35,7 @@ const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason
        progress_done = excluded.progress_done, progress_total = excluded.progress_total, \
        exit_code = excluded.exit_code, repository = excluded.repository, \
        commit_id = excluded.commit_id, commit_message = excluded.commit_message, \
-       author = excluded.author, dirty = excluded.dirty, diff = excluded.diff, \
+       author = excluded.author, dirty = excluded.dirty, \
        created_at = excluded.created_at, updated_at = excluded.updated_at, \
        started_at = excluded.started_at, finished_at = excluded.finished_at";
 
@@ -69,11 +71,10 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         commit_message: row.get(21)?,
         author: row.get(22)?,
         dirty: row.get(23)?,
-        diff: row.get(24)?,
-        created_at: row.get(25)?,
-        updated_at: row.get(26)?,
-        started_at: row.get(27)?,
-        finished_at: row.get(28)?,
+        created_at: row.get(24)?,
+        updated_at: row.get(25)?,
+        started_at: row.get(26)?,
+        finished_at: row.get(27)?,
     })
 }
 
@@ -127,7 +128,6 @@ pub(super) fn upsert(tx: &Transaction<'_>, run: &RunRecord) -> rusqlite::Result<
         ":commit_message": run.commit_message,
         ":author": run.author,
         ":dirty": run.dirty,
-        ":diff": run.diff,
         ":created_at": run.created_at,
         ":updated_at": run.updated_at,
         ":started_at": run.started_at,
@@ -137,6 +137,32 @@ pub(super) fn upsert(tx: &Transaction<'_>, run: &RunRecord) -> rusqlite::Result<
 }
 
 impl Store {
+    /// The uncommitted diff recorded with a run's code, if any.
+    pub fn diff(&self, run: &str) -> StoreResult<Option<String>> {
+        const STEP: &str = "reading a run's diff";
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT diff FROM runs WHERE name = ?1")
+            .map_err(query(STEP))?;
+        let mut rows = stmt.query([run]).map_err(query(STEP))?;
+        match rows.next().map_err(query(STEP))? {
+            Some(row) => row.get(0).map_err(query(STEP)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a run together with the diff of its code (`None` clears it), in one
+    /// transaction: the record of which code a run executes is never half written.
+    pub fn put_run_with_diff(&self, run: &RunRecord, diff: Option<&str>) -> StoreResult<()> {
+        const STEP: &str = "writing a run and its diff";
+        let tx = self.write(STEP)?;
+        upsert(&tx, run).map_err(query(STEP))?;
+        tx.prepare_cached("UPDATE runs SET diff = ?2 WHERE name = ?1")
+            .and_then(|mut stmt| stmt.execute((&run.name, diff)))
+            .map_err(query(STEP))?;
+        tx.commit().map_err(query(STEP))
+    }
+
     /// All runs, ordered by `seq` (then name, should two runs share a seq).
     pub fn runs(&self) -> StoreResult<Vec<RunRecord>> {
         const STEP: &str = "reading runs";
