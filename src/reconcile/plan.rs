@@ -561,6 +561,20 @@ impl<'a> Planner<'a> {
         self.wake(key, after);
     }
 
+    /// Holds a run back as Pending for `reason` (recorded once), and looks again later.
+    fn block(&mut self, key: &QueueKey, rec: &RunRecord, reason: String) {
+        if rec.phase != Phase::Pending || rec.reason != reason {
+            self.push(
+                key,
+                Op::Block {
+                    run: rec.name.clone(),
+                    reason,
+                },
+            );
+        }
+        self.wake(key, REQUEUE_BLOCKED);
+    }
+
     fn wake(&mut self, key: &QueueKey, after: Duration) {
         let slot = self.plan.requeue.entry(key.clone()).or_insert(after);
         *slot = (*slot).min(after);
@@ -969,17 +983,7 @@ impl<'a> Planner<'a> {
             return;
         }
         if let Some(b) = budget::over_limit(job, &self.desired.budgets, &self.budgets).first() {
-            let reason = b.reason();
-            if rec.phase != Phase::Pending || rec.reason != reason {
-                self.push(
-                    key,
-                    Op::Block {
-                        run: rec.name.clone(),
-                        reason,
-                    },
-                );
-            }
-            self.wake(key, REQUEUE_BLOCKED);
+            self.block(key, rec, b.reason());
             return;
         }
         if not_before > self.now {
@@ -1004,16 +1008,7 @@ impl<'a> Planner<'a> {
         match self.listing(placement.provider) {
             None => {
                 let reason = format!("provider {} is not configured", placement.provider);
-                if rec.phase != Phase::Pending || rec.reason != reason {
-                    self.push(
-                        key,
-                        Op::Block {
-                            run: rec.name.clone(),
-                            reason,
-                        },
-                    );
-                }
-                self.wake(key, REQUEUE_BLOCKED);
+                self.block(key, rec, reason);
                 return;
             }
             Some(ListResult::Failed { .. }) => {
