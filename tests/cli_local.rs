@@ -71,6 +71,8 @@ fn hello_runs_to_completion_records_its_commit_and_delete_leaves_nothing() {
     assert!(a.local_instances().is_empty(), "{:?}", a.local_instances());
     assert!(a.job_processes().is_empty());
     assert!(!a.home().join("logs/hello-0.log").exists());
+    // It declared no outputs, so nothing was made for them either.
+    assert!(!a.home().join("artifacts/hello-0").exists());
     assert!(!a.home().join("manifests/job.hello.yaml").exists());
 }
 

@@ -422,10 +422,13 @@ impl Executor {
                     })?;
                 let outputs = self.outputs_dir(desired, run);
                 let log = self.home.run_log(run);
-                for dir in [log.parent(), Some(outputs.as_path())]
-                    .into_iter()
-                    .flatten()
-                {
+                // An outputs folder only for a job that declares outputs: nothing is
+                // left in artifacts/ for the rest.
+                let has_outputs = find_run(desired, run)
+                    .and_then(|(job, _)| job.spec.artifacts.as_ref())
+                    .is_some_and(|a| !a.paths.is_empty());
+                let outputs_dir = has_outputs.then_some(outputs.as_path());
+                for dir in [log.parent(), outputs_dir].into_iter().flatten() {
                     std::fs::create_dir_all(dir).map_err(|source| ExecError::Local {
                         op: op.to_string(),
                         path: dir.to_path_buf(),
@@ -439,7 +442,12 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
-                self.event(op, run, "Collected", outputs.display().to_string(), now);
+                let what = if has_outputs {
+                    format!("log and outputs to {}", outputs.display())
+                } else {
+                    "log".to_string()
+                };
+                self.event(op, run, "Collected", what, now);
                 Ok(())
             }
             Op::Destroy {
