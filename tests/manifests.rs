@@ -457,7 +457,7 @@ fn problems_display_all_at_once() {
         "/manifests/job.yaml:3:18: expected a job name that is a DNS label (lowercase letters, digits and `-`, starting and ending with a letter or digit, at most 63 characters), found \"Bad_Name\"\n\
          /manifests/job.yaml:5:8: `${matrix.nope}` names no matrix key: the job has no matrix\n\
          /manifests/job.yaml:6:17: expected a duration like 30m or 43h, found \"1 eon\"\n\
-         /manifests/job.yaml:7:13: unknown secret `MISSING`: expected the name of a stored secret (stored: `HF_TOKEN`)\n\
+         /manifests/job.yaml:7:13: unknown secret `MISSING`: expected the name of a stored secret (stored: `HF_TOKEN`); store it with `asimov secret set MISSING`\n\
          /manifests/job.yaml:8:11: unknown budget `nobody`: expected the name of a Budget, and none is defined"
     );
 }

@@ -62,6 +62,25 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
             }
         }
     }
+    // Valid, but it would wait for ever: say so now rather than leave `--wait` hanging.
+    for job in &loaded.manifests.jobs {
+        let undriven: Vec<&str> = job
+            .spec
+            .placement
+            .iter()
+            .map(|p| p.provider)
+            .filter(|k| !crate::reconcile::controller::drives(*k))
+            .map(|k| k.as_str())
+            .collect();
+        if undriven.len() == job.spec.placement.len() {
+            eprintln!(
+                "warning: job/{} is placed only on {}, which this asimov cannot drive yet; \
+                 its runs will wait as Pending",
+                job.name,
+                undriven.join(", ")
+            );
+        }
+    }
     if dry_run {
         return Ok(ExitCode::SUCCESS);
     }

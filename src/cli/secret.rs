@@ -23,7 +23,7 @@ pub fn run(home: &Home, action: SecretAction) -> CliResult {
         SecretAction::Set { name } => {
             if !valid_name(&name) {
                 return Err(fail(format!(
-                    "bad secret name {name:?}: expected letters, digits, `_` or `-`, like HF_TOKEN"
+                    "bad secret name {name:?}: expected an environment variable name (letters, digits and `_`), like HF_TOKEN"
                 )));
             }
             if std::io::IsTerminal::is_terminal(&std::io::stdin()) {

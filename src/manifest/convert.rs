@@ -456,7 +456,8 @@ fn convert_job(
             c.value(
                 &pointer,
                 format!(
-                    "unknown secret `{secret}`: expected the name of a stored secret ({known})"
+                    "unknown secret `{secret}`: expected the name of a stored secret ({known}); \
+                     store it with `asimov secret set {secret}`"
                 ),
             );
         }

@@ -621,6 +621,11 @@ pub type Providers = BTreeMap<ProviderKind, Arc<dyn Provider>>;
 
 /// The providers a controller in `home` drives: `local`, and `ssh` (returned on its own
 /// too, for [`Executor::with_ssh`] and `prepare_host`).
+/// True for the providers [`providers_for`] builds, i.e. those a controller can drive.
+pub fn drives(kind: ProviderKind) -> bool {
+    matches!(kind, ProviderKind::Local | ProviderKind::Ssh)
+}
+
 pub fn providers_for(home: &Home) -> std::io::Result<(Providers, Arc<SshProvider>)> {
     let ssh = Arc::new(SshProvider::new(home.clone())?);
     let providers: Providers = BTreeMap::from([
