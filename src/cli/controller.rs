@@ -32,6 +32,43 @@ pub struct FolderSource {
     notify: Arc<Notify>,
     last_good: Mutex<Option<Manifests>>,
     _watcher: Option<notify::RecommendedWatcher>,
+    /// Wakes the controller when a local run's agent changes its `status` file, so the
+    /// end of a run is acted on at once rather than at the next timer.
+    _runs_watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// Watches `$ASIMOV_HOME/local/*/status`: the agent writes it (temp file, then rename)
+/// at each change of state. Log and heartbeat writes are filtered out here, in the
+/// watcher's thread, and never wake the controller.
+fn watch_local_runs(home: &Home, notify: Arc<Notify>) -> Option<notify::RecommendedWatcher> {
+    let dir = home.local_instances();
+    let watcher = std::fs::create_dir_all(&dir)
+        .map_err(notify::Error::io)
+        .and_then(|()| {
+            notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+                if let Ok(event) = result
+                    && !matches!(event.kind, notify::EventKind::Access(_))
+                    && event
+                        .paths
+                        .iter()
+                        .any(|p| p.file_name().is_some_and(|n| n == "status"))
+                {
+                    notify.notify_one();
+                }
+            })
+        })
+        .and_then(|mut w| {
+            use notify::Watcher;
+            w.watch(&dir, notify::RecursiveMode::Recursive)?;
+            Ok(w)
+        });
+    match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, dir = %dir.display(), "cannot watch local runs; relying on timers");
+            None
+        }
+    }
 }
 
 impl FolderSource {
@@ -63,6 +100,7 @@ impl FolderSource {
                 None
             }
         };
+        let runs_watcher = watch_local_runs(&home, notify.clone());
         FolderSource {
             dir,
             home,
@@ -70,6 +108,7 @@ impl FolderSource {
             notify,
             last_good: Mutex::new(None),
             _watcher: watcher,
+            _runs_watcher: runs_watcher,
         }
     }
 }
