@@ -11,9 +11,7 @@
 //! its temp dirs and the child processes it starts, and must not know how the CLI prints.
 
 use crate::home::Home;
-use crate::manifest::{
-    Job, JobSpec, Manifests, Origin, Placement, Resources, RetryOn, RetryPolicy, RunSpec, Source,
-};
+use crate::manifest::{Job, JobSpec, Manifests, Placement, RetryOn, RetryPolicy};
 use crate::model::ProviderKind;
 use crate::provider::Provider;
 use crate::provider::fake::{Calls, FakeConfig, FakeProvider};
@@ -377,48 +375,18 @@ fn time_process(binary: &Path, home: &Home, args: &[&str]) -> Result<Spread, Ben
 
 /// A job of one run on the fake provider that runs far longer than the benchmark.
 fn bench_job(i: usize) -> Job {
-    let name = format!("bench-{i:05}");
-    Job {
-        name: name.clone(),
-        labels: BTreeMap::new(),
-        spec: JobSpec {
-            source: Source::None,
-            files: vec![],
-            setup: vec![],
-            run: "python train.py".into(),
-            env: BTreeMap::new(),
-            secrets: vec![],
-            resources: Resources::default(),
-            placement: vec![Placement {
-                provider: ProviderKind::Fake,
-                ..Placement::local()
-            }],
-            image: None,
-            max_duration: None,
-            retry: RetryPolicy {
-                on: vec![RetryOn::NoCapacity, RetryOn::Preemption, RetryOn::Error],
-                max_restarts: 3,
-            },
-            checkpoint: None,
-            artifacts: None,
-            stop_when: vec![],
-            schedule: None,
-            budget: None,
-        },
-        runs: vec![RunSpec {
-            name: format!("{name}-0"),
-            index: 0,
-            matrix: BTreeMap::new(),
-            command: "python train.py".into(),
-            setup: vec![],
-            git_ref: None,
+    let spec = JobSpec {
+        placement: vec![Placement {
+            provider: ProviderKind::Fake,
+            ..Placement::local()
         }],
-        spec_hash: "bench".into(),
-        origin: Origin {
-            file: "bench.yaml".into(),
-            line: 1,
+        retry: RetryPolicy {
+            on: vec![RetryOn::NoCapacity, RetryOn::Preemption, RetryOn::Error],
+            max_restarts: 3,
         },
-    }
+        ..JobSpec::with_run("python train.py")
+    };
+    Job::from_spec(&format!("bench-{i:05}"), spec, 1, "bench")
 }
 
 fn calls_delta(after: Calls, before: Calls) -> Calls {

@@ -6,9 +6,7 @@
 //! All pass when merged with `store` at 02cd8f5 (checked in a scratch clone).
 
 use asimov::home::Home;
-use asimov::manifest::{
-    Job, JobSpec, Manifests, Origin, Placement, Resources, RetryOn, RetryPolicy, RunSpec, Source,
-};
+use asimov::manifest::{Job, JobSpec, Manifests, Placement, RetryOn, RetryPolicy};
 use asimov::model::{Phase, ProviderKind};
 use asimov::provider::fake::{FakeConfig, FakeProvider, Fault, Operation};
 use asimov::provider::{ErrorKind, Provider};
@@ -22,49 +20,18 @@ use std::time::Duration;
 const ME: &str = "ctl1";
 
 fn job(name: &str, runs: u32) -> Job {
-    Job {
-        name: name.into(),
-        labels: BTreeMap::new(),
-        spec: JobSpec {
-            source: Source::None,
-            files: vec![],
-            setup: vec![],
-            run: "python train.py".into(),
-            env: BTreeMap::new(),
-            secrets: vec![],
-            resources: Resources::default(),
-            placement: vec![Placement {
-                provider: ProviderKind::Fake,
-                ..Placement::local()
-            }],
-            image: None,
-            max_duration: None,
-            retry: RetryPolicy {
-                on: vec![RetryOn::NoCapacity, RetryOn::Preemption, RetryOn::Error],
-                max_restarts: 3,
-            },
-            checkpoint: None,
-            artifacts: None,
-            stop_when: vec![],
-            schedule: None,
-            budget: None,
+    let spec = JobSpec {
+        placement: vec![Placement {
+            provider: ProviderKind::Fake,
+            ..Placement::local()
+        }],
+        retry: RetryPolicy {
+            on: vec![RetryOn::NoCapacity, RetryOn::Preemption, RetryOn::Error],
+            max_restarts: 3,
         },
-        runs: (0..runs)
-            .map(|i| RunSpec {
-                name: format!("{name}-{i}"),
-                index: i,
-                matrix: BTreeMap::new(),
-                command: "python train.py".into(),
-                setup: vec![],
-                git_ref: None,
-            })
-            .collect(),
-        spec_hash: "h1".into(),
-        origin: Origin {
-            file: "job.yaml".into(),
-            line: 1,
-        },
-    }
+        ..JobSpec::with_run("python train.py")
+    };
+    Job::from_spec(name, spec, runs, "h1")
 }
 
 struct World {

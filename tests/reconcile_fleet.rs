@@ -5,9 +5,7 @@
 mod support;
 
 use asimov::home::Home;
-use asimov::manifest::{
-    Fleet, Job, JobSpec, Manifests, Origin, Placement, Resources, RetryPolicy, RunSpec, Source,
-};
+use asimov::manifest::{Fleet, Job, JobSpec, Manifests, Origin, Placement};
 use asimov::model::{Phase, ProviderKind};
 use asimov::provider::ssh::SshProvider;
 use asimov::reconcile::controller::{Controller, MemorySource};
@@ -22,47 +20,15 @@ use support::sshd::Sshd;
 const ME: &str = "ctl1";
 
 fn job(name: &str, runs: u32, command: &str) -> Job {
-    Job {
-        name: name.into(),
-        labels: BTreeMap::new(),
-        spec: JobSpec {
-            source: Source::None,
-            files: vec![],
-            setup: vec![],
-            run: command.into(),
-            env: BTreeMap::new(),
-            secrets: vec![],
-            resources: Resources::default(),
-            placement: vec![Placement {
-                provider: ProviderKind::Ssh,
-                fleet: Some("lab".into()),
-                ..Placement::local()
-            }],
-            image: None,
-            max_duration: None,
-            retry: RetryPolicy::default(),
-            checkpoint: None,
-            artifacts: None,
-            stop_when: vec![],
-            schedule: None,
-            budget: None,
-        },
-        runs: (0..runs)
-            .map(|i| RunSpec {
-                name: format!("{name}-{i}"),
-                index: i,
-                matrix: BTreeMap::new(),
-                command: command.into(),
-                setup: vec![],
-                git_ref: None,
-            })
-            .collect(),
-        spec_hash: "h1".into(),
-        origin: Origin {
-            file: "job.yaml".into(),
-            line: 1,
-        },
-    }
+    let spec = JobSpec {
+        placement: vec![Placement {
+            provider: ProviderKind::Ssh,
+            fleet: Some("lab".into()),
+            ..Placement::local()
+        }],
+        ..JobSpec::with_run(command)
+    };
+    Job::from_spec(name, spec, runs, "h1")
 }
 
 struct Lab {

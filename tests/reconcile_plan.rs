@@ -3,8 +3,7 @@
 
 use asimov::agent::{AgentState, AgentStatus};
 use asimov::manifest::{
-    Budget, BudgetAction, Job, JobSpec, Origin, Placement, Resources, RetryOn, RetryPolicy,
-    RunSpec, Schedule, Source,
+    Budget, BudgetAction, Job, JobSpec, Origin, Placement, RetryOn, RetryPolicy, Schedule,
 };
 use asimov::model::{OwnerTag, Phase, Progress, ProviderKind, Timestamp};
 use asimov::provider::{ErrorKind, Instance, InstanceState};
@@ -26,49 +25,17 @@ fn check(desired: &Desired, observed: &Observed, history: &History, now: Timesta
 }
 
 fn job(name: &str, runs: u32, placement: &[ProviderKind]) -> Job {
-    Job {
-        name: name.into(),
-        labels: BTreeMap::new(),
-        spec: JobSpec {
-            source: Source::None,
-            files: vec![],
-            setup: vec![],
-            run: "python train.py".into(),
-            env: BTreeMap::new(),
-            secrets: vec![],
-            resources: Resources::default(),
-            placement: placement
-                .iter()
-                .map(|p| Placement {
-                    provider: *p,
-                    ..Placement::local()
-                })
-                .collect(),
-            image: None,
-            max_duration: None,
-            retry: RetryPolicy::default(),
-            checkpoint: None,
-            artifacts: None,
-            stop_when: vec![],
-            schedule: None,
-            budget: None,
-        },
-        runs: (0..runs)
-            .map(|i| RunSpec {
-                name: format!("{name}-{i}"),
-                index: i,
-                matrix: BTreeMap::new(),
-                command: "python train.py".into(),
-                setup: vec![],
-                git_ref: None,
+    let spec = JobSpec {
+        placement: placement
+            .iter()
+            .map(|p| Placement {
+                provider: *p,
+                ..Placement::local()
             })
             .collect(),
-        spec_hash: "h1".into(),
-        origin: Origin {
-            file: "job.yaml".into(),
-            line: 1,
-        },
-    }
+        ..JobSpec::with_run("python train.py")
+    };
+    Job::from_spec(name, spec, runs, "h1")
 }
 
 fn desired(jobs: Vec<Job>) -> Desired {

@@ -35,6 +35,58 @@ pub struct Job {
     pub origin: Origin,
 }
 
+impl Job {
+    /// A job built in code rather than loaded from a manifest (benchmarks, tests):
+    /// `runs` plain runs of `spec.run` named `<name>-<i>`, with the given spec hash.
+    pub fn from_spec(name: &str, spec: JobSpec, runs: u32, spec_hash: &str) -> Job {
+        Job {
+            name: name.to_string(),
+            labels: BTreeMap::new(),
+            runs: (0..runs)
+                .map(|i| RunSpec {
+                    name: format!("{name}-{i}"),
+                    index: i,
+                    matrix: BTreeMap::new(),
+                    command: spec.run.clone(),
+                    setup: spec.setup.clone(),
+                    git_ref: None,
+                })
+                .collect(),
+            spec,
+            spec_hash: spec_hash.to_string(),
+            origin: Origin {
+                file: PathBuf::from("job.yaml"),
+                line: 1,
+            },
+        }
+    }
+}
+
+impl JobSpec {
+    /// What a manifest with only `run:` means: no source, local placement, the default
+    /// retry policy, every other field empty.
+    pub fn with_run(run: impl Into<String>) -> JobSpec {
+        JobSpec {
+            source: Source::None,
+            files: Vec::new(),
+            setup: Vec::new(),
+            run: run.into(),
+            env: BTreeMap::new(),
+            secrets: Vec::new(),
+            resources: Resources::default(),
+            placement: vec![Placement::local()],
+            image: None,
+            max_duration: None,
+            retry: RetryPolicy::default(),
+            checkpoint: None,
+            artifacts: None,
+            stop_when: Vec::new(),
+            schedule: None,
+            budget: None,
+        }
+    }
+}
+
 /// One expanded run of a job.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RunSpec {
