@@ -1,12 +1,13 @@
 #!/bin/sh
 # Installs what the test suite needs to start real servers: OpenSSH server and client
-# (the ssh transport and fleet tests), rsync (file transfer), tmux (the agent), git.
+# (the ssh transport and fleet tests), rsync (file transfer), tmux (the agent), git, and
+# busybox (the agent is also tested under a minimal POSIX sh).
 # Idempotent: only packages that are missing are installed. Works as root, or through
 # sudo otherwise. Debian/Ubuntu (apt-get) only.
 set -eu
 
 # package:command-that-proves-it-is-installed
-wanted="openssh-server:/usr/sbin/sshd openssh-client:ssh rsync:rsync tmux:tmux git:git"
+wanted="openssh-server:/usr/sbin/sshd openssh-client:ssh rsync:rsync tmux:tmux git:git busybox:busybox"
 
 missing=""
 for pair in $wanted; do

@@ -619,7 +619,8 @@ async fn local_provider_lists_running_instances_whose_folder_is_gone() {
 }
 
 /// The agent under busybox's `sh`, `setsid`, `sleep`, `date`..., as on minimal images:
-/// skipped (with a note) where busybox is not installed.
+/// `scripts/install-test-deps.sh` installs busybox; run by hand without it, this test is
+/// skipped with a note.
 #[test]
 fn agent_runs_under_busybox() {
     let Ok(busybox) = which("busybox") else {
