@@ -75,6 +75,7 @@ fn a_fleet_of_two_queues_the_third_job_and_brings_every_output_back() {
 
     // The queue: two run, the third waits (Pending) for a free host, in apply order.
     let mut saw_queue = false;
+    let mut saw_host_running = false;
     let start = Instant::now();
     loop {
         let runs = a.runs_json();
@@ -95,6 +96,11 @@ fn a_fleet_of_two_queues_the_third_job_and_brings_every_output_back() {
             })
             .count();
         assert!(busy <= 2, "never more runs than hosts: {items:?}");
+        if busy > 0 && !saw_host_running {
+            // `get fleets` names what each host runs, by run name.
+            let fleets = a.ok(&["get", "fleets", "-o", "json"]);
+            saw_host_running = fleets.contains("\"exp-0\"") || fleets.contains("\"exp-1\"");
+        }
         if busy == 2 && phase("exp-2").as_deref() == Some("Pending") {
             saw_queue = true;
             let reason = run_field(&a, "exp-2", "reason");

@@ -156,6 +156,13 @@ pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult
     Ok(ExitCode::SUCCESS)
 }
 
+/// Run names for the ownership tags a host reports (tags asimov did not write as is).
+fn run_names(tags: &[String]) -> Vec<String> {
+    tags.iter()
+        .map(|t| crate::model::OwnerTag::parse(t).map_or_else(|| t.clone(), |tag| tag.run))
+        .collect()
+}
+
 pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResult {
     let current = super::desired::load_current(home)?;
     let store = open_store(home)?;
@@ -193,7 +200,7 @@ pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResu
                     if r.running.is_empty() {
                         "-".into()
                     } else {
-                        r.running.join(",")
+                        run_names(&r.running).join(",")
                     },
                     format!("{} ago", super::render::age(now - r.checked_at)),
                 ),
@@ -220,7 +227,7 @@ pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResu
                 "gpus_declared": host.gpus, "labels": host.labels,
                 "reachable": rec.map(|r| r.reachable), "busy": rec.map(|r| r.busy),
                 "gpus_total": rec.map(|r| r.gpus_total), "gpus_free": rec.map(|r| r.gpus_free),
-                "gpu_names": rec.map(|r| r.gpu_names.clone()), "running": rec.map(|r| r.running.clone()),
+                "gpu_names": rec.map(|r| r.gpu_names.clone()), "running": rec.map(|r| run_names(&r.running)),
                 "message": rec.map(|r| r.message.clone()),
                 "checked_at": rec.map(|r| super::render::rfc3339(r.checked_at)),
             }));
