@@ -75,6 +75,11 @@ impl Home {
         self.root.join("controller.pid")
     }
 
+    /// The manifests folder the running controller watches (written at its start).
+    pub fn controller_manifests(&self) -> PathBuf {
+        self.root.join("controller.manifests")
+    }
+
     pub fn controller_log(&self) -> PathBuf {
         self.root.join("controller.log")
     }

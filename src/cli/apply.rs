@@ -90,6 +90,15 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
             home.controller_log().display()
         );
     }
+    let watched = std::fs::read_to_string(home.controller_manifests()).unwrap_or_default();
+    if !watched.is_empty() && std::path::Path::new(watched.trim()) != home.manifests() {
+        eprintln!(
+            "warning: the running controller watches {} (started with --manifests), not {}; \
+             put these manifests there instead",
+            watched.trim(),
+            home.manifests().display()
+        );
+    }
     if wait_for_runs && !loaded.manifests.jobs.is_empty() {
         return wait::follow(home, &loaded.manifests.jobs);
     }
