@@ -141,34 +141,12 @@ impl AgentMachine {
         Ok(self.root.clone())
     }
 
-    async fn write_file(
-        &self,
-        step: &'static str,
-        path: &str,
-        contents: &[u8],
-        private: bool,
-    ) -> Result<(), AgentError> {
-        let q = sh_quote(path);
-        let tmp = sh_quote(&format!("{path}.tmp"));
-        let script = if private {
-            format!("umask 077 && cat > {tmp} && chmod 600 {tmp} && mv -f {tmp} {q}")
-        } else {
-            format!("cat > {tmp} && mv -f {tmp} {q}")
-        };
-        self.run_with_stdin(step, &script, contents).await
-    }
-
     async fn upload_source(&self, root: &str, source: &LaunchSource) -> Result<(), AgentError> {
         let work = format!("{root}/work");
         let qwork = sh_quote(&work);
-        // Nothing runs yet (no status file), so a half-done earlier upload can go.
-        self.run_ok("clear working folder", &format!("rm -rf {qwork}"))
-            .await?;
+        // `start` left `work/` empty (a half-done earlier upload is gone with it).
         match source {
-            LaunchSource::None => {
-                self.run_ok("create working folder", &format!("mkdir -p {qwork}"))
-                    .await?;
-            }
+            LaunchSource::None => {}
             LaunchSource::Workdir(dir) => self.upload_workdir(dir, &work).await?,
             LaunchSource::Git {
                 repo,
@@ -299,6 +277,40 @@ fn export_lines<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Result<S
     Ok(text)
 }
 
+/// What the start script prints when the agent had already started on this instance.
+const STARTED: &str = "asimov-agent-already-started";
+
+/// The run's `spec/` folder and `agent.sh` as one tar archive, secrets first and
+/// private (0600).
+fn spec_archive(spec: &LaunchSpec, env: &str, secrets: &str) -> std::io::Result<Vec<u8>> {
+    let max = spec
+        .max_duration
+        .map(|d| d.as_secs().max(1).to_string())
+        .unwrap_or_default();
+    let outputs: String = spec.outputs.iter().map(|o| format!("{o}\n")).collect();
+    let entries: [(&str, String, u32); 9] = [
+        ("spec/secrets", secrets.to_string(), 0o600),
+        ("spec/tag", format!("{}\n", spec.tag), 0o644),
+        ("spec/run", format!("{}\n", spec.run), 0o644),
+        ("spec/env", env.to_string(), 0o644),
+        ("spec/setup.sh", setup_script(&spec.setup), 0o644),
+        ("spec/run.sh", format!("{}\n", spec.command), 0o644),
+        ("spec/max_duration", max, 0o644),
+        ("spec/outputs", outputs, 0o644),
+        ("agent.sh", AGENT_SCRIPT.to_string(), 0o644),
+    ];
+    let mut archive = tar::Builder::new(Vec::new());
+    for (path, data, mode) in entries {
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(data.len() as u64);
+        header.set_mode(mode);
+        header.set_mtime(0);
+        archive.append_data(&mut header, path, data.as_bytes())?;
+    }
+    archive.into_inner()
+}
+
 fn setup_script(commands: &[String]) -> String {
     if commands.is_empty() {
         return String::new();
@@ -320,59 +332,36 @@ fn setup_script(commands: &[String]) -> String {
 impl Machine for AgentMachine {
     async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
         let root = self.root_path().await?;
-        let q = sh_quote(&root);
-        let started = self
-            .run("check agent", &format!("test -e {q}/status"))
-            .await?;
-        if started.status == 0 {
-            return Ok(());
-        }
-        self.run_ok("create instance folder", &format!("mkdir -p {q}/spec"))
-            .await?;
-
         let env = export_lines(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .map_err(|m| self.fail("write environment", m))?;
         let secrets = export_lines(spec.secrets.iter().map(|(k, v)| (k.as_str(), v.expose())))
             .map_err(|m| self.fail("write secrets", m))?;
-        let spec_dir = format!("{root}/spec");
-        // The secrets file first, private from its first byte.
-        self.write_file(
-            "write secrets",
-            &format!("{spec_dir}/secrets"),
-            secrets.as_bytes(),
-            true,
-        )
-        .await?;
-        let max = spec
-            .max_duration
-            .map(|d| d.as_secs().max(1).to_string())
-            .unwrap_or_default();
-        let outputs: String = spec.outputs.iter().map(|o| format!("{o}\n")).collect();
-        let files: [(&str, String); 7] = [
-            ("tag", format!("{}\n", spec.tag)),
-            ("run", format!("{}\n", spec.run)),
-            ("env", env),
-            ("setup.sh", setup_script(&spec.setup)),
-            ("run.sh", format!("{}\n", spec.command)),
-            ("max_duration", max),
-            ("outputs", outputs),
-        ];
-        for (name, contents) in files {
-            self.write_file(
-                "write run spec",
-                &format!("{spec_dir}/{name}"),
-                contents.as_bytes(),
-                false,
-            )
-            .await?;
+        let archive = spec_archive(spec, &env, &secrets)
+            .map_err(|e| self.fail("pack run spec", e.to_string()))?;
+        // One command, whatever the link's round trip: unless the agent already started,
+        // replace spec/ and work/ with the archive's spec and agent (secrets travel on
+        // stdin, 0600 from their first byte: umask 077, and so mode 0600 in the archive).
+        let q = sh_quote(&root);
+        let script = format!(
+            "if [ -e {q}/status ]; then echo {STARTED}; exit 0; fi\n\
+             mkdir -p {q} && rm -rf {q}/spec {q}/work && mkdir -p {q}/work && \
+             umask 077 && tar -x -f - -C {q}"
+        );
+        let out = self
+            .transport
+            .exec_with_stdin(&script, &archive)
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step: "write run spec",
+                source,
+            })?;
+        if out.status != 0 {
+            return Err(self.fail("write run spec", failure_text(&out)));
         }
-        self.write_file(
-            "upload agent",
-            &format!("{root}/agent.sh"),
-            AGENT_SCRIPT.as_bytes(),
-            false,
-        )
-        .await?;
+        if out.stdout.trim() == STARTED {
+            return Ok(());
+        }
         self.upload_source(&root, &spec.source).await?;
         self.copy_files(&spec.files).await?;
         self.run_ok("start agent", &self.agent(&root, "start"))
