@@ -52,6 +52,27 @@ impl ControllerLock {
     }
 }
 
+/// Environment variables a background controller keeps from the shell that started it.
+fn inherited(name: &std::ffi::OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    matches!(
+        name,
+        "PATH"
+            | "HOME"
+            | "USER"
+            | "LOGNAME"
+            | "SHELL"
+            | "LANG"
+            | "TZ"
+            | "TMPDIR"
+            | "TMUX_TMPDIR"
+            | "SSH_AUTH_SOCK"
+    ) || name.starts_with("LC_")
+        || name.starts_with("ASIMOV_")
+}
+
 /// True when a controller holds this home's lock.
 pub fn is_running(home: &Home) -> io::Result<bool> {
     let file = open_lock(home)?;
@@ -87,7 +108,11 @@ pub fn ensure_running(home: &Home) -> io::Result<bool> {
         .open(home.controller_log())?;
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.args(["controller", "--background"])
+    // A long-lived daemon must not carry whatever the user's shell exported (API keys,
+    // tokens): it gets only what it needs, and reads secrets from the 0600 store.
+    cmd.env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| inherited(k)))
+        .args(["controller", "--background"])
         .env("ASIMOV_HOME", home.root())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -163,6 +188,16 @@ fn replace_outdated(home: &Home) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_background_controller_inherits_no_secrets() {
+        assert!(inherited(std::ffi::OsStr::new("PATH")));
+        assert!(inherited(std::ffi::OsStr::new("ASIMOV_LOG")));
+        assert!(inherited(std::ffi::OsStr::new("LC_ALL")));
+        assert!(!inherited(std::ffi::OsStr::new("HF_TOKEN")));
+        assert!(!inherited(std::ffi::OsStr::new("VAST_API_KEY")));
+        assert!(!inherited(std::ffi::OsStr::new("AWS_SECRET_ACCESS_KEY")));
+    }
 
     #[test]
     fn one_lock_holder_per_home() {
