@@ -3,8 +3,11 @@
 //! errors are transient; callers say so through a classifier.
 //!
 //! Two uses: `Backoff::delay` gives the pure planner the wait after n failures (without
-//! jitter it is deterministic), and `retry_transient` retries one call in place, within
-//! the policy's elapsed-time budget, honouring a server's retry-after hint.
+//! jitter it is deterministic; `reconcile::plan::backoff_delay`), and `retry_transient`
+//! retries one call in place, within the policy's elapsed-time budget, honouring a
+//! server's retry-after hint: meant for the cloud providers' HTTP clients (a 429 inside
+//! one list call), not yet used by the local and ssh backends, whose failures the
+//! controller's requeue already retries.
 
 use backoff::backoff::Backoff as _;
 use std::future::Future;

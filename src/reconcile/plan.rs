@@ -422,13 +422,11 @@ pub fn intent_grace(provider: ProviderKind) -> Duration {
 }
 
 /// Delay before the next try after `failures` consecutive failures: 5 s doubling, at
-/// most 10 min. A pure stand-in for `crate::retry::Backoff::delay` until that lands.
+/// most 10 min, without jitter so the plan stays a function of its inputs.
 pub fn backoff_delay(failures: u32) -> Duration {
-    if failures == 0 {
-        return Duration::ZERO;
-    }
-    let secs = 5u64.saturating_mul(1u64 << (failures - 1).min(20));
-    Duration::from_secs(secs.min(600))
+    crate::retry::Backoff::new(Duration::from_secs(5), Duration::from_secs(600), 2.0)
+        .without_jitter()
+        .delay(failures)
 }
 
 /// The outcome of an attempt whose ssh create found no free host in its fleet: the run
