@@ -1170,34 +1170,12 @@ impl<'a> Planner<'a> {
             .into_iter()
             .find(|b| b.action == BudgetAction::Stop)
             .map(BudgetState::reason);
-        let exit = status.exit_code;
-        match status.state {
-            s if !s.is_finished() && exceeded => {
-                self.end_attempt(
-                    key,
-                    job,
-                    rec,
-                    attempts,
-                    a,
-                    instance,
-                    "timed-out",
-                    exit,
-                    status.progress,
-                );
-            }
-            s if !s.is_finished() && stop_budget.is_some() => {
-                self.end_attempt(
-                    key,
-                    job,
-                    rec,
-                    attempts,
-                    a,
-                    instance,
-                    "budget",
-                    exit,
-                    status.progress,
-                );
-            }
+        let beat = status.heartbeat.or(status.started_at);
+        let stale = beat.is_some_and(|h| self.now - h > HEARTBEAT_STALE_SECS);
+        // Every arm either records what it sees or names how the attempt ended.
+        let outcome = match status.state {
+            s if !s.is_finished() && exceeded => "timed-out",
+            s if !s.is_finished() && stop_budget.is_some() => "budget",
             AgentState::Starting | AgentState::Setup => {
                 let reason = format!("running setup on {}/{}", instance.provider, instance.id);
                 self.set_status(
@@ -1210,23 +1188,10 @@ impl<'a> Planner<'a> {
                     None,
                 );
                 self.wake(key, REQUEUE_FAST);
+                return;
             }
+            AgentState::Running if stale => "lost",
             AgentState::Running => {
-                let beat = status.heartbeat.or(status.started_at);
-                if beat.is_some_and(|h| self.now - h > HEARTBEAT_STALE_SECS) {
-                    self.end_attempt(
-                        key,
-                        job,
-                        rec,
-                        attempts,
-                        a,
-                        instance,
-                        "lost",
-                        exit,
-                        status.progress,
-                    );
-                    return;
-                }
                 let reason = format!("running on {}/{}", instance.provider, instance.id);
                 self.set_status(
                     key,
@@ -1238,52 +1203,24 @@ impl<'a> Planner<'a> {
                     None,
                 );
                 self.wake(key, REQUEUE_RUNNING);
+                return;
             }
-            AgentState::Succeeded => self.end_attempt(
-                key,
-                job,
-                rec,
-                attempts,
-                a,
-                instance,
-                "succeeded",
-                exit,
-                status.progress,
-            ),
-            AgentState::Failed => self.end_attempt(
-                key,
-                job,
-                rec,
-                attempts,
-                a,
-                instance,
-                "failed",
-                exit,
-                status.progress,
-            ),
-            AgentState::TimedOut => self.end_attempt(
-                key,
-                job,
-                rec,
-                attempts,
-                a,
-                instance,
-                "timed-out",
-                exit,
-                status.progress,
-            ),
-            AgentState::Stopped => self.end_attempt(
-                key,
-                job,
-                rec,
-                attempts,
-                a,
-                instance,
-                "stopped",
-                exit,
-                status.progress,
-            ),
-        }
+            AgentState::Succeeded => "succeeded",
+            AgentState::Failed => "failed",
+            AgentState::TimedOut => "timed-out",
+            AgentState::Stopped => "stopped",
+        };
+        self.end_attempt(
+            key,
+            job,
+            rec,
+            attempts,
+            a,
+            instance,
+            outcome,
+            status.exit_code,
+            status.progress,
+        );
     }
 
     /// The attempt ends with `outcome`: bring home what it made (when it ran), record the
