@@ -72,34 +72,10 @@ fn tag(run: &str, attempt: u32) -> OwnerTag {
 
 fn record(run: &str, job: &str, phase: Phase, attempt: u32) -> RunRecord {
     RunRecord {
-        name: run.into(),
-        job: job.into(),
-        index: 0,
         seq: 1,
         phase,
-        reason: String::new(),
-        spec_hash: "h1".into(),
-        matrix: BTreeMap::new(),
         attempt,
-        placement_index: 0,
-        provider: None,
-        instance_id: None,
-        host: None,
-        gpu: None,
-        price_per_hour: None,
-        cost_usd: 0.0,
-        progress_done: None,
-        progress_total: None,
-        exit_code: None,
-        repository: None,
-        commit: None,
-        commit_message: None,
-        author: None,
-        dirty: false,
-        created_at: NOW - 1000,
-        updated_at: NOW - 1000,
-        started_at: None,
-        finished_at: None,
+        ..RunRecord::new_pending(run, job, 0, "h1", &BTreeMap::new(), "", NOW - 1000)
     }
 }
 

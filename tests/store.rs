@@ -54,36 +54,7 @@ fn full_run(name: &str, job: &str) -> RunRecord {
 
 /// A run with every optional field empty.
 fn bare_run(name: &str, job: &str) -> RunRecord {
-    RunRecord {
-        name: name.to_string(),
-        job: job.to_string(),
-        index: 0,
-        seq: 0,
-        phase: Phase::Pending,
-        reason: String::new(),
-        spec_hash: String::new(),
-        matrix: BTreeMap::new(),
-        attempt: 0,
-        placement_index: 0,
-        provider: None,
-        instance_id: None,
-        host: None,
-        gpu: None,
-        price_per_hour: None,
-        cost_usd: 0.0,
-        progress_done: None,
-        progress_total: None,
-        exit_code: None,
-        repository: None,
-        commit: None,
-        commit_message: None,
-        author: None,
-        dirty: false,
-        created_at: 1_700_000_000,
-        updated_at: 1_700_000_000,
-        started_at: None,
-        finished_at: None,
-    }
+    RunRecord::new_pending(name, job, 0, "", &BTreeMap::new(), "", 1_700_000_000)
 }
 
 fn attempt(run: &str, n: u32, released: Option<i64>) -> AttemptRecord {
