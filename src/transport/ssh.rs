@@ -468,7 +468,8 @@ impl SshTransport {
                 return Err(self.failed(step, "local tar has no stdout"));
             };
             let script = format!("mkdir -p {r} && tar -C {r} -xf -", r = quote(remote));
-            let remote_result = run_with_stdio(&conn.session, &script, Stdio::from(tar_out)).await;
+            let remote_result =
+                run_piped(&conn.session, &script, Stdio::from(tar_out), Stdio::piped()).await;
             let tar_status = tokio::task::spawn_blocking(move || tar.wait_with_output())
                 .await
                 .map_err(|e| self.failed(step, e.to_string()))?
@@ -502,7 +503,7 @@ impl SshTransport {
                 tmp = quote(&format!("{remote}.asimov-part")),
                 r = quote(remote),
             );
-            let result = run_with_stdio(&conn.session, &script, Stdio::from(file)).await;
+            let result = run_piped(&conn.session, &script, Stdio::from(file), Stdio::piped()).await;
             let out = self.check_remote(result, step).await?;
             if out.status != 0 {
                 return Err(self.failed(step, out.stderr.trim().to_string()));
@@ -534,7 +535,8 @@ impl SshTransport {
                 return Err(self.failed(step, "local tar has no stdin"));
             };
             let script = format!("tar -C {} -cf - .", quote(remote));
-            let result = run_to_stdout(&conn.session, &script, Stdio::from(tar_in)).await;
+            let result =
+                run_piped(&conn.session, &script, Stdio::null(), Stdio::from(tar_in)).await;
             let tar_status = tokio::task::spawn_blocking(move || tar.wait_with_output())
                 .await
                 .map_err(|e| self.failed(step, e.to_string()))?
@@ -560,9 +562,10 @@ impl SshTransport {
             }
             let part = local.with_extension("asimov-part");
             let file = std::fs::File::create(&part).map_err(|e| self.io("create local file", e))?;
-            let result = run_to_stdout(
+            let result = run_piped(
                 &conn.session,
                 &format!("cat {}", quote(remote)),
+                Stdio::null(),
                 Stdio::from(file),
             )
             .await;
@@ -781,33 +784,18 @@ async fn run_on(
     }
 }
 
-/// Runs `sh -c script` with `stdin` connected to a local file or pipe.
-async fn run_with_stdio(
+/// Runs `sh -c script` with its stdin and stdout connected straight to local files or
+/// pipes (uploads feed stdin, downloads take stdout); stderr is captured.
+async fn run_piped(
     session: &Arc<Session>,
     script: &str,
     stdin: Stdio,
-) -> Result<CommandOutput, openssh::Error> {
-    let out = Session::to_command(session.clone(), "sh")
-        .arg("-c")
-        .arg(script)
-        .stdin(stdin)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .await?;
-    Ok(to_output(out))
-}
-
-/// Runs `sh -c script` with its stdout going straight into a local file or pipe.
-async fn run_to_stdout(
-    session: &Arc<Session>,
-    script: &str,
     stdout: Stdio,
 ) -> Result<CommandOutput, openssh::Error> {
     let out = Session::to_command(session.clone(), "sh")
         .arg("-c")
         .arg(script)
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(stdout)
         .stderr(Stdio::piped())
         .output()
