@@ -6,6 +6,7 @@
 pub mod fake;
 pub mod local;
 pub mod ssh;
+pub mod vast;
 
 use crate::model::{InstanceId, OwnerTag, ProviderKind, Timestamp};
 use async_trait::async_trait;
