@@ -506,16 +506,8 @@ pub fn search_query(resources: &Resources, placement: &Placement) -> Result<Valu
         if let Some(vram) = gpu.min_vram_gb {
             q.insert("gpu_ram".into(), json!({"gte": vram * 1000}));
         }
-        // Exact names go to the server; families (`H100`) are matched here after.
-        let exact: Vec<String> = gpu
-            .names
-            .iter()
-            .map(|n| n.replace('_', " "))
-            .filter(|n| n.contains(' '))
-            .collect();
-        if !exact.is_empty() && exact.len() == gpu.names.len() {
-            q.insert("gpu_name".into(), json!({"in": exact}));
-        }
+        // GPU names are matched here, after the search: users write families (`H100`)
+        // and any case, which Vast's exact `in` would miss.
     }
     if let Some(cuda) = &resources.cuda
         && let Ok(v) = cuda.trim().parse::<f64>()
@@ -1268,7 +1260,7 @@ mod tests {
         let q = search_query(&resources(&["RTX_4090", "RTX 3090"], 2, Some(24)), &p).unwrap();
         assert_eq!(q["num_gpus"], json!({"eq": 2}));
         assert_eq!(q["gpu_ram"], json!({"gte": 24000}));
-        assert_eq!(q["gpu_name"], json!({"in": ["RTX 4090", "RTX 3090"]}));
+        assert!(q.get("gpu_name").is_none());
         assert_eq!(q["cuda_max_good"], json!({"gte": 12.1}));
         assert_eq!(q["disk_space"], json!({"gte": 50}));
         assert_eq!(q["dph_total"], json!({"lte": 2.5}));
@@ -1276,9 +1268,6 @@ mod tests {
         assert_eq!(q["inet_down_cost"], json!({"lte": 0.02}));
         assert_eq!(q["type"], "on-demand");
         assert_eq!(q["rentable"], json!({"eq": true}));
-        // A family name is matched here, not by the server's exact `in`.
-        let q = search_query(&resources(&["H100"], 1, None), &p).unwrap();
-        assert!(q.get("gpu_name").is_none());
         p.filters.insert("colour".into(), "red".into());
         assert!(search_query(&resources(&[], 1, None), &p).is_err());
     }
