@@ -19,6 +19,7 @@ use crate::model::{ProviderKind, RunName, Timestamp};
 use crate::provider::Provider;
 use crate::provider::local::LocalProvider;
 use crate::provider::ssh::SshProvider;
+use crate::provider::vast::VastProvider;
 use crate::provider::{ErrorKind, Instance, InstanceState};
 use crate::store::HostRecord;
 use crate::store::StoreError;
@@ -623,7 +624,10 @@ pub type Providers = BTreeMap<ProviderKind, Arc<dyn Provider>>;
 /// too, for [`Executor::with_ssh`] and `prepare_host`).
 /// True for the providers [`providers_for`] builds, i.e. those a controller can drive.
 pub fn drives(kind: ProviderKind) -> bool {
-    matches!(kind, ProviderKind::Local | ProviderKind::Ssh)
+    matches!(
+        kind,
+        ProviderKind::Local | ProviderKind::Ssh | ProviderKind::Vast
+    )
 }
 
 pub fn providers_for(home: &Home) -> std::io::Result<(Providers, Arc<SshProvider>)> {
@@ -635,6 +639,11 @@ pub fn providers_for(home: &Home) -> std::io::Result<(Providers, Arc<SshProvider
         ),
         (ProviderKind::Ssh, Arc::clone(&ssh) as Arc<dyn Provider>),
     ]);
+    let mut providers = providers;
+    // Clouds only with a key: without one their runs wait as Pending.
+    if let Some(vast) = VastProvider::from_home(home, Arc::clone(ssh.pool()))? {
+        providers.insert(ProviderKind::Vast, Arc::new(vast) as Arc<dyn Provider>);
+    }
     Ok((providers, ssh))
 }
 

@@ -1,0 +1,209 @@
+//! A job placed on Vast, through the real binary, against the local Vast test server
+//! whose instances' SSH lands on a real sshd: it runs to completion and its instance is
+//! destroyed; a controller killed by SIGKILL while its create request is at the server
+//! adopts that instance on restart instead of buying a second.
+
+mod support;
+#[path = "support/vast_server.rs"]
+mod vast_server;
+
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::cli::{Asimov, kill9};
+use support::sshd::Sshd;
+use vast_server::{Config, Endpoint as Api, Fault, SshTarget, VastServer, offer};
+
+struct World {
+    server: VastServer,
+    sshd: Sshd,
+    a: Asimov,
+}
+
+fn world() -> Option<World> {
+    let sshd = Sshd::start_or_skip()?;
+    let server = VastServer::start(
+        Config {
+            ssh: Some(SshTarget {
+                host: sshd.host().to_string(),
+                port: sshd.port(),
+                authorized_keys: sshd.dir().join("authorized_keys"),
+            }),
+            loading_after: Duration::from_millis(300),
+            running_after: Duration::from_millis(1000),
+            ..Config::default()
+        },
+        vec![
+            offer(301, "RTX 4090", 1, 24.0, 0.41),
+            offer(302, "RTX 4090", 1, 24.0, 0.35),
+            offer(303, "RTX 3090", 1, 24.0, 0.19),
+        ],
+    );
+    let a = Asimov::new();
+    let mut set = a
+        .command()
+        .args(["secret", "set", "VAST_API_KEY"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(vast_server::API_KEY.as_bytes())
+        .unwrap();
+    assert!(set.wait().unwrap().success());
+    Some(World { server, sshd, a })
+}
+
+impl World {
+    /// The binary pointed at the test server, unpaced (the server sets no gaps here).
+    fn command(&self) -> Command {
+        let mut cmd = self.a.command();
+        cmd.env("ASIMOV_VAST_API_URL", self.server.url())
+            .env("ASIMOV_VAST_PACING", "0")
+            .env_remove("VAST_API_KEY");
+        cmd
+    }
+
+    fn job(&self, run: &str) -> std::path::PathBuf {
+        self.a.manifest(
+            "gpu.yaml",
+            &format!(
+                r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: gpu}}
+spec:
+  source: {{workdir: .}}
+  run: |
+    {run}
+  resources: {{gpu: {{name: RTX_4090, count: 1}}, disk_gb: 20}}
+  image: pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime
+  placement:
+    - {{provider: vast, ssh_user: {user}}}
+"#,
+                user = self.sshd.user()
+            ),
+        )
+    }
+
+    /// A foreground controller (it holds the lock, so `apply` starts none).
+    fn spawn_controller(&self) -> std::process::Child {
+        let child = self
+            .command()
+            .args(["controller"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.a.wait_for("the controller's lock", Duration::from_secs(10), || {
+            self.a.controller_running()
+        });
+        child
+    }
+
+    fn wait_destroyed(&self) {
+        let start = Instant::now();
+        while self.server.live_instances().iter().any(|i| !i.destroyed) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "instance never destroyed: {:?}\n{}",
+                self.server.instances(),
+                self.a.ok(&["describe", "run", "gpu-0"])
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn a_job_on_vast_runs_to_completion_over_ssh_and_its_instance_is_destroyed() {
+    let Some(w) = world() else { return };
+    let job = w.job(
+        r#"sh train.sh; for i in 1 2 3 4; do echo "ASIMOV_PROGRESS $i/4"; sleep 0.2; done"#,
+    );
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply --wait: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    let runs = w.a.runs_json();
+    let run = &runs["items"][0];
+    assert_eq!(run["phase"], "Succeeded", "{run}");
+    assert_eq!(run["provider"], "vast");
+    assert_eq!(run["exit_code"], 0);
+    assert_eq!(run["progress"]["done"], 4);
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "one instance: {recs:?}");
+    assert_eq!(recs[0].offer_id, 302, "the cheapest RTX 4090");
+    assert_eq!(run["instance_id"], recs[0].id.to_string());
+    assert!(recs[0].label.starts_with("asimov."), "{}", recs[0].label);
+    let log = w.a.ok(&["logs", "gpu-0"]);
+    assert!(log.contains("training"), "the job ran over ssh: {log}");
+    w.wait_destroyed();
+    let rec = &w.server.instances()[0];
+    assert!(rec.billing_stopped.is_some());
+    // asimov's key was registered with the account, once.
+    assert_eq!(w.server.account_keys().len(), 1);
+    let key = w.a.home().join("ssh/id_ed25519");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+#[test]
+fn a_controller_killed_while_its_create_is_at_the_server_adopts_it_on_restart() {
+    let Some(w) = world() else { return };
+    // The server makes the instance, then holds its answer: the controller dies first.
+    w.server.inject(
+        Some(Api::Create),
+        Fault::HoldAnswer(Duration::from_secs(30)),
+        1,
+    );
+    let job = w.job(r#"sh train.sh; sleep 0.5"#);
+    let mut controller = w.spawn_controller();
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let start = Instant::now();
+    while w.server.creates_received() == 0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "no create reached the server");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The request reached the server; the answer has not left it.
+    unsafe { libc::kill(controller.id() as i32, libc::SIGKILL) };
+    let status = controller.wait().unwrap();
+    assert_eq!(status.signal(), Some(9));
+    assert_eq!(w.server.instances().len(), 1);
+    w.server.clear_faults();
+
+    let mut again = w.spawn_controller();
+    let start = Instant::now();
+    while w.a.run_phase("gpu-0").as_deref() != Some("Succeeded") {
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "never succeeded: {}\n{:?}",
+            w.a.ok(&["describe", "run", "gpu-0"]),
+            w.server.instances()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "adopted, not bought twice: {recs:?}");
+    assert_eq!(w.a.runs_json()["items"][0]["attempt"], 1);
+    w.wait_destroyed();
+    kill9(&mut again);
+}
+
