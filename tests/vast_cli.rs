@@ -207,3 +207,117 @@ fn a_controller_killed_while_its_create_is_at_the_server_adopts_it_on_restart() 
     kill9(&mut again);
 }
 
+
+impl World {
+    fn apply(&self, job: &std::path::Path) {
+        let out = self
+            .command()
+            .args(["apply", "-f", job.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {what}: {}\n{:#?}",
+                self.a.ok(&["describe", "run", "gpu-0"]),
+                self.server.instances()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn attempt(&self) -> u64 {
+        self.a.runs_json()["items"][0]["attempt"].as_u64().unwrap_or(0)
+    }
+
+    fn retrying_job(&self, run: &str) -> std::path::PathBuf {
+        let path = self.job(run);
+        let text = std::fs::read_to_string(&path).unwrap()
+            + "  retry: {on: [preemption, error], max_restarts: 2}\n";
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+#[test]
+fn an_instance_destroyed_behind_asimovs_back_is_noticed_and_the_run_retried() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.retrying_job("sleep 600"));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.live_instances()[0].id;
+    w.server.destroy_behind_back(first);
+    w.until("a second attempt on a new instance", 60, || {
+        w.attempt() == 2 && w.server.live_instances().iter().any(|i| i.id != first)
+    });
+    assert_eq!(w.server.instances().len(), 2);
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every instance destroyed", 60, || w.server.live_instances().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn an_outbid_instance_ends_the_attempt_as_preempted_and_is_destroyed() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.retrying_job("sleep 600"));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.live_instances()[0].id;
+    w.server.outbid(first);
+    // Stopped still bills its disk: asimov destroys it, then tries again.
+    w.until("the outbid instance destroyed and a second attempt", 60, || {
+        w.attempt() == 2
+            && w.server
+                .instances()
+                .iter()
+                .any(|i| i.id == first && i.billing_stopped.is_some())
+    });
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    assert!(described.contains("preempted"), "{described}");
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every instance destroyed", 60, || w.server.live_instances().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_create_that_errors_yet_creates_is_adopted_and_not_leaked() {
+    let Some(w) = world() else { return };
+    w.server.inject(Some(Api::Create), Fault::CreateFailsYetCreates, 1);
+    let mut controller = w.spawn_controller();
+    w.apply(&w.retrying_job("sh train.sh"));
+    w.until("the run to succeed", 90, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    w.until("every instance destroyed", 60, || w.server.live_instances().is_empty());
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 2, "the failed one and the one that ran: {recs:?}");
+    assert!(recs.iter().all(|i| i.billing_stopped.is_some()));
+    kill9(&mut controller);
+}
+
+#[test]
+fn an_instance_with_our_tag_that_no_run_owns_is_destroyed_and_others_are_left() {
+    let Some(w) = world() else { return };
+    std::fs::create_dir_all(w.a.home()).unwrap();
+    std::fs::write(w.a.home().join("controller-id"), "vastctl1").unwrap();
+    let orphan = w.server.plant(301, "asimov.vastctl1.ghost-0.1");
+    let foreign = w.server.plant(302, "asimov.otherctl.theirs-0.1");
+    let untagged = w.server.plant(303, "my notebook");
+    let mut controller = w.spawn_controller();
+    w.until("the orphan destroyed", 60, || {
+        w.server.live_instances().iter().all(|i| i.id != orphan)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let live: Vec<u64> = w.server.live_instances().iter().map(|i| i.id).collect();
+    assert_eq!(live, vec![foreign, untagged]);
+    kill9(&mut controller);
+}

@@ -617,8 +617,10 @@ pub struct VastProvider {
     pacer: Pacer,
     retry: Backoff,
     default_user: String,
-    /// Login users asked for by placements, by tag (from this process's creates).
+    /// Login users asked for by placements, by tag; also one file per tag in
+    /// `users_dir`, written before the create, so a restarted controller knows them.
     users: Mutex<BTreeMap<String, String>>,
+    users_dir: PathBuf,
     /// Per-instance keys from create answers, by instance id.
     instance_keys: Mutex<BTreeMap<InstanceId, Secret>>,
     key_registered: tokio::sync::Mutex<bool>,
@@ -663,7 +665,8 @@ impl VastProvider {
             base: base.into().trim_end_matches('/').to_string(),
             key,
             pool,
-            identity: home.root().join("ssh").join("id_ed25519"),
+            identity: home.ssh_identity(),
+            users_dir: home.provider_state("vast").join("users"),
             pacer: Pacer {
                 pacing,
                 next: Mutex::new(BTreeMap::new()),
@@ -687,6 +690,25 @@ impl VastProvider {
     pub fn with_default_user(mut self, user: impl Into<String>) -> VastProvider {
         self.default_user = user.into();
         self
+    }
+
+    /// The placement's `ssh_user` for the instance tagged `tag`, else the default.
+    fn login_user(&self, tag: &str) -> String {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = users.get(tag) {
+            return u.clone();
+        }
+        let stored = std::fs::read_to_string(self.users_dir.join(tag))
+            .ok()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty());
+        match stored {
+            Some(u) => {
+                users.insert(tag.to_string(), u.clone());
+                u
+            }
+            None => self.default_user.clone(),
+        }
     }
 
     /// asimov's private key file for instances.
@@ -930,13 +952,7 @@ impl VastProvider {
                 .ok()?;
             Some((ip.to_string(), port))
         });
-        let user = self
-            .users
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(label)
-            .cloned()
-            .unwrap_or_else(|| self.default_user.clone());
+        let user = self.login_user(label);
         let endpoint = direct.map(|(host, port)| Endpoint::Ssh {
             host,
             port,
@@ -1036,10 +1052,21 @@ impl Provider for VastProvider {
     async fn create(&self, req: &CreateRequest) -> ProviderResult<Instance> {
         let step = "create instance";
         if let Some(user) = &req.placement.ssh_user {
+            let tag = req.tag.render();
+            // Before the create: a controller killed mid-create adopts with the right user.
+            std::fs::create_dir_all(&self.users_dir)
+                .and_then(|_| std::fs::write(self.users_dir.join(&tag), user))
+                .map_err(|e| {
+                    err(
+                        ErrorKind::Transient,
+                        step,
+                        format!("{}: {e}", self.users_dir.display()),
+                    )
+                })?;
             self.users
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(req.tag.render(), user.clone());
+                .insert(tag, user.clone());
         }
         self.ensure_account_key().await?;
         let offers = self.search(&req.resources, &req.placement).await?;

@@ -350,6 +350,15 @@ impl VastServer {
         }
     }
 
+    /// Rents `offer_id` with `label` as someone else (another controller, the console)
+    /// would; returns the instance id.
+    pub fn plant(&self, offer_id: u64, label: &str) -> u64 {
+        let mut st = self.lock();
+        let body = json!({"image": "ubuntu:22.04", "disk": 10, "label": label});
+        let _ = create(&mut st, offer_id, &body, false);
+        st.instances.last().map_or(0, |i| i.id)
+    }
+
     /// The instance vanishes without the client asking (destroyed from the console).
     pub fn destroy_behind_back(&self, id: u64) {
         let mut st = self.lock();
