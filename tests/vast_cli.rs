@@ -97,9 +97,10 @@ spec:
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        self.a.wait_for("the controller's lock", Duration::from_secs(10), || {
-            self.a.controller_running()
-        });
+        self.a
+            .wait_for("the controller's lock", Duration::from_secs(10), || {
+                self.a.controller_running()
+            });
         child
     }
 
@@ -120,9 +121,8 @@ spec:
 #[test]
 fn a_job_on_vast_runs_to_completion_over_ssh_and_its_instance_is_destroyed() {
     let Some(w) = world() else { return };
-    let job = w.job(
-        r#"sh train.sh; for i in 1 2 3 4; do echo "ASIMOV_PROGRESS $i/4"; sleep 0.2; done"#,
-    );
+    let job =
+        w.job(r#"sh train.sh; for i in 1 2 3 4; do echo "ASIMOV_PROGRESS $i/4"; sleep 0.2; done"#);
     let out = w
         .command()
         .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
@@ -176,10 +176,17 @@ fn a_controller_killed_while_its_create_is_at_the_server_adopts_it_on_restart() 
         .args(["apply", "-f", job.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let start = Instant::now();
     while w.server.creates_received() == 0 {
-        assert!(start.elapsed() < Duration::from_secs(30), "no create reached the server");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no create reached the server"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // The request reached the server; the answer has not left it.
@@ -207,7 +214,6 @@ fn a_controller_killed_while_its_create_is_at_the_server_adopts_it_on_restart() 
     kill9(&mut again);
 }
 
-
 impl World {
     fn apply(&self, job: &std::path::Path) {
         let out = self
@@ -215,7 +221,11 @@ impl World {
             .args(["apply", "-f", job.to_str().unwrap()])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
@@ -232,7 +242,9 @@ impl World {
     }
 
     fn attempt(&self) -> u64 {
-        self.a.runs_json()["items"][0]["attempt"].as_u64().unwrap_or(0)
+        self.a.runs_json()["items"][0]["attempt"]
+            .as_u64()
+            .unwrap_or(0)
     }
 
     fn retrying_job(&self, run: &str) -> std::path::PathBuf {
@@ -259,7 +271,9 @@ fn an_instance_destroyed_behind_asimovs_back_is_noticed_and_the_run_retried() {
     });
     assert_eq!(w.server.instances().len(), 2);
     w.a.ok(&["delete", "job", "gpu"]);
-    w.until("every instance destroyed", 60, || w.server.live_instances().is_empty());
+    w.until("every instance destroyed", 60, || {
+        w.server.live_instances().is_empty()
+    });
     kill9(&mut controller);
 }
 
@@ -274,32 +288,45 @@ fn an_outbid_instance_ends_the_attempt_as_preempted_and_is_destroyed() {
     let first = w.server.live_instances()[0].id;
     w.server.outbid(first);
     // Stopped still bills its disk: asimov destroys it, then tries again.
-    w.until("the outbid instance destroyed and a second attempt", 60, || {
-        w.attempt() == 2
-            && w.server
-                .instances()
-                .iter()
-                .any(|i| i.id == first && i.billing_stopped.is_some())
-    });
+    w.until(
+        "the outbid instance destroyed and a second attempt",
+        60,
+        || {
+            w.attempt() == 2
+                && w.server
+                    .instances()
+                    .iter()
+                    .any(|i| i.id == first && i.billing_stopped.is_some())
+        },
+    );
     let described = w.a.ok(&["describe", "run", "gpu-0"]);
     assert!(described.contains("preempted"), "{described}");
     w.a.ok(&["delete", "job", "gpu"]);
-    w.until("every instance destroyed", 60, || w.server.live_instances().is_empty());
+    w.until("every instance destroyed", 60, || {
+        w.server.live_instances().is_empty()
+    });
     kill9(&mut controller);
 }
 
 #[test]
 fn a_create_that_errors_yet_creates_is_adopted_and_not_leaked() {
     let Some(w) = world() else { return };
-    w.server.inject(Some(Api::Create), Fault::CreateFailsYetCreates, 1);
+    w.server
+        .inject(Some(Api::Create), Fault::CreateFailsYetCreates, 1);
     let mut controller = w.spawn_controller();
     w.apply(&w.retrying_job("sh train.sh"));
     w.until("the run to succeed", 90, || {
         w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
     });
-    w.until("every instance destroyed", 60, || w.server.live_instances().is_empty());
+    w.until("every instance destroyed", 60, || {
+        w.server.live_instances().is_empty()
+    });
     let recs = w.server.instances();
-    assert_eq!(recs.len(), 2, "the failed one and the one that ran: {recs:?}");
+    assert_eq!(
+        recs.len(),
+        2,
+        "the failed one and the one that ran: {recs:?}"
+    );
     assert!(recs.iter().all(|i| i.billing_stopped.is_some()));
     kill9(&mut controller);
 }

@@ -121,10 +121,17 @@ async fn wait_state(p: &VastProvider, id: &str, want: InstanceState) -> Instance
 async fn an_instance_boots_late_and_is_reached_over_ssh_with_asimovs_key() {
     let Some(w) = world() else { return };
     let p = w.provider();
-    let created = p.create(&w.request("boot-0", &["RTX 4090"], 1)).await.unwrap();
+    let created = p
+        .create(&w.request("boot-0", &["RTX 4090"], 1))
+        .await
+        .unwrap();
     assert_eq!(created.state, InstanceState::Provisioning);
     let rec = &w.server.instances()[0];
-    assert_eq!(rec.label, created.tag.render(), "the tag rides in the create call");
+    assert_eq!(
+        rec.label,
+        created.tag.render(),
+        "the tag rides in the create call"
+    );
     assert_eq!(rec.id.to_string(), created.id);
     assert_eq!(
         p.instance_key(&created.id).map(|k| k.expose().to_string()),
@@ -154,7 +161,11 @@ async fn an_instance_boots_late_and_is_reached_over_ssh_with_asimovs_key() {
     let public = std::fs::read_to_string(p.identity_file().with_extension("pub")).unwrap();
     assert_eq!(keys[0].trim(), public.trim());
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(p.identity_file()).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(p.identity_file())
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     let machine = p.machine(&running).unwrap();
     assert!(
@@ -163,7 +174,10 @@ async fn an_instance_boots_late_and_is_reached_over_ssh_with_asimovs_key() {
     );
     // Registration is idempotent across providers of one home.
     let again = w.provider();
-    again.create(&w.request("boot-1", &["RTX 4090"], 1)).await.unwrap();
+    again
+        .create(&w.request("boot-1", &["RTX 4090"], 1))
+        .await
+        .unwrap();
     assert_eq!(w.server.account_keys().len(), 1);
     // Only the current listing was used, never the retired v0 one.
     assert!(
@@ -179,13 +193,17 @@ async fn the_cheapest_fitting_offer_is_rented() {
     let Some(w) = world() else { return };
     let p = w.provider();
     // RTX 3090 is cheaper but does not fit; the 2-GPU bundle neither.
-    p.create(&w.request("cheap-0", &["RTX_4090"], 1)).await.unwrap();
+    p.create(&w.request("cheap-0", &["RTX_4090"], 1))
+        .await
+        .unwrap();
     // H100 matches both variants; the PCIe one is cheaper.
     p.create(&w.request("cheap-1", &["H100"], 1)).await.unwrap();
     let rented: Vec<u64> = w.server.instances().iter().map(|i| i.offer_id).collect();
     assert_eq!(rented, vec![102, 105]);
     // Rented offers leave the market: the next cheapest is next.
-    p.create(&w.request("cheap-2", &["rtx 4090"], 1)).await.unwrap();
+    p.create(&w.request("cheap-2", &["rtx 4090"], 1))
+        .await
+        .unwrap();
     assert_eq!(w.server.instances()[2].offer_id, 101);
     let mut capped = w.request("cheap-3", &["RTX 4090"], 1);
     capped.placement.max_price_per_hour = Some(0.5);
@@ -199,12 +217,20 @@ async fn a_taken_offer_moves_on_to_the_next() {
     let Some(w) = world() else { return };
     let p = w.provider();
     w.server.inject(Some(Api::Create), Fault::OfferTaken, 1);
-    let created = p.create(&w.request("taken-0", &["RTX 4090"], 1)).await.unwrap();
+    let created = p
+        .create(&w.request("taken-0", &["RTX 4090"], 1))
+        .await
+        .unwrap();
     let recs = w.server.instances();
     assert_eq!(recs.len(), 1, "one instance, not two: {recs:?}");
     assert_eq!(recs[0].offer_id, 101, "the next cheapest after 102");
     assert_eq!(recs[0].id.to_string(), created.id);
-    let creates = w.server.requests().iter().filter(|r| r.endpoint == Api::Create).count();
+    let creates = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Create)
+        .count();
     assert_eq!(creates, 2);
 }
 
@@ -214,10 +240,16 @@ async fn capacity_errors_on_listed_offers_are_no_capacity() {
         return;
     };
     let p = w.provider();
-    let e = p.create(&w.request("cap-0", &["RTX 4090"], 1)).await.unwrap_err();
+    let e = p
+        .create(&w.request("cap-0", &["RTX 4090"], 1))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NoCapacity, "{e}");
     assert!(w.server.instances().is_empty());
-    let e = p.create(&w.request("cap-1", &["A100"], 1)).await.unwrap_err();
+    let e = p
+        .create(&w.request("cap-1", &["A100"], 1))
+        .await
+        .unwrap_err();
     assert_eq!(e.kind, ErrorKind::NoCapacity, "nothing matches: {e}");
 }
 
@@ -225,19 +257,32 @@ async fn capacity_errors_on_listed_offers_are_no_capacity() {
 async fn a_429_and_5xx_storm_slows_calls_but_loses_nothing() {
     let Some(w) = world() else { return };
     let p = w.provider();
-    w.server.inject(Some(Api::Search), Fault::TooManyRequests, 2);
+    w.server
+        .inject(Some(Api::Search), Fault::TooManyRequests, 2);
     w.server.inject(Some(Api::Search), Fault::NginxHtml(502), 1);
-    w.server.inject(Some(Api::Create), Fault::TooManyRequests, 2);
-    w.server.inject(Some(Api::Create), Fault::TooManyRequestsJson, 1);
-    let created = p.create(&w.request("storm-0", &["RTX 4090"], 1)).await.unwrap();
-    assert_eq!(w.server.instances().len(), 1, "429s refuse creates; one instance");
+    w.server
+        .inject(Some(Api::Create), Fault::TooManyRequests, 2);
+    w.server
+        .inject(Some(Api::Create), Fault::TooManyRequestsJson, 1);
+    let created = p
+        .create(&w.request("storm-0", &["RTX 4090"], 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        w.server.instances().len(),
+        1,
+        "429s refuse creates; one instance"
+    );
     w.server.inject(Some(Api::List), Fault::TooManyRequests, 2);
     w.server.inject(Some(Api::List), Fault::NginxHtml(503), 1);
     w.server.inject(Some(Api::List), Fault::NginxHtml(504), 1);
     let listed = p.list().await.unwrap();
     assert_eq!(listed.len(), 1);
-    w.server.inject(Some(Api::Destroy), Fault::NginxHtml(502), 3);
-    p.destroy(&created.id).await.expect("destroy retried until confirmed");
+    w.server
+        .inject(Some(Api::Destroy), Fault::NginxHtml(502), 3);
+    p.destroy(&created.id)
+        .await
+        .expect("destroy retried until confirmed");
     assert!(w.server.instances()[0].destroyed);
     assert!(w.server.rate_limited() >= 7, "{}", w.server.rate_limited());
 }
@@ -247,10 +292,18 @@ async fn a_5xx_on_create_is_not_retried_in_place() {
     let Some(w) = world() else { return };
     let p = w.provider();
     w.server.inject(Some(Api::Create), Fault::NginxHtml(502), 1);
-    let e = p.create(&w.request("amb-0", &["RTX 4090"], 1)).await.unwrap_err();
+    let e = p
+        .create(&w.request("amb-0", &["RTX 4090"], 1))
+        .await
+        .unwrap_err();
     // Ambiguous: the planner adopts by tag rather than buy twice.
     assert_eq!(e.kind, ErrorKind::Transient, "{e}");
-    let creates = w.server.requests().iter().filter(|r| r.endpoint == Api::Create).count();
+    let creates = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Create)
+        .count();
     assert_eq!(creates, 1);
 }
 
@@ -258,10 +311,12 @@ async fn a_5xx_on_create_is_not_retried_in_place() {
 async fn errors_inside_http_200_are_errors() {
     let Some(w) = world() else { return };
     let p = w.provider();
-    w.server.inject(Some(Api::List), Fault::ErrorInOk("invalid_args"), 1);
+    w.server
+        .inject(Some(Api::List), Fault::ErrorInOk("invalid_args"), 1);
     let e = p.list().await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Permanent, "{e}");
-    w.server.inject(Some(Api::Destroy), Fault::ErrorInOk("no_such_instance"), 1);
+    w.server
+        .inject(Some(Api::Destroy), Fault::ErrorInOk("no_such_instance"), 1);
     let e = p.destroy(&"7000001".to_string()).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
 }
@@ -270,11 +325,19 @@ async fn errors_inside_http_200_are_errors() {
 async fn a_create_that_fails_yet_creates_returns_its_instance() {
     let Some(w) = world() else { return };
     let p = w.provider();
-    w.server.inject(Some(Api::Create), Fault::CreateFailsYetCreates, 1);
-    let created = p.create(&w.request("fyc-0", &["RTX 4090"], 1)).await.unwrap();
+    w.server
+        .inject(Some(Api::Create), Fault::CreateFailsYetCreates, 1);
+    let created = p
+        .create(&w.request("fyc-0", &["RTX 4090"], 1))
+        .await
+        .unwrap();
     let recs = w.server.instances();
     assert_eq!(recs.len(), 1);
-    assert_eq!(recs[0].id.to_string(), created.id, "the instance is known, not leaked");
+    assert_eq!(
+        recs[0].id.to_string(),
+        created.id,
+        "the instance is known, not leaked"
+    );
     let listed = wait_state(&p, &created.id, InstanceState::Stopped).await;
     assert_eq!(listed.tag, created.tag);
 }
@@ -298,7 +361,10 @@ async fn spot_bids_the_premium_over_the_minimum_bid() {
 async fn destroy_then_not_found_and_billing_stops() {
     let Some(w) = world() else { return };
     let p = w.provider();
-    let created = p.create(&w.request("gone-0", &["RTX 4090"], 1)).await.unwrap();
+    let created = p
+        .create(&w.request("gone-0", &["RTX 4090"], 1))
+        .await
+        .unwrap();
     p.destroy(&created.id).await.unwrap();
     let e = p.destroy(&created.id).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
@@ -315,9 +381,15 @@ async fn outbid_oci_failures_and_vanished_instances_show_in_the_listing() {
         return;
     };
     let p = w.provider();
-    let a = p.create(&w.request("lost-0", &["RTX 4090"], 1)).await.unwrap();
+    let a = p
+        .create(&w.request("lost-0", &["RTX 4090"], 1))
+        .await
+        .unwrap();
     let b = p.create(&w.request("lost-1", &["H100"], 1)).await.unwrap();
-    let c = p.create(&w.request("lost-2", &["RTX 4090"], 1)).await.unwrap();
+    let c = p
+        .create(&w.request("lost-2", &["RTX 4090"], 1))
+        .await
+        .unwrap();
     wait_state(&p, &a.id, InstanceState::Running).await;
     w.server.outbid(a.id.parse().unwrap());
     wait_state(&p, &a.id, InstanceState::Stopped).await;
@@ -344,14 +416,23 @@ async fn the_listing_pages_through_every_instance() {
     let many: Vec<Value> = (0..30)
         .map(|i| offer(200 + i, "RTX 4090", 1, 24.0, 0.30 + i as f64 / 100.0))
         .collect();
-    let Some(w) = world_with(|_| {}, many) else { return };
+    let Some(w) = world_with(|_| {}, many) else {
+        return;
+    };
     let p = w.provider();
     for i in 0..30 {
-        p.create(&w.request(&format!("page-{i}"), &["RTX 4090"], 1)).await.unwrap();
+        p.create(&w.request(&format!("page-{i}"), &["RTX 4090"], 1))
+            .await
+            .unwrap();
     }
     let listed = p.list().await.unwrap();
     assert_eq!(listed.len(), 30);
-    let lists = w.server.requests().iter().filter(|r| r.endpoint == Api::List).count();
+    let lists = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::List)
+        .count();
     assert_eq!(lists, 2, "25 a page");
 }
 

@@ -170,7 +170,10 @@ impl Pacing {
 
     /// `ASIMOV_VAST_PACING` (a factor) when set and valid, else the documented gaps.
     pub fn from_env() -> Pacing {
-        match std::env::var(PACING_ENV).ok().and_then(|v| v.trim().parse().ok()) {
+        match std::env::var(PACING_ENV)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+        {
             Some(f) => Pacing::scaled(f),
             None => Pacing::documented(),
         }
@@ -398,7 +401,11 @@ impl VastOffer {
     /// (storage included).
     pub fn price(&self, placement: &Placement) -> f64 {
         match bid(self, placement) {
-            Some(b) => b + self.dph_base.map_or(0.0, |base| (self.dph_total - base).max(0.0)),
+            Some(b) => {
+                b + self
+                    .dph_base
+                    .map_or(0.0, |base| (self.dph_total - base).max(0.0))
+            }
             None => self.dph_total,
         }
     }
@@ -498,7 +505,10 @@ pub fn search_query(resources: &Resources, placement: &Placement) -> Result<Valu
     q.insert("rented".into(), json!({"eq": false}));
     q.insert("verified".into(), json!({"eq": true}));
     q.insert("external".into(), json!({"eq": false}));
-    let disk = resources.disk_gb.unwrap_or(DEFAULT_DISK_GB).max(MIN_DISK_GB);
+    let disk = resources
+        .disk_gb
+        .unwrap_or(DEFAULT_DISK_GB)
+        .max(MIN_DISK_GB);
     q.insert("disk_space".into(), json!({"gte": disk}));
     q.insert("allocated_storage".into(), json!(disk));
     if let Some(gpu) = &resources.gpu {
@@ -644,6 +654,14 @@ impl VastProvider {
         VastProvider::new(home, pool, api_url(), key, Pacing::from_env()).map(Some)
     }
 
+    /// A provider for searching offers (which Vast answers without a key): the
+    /// configured key when there is one.
+    pub fn searcher(home: &Home) -> std::io::Result<VastProvider> {
+        let key = api_key(home).unwrap_or_else(|| Secret::new(""));
+        let pool = SshPool::new(home.clone())?;
+        VastProvider::new(home, pool, api_url(), key, Pacing::from_env())
+    }
+
     pub fn new(
         home: &Home,
         pool: Arc<SshPool>,
@@ -737,15 +755,18 @@ impl VastProvider {
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(self.key.expose())
             .query(query);
+        if !self.key.expose().is_empty() {
+            req = req.bearer_auth(self.key.expose());
+        }
         if let Some(body) = body {
             req = req.json(body);
         }
         let step = "call the vast api";
-        let resp = req.send().await.map_err(|e| {
-            err(ErrorKind::Transient, step, format!("{path}: {e}")).with_source(e)
-        })?;
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| err(ErrorKind::Transient, step, format!("{path}: {e}")).with_source(e))?;
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
@@ -754,8 +775,12 @@ impl VastProvider {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|s| Duration::from_secs(s.min(3600)));
         let text = resp.text().await.map_err(|e| {
-            err(ErrorKind::Transient, step, format!("{path}: reading the answer: {e}"))
-                .with_source(e)
+            err(
+                ErrorKind::Transient,
+                step,
+                format!("{path}: reading the answer: {e}"),
+            )
+            .with_source(e)
         })?;
         Ok(Raw {
             status,
@@ -791,8 +816,8 @@ impl VastProvider {
         placement: &Placement,
     ) -> ProviderResult<Vec<VastOffer>> {
         let step = "search offers";
-        let query = search_query(resources, placement)
-            .map_err(|m| err(ErrorKind::Permanent, step, m))?;
+        let query =
+            search_query(resources, placement).map_err(|m| err(ErrorKind::Permanent, step, m))?;
         let v = self
             .call(
                 step,
@@ -828,7 +853,14 @@ impl VastProvider {
             )
         })?;
         let keys = self
-            .call(step, Call::Keys, reqwest::Method::GET, "/api/v0/ssh/", &[], None)
+            .call(
+                step,
+                Call::Keys,
+                reqwest::Method::GET,
+                "/api/v0/ssh/",
+                &[],
+                None,
+            )
             .await?;
         let list = keys
             .as_array()
@@ -940,18 +972,20 @@ impl VastProvider {
         let cur = s("cur_state").unwrap_or("");
         let next = s("next_state").unwrap_or("");
         let status_msg = s("status_msg").unwrap_or("");
-        let direct = s("public_ipaddr").filter(|ip| !ip.is_empty()).and_then(|ip| {
-            let port = v
-                .get("ports")?
-                .get("22/tcp")?
-                .get(0)?
-                .get("HostPort")?
-                .as_str()?
-                .trim()
-                .parse::<u16>()
-                .ok()?;
-            Some((ip.to_string(), port))
-        });
+        let direct = s("public_ipaddr")
+            .filter(|ip| !ip.is_empty())
+            .and_then(|ip| {
+                let port = v
+                    .get("ports")?
+                    .get("22/tcp")?
+                    .get(0)?
+                    .get("HostPort")?
+                    .as_str()?
+                    .trim()
+                    .parse::<u16>()
+                    .ok()?;
+                Some((ip.to_string(), port))
+            });
         let user = self.login_user(label);
         let endpoint = direct.map(|(host, port)| Endpoint::Ssh {
             host,
@@ -974,10 +1008,7 @@ impl VastProvider {
         } else {
             InstanceState::Provisioning
         };
-        let gpu = match (
-            v.get("num_gpus").and_then(Value::as_u64),
-            s("gpu_name"),
-        ) {
+        let gpu = match (v.get("num_gpus").and_then(Value::as_u64), s("gpu_name")) {
             (Some(n), Some(name)) if n > 0 => Some(format!("{n}x {name}")),
             _ => None,
         };
@@ -1092,10 +1123,7 @@ impl Provider for VastProvider {
         Err(err(
             ErrorKind::NoCapacity,
             step,
-            format!(
-                "every fitting offer was taken ({})",
-                taken.join(", ")
-            ),
+            format!("every fitting offer was taken ({})", taken.join(", ")),
         ))
     }
 
@@ -1142,7 +1170,10 @@ impl Provider for VastProvider {
             user: Some(user.clone()),
             identity_file: identity_file.clone(),
         });
-        Ok(Arc::new(AgentMachine::new(Arc::new(transport), root.clone())))
+        Ok(Arc::new(AgentMachine::new(
+            Arc::new(transport),
+            root.clone(),
+        )))
     }
 }
 
@@ -1172,25 +1203,57 @@ mod tests {
         let rl = ErrorKind::RateLimited { retry_after: None };
         let table: Vec<(u16, &str, ErrorKind)> = vec![
             (429, "API requests too frequent", rl.clone()),
-            (429, "API requests too frequent: endpoint threshold=4.5", rl.clone()),
-            (429, r#"{"detail":"API requests too frequent endpoint threshold=4.5"}"#, rl.clone()),
+            (
+                429,
+                "API requests too frequent: endpoint threshold=4.5",
+                rl.clone(),
+            ),
+            (
+                429,
+                r#"{"detail":"API requests too frequent endpoint threshold=4.5"}"#,
+                rl.clone(),
+            ),
             (
                 429,
                 r#"{"success":false,"error":"rate_limit_exceeded","msg":"slow down"}"#,
                 rl.clone(),
             ),
-            (429, r#"{"error":"search_quota_exceeded"}"#, ErrorKind::Permanent),
+            (
+                429,
+                r#"{"error":"search_quota_exceeded"}"#,
+                ErrorKind::Permanent,
+            ),
             (
                 502,
                 "<html>\r\n<head><title>502 Bad Gateway</title></head><body>nginx</body></html>",
                 ErrorKind::Transient,
             ),
-            (504, "<html><title>504 Gateway Time-out</title></html>", ErrorKind::Transient),
-            (200, r#"{"success":false,"error":"no_such_instance","msg":"x"}"#, ErrorKind::NotFound),
-            (200, r#"{"success":false,"error":"invalid_args","msg":"x"}"#, ErrorKind::Permanent),
+            (
+                504,
+                "<html><title>504 Gateway Time-out</title></html>",
+                ErrorKind::Transient,
+            ),
+            (
+                200,
+                r#"{"success":false,"error":"no_such_instance","msg":"x"}"#,
+                ErrorKind::NotFound,
+            ),
+            (
+                200,
+                r#"{"success":false,"error":"invalid_args","msg":"x"}"#,
+                ErrorKind::Permanent,
+            ),
             (200, "<html>maintenance</html>", ErrorKind::Transient),
-            (401, r#"{"success":false,"error":"auth_error","msg":"Invalid user key"}"#, ErrorKind::Unauthenticated),
-            (403, r#"{"success":false,"error":"invalid_args","msg":"Offer 5 is not your own"}"#, ErrorKind::Permanent),
+            (
+                401,
+                r#"{"success":false,"error":"auth_error","msg":"Invalid user key"}"#,
+                ErrorKind::Unauthenticated,
+            ),
+            (
+                403,
+                r#"{"success":false,"error":"invalid_args","msg":"Offer 5 is not your own"}"#,
+                ErrorKind::Permanent,
+            ),
             (
                 404,
                 r#"{"success":false,"error":"invalid_args","msg":"error 404/3603: no_such_ask Instance type by id 5 is not available."}"#,
@@ -1201,10 +1264,26 @@ mod tests {
                 r#"{"success":false,"error":"no_such_ask","msg":"error 410/3907: no_such_ask gone"}"#,
                 ErrorKind::NoCapacity,
             ),
-            (404, r#"{"success":false,"error":"not_found","msg":"x"}"#, ErrorKind::NotFound),
-            (404, r#"{"success":false,"error":"no_such_instance","msg":"x"}"#, ErrorKind::NotFound),
-            (410, r#"{"success":false,"error":"gone","msg":"deprecated"}"#, ErrorKind::Permanent),
-            (400, r#"{"success":false,"error":"invalid_price","msg":"x"}"#, ErrorKind::Permanent),
+            (
+                404,
+                r#"{"success":false,"error":"not_found","msg":"x"}"#,
+                ErrorKind::NotFound,
+            ),
+            (
+                404,
+                r#"{"success":false,"error":"no_such_instance","msg":"x"}"#,
+                ErrorKind::NotFound,
+            ),
+            (
+                410,
+                r#"{"success":false,"error":"gone","msg":"deprecated"}"#,
+                ErrorKind::Permanent,
+            ),
+            (
+                400,
+                r#"{"success":false,"error":"invalid_price","msg":"x"}"#,
+                ErrorKind::Permanent,
+            ),
         ];
         for (status, text, want) in table {
             assert_eq!(kind(status, text), want, "{status} {text}");
@@ -1223,8 +1302,14 @@ mod tests {
             }
         );
         // The page's title, not the whole HTML, is what a person reads.
-        let e = classify("t", &raw(502, "<html><head><title>502 Bad Gateway</title></head></html>"))
-            .unwrap_err();
+        let e = classify(
+            "t",
+            &raw(
+                502,
+                "<html><head><title>502 Bad Gateway</title></head></html>",
+            ),
+        )
+        .unwrap_err();
         assert_eq!(e.message, "HTTP 502: 502 Bad Gateway");
     }
 
@@ -1242,18 +1327,40 @@ mod tests {
     #[test]
     fn filters_go_out_in_vast_names_and_units() {
         let f = |n: &str, t: &str| parse_filter(n, t).unwrap();
-        assert_eq!(f("reliability", ">=0.98"), ("reliability".into(), json!({"gte": 0.98})));
+        assert_eq!(
+            f("reliability", ">=0.98"),
+            ("reliability".into(), json!({"gte": 0.98}))
+        );
         assert_eq!(f("dph", "<=2"), ("dph_total".into(), json!({"lte": 2.0})));
-        assert_eq!(f("gpu_ram", ">=24"), ("gpu_ram".into(), json!({"gte": 24000.0})));
-        assert_eq!(f("cuda_vers", ">=12.1"), ("cuda_max_good".into(), json!({"gte": 12.1})));
-        assert_eq!(f("verified", "true"), ("verified".into(), json!({"eq": true})));
-        assert_eq!(f("gpu_name", "RTX_4090"), ("gpu_name".into(), json!({"eq": "RTX 4090"})));
+        assert_eq!(
+            f("gpu_ram", ">=24"),
+            ("gpu_ram".into(), json!({"gte": 24000.0}))
+        );
+        assert_eq!(
+            f("cuda_vers", ">=12.1"),
+            ("cuda_max_good".into(), json!({"gte": 12.1}))
+        );
+        assert_eq!(
+            f("verified", "true"),
+            ("verified".into(), json!({"eq": true}))
+        );
+        assert_eq!(
+            f("gpu_name", "RTX_4090"),
+            ("gpu_name".into(), json!({"eq": "RTX 4090"}))
+        );
         assert_eq!(
             f("geolocation", "US,CA"),
             ("geolocation".into(), json!({"in": ["US", "CA"]}))
         );
-        assert_eq!(f("duration", ">=3"), ("duration".into(), json!({"gte": 259200.0})));
-        assert!(parse_filter("colour", "red").unwrap_err().contains("colour"));
+        assert_eq!(
+            f("duration", ">=3"),
+            ("duration".into(), json!({"gte": 259200.0}))
+        );
+        assert!(
+            parse_filter("colour", "red")
+                .unwrap_err()
+                .contains("colour")
+        );
         assert!(parse_filter("reliability", ">=").is_err());
     }
 

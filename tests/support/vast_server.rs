@@ -303,7 +303,10 @@ impl VastServer {
 
     /// Instances not destroyed yet.
     pub fn live_instances(&self) -> Vec<InstanceRecord> {
-        self.instances().into_iter().filter(|i| !i.destroyed).collect()
+        self.instances()
+            .into_iter()
+            .filter(|i| !i.destroyed)
+            .collect()
     }
 
     pub fn requests(&self) -> Vec<RequestRecord> {
@@ -427,7 +430,8 @@ pub fn offer(id: u64, gpu_name: &str, num_gpus: u64, gpu_ram_gb: f64, dph_total:
 }
 
 fn now_epoch(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn destroy_record(i: &mut InstanceRecord) {
@@ -447,7 +451,11 @@ fn tick(state: &Arc<Mutex<State>>) {
     let running = st.config.running_after;
     let oci = st.config.oci_failure_offers.clone();
     let mut newly_running = Vec::new();
-    for i in st.instances.iter_mut().filter(|i| !i.destroyed && !i.frozen_status) {
+    for i in st
+        .instances
+        .iter_mut()
+        .filter(|i| !i.destroyed && !i.frozen_status)
+    {
         let age = i.created.elapsed();
         if oci.contains(&i.offer_id) {
             if age >= loading {
@@ -499,9 +507,9 @@ fn tick(state: &Arc<Mutex<State>>) {
 fn classify(method: &Method, path: &str) -> Endpoint {
     let p = path.trim_end_matches('/');
     match (method.as_str(), p) {
-        ("POST", "/api/v0/bundles") | ("PUT", "/api/v0/search/asks") | ("GET", "/api/v0/bundles") => {
-            Endpoint::Search
-        }
+        ("POST", "/api/v0/bundles")
+        | ("PUT", "/api/v0/search/asks")
+        | ("GET", "/api/v0/bundles") => Endpoint::Search,
         ("PUT", p) if p.starts_with("/api/v0/asks/") => Endpoint::Create,
         ("GET", "/api/v1/instances") | ("GET", "/api/v0/instances") => Endpoint::List,
         ("GET", p) if p.starts_with("/api/v0/instances/") => Endpoint::Show,
@@ -831,11 +839,7 @@ fn answer(
                     (json_response(200, json!({"success": true})), None)
                 }
                 None => (
-                    error(
-                        404,
-                        "no_such_instance",
-                        format!("Instance {id} not found."),
-                    ),
+                    error(404, "no_such_instance", format!("Instance {id} not found.")),
                     None,
                 ),
             }
@@ -882,7 +886,12 @@ fn answer(
         }
         ("POST", ["api", "v0", "instances", id, "ssh"]) if account => {
             let id: u64 = id.parse().unwrap_or(0);
-            let key = value.get("ssh_key").and_then(Value::as_str).unwrap_or("").trim().to_string();
+            let key = value
+                .get("ssh_key")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .trim()
+                .to_string();
             let ssh = st.config.ssh.clone();
             let Some(i) = st.instances.iter_mut().find(|i| i.id == id && !i.destroyed) else {
                 return (
@@ -919,14 +928,25 @@ fn answer(
             (json_response(200, Value::Array(keys)), None)
         }
         ("POST", ["api", "v0", "ssh"]) if account => {
-            let key = value.get("ssh_key").and_then(Value::as_str).unwrap_or("").trim().to_string();
+            let key = value
+                .get("ssh_key")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .trim()
+                .to_string();
             if !key.starts_with("ssh-") {
                 return (error(400, "invalid_args", "not an ssh public key"), None);
             }
             let id = st.account_keys.len() as u64 + 1;
-            st.account_keys.push(AccountKey { id, key: key.clone() });
+            st.account_keys.push(AccountKey {
+                id,
+                key: key.clone(),
+            });
             (
-                json_response(200, json!({"success": true, "key": {"id": id, "public_key": key}})),
+                json_response(
+                    200,
+                    json!({"success": true, "key": {"id": id, "public_key": key}}),
+                ),
                 None,
             )
         }
@@ -941,11 +961,17 @@ fn answer(
             }
         }
         ("GET", ["api", "v0", "users", "current"]) if account => (
-            json_response(200, json!({"id": 42, "username": "tester", "credit": 100.0})),
+            json_response(
+                200,
+                json!({"id": 42, "username": "tester", "credit": 100.0}),
+            ),
             None,
         ),
         _ if !account => (error(401, "auth_error", "Invalid user key"), None),
-        _ => (error(404, "not_found", format!("no route {method} {path}")), None),
+        _ => (
+            error(404, "not_found", format!("no route {method} {path}")),
+            None,
+        ),
     }
 }
 
@@ -997,7 +1023,13 @@ fn matches(field: &str, have: &Value, op: &str, want: &Value) -> bool {
     }
 }
 
-const CONTROLS: [&str; 5] = ["order", "type", "limit", "allocated_storage", "disable_bundling"];
+const CONTROLS: [&str; 5] = [
+    "order",
+    "type",
+    "limit",
+    "allocated_storage",
+    "disable_bundling",
+];
 
 fn search(st: &State, q: &Value) -> Response {
     let Some(q) = q.as_object() else {
@@ -1015,7 +1047,11 @@ fn search(st: &State, q: &Value) -> Response {
                 continue;
             }
             let Some(cond) = cond.as_object() else {
-                return error(400, "invalid_args", format!("filter {field} is not {{op: value}}"));
+                return error(
+                    400,
+                    "invalid_args",
+                    format!("filter {field} is not {{op: value}}"),
+                );
             };
             let have = offer.get(field.as_str()).unwrap_or(&Value::Null);
             for (op, want) in cond {
@@ -1032,7 +1068,11 @@ fn search(st: &State, q: &Value) -> Response {
     }
     if let Some(order) = q.get("order").and_then(Value::as_array) {
         for pair in order.iter().rev() {
-            let field = pair.get(0).and_then(Value::as_str).unwrap_or("score").to_string();
+            let field = pair
+                .get(0)
+                .and_then(Value::as_str)
+                .unwrap_or("score")
+                .to_string();
             let desc = pair.get(1).and_then(Value::as_str) == Some("desc");
             out.sort_by(|a, b| {
                 let x = number(&a[&field]).unwrap_or(0.0);
@@ -1049,8 +1089,16 @@ fn search(st: &State, q: &Value) -> Response {
 }
 
 fn create(st: &mut State, offer_id: u64, body: &Value, fails_yet_creates: bool) -> Response {
-    let cancel_unavail = body.get("cancel_unavail").and_then(Value::as_bool).unwrap_or(true);
-    let Some(offer) = st.offers.iter().find(|o| o["id"].as_u64() == Some(offer_id)).cloned() else {
+    let cancel_unavail = body
+        .get("cancel_unavail")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    let Some(offer) = st
+        .offers
+        .iter()
+        .find(|o| o["id"].as_u64() == Some(offer_id))
+        .cloned()
+    else {
         return error(
             404,
             "invalid_args",
@@ -1062,26 +1110,38 @@ fn create(st: &mut State, offer_id: u64, body: &Value, fails_yet_creates: bool) 
             error(
                 410,
                 "no_such_ask",
-                format!("error 410/3907: no_such_ask Instance type by id {offer_id} is no longer available."),
+                format!(
+                    "error 410/3907: no_such_ask Instance type by id {offer_id} is no longer available."
+                ),
             )
         } else {
             error(
                 404,
                 "invalid_args",
-                format!("error 404/3603: no_such_ask Instance type by id {offer_id} is not available."),
+                format!(
+                    "error 404/3603: no_such_ask Instance type by id {offer_id} is not available."
+                ),
             )
         };
     }
     let Some(image) = body.get("image").and_then(Value::as_str) else {
         return error(400, "invalid_args", "error 400/3467: image is required");
     };
-    let label = body.get("label").and_then(Value::as_str).unwrap_or("").to_string();
+    let label = body
+        .get("label")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
     if label.len() > 256 {
         return error(400, "label_too_long", "label is longer than 256 characters");
     }
     let disk = body.get("disk").and_then(number).unwrap_or(10.0);
     if disk < 8.0 {
-        return error(400, "invalid_args", "error 400/3467: disk must be at least 8 GB");
+        return error(
+            400,
+            "invalid_args",
+            "error 400/3467: disk must be at least 8 GB",
+        );
     }
     let bid = body.get("price").and_then(number);
     if let Some(b) = bid
@@ -1112,15 +1172,34 @@ fn create(st: &mut State, offer_id: u64, body: &Value, fails_yet_creates: bool) 
         gpu_name: offer["gpu_name"].as_str().unwrap_or("").to_string(),
         num_gpus: offer["num_gpus"].as_u64().unwrap_or(0),
         instance_api_key: key.clone(),
-        onstart: body.get("onstart").and_then(Value::as_str).map(str::to_string),
+        onstart: body
+            .get("onstart")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         env: body.get("env").cloned().unwrap_or(Value::Null),
         billing_started: SystemTime::now(),
         billing_stopped: None,
         destroyed: false,
-        actual_status: if stopped { Some("stopped".into()) } else { None },
-        intended_status: if stopped { "stopped".into() } else { "running".into() },
-        cur_state: if stopped { "stopped".into() } else { "running".into() },
-        next_state: if stopped { "stopped".into() } else { "running".into() },
+        actual_status: if stopped {
+            Some("stopped".into())
+        } else {
+            None
+        },
+        intended_status: if stopped {
+            "stopped".into()
+        } else {
+            "running".into()
+        },
+        cur_state: if stopped {
+            "stopped".into()
+        } else {
+            "running".into()
+        },
+        next_state: if stopped {
+            "stopped".into()
+        } else {
+            "running".into()
+        },
         status_msg: None,
         frozen_status: stopped,
         created: Instant::now(),
@@ -1240,7 +1319,8 @@ fn list(st: &State, uri: &Uri) -> Response {
     let more = page.len() > limit;
     let page: Vec<Value> = page.into_iter().take(limit).collect();
     let next = if more {
-        page.last().map(|v| json!(v["id"].as_u64().unwrap_or(0).to_string()))
+        page.last()
+            .map(|v| json!(v["id"].as_u64().unwrap_or(0).to_string()))
     } else {
         None
     };
