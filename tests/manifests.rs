@@ -66,7 +66,14 @@ fn every_example_loads_and_round_trips() {
     jobs.sort();
     assert_eq!(
         jobs,
-        ["from-file", "hello", "hf-finetune", "lab-train", "swag-train", "sweep"]
+        [
+            "from-file",
+            "hello",
+            "hf-finetune",
+            "lab-train",
+            "swag-train",
+            "sweep"
+        ]
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);

@@ -22,24 +22,30 @@ struct World {
 }
 
 fn world() -> Option<World> {
-    let sshd = Sshd::start_or_skip()?;
-    let server = VastServer::start(
-        Config {
-            ssh: Some(SshTarget {
-                host: sshd.host().to_string(),
-                port: sshd.port(),
-                authorized_keys: sshd.dir().join("authorized_keys"),
-            }),
-            loading_after: Duration::from_millis(300),
-            running_after: Duration::from_millis(1000),
-            ..Config::default()
-        },
+    world_with(
         vec![
             offer(301, "RTX 4090", 1, 24.0, 0.41),
             offer(302, "RTX 4090", 1, 24.0, 0.35),
             offer(303, "RTX 3090", 1, 24.0, 0.19),
         ],
-    );
+        |_| {},
+    )
+}
+
+fn world_with(offers: Vec<serde_json::Value>, config: impl FnOnce(&mut Config)) -> Option<World> {
+    let sshd = Sshd::start_or_skip()?;
+    let mut c = Config {
+        ssh: Some(SshTarget {
+            host: sshd.host().to_string(),
+            port: sshd.port(),
+            authorized_keys: sshd.dir().join("authorized_keys"),
+        }),
+        loading_after: Duration::from_millis(300),
+        running_after: Duration::from_millis(1000),
+        ..Config::default()
+    };
+    config(&mut c);
+    let server = VastServer::start(c, offers);
     let a = Asimov::new();
     let mut set = a
         .command()
@@ -346,5 +352,93 @@ fn an_instance_with_our_tag_that_no_run_owns_is_destroyed_and_others_are_left() 
     std::thread::sleep(Duration::from_secs(2));
     let live: Vec<u64> = w.server.live_instances().iter().map(|i| i.id).collect();
     assert_eq!(live, vec![foreign, untagged]);
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_429_and_5xx_storm_slows_parallel_launches_but_loses_nothing() {
+    const RUNS: usize = 8;
+    let offers = (0..RUNS as u64 + 2)
+        .map(|i| offer(500 + i, "RTX 4090", 1, 24.0, 0.30 + i as f64 / 100.0))
+        .collect();
+    // Vast's gaps, scaled down 40 times; the client keeps wider ones (requests leave
+    // in their slots but arrive with some jitter).
+    let Some(w) = world_with(offers, |c| c.gaps = Config::documented_gaps(0.025)) else {
+        return;
+    };
+    for (api, fault, times) in [
+        (Api::Create, Fault::TooManyRequests, 3),
+        (Api::Search, Fault::NginxHtml(502), 2),
+        (Api::List, Fault::TooManyRequests, 3),
+        (Api::List, Fault::NginxHtml(504), 2),
+        (Api::Destroy, Fault::NginxHtml(503), 3),
+    ] {
+        w.server.inject(Some(api), fault, times);
+    }
+    let job = w.job(r#"sh train.sh"#);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "spec:\n",
+        "spec:\n  matrix: {n: [a, b, c, d, e, f, g, h]}\n",
+    );
+    std::fs::write(&job, text).unwrap();
+    let mut controller = {
+        let child = w
+            .command()
+            .env("ASIMOV_VAST_PACING", "0.04")
+            .args(["controller"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        w.a.wait_for("the controller's lock", Duration::from_secs(10), || {
+            w.a.controller_running()
+        });
+        child
+    };
+    let start = Instant::now();
+    w.apply(&job);
+    w.until("every run to succeed", 120, || {
+        let runs = w.a.runs_json();
+        let items = runs["items"].as_array().cloned().unwrap_or_default();
+        items.len() == RUNS && items.iter().all(|r| r["phase"] == "Succeeded")
+    });
+    let elapsed = start.elapsed();
+    w.until("every instance destroyed", 60, || {
+        w.server.live_instances().is_empty()
+    });
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), RUNS, "one instance per run: {recs:?}");
+    let mut labels: Vec<&str> = recs.iter().map(|r| r.label.as_str()).collect();
+    labels.sort();
+    labels.dedup();
+    assert_eq!(labels.len(), RUNS);
+    let attempts: Vec<u64> = w.a.runs_json()["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["attempt"].as_u64().unwrap())
+        .collect();
+    assert_eq!(attempts, vec![1; RUNS]);
+    // Parallel creates do not all race for the cheapest offer.
+    let creates = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Create && r.status != 429)
+        .count();
+    assert_eq!(creates, RUNS, "{:#?}", w.server.requests());
+    // Beyond the injected ones, pacing kept the server from refusing anything.
+    let injected_429 = 6;
+    assert_eq!(
+        w.server.rate_limited(),
+        injected_429,
+        "{:#?}",
+        w.server.requests()
+    );
+    eprintln!(
+        "{RUNS} runs through a storm: {elapsed:?}, {} requests, {} answered 429",
+        w.server.requests().len(),
+        w.server.rate_limited()
+    );
     kill9(&mut controller);
 }

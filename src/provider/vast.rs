@@ -634,7 +634,13 @@ pub struct VastProvider {
     /// Per-instance keys from create answers, by instance id.
     instance_keys: Mutex<BTreeMap<InstanceId, Secret>>,
     key_registered: tokio::sync::Mutex<bool>,
+    /// Offers this process is buying or bought lately: parallel creates skip them
+    /// instead of all racing for the cheapest one (each loser would pay a paced create).
+    claimed: Mutex<BTreeMap<u64, tokio::time::Instant>>,
 }
+
+/// How long a claimed offer is skipped; bought offers leave the market anyway.
+const CLAIM_TTL: Duration = Duration::from_secs(600);
 
 impl std::fmt::Debug for VastProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -695,6 +701,7 @@ impl VastProvider {
             users: Mutex::new(BTreeMap::new()),
             instance_keys: Mutex::new(BTreeMap::new()),
             key_registered: tokio::sync::Mutex::new(false),
+            claimed: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -1110,6 +1117,15 @@ impl Provider for VastProvider {
         }
         let mut taken = Vec::new();
         for offer in &offers {
+            {
+                let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
+                let now = tokio::time::Instant::now();
+                claimed.retain(|_, at| now.duration_since(*at) < CLAIM_TTL);
+                if claimed.contains_key(&offer.id) {
+                    continue;
+                }
+                claimed.insert(offer.id, now);
+            }
             match self.rent(offer, req).await {
                 Ok(instance) => return Ok(instance),
                 // Bought by someone else since the search: the next one.
