@@ -634,13 +634,17 @@ pub struct VastProvider {
     /// Per-instance keys from create answers, by instance id.
     instance_keys: Mutex<BTreeMap<InstanceId, Secret>>,
     key_registered: tokio::sync::Mutex<bool>,
-    /// Offers this process is buying or bought lately: parallel creates skip them
-    /// instead of all racing for the cheapest one (each loser would pay a paced create).
+    /// Offers this process is buying, bought or was refused lately, with when to try
+    /// them again: parallel creates skip them instead of all racing for the cheapest
+    /// one (each loser would pay a paced create).
     claimed: Mutex<BTreeMap<u64, tokio::time::Instant>>,
 }
 
-/// How long a claimed offer is skipped; bought offers leave the market anyway.
+/// How long an offer being bought (or bought) is skipped; bought offers leave the
+/// market anyway.
 const CLAIM_TTL: Duration = Duration::from_secs(600);
+/// How long an offer that answered "no capacity" is skipped: hosts do come back.
+const REFUSED_TTL: Duration = Duration::from_secs(60);
 
 impl std::fmt::Debug for VastProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1120,17 +1124,21 @@ impl Provider for VastProvider {
             {
                 let mut claimed = self.claimed.lock().unwrap_or_else(|e| e.into_inner());
                 let now = tokio::time::Instant::now();
-                claimed.retain(|_, at| now.duration_since(*at) < CLAIM_TTL);
+                claimed.retain(|_, until| *until > now);
                 if claimed.contains_key(&offer.id) {
                     continue;
                 }
-                claimed.insert(offer.id, now);
+                claimed.insert(offer.id, now + CLAIM_TTL);
             }
             match self.rent(offer, req).await {
                 Ok(instance) => return Ok(instance),
                 // Bought by someone else since the search: the next one.
                 Err(e) if e.kind == ErrorKind::NoCapacity => {
                     tracing::info!(offer = offer.id, error = %e, "vast offer taken; trying the next");
+                    self.claimed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(offer.id, tokio::time::Instant::now() + REFUSED_TTL);
                     taken.push(offer.id.to_string());
                 }
                 Err(e) => return Err(e),
