@@ -442,3 +442,70 @@ fn a_429_and_5xx_storm_slows_parallel_launches_but_loses_nothing() {
     );
     kill9(&mut controller);
 }
+
+/// The instance's own key, as the server records it.
+fn destroyed_by_itself(w: &World, id: u64) -> bool {
+    w.server.requests().iter().any(|r| {
+        r.endpoint == Api::Destroy
+            && r.status == 200
+            && r.auth == format!("instance:{id}")
+            && r.path.contains(&id.to_string())
+    })
+}
+
+#[test]
+fn with_the_controller_dead_the_instance_destroys_itself_when_the_job_ends_or_times_out() {
+    for (run, extra) in [
+        // The job ends by itself.
+        ("sleep 4", ""),
+        // max_duration hits.
+        ("sleep 600", "  max_duration: 4s\n"),
+    ] {
+        let Some(w) = world() else { return };
+        let job = w.job(run);
+        let text = std::fs::read_to_string(&job).unwrap() + extra;
+        std::fs::write(&job, text).unwrap();
+        let mut controller = {
+            let child = w
+                .command()
+                .env("ASIMOV_VAST_SELF_DESTROY_GRACE", "1")
+                .args(["controller"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            w.a.wait_for("the controller's lock", Duration::from_secs(10), || {
+                w.a.controller_running()
+            });
+            child
+        };
+        w.apply(&job);
+        w.until("the run to run", 60, || {
+            w.a.run_phase("gpu-0").as_deref() == Some("Running")
+        });
+        kill9(&mut controller);
+        let id = w.server.live_instances()[0].id;
+        w.until("the instance to destroy itself", 60, || {
+            destroyed_by_itself(&w, id)
+        });
+        let rec = &w.server.instances()[0];
+        assert!(rec.destroyed && rec.billing_stopped.is_some(), "{rec:?}");
+        // Its key reached the instance in a 0600 file, never a command line.
+        let agent_dirs = w.sshd.home().join(".asimov-agent");
+        let root = std::fs::read_dir(&agent_dirs)
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        use std::os::unix::fs::PermissionsExt;
+        for secret in [".vast_auth", ".vast_wgetrc"] {
+            let mode = std::fs::metadata(root.join(secret))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{secret}");
+        }
+        assert!(!w.sshd.log().contains(&rec.instance_api_key));
+    }
+}

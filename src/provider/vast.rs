@@ -27,7 +27,7 @@
 //!
 //! Must not know about the store or the planner.
 
-use crate::agent::AgentMachine;
+use crate::agent::{AgentError, AgentMachine, AgentStatus, LaunchSpec};
 use crate::home::Home;
 use crate::manifest::{Placement, Resources};
 use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
@@ -36,7 +36,8 @@ use crate::provider::{
     ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
-use crate::transport::ssh::{SshPool, SshTarget};
+use crate::transport::Transport;
+use crate::transport::ssh::{SshPool, SshTarget, SshTransport};
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -48,6 +49,9 @@ pub const DEFAULT_API_URL: &str = "https://console.vast.ai";
 pub const URL_ENV: &str = "ASIMOV_VAST_API_URL";
 pub const KEY_NAME: &str = "VAST_API_KEY";
 pub const PACING_ENV: &str = "ASIMOV_VAST_PACING";
+/// Seconds an ended run's instance waits for the controller before destroying itself.
+pub const GRACE_ENV: &str = "ASIMOV_VAST_SELF_DESTROY_GRACE";
+const DEFAULT_SELF_DESTROY_GRACE: Duration = Duration::from_secs(300);
 /// Vast's login user on its images.
 pub const DEFAULT_SSH_USER: &str = "root";
 /// What runs when a job names no image: a stock CUDA runtime image.
@@ -631,6 +635,11 @@ pub struct VastProvider {
     /// `users_dir`, written before the create, so a restarted controller knows them.
     users: Mutex<BTreeMap<String, String>>,
     users_dir: PathBuf,
+    /// Per-instance keys, one 0600 file per instance id.
+    keys_dir: PathBuf,
+    /// How long an ended run's agent waits for the controller before it destroys its
+    /// own instance.
+    self_destroy_grace: Duration,
     /// Per-instance keys from create answers, by instance id.
     instance_keys: Mutex<BTreeMap<InstanceId, Secret>>,
     key_registered: tokio::sync::Mutex<bool>,
@@ -695,6 +704,11 @@ impl VastProvider {
             pool,
             identity: home.ssh_identity(),
             users_dir: home.provider_state("vast").join("users"),
+            keys_dir: home.provider_state("vast").join("instance-keys"),
+            self_destroy_grace: std::env::var(GRACE_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .map_or(DEFAULT_SELF_DESTROY_GRACE, Duration::from_secs),
             pacer: Pacer {
                 pacing,
                 next: Mutex::new(BTreeMap::new()),
@@ -745,13 +759,20 @@ impl VastProvider {
         &self.identity
     }
 
-    /// The per-instance key Vast returned when this process created `id`.
+    /// The per-instance key Vast returned when `id` was created (by this process or an
+    /// earlier one of this home).
     pub fn instance_key(&self, id: &str) -> Option<Secret> {
-        self.instance_keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(id)
-            .cloned()
+        let mut keys = self.instance_keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keys.get(id) {
+            return Some(k.clone());
+        }
+        let stored = std::fs::read_to_string(self.keys_dir.join(id))
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())?;
+        let key = Secret::new(stored);
+        keys.insert(id.to_string(), key.clone());
+        Some(key)
     }
 
     async fn send(
@@ -954,6 +975,10 @@ impl VastProvider {
             })?
             .to_string();
         if let Some(k) = answer.get("instance_api_key").and_then(Value::as_str) {
+            // Kept (0600) beyond this process: the agent needs it to end the instance.
+            if let Err(e) = crate::home::write_private(&self.keys_dir.join(&id), k.as_bytes()) {
+                tracing::warn!(instance = %id, error = %e, "cannot keep the instance's own key; it will not destroy itself");
+            }
             self.instance_keys
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -1160,16 +1185,30 @@ impl Provider for VastProvider {
                 format!("{id:?} is not a vast instance id"),
             ));
         }
-        self.call(
-            step,
-            Call::Destroy,
-            reqwest::Method::DELETE,
-            &format!("/api/v0/instances/{id}/"),
-            &[],
-            Some(&json!({})),
-        )
-        .await
-        .map(|_| ())
+        let result = self
+            .call(
+                step,
+                Call::Destroy,
+                reqwest::Method::DELETE,
+                &format!("/api/v0/instances/{id}/"),
+                &[],
+                Some(&json!({})),
+            )
+            .await
+            .map(|_| ());
+        // Gone (now or before): its own key is of no use any more.
+        if result.is_ok()
+            || result
+                .as_ref()
+                .is_err_and(|e| e.kind == ErrorKind::NotFound)
+        {
+            let _ = std::fs::remove_file(self.keys_dir.join(id));
+            self.instance_keys
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+        }
+        result
     }
 
     fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>> {
@@ -1194,10 +1233,165 @@ impl Provider for VastProvider {
             user: Some(user.clone()),
             identity_file: identity_file.clone(),
         });
-        Ok(Arc::new(AgentMachine::new(
-            Arc::new(transport),
-            root.clone(),
-        )))
+        let transport = Arc::new(transport);
+        let agent = AgentMachine::new(Arc::clone(&transport) as Arc<dyn Transport>, root.clone());
+        let Some(key) = self.instance_key(&instance.id) else {
+            tracing::warn!(instance = %instance.id, "no key of its own for this instance: it cannot destroy itself");
+            return Ok(Arc::new(agent));
+        };
+        Ok(Arc::new(VastMachine {
+            agent,
+            transport,
+            root: root.clone(),
+            hook: self_destroy_script(
+                &format!("{}/api/v0/instances/{}/", self.base, instance.id),
+                self.self_destroy_grace,
+            ),
+            auth: Secret::new(format!("Authorization: Bearer {}", key.expose())),
+        }))
+    }
+}
+
+/// `root` (`~/...` or absolute) as a shell word that expands `~`.
+fn root_word(root: &str) -> String {
+    match root.strip_prefix("~/") {
+        Some(rest) => format!("\"$HOME\"/{}", crate::agent::sh_quote(rest)),
+        None => crate::agent::sh_quote(root),
+    }
+}
+
+/// The agent's end-of-run hook on a Vast instance (`on_end.sh ROOT`, run detached by
+/// the agent when the job ends or `max_duration` hits): once the controller collected
+/// the run (`collected`), or after `grace` without it, it destroys this instance with
+/// the instance's own key, retrying until Vast confirms it gone. The key stays in a
+/// 0600 file: curl reads the header from it (`-H @file`), wget from a 0600 `WGETRC`,
+/// python from the file; never a command line or an environment.
+fn self_destroy_script(url: &str, grace: Duration) -> String {
+    let url = crate::agent::sh_quote(url);
+    let grace = grace.as_secs();
+    format!(
+        r#"#!/bin/sh
+# Written by asimov's vast provider.
+root=$1
+url={url}
+grace={grace}
+auth="$root/.vast_auth"
+t0=$(date +%s)
+while [ ! -e "$root/collected" ] && [ $(($(date +%s) - t0)) -lt "$grace" ]; do sleep 1; done
+body="$root/.vast_answer"
+call() {{
+	: >"$body"
+	if command -v curl >/dev/null 2>&1; then
+		curl -s -o "$body" -w '%{{http_code}}' -X DELETE -H @"$auth" \
+			-H 'Content-Type: application/json' --data '{{}}' --max-time 30 "$url"
+	elif command -v wget >/dev/null 2>&1; then
+		WGETRC="$root/.vast_wgetrc" wget -q -S -O "$body" --method=DELETE \
+			--body-data='{{}}' --timeout=30 "$url" 2>&1 | awk '/^  HTTP\//{{c=$2}} END{{print c}}'
+	else
+		for py in python3 python; do
+			command -v "$py" >/dev/null 2>&1 || continue
+			"$py" - "$url" "$auth" "$body" <<'PY'
+import sys, urllib.request, urllib.error
+name, value = open(sys.argv[2]).read().strip().split(": ", 1)
+req = urllib.request.Request(sys.argv[1], data=b"{{}}", method="DELETE",
+                             headers={{name: value, "Content-Type": "application/json"}})
+try:
+    r = urllib.request.urlopen(req, timeout=30)
+    open(sys.argv[3], "wb").write(r.read())
+    print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print(0)
+PY
+			return
+		done
+		echo none
+	fi
+}}
+i=0
+while [ "$i" -lt 720 ]; do
+	code=$(call)
+	case "$code" in
+	2??) grep -q '"success": *false' "$body" 2>/dev/null || {{ echo "destroyed ($code)"; exit 0; }} ;;
+	404 | 410) echo "already gone ($code)"; exit 0 ;;
+	none) echo "no curl, wget or python: cannot destroy this instance"; exit 1 ;;
+	esac
+	echo "destroy answered ${{code:-nothing}}; again in 5s"
+	i=$((i + 1))
+	sleep 5
+done
+exit 1
+"#
+    )
+}
+
+/// The agent on a Vast instance, plus what lets the instance end itself: the hook and
+/// its key go in before the agent starts; `collected` tells the hook the controller
+/// has what it needs.
+struct VastMachine {
+    agent: AgentMachine,
+    transport: Arc<SshTransport>,
+    root: String,
+    hook: String,
+    auth: Secret,
+}
+
+impl VastMachine {
+    async fn run(&self, step: &'static str, script: &str, stdin: &[u8]) -> Result<(), AgentError> {
+        let out = self
+            .transport
+            .exec_with_stdin(script, stdin)
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step,
+                source,
+            })?;
+        if out.status != 0 {
+            return Err(AgentError::Failed {
+                machine: self.transport.machine().to_string(),
+                step,
+                message: out.stderr.trim().to_string(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl crate::agent::Machine for VastMachine {
+    async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
+        let root = root_word(&self.root);
+        // stdin: the header line, then the hook; umask 077 from the first byte.
+        let script = format!(
+            "umask 077 && root={root} && mkdir -p \"$root\" && IFS= read -r auth && \
+             printf '%s\\n' \"$auth\" > \"$root/.vast_auth\" && \
+             printf 'header = %s\\n' \"$auth\" > \"$root/.vast_wgetrc\" && \
+             cat > \"$root/on_end.sh.part\" && mv -f \"$root/on_end.sh.part\" \"$root/on_end.sh\""
+        );
+        let mut stdin = format!("{}\n", self.auth.expose()).into_bytes();
+        stdin.extend_from_slice(self.hook.as_bytes());
+        self.run("install self-destroy", &script, &stdin).await?;
+        self.agent.start(spec).await
+    }
+
+    async fn observe(&self) -> Result<Option<AgentStatus>, AgentError> {
+        self.agent.observe().await
+    }
+
+    async fn log_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        self.agent.log_tail(max_bytes).await
+    }
+
+    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError> {
+        self.agent.collect(log, outputs).await?;
+        let script = format!(": > {}/collected", root_word(&self.root));
+        self.run("mark collected", &script, b"").await
+    }
+
+    async fn stop(&self) -> Result<(), AgentError> {
+        self.agent.stop().await
     }
 }
 
