@@ -397,6 +397,14 @@ async fn outbid_oci_failures_and_vanished_instances_show_in_the_listing() {
     assert!(w.server.instances()[0].billing_stopped.is_none());
     wait_state(&p, &b.id, InstanceState::Stopped).await;
     w.server.destroy_behind_back(c.id.parse().unwrap());
+    // Bought twice in parallel, and this buyer lost: it ends exited, i.e. lost.
+    w.server
+        .inject(Some(Api::Create), Fault::BoughtTwiceLost, 1);
+    let d = p
+        .create(&w.request("lost-3", &["RTX 4090"], 1))
+        .await
+        .unwrap();
+    wait_state(&p, &d.id, InstanceState::Stopped).await;
     let listed = p.list().await.unwrap();
     assert!(listed.iter().all(|i| i.id != c.id), "{listed:?}");
 }

@@ -79,6 +79,9 @@ pub enum Fault {
     /// Create: the offer is taken by someone else just before this buy (404
     /// `no_such_ask`), and it disappears from later searches.
     OfferTaken,
+    /// Create: the offer was bought twice in parallel and this buyer lost: the create
+    /// succeeds, but the instance ends `exited` once it would have run.
+    BoughtTwiceLost,
 }
 
 /// How the server behaves; tests change it with `VastServer::configure`.
@@ -168,6 +171,8 @@ pub struct InstanceRecord {
     pub status_msg: Option<String>,
     /// Set when the instance must not move on by the boot timer (stopped, outbid, OCI).
     pub frozen_status: bool,
+    /// Lost a parallel buy: `exited` instead of `running`.
+    pub loser: bool,
     created: Instant,
     keys: Vec<String>,
 }
@@ -469,6 +474,13 @@ fn tick(state: &Arc<Mutex<State>>) {
             }
             continue;
         }
+        if age >= running && i.loser {
+            i.actual_status = Some("exited".into());
+            i.status_msg =
+                Some("container exited: the machine's GPUs are in use by another contract".into());
+            i.frozen_status = true;
+            continue;
+        }
         if age >= running {
             if i.actual_status.as_deref() != Some("running") {
                 i.actual_status = Some("running".into());
@@ -738,6 +750,7 @@ fn answer(
     let mut hold = None;
     let mut fails_yet_creates = false;
     let mut taken_now = false;
+    let mut loser = false;
     if let Some(fault) = take_fault(st, endpoint) {
         match fault {
             Fault::TooManyRequests => {
@@ -762,6 +775,7 @@ fn answer(
             Fault::CreateFailsYetCreates => fails_yet_creates = true,
             Fault::HoldAnswer(d) => hold = Some(d),
             Fault::OfferTaken => taken_now = true,
+            Fault::BoughtTwiceLost => loser = true,
         }
     }
     let value: Value = if body.is_empty() {
@@ -806,7 +820,11 @@ fn answer(
             if taken_now {
                 st.taken.push(offer_id);
             }
-            (create(st, offer_id, &value, fails_yet_creates), hold)
+            let response = create(st, offer_id, &value, fails_yet_creates);
+            if loser && let Some(i) = st.instances.last_mut() {
+                i.loser = true;
+            }
+            (response, hold)
         }
         ("GET", ["api", "v0", "instances"]) => (
             error(
@@ -1202,6 +1220,7 @@ fn create(st: &mut State, offer_id: u64, body: &Value, fails_yet_creates: bool) 
         },
         status_msg: None,
         frozen_status: stopped,
+        loser: false,
         created: Instant::now(),
         keys,
     });
