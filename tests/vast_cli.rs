@@ -509,3 +509,42 @@ fn with_the_controller_dead_the_instance_destroys_itself_when_the_job_ends_or_ti
         assert!(!w.sshd.log().contains(&rec.instance_api_key));
     }
 }
+
+#[test]
+fn a_replaced_authorized_keys_is_repaired_through_the_api_and_the_run_goes_on() {
+    let Some(mut w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job("sleep 6; sh train.sh"));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    // Hours into the run, something rewrites authorized_keys; new logins fail.
+    let keys = w.sshd.dir().join("authorized_keys");
+    let ours = std::fs::read_to_string(w.a.home().join("ssh/id_ed25519.pub")).unwrap();
+    let text = std::fs::read_to_string(&keys).unwrap();
+    assert!(text.contains(ours.trim()));
+    let others: String = text
+        .lines()
+        .filter(|l| l.trim() != ours.trim())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&keys, others).unwrap();
+    // The open master connection goes too (a restart of sshd kills every session).
+    w.sshd.restart();
+    w.until("the run to succeed", 90, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    assert_eq!(w.attempt(), 1, "the run was never lost");
+    let id = w.server.instances()[0].id;
+    assert!(
+        w.server
+            .requests()
+            .iter()
+            .any(|r| r.method == "POST" && r.path == format!("/api/v0/instances/{id}/ssh/")),
+        "the key was attached again through the API"
+    );
+    w.until("the instance destroyed", 60, || {
+        w.server.live_instances().is_empty()
+    });
+    kill9(&mut controller);
+}

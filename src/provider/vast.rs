@@ -591,190 +591,7 @@ pub fn fitting(
     out
 }
 
-/// The pair of files of asimov's own SSH key, made on first use.
-fn ensure_identity(path: &Path) -> std::io::Result<String> {
-    let public = path.with_extension("pub");
-    if !path.exists() || !public.exists() {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-            crate::home::set_mode(dir, 0o700)?;
-        }
-        let _ = std::fs::remove_file(path);
-        let _ = std::fs::remove_file(&public);
-        let out = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "asimov", "-f"])
-            .arg(path)
-            .stdin(std::process::Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            return Err(std::io::Error::other(format!(
-                "ssh-keygen failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-    }
-    crate::home::set_mode(path, 0o600)?;
-    Ok(std::fs::read_to_string(&public)?.trim().to_string())
-}
-
-/// `ssh-ed25519 AAAA...` without the comment, to compare keys.
-fn key_body(key: &str) -> String {
-    key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
-}
-
-pub struct VastProvider {
-    http: reqwest::Client,
-    base: String,
-    key: Secret,
-    pool: Arc<SshPool>,
-    identity: PathBuf,
-    pacer: Pacer,
-    retry: Backoff,
-    default_user: String,
-    /// Login users asked for by placements, by tag; also one file per tag in
-    /// `users_dir`, written before the create, so a restarted controller knows them.
-    users: Mutex<BTreeMap<String, String>>,
-    users_dir: PathBuf,
-    /// Per-instance keys, one 0600 file per instance id.
-    keys_dir: PathBuf,
-    /// How long an ended run's agent waits for the controller before it destroys its
-    /// own instance.
-    self_destroy_grace: Duration,
-    /// Per-instance keys from create answers, by instance id.
-    instance_keys: Mutex<BTreeMap<InstanceId, Secret>>,
-    key_registered: tokio::sync::Mutex<bool>,
-    /// Offers this process is buying, bought or was refused lately, with when to try
-    /// them again: parallel creates skip them instead of all racing for the cheapest
-    /// one (each loser would pay a paced create).
-    claimed: Mutex<BTreeMap<u64, tokio::time::Instant>>,
-}
-
-/// How long an offer being bought (or bought) is skipped; bought offers leave the
-/// market anyway.
-const CLAIM_TTL: Duration = Duration::from_secs(600);
-/// How long an offer that answered "no capacity" is skipped: hosts do come back.
-const REFUSED_TTL: Duration = Duration::from_secs(60);
-
-impl std::fmt::Debug for VastProvider {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VastProvider")
-            .field("base", &self.base)
-            .finish_non_exhaustive()
-    }
-}
-
-impl VastProvider {
-    /// The provider for this home when a key is configured (`None` otherwise), at
-    /// `ASIMOV_VAST_API_URL` or Vast's host, paced per `ASIMOV_VAST_PACING`.
-    pub fn from_home(home: &Home, pool: Arc<SshPool>) -> std::io::Result<Option<VastProvider>> {
-        let Some(key) = api_key(home) else {
-            return Ok(None);
-        };
-        VastProvider::new(home, pool, api_url(), key, Pacing::from_env()).map(Some)
-    }
-
-    /// A provider for searching offers (which Vast answers without a key): the
-    /// configured key when there is one.
-    pub fn searcher(home: &Home) -> std::io::Result<VastProvider> {
-        let key = api_key(home).unwrap_or_else(|| Secret::new(""));
-        let pool = SshPool::new(home.clone())?;
-        VastProvider::new(home, pool, api_url(), key, Pacing::from_env())
-    }
-
-    pub fn new(
-        home: &Home,
-        pool: Arc<SshPool>,
-        base: impl Into<String>,
-        key: Secret,
-        pacing: Pacing,
-    ) -> std::io::Result<VastProvider> {
-        // reqwest is built without a crypto provider of its own; ring is ours. A second
-        // install (another provider did it first) is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
-            .user_agent(concat!("asimov/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(std::io::Error::other)?;
-        Ok(VastProvider {
-            http,
-            base: base.into().trim_end_matches('/').to_string(),
-            key,
-            pool,
-            identity: home.ssh_identity(),
-            users_dir: home.provider_state("vast").join("users"),
-            keys_dir: home.provider_state("vast").join("instance-keys"),
-            self_destroy_grace: std::env::var(GRACE_ENV)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .map_or(DEFAULT_SELF_DESTROY_GRACE, Duration::from_secs),
-            pacer: Pacer {
-                pacing,
-                next: Mutex::new(BTreeMap::new()),
-            },
-            retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(10), 2.0)
-                .with_max_elapsed(Some(Duration::from_secs(90))),
-            default_user: DEFAULT_SSH_USER.to_string(),
-            users: Mutex::new(BTreeMap::new()),
-            instance_keys: Mutex::new(BTreeMap::new()),
-            key_registered: tokio::sync::Mutex::new(false),
-            claimed: Mutex::new(BTreeMap::new()),
-        })
-    }
-
-    /// Retries in place within `budget` (tests shorten it).
-    pub fn with_retry(mut self, policy: Backoff) -> VastProvider {
-        self.retry = policy;
-        self
-    }
-
-    /// Logs in as `user` where no placement says otherwise.
-    pub fn with_default_user(mut self, user: impl Into<String>) -> VastProvider {
-        self.default_user = user.into();
-        self
-    }
-
-    /// The placement's `ssh_user` for the instance tagged `tag`, else the default.
-    fn login_user(&self, tag: &str) -> String {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(u) = users.get(tag) {
-            return u.clone();
-        }
-        let stored = std::fs::read_to_string(self.users_dir.join(tag))
-            .ok()
-            .map(|u| u.trim().to_string())
-            .filter(|u| !u.is_empty());
-        match stored {
-            Some(u) => {
-                users.insert(tag.to_string(), u.clone());
-                u
-            }
-            None => self.default_user.clone(),
-        }
-    }
-
-    /// asimov's private key file for instances.
-    pub fn identity_file(&self) -> &Path {
-        &self.identity
-    }
-
-    /// The per-instance key Vast returned when `id` was created (by this process or an
-    /// earlier one of this home).
-    pub fn instance_key(&self, id: &str) -> Option<Secret> {
-        let mut keys = self.instance_keys.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(k) = keys.get(id) {
-            return Some(k.clone());
-        }
-        let stored = std::fs::read_to_string(self.keys_dir.join(id))
-            .ok()
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty())?;
-        let key = Secret::new(stored);
-        keys.insert(id.to_string(), key.clone());
-        Some(key)
-    }
-
+impl Api {
     async fn send(
         &self,
         call: Call,
@@ -840,6 +657,201 @@ impl VastProvider {
         })
         .await
     }
+}
+
+/// The pair of files of asimov's own SSH key, made on first use.
+fn ensure_identity(path: &Path) -> std::io::Result<String> {
+    let public = path.with_extension("pub");
+    if !path.exists() || !public.exists() {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+            crate::home::set_mode(dir, 0o700)?;
+        }
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(&public);
+        let out = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "asimov", "-f"])
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "ssh-keygen failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+    }
+    crate::home::set_mode(path, 0o600)?;
+    Ok(std::fs::read_to_string(&public)?.trim().to_string())
+}
+
+/// `ssh-ed25519 AAAA...` without the comment, to compare keys.
+fn key_body(key: &str) -> String {
+    key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// The HTTP side: client, host, key, pacing and retry policy, shared by the provider
+/// and the machines it hands out (which re-attach the SSH key through it).
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    key: Secret,
+    pacer: Pacer,
+    retry: Backoff,
+}
+
+pub struct VastProvider {
+    api: Arc<Api>,
+    pool: Arc<SshPool>,
+    identity: PathBuf,
+    default_user: String,
+    /// Login users asked for by placements, by tag; also one file per tag in
+    /// `users_dir`, written before the create, so a restarted controller knows them.
+    users: Mutex<BTreeMap<String, String>>,
+    users_dir: PathBuf,
+    /// Per-instance keys, one 0600 file per instance id.
+    keys_dir: PathBuf,
+    /// How long an ended run's agent waits for the controller before it destroys its
+    /// own instance.
+    self_destroy_grace: Duration,
+    /// Per-instance keys from create answers, by instance id.
+    instance_keys: Mutex<BTreeMap<InstanceId, Secret>>,
+    key_registered: tokio::sync::Mutex<bool>,
+    /// Offers this process is buying, bought or was refused lately, with when to try
+    /// them again: parallel creates skip them instead of all racing for the cheapest
+    /// one (each loser would pay a paced create).
+    claimed: Mutex<BTreeMap<u64, tokio::time::Instant>>,
+}
+
+/// How long an offer being bought (or bought) is skipped; bought offers leave the
+/// market anyway.
+const CLAIM_TTL: Duration = Duration::from_secs(600);
+/// How long an offer that answered "no capacity" is skipped: hosts do come back.
+const REFUSED_TTL: Duration = Duration::from_secs(60);
+
+impl std::fmt::Debug for VastProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VastProvider")
+            .field("base", &self.api.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VastProvider {
+    /// The provider for this home when a key is configured (`None` otherwise), at
+    /// `ASIMOV_VAST_API_URL` or Vast's host, paced per `ASIMOV_VAST_PACING`.
+    pub fn from_home(home: &Home, pool: Arc<SshPool>) -> std::io::Result<Option<VastProvider>> {
+        let Some(key) = api_key(home) else {
+            return Ok(None);
+        };
+        VastProvider::new(home, pool, api_url(), key, Pacing::from_env()).map(Some)
+    }
+
+    /// A provider for searching offers (which Vast answers without a key): the
+    /// configured key when there is one.
+    pub fn searcher(home: &Home) -> std::io::Result<VastProvider> {
+        let key = api_key(home).unwrap_or_else(|| Secret::new(""));
+        let pool = SshPool::new(home.clone())?;
+        VastProvider::new(home, pool, api_url(), key, Pacing::from_env())
+    }
+
+    pub fn new(
+        home: &Home,
+        pool: Arc<SshPool>,
+        base: impl Into<String>,
+        key: Secret,
+        pacing: Pacing,
+    ) -> std::io::Result<VastProvider> {
+        // reqwest is built without a crypto provider of its own; ring is ours. A second
+        // install (another provider did it first) is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60))
+            .user_agent(concat!("asimov/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(std::io::Error::other)?;
+        Ok(VastProvider {
+            api: Arc::new(Api {
+                http,
+                base: base.into().trim_end_matches('/').to_string(),
+                key,
+                pacer: Pacer {
+                    pacing,
+                    next: Mutex::new(BTreeMap::new()),
+                },
+                retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(10), 2.0)
+                    .with_max_elapsed(Some(Duration::from_secs(90))),
+            }),
+            pool,
+            identity: home.ssh_identity(),
+            users_dir: home.provider_state("vast").join("users"),
+            keys_dir: home.provider_state("vast").join("instance-keys"),
+            self_destroy_grace: std::env::var(GRACE_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .map_or(DEFAULT_SELF_DESTROY_GRACE, Duration::from_secs),
+            default_user: DEFAULT_SSH_USER.to_string(),
+            users: Mutex::new(BTreeMap::new()),
+            instance_keys: Mutex::new(BTreeMap::new()),
+            key_registered: tokio::sync::Mutex::new(false),
+            claimed: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Retries in place within `budget` (tests shorten it).
+    pub fn with_retry(mut self, policy: Backoff) -> VastProvider {
+        if let Some(api) = Arc::get_mut(&mut self.api) {
+            api.retry = policy;
+        }
+        self
+    }
+
+    /// Logs in as `user` where no placement says otherwise.
+    pub fn with_default_user(mut self, user: impl Into<String>) -> VastProvider {
+        self.default_user = user.into();
+        self
+    }
+
+    /// The placement's `ssh_user` for the instance tagged `tag`, else the default.
+    fn login_user(&self, tag: &str) -> String {
+        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(u) = users.get(tag) {
+            return u.clone();
+        }
+        let stored = std::fs::read_to_string(self.users_dir.join(tag))
+            .ok()
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty());
+        match stored {
+            Some(u) => {
+                users.insert(tag.to_string(), u.clone());
+                u
+            }
+            None => self.default_user.clone(),
+        }
+    }
+
+    /// asimov's private key file for instances.
+    pub fn identity_file(&self) -> &Path {
+        &self.identity
+    }
+
+    /// The per-instance key Vast returned when `id` was created (by this process or an
+    /// earlier one of this home).
+    pub fn instance_key(&self, id: &str) -> Option<Secret> {
+        let mut keys = self.instance_keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = keys.get(id) {
+            return Some(k.clone());
+        }
+        let stored = std::fs::read_to_string(self.keys_dir.join(id))
+            .ok()
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())?;
+        let key = Secret::new(stored);
+        keys.insert(id.to_string(), key.clone());
+        Some(key)
+    }
 
     /// Offers that fit `resources` under `placement`, cheapest first.
     pub async fn search(
@@ -851,6 +863,7 @@ impl VastProvider {
         let query =
             search_query(resources, placement).map_err(|m| err(ErrorKind::Permanent, step, m))?;
         let v = self
+            .api
             .call(
                 step,
                 Call::Search,
@@ -885,6 +898,7 @@ impl VastProvider {
             )
         })?;
         let keys = self
+            .api
             .call(
                 step,
                 Call::Keys,
@@ -908,15 +922,16 @@ impl VastProvider {
                 .any(|text| key_body(text) == ours)
         });
         if !present {
-            self.call(
-                step,
-                Call::Keys,
-                reqwest::Method::POST,
-                "/api/v0/ssh/",
-                &[],
-                Some(&json!({ "ssh_key": public })),
-            )
-            .await?;
+            self.api
+                .call(
+                    step,
+                    Call::Keys,
+                    reqwest::Method::POST,
+                    "/api/v0/ssh/",
+                    &[],
+                    Some(&json!({ "ssh_key": public })),
+                )
+                .await?;
             tracing::info!(key = %self.identity.display(), "registered asimov's ssh key with the vast account");
         }
         *done = true;
@@ -946,8 +961,9 @@ impl VastProvider {
             body["price"] = json!(b);
         }
         let path = format!("/api/v0/asks/{}/", offer.id);
-        let answer = retry_transient(&self.retry, refused, || async {
+        let answer = retry_transient(&self.api.retry, refused, || async {
             let raw = self
+                .api
                 .send(Call::Create, reqwest::Method::PUT, &path, &[], Some(&body))
                 .await
                 .map_err(|e| ProviderError { step, ..e })?;
@@ -1085,6 +1101,7 @@ impl Provider for VastProvider {
                 query.push(("after_token", t.clone()));
             }
             let page = self
+                .api
                 .call(
                     step,
                     Call::List,
@@ -1186,6 +1203,7 @@ impl Provider for VastProvider {
             ));
         }
         let result = self
+            .api
             .call(
                 step,
                 Call::Destroy,
@@ -1244,10 +1262,13 @@ impl Provider for VastProvider {
             transport,
             root: root.clone(),
             hook: self_destroy_script(
-                &format!("{}/api/v0/instances/{}/", self.base, instance.id),
+                &format!("{}/api/v0/instances/{}/", self.api.base, instance.id),
                 self.self_destroy_grace,
             ),
             auth: Secret::new(format!("Authorization: Bearer {}", key.expose())),
+            api: Arc::clone(&self.api),
+            id: instance.id.clone(),
+            public_key: self.identity.with_extension("pub"),
         }))
     }
 }
@@ -1335,9 +1356,65 @@ struct VastMachine {
     root: String,
     hook: String,
     auth: Secret,
+    api: Arc<Api>,
+    id: InstanceId,
+    public_key: PathBuf,
+}
+
+/// A login refused: the instance's `authorized_keys` lost our key (images and users do
+/// replace it), while the instance itself is fine.
+fn login_refused(e: &AgentError) -> bool {
+    matches!(
+        e,
+        AgentError::Transport {
+            source: crate::transport::TransportError::Failed {
+                step: "authenticate",
+                ..
+            },
+            ..
+        }
+    )
+}
+
+/// Runs one agent call; a refused login re-attaches asimov's key through the API and
+/// tries once more, so a run is never lost to a replaced `authorized_keys`.
+macro_rules! relogin {
+    ($self:ident, $call:expr) => {
+        match $call {
+            Err(e) if login_refused(&e) => {
+                $self.reattach(&e).await?;
+                $call
+            }
+            other => other,
+        }
+    };
 }
 
 impl VastMachine {
+    async fn reattach(&self, why: &AgentError) -> Result<(), AgentError> {
+        let step = "re-attach the ssh key";
+        tracing::warn!(instance = %self.id, error = %why, "ssh login refused; attaching asimov's key to the instance again");
+        let fail = |message: String| AgentError::Failed {
+            machine: self.transport.machine().to_string(),
+            step,
+            message,
+        };
+        let public = std::fs::read_to_string(&self.public_key)
+            .map_err(|e| fail(format!("{}: {e}", self.public_key.display())))?;
+        self.api
+            .call(
+                step,
+                Call::Manage,
+                reqwest::Method::POST,
+                &format!("/api/v0/instances/{}/ssh/", self.id),
+                &[],
+                Some(&json!({ "ssh_key": public.trim() })),
+            )
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(())
+    }
+
     async fn run(&self, step: &'static str, script: &str, stdin: &[u8]) -> Result<(), AgentError> {
         let out = self
             .transport
@@ -1372,26 +1449,29 @@ impl crate::agent::Machine for VastMachine {
         );
         let mut stdin = format!("{}\n", self.auth.expose()).into_bytes();
         stdin.extend_from_slice(self.hook.as_bytes());
-        self.run("install self-destroy", &script, &stdin).await?;
+        relogin!(
+            self,
+            self.run("install self-destroy", &script, &stdin).await
+        )?;
         self.agent.start(spec).await
     }
 
     async fn observe(&self) -> Result<Option<AgentStatus>, AgentError> {
-        self.agent.observe().await
+        relogin!(self, self.agent.observe().await)
     }
 
     async fn log_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
-        self.agent.log_tail(max_bytes).await
+        relogin!(self, self.agent.log_tail(max_bytes).await)
     }
 
     async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError> {
-        self.agent.collect(log, outputs).await?;
+        relogin!(self, self.agent.collect(log, outputs).await)?;
         let script = format!(": > {}/collected", root_word(&self.root));
         self.run("mark collected", &script, b"").await
     }
 
     async fn stop(&self) -> Result<(), AgentError> {
-        self.agent.stop().await
+        relogin!(self, self.agent.stop().await)
     }
 }
 
