@@ -657,6 +657,61 @@ mod tests {
     }
 
     #[test]
+    fn a_leading_byte_order_mark_is_ignored() {
+        let docs = parse_documents("\u{feff}a: 1\nb: 2\n").expect("valid");
+        assert_eq!(docs[0].value, json!({"a": 1, "b": 2}));
+        assert_eq!(docs[0].key_pos("/a"), pos(1, 1));
+    }
+
+    #[test]
+    fn nesting_is_bounded_counting_aliases() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(parse_documents(&nested(MAX_DEPTH)).is_ok());
+        let errors = parse_documents(&nested(MAX_DEPTH + 1)).expect_err("too deep");
+        assert_eq!(
+            errors,
+            vec![YamlError {
+                pos: pos(1, MAX_DEPTH + 1),
+                message: "expected at most 64 levels of nested mappings and lists".into()
+            }]
+        );
+        // 40 levels, then an alias of 40 more inside a list of 30.
+        let text = format!(
+            "a: &x {}\nb: {}*x{}\n",
+            nested(40),
+            "[".repeat(30),
+            "]".repeat(30)
+        );
+        let errors = parse_documents(&text).expect_err("too deep through an alias");
+        assert_eq!(errors[0].pos, pos(2, 34));
+    }
+
+    #[test]
+    fn alias_expansion_is_bounded() {
+        // Each level repeats the last one 16 times: 16^5 strings is far past the bound,
+        // 16^2 is well within it.
+        let mut text = String::from("l0: &l0 [\"lol\"]\n");
+        for i in 1..=5 {
+            let refs = vec![format!("*l{}", i - 1); 16].join(", ");
+            text.push_str(&format!("l{i}: &l{i} [{refs}]\n"));
+        }
+        let errors = parse_documents(&text).expect_err("alias bomb");
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .message
+                .starts_with("anchors and aliases expand this document beyond 2 MiB"),
+            "{errors:?}"
+        );
+        assert!(errors[0].pos.line > 3, "{errors:?}");
+        let small: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+        let docs = parse_documents(&small).expect("a few aliases are fine");
+        assert_eq!(docs[0].value["l2"].as_array().map(Vec::len), Some(16));
+        // The bound is per document: each document may use it.
+        assert!(parse_documents(&format!("{small}---\n{small}")).is_ok());
+    }
+
+    #[test]
     fn pointer_segments_are_escaped() {
         let docs = parse_documents("\"a/b~c\": 1\n").expect("valid");
         assert_eq!(docs[0].key_pos("/a~1b~0c"), pos(1, 1));
