@@ -11,7 +11,9 @@
 //! This file holds a single test: the allocator counts every thread of the binary, and a
 //! second test running alongside would be counted as well.
 
-use asimov::manifest::{Context, load_paths, load_str};
+use asimov::manifest::yaml::parse_documents;
+use asimov::manifest::{Context, load_paths, load_str, to_yaml_string};
+use serde_json::{Value, json};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -204,6 +206,182 @@ const TOKENS: &[&str] = &[
     "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: j}\nspec: {run: x}\n",
 ];
 
+/// Field names of the manifest kinds, so that structured mutations get past unknown-field
+/// checks and reach the checks of meaning.
+const FIELDS: &[&str] = &[
+    "action",
+    "address",
+    "artifacts",
+    "at",
+    "budget",
+    "checkpoint",
+    "config",
+    "count",
+    "cpus",
+    "cuda",
+    "disk_gb",
+    "env",
+    "every",
+    "file",
+    "files",
+    "filters",
+    "fleet",
+    "from",
+    "git",
+    "gpu",
+    "gpus",
+    "hosts",
+    "identity_file",
+    "image",
+    "instance_types",
+    "labels",
+    "limit_usd",
+    "matrix",
+    "max_duration",
+    "max_price_per_hour",
+    "max_restarts",
+    "memory_gb",
+    "metric",
+    "min_vram_gb",
+    "mode",
+    "name",
+    "on",
+    "path",
+    "paths",
+    "patience",
+    "period",
+    "placement",
+    "port",
+    "premium_pct",
+    "provider",
+    "ref",
+    "regions",
+    "repo",
+    "resources",
+    "retry",
+    "run",
+    "schedule",
+    "secrets",
+    "selector",
+    "setup",
+    "source",
+    "spot",
+    "stop_when",
+    "to",
+    "user",
+    "workdir",
+];
+
+/// Values a structured mutation puts in place of a node.
+fn random_value(rng: &mut Rng, corpus_values: &[Value]) -> Value {
+    match rng.below(12) {
+        0 => json!(null),
+        1 => json!(rng.chance(2)),
+        2 => json!([i64::MIN, -1, 0, 1, 65535, 65536, u32::MAX as i64, i64::MAX][rng.below(8)]),
+        3 => json!(u64::MAX),
+        4 => json!([-0.0, 1e300, -1e300, 0.5][rng.below(4)]),
+        5 => json!(
+            [
+                "",
+                "x",
+                "10years",
+                "10years 1s",
+                "0s",
+                "1ns",
+                "43h",
+                "${matrix.config}",
+                "${matrix.",
+                "s3://",
+                "s3://b/p",
+                "~",
+                "~/x",
+                "../../..",
+                "/dev/zero",
+                "2026-11-23T05:23:00Z",
+                "9999-12-31T23:59:59Z",
+                "-0001-01-01T00:00:00Z",
+                "ssh",
+                "vast",
+                "fake",
+                "local",
+                "H100",
+                "12.1",
+                "1.2.3.4.5",
+                ">=0.98",
+                "no-capacity",
+                "max",
+                "stop",
+                "block",
+                "-",
+                "a-",
+                "é",
+                "\u{feff}",
+            ][rng.below(34)]
+        ),
+        6 => json!("y".repeat(rng.below(100_000))),
+        7 => json!(FIELDS[rng.below(FIELDS.len())]),
+        8 => Value::Array((0..rng.below(64)).map(|i| json!(i)).collect()),
+        9 => {
+            let mut map = serde_json::Map::new();
+            for _ in 0..rng.below(4) {
+                map.insert(FIELDS[rng.below(FIELDS.len())].to_string(), json!("v"));
+            }
+            Value::Object(map)
+        }
+        _ => corpus_values[rng.below(corpus_values.len())].clone(),
+    }
+}
+
+/// Changes one node of a parsed manifest: replaces it, deletes it, adds a known field
+/// beside it or repeats a list item. Aims at stage 2 (meaning), which byte mutations
+/// seldom reach past the YAML and schema checks.
+fn mutate_value(rng: &mut Rng, value: &mut Value, corpus_values: &[Value]) {
+    let depth = rng.below(6);
+    let node = pick(rng, value, depth);
+    match (rng.below(4), &mut *node) {
+        (0, Value::Object(map)) if !map.is_empty() => {
+            let key = map
+                .keys()
+                .nth(rng.below(map.len()))
+                .cloned()
+                .unwrap_or_default();
+            map.remove(&key);
+        }
+        (1, Value::Object(map)) => {
+            let key = FIELDS[rng.below(FIELDS.len())].to_string();
+            map.insert(key, random_value(rng, corpus_values));
+        }
+        (2, Value::Array(items)) if !items.is_empty() => {
+            let item = items[rng.below(items.len())].clone();
+            for _ in 0..rng.below(2000) {
+                items.push(item.clone());
+            }
+        }
+        _ => *node = random_value(rng, corpus_values),
+    }
+}
+
+/// A random node at most `depth` levels below `node`.
+fn pick<'a>(rng: &mut Rng, node: &'a mut Value, depth: usize) -> &'a mut Value {
+    let children = match &*node {
+        Value::Object(map) => map.len(),
+        Value::Array(items) => items.len(),
+        _ => 0,
+    };
+    if depth == 0 || children == 0 || rng.chance(4) {
+        return node;
+    }
+    let i = rng.below(children);
+    match node {
+        Value::Object(map) => {
+            let child = map.values_mut().nth(i).expect("index below len");
+            pick(rng, child, depth - 1)
+        }
+        Value::Array(items) => pick(rng, &mut items[i], depth - 1),
+        other => other,
+    }
+}
+
 fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>]) {
     for _ in 0..1 + rng.below(6) {
         let len = input.len();
@@ -336,7 +514,6 @@ fn manifest_loading_survives_mutated_input() {
     let seed = env_number("ASIMOV_FUZZ_SEED", 0x0a51_a0f0_2026);
     let inputs = env_number("ASIMOV_FUZZ_INPUTS", 2000);
     let budget = Duration::from_secs(env_number("ASIMOV_FUZZ_SECONDS", 15));
-    let corpus = corpus(&root);
     let ctx = Context {
         fleets: BTreeSet::from(["lab".to_string()]),
         budgets: BTreeSet::from(["team-a".to_string()]),
@@ -344,6 +521,35 @@ fn manifest_loading_survives_mutated_input() {
     };
     // Relative paths in the inputs (a matrix `runs.txt`) resolve inside the examples.
     let as_if = root.join("examples/fuzz.yaml");
+    let corpus = corpus(&root);
+    // Documents of the seeds that parse, for structured mutations, and every node in
+    // them, as material to put elsewhere.
+    let manifests: Vec<Value> = corpus
+        .iter()
+        .filter_map(|seed| parse_documents(&String::from_utf8_lossy(seed)).ok())
+        .flatten()
+        .map(|doc| doc.value)
+        .filter(Value::is_object)
+        .collect();
+    // Valid ones are the better base: one change then lands on a check of meaning.
+    let valid: Vec<Value> = manifests
+        .iter()
+        .filter(|doc| {
+            let text = to_yaml_string(doc).expect("a JSON value renders as YAML");
+            load_str(&as_if, &text, &ctx).is_ok()
+        })
+        .cloned()
+        .collect();
+    let mut values = Vec::new();
+    let mut stack: Vec<&Value> = manifests.iter().collect();
+    while let Some(v) = stack.pop() {
+        values.push(v.clone());
+        match v {
+            Value::Object(map) => stack.extend(map.values()),
+            Value::Array(items) => stack.extend(items.iter().take(8)),
+            _ => {}
+        }
+    }
     let scratch = tempfile::tempdir().expect("tempdir");
     let on_disk = scratch.path().join("fuzz.yaml");
     let failures = root.join("target/fuzz-failures");
@@ -358,6 +564,18 @@ fn manifest_loading_survives_mutated_input() {
         // The seeds themselves first, then mutations of them.
         let input = match corpus.get(done as usize) {
             Some(seed) => seed.clone(),
+            // Every other input is a parsed manifest changed node by node and written
+            // back as YAML; the rest are byte mutations of any seed.
+            None if rng.chance(2) => {
+                let bases = if rng.chance(4) { &manifests } else { &valid };
+                let mut doc = bases[rng.below(bases.len())].clone();
+                for _ in 0..1 + rng.below(2) {
+                    mutate_value(&mut rng, &mut doc, &values);
+                }
+                to_yaml_string(&doc)
+                    .expect("a JSON value renders as YAML")
+                    .into_bytes()
+            }
             None => {
                 let mut input = corpus[rng.below(corpus.len())].clone();
                 mutate(&mut rng, &mut input, &corpus);
@@ -420,6 +638,7 @@ fn manifest_loading_survives_mutated_input() {
         started.elapsed(),
         worst_memory as f64 / f64::from(1 << 20)
     );
+    assert!(!valid.is_empty(), "no valid manifest among the seeds");
     // The loop must actually have run, and reached past the seeds.
     assert!(
         done > corpus.len() as u64,
