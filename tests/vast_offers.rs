@@ -138,3 +138,22 @@ fn offers_take_a_jobs_resources_and_placement() {
         vec!["402", "401", "406"]
     );
 }
+
+#[test]
+fn applying_a_vast_job_without_a_key_says_how_to_store_one() {
+    let a = Asimov::new();
+    let job = a.manifest(
+        "job.yaml",
+        "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: ft}\nspec:\n  run: python train.py\n  \
+         placement:\n    - {provider: vast}\n",
+    );
+    let out = a
+        .command()
+        .env_remove("VAST_API_KEY")
+        .args(["apply", "--dry-run", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("asimov secret set VAST_API_KEY"), "{err}");
+}
