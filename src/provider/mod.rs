@@ -3,7 +3,9 @@
 //! clouds. Errors are classified here, once; nothing above this layer reads a provider's
 //! raw message text to decide anything. Must not know about the store or the planner.
 
+pub mod cloud;
 pub mod fake;
+pub mod lambda;
 pub mod local;
 pub mod ssh;
 pub mod vast;

@@ -27,6 +27,7 @@
 //!
 //! Must not know about the store or the planner.
 
+use super::cloud::{Pacer, ensure_identity, key_body, short_body};
 use crate::agent::{AgentError, AgentMachine, AgentStatus, LaunchSpec};
 use crate::home::Home;
 use crate::manifest::{Placement, Resources};
@@ -188,45 +189,9 @@ impl Pacing {
     }
 }
 
-/// Hands out call slots so that calls of one class keep their gap, whatever task
-/// makes them: the one place all runs' requests queue.
-struct Pacer {
-    pacing: Pacing,
-    next: Mutex<BTreeMap<Call, tokio::time::Instant>>,
-}
-
-impl Pacer {
-    async fn wait(&self, call: Call) {
-        let gap = self.pacing.gap(call);
-        if gap.is_zero() {
-            return;
-        }
-        let at = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            let now = tokio::time::Instant::now();
-            let slot = next.entry(call).or_insert(now);
-            let at = (*slot).max(now);
-            *slot = at + gap;
-            at
-        };
-        tokio::time::sleep_until(at).await;
-    }
-}
-
 /// The API key: the credential store first, then this process's environment.
 pub fn api_key(home: &Home) -> Option<Secret> {
-    let stored = std::fs::read_to_string(home.credentials().join(KEY_NAME))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty());
-    stored
-        .or_else(|| {
-            std::env::var(KEY_NAME)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        })
-        .map(Secret::new)
+    super::cloud::api_key(home, KEY_NAME)
 }
 
 /// The API's host: `ASIMOV_VAST_API_URL`, else Vast's.
@@ -248,20 +213,6 @@ struct Raw {
 
 fn err(kind: ErrorKind, step: &'static str, message: impl Into<String>) -> ProviderError {
     ProviderError::new(ProviderKind::Vast, kind, step, message)
-}
-
-/// The first line of an HTML page's `<title>`, or the first 200 characters of a body.
-fn short_body(text: &str) -> String {
-    if let Some(start) = text.find("<title>")
-        && let Some(end) = text[start..].find("</title>")
-    {
-        return text[start + 7..start + end].trim().to_string();
-    }
-    let t = text.trim();
-    match t.char_indices().nth(200) {
-        Some((i, _)) => format!("{}...", &t[..i]),
-        None => t.to_string(),
-    }
 }
 
 /// Every Vast answer into a JSON body or a canonical error: the one place that reads
@@ -659,44 +610,13 @@ impl Api {
     }
 }
 
-/// The pair of files of asimov's own SSH key, made on first use.
-fn ensure_identity(path: &Path) -> std::io::Result<String> {
-    let public = path.with_extension("pub");
-    if !path.exists() || !public.exists() {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-            crate::home::set_mode(dir, 0o700)?;
-        }
-        let _ = std::fs::remove_file(path);
-        let _ = std::fs::remove_file(&public);
-        let out = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "asimov", "-f"])
-            .arg(path)
-            .stdin(std::process::Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            return Err(std::io::Error::other(format!(
-                "ssh-keygen failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-    }
-    crate::home::set_mode(path, 0o600)?;
-    Ok(std::fs::read_to_string(&public)?.trim().to_string())
-}
-
-/// `ssh-ed25519 AAAA...` without the comment, to compare keys.
-fn key_body(key: &str) -> String {
-    key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
-}
-
 /// The HTTP side: client, host, key, pacing and retry policy, shared by the provider
 /// and the machines it hands out (which re-attach the SSH key through it).
 struct Api {
     http: reqwest::Client,
     base: String,
     key: Secret,
-    pacer: Pacer,
+    pacer: Pacer<Call>,
     retry: Backoff,
 }
 
@@ -776,10 +696,7 @@ impl VastProvider {
                 http,
                 base: base.into().trim_end_matches('/').to_string(),
                 key,
-                pacer: Pacer {
-                    pacing,
-                    next: Mutex::new(BTreeMap::new()),
-                },
+                pacer: Pacer::new(pacing.gaps),
                 retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(10), 2.0)
                     .with_max_elapsed(Some(Duration::from_secs(90))),
             }),

@@ -17,6 +17,7 @@ use crate::home::Home;
 use crate::manifest::{Fleet, Manifests};
 use crate::model::{ProviderKind, RunName, Timestamp};
 use crate::provider::Provider;
+use crate::provider::lambda::LambdaProvider;
 use crate::provider::local::LocalProvider;
 use crate::provider::ssh::SshProvider;
 use crate::provider::vast::VastProvider;
@@ -626,7 +627,7 @@ pub type Providers = BTreeMap<ProviderKind, Arc<dyn Provider>>;
 pub fn drives(kind: ProviderKind) -> bool {
     matches!(
         kind,
-        ProviderKind::Local | ProviderKind::Ssh | ProviderKind::Vast
+        ProviderKind::Local | ProviderKind::Ssh | ProviderKind::Vast | ProviderKind::Lambda
     )
 }
 
@@ -643,6 +644,9 @@ pub fn providers_for(home: &Home) -> std::io::Result<(Providers, Arc<SshProvider
     // Clouds only with a key: without one their runs wait as Pending.
     if let Some(vast) = VastProvider::from_home(home, Arc::clone(ssh.pool()))? {
         providers.insert(ProviderKind::Vast, Arc::new(vast) as Arc<dyn Provider>);
+    }
+    if let Some(lambda) = LambdaProvider::from_home(home, Arc::clone(ssh.pool()))? {
+        providers.insert(ProviderKind::Lambda, Arc::new(lambda) as Arc<dyn Provider>);
     }
     Ok((providers, ssh))
 }

@@ -17,6 +17,7 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 
 pub struct Sshd {
     dir: tempfile::TempDir,
+    host: String,
     port: u16,
     user: String,
     child: Option<Child>,
@@ -38,6 +39,30 @@ impl Sshd {
 
     /// Starts a server on a free localhost port; panics when it does not come up.
     pub fn start() -> Sshd {
+        Sshd::start_on("127.0.0.1", free_port())
+    }
+
+    /// Starts a server on port 22 of a fresh loopback address (127.x.y.z), as a cloud
+    /// VM's sshd listens, when this process may bind port 22 (root); else on a free
+    /// port of 127.0.0.1. Callers read `host()` and `port()` either way.
+    pub fn start_on_port_22() -> Sshd {
+        for _ in 0..50 {
+            let n = random_u32();
+            let host = format!(
+                "127.{}.{}.{}",
+                (n >> 16) % 250 + 1,
+                (n >> 8) % 250 + 1,
+                n % 250 + 2
+            );
+            if TcpListener::bind((host.as_str(), 22)).is_ok() {
+                return Sshd::start_on(&host, 22);
+            }
+        }
+        Sshd::start()
+    }
+
+    /// Starts a server on `host:port`; panics when it does not come up.
+    pub fn start_on(host: &str, port: u16) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("asimov-sshd-")
             .tempdir()
@@ -53,9 +78,9 @@ impl Sshd {
         if is_root() {
             let _ = std::fs::create_dir_all("/run/sshd");
         }
-        let port = free_port();
         let mut sshd = Sshd {
             dir,
+            host: host.to_string(),
             port,
             user,
             child: None,
@@ -66,7 +91,7 @@ impl Sshd {
     }
 
     pub fn host(&self) -> &str {
-        "127.0.0.1"
+        &self.host
     }
 
     pub fn port(&self) -> u16 {
@@ -145,7 +170,7 @@ impl Sshd {
             let _ = child.wait();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+        while TcpStream::connect((self.host.as_str(), self.port)).is_ok() {
             assert!(
                 Instant::now() < deadline,
                 "sshd port {} stays open",
@@ -178,7 +203,7 @@ impl Sshd {
         let d = self.dir.path().display();
         let config = format!(
             "Port {port}\n\
-             ListenAddress 127.0.0.1\n\
+             ListenAddress {host}\n\
              HostKey {d}/ssh_host_ed25519_key\n\
              PidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\n\
@@ -193,6 +218,7 @@ impl Sshd {
              Subsystem sftp internal-sftp\n\
              SetEnv HOME={d}/home TMUX_TMPDIR={d}/tmux\n",
             port = self.port,
+            host = self.host,
         );
         std::fs::write(self.dir.path().join("sshd_config"), config).expect("sshd_config");
     }
@@ -217,7 +243,7 @@ impl Sshd {
         // Ready when the server sends its banner.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+            if let Ok(mut s) = TcpStream::connect((self.host.as_str(), self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut buf = [0u8; 4];
                 if s.read_exact(&mut buf).is_ok() && &buf == b"SSH-" {
@@ -296,6 +322,14 @@ fn keygen(path: &Path) {
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").port()
+}
+
+fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut bytes);
+    }
+    u32::from_le_bytes(bytes)
 }
 
 fn is_root() -> bool {
