@@ -610,10 +610,14 @@ fn bench_vast_overheads_and_runs_within_pacing() {
         let items = runs_json["items"].as_array().cloned().unwrap_or_default();
         items.len() == runs && items.iter().all(|r| r["phase"] == "Succeeded")
     });
-    w.until("every instance destroyed", 3600, || w.server.live_instances().is_empty());
+    w.until("every instance destroyed", 3600, || {
+        w.server.live_instances().is_empty()
+    });
     let total = start.elapsed();
     let epoch = |t: std::time::SystemTime| {
-        t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
     };
     let stamp = |name: &str| -> f64 {
         std::fs::read_to_string(stamps.join(name))
