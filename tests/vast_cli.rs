@@ -548,3 +548,127 @@ fn a_replaced_authorized_keys_is_repaired_through_the_api_and_the_run_goes_on() 
     });
     kill9(&mut controller);
 }
+
+/// BENCHMARKS.md figures (run by hand: `cargo test --release --test vast_cli bench --
+/// --ignored --nocapture`): what asimov adds between an instance becoming reachable and
+/// the job running, and between the job's end and the instance destroyed; and N runs
+/// launched at Vast's documented pacing (`ASIMOV_BENCH_RUNS`, default 50).
+#[test]
+#[ignore]
+fn bench_vast_overheads_and_runs_within_pacing() {
+    let runs: usize = std::env::var("ASIMOV_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let offers = (0..runs as u64 + 5)
+        .map(|i| offer(900 + i, "RTX 4090", 1, 24.0, 0.30 + i as f64 / 1000.0))
+        .collect();
+    // The server enforces the documented gaps as they are; the client paces itself.
+    let Some(w) = world_with(offers, |c| c.gaps = Config::documented_gaps(1.0)) else {
+        return;
+    };
+    let names: Vec<String> = (0..runs).map(|i| format!("r{i}")).collect();
+    let stamps = w.sshd.home().join("stamps");
+    std::fs::create_dir_all(&stamps).unwrap();
+    let run = format!(
+        "date +%s.%N > {d}/start-$ASIMOV_MATRIX_N; sh train.sh; date +%s.%N > {d}/end-$ASIMOV_MATRIX_N",
+        d = stamps.display()
+    );
+    let job = w.job(&run);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "spec:\n",
+        &format!("spec:\n  matrix: {{n: [{}]}}\n", names.join(", ")),
+    );
+    std::fs::write(&job, text).unwrap();
+    let mut controller = {
+        let child = w
+            .command()
+            .env_remove("ASIMOV_VAST_PACING")
+            .args(["controller"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        w.a.wait_for("the controller's lock", Duration::from_secs(10), || {
+            w.a.controller_running()
+        });
+        child
+    };
+    let start = Instant::now();
+    w.apply(&job);
+    let launched = Instant::now();
+    let mut all_running = None;
+    w.until("every run to succeed", 3600, || {
+        let recs = w.server.instances();
+        if all_running.is_none()
+            && recs.len() == runs
+            && recs.iter().all(|r| r.running_at.is_some())
+        {
+            all_running = Some(launched.elapsed());
+        }
+        let runs_json = w.a.runs_json();
+        let items = runs_json["items"].as_array().cloned().unwrap_or_default();
+        items.len() == runs && items.iter().all(|r| r["phase"] == "Succeeded")
+    });
+    w.until("every instance destroyed", 3600, || {
+        w.server.live_instances().is_empty()
+    });
+    let total = start.elapsed();
+    let epoch = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let stamp = |name: &str| -> f64 {
+        std::fs::read_to_string(stamps.join(name))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let mut to_start = Vec::new();
+    let mut to_destroy = Vec::new();
+    let runs_json = w.a.runs_json();
+    for rec in w.server.instances() {
+        let item = runs_json["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["instance_id"] == rec.id.to_string())
+            .unwrap();
+        let n = item["name"].as_str().unwrap().rsplit('-').next().unwrap();
+        let n = &names[n.parse::<usize>().unwrap()];
+        to_start.push(stamp(&format!("start-{n}")) - epoch(rec.running_at.unwrap()));
+        to_destroy.push(epoch(rec.billing_stopped.unwrap()) - stamp(&format!("end-{n}")));
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (v[v.len() / 2], v[v.len() - 1])
+    };
+    let (start_med, start_max) = median(&mut to_start);
+    let (end_med, end_max) = median(&mut to_destroy);
+    let requests = w.server.requests();
+    let count = |e: Api| requests.iter().filter(|r| r.endpoint == e).count();
+    eprintln!(
+        "BENCH vast: {runs} runs; all running after {:.1}s, all done and destroyed after {:.1}s; \
+         reachable->job running median {start_med:.2}s max {start_max:.2}s; \
+         job end->destroyed median {end_med:.2}s max {end_max:.2}s; \
+         requests {} (search {}, create {}, list {}, destroy {}, keys {}), 429s {}",
+        all_running.unwrap_or_default().as_secs_f64(),
+        total.as_secs_f64(),
+        requests.len(),
+        count(Api::Search),
+        count(Api::Create),
+        count(Api::List),
+        count(Api::Destroy),
+        count(Api::SshKeys),
+        w.server.rate_limited(),
+    );
+    let limited: Vec<Api> = requests
+        .iter()
+        .filter(|r| r.status == 429)
+        .map(|r| r.endpoint)
+        .collect();
+    eprintln!("BENCH vast: 429s on {limited:?}");
+    kill9(&mut controller);
+}

@@ -162,6 +162,8 @@ pub struct InstanceRecord {
     /// Billing starts at create (disk bills from the start) and stops at destroy.
     pub billing_started: SystemTime,
     pub billing_stopped: Option<SystemTime>,
+    /// When `actual_status` first said running (ports and SSH there).
+    pub running_at: Option<SystemTime>,
     pub destroyed: bool,
     /// Held by asimov? The raw status fields as the API shows them.
     pub actual_status: Option<String>,
@@ -485,6 +487,7 @@ fn tick(state: &Arc<Mutex<State>>) {
             if i.actual_status.as_deref() != Some("running") {
                 i.actual_status = Some("running".into());
                 i.status_msg = Some("success, running".into());
+                i.running_at = Some(SystemTime::now());
                 newly_running.push(i.keys.clone());
             }
         } else if age >= loading {
@@ -1197,6 +1200,7 @@ fn create(st: &mut State, offer_id: u64, body: &Value, fails_yet_creates: bool) 
         env: body.get("env").cloned().unwrap_or(Value::Null),
         billing_started: SystemTime::now(),
         billing_stopped: None,
+        running_at: None,
         destroyed: false,
         actual_status: if stopped {
             Some("stopped".into())
