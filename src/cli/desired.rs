@@ -225,7 +225,9 @@ pub fn load_tolerant(
         }
     }
     problems.retain(|p| broken.contains(&p.file) || !files.contains(&p.file));
-    problems.dedup();
+    // The same problem may come from several rounds.
+    let mut seen = BTreeSet::new();
+    problems.retain(|p| seen.insert((p.file.clone(), p.line, p.column, p.message.clone())));
     keep_last_good(&mut loaded, last_good, &broken);
     Ok(FolderState { loaded, problems })
 }
