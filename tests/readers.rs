@@ -95,7 +95,10 @@ fn get_and_describe_show_the_folder_the_controller_watches_with_its_commit() {
     let source = &json["items"][0]["source"];
     assert_eq!(source["commit"], head.as_str(), "{json}");
     assert!(
-        source["file"].as_str().unwrap().ends_with("manifests/g1.yaml"),
+        source["file"]
+            .as_str()
+            .unwrap()
+            .ends_with("manifests/g1.yaml"),
         "{json}"
     );
 
@@ -327,7 +330,10 @@ fn a_run_shorter_than_a_controller_look_has_a_start_time() {
     let started = run_field(&a, "quick-0", "started_at");
     let finished = run_field(&a, "quick-0", "finished_at");
     assert!(started.is_string(), "started_at is {started}");
-    assert!(started.as_str() <= finished.as_str(), "{started} {finished}");
+    assert!(
+        started.as_str() <= finished.as_str(),
+        "{started} {finished}"
+    );
 }
 
 // Issue 7 item 20.
@@ -340,17 +346,28 @@ fn a_failed_setup_says_so_and_describe_shows_its_last_lines() {
     let file = a.manifest("bad-setup.yaml", text_of);
     let out = a.run(&["apply", "-f", file.to_str().unwrap(), "--wait"]);
     assert!(!out.status.success());
-    a.wait_for("the failure to be recorded", Duration::from_secs(20), || {
-        a.ok(&["get", "runs"]).contains("setup failed")
-    });
+    a.wait_for(
+        "the failure to be recorded",
+        Duration::from_secs(20),
+        || a.ok(&["get", "runs"]).contains("setup failed"),
+    );
     let table = a.ok(&["get", "runs"]);
     assert!(table.contains("setup failed with exit code 3"), "{table}");
     let json = a.runs_json();
     assert_eq!(json["items"][0]["last_error"]["step"], "setup", "{json}");
     let described = a.ok(&["describe", "run", "bad-setup-0"]);
-    assert!(described.contains("setup failed with exit code 3"), "{described}");
-    assert!(described.contains("Last lines of the failed setup"), "{described}");
-    assert!(described.contains("no matching distribution"), "{described}");
+    assert!(
+        described.contains("setup failed with exit code 3"),
+        "{described}"
+    );
+    assert!(
+        described.contains("Last lines of the failed setup"),
+        "{described}"
+    );
+    assert!(
+        described.contains("no matching distribution"),
+        "{described}"
+    );
 }
 
 // Issue 7 item 21.
@@ -369,9 +386,11 @@ fn a_start_that_keeps_failing_shows_its_error_in_the_reason_and_describe() {
     );
     let file = a.manifest("upload.yaml", &manifest);
     a.ok(&["apply", "-f", file.to_str().unwrap()]);
-    a.wait_for("the start error in the reason", Duration::from_secs(30), || {
-        a.ok(&["get", "runs"]).contains("last error")
-    });
+    a.wait_for(
+        "the start error in the reason",
+        Duration::from_secs(30),
+        || a.ok(&["get", "runs"]).contains("last error"),
+    );
     let table = a.ok(&["get", "runs"]);
     assert!(table.contains("last error (start)"), "{table}");
     let json = a.runs_json();

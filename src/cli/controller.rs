@@ -426,7 +426,10 @@ impl Liveness {
         liveness
     }
 
-    fn write(&self, f: impl FnOnce(&Store, u32, crate::model::Timestamp) -> crate::store::StoreResult<()>) {
+    fn write(
+        &self,
+        f: impl FnOnce(&Store, u32, crate::model::Timestamp) -> crate::store::StoreResult<()>,
+    ) {
         let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = store.as_ref()
             && let Err(e) = f(s, self.pid, super::now())

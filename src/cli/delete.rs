@@ -145,9 +145,14 @@ fn check_deletable(
 enum Fate {
     Gone,
     /// Forgotten, and a run of the same name made since (the job was applied again).
-    Replaced { attempt: u32, phase: &'static str },
+    Replaced {
+        attempt: u32,
+        phase: &'static str,
+    },
     /// Never torn down: its job is desired again, from `file`.
-    Continues { file: PathBuf },
+    Continues {
+        file: PathBuf,
+    },
 }
 
 fn fate(

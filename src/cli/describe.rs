@@ -79,13 +79,16 @@ fn job(home: &Home, name: &str) -> CliResult {
         Some(commit) => println!("Source:    {} at commit {commit}", folder.display()),
         None => println!("Source:    {}", folder.display()),
     }
-    println!("Manifest:  {}:{}", doc.origin.file.display(), doc.origin.line);
+    println!(
+        "Manifest:  {}:{}",
+        doc.origin.file.display(),
+        doc.origin.line
+    );
     if let Some(p) = view.problem_of(&doc.origin.file) {
+        println!("Problem:   {}", desired::describe_problem(p, super::now()));
         println!(
-            "Problem:   {}",
-            desired::describe_problem(p, super::now())
+            "           the file does not validate; this job keeps its last good state, shown below"
         );
-        println!("           the file does not validate; this job keeps its last good state, shown below");
     }
     println!("Spec:");
     for line in doc.yaml.lines() {

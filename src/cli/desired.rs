@@ -8,7 +8,7 @@
 
 use crate::home::Home;
 use crate::manifest::{self, Context, Document, Kind, Loaded, Problem, Problems};
-use crate::store::{DesiredProblem, DesiredRecord, DesiredFolder, Store};
+use crate::store::{DesiredFolder, DesiredProblem, DesiredRecord, Store};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
@@ -382,7 +382,11 @@ pub fn view(home: &Home, store: Option<&Store>) -> Result<View, super::CliError>
             problems,
         });
     }
-    let state = load_tolerant(&home.manifests(), &secrets_context(home), &Loaded::default())?;
+    let state = load_tolerant(
+        &home.manifests(),
+        &secrets_context(home),
+        &Loaded::default(),
+    )?;
     let now = super::now();
     Ok(View {
         source: None,
@@ -436,8 +440,9 @@ pub fn warn_problems(view: &View) {
 
 impl View {
     fn folder_display(&self) -> String {
-        self.source
-            .as_ref()
-            .map_or_else(|| "the manifests folder".into(), |s| s.folder.display().to_string())
+        self.source.as_ref().map_or_else(
+            || "the manifests folder".into(),
+            |s| s.folder.display().to_string(),
+        )
     }
 }

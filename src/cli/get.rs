@@ -65,20 +65,25 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
             if runs.is_empty() {
                 writeln!(out, "No runs.")?;
             } else {
-                runs_table(&runs, &errors, output == Output::Wide, super::now())
-                    .write(&mut out)?;
+                runs_table(&runs, &errors, output == Output::Wide, super::now()).write(&mut out)?;
             }
         }
         Output::Json => {
             let list = RunList {
-                items: runs.iter().map(|r| RunView::of(r, errors.get(&r.name))).collect(),
+                items: runs
+                    .iter()
+                    .map(|r| RunView::of(r, errors.get(&r.name)))
+                    .collect(),
             };
             serde_json::to_writer_pretty(&mut out, &list)?;
             writeln!(out)?;
         }
         Output::Yaml => {
             let list = RunList {
-                items: runs.iter().map(|r| RunView::of(r, errors.get(&r.name))).collect(),
+                items: runs
+                    .iter()
+                    .map(|r| RunView::of(r, errors.get(&r.name)))
+                    .collect(),
             };
             write!(out, "{}", serde_yaml::to_string(&list)?)?;
         }
@@ -138,7 +143,10 @@ pub(super) fn warn_state(home: &Home, store: Option<&Store>, view: Option<&super
         super::desired::warn_problems(v);
     }
     let anything = view.is_some_and(|v| !v.loaded.documents.is_empty())
-        || store.is_some_and(|s| s.runs().is_ok_and(|r| r.iter().any(|r| !r.phase.is_terminal())));
+        || store.is_some_and(|s| {
+            s.runs()
+                .is_ok_and(|r| r.iter().any(|r| !r.phase.is_terminal()))
+        });
     if anything && let Some(note) = super::daemon::absence(home, store) {
         eprintln!("warning: {note}");
     }

@@ -4,9 +4,9 @@
 
 use crate::model::Timestamp;
 use crate::store::{RunError, RunRecord};
-use std::collections::BTreeMap;
 use comfy_table::{Table, presets};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// A run as `get runs -o json|yaml` prints it.
 #[derive(Debug, Serialize)]

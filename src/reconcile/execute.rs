@@ -215,7 +215,9 @@ impl Executor {
     fn note_setup_failure(&self, run: &str, log: &std::path::Path, now: Timestamp) {
         const TAIL: u64 = 64 * 1024;
         const LINES: usize = 20;
-        let Ok(text) = read_tail(log, TAIL) else { return };
+        let Ok(text) = read_tail(log, TAIL) else {
+            return;
+        };
         let lines: Vec<&str> = text.lines().collect();
         let Some(at) = lines
             .iter()

@@ -264,7 +264,11 @@ impl Store {
 
     /// The controller `pid` is alive (a heartbeat).
     pub fn controller_seen(&self, pid: u32, now: Timestamp) -> StoreResult<()> {
-        self.controller_update("UPDATE controller_status SET seen_at = ?2 WHERE pid = ?1", pid, now)
+        self.controller_update(
+            "UPDATE controller_status SET seen_at = ?2 WHERE pid = ?1",
+            pid,
+            now,
+        )
     }
 
     /// The controller `pid` was asked to stop and no longer takes new work.

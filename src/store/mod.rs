@@ -21,7 +21,7 @@ mod migrations;
 mod runs;
 
 pub use desired::{
-    ControllerStatus, DesiredObject, DesiredProblem, DesiredRecord, DesiredFolder, RunError,
+    ControllerStatus, DesiredFolder, DesiredObject, DesiredProblem, DesiredRecord, RunError,
 };
 pub use migrations::SCHEMA_VERSION;
 
