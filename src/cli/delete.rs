@@ -58,7 +58,14 @@ pub fn run(home: &Home, target: &[String], files: &[PathBuf], no_wait: bool) -> 
     if let Some(store) = super::read_store(home)? {
         for job in &deleted_jobs {
             for run in store.runs_of_job(job)? {
-                doomed.insert(run.name, (run.job, run.seq));
+                doomed.insert(
+                    run.name,
+                    Doomed {
+                        job: run.job,
+                        seq: run.seq,
+                        attempt: run.attempt,
+                    },
+                );
             }
         }
     }
@@ -145,51 +152,79 @@ fn check_deletable(
 enum Fate {
     Gone,
     /// Forgotten, and a run of the same name made since (the job was applied again).
-    Replaced {
-        attempt: u32,
-        phase: &'static str,
-    },
-    /// Never torn down: its job is desired again, from `file`.
-    Continues {
-        file: PathBuf,
-    },
+    Replaced { attempt: u32, phase: &'static str },
+    /// Its job is desired again (from `file`): the deleted attempt was torn down and the
+    /// run goes on with a new one.
+    Restarted { file: PathBuf, phase: &'static str },
+    /// Its job is desired again before its instance was torn down: it goes on.
+    Continues { file: PathBuf, phase: &'static str },
+}
+
+/// The run `run` of `job` as this delete saw it: its row incarnation and attempt.
+struct Doomed {
+    job: String,
+    seq: i64,
+    attempt: u32,
 }
 
 fn fate(
     store: &crate::store::Store,
     run: &str,
-    job: &str,
-    seq: i64,
+    doomed: &Doomed,
     removed_at_ms: i64,
 ) -> Result<Option<Fate>, CliError> {
     let Some(now) = store.run(run)? else {
         return Ok(Some(Fate::Gone));
     };
-    if now.seq != seq {
+    if now.seq != doomed.seq {
         return Ok(Some(Fate::Replaced {
             attempt: now.attempt,
             phase: now.phase.as_str(),
         }));
     }
     // Desired again in a read of the folder made after the removal: applied again.
-    if let Some(source) = store.desired_source()?
-        && source.read_at_ms > removed_at_ms
-        && let Some(record) = store.desired()?
-        && let Some(o) = record
-            .objects
-            .iter()
-            .find(|o| o.kind == Kind::Job.as_str() && o.name == job)
-    {
-        return Ok(Some(Fate::Continues {
-            file: o.file.clone(),
-        }));
+    let Some(source) = store.desired_source()? else {
+        return Ok(None);
+    };
+    if source.read_at_ms <= removed_at_ms {
+        return Ok(None);
     }
-    Ok(None)
+    let Some(record) = store.desired()? else {
+        return Ok(None);
+    };
+    let Some(file) = record
+        .objects
+        .iter()
+        .find(|o| o.kind == Kind::Job.as_str() && o.name == doomed.job)
+        .map(|o| o.file.clone())
+    else {
+        return Ok(None);
+    };
+    let phase = now.phase.as_str();
+    if doomed.attempt == 0 {
+        return Ok(Some(Fate::Continues { file, phase }));
+    }
+    let released = store
+        .attempts(run)?
+        .iter()
+        .find(|a| a.attempt == doomed.attempt)
+        .is_none_or(|a| a.released_at.is_some());
+    if released {
+        return Ok(Some(Fate::Restarted { file, phase }));
+    }
+    // The controller took the run back with its instance alive.
+    let kept = now.attempt == doomed.attempt
+        && now.phase != crate::model::Phase::Deleting
+        && (matches!(
+            now.phase,
+            crate::model::Phase::Starting | crate::model::Phase::Running
+        ) || now.phase.is_terminal());
+    Ok(kept.then_some(Fate::Continues { file, phase }))
 }
 
 fn wait_until_gone(
     home: &Home,
-    mut doomed: BTreeMap<String, (String, i64)>,
+    mut doomed: BTreeMap<String, Doomed>,
     removed_at_ms: i64,
 ) -> CliResult {
     let started = Instant::now();
@@ -199,25 +234,28 @@ fn wait_until_gone(
     loop {
         if let Some(store) = super::read_store(home)? {
             let mut settled = Vec::new();
-            for (run, (job, seq)) in &doomed {
-                match fate(&store, run, job, *seq, removed_at_ms)? {
-                    None => {}
-                    Some(Fate::Gone) => settled.push(run.clone()),
-                    Some(Fate::Replaced { attempt, phase }) => {
-                        settled.push(run.clone());
-                        replaced.push(format!(
-                            "run/{run} was torn down and replaced by a new run of the re-applied \
-                             job/{job} (attempt {attempt}, {phase})"
-                        ));
-                    }
-                    Some(Fate::Continues { file }) => {
-                        settled.push(run.clone());
-                        replaced.push(format!(
-                            "job/{job} was applied again ({}) before run/{run} was torn down; \
-                             the run continues",
-                            file.display()
-                        ));
-                    }
+            for (run, d) in &doomed {
+                let job = &d.job;
+                let Some(fate) = fate(&store, run, d, removed_at_ms)? else {
+                    continue;
+                };
+                settled.push(run.clone());
+                match fate {
+                    Fate::Gone => {}
+                    Fate::Replaced { attempt, phase } => replaced.push(format!(
+                        "run/{run} was torn down and replaced by a new run of the re-applied \
+                         job/{job} (attempt {attempt}, {phase})"
+                    )),
+                    Fate::Restarted { file, phase } => replaced.push(format!(
+                        "run/{run}'s instance was torn down; job/{job} was applied again ({}) \
+                         and the run starts over ({phase})",
+                        file.display()
+                    )),
+                    Fate::Continues { file, phase } => replaced.push(format!(
+                        "job/{job} was applied again ({}) before run/{run} was torn down; \
+                         the run goes on ({phase})",
+                        file.display()
+                    )),
                 }
             }
             for run in settled {
