@@ -152,12 +152,21 @@ fn check_deletable(
 enum Fate {
     Gone,
     /// Forgotten, and a run of the same name made since (the job was applied again).
-    Replaced { attempt: u32, phase: &'static str },
+    Replaced {
+        attempt: u32,
+        phase: &'static str,
+    },
     /// Its job is desired again (from `file`): the deleted attempt was torn down and the
     /// run goes on with a new one.
-    Restarted { file: PathBuf, phase: &'static str },
+    Restarted {
+        file: PathBuf,
+        phase: &'static str,
+    },
     /// Its job is desired again before its instance was torn down: it goes on.
-    Continues { file: PathBuf, phase: &'static str },
+    Continues {
+        file: PathBuf,
+        phase: &'static str,
+    },
 }
 
 /// The run `run` of `job` as this delete saw it: its row incarnation and attempt.

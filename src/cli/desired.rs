@@ -446,3 +446,78 @@ impl View {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FLEET: &str = "apiVersion: asimov/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  hosts:\n    - {name: box, address: 10.0.0.11, gpus: 1}\n";
+    const BROKEN: &str = "apiVersion: asimov/v1\nkind: Fleet\nmetadata: {name: lab\nspec: [\n";
+
+    fn job(name: &str, fleet: bool) -> String {
+        let placement = if fleet {
+            "\n  placement:\n    - {provider: ssh, fleet: lab}"
+        } else {
+            ""
+        };
+        format!(
+            "apiVersion: asimov/v1\nkind: Job\nmetadata: {{name: {name}}}\nspec:\n  run: echo hi{placement}\n"
+        )
+    }
+
+    fn names(l: &Loaded) -> Vec<String> {
+        let mut n: Vec<String> = l
+            .documents
+            .iter()
+            .map(|d| format!("{}/{}", d.kind, d.name))
+            .collect();
+        n.sort();
+        n
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_objects_and_the_others_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = Context::default();
+        std::fs::write(dir.path().join("fleet.yaml"), FLEET).unwrap();
+        std::fs::write(dir.path().join("a.yaml"), job("a", true)).unwrap();
+        let good = load_tolerant(dir.path(), &ctx, &Loaded::default()).unwrap();
+        assert!(good.problems.is_empty());
+        assert_eq!(names(&good.loaded), ["Fleet/lab", "Job/a"]);
+
+        // The fleet's file breaks; a job that names the fleet and a new job still load.
+        std::fs::write(dir.path().join("fleet.yaml"), BROKEN).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), job("b", false)).unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            job("a", true).replace("hi", "edited"),
+        )
+        .unwrap();
+        let state = load_tolerant(dir.path(), &ctx, &good.loaded).unwrap();
+        assert_eq!(names(&state.loaded), ["Fleet/lab", "Job/a", "Job/b"]);
+        let a = state
+            .loaded
+            .manifests
+            .jobs
+            .iter()
+            .find(|j| j.name == "a")
+            .unwrap();
+        assert!(
+            a.runs[0].command.contains("edited"),
+            "the edit to a applies"
+        );
+        assert!(!state.problems.is_empty());
+        assert!(
+            state
+                .problems
+                .iter()
+                .all(|p| p.file.ends_with("fleet.yaml") && p.line > 0),
+            "{:?}",
+            state.problems
+        );
+
+        // Without a last good state, the broken file's objects are simply not there.
+        let fresh = load_tolerant(dir.path(), &ctx, &Loaded::default()).unwrap();
+        assert_eq!(names(&fresh.loaded), ["Job/b"]);
+    }
+}
