@@ -322,9 +322,6 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
     }
     // Recorded for the readers, who run from any directory.
     let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
-    // `apply` reads this to tell the user when it writes where this controller is not
-    // looking (a controller started on a git checkout with --manifests).
-    std::fs::write(home.controller_manifests(), dir.display().to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
