@@ -106,6 +106,8 @@ pub fn usd(value: f64) -> f64 {
 /// The reason of a run as a table shows it: with the last error of its steps, if any.
 pub fn reason_cell(run: &RunRecord, error: Option<&RunError>) -> String {
     match error {
+        // "failed with exit code 3" says less than the step that failed.
+        Some(e) if e.step == "setup" && run.phase.is_terminal() => e.message.clone(),
         Some(e) if !run.reason.contains(&e.message) => {
             format!("{}; last error ({}): {}", run.reason, e.step, e.message)
         }
