@@ -342,6 +342,23 @@ mod tests {
     }
 
     #[test]
+    fn a_zombie_or_a_dead_pid_is_not_a_live_controller() {
+        assert!(process_alive(std::process::id()));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie, which still shows in /proc.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!process_alive(pid));
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
+    }
+
+    #[test]
     fn one_lock_holder_per_home() {
         let dir = tempfile::tempdir().unwrap();
         let home = Home::at(dir.path());

@@ -371,3 +371,107 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(query(STEP))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(read_at_ms: i64) -> DesiredFolder {
+        DesiredFolder {
+            folder: PathBuf::from("/repo/manifests"),
+            commit: Some("abc".into()),
+            generation: 0,
+            read_at_ms,
+            recorded_at: read_at_ms / 1000,
+        }
+    }
+
+    fn problem(file: &str, since: Timestamp) -> DesiredProblem {
+        DesiredProblem {
+            file: PathBuf::from(file),
+            line: 3,
+            column: 5,
+            message: "expected a mapping".into(),
+            since,
+        }
+    }
+
+    #[test]
+    fn a_broken_file_keeps_the_time_it_broke_until_it_is_fixed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        assert!(store.desired().unwrap().is_none());
+        let job = DesiredObject {
+            kind: "Job".into(),
+            name: "g1".into(),
+            file: PathBuf::from("/repo/manifests/g1.yaml"),
+            line: 1,
+            yaml: "kind: Job\n".into(),
+        };
+        let g1 = store
+            .record_desired(
+                &source(1_000),
+                std::slice::from_ref(&job),
+                &[problem("/m/b.yaml", 1)],
+            )
+            .unwrap();
+        let g2 = store
+            .record_desired(
+                &source(2_000),
+                std::slice::from_ref(&job),
+                &[problem("/m/b.yaml", 2)],
+            )
+            .unwrap();
+        assert_eq!(g2, g1 + 1);
+        let record = store.desired().unwrap().unwrap();
+        assert_eq!(record.objects, vec![job.clone()]);
+        assert_eq!(
+            record.problems[0].since, 1,
+            "still broken since the first record"
+        );
+        assert_eq!(record.source.read_at_ms, 2_000);
+        assert_eq!(record.source.commit.as_deref(), Some("abc"));
+        // Fixed, then broken again: a new since.
+        store.record_desired(&source(3_000), &[], &[]).unwrap();
+        store
+            .record_desired(&source(4_000), &[], &[problem("/m/b.yaml", 4)])
+            .unwrap();
+        let record = store.desired().unwrap().unwrap();
+        assert!(record.objects.is_empty());
+        assert_eq!(record.problems[0].since, 4);
+    }
+
+    #[test]
+    fn controller_liveness_and_run_errors_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        assert!(store.controller_status().unwrap().is_none());
+        store.controller_started(42, 10).unwrap();
+        store.controller_seen(42, 15).unwrap();
+        // Another pid's reports do not touch the current controller's entry.
+        store.controller_stopped(7, 16).unwrap();
+        store.controller_stopping(42, 20).unwrap();
+        store.controller_stopped(42, 21).unwrap();
+        let c = store.controller_status().unwrap().unwrap();
+        assert_eq!(
+            c,
+            ControllerStatus {
+                pid: 42,
+                started_at: 10,
+                seen_at: 21,
+                stopping_at: Some(20),
+                stopped_at: Some(21),
+            }
+        );
+        let error = RunError {
+            step: "start".into(),
+            message: "upload failed".into(),
+            detail: String::new(),
+            at: 30,
+        };
+        store.set_run_error("r-0", &error).unwrap();
+        assert_eq!(store.run_errors().unwrap().get("r-0"), Some(&error));
+        store.clear_run_error("r-0").unwrap();
+        assert!(store.run_errors().unwrap().is_empty());
+    }
+}
