@@ -106,6 +106,31 @@ fn get_and_describe_show_the_folder_the_controller_watches_with_its_commit() {
     assert!(!described.contains("deleted"), "{described}");
     assert!(described.contains("Manifest:"), "{described}");
     assert!(described.contains(&head), "{described}");
+
+    // Deleting is done where the job is defined; the CLI says so rather than wait.
+    let mut delete = a
+        .command()
+        .args(["delete", "job", "g1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while delete.try_wait().unwrap().is_none() {
+        if start.elapsed() > Duration::from_secs(20) {
+            kill9(&mut delete);
+            panic!("delete of a job defined in the watched folder waits");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = delete.wait_with_output().unwrap();
+    let (_, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is defined in") && stderr.contains("g1.yaml"),
+        "{stderr}"
+    );
+    assert_eq!(a.run_phase("g1-0").as_deref(), Some("Running"));
     kill9(&mut controller);
 }
 

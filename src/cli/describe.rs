@@ -61,7 +61,7 @@ fn job(home: &Home, name: &str) -> CliResult {
         Some(s) => s.run_errors()?,
         None => Default::default(),
     };
-    get::warn_state(home, store.as_ref(), None);
+    get::warn_state(home, store.as_ref(), Some(&view));
     let Some(doc) = doc else {
         if runs.is_empty() {
             return Err(fail(format!("no job named {name:?}")));

@@ -243,7 +243,9 @@ fn run_names(tags: &[String]) -> Vec<String> {
 
 pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResult {
     let store = open_store(home)?;
-    let current = super::desired::view(home, store.as_ref())?.loaded;
+    let view = super::desired::view(home, store.as_ref())?;
+    warn_state(home, store.as_ref(), Some(&view));
+    let current = view.loaded;
     let mut items = Vec::new();
     let mut table = super::render::new_table(&[
         "FLEET",
@@ -328,7 +330,9 @@ pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResu
 pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliResult {
     use crate::reconcile::budget;
     let store = open_store(home)?;
-    let current = super::desired::view(home, store.as_ref())?.loaded;
+    let view = super::desired::view(home, store.as_ref())?;
+    warn_state(home, store.as_ref(), Some(&view));
+    let current = view.loaded;
     let now = super::now();
     let mut items = Vec::new();
     let mut table =
