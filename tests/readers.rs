@@ -425,3 +425,43 @@ fn a_start_that_keeps_failing_shows_its_error_in_the_reason_and_describe() {
     assert!(described.contains("Last error: start:"), "{described}");
     assert!(described.contains("upload working folder"), "{described}");
 }
+
+// Issue 7 item 13, the other way a controller leaves: asked to stop (SIGTERM), it
+// finishes its in-flight steps first and holds the lock meanwhile.
+#[test]
+fn apply_right_after_stopping_the_controller_waits_for_it_and_starts_another() {
+    let a = Asimov::new();
+    // Ignores SIGTERM: destroying it takes the agent's whole grace period.
+    let file = a.manifest(
+        "slow.yaml",
+        &job("slow", "trap '' TERM; while true; do sleep 1; done").replace("..", "."),
+    );
+    let file = file.to_str().unwrap();
+    a.ok(&["apply", "-f", file]);
+    a.wait_for("slow-0 to run", Duration::from_secs(30), || {
+        a.run_phase("slow-0").as_deref() == Some("Running")
+    });
+    let pid: i32 = std::fs::read_to_string(a.home().join("controller.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    a.ok(&["delete", "job", "slow", "--no-wait"]);
+    a.wait_for("the teardown to begin", Duration::from_secs(10), || {
+        a.run_phase("slow-0").as_deref() == Some("Deleting")
+    });
+    // SAFETY: signalling the controller by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let out = a.run(&["apply", "-f", file]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(a.controller_running(), "no controller after apply");
+    let now: i32 = std::fs::read_to_string(a.home().join("controller.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(now, pid, "apply trusted the controller that was stopping");
+    a.wait_for("slow-0 to run again", Duration::from_secs(60), || {
+        a.run_phase("slow-0").as_deref() == Some("Running")
+    });
+}
