@@ -1,7 +1,10 @@
 //! `asimov controller [--manifests DIR] [--once]`: the reconcile loop in this process,
 //! holding the home's controller lock. The desired state is a folder of manifests
-//! watched with `notify` (debounced); a folder that stops validating keeps the last
-//! good state in force and says why in the log, so one typo never tears anything down.
+//! watched with `notify` (debounced) and recorded in the store for the readers; a file
+//! that stops validating keeps its own objects at their last good state and says why
+//! (log and store), so one typo neither tears anything down nor stalls the rest. The
+//! controller also reports its liveness in the store (started, heartbeat, stopping,
+//! stopped).
 
 use super::daemon::{self, ControllerLock};
 use super::{CliResult, desired, fail};
