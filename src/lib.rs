@@ -13,5 +13,6 @@ pub mod model;
 pub mod provider;
 pub mod reconcile;
 pub mod retry;
+pub mod source;
 pub mod store;
 pub mod transport;

@@ -3,8 +3,8 @@
 
 use asimov::agent::{
     AGENT_SCRIPT, AgentMachine, AgentState, AgentStatus, LaunchSource, LaunchSpec, Machine,
-    capture_git,
 };
+use asimov::source::capture_git;
 use asimov::home::Home;
 use asimov::model::{OwnerTag, Progress, Secret};
 use asimov::provider::local::LocalProvider;
@@ -28,6 +28,7 @@ fn spec(tag: &str, command: &str) -> LaunchSpec {
         max_duration: None,
         source: LaunchSource::None,
         files: Vec::new(),
+        exclude: Vec::new(),
         outputs: Vec::new(),
     }
 }

@@ -1,7 +1,6 @@
 //! `AgentMachine`: the `Machine` operations over any `Transport`, driving `agent.sh` in
 //! one instance folder.
 
-use super::git::workdir_files;
 use super::parse::parse_status;
 use super::{AGENT_SCRIPT, AgentError, AgentStatus, LaunchSource, LaunchSpec, Machine};
 use crate::transport::{CommandOutput, Transport};
@@ -141,13 +140,18 @@ impl AgentMachine {
         Ok(self.root.clone())
     }
 
-    async fn upload_source(&self, root: &str, source: &LaunchSource) -> Result<(), AgentError> {
+    async fn upload_source(
+        &self,
+        root: &str,
+        source: &LaunchSource,
+        exclude: &[std::path::PathBuf],
+    ) -> Result<(), AgentError> {
         let work = format!("{root}/work");
         let qwork = sh_quote(&work);
         // `start` left `work/` empty (a half-done earlier upload is gone with it).
         match source {
             LaunchSource::None => {}
-            LaunchSource::Workdir(dir) => self.upload_workdir(dir, &work).await?,
+            LaunchSource::Workdir(dir) => self.upload_workdir(dir, exclude, &work).await?,
             LaunchSource::Git {
                 repo,
                 reference,
@@ -175,30 +179,57 @@ impl AgentMachine {
         Ok(())
     }
 
-    async fn upload_workdir(&self, dir: &Path, work: &str) -> Result<(), AgentError> {
-        let upload_err = |source| AgentError::Transport {
-            machine: self.transport.machine().to_string(),
-            step: "upload working folder",
-            source,
-        };
-        let Some(files) = workdir_files(dir) else {
-            return self.transport.upload(dir, work).await.map_err(upload_err);
-        };
-        // Stage what git would keep in a temporary folder (hard links where possible),
-        // then send that folder in one upload.
+    async fn upload_workdir(
+        &self,
+        dir: &Path,
+        exclude: &[std::path::PathBuf],
+        work: &str,
+    ) -> Result<(), AgentError> {
+        let step = "upload working folder";
+        let limit =
+            crate::source::max_upload().map_err(|e| AgentError::Rejected {
+                step,
+                message: e.to_string(),
+            })?;
+        let (from, skip) = (dir.to_path_buf(), exclude.to_vec());
+        let selection =
+            tokio::task::spawn_blocking(move || crate::source::select_upload(&from, &skip, limit))
+                .await
+                .map_err(|e| self.fail(step, e.to_string()))?
+                .map_err(|e| match e {
+                    crate::source::SelectionError::Read { .. } => self.fail(step, e.to_string()),
+                    _ => AgentError::Rejected {
+                        step,
+                        message: e.to_string(),
+                    },
+                })?;
+        tracing::info!(
+            machine = self.transport.machine(),
+            dir = %dir.display(),
+            files = selection.files.len(),
+            size = %crate::source::human(selection.bytes),
+            excluded = ?selection.excluded,
+            "uploading working folder"
+        );
+        // Stage the selection in a temporary folder (hard links where possible), then
+        // send that folder in one upload.
         let stage =
             tempfile::tempdir().map_err(|e| self.fail("stage working folder", e.to_string()))?;
         let staged = stage.path().join("work");
         let dir = dir.to_path_buf();
         let target = staged.clone();
-        tokio::task::spawn_blocking(move || stage_files(&dir, &files, &target))
+        tokio::task::spawn_blocking(move || stage_files(&dir, &selection.files, &target))
             .await
             .map_err(|e| self.fail("stage working folder", e.to_string()))?
             .map_err(|e| self.fail("stage working folder", e.to_string()))?;
         self.transport
             .upload(&staged, work)
             .await
-            .map_err(upload_err)
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step,
+                source,
+            })
     }
 
     async fn copy_files(&self, files: &[(std::path::PathBuf, String)]) -> Result<(), AgentError> {
@@ -362,7 +393,8 @@ impl Machine for AgentMachine {
         if out.stdout.trim() == STARTED {
             return Ok(());
         }
-        self.upload_source(&root, &spec.source).await?;
+        self.upload_source(&root, &spec.source, &spec.exclude)
+            .await?;
         self.copy_files(&spec.files).await?;
         self.run_ok("start agent", &self.agent(&root, "start"))
             .await?;

@@ -40,11 +40,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-mod git;
 mod machine;
 mod parse;
 
-pub use git::{GitInfo, capture_git, is_work_tree, resolve_remote_commit, workdir_files};
 pub use machine::{AgentMachine, output_name, sh_quote};
 pub use parse::{LOG_MARKER, parse_progress, parse_status};
 
@@ -68,6 +66,9 @@ pub struct LaunchSpec {
     pub files: Vec<(PathBuf, String)>,
     /// Paths on the instance to bring back when the run ends.
     pub outputs: Vec<String>,
+    /// Local folders a workdir upload never sends, wherever they are: `$ASIMOV_HOME`
+    /// and local outputs folders (what asimov itself writes).
+    pub exclude: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +135,17 @@ pub enum AgentError {
         step: &'static str,
         message: String,
     },
+    /// What the run asks for cannot be done as it stands (a working folder over the
+    /// upload limit): trying again changes nothing until the user does.
+    #[error("{step}: {message}")]
+    Rejected { step: &'static str, message: String },
+}
+
+impl AgentError {
+    /// True when a retry cannot succeed without a change by the user.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, AgentError::Rejected { .. })
+    }
 }
 
 /// One instance's agent, as the executor drives it.

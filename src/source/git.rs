@@ -1,6 +1,6 @@
-//! What the local git work tree says about a job's source: the files git would keep
-//! (what a workdir upload sends) and the commit, author and uncommitted diff each run
-//! records.
+//! What git says about a job's source, asked on the controller's machine: the files a
+//! work tree would keep (what a workdir upload sends), the commit, author and
+//! uncommitted diff each run records, and the commit a remote's ref points at.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -130,20 +130,46 @@ pub fn workdir_files(dir: &Path) -> Option<Vec<PathBuf>> {
     Some(files)
 }
 
+/// How long `git ls-remote` may take before the run is recorded without a commit (the
+/// clone on the instance then checks out the reference itself).
+pub const LS_REMOTE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The commit `reference` (default `HEAD`) names in the repository at `repo`, asked of
 /// the repository itself (`git ls-remote`), so that every attempt of a run checks out
-/// the same code even when the branch moves on.
-pub fn resolve_remote_commit(repo: &str, reference: Option<&str>) -> Option<String> {
+/// the same code even when the branch moves on. Runs as a child process the async
+/// workers only await, and gives up after [`LS_REMOTE_TIMEOUT`] (a hung remote must not
+/// stall the controller); `None` when the remote cannot say in time.
+pub async fn resolve_remote_commit(repo: &str, reference: Option<&str>) -> Option<String> {
+    resolve_remote_commit_within(repo, reference, LS_REMOTE_TIMEOUT).await
+}
+
+/// [`resolve_remote_commit`] with its own time limit.
+pub async fn resolve_remote_commit_within(
+    repo: &str,
+    reference: Option<&str>,
+    limit: std::time::Duration,
+) -> Option<String> {
     let reference = reference.unwrap_or("HEAD");
     if reference.len() == 40 && reference.chars().all(|c| c.is_ascii_hexdigit()) {
         return Some(reference.to_string());
     }
-    let out = Command::new("git")
+    let child = tokio::process::Command::new("git")
         .args(["ls-remote", "--", repo, reference])
         .env("GIT_TERMINAL_PROMPT", "0")
         .stdin(std::process::Stdio::null())
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        // On timeout the future is dropped, and git with it.
+        .kill_on_drop(true)
+        .spawn()
         .ok()?;
+    let out = match tokio::time::timeout(limit, child.wait_with_output()).await {
+        Ok(out) => out.ok()?,
+        Err(_) => {
+            tracing::warn!(repo, reference, ?limit, "git ls-remote timed out");
+            return None;
+        }
+    };
     if !out.status.success() {
         return None;
     }
