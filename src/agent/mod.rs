@@ -43,8 +43,16 @@ use std::time::Duration;
 mod machine;
 mod parse;
 
-pub use machine::{AgentMachine, output_name, sh_quote};
+pub use machine::{AgentMachine, cap_log_file, output_name, sh_quote};
 pub use parse::{LOG_MARKER, parse_progress, parse_status};
+
+/// The most of a run's log the agent keeps, and the most `collect` keeps of the copy
+/// under `$ASIMOV_HOME/logs/`: 16 MiB. Past it the oldest output goes and the newest
+/// [`LOG_KEEP`] bytes stay (the same numbers as `LOG_CAP` in `agent.sh`).
+pub const LOG_CAP: u64 = 16 << 20;
+
+/// What a log is cut back to when it passes [`LOG_CAP`].
+pub const LOG_KEEP: u64 = LOG_CAP / 2;
 
 /// The agent script uploaded to every instance as `ROOT/agent.sh`.
 pub const AGENT_SCRIPT: &str = include_str!("agent.sh");
@@ -163,6 +171,24 @@ pub trait Machine: Send + Sync {
 
     /// Copies the log to `log` and the run's outputs into `outputs`.
     async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError>;
+
+    /// Copies the run's log, byte for byte and never whole in memory, to the local file
+    /// `to`; false when there is no log yet. Machines that keep no log refuse.
+    async fn copy_log(&self, _to: &Path) -> Result<bool, AgentError> {
+        Err(AgentError::Rejected {
+            step: "read log",
+            message: "this machine keeps no log".into(),
+        })
+    }
+
+    /// The run's log from its start, then every byte appended to it, live (`logs -f`).
+    /// Machines that keep no log refuse.
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
+        Err(AgentError::Rejected {
+            step: "follow log",
+            message: "this machine keeps no log".into(),
+        })
+    }
 
     /// Stops the run (its whole process group); idempotent.
     async fn stop(&self) -> Result<(), AgentError>;

@@ -40,6 +40,9 @@ pub fn run() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // Everything asimov writes (store, logs, controller.log, instance folders) is the
+    // user's alone, whatever the shell's umask; jobs get the user's umask back.
+    crate::home::private_umask();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
@@ -102,6 +105,7 @@ fn init_tracing(default: &str) {
 
 fn dispatch(cli: Cli) -> CliResult {
     let home = Home::from_env()?;
+    home.tighten();
     let Some(command) = cli.command else {
         use clap::CommandFactory;
         let _ = Cli::command().print_help();

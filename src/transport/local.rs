@@ -20,6 +20,23 @@ impl LocalTransport {
     }
 }
 
+/// `sh -c script`, with the user's umask when the CLI made its own private: the agent
+/// keeps its own files private itself, the job gets what the user's shell would give.
+fn shell(script: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    if let Some(mask) = crate::home::user_umask() {
+        // SAFETY: umask is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(mask);
+                Ok(())
+            });
+        }
+    }
+    cmd
+}
+
 fn io_error(step: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
     move |source| TransportError::Io {
         machine: MACHINE.to_string(),
@@ -49,9 +66,7 @@ impl Transport for LocalTransport {
     }
 
     async fn exec(&self, script: &str) -> Result<CommandOutput, TransportError> {
-        let output = Command::new("sh")
-            .arg("-c")
-            .arg(script)
+        let output = shell(script)
             .stdin(Stdio::null())
             .output()
             .await
@@ -64,9 +79,7 @@ impl Transport for LocalTransport {
         script: &str,
         stdin: &[u8],
     ) -> Result<CommandOutput, TransportError> {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
+        let mut child = shell(script)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
