@@ -447,3 +447,61 @@ fn argument_errors_exit_1() {
         assert!(!out.stdout.is_empty());
     }
 }
+
+/// Pids of live processes whose command line is exactly `args`.
+fn pids_running(args: &[&str]) -> Vec<i32> {
+    let want: Vec<u8> = args.iter().flat_map(|a| [a.as_bytes(), b"\0"].concat()).collect();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+        if !zombie && std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c == want) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Item 14: processes that escape their run (a new session and an empty environment;
+/// or that and another folder and closed files, with a living parent) do not survive
+/// `delete`.
+#[test]
+fn processes_that_escape_their_run_do_not_survive_delete() {
+    let a = Asimov::new();
+    // Odd durations name these processes on this machine.
+    let file = a.manifest(
+        "escape.yaml",
+        &job(
+            "escape",
+            "",
+            "setsid env -i sleep 3141 &\n\
+             (cd / && exec setsid env -i sh -c 'sleep 2718; true' </dev/null >/dev/null 2>&1) &\n\
+             echo escaped\nsleep 600",
+        ),
+    );
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    a.wait_for("both escapes", Duration::from_secs(30), || {
+        !pids_running(&["sleep", "3141"]).is_empty() && !pids_running(&["sleep", "2718"]).is_empty()
+    });
+    let escaped = [pids_running(&["sleep", "3141"]), pids_running(&["sleep", "2718"])].concat();
+    let out = a.run(&["delete", "job", "escape"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("destroyed"), "{said}");
+    let alive: Vec<i32> = escaped
+        .iter()
+        .copied()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .is_ok_and(|s| !s.rsplit_once(") ").is_some_and(|(_, r)| r.starts_with('Z')))
+        })
+        .collect();
+    for pid in &alive {
+        // SAFETY: cleaning up what the test started.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    assert!(alive.is_empty(), "escaped processes {alive:?} survived delete");
+    assert!(a.local_instances().is_empty());
+}
