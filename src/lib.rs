@@ -4,7 +4,6 @@
 //! agent} → model. See ARCHITECTURE.md.
 
 pub mod agent;
-pub mod bench;
 pub mod cli;
 pub mod failpoint;
 pub mod home;

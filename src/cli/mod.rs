@@ -4,6 +4,7 @@
 
 mod apply;
 mod args;
+mod bench;
 mod controller;
 pub mod daemon;
 mod delete;
@@ -156,7 +157,7 @@ fn dispatch(cli: Cli) -> CliResult {
             idle_seconds,
         } => {
             init_tracing("warn");
-            let report = crate::bench::run(crate::bench::BenchOptions {
+            let report = bench::run(bench::BenchOptions {
                 runs,
                 jobs,
                 idle_seconds,
