@@ -175,6 +175,7 @@ const USER_UMASK_ENV: &str = "ASIMOV_USER_UMASK";
 /// Call before any thread starts.
 pub fn private_umask() {
     // SAFETY: umask only swaps the process's file mode mask.
+    #[allow(clippy::useless_conversion)] // mode_t is u16 on some Unixes
     let mut user = u32::from(unsafe { libc::umask(0o077) });
     match std::env::var(USER_UMASK_ENV)
         .ok()

@@ -4,11 +4,11 @@
 use asimov::agent::{
     AGENT_SCRIPT, AgentMachine, AgentState, AgentStatus, LaunchSource, LaunchSpec, Machine,
 };
-use asimov::source::capture_git;
 use asimov::home::Home;
 use asimov::model::{OwnerTag, Progress, Secret};
 use asimov::provider::local::LocalProvider;
 use asimov::provider::{CreateRequest, ErrorKind, InstanceState, Provider};
+use asimov::source::capture_git;
 use asimov::transport::local::LocalTransport;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

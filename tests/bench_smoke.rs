@@ -24,7 +24,15 @@ fn line_after<'a>(text: &'a str, marker: &str) -> &'a str {
 #[test]
 fn small_benchmark_takes_its_figures() {
     let out = Command::new(env!("CARGO_BIN_EXE_asimov"))
-        .args(["bench", "--runs", "200", "--jobs", "30", "--idle-seconds", "1"])
+        .args([
+            "bench",
+            "--runs",
+            "200",
+            "--jobs",
+            "30",
+            "--idle-seconds",
+            "1",
+        ])
         .env_remove("ASIMOV_HOME")
         .output()
         .expect("asimov bench runs");
@@ -38,7 +46,10 @@ fn small_benchmark_takes_its_figures() {
 
     let store = text.lines().find(|l| l.contains("store:")).expect(&text);
     assert_eq!(number_after(store, "store: "), Some(200.0), "{text}");
-    assert!(number_after(store, "runs, ").is_some_and(|mib| mib > 0.0), "{text}");
+    assert!(
+        number_after(store, "runs, ").is_some_and(|mib| mib > 0.0),
+        "{text}"
+    );
     for figure in ["table ", "-o json "] {
         let line = text
             .lines()
@@ -52,13 +63,19 @@ fn small_benchmark_takes_its_figures() {
     }
 
     let first = line_after(&text, "first pass");
-    let steady_line = text.lines().find(|l| l.contains("steady pass")).expect(&text);
+    let steady_line = text
+        .lines()
+        .find(|l| l.contains("steady pass"))
+        .expect(&text);
     let steady = line_after(&text, "steady pass");
     assert_eq!(number_after(first, "list "), Some(1.0), "{text}");
     assert_eq!(number_after(steady, "list "), Some(1.0), "{text}");
     assert_eq!(number_after(steady, "create "), Some(0.0), "{text}");
     assert!(steady_line.contains("(0 ops planned"), "{text}");
-    let memory = text.lines().find(|l| l.contains("memory: RSS")).expect(&text);
+    let memory = text
+        .lines()
+        .find(|l| l.contains("memory: RSS"))
+        .expect(&text);
     let before = number_after(memory, "RSS ").expect(memory);
     let after = number_after(memory, "before, ").expect(memory);
     let peak = number_after(memory, "(VmHWM) ").expect(memory);

@@ -195,7 +195,10 @@ fn the_home_is_never_uploaded_even_from_inside_the_working_folder() {
         let log = n.ok(&["logs", "nested-0"]);
         assert!(log.contains("training"), "{log}");
         assert!(log.contains("./train.sh"), "{log}");
-        assert!(!log.contains(".asimov"), "the home was uploaded (git: {git}):\n{log}");
+        assert!(
+            !log.contains(".asimov"),
+            "the home was uploaded (git: {git}):\n{log}"
+        );
         assert!(!log.contains("LEAKED"), "{log}");
         let copies = all_files(&n.home())
             .into_iter()
@@ -298,7 +301,10 @@ fn the_home_and_its_files_are_private_under_umask_022() {
         std::fs::read_to_string(instance.join("log")).is_ok_and(|l| l.contains("made-by-job"))
     });
     let log = ok_022(&a, &["logs", "private-0"]);
-    assert!(log.contains("umask=0022"), "the job keeps the user's umask: {log}");
+    assert!(
+        log.contains("umask=0022"),
+        "the job keeps the user's umask: {log}"
+    );
     assert!(log.contains("-rw-r--r--"), "{log}");
     assert_eq!(mode(home), 0o700);
     let mut checked = 0;
@@ -320,7 +326,13 @@ fn the_home_and_its_files_are_private_under_umask_022() {
         instance.join("spec/run.sh"),
     ] {
         if path.exists() {
-            assert_eq!(mode(&path) & 0o077, 0, "{} is {:o}", path.display(), mode(&path));
+            assert_eq!(
+                mode(&path) & 0o077,
+                0,
+                "{} is {:o}",
+                path.display(),
+                mode(&path)
+            );
             checked += 1;
         }
     }
@@ -350,12 +362,19 @@ fn the_home_and_its_files_are_private_under_umask_022() {
         home.join("logs"),
         home.join("logs/old-0.log"),
     ] {
-        assert_eq!(mode(&path) & 0o077, 0, "{} is {:o}", path.display(), mode(&path));
+        assert_eq!(
+            mode(&path) & 0o077,
+            0,
+            "{} is {:o}",
+            path.display(),
+            mode(&path)
+        );
     }
 }
 
 /// Runs `asimov args` with stdout to /dev/null; returns its exit status and peak RSS in
 /// KiB (from wait4).
+#[allow(clippy::zombie_processes)] // reaped by wait4, which also gives the rusage
 fn peak_rss(a: &Asimov, args: &[&str]) -> (i32, i64) {
     let child = a
         .command()
@@ -392,8 +411,16 @@ fn logs_are_capped_at_16_mib_keeping_the_tail_and_streamed() {
     let size = std::fs::metadata(&kept).unwrap().len();
     assert!(size <= CAP + 4096, "kept log is {size} bytes");
     let log = a.ok(&["logs", "loud-0"]);
-    assert!(log.ends_with("LAST-LINE\n"), "{}", &log[log.len().saturating_sub(200)..]);
-    assert!(log.starts_with("[asimov: the log passed 16777216 bytes"), "{}", &log[..200]);
+    assert!(
+        log.ends_with("LAST-LINE\n"),
+        "{}",
+        &log[log.len().saturating_sub(200)..]
+    );
+    assert!(
+        log.starts_with("[asimov: the log passed 16777216 bytes"),
+        "{}",
+        &log[..200]
+    );
 
     drop(log);
     // A kept log bigger than any cap (an older asimov's) still prints in bounded memory:
@@ -421,7 +448,10 @@ fn controller_log_has_no_colour_codes() {
     a.ok(&["apply", "-f", file.to_str().unwrap(), "--wait"]);
     let log = std::fs::read_to_string(a.home().join("controller.log")).unwrap();
     assert!(log.contains("INFO"), "{log}");
-    assert!(!log.contains('\u{1b}'), "ANSI escapes in controller.log:\n{log:?}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in controller.log:\n{log:?}"
+    );
     a.ok(&["delete", "job", "quiet"]);
 }
 
@@ -450,14 +480,19 @@ fn argument_errors_exit_1() {
 
 /// Pids of live processes whose command line is exactly `args`.
 fn pids_running(args: &[&str]) -> Vec<i32> {
-    let want: Vec<u8> = args.iter().flat_map(|a| [a.as_bytes(), b"\0"].concat()).collect();
+    let want: Vec<u8> = args
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
         let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z'));
+        let zombie = stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z'));
         if !zombie && std::fs::read(entry.path().join("cmdline")).is_ok_and(|c| c == want) {
             pids.push(pid);
         }
@@ -486,7 +521,11 @@ fn processes_that_escape_their_run_do_not_survive_delete() {
     a.wait_for("both escapes", Duration::from_secs(30), || {
         !pids_running(&["sleep", "3141"]).is_empty() && !pids_running(&["sleep", "2718"]).is_empty()
     });
-    let escaped = [pids_running(&["sleep", "3141"]), pids_running(&["sleep", "2718"])].concat();
+    let escaped = [
+        pids_running(&["sleep", "3141"]),
+        pids_running(&["sleep", "2718"]),
+    ]
+    .concat();
     let out = a.run(&["delete", "job", "escape"]);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && said.contains("destroyed"), "{said}");
@@ -502,6 +541,9 @@ fn processes_that_escape_their_run_do_not_survive_delete() {
         // SAFETY: cleaning up what the test started.
         unsafe { libc::kill(*pid, libc::SIGKILL) };
     }
-    assert!(alive.is_empty(), "escaped processes {alive:?} survived delete");
+    assert!(
+        alive.is_empty(),
+        "escaped processes {alive:?} survived delete"
+    );
     assert!(a.local_instances().is_empty());
 }

@@ -186,11 +186,10 @@ impl AgentMachine {
         work: &str,
     ) -> Result<(), AgentError> {
         let step = "upload working folder";
-        let limit =
-            crate::source::max_upload().map_err(|e| AgentError::Rejected {
-                step,
-                message: e.to_string(),
-            })?;
+        let limit = crate::source::max_upload().map_err(|e| AgentError::Rejected {
+            step,
+            message: e.to_string(),
+        })?;
         let (from, skip) = (dir.to_path_buf(), exclude.to_vec());
         let selection =
             tokio::task::spawn_blocking(move || crate::source::select_upload(&from, &skip, limit))
@@ -439,10 +438,12 @@ impl Machine for AgentMachine {
                 .map_err(transfer_err)?;
             // An agent older than the cap, or a log that grew within its last second.
             let kept = log.to_path_buf();
-            tokio::task::spawn_blocking(move || cap_log_file(&kept, super::LOG_CAP, super::LOG_KEEP))
-                .await
-                .map_err(|e| self.fail("cap log", e.to_string()))?
-                .map_err(|e| self.fail("cap log", e.to_string()))?;
+            tokio::task::spawn_blocking(move || {
+                cap_log_file(&kept, super::LOG_CAP, super::LOG_KEEP)
+            })
+            .await
+            .map_err(|e| self.fail("cap log", e.to_string()))?
+            .map_err(|e| self.fail("cap log", e.to_string()))?;
         }
         let listed = self
             .run_ok(

@@ -160,9 +160,7 @@ impl LocalProvider {
             .map(|p| p.tty)
             .collect();
         for p in &all {
-            if !member.contains(&p.pid)
-                && (p.tty == 0 || ttys.contains(&p.tty))
-                && p.touches(root)
+            if !member.contains(&p.pid) && (p.tty == 0 || ttys.contains(&p.tty)) && p.touches(root)
             {
                 member.insert(p.pid);
             }
@@ -178,7 +176,9 @@ impl LocalProvider {
                 break;
             }
         }
-        all.into_iter().filter(|p| member.contains(&p.pid)).collect()
+        all.into_iter()
+            .filter(|p| member.contains(&p.pid))
+            .collect()
     }
 }
 

@@ -386,11 +386,14 @@ impl Executor {
                 let rec = self.run_record(op, run)?;
                 let mut launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
                 // What asimov writes is never uploaded, even inside the working folder.
-                launch.exclude = [Some(self.home.root()), self.outputs_dir(desired, run).parent()]
-                    .into_iter()
-                    .flatten()
-                    .map(PathBuf::from)
-                    .collect();
+                launch.exclude = [
+                    Some(self.home.root()),
+                    self.outputs_dir(desired, run).parent(),
+                ]
+                .into_iter()
+                .flatten()
+                .map(PathBuf::from)
+                .collect();
                 let backend = self.provider(op, instance.provider)?;
                 let machine = backend
                     .machine(instance)

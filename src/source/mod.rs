@@ -12,6 +12,5 @@ pub use git::{
     resolve_remote_commit_within, workdir_files,
 };
 pub use upload::{
-    DEFAULT_MAX_UPLOAD, MAX_UPLOAD_ENV, Selection, SelectionError, human, max_upload,
-    select_upload,
+    DEFAULT_MAX_UPLOAD, MAX_UPLOAD_ENV, Selection, SelectionError, human, max_upload, select_upload,
 };

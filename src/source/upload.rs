@@ -226,6 +226,9 @@ mod tests {
         let err = select_upload(d, &[], 4).unwrap_err();
         assert!(err.to_string().contains(MAX_UPLOAD_ENV), "{err}");
         let err = select_upload(&d.join(".asimov/local"), &[d.join(".asimov")], 1).unwrap_err();
-        assert!(matches!(err, SelectionError::InsideExcluded { .. }), "{err}");
+        assert!(
+            matches!(err, SelectionError::InsideExcluded { .. }),
+            "{err}"
+        );
     }
 }

@@ -236,7 +236,8 @@ mod tests {
         assert_eq!(seqs, (1..=10_000).collect::<Vec<i64>>());
         let phases: std::collections::HashSet<Phase> = runs.iter().map(|r| r.phase).collect();
         assert!(phases.len() >= 6, "{phases:?}");
-        let providers: std::collections::HashSet<_> = runs.iter().filter_map(|r| r.provider).collect();
+        let providers: std::collections::HashSet<_> =
+            runs.iter().filter_map(|r| r.provider).collect();
         assert!(providers.len() >= 4, "{providers:?}");
         let commits: std::collections::HashSet<_> =
             runs.iter().filter_map(|r| r.commit.as_ref()).collect();
