@@ -89,9 +89,10 @@ async fn live(home: &Home, record: RunRecord, follow: bool) -> CliResult {
     let mut out = std::io::stdout();
     if !follow {
         // Byte for byte through a private temporary file, never whole in memory.
-        let copy = tempfile::NamedTempFile::new()?;
-        if machine.copy_log(copy.path()).await? {
-            print_file(copy.path())?;
+        let dir = tempfile::tempdir()?;
+        let copy = dir.path().join("log");
+        if machine.copy_log(&copy).await? {
+            print_file(&copy)?;
         }
         return Ok(ExitCode::SUCCESS);
     }
