@@ -205,6 +205,13 @@ fn the_home_is_never_uploaded_even_from_inside_the_working_folder() {
             .filter(|p| p.file_name().is_some_and(|f| f == "UNLISTED_TOKEN"))
             .count();
         assert_eq!(copies, 1, "the secret exists once, in credentials/");
+        // The upload's size report: train.sh and job.yaml (plus nothing of the home).
+        let report = n.controller_log();
+        let line = report
+            .lines()
+            .find(|l| l.contains("uploading working folder"))
+            .unwrap_or_else(|| panic!("no upload report in:\n{report}"));
+        assert!(line.contains("files=2") && line.contains("size="), "{line}");
         n.ok(&["delete", "job", "nested"]);
     }
 }
