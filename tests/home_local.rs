@@ -554,3 +554,49 @@ fn processes_that_escape_their_run_do_not_survive_delete() {
     );
     assert!(a.local_instances().is_empty());
 }
+
+/// Item 3 with issue 6: `logs` of a live local run (whole, and `-f` until the run ends)
+/// goes through the run's machine like the controller's reads, bytes intact.
+#[test]
+fn logs_of_a_live_local_run_print_and_follow_it() {
+    let a = Asimov::new();
+    let file = a.manifest(
+        "live.yaml",
+        &job(
+            "live",
+            "",
+            "printf 'caf\\351 first\\n'\nwhile [ ! -e go ]; do sleep 0.1; done\necho second\nsleep 1\necho END",
+        ),
+    );
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    a.wait_for("live-0 to run", Duration::from_secs(30), || {
+        a.run_phase("live-0").as_deref() == Some("Running")
+    });
+    let instance = a.home().join("local").join(&a.local_instances()[0]);
+    a.wait_for("the first line", Duration::from_secs(10), || {
+        std::fs::read(instance.join("log")).is_ok_and(|l| l.ends_with(b"first\n"))
+    });
+    let now = a.run(&["logs", "live-0"]);
+    assert!(now.status.success());
+    assert_eq!(now.stdout, b"caf\xe9 first\n", "the bytes as written");
+
+    let follower = a
+        .command()
+        .args(["logs", "live-0", "-f"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    std::fs::write(instance.join("work/go"), "").unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(follower.wait_with_output());
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("logs -f ends when the run does")
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"caf\xe9 first\nsecond\nEND\n");
+    a.ok(&["delete", "job", "live"]);
+}
