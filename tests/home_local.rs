@@ -240,7 +240,8 @@ fn an_upload_over_the_limit_fails_fast_and_says_how_to_raise_it() {
     });
     assert!(started.elapsed() < Duration::from_secs(20));
     let log = n.controller_log();
-    assert!(log.contains("more than 976.6 KiB"), "{log}");
+    assert!(log.contains("over the upload limit of 976.6 KiB"), "{log}");
+    assert!(log.contains("largest data.bin at 3.0 MiB"), "{log}");
     let staged = all_files(&n.home().join("local"))
         .into_iter()
         .filter(|p| p.file_name().is_some_and(|f| f == "data.bin"))

@@ -25,15 +25,19 @@ pub struct Selection {
 #[derive(Debug, thiserror::Error)]
 pub enum SelectionError {
     #[error(
-        "working folder {} holds more than {} to upload (the limit; stopped counting at \
-         {} in {files} files): keep large files out with .gitignore, or raise the limit \
-         with {MAX_UPLOAD_ENV}", dir.display(), human(*limit), human(*seen)
+        "working folder {} is over the upload limit of {} (counted {} in {files} file(s) \
+         before stopping; largest {} at {}): keep large files out with .gitignore, or \
+         raise the limit with {MAX_UPLOAD_ENV}",
+        dir.display(), human(*limit), human(*seen), largest.display(), human(*largest_bytes)
     )]
     TooLarge {
         dir: PathBuf,
         limit: u64,
         seen: u64,
         files: usize,
+        /// The biggest file counted, relative to `dir`: usually the culprit.
+        largest: PathBuf,
+        largest_bytes: u64,
     },
     #[error(
         "working folder {} is inside {}, which asimov writes and never uploads",
@@ -136,9 +140,13 @@ pub fn select_upload(
         bytes: 0,
         excluded: excluded_here.clone(),
     };
+    let mut largest = (PathBuf::new(), 0u64);
     let mut add = |rel: PathBuf, meta: &std::fs::Metadata| {
         if meta.is_file() {
             selection.bytes += meta.len();
+            if meta.len() >= largest.1 {
+                largest = (rel.clone(), meta.len());
+            }
         }
         selection.files.push(rel);
         if selection.bytes > limit {
@@ -147,6 +155,8 @@ pub fn select_upload(
                 limit,
                 seen: selection.bytes,
                 files: selection.files.len(),
+                largest: largest.0.clone(),
+                largest_bytes: largest.1,
             });
         }
         Ok(())
@@ -223,8 +233,10 @@ mod tests {
         assert_eq!(names, ["link", "src/a.py", "src/empty"]);
         assert_eq!(s.bytes, 3);
         assert_eq!(s.excluded, [PathBuf::from(".asimov")]);
-        let err = select_upload(d, &[], 4).unwrap_err();
-        assert!(err.to_string().contains(MAX_UPLOAD_ENV), "{err}");
+        std::fs::write(d.join("src/big.bin"), [0u8; 100]).unwrap();
+        let err = select_upload(d, &[], 50).unwrap_err().to_string();
+        assert!(err.contains(MAX_UPLOAD_ENV), "{err}");
+        assert!(err.contains("largest src/big.bin at 100 B"), "{err}");
         let err = select_upload(&d.join(".asimov/local"), &[d.join(".asimov")], 1).unwrap_err();
         assert!(
             matches!(err, SelectionError::InsideExcluded { .. }),
