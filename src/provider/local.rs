@@ -206,7 +206,7 @@ fn scan_processes() -> Vec<Process> {
             .as_deref()
             .and_then(parse_stat)
         else {
-            continue; // exited meanwhile
+            continue; // exited meanwhile, or a zombie
         };
         let mut tag = None;
         let mut root = None;
@@ -233,13 +233,16 @@ fn scan_processes() -> Vec<Process> {
 }
 
 /// `(comm, ppid, pgrp, tty_nr)` from a `/proc/PID/stat` line; the command name may hold
-/// spaces and parentheses, so fields are counted from its last `)`.
+/// spaces and parentheses, so fields are counted from its last `)`. `None` for a zombie
+/// too: it is dead already, and no signal would remove it (its parent or init reaps it).
 fn parse_stat(stat: &str) -> Option<(String, i32, i32, i64)> {
     let open = stat.find('(')?;
     let close = stat.rfind(')')?;
     let comm = stat.get(open + 1..close)?.to_string();
     let mut fields = stat.get(close + 1..)?.split_whitespace();
-    let _state = fields.next()?;
+    if matches!(fields.next()?, "Z" | "X" | "x") {
+        return None;
+    }
     let ppid = fields.next()?.parse().ok()?;
     let pgid = fields.next()?.parse().ok()?;
     let _session = fields.next()?;
@@ -468,5 +471,9 @@ mod tests {
             Some(("we (ird) name".to_string(), 17, 4242, 34817))
         );
         assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(
+            parse_stat("4243 (sleep) Z 1 4243 4243 0 -1 4194560 0 0"),
+            None
+        );
     }
 }
