@@ -507,18 +507,18 @@ async fn git_source_is_cloned_at_the_commit_with_the_diff_applied() {
     std::fs::write(origin.join("train.py"), "lr = 2\n").unwrap();
     git(&origin, &["commit", "-q", "-am", "second"]);
 
-    let clean = capture_git(&checkout).unwrap();
+    let clean = capture_git(&checkout, &[]).unwrap();
     assert!(!clean.dirty);
     assert_eq!(clean.diff, None);
     std::fs::write(checkout.join("train.py"), "lr = 3\n").unwrap();
     std::fs::write(checkout.join("new.py"), "fresh\n").unwrap();
-    let info = capture_git(&checkout).unwrap();
+    let info = capture_git(&checkout, &[]).unwrap();
     assert_eq!(info.commit, git(&checkout, &["rev-parse", "HEAD"]));
     assert_eq!(info.commit_message, "first version");
     assert_eq!(info.author, "Ada Lovelace <ada@example.com>");
     assert_eq!(info.repository.as_deref(), origin.to_str());
     assert!(info.dirty);
-    assert!(capture_git(dir.path()).is_none());
+    assert!(capture_git(dir.path(), &[]).is_none());
 
     let tag = "asimov.t9.git-0.1";
     let root = dir.path().join(tag);

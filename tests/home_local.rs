@@ -173,11 +173,19 @@ fn the_home_is_never_uploaded_even_from_inside_the_working_folder() {
     for git in [false, true] {
         let n = Nested::new();
         if git {
-            for args in [&["init", "-q", "-b", "main"][..], &["add", "."]] {
+            for args in [
+                &["init", "-q", "-b", "main"][..],
+                &["add", "."],
+                &["commit", "-q", "-m", "first"],
+            ] {
                 assert!(
                     Command::new("git")
                         .args(args)
                         .current_dir(n.work())
+                        .env("GIT_AUTHOR_NAME", "A")
+                        .env("GIT_AUTHOR_EMAIL", "a@example.com")
+                        .env("GIT_COMMITTER_NAME", "A")
+                        .env("GIT_COMMITTER_EMAIL", "a@example.com")
                         .status()
                         .unwrap()
                         .success()
@@ -205,6 +213,13 @@ fn the_home_is_never_uploaded_even_from_inside_the_working_folder() {
             .filter(|p| p.file_name().is_some_and(|f| f == "UNLISTED_TOKEN"))
             .count();
         assert_eq!(copies, 1, "the secret exists once, in credentials/");
+        // Nor is the home recorded in the run's diff (untracked files of a work tree).
+        let described = n.ok(&["describe", "run", "nested-0"]);
+        assert!(!described.contains("hunter2"), "{described}");
+        assert!(!described.contains("UNLISTED_TOKEN"), "{described}");
+        if git {
+            assert!(described.contains("job.yaml"), "the diff is recorded: {described}");
+        }
         // The upload's size report: train.sh and job.yaml (plus nothing of the home).
         let report = n.controller_log();
         let line = report

@@ -205,7 +205,10 @@ impl Executor {
                     }
                 };
                 let diff = match find_run(desired, run) {
-                    Some((job, spec)) => record_source(&mut rec, job, spec).await,
+                    Some((job, spec)) => {
+                        let exclude = self.written_by_asimov(desired, run);
+                        record_source(&mut rec, job, spec, exclude).await
+                    }
                     None => None,
                 };
                 // Mark the superseded attempt first: the run row is what the planner
@@ -386,14 +389,7 @@ impl Executor {
                 let rec = self.run_record(op, run)?;
                 let mut launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
                 // What asimov writes is never uploaded, even inside the working folder.
-                launch.exclude = [
-                    Some(self.home.root()),
-                    self.outputs_dir(desired, run).parent(),
-                ]
-                .into_iter()
-                .flatten()
-                .map(PathBuf::from)
-                .collect();
+                launch.exclude = self.written_by_asimov(desired, run);
                 let backend = self.provider(op, instance.provider)?;
                 let machine = backend
                     .machine(instance)
@@ -651,6 +647,19 @@ impl Executor {
         to.unwrap_or_else(|| self.home.artifacts()).join(run)
     }
 
+    /// The local folders asimov writes for `run` (its home, the run's local outputs
+    /// folder): never uploaded, never recorded in a diff, wherever they are.
+    fn written_by_asimov(&self, desired: &Desired, run: &str) -> Vec<PathBuf> {
+        [
+            Some(self.home.root()),
+            self.outputs_dir(desired, run).parent(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from)
+        .collect()
+    }
+
     /// What the agent needs to start `spec`: secrets are read from the credential
     /// store's 0600 files here and travel only inside the spec.
     fn launch_spec(
@@ -723,17 +732,24 @@ pub fn find_run<'a>(desired: &'a Desired, run: &str) -> Option<(&'a Job, &'a Run
 /// Records which code the run executes: for a workdir inside a git work tree, the
 /// commit, its message, the author and the uncommitted diff (jasnah's reproducibility
 /// record); for a git source, the commit its ref points at now, so every attempt runs
-/// the same code. Returns the diff, which the store keeps apart from the record. git runs
-/// off the async workers (a blocking task, or a child process with a time limit).
-async fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) -> Option<String> {
+/// the same code. Returns the diff (nothing under `exclude` in it), which the store keeps
+/// apart from the record. git runs off the async workers (a blocking task, or a child
+/// process with a time limit).
+async fn record_source(
+    rec: &mut RunRecord,
+    job: &Job,
+    spec: &RunSpec,
+    exclude: Vec<PathBuf>,
+) -> Option<String> {
     match &job.spec.source {
         Source::None => None,
         Source::Workdir(dir) => {
             let dir = dir.clone();
-            let info = tokio::task::spawn_blocking(move || crate::source::capture_git(&dir))
-                .await
-                .ok()
-                .flatten();
+            let info =
+                tokio::task::spawn_blocking(move || crate::source::capture_git(&dir, &exclude))
+                    .await
+                    .ok()
+                    .flatten();
             if let Some(info) = info {
                 rec.repository = info.repository;
                 rec.commit = Some(info.commit);

@@ -43,8 +43,10 @@ pub fn is_work_tree(dir: &Path) -> bool {
 }
 
 /// The commit, message, author, remote and uncommitted diff of the work tree at `dir`;
-/// `None` when `dir` is not in a git work tree or has no commit yet.
-pub fn capture_git(dir: &Path) -> Option<GitInfo> {
+/// `None` when `dir` is not in a git work tree or has no commit yet. Untracked files
+/// under `exclude` (what asimov writes: its home, local outputs) are left out of the
+/// diff and do not make the tree dirty, so no stored secret is ever recorded.
+pub fn capture_git(dir: &Path, exclude: &[PathBuf]) -> Option<GitInfo> {
     if !is_work_tree(dir) {
         return None;
     }
@@ -56,13 +58,20 @@ pub fn capture_git(dir: &Path) -> Option<GitInfo> {
         let first = remotes.lines().next()?.to_string();
         git_text(dir, &["remote", "get-url", &first])
     });
-    let status = git(dir, &["status", "--porcelain"]).unwrap_or_default();
-    let dirty = !status.is_empty();
-
+    let exclude: Vec<PathBuf> = exclude
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
     let mut diff = git(dir, &["diff", "--binary", "HEAD"]).unwrap_or_default();
+    // Anything staged or changed against HEAD, tracked files only (untracked below).
+    let mut dirty = !diff.is_empty()
+        || git(dir, &["status", "--porcelain", "--untracked-files=no"])
+            .is_some_and(|s| !s.is_empty());
     // `git diff` leaves out untracked files; a no-index diff against /dev/null adds each
     // as a new file, so the patch recreates the whole tree on a clone.
-    let top = git_text(dir, &["rev-parse", "--show-toplevel"]).map(PathBuf::from);
+    let top = git_text(dir, &["rev-parse", "--show-toplevel"])
+        .map(PathBuf::from)
+        .and_then(|t| std::fs::canonicalize(t).ok());
     if let (Some(top), Some(untracked)) = (
         top,
         git(
@@ -78,6 +87,10 @@ pub fn capture_git(dir: &Path) -> Option<GitInfo> {
     ) {
         for name in untracked.split(|b| *b == 0).filter(|n| !n.is_empty()) {
             let name = String::from_utf8_lossy(name).into_owned();
+            if exclude.iter().any(|e| top.join(&name).starts_with(e)) {
+                continue;
+            }
+            dirty = true;
             // Exit status 1 means "differences found", which is the point here.
             if let Ok(out) = Command::new("git")
                 .arg("-C")
