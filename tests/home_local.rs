@@ -218,7 +218,10 @@ fn the_home_is_never_uploaded_even_from_inside_the_working_folder() {
         assert!(!described.contains("hunter2"), "{described}");
         assert!(!described.contains("UNLISTED_TOKEN"), "{described}");
         if git {
-            assert!(described.contains("job.yaml"), "the diff is recorded: {described}");
+            assert!(
+                described.contains("job.yaml"),
+                "the diff is recorded: {described}"
+            );
         }
         // The upload's size report: train.sh and job.yaml (plus nothing of the home).
         let report = n.controller_log();

@@ -37,6 +37,11 @@ fn git_text(dir: &Path, args: &[&str]) -> Option<String> {
     git(dir, args).map(|b| String::from_utf8_lossy(&b).trim_end().to_string())
 }
 
+/// The largest untracked file a run's recorded diff holds: 1 MiB. A bigger one (a
+/// dataset, a checkpoint) is uploaded with the working folder but only named in the
+/// record, so a matrix of runs does not copy it into the store once per run.
+pub const MAX_UNTRACKED_IN_DIFF: u64 = 1 << 20;
+
 /// True when `dir` is inside a git work tree.
 pub fn is_work_tree(dir: &Path) -> bool {
     git_text(dir, &["rev-parse", "--is-inside-work-tree"]).as_deref() == Some("true")
@@ -91,6 +96,15 @@ pub fn capture_git(dir: &Path, exclude: &[PathBuf]) -> Option<GitInfo> {
                 continue;
             }
             dirty = true;
+            let size = std::fs::symlink_metadata(top.join(&name)).map_or(0, |m| m.len());
+            if size > MAX_UNTRACKED_IN_DIFF {
+                // Text outside a patch's hunks, which `git apply` skips.
+                diff.extend_from_slice(
+                    format!("# asimov: untracked {name} ({size} bytes) is not recorded here\n")
+                        .as_bytes(),
+                );
+                continue;
+            }
             // Exit status 1 means "differences found", which is the point here.
             if let Ok(out) = Command::new("git")
                 .arg("-C")
@@ -189,4 +203,53 @@ pub async fn resolve_remote_commit_within(
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().next()?;
     Some(line.split_whitespace().next()?.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn git_ok(dir: &Path, args: &[&str]) {
+        let ok = Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "A")
+            .env("GIT_AUTHOR_EMAIL", "a@example.com")
+            .env("GIT_COMMITTER_NAME", "A")
+            .env("GIT_COMMITTER_EMAIL", "a@example.com")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "git {args:?}");
+    }
+
+    #[test]
+    fn the_diff_leaves_out_excluded_folders_and_names_big_untracked_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("train.py"), "lr = 1\n").unwrap();
+        git_ok(d, &["init", "-q", "-b", "main"]);
+        git_ok(d, &["add", "."]);
+        git_ok(d, &["commit", "-q", "-m", "one"]);
+        std::fs::create_dir_all(d.join(".asimov/credentials")).unwrap();
+        std::fs::write(d.join(".asimov/credentials/TOKEN"), "s3cret").unwrap();
+        let clean = capture_git(d, &[d.join(".asimov")]).unwrap();
+        assert!(!clean.dirty, "only asimov's own files are new");
+        assert_eq!(clean.diff, None);
+
+        std::fs::write(d.join("notes.txt"), "small\n").unwrap();
+        std::fs::write(d.join("data.bin"), vec![1u8; 2 << 20]).unwrap();
+        let info = capture_git(d, &[d.join(".asimov")]).unwrap();
+        let diff = info.diff.unwrap();
+        assert!(info.dirty);
+        assert!(diff.contains("+small"), "{diff}");
+        assert!(!diff.contains("s3cret"), "{diff}");
+        assert!(
+            diff.contains("# asimov: untracked data.bin (2097152 bytes) is not recorded here"),
+            "{diff}"
+        );
+        assert!(diff.len() < 10_000);
+        // Without the exclusion the home's files are in the record: what the test guards.
+        let leaky = capture_git(d, &[]).unwrap().diff.unwrap();
+        assert!(leaky.contains("s3cret"));
+    }
 }
