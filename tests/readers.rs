@@ -420,10 +420,10 @@ fn a_start_that_keeps_failing_shows_its_error_in_the_reason_and_describe() {
     assert!(table.contains("last error (start)"), "{table}");
     let json = a.runs_json();
     assert_eq!(json["items"][0]["last_error"]["step"], "start", "{json}");
-    assert!(table.contains("upload working folder"), "{table}");
+    assert!(table.contains("working folder"), "{table}");
     let described = a.ok(&["describe", "run", "upload-0"]);
     assert!(described.contains("Last error: start:"), "{described}");
-    assert!(described.contains("upload working folder"), "{described}");
+    assert!(described.contains("working folder"), "{described}");
 }
 
 // Issue 7 item 13, the other way a controller leaves: asked to stop (SIGTERM), it
