@@ -25,8 +25,9 @@ use tokio::sync::Notify;
 /// How long file events are gathered before the folder is read.
 const DEBOUNCE: Duration = Duration::from_millis(150);
 
-/// How often a running controller says in the store that it is alive.
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often a running controller says in the store that it is alive: the precision
+/// of "no controller since …" after a crash, against an idle controller's wake-ups.
+const HEARTBEAT: Duration = Duration::from_secs(30);
 
 /// The manifests folder as a `DesiredSource`. The folder is read (debounced) on every
 /// change by a thread of its own, not by the reconcile pass, and each read is recorded in
