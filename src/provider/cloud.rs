@@ -86,20 +86,33 @@ pub fn http_client() -> std::io::Result<reqwest::Client> {
 /// Hands out call slots so that calls of one class keep their minimum gap, whatever
 /// task makes them: the one place all runs' requests to one cloud queue.
 pub struct Pacer<K: Ord + Copy> {
-    gaps: BTreeMap<K, Duration>,
+    gaps: Mutex<BTreeMap<K, Duration>>,
     next: Mutex<BTreeMap<K, tokio::time::Instant>>,
 }
 
 impl<K: Ord + Copy> Pacer<K> {
     pub fn new(gaps: BTreeMap<K, Duration>) -> Pacer<K> {
         Pacer {
-            gaps,
+            gaps: Mutex::new(gaps),
             next: Mutex::new(BTreeMap::new()),
         }
     }
 
     pub fn gap(&self, call: K) -> Duration {
-        self.gaps.get(&call).copied().unwrap_or_default()
+        self.gaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&call)
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// Replaces the gap of `call` (a server announced its quota).
+    pub fn set_gap(&self, call: K, gap: Duration) {
+        self.gaps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(call, gap);
     }
 
     /// Waits for the next slot of `call`.

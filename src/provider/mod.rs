@@ -7,6 +7,7 @@ pub mod cloud;
 pub mod fake;
 pub mod lambda;
 pub mod local;
+pub mod runpod;
 pub mod ssh;
 pub mod vast;
 

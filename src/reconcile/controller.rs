@@ -19,6 +19,7 @@ use crate::model::{ProviderKind, RunName, Timestamp};
 use crate::provider::Provider;
 use crate::provider::lambda::LambdaProvider;
 use crate::provider::local::LocalProvider;
+use crate::provider::runpod::RunpodProvider;
 use crate::provider::ssh::SshProvider;
 use crate::provider::vast::VastProvider;
 use crate::provider::{ErrorKind, Instance, InstanceState};
@@ -627,7 +628,11 @@ pub type Providers = BTreeMap<ProviderKind, Arc<dyn Provider>>;
 pub fn drives(kind: ProviderKind) -> bool {
     matches!(
         kind,
-        ProviderKind::Local | ProviderKind::Ssh | ProviderKind::Vast | ProviderKind::Lambda
+        ProviderKind::Local
+            | ProviderKind::Ssh
+            | ProviderKind::Vast
+            | ProviderKind::Lambda
+            | ProviderKind::Runpod
     )
 }
 
@@ -647,6 +652,9 @@ pub fn providers_for(home: &Home) -> std::io::Result<(Providers, Arc<SshProvider
     }
     if let Some(lambda) = LambdaProvider::from_home(home, Arc::clone(ssh.pool()))? {
         providers.insert(ProviderKind::Lambda, Arc::new(lambda) as Arc<dyn Provider>);
+    }
+    if let Some(runpod) = RunpodProvider::from_home(home, Arc::clone(ssh.pool()))? {
+        providers.insert(ProviderKind::Runpod, Arc::new(runpod) as Arc<dyn Provider>);
     }
     Ok((providers, ssh))
 }
