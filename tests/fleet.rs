@@ -311,3 +311,57 @@ fn a_changed_host_key_is_refused_with_both_fingerprints_and_prepare_is_idempoten
     );
     assert!(stderr.contains("changed"), "says why: {stderr}");
 }
+
+#[test]
+fn three_runs_on_two_hosts_sharing_a_home_all_succeed_first_time() {
+    let shared = tempfile::tempdir().unwrap();
+    if Sshd::start_or_skip().is_none() {
+        return;
+    }
+    let h1 = Sshd::start_sharing_home(shared.path());
+    let h2 = Sshd::start_sharing_home(shared.path());
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1), ("box-2", &h2)]));
+    let job = a.manifest(
+        "nfs.yaml",
+        &job_yaml(
+            "nfs",
+            &["a", "b", "c"],
+            "'mkdir -p out; echo \"result ${matrix.seed}\" > out/result.txt; sleep 3'",
+        ),
+    );
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    let runs = ["nfs-0", "nfs-1", "nfs-2"];
+    a.wait_for("the three runs to end", Duration::from_secs(120), || {
+        runs.iter().all(|r| {
+            matches!(
+                a.run_phase(r).as_deref(),
+                Some("Succeeded" | "Failed" | "Cancelled")
+            )
+        })
+    });
+    for (run, seed) in runs.iter().zip(["a", "b", "c"]) {
+        assert_eq!(
+            a.run_phase(run).as_deref(),
+            Some("Succeeded"),
+            "{run}: {}",
+            a.ok(&["describe", "run", run])
+        );
+        assert_eq!(
+            run_field(&a, run, "attempt"),
+            1,
+            "{run} was never preempted: {}",
+            a.ok(&["describe", "run", run])
+        );
+        let result = a.home().join("artifacts").join(run).join("out/result.txt");
+        let text = std::fs::read_to_string(&result)
+            .unwrap_or_else(|e| panic!("{}: {e}", result.display()));
+        assert_eq!(text.trim(), format!("result {seed}"));
+    }
+    a.ok(&["delete", "job", "nfs"]);
+}

@@ -4,6 +4,9 @@
 //! An *instance* is a slot on a host: the folder `<remote root>/instances/<tag>` (remote
 //! root `~/.asimov-agent` unless configured) holding
 //! - `tag`: the rendered owner tag, written last, so a folder without it is no slot;
+//! - `host`: the identity of the host that claimed it (see `host_prelude`): hosts whose
+//!   users share one `$HOME` (NFS) see each other's slot folders, and each lists, counts,
+//!   adopts and destroys only those it claimed;
 //! - `gpus`: how many GPUs the slot holds; `gpu_ids`: which ones (`0,1`), for
 //!   `CUDA_VISIBLE_DEVICES`; `created`: Unix seconds.
 //!
@@ -156,6 +159,23 @@ fn root_word(root: &str) -> String {
     } else {
         quote(root)
     }
+}
+
+/// Shell text defining `$me`, this host's identity, and `mine DIR`, true when the slot
+/// `DIR` was claimed by this host. The identity is the host key the controller pinned
+/// (`host_key`) with `/etc/machine-id` and the host name: hosts sharing an NFS home see
+/// one folder of slots, and each must list, adopt and destroy only its own. A slot from
+/// before slots recorded their host (no `host` file) goes to the first host that looks.
+fn host_prelude(host_key: &str) -> String {
+    format!(
+        r#"me={hk}" $(cat /etc/machine-id 2>/dev/null) $(uname -n 2>/dev/null)"
+mine() {{
+  [ -f "$1/host" ] || (set -C; printf '%s
+' "$me" > "$1/host") 2>/dev/null
+  [ "$(cat "$1/host" 2>/dev/null)" = "$me" ]
+}}"#,
+        hk = quote(host_key)
+    )
 }
 
 fn instance_id(fleet: &str, host: &str, tag: &str) -> InstanceId {
@@ -361,9 +381,11 @@ printf '%s\n' "$inv" | sed '/^$/d; s/^/gpu	/'
         let t = self.transport(fleet, host);
         let script = format!(
             r#"root={root}
+{prelude}
 printf 'root\t%s\n' "$root"
 for d in "$root"/instances/*; do
   [ -f "$d/tag" ] || continue
+  mine "$d" || continue
   alive=no
   if [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then alive=yes; fi
   printf 'slot\t%s\t%s\t%s\t%s\t%s\n' "$(cat "$d/tag")" "$(cat "$d/gpus" 2>/dev/null || echo 0)" \
@@ -374,7 +396,8 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 true
 "#,
-            root = root_word(&self.remote_root)
+            root = root_word(&self.remote_root),
+            prelude = host_prelude(&t.host_key().await?),
         );
         let out = t.exec(&script).await?;
         if out.status != 0 {
@@ -438,6 +461,7 @@ true
         let t = self.transport(fleet, host);
         let script = format!(
             r#"root={root}; tag={tag}; total={total}; need={need}
+{prelude}
 d="$root/instances/$tag"
 mkdir -p "$root/instances"
 # mkdir is atomic: one claimer at a time, whoever runs it.
@@ -448,12 +472,15 @@ while ! mkdir "$root/.claim.lock" 2>/dev/null; do
 done
 trap 'rmdir "$root/.claim.lock"' EXIT
 if [ -f "$d/tag" ]; then
+  # This attempt already has a slot: here (adopt it), or on another host (not here).
+  mine "$d" || exit 4
   printf 'slot\t%s\t%s\t%s\t%s\n' "$tag" "$(cat "$d/gpus")" "$(cat "$d/gpu_ids" 2>/dev/null)" "$(cat "$d/created" 2>/dev/null)"
   exit 0
 fi
 used=" "; slots=0; whole=no
 for x in "$root"/instances/*; do
   [ -f "$x/tag" ] || continue
+  mine "$x" || continue
   slots=$((slots+1))
   g=$(cat "$x/gpus" 2>/dev/null || echo 0)
   [ "$g" = 0 ] && whole=yes
@@ -469,6 +496,8 @@ done
 [ $n -lt $need ] && exit 3
 now=$(date +%s)
 mkdir -p "$d"
+rm -f "$d/host"
+printf '%s\n' "$me" > "$d/host"
 printf '%s\n' "$need" > "$d/gpus"
 printf '%s\n' "$ids" > "$d/gpu_ids"
 printf '%s\n' "$now" > "$d/created"
@@ -476,13 +505,15 @@ printf '%s\n' "$tag" > "$d/tag.part" && mv -f "$d/tag.part" "$d/tag"
 printf 'slot\t%s\t%s\t%s\t%s\n' "$tag" "$need" "$ids" "$now"
 "#,
             root = root_word(&self.remote_root),
+            prelude = host_prelude(&t.host_key().await?),
             tag = quote(tag),
             total = host.gpus,
         );
         let out = t.exec(&script).await?;
         match out.status {
             0 => Ok(parse_listing(&out.stdout).slots.into_iter().next()),
-            3 => Ok(None),
+            // Full, or the attempt's slot is another host's.
+            3 | 4 => Ok(None),
             status => Err(TransportError::Failed {
                 machine: t.target().machine.clone(),
                 step: "claim slot",
@@ -711,9 +742,13 @@ impl Provider for SshProvider {
                 )
             })?;
         let t = self.transport(fleet, &host);
+        let hk = t.host_key().await.map_err(|e| from_transport(step, e))?;
         let script = format!(
             r#"d={root}/instances/{tag}
+{prelude}
 [ -d "$d" ] || {{ echo gone; exit 0; }}
+# Another host's slot (a shared home): not here, and its pid means nothing here.
+mine "$d" || {{ echo gone; exit 0; }}
 if [ -f "$d/agent.sh" ]; then sh "$d/agent.sh" stop "$d" >/dev/null 2>&1 || true; fi
 if [ -f "$d/pid" ]; then
   p=$(cat "$d/pid")
@@ -723,6 +758,7 @@ rm -rf "$d"
 echo removed
 "#,
             root = root_word(&self.remote_root),
+            prelude = host_prelude(&hk),
             tag = quote(tag),
         );
         let out = t.exec(&script).await.map_err(|e| from_transport(step, e))?;

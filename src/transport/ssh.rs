@@ -79,6 +79,8 @@ struct Conn {
     /// rsync and quoted shell words agree on where they point.
     remote_home: String,
     remote_rsync: bool,
+    /// Fingerprints of the pinned host key (sorted, comma-separated).
+    host_key: String,
 }
 
 impl std::fmt::Debug for SshPool {
@@ -197,6 +199,13 @@ impl SshTransport {
         Ok(self.conn().await?.remote_home)
     }
 
+    /// The fingerprints of the host key this machine proved it holds (`SHA256:...`,
+    /// sorted, comma-separated): what tells two hosts apart from this side even when
+    /// they share a home folder, a machine id and a host name.
+    pub async fn host_key(&self) -> Result<String, TransportError> {
+        Ok(self.conn().await?.host_key)
+    }
+
     /// Whether transfers to this machine use rsync (else a tar stream).
     pub async fn uses_rsync(&self) -> Result<bool, TransportError> {
         let conn = self.conn().await?;
@@ -230,10 +239,22 @@ impl SshTransport {
         if remote_home.is_empty() {
             return Err(self.failed("probe remote side", "remote $HOME is empty"));
         }
+        let mut keys: Vec<String> =
+            fingerprints_of_file(&self.pool.known_hosts_file(&self.entry.target.machine))
+                .await
+                .into_iter()
+                .map(|f| f.hash)
+                .collect();
+        keys.sort();
+        keys.dedup();
+        if keys.is_empty() {
+            return Err(self.failed("read pinned host key", "no key in the pinned file"));
+        }
         let conn = Conn {
             session,
             remote_home,
             remote_rsync: lines.any(|l| l.trim() == "rsync"),
+            host_key: keys.join(","),
         };
         *slot = Some(conn.clone());
         Ok(conn)

@@ -2,8 +2,11 @@
 //!
 //! Each `Sshd` lives in its own temp dir: config, a freshly generated ed25519 host key,
 //! a generated client key in its `authorized_keys`, its log, and a `home/` folder that
-//! becomes `$HOME` (and `TMUX_TMPDIR`) of every session, so two servers on one machine
-//! behave as two hosts with separate state even though they log in the same user.
+//! becomes `$HOME` of every session, so two servers on one machine behave as two hosts
+//! with separate state even though they log in the same user. `start_sharing_home` gives
+//! two servers one `$HOME`, as an NFS home does on a cluster; what stays per server is
+//! what is per host there: the host key and the tmux socket folder (`TMUX_TMPDIR`, a
+//! host's own `/tmp`). Both servers see this machine's `/etc/machine-id` and hostname.
 //! It runs as the current user (root here, hence `PermitRootLogin prohibit-password`,
 //! `StrictModes no`, `UsePAM no`). Dropping it kills the server and its sessions.
 
@@ -17,6 +20,8 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 
 pub struct Sshd {
     dir: tempfile::TempDir,
+    /// `$HOME` of its sessions: `dir/home`, or a folder shared with another server.
+    home: PathBuf,
     port: u16,
     user: String,
     child: Option<Child>,
@@ -38,12 +43,23 @@ impl Sshd {
 
     /// Starts a server on a free localhost port; panics when it does not come up.
     pub fn start() -> Sshd {
+        Sshd::start_with_home(None)
+    }
+
+    /// Starts a server whose sessions see `home` as `$HOME` (the caller keeps the folder;
+    /// give the same one to several servers for hosts sharing an NFS home).
+    pub fn start_sharing_home(home: &Path) -> Sshd {
+        Sshd::start_with_home(Some(home.to_path_buf()))
+    }
+
+    fn start_with_home(home: Option<PathBuf>) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("asimov-sshd-")
             .tempdir()
             .expect("temp dir for sshd");
         let user = current_user();
-        std::fs::create_dir_all(dir.path().join("home")).expect("sshd home");
+        let home = home.unwrap_or_else(|| dir.path().join("home"));
+        std::fs::create_dir_all(&home).expect("sshd home");
         std::fs::create_dir_all(dir.path().join("tmux")).expect("sshd tmux dir");
         keygen(&dir.path().join("ssh_host_ed25519_key"));
         keygen(&dir.path().join("client_key"));
@@ -56,6 +72,7 @@ impl Sshd {
         let port = free_port();
         let mut sshd = Sshd {
             dir,
+            home,
             port,
             user,
             child: None,
@@ -84,7 +101,7 @@ impl Sshd {
 
     /// `$HOME` of every session on this server: this "host"'s own state.
     pub fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
+        self.home.clone()
     }
 
     pub fn dir(&self) -> &Path {
@@ -191,8 +208,9 @@ impl Sshd {
              PrintMotd no\n\
              LogLevel VERBOSE\n\
              Subsystem sftp internal-sftp\n\
-             SetEnv HOME={d}/home TMUX_TMPDIR={d}/tmux\n",
+             SetEnv HOME={home} TMUX_TMPDIR={d}/tmux\n",
             port = self.port,
+            home = self.home.display(),
         );
         std::fs::write(self.dir.path().join("sshd_config"), config).expect("sshd_config");
     }
