@@ -365,3 +365,111 @@ fn three_runs_on_two_hosts_sharing_a_home_all_succeed_first_time() {
     }
     a.ok(&["delete", "job", "nfs"]);
 }
+
+/// Pids of `ssh -M` master processes whose pinned-key files live in `home`.
+fn ssh_masters_of(home: &std::path::Path) -> Vec<i32> {
+    let needle = format!("UserKnownHostsFile={}", home.join("known_hosts").display());
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args
+            .first()
+            .is_some_and(|a| a == "ssh" || a.ends_with("/ssh"))
+            && args.iter().any(|a| a == "-M")
+            && args.iter().any(|a| a.starts_with(&needle))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A background controller with a run going on `box-1`, its masters up.
+fn controller_with_masters(h1: &Sshd) -> Asimov {
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", h1)]));
+    let job = a.manifest("hold.yaml", &job_yaml("hold", &["x"], "'sleep 60'"));
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    a.wait_for("hold-0 to run", Duration::from_secs(60), || {
+        a.run_phase("hold-0").as_deref() == Some("Running")
+    });
+    assert!(
+        !ssh_masters_of(a.home()).is_empty(),
+        "the controller holds a master connection while it runs"
+    );
+    a
+}
+
+fn wait_for_controller_to_stop(a: &Asimov, pid: i32) {
+    a.wait_for("the controller to exit", Duration::from_secs(30), || {
+        // SAFETY: probing a pid with signal 0.
+        unsafe { libc::kill(pid, 0) != 0 }
+    });
+}
+
+fn controller_pid(a: &Asimov) -> i32 {
+    std::fs::read_to_string(a.home().join("controller.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_controller_stopped_by_sigterm_leaves_no_ssh_master() {
+    let Some(h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = controller_with_masters(&h1);
+    let pid = controller_pid(&a);
+    // SAFETY: signalling the test's own controller.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_for_controller_to_stop(&a, pid);
+    a.wait_for("its masters to go", Duration::from_secs(5), || {
+        ssh_masters_of(a.home()).is_empty()
+    });
+
+    // A controller started again reconnects and carries on.
+    let masters_before = h1.logins();
+    a.ok(&[
+        "apply",
+        "-f",
+        a.repo.path().join("hold.yaml").to_str().unwrap(),
+    ]);
+    a.wait_for(
+        "the new controller to reach box-1",
+        Duration::from_secs(30),
+        || h1.logins() > masters_before && !ssh_masters_of(a.home()).is_empty(),
+    );
+    assert_eq!(a.run_phase("hold-0").as_deref(), Some("Running"));
+    a.ok(&["delete", "job", "hold"]);
+}
+
+#[test]
+fn a_controller_whose_home_is_removed_leaves_no_ssh_master() {
+    let Some(h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = controller_with_masters(&h1);
+    let pid = controller_pid(&a);
+    let home = a.home().to_path_buf();
+    std::fs::remove_dir_all(&home).unwrap();
+    wait_for_controller_to_stop(&a, pid);
+    a.wait_for("its masters to go", Duration::from_secs(5), || {
+        ssh_masters_of(&home).is_empty()
+    });
+}

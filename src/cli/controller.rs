@@ -177,13 +177,17 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
     runtime.block_on(async {
         let store = Store::open(&home.database())?;
         let (providers, ssh) = providers_for(home)?;
+        // Closed on every way this function returns, so no master outlives it.
+        let ssh_pool = Arc::clone(ssh.pool());
         let executor = Arc::new(
             Executor::new(providers, Arc::new(Mutex::new(store)), home.clone()).with_ssh(ssh),
         );
         let source = Arc::new(FolderSource::new(home.clone(), dir.clone()));
         let controller = Controller::new(executor, source, home.controller_id()?);
         if once {
-            let report = controller.run_once().await?;
+            let report = controller.run_once().await;
+            ssh_pool.close_all().await;
+            let report = report?;
             for (op, error) in &report.failed {
                 eprintln!("failed: {op}: {error}");
             }
@@ -196,7 +200,9 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         if background {
             spawn_home_watchdog(home.clone(), handle);
         }
-        controller.run(shutdown).await?;
+        let stopped = controller.run(shutdown).await;
+        ssh_pool.close_all().await;
+        stopped?;
         tracing::info!("controller stopped");
         Ok(ExitCode::SUCCESS)
     })

@@ -30,6 +30,11 @@ pub struct SshTarget {
     pub identity_file: Option<PathBuf>,
 }
 
+/// How long a master with no command running stays up. A pool closes its masters when
+/// it is closed or dropped; this bounds how long one outlives a process killed without
+/// the chance to (SIGKILL), while a busy controller keeps reusing its masters.
+const MASTER_IDLE: Duration = Duration::from_secs(15 * 60);
+
 /// Knobs of a pool; the defaults suit real hosts.
 #[derive(Debug, Clone)]
 pub struct SshOptions {
@@ -153,6 +158,42 @@ impl SshPool {
         self.home.known_hosts().join(file_name(machine))
     }
 
+    /// Ends every master connection of this pool (`ssh -O exit`), waiting for each; the
+    /// next command on any machine opens a new one. The controller calls it on every
+    /// way it stops; dropping the pool does the same without waiting for the answers.
+    pub async fn close_all(&self) {
+        let entries: Vec<Arc<Entry>> = {
+            let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            entries.values().cloned().collect()
+        };
+        for entry in entries {
+            let Some(conn) = entry.conn.lock().await.take() else {
+                continue;
+            };
+            let status = tokio::process::Command::from(self.exit_master(&conn.session))
+                .status()
+                .await;
+            if !status.is_ok_and(|s| s.success()) {
+                tracing::warn!(machine = %entry.target.machine, "ssh master did not confirm exit");
+            }
+        }
+    }
+
+    /// `ssh -O exit` through `session`'s control socket: the master ends at once, with
+    /// any command still running on it.
+    fn exit_master(&self, session: &Session) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ssh");
+        cmd.arg("-F")
+            .arg(&self.config_file)
+            .arg("-S")
+            .arg(session.control_socket())
+            .args(["-O", "exit", "asimov-master"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd
+    }
+
     /// Closes the master connection of `machine`, if any; the next command reopens it.
     pub async fn disconnect(&self, machine: &str) {
         let entry = {
@@ -164,6 +205,31 @@ impl SshPool {
             && let Ok(session) = Arc::try_unwrap(conn.session)
         {
             let _ = session.close().await;
+        }
+    }
+}
+
+impl Drop for SshPool {
+    fn drop(&mut self) {
+        // Before `control_dir` is removed with the sockets in it: a master whose socket
+        // is gone can no longer be told to exit, and ControlPersist would keep it.
+        let entries: Vec<Arc<Entry>> = self
+            .entries
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for entry in entries {
+            let Ok(mut conn) = entry.conn.try_lock() else {
+                continue;
+            };
+            if let Some(conn) = conn.take()
+                && let Ok(mut child) = self.exit_master(&conn.session).spawn()
+            {
+                // Short: the master answers over a local socket.
+                let _ = child.wait();
+            }
         }
     }
 }
@@ -281,6 +347,10 @@ impl SshTransport {
             .config_file(&self.pool.config_file)
             .control_directory(self.pool.control_dir.path())
             .connect_timeout(self.pool.options.connect_timeout)
+            .control_persist(openssh::ControlPersist::IdleFor(
+                std::num::NonZeroUsize::new(MASTER_IDLE.as_secs() as usize)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            ))
             .server_alive_interval(self.pool.options.server_alive_interval)
             .port(target.port);
         if let Some(user) = &target.user {
