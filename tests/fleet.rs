@@ -473,3 +473,61 @@ fn a_controller_whose_home_is_removed_leaves_no_ssh_master() {
         ssh_masters_of(&home).is_empty()
     });
 }
+
+#[test]
+fn a_host_behind_a_bastion_runs_a_job_through_it() {
+    let Some(gate) = Sshd::start_or_skip().map(|_| Sshd::start_bastion()) else {
+        return;
+    };
+    let inner = Sshd::start();
+    let a = Asimov::new();
+    let fleet = a.manifest(
+        "fleet.yaml",
+        &format!(
+            "apiVersion: asimov/v1\nkind: Fleet\nmetadata: {{name: lab}}\nspec:\n  hosts:\n    \
+             - {{name: box-2, user: {user}, address: 127.0.0.1, port: {port}, identity_file: {key}, \
+             gpus: 0, proxy_jump: '{user}@127.0.0.1:{gate_port}', proxy_jump_identity_file: {gate_key}}}\n",
+            user = inner.user(),
+            port = inner.port(),
+            key = inner.client_key().display(),
+            gate_port = gate.port(),
+            gate_key = gate.client_key().display(),
+        ),
+    );
+    let job = a.manifest(
+        "far.yaml",
+        &job_yaml(
+            "far",
+            &["x"],
+            "'mkdir -p out; echo far away > out/result.txt'",
+        ),
+    );
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    a.wait_for("far-0 to succeed", Duration::from_secs(60), || {
+        a.run_phase("far-0").as_deref() == Some("Succeeded")
+    });
+    let result = a.home().join("artifacts/far-0/out/result.txt");
+    assert_eq!(std::fs::read_to_string(result).unwrap().trim(), "far away");
+    let forwarded = format!("target 127.0.0.1 port {}", inner.port());
+    assert!(
+        gate.log()
+            .lines()
+            .any(|l| l.contains("server_request_direct_tcpip") && l.contains(&forwarded)),
+        "the bastion forwarded the connection:\n{}",
+        gate.log()
+    );
+    for pin in ["lab_box-2", "lab_box-2.jump"] {
+        let file = a.home().join("known_hosts").join(pin);
+        assert!(
+            std::fs::metadata(&file).is_ok_and(|m| m.len() > 0),
+            "{} pinned",
+            file.display()
+        );
+    }
+    a.ok(&["delete", "job", "far"]);
+}

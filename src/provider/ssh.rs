@@ -37,7 +37,7 @@ use crate::provider::{
     CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
     ProviderResult,
 };
-use crate::transport::ssh::{SshPool, SshTarget, SshTransport, quote};
+use crate::transport::ssh::{SshJump, SshPool, SshTarget, SshTransport, quote};
 use crate::transport::{Transport, TransportError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
@@ -236,6 +236,12 @@ impl SshProvider {
             port: host.port,
             user: host.user.clone(),
             identity_file: host.identity_file.clone(),
+            jump: host.proxy_jump.as_ref().map(|j| SshJump {
+                host: j.address.clone(),
+                port: j.port,
+                user: j.user.clone(),
+                identity_file: j.identity_file.clone(),
+            }),
         })
     }
 
@@ -831,6 +837,7 @@ mod tests {
             address: "127.0.0.1".into(),
             port: 22,
             identity_file: None,
+            proxy_jump: None,
             gpus,
             labels: Default::default(),
         }

@@ -6,6 +6,10 @@
 //! key is pinned (`accept-new` into the machine's own file before that). The user's
 //! `~/.ssh/config` and the system known hosts are not read: a fleet manifest says
 //! everything needed to reach a host, and a pin must come from asimov's own file.
+//!
+//! A target behind a bastion (`SshJump`) is reached as OpenSSH's `ProxyJump` does, with
+//! `ssh -W` through the bastion as the master's `ProxyCommand`; the bastion has its own
+//! identity file and its own pinned key (`known_hosts/<machine>.jump`).
 
 use super::{ByteStream, CommandOutput, Transport, TransportError};
 use crate::home::Home;
@@ -22,6 +26,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub struct SshTarget {
     /// Name for messages and for the pinned key file (`gpu-box-1`, `fleet-a.host-1`).
     pub machine: String,
+    pub host: String,
+    pub port: u16,
+    /// `None` uses the local user name, as `ssh` does.
+    pub user: Option<String>,
+    /// `None` lets `ssh` try its default keys and agent.
+    pub identity_file: Option<PathBuf>,
+    /// The bastion to go through, if any.
+    pub jump: Option<SshJump>,
+}
+
+/// A bastion in front of a target (`ProxyJump user@host:port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshJump {
     pub host: String,
     pub port: u16,
     /// `None` uses the local user name, as `ssh` does.
@@ -67,6 +84,9 @@ pub struct SshPool {
     /// temp dir because a unix socket path is limited to ~100 bytes.
     control_dir: tempfile::TempDir,
     config_file: PathBuf,
+    /// What `config_file` holds; a target with a bastion gets it plus the bastion's
+    /// block in a file of its own.
+    config: String,
     local_rsync: bool,
     entries: std::sync::Mutex<HashMap<String, Arc<Entry>>>,
 }
@@ -114,7 +134,7 @@ impl SshPool {
              CheckHostIP no\n  PasswordAuthentication no\n  KbdInteractiveAuthentication no\n  \
              ServerAliveInterval {alive}\n  ServerAliveCountMax 3\n  LogLevel ERROR\n"
         );
-        std::fs::write(&config_file, config)?;
+        std::fs::write(&config_file, &config)?;
         let local_rsync = std::process::Command::new("rsync")
             .arg("--version")
             .stdout(std::process::Stdio::null())
@@ -127,6 +147,7 @@ impl SshPool {
             options,
             control_dir,
             config_file,
+            config,
             local_rsync,
             entries: std::sync::Mutex::new(HashMap::new()),
         }))
@@ -234,6 +255,17 @@ impl Drop for SshPool {
     }
 }
 
+/// The files of a target's bastion, for one connection attempt.
+struct JumpFiles {
+    config_file: PathBuf,
+    known_hosts: PathBuf,
+    pinned: bool,
+    /// What the bastion's `ssh -W` wrote to stderr.
+    log: PathBuf,
+    host: String,
+    port: u16,
+}
+
 /// A machine reached over the pool's master connection for it.
 #[derive(Clone)]
 pub struct SshTransport {
@@ -335,6 +367,10 @@ impl SshTransport {
         let pinned = std::fs::metadata(&known_hosts)
             .map(|m| m.len() > 0)
             .unwrap_or(false);
+        let jump = match &target.jump {
+            Some(jump) => Some(self.write_jump_config(jump)?),
+            None => None,
+        };
         let mut builder = SessionBuilder::default();
         builder
             // Trust on first use into the machine's own file; strict ever after.
@@ -344,7 +380,10 @@ impl SshTransport {
                 KnownHosts::Add
             })
             .user_known_hosts_file(&known_hosts)
-            .config_file(&self.pool.config_file)
+            .config_file(
+                jump.as_ref()
+                    .map_or(&self.pool.config_file, |j| &j.config_file),
+            )
             .control_directory(self.pool.control_dir.path())
             .connect_timeout(self.pool.options.connect_timeout)
             .control_persist(openssh::ControlPersist::IdleFor(
@@ -365,10 +404,106 @@ impl SshTransport {
                     let _ = crate::home::set_mode(&known_hosts, 0o600);
                     tracing::info!(machine = self.name(), "pinned host key on first use");
                 }
+                if let Some(jump) = &jump
+                    && !jump.pinned
+                {
+                    let _ = crate::home::set_mode(&jump.known_hosts, 0o600);
+                    tracing::info!(machine = self.name(), "pinned jump host key on first use");
+                }
                 Ok(session)
             }
-            Err(e) => Err(self.classify_connect(e, &known_hosts).await),
+            Err(e) => match &jump {
+                Some(j) => match self.classify_jump(j).await {
+                    Some(error) => Err(error),
+                    None => Err(self.classify_connect(e, &known_hosts).await),
+                },
+                None => Err(self.classify_connect(e, &known_hosts).await),
+            },
         }
+    }
+
+    /// The config for a target behind a bastion: the pool's, preceded by a block for
+    /// the bastion (alias `asimov-jump`) and a `ProxyCommand` running `ssh -W` through
+    /// it, as `ProxyJump` expands to, with the bastion's own key, pin and error log.
+    fn write_jump_config(&self, jump: &SshJump) -> Result<JumpFiles, TransportError> {
+        let machine = &self.entry.target.machine;
+        let known_hosts = self.pool.known_hosts_file(&format!("{machine}.jump"));
+        let pinned = std::fs::metadata(&known_hosts)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false);
+        let dir = self.pool.control_dir.path();
+        let config_file = dir.join(format!("{}.config", file_name(machine)));
+        let log = dir.join(format!("{}.jump.log", file_name(machine)));
+        let _ = std::fs::remove_file(&log);
+        let mut block = format!(
+            "Host asimov-jump\n  HostName {}\n  Port {}\n  ProxyCommand none\n  \
+             UserKnownHostsFile {}\n  StrictHostKeyChecking {}\n  ConnectTimeout {}\n",
+            config_word(&jump.host),
+            jump.port,
+            config_word(&known_hosts.to_string_lossy()),
+            if pinned { "yes" } else { "accept-new" },
+            self.pool.options.connect_timeout.as_secs().max(1),
+        );
+        if let Some(user) = &jump.user {
+            block.push_str(&format!("  User {}\n", config_word(user)));
+        }
+        if let Some(key) = &jump.identity_file {
+            block.push_str(&format!(
+                "  IdentityFile {}\n  IdentitiesOnly yes\n",
+                config_word(&key.to_string_lossy())
+            ));
+        }
+        // `%` is a token in a ProxyCommand; the paths' own `%` are doubled.
+        let escape = |p: &Path| quote(&p.to_string_lossy()).replace('%', "%%");
+        let text = format!(
+            "{block}\nHost *\n  ProxyCommand ssh -F {} -W '[%h]:%p' asimov-jump 2>>{}\n{}",
+            escape(&config_file),
+            escape(&log),
+            self.pool.config.trim_start_matches("Host *\n"),
+        );
+        std::fs::write(&config_file, text).map_err(|e| self.io("write ssh config", e))?;
+        Ok(JumpFiles {
+            config_file,
+            known_hosts,
+            pinned,
+            log,
+            host: jump.host.clone(),
+            port: jump.port,
+        })
+    }
+
+    /// A connection that failed at the bastion, from what its `ssh -W` wrote; `None`
+    /// when the bastion part went well (the failure is the target's).
+    async fn classify_jump(&self, jump: &JumpFiles) -> Option<TransportError> {
+        let text = std::fs::read_to_string(&jump.log).unwrap_or_default();
+        let lower = text.to_lowercase();
+        let name = format!("{} (jump host {}:{})", self.name(), jump.host, jump.port);
+        if lower.contains("host key verification failed")
+            || lower.contains("identification has changed")
+            || lower.contains("host key for")
+        {
+            let pinned = fingerprints_of_file(&jump.known_hosts).await;
+            let offered = self.offered_fingerprints(&jump.host, jump.port).await;
+            return Some(TransportError::HostKeyChanged {
+                machine: name,
+                pinned: describe_fingerprints(&pinned),
+                offered: describe_fingerprints(&offered),
+            });
+        }
+        if lower.contains("permission denied") {
+            return Some(TransportError::Failed {
+                machine: name,
+                step: "authenticate",
+                message: text.trim().to_string(),
+            });
+        }
+        if lower.contains("connect to host") || lower.contains("could not resolve") {
+            return Some(TransportError::Unreachable {
+                machine: name,
+                source: Some(text.trim().to_string().into()),
+            });
+        }
+        None
     }
 
     async fn classify_connect(&self, e: openssh::Error, known_hosts: &Path) -> TransportError {
@@ -379,7 +514,8 @@ impl SshTransport {
             || lower.contains("host key for")
         {
             let pinned = fingerprints_of_file(known_hosts).await;
-            let offered = self.offered_fingerprints().await;
+            let target = &self.entry.target;
+            let offered = self.offered_fingerprints(&target.host, target.port).await;
             return TransportError::HostKeyChanged {
                 machine: self.name().to_string(),
                 pinned: describe_fingerprints(&pinned),
@@ -396,8 +532,7 @@ impl SshTransport {
     }
 
     /// The keys the host offers now, fetched without authenticating.
-    async fn offered_fingerprints(&self) -> Vec<Fingerprint> {
-        let target = &self.entry.target;
+    async fn offered_fingerprints(&self, host: &str, port: u16) -> Vec<Fingerprint> {
         let timeout = self
             .pool
             .options
@@ -406,7 +541,7 @@ impl SshTransport {
             .max(1)
             .to_string();
         let scan = tokio::process::Command::new("ssh-keyscan")
-            .args(["-T", &timeout, "-p", &target.port.to_string(), &target.host])
+            .args(["-T", &timeout, "-p", &port.to_string(), host])
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .output()
@@ -983,6 +1118,11 @@ fn file_name(machine: &str) -> String {
         .collect::<String>()
         // Never `.` or `..`, nor a hidden file.
         .replacen('.', "_", usize::from(machine.starts_with('.')))
+}
+
+/// `s` as one ssh_config argument: double-quoted (for spaces), `%` doubled (tokens).
+fn config_word(s: &str) -> String {
+    format!("\"{}\"", s.replace('%', "%%"))
 }
 
 /// Quotes `s` as one POSIX shell word.

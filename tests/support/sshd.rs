@@ -22,6 +22,7 @@ pub struct Sshd {
     dir: tempfile::TempDir,
     /// `$HOME` of its sessions: `dir/home`, or a folder shared with another server.
     home: PathBuf,
+    log_level: &'static str,
     port: u16,
     user: String,
     child: Option<Child>,
@@ -43,16 +44,22 @@ impl Sshd {
 
     /// Starts a server on a free localhost port; panics when it does not come up.
     pub fn start() -> Sshd {
-        Sshd::start_with_home(None)
+        Sshd::start_with(None, "VERBOSE")
+    }
+
+    /// Starts a server that logs at `DEBUG1`, which names every forwarded connection
+    /// (`server_request_direct_tcpip: ... target 127.0.0.1 port N`): a bastion whose log proves a jump.
+    pub fn start_bastion() -> Sshd {
+        Sshd::start_with(None, "DEBUG1")
     }
 
     /// Starts a server whose sessions see `home` as `$HOME` (the caller keeps the folder;
     /// give the same one to several servers for hosts sharing an NFS home).
     pub fn start_sharing_home(home: &Path) -> Sshd {
-        Sshd::start_with_home(Some(home.to_path_buf()))
+        Sshd::start_with(Some(home.to_path_buf()), "VERBOSE")
     }
 
-    fn start_with_home(home: Option<PathBuf>) -> Sshd {
+    fn start_with(home: Option<PathBuf>, log_level: &'static str) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("asimov-sshd-")
             .tempdir()
@@ -73,6 +80,7 @@ impl Sshd {
         let mut sshd = Sshd {
             dir,
             home,
+            log_level,
             port,
             user,
             child: None,
@@ -144,6 +152,7 @@ impl Sshd {
             address: self.host().to_string(),
             port: self.port,
             identity_file: Some(self.client_key()),
+            proxy_jump: None,
             gpus,
             labels: Default::default(),
         }
@@ -206,11 +215,12 @@ impl Sshd {
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
              PrintMotd no\n\
-             LogLevel VERBOSE\n\
+             LogLevel {log_level}\n\
              Subsystem sftp internal-sftp\n\
              SetEnv HOME={home} TMUX_TMPDIR={d}/tmux\n",
             port = self.port,
             home = self.home.display(),
+            log_level = self.log_level,
         );
         std::fs::write(self.dir.path().join("sshd_config"), config).expect("sshd_config");
     }
