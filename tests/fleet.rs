@@ -531,3 +531,43 @@ fn a_host_behind_a_bastion_runs_a_job_through_it() {
     }
     a.ok(&["delete", "job", "far"]);
 }
+
+#[test]
+fn a_controller_started_after_one_was_killed_ends_the_masters_it_left() {
+    let Some(h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = controller_with_masters(&h1);
+    let pid = controller_pid(&a);
+    let left = ssh_masters_of(a.home());
+    // SAFETY: signalling the test's own controller.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for_controller_to_stop(&a, pid);
+    assert_eq!(
+        ssh_masters_of(a.home()),
+        left,
+        "SIGKILL gives no chance to close"
+    );
+
+    let logins = h1.logins();
+    a.ok(&[
+        "apply",
+        "-f",
+        a.repo.path().join("hold.yaml").to_str().unwrap(),
+    ]);
+    a.wait_for(
+        "the killed controller's masters to end",
+        Duration::from_secs(30),
+        || {
+            let now = ssh_masters_of(a.home());
+            left.iter().all(|p| !now.contains(p))
+        },
+    );
+    // The new controller carries on over its own master; the run is adopted.
+    a.wait_for("a new master to box-1", Duration::from_secs(30), || {
+        h1.logins() > logins && !ssh_masters_of(a.home()).is_empty()
+    });
+    assert_eq!(a.run_phase("hold-0").as_deref(), Some("Running"));
+    assert_eq!(run_field(&a, "hold-0", "attempt"), 1);
+    a.ok(&["delete", "job", "hold"]);
+}

@@ -179,6 +179,10 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         let (providers, ssh) = providers_for(home)?;
         // Closed on every way this function returns, so no master outlives it.
         let ssh_pool = Arc::clone(ssh.pool());
+        // We hold the lock: masters a killed predecessor left are ours to end.
+        if let Err(e) = ssh_pool.replace_previous_controller().await {
+            tracing::warn!(error = %e, "cannot end the previous controller's ssh masters");
+        }
         let executor = Arc::new(
             Executor::new(providers, Arc::new(Mutex::new(store)), home.clone()).with_ssh(ssh),
         );

@@ -52,6 +52,9 @@ pub struct SshJump {
 /// the chance to (SIGKILL), while a busy controller keeps reusing its masters.
 const MASTER_IDLE: Duration = Duration::from_secs(15 * 60);
 
+/// Names every pool's control folder (under the system temp dir).
+const CONTROL_DIR_PREFIX: &str = "asimov-ssh-";
+
 /// Knobs of a pool; the defaults suit real hosts.
 #[derive(Debug, Clone)]
 pub struct SshOptions {
@@ -124,7 +127,9 @@ impl SshPool {
     }
 
     pub fn with_options(home: Home, options: SshOptions) -> std::io::Result<Arc<SshPool>> {
-        let control_dir = tempfile::Builder::new().prefix("asimov-ssh-").tempdir()?;
+        let control_dir = tempfile::Builder::new()
+            .prefix(CONTROL_DIR_PREFIX)
+            .tempdir()?;
         let config_file = control_dir.path().join("config");
         let alive = options.server_alive_interval.as_secs().max(1);
         // Options the openssh crate has no setter for. `-F` also keeps the user's own
@@ -191,23 +196,64 @@ impl SshPool {
             let Some(conn) = entry.conn.lock().await.take() else {
                 continue;
             };
-            let status = tokio::process::Command::from(self.exit_master(&conn.session))
-                .status()
-                .await;
-            if !status.is_ok_and(|s| s.success()) {
+            let exit = tokio::process::Command::from(self.exit_master(&conn.session))
+                .kill_on_drop(true)
+                .status();
+            // The master answers over a local socket; never let a stop hang on one.
+            let status = tokio::time::timeout(Duration::from_secs(5), exit).await;
+            if !status.is_ok_and(|s| s.is_ok_and(|s| s.success())) {
                 tracing::warn!(machine = %entry.target.machine, "ssh master did not confirm exit");
             }
         }
     }
 
+    /// Makes this pool the controller's: the masters a previous controller of this home
+    /// left (it was killed without the chance to close them) are ended first, then this
+    /// pool's control folder is recorded for the next controller. Call it only while
+    /// holding the controller lock, so no live controller's masters are touched.
+    pub async fn replace_previous_controller(&self) -> std::io::Result<()> {
+        let dir = self.home.known_hosts();
+        std::fs::create_dir_all(&dir)?;
+        let record = dir.join(".controller-masters");
+        if let Ok(previous) = std::fs::read_to_string(&record) {
+            let previous = PathBuf::from(previous.trim());
+            // Only ever a folder this module made, whatever the record says.
+            let ours = previous
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(CONTROL_DIR_PREFIX));
+            if ours && previous != self.control_dir.path() && previous.is_dir() {
+                for entry in std::fs::read_dir(&previous)?.flatten() {
+                    let socket = entry.path().join("master");
+                    if !socket.exists() {
+                        continue;
+                    }
+                    let exit = tokio::process::Command::from(self.exit_master_at(&socket))
+                        .kill_on_drop(true)
+                        .status();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), exit).await;
+                    tracing::info!(socket = %socket.display(), "ended a master left by a previous controller");
+                }
+                let _ = std::fs::remove_dir_all(&previous);
+            }
+        }
+        crate::home::write_private(
+            &record,
+            self.control_dir.path().to_string_lossy().as_bytes(),
+        )
+    }
+
     /// `ssh -O exit` through `session`'s control socket: the master ends at once, with
     /// any command still running on it.
     fn exit_master(&self, session: &Session) -> std::process::Command {
+        self.exit_master_at(session.control_socket())
+    }
+
+    fn exit_master_at(&self, socket: &Path) -> std::process::Command {
         let mut cmd = std::process::Command::new("ssh");
         cmd.arg("-F")
             .arg(&self.config_file)
             .arg("-S")
-            .arg(session.control_socket())
+            .arg(socket)
             .args(["-O", "exit", "asimov-master"])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
