@@ -323,3 +323,25 @@ async fn hosts_sharing_a_home_each_list_and_destroy_only_their_own_slots() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+#[tokio::test]
+async fn preparing_hosts_sharing_a_home_keeps_each_hosts_gpu_inventory() {
+    let Some((a, b, _shared, provider)) = shared_home_lab() else {
+        return;
+    };
+    a.install_command("nvidia-smi", "echo 'NVIDIA A100-SXM4-80GB, 81920 MiB'");
+    b.install_command("nvidia-smi", "echo 'NVIDIA H100 80GB HBM3, 81559 MiB'");
+    let (host_a, host_b) = (a.fleet_host("a", 1), b.fleet_host("b", 1));
+    let first_a = provider.prepare_host("lab", &host_a).await.unwrap();
+    assert!(first_a.changed(), "{first_a:?}");
+    let first_b = provider.prepare_host("lab", &host_b).await.unwrap();
+    assert_eq!(first_b.gpu_names, vec!["NVIDIA H100 80GB HBM3, 81559 MiB"]);
+    let again_a = provider.prepare_host("lab", &host_a).await.unwrap();
+    assert!(
+        !again_a.changed(),
+        "preparing b did not change a's record: {again_a:?}"
+    );
+    assert_eq!(again_a.gpu_names, vec!["NVIDIA A100-SXM4-80GB, 81920 MiB"]);
+    let again_b = provider.prepare_host("lab", &host_b).await.unwrap();
+    assert!(!again_b.changed(), "{again_b:?}");
+}

@@ -307,21 +307,26 @@ impl SshProvider {
     }
 
     /// Makes a host ready for jobs, idempotently: the agent folder, and the GPU
-    /// inventory (`nvidia-smi`) recorded beside it. Reports whether tmux and rsync are
+    /// inventory (`nvidia-smi`) recorded beside it, per host (`hosts/<id>/gpus.csv`). Reports whether tmux and rsync are
     /// present (it installs nothing). A second call on an unchanged host changes nothing.
     pub async fn prepare_host(&self, fleet: &str, host: &Host) -> ProviderResult<HostReport> {
         let t = self.transport(fleet, host);
         let script = format!(
             r#"root={root}
+{prelude}
 changes=""
 if [ ! -d "$root/instances" ]; then mkdir -p "$root/instances" && changes="agent folder"; fi
 inv=""
 if command -v nvidia-smi >/dev/null 2>&1; then
   inv=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true)
 fi
-old=$(cat "$root/gpus.csv" 2>/dev/null || true)
-if [ ! -f "$root/gpus.csv" ] || [ "$inv" != "$old" ]; then
-  printf '%s\n' "$inv" > "$root/gpus.csv.part" && mv -f "$root/gpus.csv.part" "$root/gpus.csv"
+# Per host: hosts sharing a home folder would otherwise overwrite each other's.
+hid=$(printf '%s' "$me" | cksum | cut -d' ' -f1)
+inv_file="$root/hosts/$hid/gpus.csv"
+old=$(cat "$inv_file" 2>/dev/null || true)
+if [ ! -f "$inv_file" ] || [ "$inv" != "$old" ]; then
+  mkdir -p "$root/hosts/$hid"
+  printf '%s\n' "$inv" > "$inv_file.part" && mv -f "$inv_file.part" "$inv_file"
   changes="$changes${{changes:+,}}gpu inventory"
 fi
 command -v tmux >/dev/null 2>&1 && echo "tmux	yes" || echo "tmux	no"
@@ -329,7 +334,12 @@ command -v rsync >/dev/null 2>&1 && echo "rsync	yes" || echo "rsync	no"
 echo "changes	$changes"
 printf '%s\n' "$inv" | sed '/^$/d; s/^/gpu	/'
 "#,
-            root = root_word(&self.remote_root)
+            root = root_word(&self.remote_root),
+            prelude = host_prelude(
+                &t.host_key()
+                    .await
+                    .map_err(|e| from_transport("prepare host", e))?
+            ),
         );
         let out = t
             .exec(&script)

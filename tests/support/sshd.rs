@@ -107,6 +107,17 @@ impl Sshd {
         self.dir.path().join("client_key")
     }
 
+    /// Puts an executable `name` with `script` (sh) first on this host's `PATH`, e.g. an
+    /// `nvidia-smi` that reports this host's GPUs.
+    pub fn install_command(&self, name: &str, script: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("sshd bin folder");
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write command");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
     /// `$HOME` of every session on this server: this "host"'s own state.
     pub fn home(&self) -> PathBuf {
         self.home.clone()
@@ -217,7 +228,8 @@ impl Sshd {
              PrintMotd no\n\
              LogLevel {log_level}\n\
              Subsystem sftp internal-sftp\n\
-             SetEnv HOME={home} TMUX_TMPDIR={d}/tmux\n",
+             SetEnv HOME={home} TMUX_TMPDIR={d}/tmux \
+             PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
             port = self.port,
             home = self.home.display(),
             log_level = self.log_level,
