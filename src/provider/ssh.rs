@@ -170,8 +170,7 @@ fn host_prelude(host_key: &str) -> String {
     format!(
         r#"me={hk}" $(cat /etc/machine-id 2>/dev/null) $(uname -n 2>/dev/null)"
 mine() {{
-  [ -f "$1/host" ] || (set -C; printf '%s
-' "$me" > "$1/host") 2>/dev/null
+  [ -f "$1/host" ] || (set -C; printf '%s\n' "$me" > "$1/host") 2>/dev/null
   [ "$(cat "$1/host" 2>/dev/null)" = "$me" ]
 }}"#,
         hk = quote(host_key)
@@ -307,8 +306,9 @@ impl SshProvider {
     }
 
     /// Makes a host ready for jobs, idempotently: the agent folder, and the GPU
-    /// inventory (`nvidia-smi`) recorded beside it, per host (`hosts/<id>/gpus.csv`). Reports whether tmux and rsync are
-    /// present (it installs nothing). A second call on an unchanged host changes nothing.
+    /// inventory (`nvidia-smi`) recorded beside it, per host (`hosts/<id>/gpus.csv`).
+    /// Reports whether tmux and rsync are present (it installs nothing). A second call
+    /// on an unchanged host changes nothing.
     pub async fn prepare_host(&self, fleet: &str, host: &Host) -> ProviderResult<HostReport> {
         let t = self.transport(fleet, host);
         let script = format!(
@@ -887,6 +887,46 @@ mod tests {
             }]
         );
         assert_eq!(view.gpu_names, vec!["A100, 81920 MiB".to_string()]);
+    }
+
+    /// `mine` in a real shell: a slot of another host is not ours; a slot without a
+    /// `host` file (from before slots recorded one) is adopted by the first to look.
+    #[test]
+    fn a_slot_is_mine_only_when_this_host_claimed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs, legacy) = ("ours", "theirs", "legacy");
+        for d in [ours, theirs, legacy] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let me = |key: &str| {
+            let script = format!("{}\nprintf %s \"$me\"", host_prelude(key));
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&script)
+                .output();
+            String::from_utf8(out.unwrap().stdout).unwrap()
+        };
+        std::fs::write(dir.path().join(ours).join("host"), me("SHA256:a") + "\n").unwrap();
+        std::fs::write(dir.path().join(theirs).join("host"), me("SHA256:b") + "\n").unwrap();
+        let script = format!(
+            "{}\nfor d in {ours} {theirs} {legacy} {legacy}; do mine \"$d\" && echo \"$d\"; done",
+            host_prelude("SHA256:a")
+        );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "ours\nlegacy\nlegacy\n"
+        );
+        assert_ne!(
+            me("SHA256:a"),
+            me("SHA256:b"),
+            "the host key tells hosts apart"
+        );
     }
 
     #[test]
