@@ -20,6 +20,17 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
     });
     let ctx = desired::context(home, &current);
     let loaded = manifest::load_paths(files, &ctx)?;
+    // An empty file or folder is almost always a wrong path or a generator that wrote
+    // nothing; like `kubectl apply`, refuse it rather than succeed silently, and start
+    // no controller for it.
+    if loaded.documents.is_empty() {
+        let paths: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+        return Err(super::fail(format!(
+            "nothing to apply: no manifest in {} (folders are read for *.yaml and *.yml \
+             files directly inside); nothing was changed",
+            paths.join(", ")
+        )));
+    }
 
     let changes: Vec<(Change, &manifest::Document)> = loaded
         .documents
