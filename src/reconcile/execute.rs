@@ -70,7 +70,9 @@ impl ExecError {
         match self {
             ExecError::Provider { source, .. } => source.kind.clone(),
             // The store is local: a failure is a busy or full disk, worth a retry.
-            ExecError::Store { .. } | ExecError::Agent { .. } => ErrorKind::Transient,
+            ExecError::Store { .. } => ErrorKind::Transient,
+            ExecError::Agent { source, .. } if source.is_permanent() => ErrorKind::Permanent,
+            ExecError::Agent { .. } => ErrorKind::Transient,
             ExecError::Unreleased { .. } | ExecError::MissingRun { .. } => ErrorKind::Transient,
             ExecError::NoProvider { .. } | ExecError::NotDesired { .. } => ErrorKind::Permanent,
             ExecError::Secret { .. } => ErrorKind::Permanent,
@@ -203,7 +205,10 @@ impl Executor {
                     }
                 };
                 let diff = match find_run(desired, run) {
-                    Some((job, spec)) => record_source(&mut rec, job, spec),
+                    Some((job, spec)) => {
+                        let exclude = self.written_by_asimov(desired, run);
+                        record_source(&mut rec, job, spec, exclude).await
+                    }
                     None => None,
                 };
                 // Mark the superseded attempt first: the run row is what the planner
@@ -382,7 +387,9 @@ impl Executor {
                     run: run.clone(),
                 })?;
                 let rec = self.run_record(op, run)?;
-                let launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
+                let mut launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
+                // What asimov writes is never uploaded, even inside the working folder.
+                launch.exclude = self.written_by_asimov(desired, run);
                 let backend = self.provider(op, instance.provider)?;
                 let machine = backend
                     .machine(instance)
@@ -640,6 +647,19 @@ impl Executor {
         to.unwrap_or_else(|| self.home.artifacts()).join(run)
     }
 
+    /// The local folders asimov writes for `run` (its home, the run's local outputs
+    /// folder): never uploaded, never recorded in a diff, wherever they are.
+    fn written_by_asimov(&self, desired: &Desired, run: &str) -> Vec<PathBuf> {
+        [
+            Some(self.home.root()),
+            self.outputs_dir(desired, run).parent(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from)
+        .collect()
+    }
+
     /// What the agent needs to start `spec`: secrets are read from the credential
     /// store's 0600 files here and travel only inside the spec.
     fn launch_spec(
@@ -696,6 +716,7 @@ impl Executor {
                 .as_ref()
                 .map(|a| a.paths.clone())
                 .unwrap_or_default(),
+            exclude: Vec::new(),
         })
     }
 }
@@ -711,12 +732,25 @@ pub fn find_run<'a>(desired: &'a Desired, run: &str) -> Option<(&'a Job, &'a Run
 /// Records which code the run executes: for a workdir inside a git work tree, the
 /// commit, its message, the author and the uncommitted diff (jasnah's reproducibility
 /// record); for a git source, the commit its ref points at now, so every attempt runs
-/// the same code. Returns the diff, which the store keeps apart from the record.
-fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) -> Option<String> {
+/// the same code. Returns the diff (nothing under `exclude` in it), which the store keeps
+/// apart from the record. git runs off the async workers (a blocking task, or a child
+/// process with a time limit).
+async fn record_source(
+    rec: &mut RunRecord,
+    job: &Job,
+    spec: &RunSpec,
+    exclude: Vec<PathBuf>,
+) -> Option<String> {
     match &job.spec.source {
         Source::None => None,
         Source::Workdir(dir) => {
-            if let Some(info) = crate::agent::capture_git(dir) {
+            let dir = dir.clone();
+            let info =
+                tokio::task::spawn_blocking(move || crate::source::capture_git(&dir, &exclude))
+                    .await
+                    .ok()
+                    .flatten();
+            if let Some(info) = info {
                 rec.repository = info.repository;
                 rec.commit = Some(info.commit);
                 rec.commit_message = Some(info.commit_message);
@@ -729,7 +763,7 @@ fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) -> Option<Strin
         Source::Git { repo, reference } => {
             let reference = spec.git_ref.as_deref().or(reference.as_deref());
             rec.repository = Some(repo.clone());
-            rec.commit = crate::agent::resolve_remote_commit(repo, reference);
+            rec.commit = crate::source::resolve_remote_commit(repo, reference).await;
             rec.commit_message = None;
             rec.author = None;
             rec.dirty = false;
