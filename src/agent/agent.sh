@@ -189,6 +189,8 @@ cmd_supervise() {
 		finished || put status setup
 		phase setup
 		rc=$?
+		# The controller reads this line from the collected log (SETUP_FAILED_MARKER).
+		[ "$rc" -eq 0 ] || echo "asimov: setup failed with exit code $rc" >>"$ROOT/log"
 	fi
 	if [ "$rc" -eq 0 ] && ! stopping; then
 		finished || put status running

@@ -57,6 +57,9 @@ pub const LOG_KEEP: u64 = LOG_CAP / 2;
 /// The agent script uploaded to every instance as `ROOT/agent.sh`.
 pub const AGENT_SCRIPT: &str = include_str!("agent.sh");
 
+/// How the agent marks a failed setup in the job's log (followed by the exit code).
+pub const SETUP_FAILED_MARKER: &str = "asimov: setup failed with exit code";
+
 /// Everything the agent needs to start one attempt of a run.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
