@@ -407,6 +407,18 @@ impl LambdaProvider {
         self
     }
 
+    /// Logs in as `user` where no placement says otherwise.
+    pub fn with_default_user(mut self, user: impl Into<String>) -> LambdaProvider {
+        self.users = LoginUsers::new(self.users.dir().to_path_buf(), user);
+        self
+    }
+
+    /// Reaches instances on `port` instead of 22 (tests that cannot bind port 22).
+    pub fn with_ssh_port(mut self, port: u16) -> LambdaProvider {
+        self.ssh_port = port;
+        self
+    }
+
     pub fn identity_file(&self) -> &Path {
         &self.identity
     }
@@ -637,6 +649,16 @@ impl Provider for LambdaProvider {
                 )
             })?;
         }
+        // A create retried after being cut off (timeout, crash) finds the first one.
+        if let Some(existing) = self
+            .list()
+            .await?
+            .into_iter()
+            .find(|i| i.tag == req.tag && i.state != InstanceState::Terminating)
+        {
+            tracing::info!(instance = %existing.id, %tag, "lambda instance with this tag exists; adopting it");
+            return Ok(existing);
+        }
         let key = self.ensure_key().await?;
         let listed = self.instance_types().await?;
         let types = candidates(&listed, &req.placement.instance_types, &req.resources);
@@ -744,6 +766,7 @@ impl Provider for LambdaProvider {
             port: *port,
             user: Some(user.clone()),
             identity_file: identity_file.clone(),
+            jump: None,
         });
         Ok(Arc::new(AgentMachine::new(
             Arc::new(transport) as Arc<dyn Transport>,

@@ -357,6 +357,12 @@ impl RunpodProvider {
         })
     }
 
+    /// Logs in as `user` where no placement says otherwise.
+    pub fn with_default_user(mut self, user: impl Into<String>) -> RunpodProvider {
+        self.users = LoginUsers::new(self.users.dir().to_path_buf(), user);
+        self
+    }
+
     pub fn with_retry(mut self, policy: Backoff) -> RunpodProvider {
         self.api.retry = policy;
         self
@@ -450,6 +456,16 @@ impl Provider for RunpodProvider {
                 )
             })?;
         }
+        // A create retried after being cut off (timeout, crash) finds the first one.
+        if let Some(existing) = self
+            .list()
+            .await?
+            .into_iter()
+            .find(|i| i.tag == req.tag && i.state != InstanceState::Terminating)
+        {
+            tracing::info!(instance = %existing.id, %tag, "runpod instance with this tag exists; adopting it");
+            return Ok(existing);
+        }
         let public = ensure_identity(&self.identity).map_err(|e| {
             err(
                 ErrorKind::Permanent,
@@ -487,11 +503,24 @@ impl Provider for RunpodProvider {
             }
         }
         if wanted.is_empty() {
-            return Err(err(
-                ErrorKind::Permanent,
-                step,
-                "a runpod placement needs a GPU: resources.gpu.name or instance_types",
-            ));
+            // No GPU named: any that fits, cheapest first (RunPod rents GPUs).
+            types = catalog
+                .iter()
+                .filter(|g| g.memory_gb + 1e-9 >= min_vram)
+                .collect();
+            let price = |g: &GpuType| {
+                if cloud == "COMMUNITY" {
+                    g.community_price
+                } else {
+                    g.secure_price
+                }
+                .unwrap_or(f64::MAX)
+            };
+            types.sort_by(|a, b| {
+                price(a)
+                    .partial_cmp(&price(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            });
         }
         let mut tried = Vec::new();
         for g in types {
@@ -575,7 +604,7 @@ impl Provider for RunpodProvider {
             ErrorKind::NoCapacity,
             step,
             if tried.is_empty() {
-                format!("no gpu type in the catalog matches {}", wanted.join(", "))
+                format!("no gpu type in the catalog matches {:?}", wanted)
             } else {
                 format!("no capacity: {}", tried.join(", "))
             },
@@ -615,6 +644,7 @@ impl Provider for RunpodProvider {
             port: *port,
             user: Some(user.clone()),
             identity_file: identity_file.clone(),
+            jump: None,
         });
         Ok(Arc::new(AgentMachine::new(
             Arc::new(transport) as Arc<dyn Transport>,

@@ -51,6 +51,8 @@ pub enum Fault {
     Html(u16),
     /// Create: the pod is made, the answer waits this long.
     HoldAnswer(Duration),
+    /// Create: the GPU type's stock is gone just before this create.
+    NoStock,
 }
 
 #[derive(Debug, Clone)]
@@ -637,6 +639,17 @@ fn answer(
             }
             Fault::Html(s) => return (html(s), None, false),
             Fault::HoldAnswer(d) => hold = Some(d),
+            Fault::NoStock => {
+                return (
+                    problem(
+                        400,
+                        "There are no longer any instances available with the requested specifications. Please refresh and try again.",
+                        None,
+                    ),
+                    None,
+                    true,
+                );
+            }
         }
     }
     let pod_of = |path: &str| -> String {
