@@ -21,6 +21,7 @@ use support::sshd::Sshd;
 /// Lambda's limits (1 request/s, 1 launch/10 s) scaled by this, on both sides: the
 /// server answers 429 to closer calls; the client paces at a slightly wider gap.
 const SCALE: f64 = 0.05;
+const SLACK: f64 = 0.7;
 
 struct World {
     server: LambdaServer,
@@ -36,9 +37,10 @@ fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
             port: sshd.port(),
             authorized_keys: sshd.dir().join("authorized_keys"),
         }),
-        // 90% of the client's gaps: requests leave in their slots, arrive with jitter.
-        request_gap: Duration::from_secs_f64(1.0 * SCALE * 0.9),
-        launch_gap: Duration::from_secs_f64(10.0 * SCALE * 0.9),
+        // 70% of the client's gaps: requests leave in their slots and arrive with the
+        // jitter of a loaded machine.
+        request_gap: Duration::from_secs_f64(1.0 * SCALE * SLACK),
+        launch_gap: Duration::from_secs_f64(10.0 * SCALE * SLACK),
         ..Config::default()
     };
     let server = LambdaServer::start(c, types);
@@ -274,7 +276,7 @@ fn three_config_branch_lines_launch_three_instances_within_the_launch_pacing() {
         .collect();
     at.sort();
     assert_eq!(at.len(), 3);
-    let gap = Duration::from_secs_f64(10.0 * SCALE * 0.9);
+    let gap = Duration::from_secs_f64(10.0 * SCALE * SLACK);
     for pair in at.windows(2) {
         assert!(
             pair[1] - pair[0] >= gap,

@@ -77,6 +77,8 @@ fn every_example_loads_and_round_trips() {
             "hello",
             "hf-finetune",
             "lab-train",
+            "pod-finetune",
+            "swag-sweep",
             "swag-train",
             "sweep"
         ]
