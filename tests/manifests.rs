@@ -85,7 +85,7 @@ fn every_example_loads_and_round_trips() {
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 8);
+    assert_eq!(all.documents.len(), 10);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
