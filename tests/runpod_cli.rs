@@ -321,3 +321,71 @@ fn a_pod_with_our_tag_that_no_run_owns_is_deleted_and_others_are_left() {
     assert_eq!(live, vec![foreign, untagged]);
     kill9(&mut controller);
 }
+
+#[test]
+fn a_new_pod_missing_from_the_listing_for_a_while_is_not_created_twice() {
+    let Some(w) = world() else { return };
+    w.server.configure(|c| c.list_lag = Duration::from_secs(4));
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    let pods = w.server.pods();
+    assert_eq!(pods.len(), 1, "one pod, found by id while unlisted: {pods:?}");
+    assert_eq!(w.attempt(), 1);
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+}
+
+#[test]
+fn a_pod_deleted_while_provisioning_is_retried_not_polled_forever() {
+    let Some(w) = world() else { return };
+    w.server.configure(|c| {
+        c.starting_after = Duration::from_secs(3);
+        c.running_after = Duration::from_secs(4);
+        c.ports_after = Duration::from_secs(4);
+    });
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sh train.sh",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("a pod provisioning", 30, || !w.server.live().is_empty());
+    let first = w.server.live()[0].id.clone();
+    w.server.delete_behind_back(&first);
+    w.until("the run to succeed on a second pod", 90, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    assert_eq!(w.attempt(), 2);
+    assert_eq!(w.server.pods().len(), 2);
+    w.until("every pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_run_that_ends_while_the_controller_is_down_has_its_pod_deleted_once_it_is_back() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sleep 3; sh train.sh", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    kill9(&mut controller);
+    // The job ends meanwhile; the test server's pods have no agent key to end
+    // themselves, so the controller is the backstop.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(w.server.live().len(), 1, "still billing while nobody watches");
+    let back = Instant::now();
+    let mut again = w.spawn_controller();
+    w.until("the pod deleted", 30, || w.server.live().is_empty());
+    assert_eq!(w.a.run_phase("gpu-0").as_deref(), Some("Succeeded"));
+    eprintln!("pod deleted {:?} after the controller came back", back.elapsed());
+    kill9(&mut again);
+}

@@ -311,7 +311,14 @@ pub struct RunpodProvider {
     pool: Arc<SshPool>,
     identity: PathBuf,
     users: LoginUsers,
+    /// Pods this process created lately: a new pod can be missing from `GET /pods` for
+    /// a while, so a missing one is looked up by id (bounded by `LISTING_LAG`) rather
+    /// than read as gone, which would start a second pod.
+    recent: std::sync::Mutex<BTreeMap<InstanceId, tokio::time::Instant>>,
 }
+
+/// How long a new pod may be missing from the listing.
+const LISTING_LAG: Duration = Duration::from_secs(300);
 
 impl std::fmt::Debug for RunpodProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -354,6 +361,7 @@ impl RunpodProvider {
                 home.provider_state("runpod").join("users"),
                 DEFAULT_SSH_USER,
             ),
+            recent: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -441,7 +449,38 @@ impl Provider for RunpodProvider {
             .get("pods")
             .and_then(Value::as_array)
             .ok_or_else(|| err(ErrorKind::Transient, step, "answer without pods"))?;
-        Ok(pods.iter().filter_map(|p| self.instance(p)).collect())
+        let mut out: Vec<Instance> = pods.iter().filter_map(|p| self.instance(p)).collect();
+        let missing: Vec<InstanceId> = {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            recent.retain(|_, at| now.duration_since(*at) < LISTING_LAG);
+            recent
+                .keys()
+                .filter(|id| !out.iter().any(|i| &i.id == *id))
+                .cloned()
+                .collect()
+        };
+        for id in missing {
+            match self
+                .api
+                .call(step, reqwest::Method::GET, &format!("/pods/{id}"), None)
+                .await
+            {
+                Ok(pod) => {
+                    tracing::debug!(pod = %id, "new pod not listed yet; found by id");
+                    out.extend(self.instance(&pod));
+                }
+                // Deleted (while provisioning, say): absent it is.
+                Err(e) if e.kind == ErrorKind::NotFound => {
+                    self.recent
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
     }
 
     async fn create(&self, req: &CreateRequest) -> ProviderResult<Instance> {
@@ -572,6 +611,10 @@ impl Provider for RunpodProvider {
                                 format!("answer without id: {pod}"),
                             )
                         })?;
+                    self.recent
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id.clone(), tokio::time::Instant::now());
                     let price = if cloud == "COMMUNITY" {
                         g.community_price
                     } else {

@@ -100,6 +100,8 @@ pub struct Config {
     pub ports_after: Duration,
     /// Requests per minute window (the `RateLimit-Policy` minute quota).
     pub per_minute: u32,
+    /// A new pod is missing from `GET /pods` (not from `GET /pods/{id}`) this long.
+    pub list_lag: Duration,
     pub ssh: Option<SshTarget>,
 }
 
@@ -111,6 +113,7 @@ impl Default for Config {
             running_after: Duration::from_millis(600),
             ports_after: Duration::from_millis(1200),
             per_minute: 10_000,
+            list_lag: Duration::ZERO,
             ssh: None,
         }
     }
@@ -663,7 +666,7 @@ fn answer(
             let pods: Vec<Value> = st
                 .pods
                 .iter()
-                .filter(|p| !p.deleted)
+                .filter(|p| !p.deleted && p.created.elapsed() >= st.config.list_lag)
                 .map(|p| pod_json(st, p))
                 .collect();
             ok(200, json!({ "pods": pods }))
