@@ -1293,6 +1293,7 @@ impl Provider for VastProvider {
             port: *port,
             user: Some(user.clone()),
             identity_file: identity_file.clone(),
+            jump: None,
         });
         let transport = Arc::new(transport);
         let agent = AgentMachine::new(Arc::clone(&transport) as Arc<dyn Transport>, root.clone());
