@@ -13,7 +13,8 @@
 //! one answering 410; show (`{"instances": null}` once destroyed); destroy (a second is
 //! 404 `no_such_instance`); state and label changes; account SSH keys and keys attached
 //! to an instance (written into the sshd's `authorized_keys` when an instance runs);
-//! per-endpoint minimum gaps answered by 429 with a plain-text body and no Retry-After;
+//! per-endpoint minimum gaps (per caller: the account key, each instance's key) answered
+//! by 429 with a plain-text body and no Retry-After;
 //! 401 `auth_error`.
 //!
 //! Faults a test can inject (`VastServer::inject`): 429 and nginx HTML 5xx storms,
@@ -205,7 +206,8 @@ struct State {
     instances: Vec<InstanceRecord>,
     requests: Vec<RequestRecord>,
     faults: VecDeque<Injected>,
-    last_call: BTreeMap<Endpoint, Instant>,
+    /// Last accepted call per (endpoint, identity): Vast limits each caller apart.
+    last_call: BTreeMap<(Endpoint, String), Instant>,
     account_keys: Vec<AccountKey>,
     next_id: u64,
     /// Create requests that arrived (recorded before any answer, held or not).
@@ -733,7 +735,13 @@ fn answer(
         && !gap.is_zero()
     {
         let now = Instant::now();
-        if let Some(last) = st.last_call.get(&endpoint)
+        let identity = match who {
+            Caller::Instance(id) => format!("instance:{id}"),
+            Caller::Account => "account".to_string(),
+            Caller::Nobody | Caller::Invalid => "anonymous".to_string(),
+        };
+        let key = (endpoint, identity);
+        if let Some(last) = st.last_call.get(&key)
             && now.duration_since(*last) < gap
         {
             return (
@@ -748,7 +756,7 @@ fn answer(
                 None,
             );
         }
-        st.last_call.insert(endpoint, now);
+        st.last_call.insert(key, now);
     }
     let mut hold = None;
     let mut fails_yet_creates = false;
