@@ -398,3 +398,47 @@ fn an_instance_with_our_tag_that_no_run_owns_is_terminated_and_others_are_left()
     assert_eq!(live, vec![foreign, untagged]);
     kill9(&mut controller);
 }
+
+#[test]
+fn offers_lists_lambda_instance_types_with_prices_and_capacity() {
+    let Some(w) = world(two_types()) else { return };
+    let out = w
+        .command()
+        .args(["offers", "--provider", "lambda", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    let ids: Vec<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["gpu_1x_a10", "gpu_1x_gh200"], "cheapest first: {doc}");
+    assert_eq!(items[0]["provider"], "lambda");
+    assert_eq!(items[0]["price_per_hour"], 0.75);
+    assert_eq!(items[0]["vram_gb"], 24.0);
+    assert_eq!(items[0]["available"], true);
+    assert_eq!(items[0]["regions"][0], "us-east-1");
+    assert_eq!(
+        items[1]["available"], false,
+        "no region lists gh200 capacity"
+    );
+    let out = w
+        .command()
+        .args([
+            "offers",
+            "--provider",
+            "lambda",
+            "--gpu",
+            "GH200",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["items"].as_array().map(Vec::len), Some(1), "{doc}");
+    assert!(w.server.instances().is_empty(), "offers rents nothing");
+}

@@ -339,7 +339,11 @@ fn a_new_pod_missing_from_the_listing_for_a_while_is_not_created_twice() {
         w.a.ok(&["describe", "run", "gpu-0"])
     );
     let pods = w.server.pods();
-    assert_eq!(pods.len(), 1, "one pod, found by id while unlisted: {pods:?}");
+    assert_eq!(
+        pods.len(),
+        1,
+        "one pod, found by id while unlisted: {pods:?}"
+    );
     assert_eq!(w.attempt(), 1);
     w.until("the pod deleted", 60, || w.server.live().is_empty());
 }
@@ -381,11 +385,75 @@ fn a_run_that_ends_while_the_controller_is_down_has_its_pod_deleted_once_it_is_b
     // The job ends meanwhile; the test server's pods have no agent key to end
     // themselves, so the controller is the backstop.
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(w.server.live().len(), 1, "still billing while nobody watches");
+    assert_eq!(
+        w.server.live().len(),
+        1,
+        "still billing while nobody watches"
+    );
     let back = Instant::now();
     let mut again = w.spawn_controller();
     w.until("the pod deleted", 30, || w.server.live().is_empty());
     assert_eq!(w.a.run_phase("gpu-0").as_deref(), Some("Succeeded"));
-    eprintln!("pod deleted {:?} after the controller came back", back.elapsed());
+    eprintln!(
+        "pod deleted {:?} after the controller came back",
+        back.elapsed()
+    );
     kill9(&mut again);
+}
+
+#[test]
+fn offers_lists_runpod_gpu_types_as_users_name_them() {
+    let Some(w) = world() else { return };
+    let out = w
+        .command()
+        .args([
+            "offers",
+            "--provider",
+            "runpod",
+            "--gpu",
+            "RTX_4090",
+            "--count",
+            "2",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{doc}");
+    assert_eq!(items[0]["id"], "NVIDIA GeForce RTX 4090");
+    assert_eq!(items[0]["provider"], "runpod");
+    assert_eq!(items[0]["count"], 2);
+    assert_eq!(
+        items[0]["price_per_hour"], 1.38,
+        "secure price for two GPUs"
+    );
+    let out = w
+        .command()
+        .args(["offers", "--provider", "runpod", "-o", "json"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = doc["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "NVIDIA GeForce RTX 3090",
+            "NVIDIA GeForce RTX 4090",
+            "NVIDIA H100 80GB HBM3"
+        ],
+        "cheapest first"
+    );
+    assert!(w.server.pods().is_empty(), "offers rents nothing");
 }

@@ -224,6 +224,32 @@ impl LoginUsers {
     }
 }
 
+/// One thing a catalog cloud (Lambda's instance types, RunPod's GPU types) would rent
+/// now, in the shape `asimov offers` prints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CatalogOffer {
+    /// The instance-type id (Lambda) or GPU-type id (RunPod): what a placement names.
+    pub id: String,
+    pub gpu: String,
+    pub count: u32,
+    /// Per GPU, when the catalog says.
+    pub vram_gb: Option<f64>,
+    pub price_per_hour: f64,
+    /// Where it is available now (Lambda regions with capacity); empty when unknown.
+    pub regions: Vec<String>,
+    pub available: bool,
+}
+
+/// Cheapest first, then by id: the order `asimov offers` shows.
+pub fn sort_offers(offers: &mut [CatalogOffer]) {
+    offers.sort_by(|a, b| {
+        a.price_per_hour
+            .partial_cmp(&b.price_per_hour)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.id.cmp(&b.id))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -437,6 +437,40 @@ impl LambdaProvider {
         Ok(parse_types(&data))
     }
 
+    /// The instance types that fit `resources` and `placement` (its `instance_types`
+    /// when it names some, its `max_price_per_hour`), with the regions listing capacity.
+    pub async fn offers(
+        &self,
+        resources: &Resources,
+        placement: &crate::manifest::Placement,
+    ) -> ProviderResult<Vec<cloud::CatalogOffer>> {
+        let listed = self.instance_types().await?;
+        let mut out: Vec<cloud::CatalogOffer> =
+            candidates(&listed, &placement.instance_types, resources)
+                .into_iter()
+                .filter(|t| {
+                    placement
+                        .max_price_per_hour
+                        .is_none_or(|max| t.price_per_hour <= max + 1e-9)
+                })
+                .filter(|t| {
+                    let want = resources.gpu.as_ref().and_then(|g| g.min_vram_gb);
+                    want.is_none_or(|w| vram_gb(&t.gpu_description).is_none_or(|v| v >= w as f64))
+                })
+                .map(|t| cloud::CatalogOffer {
+                    available: !t.regions.is_empty(),
+                    vram_gb: vram_gb(&t.gpu_description),
+                    id: t.name,
+                    gpu: t.gpu_description,
+                    count: t.gpus,
+                    price_per_hour: t.price_per_hour,
+                    regions: t.regions,
+                })
+                .collect();
+        cloud::sort_offers(&mut out);
+        Ok(out)
+    }
+
     /// The name asimov's key has in the account, registering it the first time.
     async fn ensure_key(&self) -> ProviderResult<String> {
         let step = "register the ssh key";
@@ -598,6 +632,20 @@ impl LambdaProvider {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Per-GPU memory from Lambda's description (`A10 (24 GB PCIe)`, `H100 (80 GB SXM5)`).
+fn vram_gb(description: &str) -> Option<f64> {
+    let at = description.find(" GB")?;
+    let digits: String = description[..at]
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse().ok()
 }
 
 /// 8 hex digits naming a public key (FNV-1a of its text): stable across processes.

@@ -390,6 +390,62 @@ impl RunpodProvider {
         Ok(parse_gpus(&v))
     }
 
+    /// The GPU types that fit `resources` and `placement`, priced for the count asked
+    /// and the placement's cloud.
+    pub async fn offers(
+        &self,
+        resources: &crate::manifest::Resources,
+        placement: &crate::manifest::Placement,
+    ) -> ProviderResult<Vec<cloud::CatalogOffer>> {
+        let community = placement
+            .filters
+            .get("cloud")
+            .is_some_and(|c| c.eq_ignore_ascii_case("community"));
+        let catalog = self
+            .gpu_types(if community { "COMMUNITY" } else { "SECURE" })
+            .await?;
+        let gpu = resources.gpu.as_ref();
+        let names: Vec<String> = if placement.instance_types.is_empty() {
+            gpu.map(|g| g.names.clone()).unwrap_or_default()
+        } else {
+            placement.instance_types.clone()
+        };
+        let count = gpu.map_or(1, |g| g.count.max(1));
+        let min_vram = gpu.and_then(|g| g.min_vram_gb).unwrap_or(0) as f64;
+        let mut out: Vec<cloud::CatalogOffer> = catalog
+            .into_iter()
+            .filter(|g| names.is_empty() || names.iter().any(|n| gpu_matches(g, n)))
+            .filter(|g| g.memory_gb + 1e-9 >= min_vram)
+            .filter_map(|g| {
+                let unit = if community {
+                    g.community_price
+                } else {
+                    g.secure_price
+                }?;
+                Some(cloud::CatalogOffer {
+                    available: g.availability != "NONE",
+                    vram_gb: Some(g.memory_gb),
+                    price_per_hour: unit * count as f64,
+                    gpu: if g.name.is_empty() {
+                        g.id.clone()
+                    } else {
+                        g.name.clone()
+                    },
+                    id: g.id,
+                    count,
+                    regions: Vec::new(),
+                })
+            })
+            .filter(|o| {
+                placement
+                    .max_price_per_hour
+                    .is_none_or(|max| o.price_per_hour <= max + 1e-9)
+            })
+            .collect();
+        cloud::sort_offers(&mut out);
+        Ok(out)
+    }
+
     fn instance(&self, v: &Value) -> Option<Instance> {
         let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::trim);
         let name = s("name")?;
