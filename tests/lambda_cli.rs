@@ -442,3 +442,58 @@ fn offers_lists_lambda_instance_types_with_prices_and_capacity() {
     assert_eq!(doc["items"].as_array().map(Vec::len), Some(1), "{doc}");
     assert!(w.server.instances().is_empty(), "offers rents nothing");
 }
+
+#[test]
+fn a_preempted_instance_ends_the_attempt_is_terminated_and_the_run_retried() {
+    let Some(w) = world(two_types()) else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sleep 600",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.billing()[0].id.clone();
+    // No warning: the status just changes.
+    w.server.preempt(&first);
+    w.until(
+        "the preempted instance terminated and a second attempt",
+        60,
+        || {
+            w.attempt() == 2
+                && w.server
+                    .instances()
+                    .iter()
+                    .any(|i| i.id == first && i.status != "preempted")
+        },
+    );
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    assert!(described.contains("preempted"), "{described}");
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_run_that_ends_while_the_controller_is_down_has_its_instance_terminated_once_it_is_back() {
+    let Some(w) = world(two_types()) else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sleep 3; sh train.sh", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    kill9(&mut controller);
+    // Self-termination with a handed-over key is not built: the controller is the
+    // backstop, and the instance bills until it is back.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(w.server.billing().len(), 1);
+    let mut again = w.spawn_controller();
+    w.until("the instance terminated", 30, || {
+        w.server.billing().is_empty()
+    });
+    assert_eq!(w.a.run_phase("gpu-0").as_deref(), Some("Succeeded"));
+    kill9(&mut again);
+}
