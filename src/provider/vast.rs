@@ -194,13 +194,24 @@ impl Pacing {
 }
 
 /// Hands out call slots so that calls of one class keep their gap, whatever task
-/// makes them: the one place all runs' requests queue.
+/// makes them: the one place all runs' requests queue. A slot is reserved in order;
+/// then, because a task may wake late (a loaded machine), the gap is checked again
+/// against when the previous call of the class really left.
 struct Pacer {
     pacing: Pacing,
     next: Mutex<BTreeMap<Call, tokio::time::Instant>>,
+    sent: Mutex<BTreeMap<Call, tokio::time::Instant>>,
 }
 
 impl Pacer {
+    fn new(pacing: Pacing) -> Pacer {
+        Pacer {
+            pacing,
+            next: Mutex::new(BTreeMap::new()),
+            sent: Mutex::new(BTreeMap::new()),
+        }
+    }
+
     async fn wait(&self, call: Call) {
         let gap = self.pacing.gap(call);
         if gap.is_zero() {
@@ -215,6 +226,23 @@ impl Pacer {
             at
         };
         tokio::time::sleep_until(at).await;
+        loop {
+            let later = {
+                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                let now = tokio::time::Instant::now();
+                match sent.get(&call) {
+                    Some(last) if now < *last + gap => Some(*last + gap),
+                    _ => {
+                        sent.insert(call, now);
+                        None
+                    }
+                }
+            };
+            match later {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => return,
+            }
+        }
     }
 }
 
@@ -781,10 +809,7 @@ impl VastProvider {
                 http,
                 base: base.into().trim_end_matches('/').to_string(),
                 key,
-                pacer: Pacer {
-                    pacing,
-                    next: Mutex::new(BTreeMap::new()),
-                },
+                pacer: Pacer::new(pacing),
                 retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(10), 2.0)
                     .with_max_elapsed(Some(Duration::from_secs(90))),
             }),
@@ -1380,6 +1405,8 @@ while [ "$i" -lt 720 ]; do
 	case "$code" in
 	2??) grep -q '"success": *false' "$body" 2>/dev/null || {{ echo "destroyed ($code)"; exit 0; }} ;;
 	404 | 410) echo "already gone ($code)"; exit 0 ;;
+	# The key of a destroyed instance stops working; a refused key never starts to.
+	401 | 403) echo "the instance's key was refused ($code): gone, or not ours to end"; exit 0 ;;
 	none) echo "no curl, wget or python: cannot destroy this instance"; exit 1 ;;
 	esac
 	echo "destroy answered ${{code:-nothing}}; again in 5s"
