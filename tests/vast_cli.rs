@@ -645,7 +645,7 @@ fn bench_vast_overheads_and_runs_within_pacing() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|r| r["instance_id"] == rec.id.to_string())
+            .find(|r| r["instance_id"].as_str() == Some(rec.id.to_string().as_str()))
             .unwrap();
         let n = item["name"].as_str().unwrap().rsplit('-').next().unwrap();
         let n = &names[n.parse::<usize>().unwrap()];
