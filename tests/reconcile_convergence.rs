@@ -7,9 +7,9 @@
 
 use asimov::home::Home;
 use asimov::manifest::{Job, JobSpec, Manifests, Placement, RetryOn, RetryPolicy};
-use asimov::model::{Phase, ProviderKind};
+use asimov::model::{Outcome, Phase, ProviderKind, Usd};
 use asimov::provider::fake::{FakeConfig, FakeProvider, Fault, Operation};
-use asimov::provider::{ErrorKind, Provider};
+use asimov::provider::{Capabilities, ErrorKind, Provider};
 use asimov::reconcile::controller::{Controller, MemorySource, Shutdown};
 use asimov::reconcile::execute::Executor;
 use asimov::store::Store;
@@ -80,8 +80,13 @@ fn assert_no_duplicates(fake: &FakeProvider) {
     }
 }
 
+/// True when nothing but the periodic resync wants another look.
+fn settled(requeue_after: Option<Duration>) -> bool {
+    requeue_after.is_none_or(|d| d >= Capabilities::default().resync_period())
+}
+
 /// Runs passes, sleeping the requeue in between, until a pass plans nothing and wants
-/// no requeue. Returns the number of passes.
+/// no requeue before the periodic resync. Returns the number of passes.
 async fn converge(w: &World, max_passes: usize) -> usize {
     for pass in 1..=max_passes {
         let lists_before = w.fake.calls().list;
@@ -92,7 +97,7 @@ async fn converge(w: &World, max_passes: usize) -> usize {
             "one list call per provider per pass"
         );
         assert_no_duplicates(&w.fake);
-        if report.planned.is_empty() && report.requeue_after.is_none() {
+        if report.planned.is_empty() && settled(report.requeue_after) {
             return pass;
         }
         tokio::time::sleep(report.requeue_after.unwrap_or(Duration::from_secs(1))).await;
@@ -184,16 +189,16 @@ async fn converges_with_a_fault_at_every_step() {
     for (run, phase) in phases(&w) {
         assert_eq!(phase, Phase::Succeeded, "{run}");
     }
-    let outcomes: Vec<String> = phases(&w)
+    let outcomes: Vec<Outcome> = phases(&w)
         .iter()
         .flat_map(|(run, _)| w.store.lock().unwrap().attempts(run).unwrap())
         .filter_map(|a| a.outcome)
         .collect();
     assert!(
-        outcomes.iter().any(|o| o == "preempted"),
+        outcomes.contains(&Outcome::Preempted),
         "a preempted attempt was restarted: {outcomes:?}"
     );
-    assert!(outcomes.iter().any(|o| o == "no-capacity"), "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::NoCapacity), "{outcomes:?}");
     assert!(f.instances().is_empty(), "leaked: {:?}", f.instances());
     let again = w.controller.run_once().await.expect("pass");
     assert!(again.planned.is_empty(), "second pass: {:?}", again.planned);
@@ -280,7 +285,7 @@ async fn ambiguous_create_is_adopted_not_recreated() {
     );
     let attempts = w.store.lock().unwrap().attempts("train-0").unwrap();
     assert_eq!(attempts.len(), 1, "{attempts:?}");
-    assert_eq!(attempts[0].outcome.as_deref(), Some("succeeded"));
+    assert_eq!(attempts[0].outcome, Some(Outcome::Succeeded));
     assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
 }
 
@@ -305,7 +310,7 @@ async fn cost_so_far_while_running_and_outputs_land_in_artifacts_to() {
         to: Some(out.path().display().to_string()),
     });
     let config = FakeConfig {
-        price_per_hour: 3.6,
+        price_per_hour: Usd::from_dollars(3.6),
         job_duration: Duration::from_secs(600),
         ..FakeConfig::default()
     };
@@ -327,15 +332,15 @@ async fn cost_so_far_while_running_and_outputs_land_in_artifacts_to() {
     }
     let rec = run(&w);
     assert_eq!(rec.phase, Phase::Running);
+    let so_far = rec.cost_at(w.controller.now());
     assert!(
-        rec.cost_usd > 0.1 && rec.cost_usd < 1.0,
-        "cost so far of a $3.60/h run after minutes: {}",
-        rec.cost_usd
+        so_far > Usd::from_cents(10) && so_far < Usd::from_dollars(1.0),
+        "cost so far of a $3.60/h run after minutes: {so_far}"
     );
     converge(&w, 400).await;
     let rec = run(&w);
     assert_eq!(rec.phase, Phase::Succeeded);
-    let ledger: f64 = w
+    let ledger: Usd = w
         .store
         .lock()
         .unwrap()
@@ -344,12 +349,13 @@ async fn cost_so_far_while_running_and_outputs_land_in_artifacts_to() {
         .iter()
         .map(|c| c.usd)
         .sum();
-    assert!(
-        (rec.cost_usd - ledger).abs() < 1e-9,
-        "{} vs ledger {ledger}",
-        rec.cost_usd
+    assert_eq!(rec.cost_usd, ledger);
+    assert_eq!(
+        rec.cost_at(w.controller.now() + 3600),
+        ledger,
+        "nothing bills on"
     );
-    assert!(rec.cost_usd > 0.5, "{}", rec.cost_usd);
+    assert!(rec.cost_usd > Usd::from_cents(50), "{}", rec.cost_usd);
     assert!(
         out.path().join("paid-0/result.txt").exists(),
         "outputs not in artifacts.to/<run>/"
@@ -383,16 +389,12 @@ async fn intent_written_without_its_run_row_is_continued_not_superseded() {
         let rec = store.run("train-0").unwrap().expect("run");
         assert_eq!(rec.phase, Phase::Succeeded, "{fault:?}");
         assert_eq!(rec.attempt, 1, "{fault:?}");
-        let attempts: Vec<(u32, Option<String>)> = store
+        let attempts: Vec<(u32, Option<Outcome>)> = store
             .attempts("train-0")
             .unwrap()
             .into_iter()
             .map(|a| (a.attempt, a.outcome))
             .collect();
-        assert_eq!(
-            attempts,
-            vec![(1, Some("succeeded".to_string()))],
-            "{fault:?}"
-        );
+        assert_eq!(attempts, vec![(1, Some(Outcome::Succeeded))], "{fault:?}");
     }
 }

@@ -176,10 +176,12 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         .build()?;
     runtime.block_on(async {
         let store = Store::open(&home.database())?;
-        let (providers, ssh) = providers_for(home)?;
-        let executor = Arc::new(
-            Executor::new(providers, Arc::new(Mutex::new(store)), home.clone()).with_ssh(ssh),
-        );
+        let providers = providers_for(home)?;
+        let executor = Arc::new(Executor::new(
+            providers,
+            Arc::new(Mutex::new(store)),
+            home.clone(),
+        ));
         let source = Arc::new(FolderSource::new(home.clone(), dir.clone()));
         let controller = Controller::new(executor, source, home.controller_id()?);
         if once {

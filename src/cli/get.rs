@@ -60,14 +60,14 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
         }
         Output::Json => {
             let list = RunList {
-                items: runs.iter().map(RunView::of).collect(),
+                items: runs.iter().map(|r| RunView::of(r, super::now())).collect(),
             };
             serde_json::to_writer_pretty(&mut out, &list)?;
             writeln!(out)?;
         }
         Output::Yaml => {
             let list = RunList {
-                items: runs.iter().map(RunView::of).collect(),
+                items: runs.iter().map(|r| RunView::of(r, super::now())).collect(),
             };
             write!(out, "{}", serde_yaml::to_string(&list)?)?;
         }
@@ -118,7 +118,12 @@ pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult
             None => Vec::new(),
         };
         let counts = phase_counts(&runs);
-        let cost: f64 = runs.iter().map(|r| r.cost_usd).sum();
+        let now = super::now();
+        let cost = runs
+            .iter()
+            .map(|r| r.cost_at(now))
+            .sum::<crate::model::Usd>()
+            .dollars();
         let placement: Vec<String> = job
             .spec
             .placement
@@ -265,7 +270,7 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
         let since = budget::window_start(b, now);
         let spent = match &store {
             Some(s) => s.spent(&jobs, since)?,
-            None => 0.0,
+            None => crate::model::Usd::ZERO,
         };
         let period = b
             .period
@@ -279,7 +284,7 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
             b.name.clone(),
             format!("${:.2}", b.limit_usd),
             period.clone(),
-            format!("${spent:.2}"),
+            spent.to_string(),
             action.to_string(),
             if jobs.is_empty() {
                 "-".into()
@@ -289,7 +294,7 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
         ]);
         items.push(serde_json::json!({
             "name": b.name, "limit_usd": b.limit_usd, "period": period, "spent_usd": spent,
-            "action": action, "jobs": jobs, "over_limit": spent >= b.limit_usd,
+            "action": action, "jobs": jobs, "over_limit": spent >= crate::model::Usd::from_dollars(b.limit_usd),
         }));
     }
     if let (Some(n), true) = (name, items.is_empty()) {

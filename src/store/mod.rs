@@ -7,7 +7,7 @@
 //! Layout: `migrations` (the schema, versioned by `PRAGMA user_version`), `runs`,
 //! `history` (attempts, events, cost), `hosts`, `bench` (synthetic data for benchmarks).
 
-use crate::model::{InstanceId, JobName, Phase, ProviderKind, RunName, Timestamp};
+use crate::model::{InstanceId, JobName, Outcome, Phase, ProviderKind, RunName, Timestamp, Usd};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -42,8 +42,13 @@ pub struct RunRecord {
     /// For fleet runs: the host the run is on.
     pub host: Option<String>,
     pub gpu: Option<String>,
-    pub price_per_hour: Option<f64>,
-    pub cost_usd: f64,
+    pub price_per_hour: Option<Usd>,
+    /// What the run's released attempts cost (the ledger). The current attempt's share
+    /// is derived when read: [`RunRecord::cost_at`].
+    pub cost_usd: Usd,
+    /// When the current attempt's instance started billing at `price_per_hour`; `None`
+    /// while no instance is held.
+    pub billing_since: Option<Timestamp>,
     pub progress_done: Option<u64>,
     pub progress_total: Option<u64>,
     pub exit_code: Option<i32>,
@@ -85,7 +90,8 @@ impl RunRecord {
             host: None,
             gpu: None,
             price_per_hour: None,
-            cost_usd: 0.0,
+            cost_usd: Usd::ZERO,
+            billing_since: None,
             progress_done: None,
             progress_total: None,
             exit_code: None,
@@ -99,6 +105,18 @@ impl RunRecord {
             started_at: None,
             finished_at: None,
         }
+    }
+}
+
+impl RunRecord {
+    /// Cost so far at `now`: the ledger plus what the held instance has accrued. Derived
+    /// here, when read, so nothing is rewritten just because time passed.
+    pub fn cost_at(&self, now: Timestamp) -> Usd {
+        let live = match (self.price_per_hour, self.billing_since) {
+            (Some(price), Some(since)) => price.per_hour_over(now - since),
+            _ => Usd::ZERO,
+        };
+        self.cost_usd + live
     }
 }
 
@@ -118,8 +136,8 @@ pub struct AttemptRecord {
     pub intent_at: Timestamp,
     /// Set when the provider confirmed the instance gone (or it never existed).
     pub released_at: Option<Timestamp>,
-    /// How the attempt ended: "succeeded", "failed", "preempted", "lost", "deleted", ...
-    pub outcome: Option<String>,
+    /// How the attempt ended; kept in its stable text form.
+    pub outcome: Option<Outcome>,
 }
 
 /// Something that happened to an object, shown by `describe`.
@@ -142,7 +160,7 @@ pub struct CostEntry {
     pub attempt: u32,
     pub from: Timestamp,
     pub to: Timestamp,
-    pub usd: f64,
+    pub usd: Usd,
 }
 
 /// The last known status of one host of a fleet, as the controller last probed it.
@@ -162,6 +180,24 @@ pub struct HostRecord {
     pub checked_at: Timestamp,
     /// What the probe said, one short sentence ("ssh: connection refused"); empty when fine.
     pub message: String,
+}
+
+impl HostRecord {
+    /// The record of `status` as checked at `checked_at`.
+    pub fn of(status: &crate::model::HostStatus, checked_at: Timestamp) -> HostRecord {
+        HostRecord {
+            fleet: status.fleet.clone(),
+            host: status.host.clone(),
+            reachable: status.reachable,
+            busy: status.busy,
+            gpus_total: status.gpus_total,
+            gpus_free: status.gpus_free,
+            gpu_names: status.gpu_names.clone(),
+            running: status.running.clone(),
+            checked_at,
+            message: status.message.clone().unwrap_or_default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
