@@ -164,9 +164,12 @@ fn unconfigured_provider_blocks() {
 #[test]
 fn adopt_listed_intent() {
     let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut a = attempt("train-0", 1, FAKE, None);
+    // Asked for a minute ago: still within any boot timeout.
+    a.intent_at = NOW - 60;
     let h = history(
         vec![record("train-0", "train", Phase::Provisioning, 1)],
-        vec![attempt("train-0", 1, FAKE, None)],
+        vec![a],
     );
     let o = listed(
         FAKE,
@@ -228,8 +231,147 @@ fn running_reports_progress_then_idles() {
     rec.reason = "running on fake/i-7".into();
     rec.progress_done = Some(3);
     rec.progress_total = Some(10);
-    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    let h = history(
+        vec![rec.clone()],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
     check(&d, &o, &h, NOW, "running_steady_state");
+    // Issue 7 item 22: what time alone changes makes no op. The agent's progress moved
+    // on (the controller records it, as an observation) and the paid run's record was
+    // written long ago (its cost so far is derived when read): still nothing to do.
+    rec.price_per_hour = Some(Usd::from_dollars(2.0));
+    rec.billing_since = Some(NOW - 700);
+    rec.updated_at = NOW - 3600;
+    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    o.agents.insert(
+        tag("train-0", 1).render(),
+        agent(AgentState::Running, Some((7, 10)), None),
+    );
+    check(&d, &o, &h, NOW, "running_time_alone_plans_nothing");
+}
+
+/// Defect 4: an instance stuck in Provisioning was polled forever (billing all the
+/// while). Past its provider's boot timeout the attempt ends, the instance is destroyed
+/// and the run moves on, with the reason.
+#[test]
+fn provisioning_past_the_boot_timeout_ends_the_attempt() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut rec = record("train-0", "train", Phase::Provisioning, 1);
+    rec.reason = "waiting for i-7 to boot".into();
+    let booting = |since: Timestamp| {
+        let mut a = attempt("train-0", 1, FAKE, Some("i-7"));
+        a.intent_at = since;
+        history(vec![rec.clone()], vec![a])
+    };
+    let slow = |boot_timeout: u64| {
+        let mut o = listed(
+            FAKE,
+            vec![instance(
+                FAKE,
+                "i-7",
+                tag("train-0", 1),
+                InstanceState::Provisioning,
+            )],
+        );
+        o.capabilities.insert(
+            FAKE,
+            Capabilities {
+                boot_timeout: Duration::from_secs(boot_timeout),
+                ..Capabilities::default()
+            },
+        );
+        o
+    };
+    // Within the timeout: wait (and wake at the deadline at the latest).
+    check(&d, &slow(900), &booting(NOW - 700), NOW, "boot_within_timeout");
+    // Past it: ended, destroyed, next attempt after a backoff.
+    check(&d, &slow(600), &booting(NOW - 700), NOW, "boot_timeout_ends_attempt");
+    // Its release, then the retry on the (only) placement once the backoff is over.
+    let mut ended = attempt("train-0", 1, FAKE, Some("i-7"));
+    ended.intent_at = NOW - 700;
+    ended.outcome = Some(Outcome::BootTimeout);
+    let mut pending = rec.clone();
+    pending.phase = Phase::Pending;
+    let h = history(vec![pending.clone()], vec![ended.clone()]);
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "boot_timeout_released");
+    let h = history(vec![pending], vec![released(ended, "boot-timeout", NOW - 10)]);
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "boot_timeout_retry");
+}
+
+/// Defect 3: an idle controller never looked again. Every key now wants a look within
+/// its providers' resync period (never faster than their pacing allows), so a run whose
+/// instance bills behind asimov's back, or whose agent went silent, is seen while idle.
+#[test]
+fn every_key_is_resynced_per_provider() {
+    let d = desired(vec![
+        job("done", 1, &[FAKE]),
+        job("mixed", 1, &[FAKE, ProviderKind::Local]),
+    ]);
+    let mut done = record("done-0", "done", Phase::Succeeded, 1);
+    done.reason = "exit code 0".into();
+    let mut mixed = record("mixed-0", "mixed", Phase::Succeeded, 1);
+    mixed.reason = "exit code 0".into();
+    let h = history(
+        vec![done, mixed],
+        vec![
+            released(attempt("done-0", 1, FAKE, Some("i-1")), "succeeded", NOW - 5),
+            released(
+                attempt("mixed-0", 1, FAKE, Some("i-2")),
+                "succeeded",
+                NOW - 5,
+            ),
+        ],
+    );
+    let mut o = listed(FAKE, vec![]);
+    o.listed
+        .insert(ProviderKind::Local, ListResult::Listed(vec![]));
+    // The fake asks for a look every 10 min; local every 2 min but paces at 3 min.
+    o.capabilities.insert(
+        FAKE,
+        Capabilities {
+            resync: Duration::from_secs(600),
+            ..Capabilities::default()
+        },
+    );
+    let mut local = Capabilities {
+        resync: Duration::from_secs(120),
+        ..Capabilities::default()
+    };
+    local.pacing.min_resync = Duration::from_secs(180);
+    o.capabilities.insert(ProviderKind::Local, local);
+    check(&d, &o, &h, NOW, "resync_per_provider");
+}
+
+/// A failed listing's kind reaches the planner: a 429's retry-after decides when to
+/// look again, not a fixed wait; credentials that need a person are looked at rarely.
+#[test]
+fn failed_listing_requeue_follows_its_kind() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut rec = record("train-0", "train", Phase::Running, 1);
+    rec.reason = "running on fake/i-7".into();
+    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    let failed = |kind: ErrorKind| {
+        let mut o = Observed::default();
+        o.listed.insert(
+            FAKE,
+            ListResult::Failed {
+                kind,
+                message: "refused".into(),
+            },
+        );
+        o
+    };
+    let limited = ErrorKind::RateLimited {
+        retry_after: Some(Duration::from_secs(42)),
+    };
+    check(&d, &failed(limited), &h, NOW, "failed_listing_rate_limited");
+    check(
+        &d,
+        &failed(ErrorKind::PaymentRequired),
+        &h,
+        NOW,
+        "failed_listing_payment_required",
+    );
 }
 
 #[test]

@@ -120,9 +120,16 @@ impl Outcome {
     }
 }
 
+/// For people (events, `describe`): the text form, with an exit code spelt out.
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.as_text())
+        match self {
+            Outcome::Failed {
+                exit_code: Some(c),
+            } => write!(f, "failed (exit code {c})"),
+            Outcome::SpecChanged(inner) => write!(f, "{inner} (spec changed)"),
+            other => f.write_str(other.word()),
+        }
     }
 }
 
