@@ -144,7 +144,11 @@ async fn converges_then_second_pass_is_empty_then_deletes_cleanly() {
     );
     let again = w.controller.run_once().await.expect("pass");
     assert!(again.planned.is_empty(), "second pass: {:?}", again.planned);
-    assert_eq!(again.requeue_after, None);
+    // Nothing to do: only the periodic resync wants another look.
+    assert_eq!(
+        again.requeue_after,
+        Some(Capabilities::default().resync_period())
+    );
     assert_eq!(w.fake.calls().create, 3, "one create per run");
     delete_everything_and_converge(&w).await;
 }
@@ -243,12 +247,13 @@ async fn idle_controller_sleeps_and_shuts_down() {
     let (handle, shutdown) = Shutdown::new();
     let runner = Arc::clone(&w);
     let task = tokio::spawn(async move { runner.controller.run(shutdown).await });
-    // An hour of idleness: one pass at start-up, then nothing to look at.
+    // An hour of idleness: one pass at start-up, then one per resync period only.
     tokio::time::sleep(Duration::from_secs(3600)).await;
-    assert_eq!(
-        w.fake.calls().list - lists,
-        1,
-        "idle controller does not poll"
+    let resyncs = 3600 / Capabilities::default().resync_period().as_secs();
+    let passes = w.fake.calls().list - lists;
+    assert!(
+        (resyncs..=resyncs + 1).contains(&passes),
+        "idle controller polls only to resync: {passes} passes in an hour"
     );
     // A desired-state change wakes it.
     w.source.set(Manifests {
@@ -397,4 +402,89 @@ async fn intent_written_without_its_run_row_is_continued_not_superseded() {
             .collect();
         assert_eq!(attempts, vec![(1, Some(Outcome::Succeeded))], "{fault:?}");
     }
+}
+
+/// Defect 3: an idle controller never looked again, so an instance that started billing
+/// behind asimov's back (here: one carrying this controller's tag for a run nobody
+/// knows) was noticed only when something else woke it. The periodic resync finds and
+/// destroys it within the provider's resync period.
+#[tokio::test(start_paused = true)]
+async fn idle_controller_resyncs_and_destroys_what_bills_behind_its_back() {
+    let w = Arc::new(world(vec![job("train", 1)], FakeConfig::default()));
+    converge(&w, 200).await;
+    let (handle, shutdown) = Shutdown::new();
+    let runner = Arc::clone(&w);
+    let task = tokio::spawn(async move { runner.controller.run(shutdown).await });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let ghost = w
+        .fake
+        .create(&asimov::provider::CreateRequest {
+            tag: asimov::model::OwnerTag::new(ME, "ghost-0", 1),
+            placement: Placement::local(),
+            resources: Default::default(),
+            image: None,
+        })
+        .await
+        .expect("create behind the controller's back");
+    let resync = Capabilities::default().resync_period();
+    tokio::time::sleep(resync + Duration::from_secs(30)).await;
+    assert!(
+        w.fake.instances().iter().all(|i| i.id != ghost.id),
+        "still billing after a resync period: {:?}",
+        w.fake.instances()
+    );
+    handle.signal();
+    let result = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("stops after the first signal")
+        .expect("task");
+    assert!(result.is_ok(), "{result:?}");
+}
+
+/// Defect 4: an instance stuck in Provisioning was polled forever, billing all the
+/// while. Past the provider's boot timeout the attempt ends with that reason, the
+/// instance is destroyed, and the run goes on with a new attempt; nothing leaks.
+#[tokio::test(start_paused = true)]
+async fn instance_stuck_provisioning_is_destroyed_after_the_boot_timeout() {
+    let config = FakeConfig {
+        boot_time: Duration::from_secs(24 * 3600),
+        capabilities: Capabilities {
+            boot_timeout: Duration::from_secs(600),
+            ..Capabilities::default()
+        },
+        ..FakeConfig::default()
+    };
+    let w = world(vec![job("train", 1)], config.clone());
+    let mut first = None;
+    for _ in 0..400 {
+        let report = w.controller.run_once().await.expect("pass");
+        assert_no_duplicates(&w.fake);
+        let attempts = w.store.lock().unwrap().attempts("train-0").unwrap();
+        if let Some(a) = attempts.first().filter(|a| a.released_at.is_some()) {
+            first = Some(a.clone());
+            break;
+        }
+        tokio::time::sleep(report.requeue_after.unwrap_or(Duration::from_secs(1))).await;
+    }
+    let first = first.expect("the stuck attempt was ended and released");
+    assert_eq!(first.outcome, Some(Outcome::BootTimeout));
+    let stuck = first.instance_id.expect("instance id");
+    assert!(
+        w.fake.instances().iter().all(|i| i.id != stuck),
+        "the stuck instance was destroyed"
+    );
+    let released = first.released_at.expect("released");
+    assert!(
+        released - first.intent_at < 600 + 60,
+        "ended within a minute of the timeout, after {}s",
+        released - first.intent_at
+    );
+    // The provider recovers: the next attempt boots and the run succeeds.
+    w.fake.set_config(FakeConfig {
+        boot_time: Duration::from_secs(5),
+        ..config
+    });
+    converge(&w, 400).await;
+    assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
+    assert!(w.fake.instances().is_empty(), "{:?}", w.fake.instances());
 }
