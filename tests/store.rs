@@ -1,6 +1,6 @@
 //! The store against real SQLite files in temporary directories.
 
-use asimov::model::{Outcome, Phase, ProviderKind, Usd};
+use asimov::model::{HostStatus, Outcome, Phase, ProviderKind, Usd};
 use asimov::store::{
     AttemptRecord, CostEntry, Event, HostRecord, RunRecord, SCHEMA_VERSION, Store, StoreError,
 };
@@ -416,25 +416,31 @@ fn hosts_round_trip_and_removed_hosts_are_forgotten() {
     let (_dir, path) = temp_db();
     let store = Store::open(&path).unwrap();
     let host = |fleet: &str, name: &str| HostRecord {
-        fleet: fleet.to_string(),
-        host: name.to_string(),
-        reachable: true,
-        busy: true,
-        gpus_total: 8,
-        gpus_free: 3,
-        gpu_names: vec!["A100".to_string(), "A100 \"80GB\"".to_string()],
-        running: vec!["a-0".to_string(), "b-1".to_string()],
+        status: HostStatus {
+            fleet: fleet.to_string(),
+            host: name.to_string(),
+            reachable: true,
+            busy: true,
+            gpus_total: 8,
+            gpus_free: 3,
+            gpu_names: vec!["A100".to_string(), "A100 \"80GB\"".to_string()],
+            running: vec!["a-0".to_string(), "b-1".to_string()],
+            agents_alive: vec![],
+            message: Some("ok".to_string()),
+        },
         checked_at: 1_700_000_000,
-        message: "ok".to_string(),
     };
     let down = HostRecord {
-        reachable: false,
-        busy: false,
-        gpus_total: 0,
-        gpus_free: 0,
-        gpu_names: vec![],
-        running: vec![],
-        message: "ssh: connection refused".to_string(),
+        status: HostStatus {
+            reachable: false,
+            busy: false,
+            gpus_total: 0,
+            gpus_free: 0,
+            gpu_names: vec![],
+            running: vec![],
+            message: Some("ssh: connection refused".to_string()),
+            ..host("lab", "b").status
+        },
         ..host("lab", "b")
     };
     store.put_host(&host("lab", "a")).unwrap();
@@ -451,8 +457,11 @@ fn hosts_round_trip_and_removed_hosts_are_forgotten() {
 
     // Rewriting replaces.
     let updated = HostRecord {
-        gpus_free: 8,
-        running: vec![],
+        status: HostStatus {
+            gpus_free: 8,
+            running: vec![],
+            ..host("lab", "a").status
+        },
         ..host("lab", "a")
     };
     store.put_host(&updated).unwrap();
@@ -660,16 +669,19 @@ fn an_older_file_is_migrated_and_keeps_its_data() {
     // The table the newer version added works.
     store
         .put_host(&HostRecord {
-            fleet: "lab".to_string(),
-            host: "a".to_string(),
-            reachable: true,
-            busy: false,
-            gpus_total: 1,
-            gpus_free: 1,
-            gpu_names: vec!["L4".to_string()],
-            running: vec![],
+            status: HostStatus {
+                fleet: "lab".to_string(),
+                host: "a".to_string(),
+                reachable: true,
+                busy: false,
+                gpus_total: 1,
+                gpus_free: 1,
+                gpu_names: vec!["L4".to_string()],
+                running: vec![],
+                agents_alive: vec![],
+                message: None,
+            },
             checked_at: 1,
-            message: String::new(),
         })
         .unwrap();
     assert_eq!(store.hosts(Some("lab")).unwrap().len(), 1);

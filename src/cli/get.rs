@@ -233,7 +233,7 @@ pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResu
                 "reachable": rec.map(|r| r.reachable), "busy": rec.map(|r| r.busy),
                 "gpus_total": rec.map(|r| r.gpus_total), "gpus_free": rec.map(|r| r.gpus_free),
                 "gpu_names": rec.map(|r| r.gpu_names.clone()), "running": rec.map(|r| run_names(&r.running)),
-                "message": rec.map(|r| r.message.clone()),
+                "message": rec.map(|r| r.message.clone().unwrap_or_default()),
                 "checked_at": rec.map(|r| super::render::rfc3339(r.checked_at)),
             }));
         }

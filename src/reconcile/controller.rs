@@ -408,7 +408,7 @@ impl Controller {
             let gone: BTreeSet<String> = store
                 .hosts(None)?
                 .into_iter()
-                .map(|h| h.fleet)
+                .map(|h| h.status.fleet)
                 .filter(|f| !desired.iter().any(|d| d.name == *f))
                 .collect();
             for f in gone {

@@ -163,40 +163,32 @@ pub struct CostEntry {
     pub usd: Usd,
 }
 
-/// The last known status of one host of a fleet, as the controller last probed it.
+/// The last known status of one host of a fleet, as the controller last probed it: the
+/// one host type (`model::HostStatus`) and when it was checked. Reads as the status
+/// (`record.gpus_free`); which agents are alive is not kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostRecord {
-    pub fleet: String,
-    pub host: String,
-    /// Whether the last probe reached the host at all.
-    pub reachable: bool,
-    /// Whether the host is running something asimov did not start (or cannot share).
-    pub busy: bool,
-    pub gpus_total: u32,
-    pub gpus_free: u32,
-    pub gpu_names: Vec<String>,
-    /// Runs asimov has on the host.
-    pub running: Vec<String>,
+    pub status: crate::model::HostStatus,
     pub checked_at: Timestamp,
-    /// What the probe said, one short sentence ("ssh: connection refused"); empty when fine.
-    pub message: String,
 }
 
 impl HostRecord {
     /// The record of `status` as checked at `checked_at`.
     pub fn of(status: &crate::model::HostStatus, checked_at: Timestamp) -> HostRecord {
         HostRecord {
-            fleet: status.fleet.clone(),
-            host: status.host.clone(),
-            reachable: status.reachable,
-            busy: status.busy,
-            gpus_total: status.gpus_total,
-            gpus_free: status.gpus_free,
-            gpu_names: status.gpu_names.clone(),
-            running: status.running.clone(),
+            status: crate::model::HostStatus {
+                agents_alive: Vec::new(),
+                ..status.clone()
+            },
             checked_at,
-            message: status.message.clone().unwrap_or_default(),
         }
+    }
+}
+
+impl std::ops::Deref for HostRecord {
+    type Target = crate::model::HostStatus;
+    fn deref(&self) -> &Self::Target {
+        &self.status
     }
 }
 
