@@ -283,9 +283,21 @@ fn provisioning_past_the_boot_timeout_ends_the_attempt() {
         o
     };
     // Within the timeout: wait (and wake at the deadline at the latest).
-    check(&d, &slow(900), &booting(NOW - 700), NOW, "boot_within_timeout");
+    check(
+        &d,
+        &slow(900),
+        &booting(NOW - 700),
+        NOW,
+        "boot_within_timeout",
+    );
     // Past it: ended, destroyed, next attempt after a backoff.
-    check(&d, &slow(600), &booting(NOW - 700), NOW, "boot_timeout_ends_attempt");
+    check(
+        &d,
+        &slow(600),
+        &booting(NOW - 700),
+        NOW,
+        "boot_timeout_ends_attempt",
+    );
     // Its release, then the retry on the (only) placement once the backoff is over.
     let mut ended = attempt("train-0", 1, FAKE, Some("i-7"));
     ended.intent_at = NOW - 700;
@@ -294,7 +306,10 @@ fn provisioning_past_the_boot_timeout_ends_the_attempt() {
     pending.phase = Phase::Pending;
     let h = history(vec![pending.clone()], vec![ended.clone()]);
     check(&d, &listed(FAKE, vec![]), &h, NOW, "boot_timeout_released");
-    let h = history(vec![pending], vec![released(ended, "boot-timeout", NOW - 10)]);
+    let h = history(
+        vec![pending],
+        vec![released(ended, "boot-timeout", NOW - 10)],
+    );
     check(&d, &listed(FAKE, vec![]), &h, NOW, "boot_timeout_retry");
 }
 
@@ -314,7 +329,11 @@ fn every_key_is_resynced_per_provider() {
     let h = history(
         vec![done, mixed],
         vec![
-            released(attempt("done-0", 1, FAKE, Some("i-1")), "succeeded", NOW - 5),
+            released(
+                attempt("done-0", 1, FAKE, Some("i-1")),
+                "succeeded",
+                NOW - 5,
+            ),
             released(
                 attempt("mixed-0", 1, FAKE, Some("i-2")),
                 "succeeded",

@@ -124,9 +124,7 @@ impl Outcome {
 impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Outcome::Failed {
-                exit_code: Some(c),
-            } => write!(f, "failed (exit code {c})"),
+            Outcome::Failed { exit_code: Some(c) } => write!(f, "failed (exit code {c})"),
             Outcome::SpecChanged(inner) => write!(f, "{inner} (spec changed)"),
             other => f.write_str(other.word()),
         }

@@ -344,8 +344,10 @@ mod tests {
 
     #[test]
     fn resync_respects_pacing() {
-        let mut c = Capabilities::default();
-        c.resync = Duration::from_secs(1);
+        let c = Capabilities {
+            resync: Duration::from_secs(1),
+            ..Capabilities::default()
+        };
         assert_eq!(c.resync_period(), c.pacing.min_resync);
     }
 }

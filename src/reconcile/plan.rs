@@ -680,7 +680,7 @@ impl<'a> Planner<'a> {
         self.observed.hosts.get(&i.provider).is_some_and(|hosts| {
             hosts
                 .iter()
-                .any(|h| !h.reachable && h.running.iter().any(|t| *t == tag))
+                .any(|h| !h.reachable && h.running.contains(&tag))
         })
     }
 
