@@ -936,6 +936,34 @@ fn planner_sources_stay_pure() {
     }
 }
 
+/// What a provider is reaches the planner, executor and controller as data (its
+/// capabilities, its hosts): none of them names a provider to decide anything.
+#[test]
+fn reconcile_names_no_provider() {
+    for file in [
+        "src/reconcile/plan.rs",
+        "src/reconcile/execute.rs",
+        "src/reconcile/controller.rs",
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let text = std::fs::read_to_string(&path).expect("read reconcile source");
+        for banned in [
+            "ProviderKind::",
+            "provider::ssh",
+            "provider::local",
+            "provider::fake",
+            "SshProvider",
+            "LocalProvider",
+            "FakeProvider",
+        ] {
+            assert!(
+                !text.contains(banned),
+                "{file} mentions {banned}: provider facts belong to the provider"
+            );
+        }
+    }
+}
+
 #[test]
 fn spec_change_waits_for_the_old_instance_to_go() {
     let mut j = job("train", 1, &[FAKE]);
