@@ -10,7 +10,9 @@ use asimov::manifest::{Job, JobSpec, Manifests, Placement, RetryOn, RetryPolicy}
 use asimov::model::{Outcome, Phase, ProviderKind, Usd};
 use asimov::provider::fake::{FakeConfig, FakeProvider, Fault, Operation};
 use asimov::provider::{Capabilities, ErrorKind, Provider};
-use asimov::reconcile::controller::{Controller, MemorySource, Shutdown};
+use asimov::reconcile::controller::{
+    Controller, DesiredSource, MemorySource, Shutdown, SourceError,
+};
 use asimov::reconcile::execute::Executor;
 use asimov::store::Store;
 use std::collections::BTreeMap;
@@ -36,6 +38,7 @@ fn job(name: &str, runs: u32) -> Job {
 
 struct World {
     _dir: tempfile::TempDir,
+    executor: Arc<Executor>,
     fake: Arc<FakeProvider>,
     store: Arc<Mutex<Store>>,
     source: Arc<MemorySource>,
@@ -58,9 +61,10 @@ fn world(jobs: Vec<Job>, config: FakeConfig) -> World {
         jobs,
         ..Manifests::default()
     }));
-    let controller = Controller::new(executor, Arc::clone(&source) as _, ME);
+    let controller = Controller::new(Arc::clone(&executor), Arc::clone(&source) as _, ME);
     World {
         _dir: dir,
+        executor,
         fake,
         store,
         source,
@@ -487,4 +491,79 @@ async fn instance_stuck_provisioning_is_destroyed_after_the_boot_timeout() {
     converge(&w, 400).await;
     assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
     assert!(w.fake.instances().is_empty(), "{:?}", w.fake.instances());
+}
+
+/// A desired state that, like the manifests folder, waits for a burst of changes to
+/// settle before saying so.
+struct Debounced {
+    inner: MemorySource,
+    settle: Duration,
+}
+
+#[async_trait::async_trait]
+impl DesiredSource for Debounced {
+    async fn load(&self) -> Result<Manifests, SourceError> {
+        self.inner.load().await
+    }
+
+    async fn changed(&self) {
+        self.inner.changed().await;
+        tokio::time::sleep(self.settle).await;
+    }
+}
+
+/// A change seen while a requeue timer fired (here: during the source's debounce, while
+/// a running job is looked at every few seconds) was dropped with its future; a job
+/// deleted then, whose key only had its periodic resync left, waited minutes for it.
+/// The change is kept until it is acted on.
+#[tokio::test(start_paused = true)]
+async fn a_change_during_a_timer_is_not_lost() {
+    let config = FakeConfig {
+        job_duration: Duration::from_secs(24 * 3600),
+        ..FakeConfig::default()
+    };
+    let mut w = world(vec![], config);
+    // `done` ends at once (its time limit), `long` runs on.
+    let mut done = job("done", 1);
+    done.spec.max_duration = Some(Duration::from_secs(1));
+    let source = Arc::new(Debounced {
+        inner: MemorySource::new(Manifests {
+            jobs: vec![job("long", 1), done],
+            ..Manifests::default()
+        }),
+        settle: Duration::from_secs(10),
+    });
+    w.controller = Controller::new(
+        Arc::clone(&w.executor),
+        Arc::clone(&source) as Arc<dyn DesiredSource>,
+        ME,
+    );
+    let w = Arc::new(w);
+    let (handle, shutdown) = Shutdown::new();
+    let runner = Arc::clone(&w);
+    let task = tokio::spawn(async move { runner.controller.run(shutdown).await });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        phases(&w),
+        vec![
+            ("done-0".to_string(), Phase::Failed),
+            ("long-0".to_string(), Phase::Running)
+        ]
+    );
+    source.inner.set(Manifests {
+        jobs: vec![job("long", 1)],
+        ..Manifests::default()
+    });
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(
+        phases(&w),
+        vec![("long-0".to_string(), Phase::Running)],
+        "the deleted job is still there"
+    );
+    handle.signal();
+    let result = tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("stops after the first signal")
+        .expect("task");
+    assert!(result.is_ok(), "{result:?}");
 }

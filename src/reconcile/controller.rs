@@ -256,6 +256,10 @@ impl Controller {
     pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), ControllerError> {
         let mut timers: BTreeMap<QueueKey, Instant> = BTreeMap::new();
         let mut due = Due::All;
+        // Kept across turns of the loop: a change seen while a timer fired (during the
+        // source's debounce, say) must not be dropped with its future, or the change
+        // waits for the next resync.
+        let mut changed = self.source.changed();
         loop {
             if shutdown.count() >= 1 {
                 return Ok(());
@@ -291,7 +295,10 @@ impl Controller {
                         None => std::future::pending().await,
                     }
                 } => false,
-                _ = self.source.changed() => true,
+                _ = &mut changed => {
+                    changed = self.source.changed();
+                    true
+                }
                 _ = shutdown.reached(1) => return Ok(()),
             };
             if event {
