@@ -724,17 +724,17 @@ impl<'a> Planner<'a> {
         let mut queued = std::mem::take(&mut self.queued);
         queued.sort_by_key(|q| (q.provider, q.fleet.clone(), q.order));
         let mut hosts: Vec<HostStatus> = Vec::new();
-        let mut fleet = (None, String::new());
+        let mut current: Option<(ProviderKind, String)> = None;
         let mut held = 0usize;
         let mut blocked = false;
         for q in queued {
-            if (Some(q.provider), &q.fleet) != (fleet.0, &fleet.1) {
-                fleet = (Some(q.provider), q.fleet.clone());
-                hosts = self.fleet_hosts(q.provider, &q.fleet);
+            let fleet = q.fleet.clone();
+            if current.as_ref() != Some(&(q.provider, fleet.clone())) {
+                hosts = self.fleet_hosts(q.provider, &fleet);
+                current = Some((q.provider, fleet.clone()));
                 held = 0;
                 blocked = false;
             }
-            let fleet = &fleet.1;
             // No host of the fleet could ever take it: the provider says so for good.
             if !hosts.iter().any(|h| h.could_take(q.gpus)) {
                 self.push(&q.key, q.op);
