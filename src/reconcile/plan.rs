@@ -431,6 +431,9 @@ struct Planner<'a> {
     now: Timestamp,
     /// Listed instances carrying this controller's tag, by run.
     ours: BTreeMap<&'a str, Vec<&'a Instance>>,
+    /// Every successfully listed instance by provider and rendered tag: one lookup per
+    /// attempt, not a scan of the listing (10,000 runs would make that 10^8 compares).
+    by_tag: BTreeMap<(ProviderKind, String), Vec<&'a Instance>>,
     budgets: BTreeMap<String, BudgetState>,
     /// Creates on queued fleets, decided once every run was seen.
     queued: Vec<Queued>,
@@ -473,9 +476,14 @@ impl<'a> Planner<'a> {
         now: Timestamp,
     ) -> Self {
         let mut ours: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
-        for result in observed.listed.values() {
+        let mut by_tag: BTreeMap<(ProviderKind, String), Vec<&Instance>> = BTreeMap::new();
+        for (provider, result) in &observed.listed {
             if let ListResult::Listed(instances) = result {
                 for i in instances {
+                    by_tag
+                        .entry((*provider, i.tag.render()))
+                        .or_default()
+                        .push(i);
                     if i.tag.controller == desired.controller {
                         ours.entry(i.tag.run.as_str()).or_default().push(i);
                     }
@@ -514,6 +522,7 @@ impl<'a> Planner<'a> {
             history,
             now,
             ours,
+            by_tag,
             budgets,
             queued: Vec::new(),
             resync: BTreeMap::new(),
@@ -615,9 +624,10 @@ impl<'a> Planner<'a> {
     /// Where the attempt's instance stands in its provider's listing, by tag.
     fn seen(&self, a: &AttemptRecord) -> Seen<'a> {
         match self.listing(a.provider) {
-            Some(ListResult::Listed(list)) => list
-                .iter()
-                .find(|i| i.tag.render() == a.tag && owned_by(a, i))
+            Some(ListResult::Listed(_)) => self
+                .by_tag
+                .get(&(a.provider, a.tag.clone()))
+                .and_then(|found| found.iter().copied().find(|i| owned_by(a, i)))
                 .map_or(Seen::Absent, Seen::Listed),
             _ => Seen::Unknown,
         }
