@@ -1,5 +1,9 @@
 //! Manifest loading end to end: the examples, the checked-in schemas, every malformed
-//! fixture with its exact problem list, matrices, folders and stored copies.
+//! fixture with its exact problem list, matrices, folders and stored copies; and hostile
+//! input (alias bombs, devices, FIFOs, huge files and durations, empty input) through the
+//! real binary, where a user meets it.
+
+mod support;
 
 use asimov::manifest::{
     BudgetAction, Context, Kind, Loaded, MetricMode, Placement, Problems, RetryOn, Source,
@@ -8,7 +12,9 @@ use asimov::manifest::{
 use asimov::model::ProviderKind;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+use support::cli::Asimov;
 
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -497,4 +503,292 @@ fn malformed_manifests_report_every_problem() {
             insta::assert_snapshot!(stem, text);
         });
     }
+}
+
+/// Oversized files and anything that is not a regular file are refused without reading
+/// them (a FIFO would block, a device never ends).
+#[test]
+fn special_and_oversized_files_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let big = dir.path().join("big.yaml");
+    // Valid YAML (a comment) just over the bound: refused for its size alone.
+    let mut text = String::from("#");
+    text.push_str(&" ".repeat(1 << 20)); // MAX_FILE_BYTES
+    std::fs::write(&big, text).expect("write");
+    let fifo = dir.path().join("fifo.yaml");
+    mkfifo(&fifo);
+    let paths = [
+        big.clone(),
+        fifo.clone(),
+        PathBuf::from("/dev/zero"),
+        PathBuf::from("/dev/null"),
+    ];
+    let err = load_paths(&paths, &ctx()).expect_err("nothing here is a manifest");
+    let text = err
+        .to_string()
+        .replace(&format!("{}/", dir.path().display()), "");
+    assert_eq!(
+        text,
+        "big.yaml: cannot read manifest: the file has 1048577 bytes, more than the 1 MiB a manifest may have\n\
+         fifo.yaml: cannot read manifest: expected a regular file, found a FIFO\n\
+         /dev/zero: cannot read manifest: expected a regular file, found a character device\n\
+         /dev/null: cannot read manifest: expected a regular file, found a character device"
+    );
+
+    // In a folder, a FIFO named like a manifest is reported, not skipped or waited on.
+    let folder = dir.path().join("manifests");
+    std::fs::create_dir(&folder).expect("mkdir");
+    mkfifo(&folder.join("job.yaml"));
+    let err = load_paths(&[folder], &ctx()).expect_err("a FIFO");
+    assert!(
+        err.to_string()
+            .ends_with("job.yaml: cannot read manifest: expected a regular file, found a FIFO"),
+        "{err}"
+    );
+}
+
+/// A byte-order mark is not part of the text: the manifest loads, positions unchanged.
+#[test]
+fn a_byte_order_mark_is_ignored() {
+    let text =
+        "\u{feff}apiVersion: asimov/v1\nkind: Job\nmetadata: {name: bom}\nspec:\n  run: echo\n";
+    let loaded = load(text).unwrap_or_else(|p| panic!("{p}"));
+    assert_eq!(loaded.manifests.jobs[0].name, "bom");
+    assert_eq!(loaded.documents[0].origin.line, 1);
+    let plain = load(text.trim_start_matches('\u{feff}')).expect("valid");
+    assert_eq!(
+        plain.manifests.jobs[0].spec_hash,
+        loaded.manifests.jobs[0].spec_hash
+    );
+}
+
+fn mkfifo(path: &Path) {
+    let ok = Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs")
+        .success();
+    assert!(ok, "mkfifo {}", path.display());
+}
+
+/// Runs a command with its address space capped and a deadline, so that a regression
+/// (input expanded without bound, a read that blocks) fails this test quickly instead
+/// of exhausting the machine or hanging the suite.
+fn run_bounded(mut cmd: Command, address_space: u64, deadline: Duration) -> Output {
+    use std::os::unix::process::CommandExt;
+    let limit = libc::rlimit {
+        rlim_cur: address_space,
+        rlim_max: address_space,
+    };
+    // SAFETY: setrlimit is async-signal-safe and touches only the child being spawned.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("asimov starts");
+    let start = Instant::now();
+    while child.try_wait().expect("wait").is_none() {
+        if start.elapsed() > deadline {
+            support::cli::kill9(&mut child);
+            panic!("asimov did not return within {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
+}
+
+const CAP: u64 = 1 << 30;
+const DEADLINE: Duration = Duration::from_secs(30);
+
+fn apply(a: &Asimov, args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = a.command();
+    cmd.arg("apply").args(args);
+    let out = run_bounded(cmd, CAP, DEADLINE);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Nothing was written to the home and no controller was started.
+fn assert_untouched(a: &Asimov) {
+    let stored = std::fs::read_dir(a.home().join("manifests"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(stored, 0, "manifests were stored");
+    assert!(!a.controller_running(), "a controller was started");
+    assert!(
+        !a.home().join("controller.pid").exists(),
+        "a controller was started"
+    );
+}
+
+fn fixture(name: &str) -> String {
+    std::fs::read_to_string(crate_dir().join("tests/fixtures/manifests/bad").join(name))
+        .expect("fixture")
+}
+
+#[test]
+fn cli_refuses_an_alias_bomb_with_its_position() {
+    let a = Asimov::new();
+    let bomb = a.manifest("bomb.yaml", &fixture("alias_bomb.yaml"));
+    let bomb = bomb.to_str().expect("utf-8 path");
+    for args in [vec!["--dry-run", "-f", bomb], vec!["-f", bomb]] {
+        let (code, stderr) = apply(&a, &args);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "{bomb}:13:32: anchors and aliases expand this document beyond 2 MiB"
+            )),
+            "{stderr}"
+        );
+        assert_untouched(&a);
+    }
+
+    // The same file in a watched folder: the controller reports it and lives on.
+    let folder = a.repo.path().join("watched");
+    std::fs::create_dir(&folder).expect("mkdir");
+    std::fs::write(folder.join("bomb.yaml"), fixture("alias_bomb.yaml")).expect("write");
+    let mut cmd = a.command();
+    cmd.args(["controller", "--once", "--manifests"])
+        .arg(&folder);
+    let out = run_bounded(cmd, CAP, DEADLINE);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.code().is_some(), "killed by a signal: {stderr}");
+    assert!(
+        stderr.contains("bomb.yaml:13:32: anchors and aliases expand"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn cli_refuses_devices_fifos_and_huge_files_at_once() {
+    let a = Asimov::new();
+    let fifo = a.repo.path().join("fifo.yaml");
+    mkfifo(&fifo);
+    let big = a.repo.path().join("big.yaml");
+    std::fs::write(&big, vec![b'#'; 64 << 20]).expect("write");
+    for (path, reason) in [
+        (
+            PathBuf::from("/dev/zero"),
+            "expected a regular file, found a character device",
+        ),
+        (fifo, "expected a regular file, found a FIFO"),
+        (
+            big,
+            "the file has 67108864 bytes, more than the 1 MiB a manifest may have",
+        ),
+    ] {
+        let path = path.to_str().expect("utf-8 path");
+        let (code, stderr) = apply(&a, &["-f", path]);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(
+            stderr.starts_with(&format!("{path}: cannot read manifest: {reason}\n")),
+            "{stderr}"
+        );
+        assert_untouched(&a);
+    }
+}
+
+#[test]
+fn cli_refuses_a_max_duration_beyond_the_maximum() {
+    let a = Asimov::new();
+    let job = a.manifest(
+        "job.yaml",
+        "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: forever}\nspec:\n  run: echo\n  max_duration: 3000000000000000h\n",
+    );
+    let job = job.to_str().expect("utf-8 path");
+    let (code, stderr) = apply(&a, &["-f", job]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "{job}:6:17: expected a duration of at most 10years, found \"3000000000000000h\"\n\
+             error: 1 problem(s) in the manifests; nothing was changed\n"
+        )
+    );
+    assert_untouched(&a);
+}
+
+#[test]
+fn cli_accepts_a_byte_order_mark() {
+    let a = Asimov::new();
+    let job = a.manifest(
+        "job.yaml",
+        "\u{feff}apiVersion: asimov/v1\nkind: Job\nmetadata: {name: bom}\nspec:\n  run: echo\n",
+    );
+    let out = a.ok(&[
+        "apply",
+        "--dry-run",
+        "-f",
+        job.to_str().expect("utf-8 path"),
+    ]);
+    assert_eq!(
+        out,
+        "job/bom created (dry run)\n  run/bom-0 would start on local\n"
+    );
+}
+
+#[test]
+fn cli_reports_only_the_size_of_a_too_large_matrix() {
+    let a = Asimov::new();
+    let job = a.manifest("job.yaml", &fixture("matrix_too_large.yaml"));
+    let job = job.to_str().expect("utf-8 path");
+    let (code, stderr) = apply(&a, &["--dry-run", "-f", job]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "{job}:7:3: expected at most 10000 runs, the matrix makes 10100\n\
+             error: 1 problem(s) in the manifests; nothing was changed\n"
+        )
+    );
+}
+
+/// An empty file or folder applies nothing: an error naming it, and no controller.
+#[test]
+fn cli_says_when_there_is_nothing_to_apply() {
+    let a = Asimov::new();
+    let empty = a.manifest("empty.yaml", "");
+    let comments = a.manifest("comments.yaml", "# a job will go here\n---\n");
+    let folder = a.repo.path().join("manifests");
+    std::fs::create_dir(&folder).expect("mkdir");
+    std::fs::write(folder.join("README.txt"), "not a manifest").expect("write");
+    for path in [&empty, &comments, &folder] {
+        let path = path.to_str().expect("utf-8 path");
+        for dry in [false, true] {
+            let mut args = vec!["-f", path];
+            if dry {
+                args.push("--dry-run");
+            }
+            let (code, stderr) = apply(&a, &args);
+            assert_eq!(code, Some(1), "{stderr}");
+            assert_eq!(
+                stderr,
+                format!(
+                    "error: nothing to apply: no manifest in {path} (folders are read for \
+                     *.yaml and *.yml files directly inside); nothing was changed\n"
+                )
+            );
+            assert_untouched(&a);
+        }
+    }
+    // `/dev/null` is not a file of manifests either, and says so.
+    let (code, stderr) = apply(&a, &["-f", "/dev/null"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("/dev/null: cannot read manifest: expected a regular file"),
+        "{stderr}"
+    );
+    assert_untouched(&a);
 }

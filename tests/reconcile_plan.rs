@@ -915,6 +915,42 @@ fn max_duration_exceeded_and_stale_heartbeat() {
     check(&d, &o, &h, NOW, "fresh_heartbeat_is_fine");
 }
 
+/// A limit too large for seconds in an `i64` (the manifest refuses it; a job built in
+/// code need not) and a start time in the far past do not wrap into "exceeded".
+#[test]
+fn huge_max_duration_does_not_wrap() {
+    let mut j = job("train", 1, &[FAKE]);
+    j.spec.max_duration = Some(Duration::from_secs(u64::MAX));
+    let h = history(
+        vec![record("train-0", "train", Phase::Running, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    let mut o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-7",
+            tag("train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    for started_at in [NOW - 300, i64::MIN] {
+        o.agents.insert(
+            tag("train-0", 1).render(),
+            AgentObservation::Status(AgentStatus {
+                state: AgentState::Running,
+                exit_code: None,
+                heartbeat: Some(NOW - 5),
+                started_at: Some(started_at),
+                finished_at: None,
+                progress: None,
+            }),
+        );
+        let p = plan(&desired(vec![j.clone()]), &o, &h, NOW).render();
+        assert!(!p.contains("max_duration"), "started at {started_at}: {p}");
+    }
+}
+
 #[test]
 fn planner_sources_stay_pure() {
     for file in ["src/reconcile/plan.rs", "src/reconcile/budget.rs"] {

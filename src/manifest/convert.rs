@@ -4,8 +4,8 @@
 
 use super::desired::{
     Artifacts, Budget, BudgetAction, Checkpoint, FileCopy, Fleet, GpuRequest, Host, Job, JobSpec,
-    MetricMode, Origin, Placement, Resources, RetryOn, RetryPolicy, RunSpec, Schedule, Source,
-    StopRule,
+    MetricMode, Origin, Placement, ProxyJump, Resources, RetryOn, RetryPolicy, RunSpec, Schedule,
+    Source, StopRule,
 };
 use super::raw;
 use super::schema;
@@ -24,15 +24,30 @@ const MAX_NAME: usize = 63;
 /// More runs than this from one job is almost surely a mistake in the matrix.
 const MAX_RUNS: usize = 10_000;
 
-/// Parses a duration like `30m`, `43h`, `1h30m` or `2days`; zero is refused.
+/// Longest duration a manifest may give (`max_duration`, `checkpoint.every`, a budget's
+/// `period`): ten years, beyond any training run or budget window, and small enough
+/// that seconds and timestamps derived from it fit every integer they meet (the
+/// planner's `i64`, the agent's shell arithmetic, 32-bit included).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// Parses a duration like `30m`, `43h`, `1h30m` or `2days`; zero and anything above
+/// [`MAX_DURATION`] are refused.
 ///
 /// The error is the message shown to the user, saying what was expected.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let too_long = || {
+        format!(
+            "expected a duration of at most {}, found {text:?}",
+            humantime::format_duration(MAX_DURATION)
+        )
+    };
     match humantime::parse_duration(text.trim()) {
         Ok(d) if d.is_zero() => Err(format!(
             "expected a duration above zero like 30m or 43h, found {text:?}"
         )),
+        Ok(d) if d > MAX_DURATION => Err(too_long()),
         Ok(d) => Ok(d),
+        Err(humantime::DurationError::NumberOverflow) => Err(too_long()),
         Err(_) => Err(format!(
             "expected a duration like 30m or 43h, found {text:?}"
         )),
@@ -583,9 +598,12 @@ fn convert_job(
         }
     }
 
-    let (matrices, extra_hash) = expand_matrix(c, s.matrix.as_ref());
-    // With a malformed matrix cut out, every reference to it would look unknown.
-    if !c.was_pruned("/spec/matrix") {
+    // With a malformed matrix (cut out by stage 1, or wrong in meaning), every reference
+    // to it would look unknown: those references are not checked then.
+    let expanded = expand_matrix(c, s.matrix.as_ref());
+    let matrix_ok = expanded.is_some() && !c.was_pruned("/spec/matrix");
+    let (matrices, extra_hash) = expanded.unwrap_or_else(|| (vec![BTreeMap::new()], String::new()));
+    if matrix_ok {
         check_matrix_refs(c, &s.run, "/spec/run", &matrices);
         for (i, cmd) in s.setup.iter().enumerate() {
             check_matrix_refs(c, cmd, &format!("/spec/setup/{i}"), &matrices);
@@ -704,7 +722,6 @@ fn convert_placement(
         raw::Provider::Vast => ProviderKind::Vast,
         raw::Provider::Lambda => ProviderKind::Lambda,
         raw::Provider::Runpod => ProviderKind::Runpod,
-        raw::Provider::Fake => ProviderKind::Fake,
     };
     match (&p.fleet, provider) {
         (None, ProviderKind::Ssh) => c.value(
@@ -758,12 +775,14 @@ fn list<'a>(names: impl IntoIterator<Item = &'a String>) -> String {
 }
 
 /// The matrix values of every run, in run order, and text to fold into the spec hash.
+/// `None` when the matrix itself has problems (already reported): its keys are then
+/// unknown, and checking `${matrix.KEY}` against them would only add false problems.
 fn expand_matrix(
     c: &mut Check<'_>,
     matrix: Option<&raw::Matrix>,
-) -> (Vec<BTreeMap<String, String>>, String) {
+) -> Option<(Vec<BTreeMap<String, String>>, String)> {
     let Some(matrix) = matrix else {
-        return (vec![BTreeMap::new()], String::new());
+        return Some((vec![BTreeMap::new()], String::new()));
     };
     match &matrix.file {
         Some(file) => {
@@ -773,9 +792,9 @@ fn expand_matrix(
                     "expected either `file` or named lists in a matrix, not both".to_string(),
                 );
             }
-            let runs = read_runs_file(c, Path::new(file));
+            let runs = read_runs_file(c, Path::new(file))?;
             let extra = canonical_json(&serde_json::to_value(&runs).unwrap_or(Value::Null));
-            (runs, extra)
+            Some((runs, extra))
         }
         None => {
             let mut ok = true;
@@ -795,17 +814,19 @@ fn expand_matrix(
             match total {
                 Some(n) if n <= MAX_RUNS => {}
                 _ => {
+                    let made =
+                        total.map_or("more than can be counted".to_string(), |n| n.to_string());
                     c.key(
                         "/spec/matrix",
-                        format!("expected at most {MAX_RUNS} runs, the matrix makes more"),
+                        format!("expected at most {MAX_RUNS} runs, the matrix makes {made}"),
                     );
                     ok = false;
                 }
             }
             if !ok {
-                return (vec![BTreeMap::new()], String::new());
+                return None;
             }
-            (cartesian(&matrix.lists), String::new())
+            Some((cartesian(&matrix.lists), String::new()))
         }
     }
 }
@@ -827,16 +848,24 @@ fn cartesian(lists: &BTreeMap<String, Vec<raw::Scalar>>) -> Vec<BTreeMap<String,
     runs
 }
 
-fn read_runs_file(c: &mut Check<'_>, file: &Path) -> Vec<BTreeMap<String, String>> {
+fn read_runs_file(c: &mut Check<'_>, file: &Path) -> Option<Vec<BTreeMap<String, String>>> {
     let pointer = "/spec/matrix/file";
-    let text = match std::fs::read_to_string(file) {
+    let text = match super::read_text(file) {
         Ok(t) => t,
         Err(e) => {
+            let at = e
+                .pos
+                .map(|p| format!(" (line {} column {})", p.line, p.column));
             c.value(
                 pointer,
-                format!("cannot read matrix file {}: {e}", file.display()),
+                format!(
+                    "cannot read matrix file {}{}: {}",
+                    file.display(),
+                    at.unwrap_or_default(),
+                    e.message
+                ),
             );
-            return vec![BTreeMap::new()];
+            return None;
         }
     };
     let mut runs = Vec::new();
@@ -881,7 +910,7 @@ fn read_runs_file(c: &mut Check<'_>, file: &Path) -> Vec<BTreeMap<String, String
                 file.display()
             ),
         );
-        return vec![BTreeMap::new()];
+        return None;
     }
     if runs.len() > MAX_RUNS {
         c.value(
@@ -893,7 +922,7 @@ fn read_runs_file(c: &mut Check<'_>, file: &Path) -> Vec<BTreeMap<String, String
             ),
         );
     }
-    runs
+    Some(runs)
 }
 
 const MATRIX_REF: &str = "${matrix.";
@@ -962,12 +991,39 @@ fn convert_fleet(c: &mut Check<'_>, raw: raw::FleetManifest, origin: Origin) -> 
                 format!("duplicate host `{host_name}`, first at /spec/hosts/{first}; give each host a distinct `name`"),
             );
         }
+        let identity_file = h.identity_file.map(PathBuf::from);
+        let proxy_jump = h
+            .proxy_jump
+            .as_deref()
+            .and_then(|jump| match parse_proxy_jump(jump) {
+                Ok((user, address, port)) => Some(ProxyJump {
+                    user,
+                    address,
+                    port,
+                    identity_file: h
+                        .proxy_jump_identity_file
+                        .clone()
+                        .map(PathBuf::from)
+                        .or_else(|| identity_file.clone()),
+                }),
+                Err(message) => {
+                    c.value(&format!("{at}/proxy_jump"), message);
+                    None
+                }
+            });
+        if h.proxy_jump.is_none() && h.proxy_jump_identity_file.is_some() {
+            c.value(
+                &format!("{at}/proxy_jump_identity_file"),
+                "`proxy_jump_identity_file` needs a `proxy_jump`".to_string(),
+            );
+        }
         hosts.push(Host {
             name: host_name,
             user: h.user,
             address: h.address,
             port: h.port,
-            identity_file: h.identity_file.map(PathBuf::from),
+            identity_file,
+            proxy_jump,
             gpus: h.gpus,
             labels: h.labels,
         });
@@ -977,6 +1033,76 @@ fn convert_fleet(c: &mut Check<'_>, raw: raw::FleetManifest, origin: Origin) -> 
         labels: raw.metadata.labels,
         hosts,
         origin,
+    }
+}
+
+/// `[user@]host[:port]`, as `ssh -J` takes it (`[::1]:22` for an IPv6 address).
+fn parse_proxy_jump(text: &str) -> Result<(Option<String>, String, u16), String> {
+    let bad = |why: &str| format!("expected `[user@]host[:port]`, found `{text}`: {why}");
+    if text.contains(',') {
+        return Err(bad("one bastion only"));
+    }
+    if text.chars().any(char::is_whitespace) {
+        return Err(bad("no spaces"));
+    }
+    let (user, rest) = match text.rsplit_once('@') {
+        Some(("", _)) => return Err(bad("empty user")),
+        Some((user, rest)) => (Some(user.to_string()), rest),
+        None => (None, text),
+    };
+    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+        match inner.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, port)) => match port.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(bad("junk after `]`")),
+            },
+            None => return Err(bad("unclosed `[`")),
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((_, p)) if p.contains(':') => {
+                return Err(bad("write an IPv6 address as `[addr]:port`"));
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("empty host"));
+    }
+    let port = match port {
+        None => 22,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(bad("the port is a number from 1 to 65535")),
+        },
+    };
+    Ok((user, host.to_string(), port))
+}
+
+#[cfg(test)]
+mod proxy_jump_tests {
+    use super::parse_proxy_jump;
+
+    #[test]
+    fn proxy_jump_parses_like_ssh_dash_j() {
+        let ok = |s: &str| parse_proxy_jump(s).unwrap();
+        assert_eq!(ok("bastion"), (None, "bastion".into(), 22));
+        assert_eq!(
+            ok("al@bastion:2222"),
+            (Some("al".into()), "bastion".into(), 2222)
+        );
+        assert_eq!(ok("[::1]:2200"), (None, "::1".into(), 2200));
+        assert_eq!(
+            ok("al@[fe80::1]"),
+            (Some("al".into()), "fe80::1".into(), 22)
+        );
+        for bad in [
+            "", "@h", "h:0", "h:x", "h:70000", "a,b", "::1", "[::1", "[::1]x", "a b",
+        ] {
+            assert!(parse_proxy_jump(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 }
 
@@ -1042,6 +1168,7 @@ fn absolutize(value: &mut Value, kind: Kind, base: &Path) {
             if let Some(Value::Array(hosts)) = value.pointer_mut("/spec/hosts") {
                 for h in hosts {
                     fix(h.get_mut("identity_file"), false);
+                    fix(h.get_mut("proxy_jump_identity_file"), false);
                 }
             }
         }
@@ -1091,6 +1218,19 @@ mod tests {
         );
         assert!(parse_duration("30").is_err());
         assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_duration("10years"), Ok(MAX_DURATION));
+        for huge in [
+            "10years 1s",
+            "3000000000000000h",
+            "99999999999999999999999h",
+        ] {
+            assert_eq!(
+                parse_duration(huge),
+                Err(format!(
+                    "expected a duration of at most 10years, found {huge:?}"
+                ))
+            );
+        }
         assert!(parse_duration("").is_err());
     }
 

@@ -11,7 +11,7 @@ pub mod raw;
 mod schema;
 pub mod yaml;
 
-pub use convert::{is_dns_label, parse_duration};
+pub use convert::{MAX_DURATION, is_dns_label, parse_duration};
 pub use desired::*;
 pub use yaml::to_yaml_string;
 
@@ -196,7 +196,9 @@ pub fn load_str(file: &Path, text: &str, ctx: &Context) -> Result<Loaded, Proble
     convert::load_sources(&[(file.to_path_buf(), text.to_string())], ctx, Vec::new())
 }
 
-fn manifest_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The manifest files `load_paths` reads from a folder: every non-hidden `*.yaml` /
+/// `*.yml` directly inside, sorted by name.
+pub fn manifest_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
@@ -209,7 +211,9 @@ fn manifest_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
             .file_name()
             .and_then(|n| n.to_str())
             .is_some_and(|n| n.starts_with('.'));
-        if is_yaml && !hidden && path.is_file() {
+        // Anything else named like a manifest (a FIFO, a device) is read, and so
+        // reported, rather than silently left out.
+        if is_yaml && !hidden && !path.is_dir() {
             files.push(path);
         }
     }
@@ -218,13 +222,93 @@ fn manifest_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 fn read_source(path: &Path, sources: &mut Vec<(PathBuf, String)>, problems: &mut Vec<Problem>) {
-    match std::fs::read_to_string(path) {
+    match read_text(path) {
         Ok(text) => sources.push((path.to_path_buf(), text)),
-        Err(e) => problems.push(Problem::whole_file(
-            path,
-            format!("cannot read manifest: {e}"),
-        )),
+        Err(e) => problems.push(Problem {
+            file: path.to_path_buf(),
+            line: e.pos.map_or(0, |p| p.line),
+            column: e.pos.map_or(0, |p| p.column),
+            path: String::new(),
+            message: format!("cannot read manifest: {}", e.message),
+        }),
     }
+}
+
+/// Largest manifest file (and matrix `file`) asimov reads: far above any real manifest,
+/// small enough that a wrong path (a disk image, `/dev/zero`) is refused at once.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Why a file could not be read as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReadError {
+    /// Where in the file, when the problem is a place in it (a byte that is not UTF-8).
+    pub pos: Option<yaml::Pos>,
+    pub message: String,
+}
+
+/// Reads a regular file of at most [`MAX_FILE_BYTES`] as UTF-8 text.
+///
+/// Fails for anything else without blocking or reading on: a FIFO, a device, a socket, a
+/// folder, a larger file, text that is not UTF-8.
+pub(crate) fn read_text(path: &Path) -> Result<String, ReadError> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let whole = |message: String| ReadError { pos: None, message };
+    // Non-blocking, so that opening a FIFO with no writer returns at once; the type is
+    // then checked on the opened file itself, so a swap after a check cannot fool it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| whole(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| whole(e.to_string()))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let found = if kind.is_dir() {
+            "a folder"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "something else"
+        };
+        return Err(whole(format!("expected a regular file, found {found}")));
+    }
+    let too_large = |size: u64| {
+        whole(format!(
+            "the file has {size} bytes, more than the {} MiB a manifest may have",
+            MAX_FILE_BYTES >> 20
+        ))
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large(meta.len()));
+    }
+    // The file may grow after the check: read one byte past the bound to notice.
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| whole(e.to_string()))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let column = String::from_utf8_lossy(&valid[line_start..])
+            .chars()
+            .count()
+            + 1;
+        let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+        ReadError {
+            pos: Some(yaml::Pos { line, column }),
+            message: "expected UTF-8 text, found a byte that is not UTF-8".to_string(),
+        }
+    })
 }
 
 /// The JSON Schema of a kind, pretty-printed with a final newline: the content of

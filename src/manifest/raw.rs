@@ -383,8 +383,9 @@ pub struct Gpu {
 }
 
 /// A provider backend: `local` (this machine, the default), `ssh` (the hosts of a
-/// Fleet), `vast` (Vast.ai offers), `lambda` (Lambda Cloud), `runpod` (RunPod pods) or
-/// `fake` (the in-process fake, for tests).
+/// Fleet), `vast` (Vast.ai offers), `lambda` (Lambda Cloud) or `runpod` (RunPod pods).
+/// The in-process fake is not one: it is a test and benchmark double, which tests and
+/// `asimov bench` place runs on by building a `manifest::Placement` in code.
 // Variants carry no doc comments: with them schemars writes a `oneOf` of constants,
 // whose validation error cannot say which values were expected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
@@ -395,7 +396,6 @@ pub enum Provider {
     Vast,
     Lambda,
     Runpod,
-    Fake,
 }
 
 /// One place a job may run.
@@ -541,6 +541,16 @@ pub struct Host {
     /// Private key file, relative to the manifest's folder; `~` is expanded.
     #[serde(default)]
     pub identity_file: Option<String>,
+    /// A bastion the host is reached through, as OpenSSH's `ProxyJump`:
+    /// `[user@]host[:port]` (port 22, and the local user, when absent). Its host key
+    /// is pinned on first use like the host's own.
+    #[serde(default)]
+    #[schemars(length(min = 1))]
+    pub proxy_jump: Option<String>,
+    /// Private key for the bastion, relative to the manifest's folder; `~` is expanded.
+    /// Defaults to `identity_file`.
+    #[serde(default)]
+    pub proxy_jump_identity_file: Option<String>,
     /// Number of GPUs on the host; jobs needing more are not placed there.
     #[serde(default)]
     pub gpus: u32,

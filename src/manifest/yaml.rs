@@ -88,18 +88,46 @@ pub fn escape_pointer_segment(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
 }
 
-/// Parses every document in `text` (separated by `---`). Empty documents come back as
-/// `Value::Null`. Fails with every duplicate key found, or with the first syntax error.
+/// Deepest nesting of mappings and lists a document may have, counting what aliases
+/// bring in. Manifests need about six levels; the bound keeps every recursive walk of the
+/// value (serde, the schema check, dropping it) far from the end of a thread's stack.
+pub const MAX_DEPTH: usize = 64;
+
+/// Most a document may grow through anchors and aliases, in estimated bytes of the
+/// parsed value. A few aliases in a manifest add kilobytes; an alias bomb (aliases of
+/// aliases, each level multiplying the last) would add gigabytes from a few lines.
+pub const MAX_ALIAS_EXPANSION: usize = 2 << 20;
+
+/// Parses every document in `text` (separated by `---`; a leading UTF-8 byte-order mark
+/// is ignored). Empty documents come back as `Value::Null`. Fails with every duplicate
+/// key found, or with the first syntax error, or as soon as a document nests deeper
+/// than [`MAX_DEPTH`] or its aliases expand beyond [`MAX_ALIAS_EXPANSION`].
 pub fn parse_documents(text: &str) -> Result<Vec<YamlDocument>, Vec<YamlError>> {
+    // Some Windows editors begin every file with a byte-order mark. Dropping it keeps
+    // columns as an editor shows them (it shows no mark).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, true) {
-        let mut errors = builder.errors;
-        errors.push(YamlError {
-            pos: Pos::from_marker(e.marker()),
-            message: format!("invalid YAML: {}", e.info()),
-        });
-        return Err(errors);
+    // Events are pulled one at a time rather than through `Parser::load`, whose node
+    // loading recurses once per nesting level: a deeply nested file would overflow the
+    // stack before any bound here could refuse it.
+    loop {
+        match parser.next_token() {
+            Ok((Event::StreamEnd, _)) => break,
+            Ok((event, mark)) => {
+                builder.on_event(event, mark);
+                if builder.refused {
+                    break;
+                }
+            }
+            Err(e) => {
+                builder.errors.push(YamlError {
+                    pos: Pos::from_marker(e.marker()),
+                    message: format!("invalid YAML: {}", e.info()),
+                });
+                break;
+            }
+        }
     }
     if builder.errors.is_empty() {
         Ok(builder.documents)
@@ -135,9 +163,64 @@ struct Builder {
     errors: Vec<YamlError>,
     stack: Vec<Frame>,
     positions: BTreeMap<String, Spans>,
-    anchors: HashMap<usize, Value>,
+    /// Anchored values by id, with their [`Extent`].
+    anchors: HashMap<usize, (Value, Extent)>,
     root: Option<Value>,
     start: Option<Pos>,
+    /// Estimated bytes the current document has gained from anchors and aliases.
+    expanded: usize,
+    /// A bound was crossed: the error is recorded and parsing stops.
+    refused: bool,
+}
+
+/// How big and how deep a value is, for the bounds on aliases.
+#[derive(Debug, Clone, Copy)]
+struct Extent {
+    /// Estimated bytes in memory: one `Value` per node plus the text of strings and keys.
+    bytes: usize,
+    /// Levels of mappings and lists, 0 for a scalar.
+    depth: usize,
+}
+
+impl Extent {
+    /// Walks the value; its depth is bounded by [`MAX_DEPTH`], so the recursion is too.
+    fn of(value: &Value) -> Extent {
+        const NODE: usize = std::mem::size_of::<Value>();
+        match value {
+            Value::Null | Value::Bool(_) | Value::Number(_) => Extent {
+                bytes: NODE,
+                depth: 0,
+            },
+            Value::String(s) => Extent {
+                bytes: NODE + s.len(),
+                depth: 0,
+            },
+            Value::Array(items) => {
+                let mut e = Extent {
+                    bytes: NODE,
+                    depth: 1,
+                };
+                for item in items {
+                    let i = Extent::of(item);
+                    e.bytes = e.bytes.saturating_add(i.bytes);
+                    e.depth = e.depth.max(i.depth + 1);
+                }
+                e
+            }
+            Value::Object(map) => {
+                let mut e = Extent {
+                    bytes: NODE,
+                    depth: 1,
+                };
+                for (key, item) in map {
+                    let i = Extent::of(item);
+                    e.bytes = e.bytes.saturating_add(i.bytes + key.len() + NODE);
+                    e.depth = e.depth.max(i.depth + 1);
+                }
+                e
+            }
+        }
+    }
 }
 
 /// What the next node means to its parent.
@@ -258,10 +341,51 @@ impl Builder {
         }
     }
 
-    fn remember_anchor(&mut self, anchor: usize, value: &Value) {
+    /// Keeps a copy of an anchored value for its aliases; the copy counts towards
+    /// [`MAX_ALIAS_EXPANSION`] (nested anchors copy the same nodes again).
+    fn remember_anchor(&mut self, anchor: usize, value: &Value, at: Pos) {
         if anchor > 0 {
-            self.anchors.insert(anchor, value.clone());
+            let extent = Extent::of(value);
+            if self.grow(extent.bytes, at) {
+                self.anchors.insert(anchor, (value.clone(), extent));
+            }
         }
+    }
+
+    /// Adds `bytes` to what the document gained from anchors and aliases; false, with the
+    /// error recorded, when that crosses the bound.
+    fn grow(&mut self, bytes: usize, at: Pos) -> bool {
+        self.expanded = self.expanded.saturating_add(bytes);
+        if self.expanded <= MAX_ALIAS_EXPANSION {
+            return true;
+        }
+        self.refuse(
+            at,
+            format!(
+                "anchors and aliases expand this document beyond {} MiB (an alias bomb?); \
+                 write the repeated part out, or repeat it less",
+                MAX_ALIAS_EXPANSION >> 20
+            ),
+        );
+        false
+    }
+
+    fn refuse(&mut self, at: Pos, message: String) {
+        self.errors.push(YamlError { pos: at, message });
+        self.refused = true;
+    }
+
+    /// False, with the error recorded, when a node `depth` levels deep would start at
+    /// the current position.
+    fn fits_depth(&mut self, depth: usize, at: Pos) -> bool {
+        if self.stack.len() + depth <= MAX_DEPTH {
+            return true;
+        }
+        self.refuse(
+            at,
+            format!("expected at most {MAX_DEPTH} levels of nested mappings and lists"),
+        );
+        false
     }
 }
 
@@ -274,6 +398,7 @@ impl MarkedEventReceiver for Builder {
                 self.positions.clear();
                 self.root = None;
                 self.start = None;
+                self.expanded = 0;
             }
             Event::DocumentEnd => {
                 let value = self.root.take().unwrap_or(Value::Null);
@@ -293,7 +418,7 @@ impl MarkedEventReceiver for Builder {
                 } else {
                     self.begin(&slot, at);
                 }
-                self.remember_anchor(anchor, &value);
+                self.remember_anchor(anchor, &value, at);
                 self.finish(value, at);
             }
             Event::Alias(id) => {
@@ -301,8 +426,16 @@ impl MarkedEventReceiver for Builder {
                 if !matches!(slot, Slot::Key) {
                     self.begin(&slot, at);
                 }
-                let value = match self.anchors.get(&id) {
-                    Some(v) => v.clone(),
+                let value = match self.anchors.get(&id).map(|(_, extent)| *extent) {
+                    Some(extent) => {
+                        if !self.fits_depth(extent.depth, at) || !self.grow(extent.bytes, at) {
+                            return;
+                        }
+                        self.anchors
+                            .get(&id)
+                            .map(|(v, _)| v.clone())
+                            .unwrap_or_default()
+                    }
                     None => {
                         self.errors.push(YamlError {
                             pos: at,
@@ -314,6 +447,9 @@ impl MarkedEventReceiver for Builder {
                 self.finish(value, at);
             }
             Event::SequenceStart(anchor, _) => {
+                if !self.fits_depth(1, at) {
+                    return;
+                }
                 let slot = self.slot();
                 let pointer = self.begin(&slot, at);
                 self.stack.push(Frame::Seq {
@@ -323,6 +459,9 @@ impl MarkedEventReceiver for Builder {
                 });
             }
             Event::MappingStart(anchor, _) => {
+                if !self.fits_depth(1, at) {
+                    return;
+                }
                 let slot = self.slot();
                 let pointer = self.begin(&slot, at);
                 self.stack.push(Frame::Map {
@@ -348,7 +487,7 @@ impl MarkedEventReceiver for Builder {
                     }) => (Value::Object(map), anchor, pointer),
                     None => return,
                 };
-                self.remember_anchor(anchor, &value);
+                self.remember_anchor(anchor, &value, at);
                 // The node's position is where it started, not where it ended.
                 let start = self.positions.get(&pointer).map(|s| s.value).unwrap_or(at);
                 self.finish(value, start);
@@ -515,6 +654,61 @@ mod tests {
         let docs = parse_documents("a: &x {b: 1}\nc: *x\n").expect("valid");
         assert_eq!(docs[0].value, json!({"a": {"b": 1}, "c": {"b": 1}}));
         assert_eq!(docs[0].value_pos("/c/b"), pos(2, 4));
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_ignored() {
+        let docs = parse_documents("\u{feff}a: 1\nb: 2\n").expect("valid");
+        assert_eq!(docs[0].value, json!({"a": 1, "b": 2}));
+        assert_eq!(docs[0].key_pos("/a"), pos(1, 1));
+    }
+
+    #[test]
+    fn nesting_is_bounded_counting_aliases() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(parse_documents(&nested(MAX_DEPTH)).is_ok());
+        let errors = parse_documents(&nested(MAX_DEPTH + 1)).expect_err("too deep");
+        assert_eq!(
+            errors,
+            vec![YamlError {
+                pos: pos(1, MAX_DEPTH + 1),
+                message: "expected at most 64 levels of nested mappings and lists".into()
+            }]
+        );
+        // 40 levels, then an alias of 40 more inside a list of 30.
+        let text = format!(
+            "a: &x {}\nb: {}*x{}\n",
+            nested(40),
+            "[".repeat(30),
+            "]".repeat(30)
+        );
+        let errors = parse_documents(&text).expect_err("too deep through an alias");
+        assert_eq!(errors[0].pos, pos(2, 34));
+    }
+
+    #[test]
+    fn alias_expansion_is_bounded() {
+        // Each level repeats the last one 16 times: 16^5 strings is far past the bound,
+        // 16^2 is well within it.
+        let mut text = String::from("l0: &l0 [\"lol\"]\n");
+        for i in 1..=5 {
+            let refs = vec![format!("*l{}", i - 1); 16].join(", ");
+            text.push_str(&format!("l{i}: &l{i} [{refs}]\n"));
+        }
+        let errors = parse_documents(&text).expect_err("alias bomb");
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0]
+                .message
+                .starts_with("anchors and aliases expand this document beyond 2 MiB"),
+            "{errors:?}"
+        );
+        assert!(errors[0].pos.line > 3, "{errors:?}");
+        let small: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+        let docs = parse_documents(&small).expect("a few aliases are fine");
+        assert_eq!(docs[0].value["l2"].as_array().map(Vec::len), Some(16));
+        // The bound is per document: each document may use it.
+        assert!(parse_documents(&format!("{small}---\n{small}")).is_ok());
     }
 
     #[test]

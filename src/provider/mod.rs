@@ -94,12 +94,16 @@ impl ErrorKind {
         }
     }
 
-    /// The kind of an agent failure: its transport's, or transient (the agent script
-    /// failed on a machine that may answer next time).
+    /// The kind of an agent failure: its transport's, permanent when the job itself was
+    /// refused, or transient (the agent script failed on a machine that may answer next
+    /// time).
     pub fn of_agent(e: &AgentError) -> ErrorKind {
         match e {
             AgentError::Transport { source, .. } => ErrorKind::of_transport(source),
             AgentError::Failed { .. } => ErrorKind::Transient,
+            // The machine refused what was asked (an upload over its limit): a person
+            // must change the job.
+            AgentError::Rejected { .. } => ErrorKind::Permanent,
         }
     }
 }
@@ -306,13 +310,21 @@ pub trait Provider: Send + Sync {
 /// The providers a controller can drive, in registration order.
 pub const DRIVEN: &[ProviderKind] = &[ProviderKind::Local, ProviderKind::Ssh];
 
+/// The providers a controller drives, and the one pool of SSH connections they share
+/// (its owner closes it on every way out, so no master outlives the controller).
+pub struct Registry {
+    pub providers: BTreeMap<ProviderKind, Arc<dyn Provider>>,
+    pub ssh_pool: Arc<crate::transport::ssh::SshPool>,
+}
+
 /// Builds every provider in [`DRIVEN`] for the controller of `home`.
-pub fn registry(home: &Home) -> std::io::Result<BTreeMap<ProviderKind, Arc<dyn Provider>>> {
+pub fn registry(home: &Home) -> std::io::Result<Registry> {
+    let ssh_pool = crate::transport::ssh::SshPool::new(home.clone())?;
     let mut out: BTreeMap<ProviderKind, Arc<dyn Provider>> = BTreeMap::new();
     for kind in DRIVEN {
         let provider: Arc<dyn Provider> = match kind {
             ProviderKind::Local => Arc::new(local::LocalProvider::new(home.clone())),
-            ProviderKind::Ssh => Arc::new(ssh::SshProvider::new(home.clone())?),
+            ProviderKind::Ssh => Arc::new(ssh::SshProvider::with_pool(Arc::clone(&ssh_pool))),
             ProviderKind::Vast
             | ProviderKind::Lambda
             | ProviderKind::Runpod
@@ -320,7 +332,10 @@ pub fn registry(home: &Home) -> std::io::Result<BTreeMap<ProviderKind, Arc<dyn P
         };
         out.insert(*kind, provider);
     }
-    Ok(out)
+    Ok(Registry {
+        providers: out,
+        ssh_pool,
+    })
 }
 
 #[cfg(test)]

@@ -657,8 +657,9 @@ pub fn drives(kind: ProviderKind) -> bool {
     crate::provider::DRIVEN.contains(&kind)
 }
 
-/// The providers a controller in `home` drives (the provider layer's registry).
-pub fn providers_for(home: &Home) -> std::io::Result<Providers> {
+/// The providers a controller in `home` drives (the provider layer's registry), with
+/// the SSH pool they share.
+pub fn providers_for(home: &Home) -> std::io::Result<crate::provider::Registry> {
     crate::provider::registry(home)
 }
 

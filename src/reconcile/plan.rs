@@ -1238,7 +1238,10 @@ impl<'a> Planner<'a> {
         let exceeded = job.spec.max_duration.is_some_and(|max| {
             status
                 .started_at
-                .is_some_and(|t| self.now - t > max.as_secs() as i64)
+                // Saturating: neither a huge limit nor a hostile start time may wrap.
+                .is_some_and(|t| {
+                    self.now.saturating_sub(t) > i64::try_from(max.as_secs()).unwrap_or(i64::MAX)
+                })
         });
         let stop_budget = budget::over_limit(job, &self.desired.budgets, &self.budgets)
             .into_iter()
