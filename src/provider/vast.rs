@@ -29,11 +29,11 @@
 
 use crate::agent::{AgentError, AgentMachine, AgentStatus, LaunchSpec};
 use crate::home::Home;
-use crate::manifest::{Placement, Resources};
-use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
+use crate::manifest::{GpuRequest, Placement, Resources};
+use crate::model::{InstanceId, Offer, OfferQuery, OwnerTag, ProviderKind, Secret, Usd};
 use crate::provider::{
-    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
-    ProviderResult,
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState,
+    Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
 use crate::transport::Transport;
@@ -327,6 +327,7 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
         "no_such_ask" => Some(ErrorKind::NoCapacity),
         "no_such_instance" | "not_found" => Some(ErrorKind::NotFound),
         "auth_error" => Some(ErrorKind::Unauthenticated),
+        "missing_billing" | "insufficient_credit" => Some(ErrorKind::PaymentRequired),
         "rate_limit_exceeded" => Some(ErrorKind::RateLimited {
             retry_after: raw.retry_after,
         }),
@@ -354,8 +355,10 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
         ErrorKind::NoCapacity
     } else {
         match raw.status {
-            401 | 403 if code == "invalid_args" => ErrorKind::Permanent,
-            401 | 403 => ErrorKind::Unauthenticated,
+            403 if code == "invalid_args" => ErrorKind::Permanent,
+            401 => ErrorKind::Unauthenticated,
+            403 => ErrorKind::PermissionDenied,
+            402 => ErrorKind::PaymentRequired,
             404 => ErrorKind::NotFound,
             410 => ErrorKind::Permanent,
             429 => ErrorKind::RateLimited {
@@ -445,6 +448,34 @@ impl VastOffer {
             }
             None => self.dph_total,
         }
+    }
+}
+
+impl VastOffer {
+    /// The shared model of an offer, priced as `placement` would pay.
+    pub fn to_offer(&self, placement: &Placement) -> Offer {
+        let mut o = Offer::new(
+            ProviderKind::Vast,
+            self.id.to_string(),
+            Usd::from_dollars(self.price(placement)),
+        );
+        o.gpu = Some(self.gpu_name.clone());
+        o.count = self.num_gpus;
+        o.vram_gb = Some(self.vram_gb);
+        o.cuda = self.cuda.map(|c| format!("{c:.1}"));
+        o.disk_gb = self.disk_gb;
+        o.reliability = self.reliability;
+        o.location = self.geolocation.clone();
+        o.extra = [
+            ("storage_cost", self.storage_cost),
+            ("inet_up_cost", self.inet_up_cost),
+            ("inet_down_cost", self.inet_down_cost),
+            ("dlperf", self.dlperf),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect();
+        o
     }
 }
 
@@ -1037,7 +1068,7 @@ impl VastProvider {
             state: InstanceState::Provisioning,
             endpoint: None,
             gpu: Some(format!("{}x {}", offer.num_gpus, offer.gpu_name)),
-            price_per_hour: offer.price(&req.placement),
+            price_per_hour: Usd::from_dollars(offer.price(&req.placement)),
             created_at: None,
             host: None,
         })
@@ -1134,7 +1165,9 @@ impl VastProvider {
             state,
             endpoint,
             gpu,
-            price_per_hour: v.get("dph_total").and_then(Value::as_f64).unwrap_or(0.0),
+            price_per_hour: Usd::from_dollars(
+                v.get("dph_total").and_then(Value::as_f64).unwrap_or(0.0),
+            ),
             created_at: v
                 .get("start_date")
                 .and_then(Value::as_f64)
@@ -1148,6 +1181,50 @@ impl VastProvider {
 impl Provider for VastProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Vast
+    }
+
+    /// Vast's facts: a fresh instance may take a while to be listed; images take
+    /// minutes to pull ("typically 1-5 minutes"); a stopped (outbid) instance still
+    /// bills its disk; login as `root`.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            listing_lag: Duration::from_secs(120),
+            boot_timeout: Duration::from_secs(20 * 60),
+            pacing: ProviderPacing {
+                // Creates queue in the pacer 4.95 s apart; more in flight only holds
+                // a pass behind them.
+                max_in_flight: 8,
+                min_resync: Duration::from_secs(30),
+            },
+            resync: Duration::from_secs(300),
+            bills_while_stopped: true,
+            ssh_user: Some(self.default_user.clone()),
+            fixed_pool: false,
+        }
+    }
+
+    /// The offers that fit `query` now, as the search reports them.
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let resources = Resources {
+            gpu: Some(GpuRequest {
+                names: query.gpus.clone(),
+                count: query.min_count.unwrap_or(1),
+                min_vram_gb: query.min_vram_gb.map(|v| v.ceil() as u32),
+            }),
+            ..Resources::default()
+        };
+        let placement = Placement {
+            provider: ProviderKind::Vast,
+            max_price_per_hour: query.max_price_per_hour.map(Usd::dollars),
+            ..Placement::local()
+        };
+        Ok(self
+            .search(&resources, &placement)
+            .await?
+            .iter()
+            .map(|o| o.to_offer(&placement))
+            .filter(|o| query.matches(o))
+            .collect())
     }
 
     async fn list(&self) -> ProviderResult<Vec<Instance>> {
@@ -1653,6 +1730,13 @@ mod tests {
                 r#"{"success":false,"error":"invalid_price","msg":"x"}"#,
                 ErrorKind::Permanent,
             ),
+            (
+                400,
+                r#"{"success":false,"error":"missing_billing","msg":"x"}"#,
+                ErrorKind::PaymentRequired,
+            ),
+            (402, "Payment Required", ErrorKind::PaymentRequired),
+            (403, r#"{"detail":"forbidden"}"#, ErrorKind::PermissionDenied),
         ];
         for (status, text, want) in table {
             assert_eq!(kind(status, text), want, "{status} {text}");
