@@ -34,9 +34,10 @@ use crate::agent::AgentMachine;
 use crate::home::Home;
 use crate::manifest::Resources;
 use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
+use crate::model::{Offer, OfferQuery, Usd};
 use crate::provider::{
-    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
-    ProviderResult,
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState,
+    Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
 use crate::transport::Transport;
@@ -603,11 +604,13 @@ impl LambdaProvider {
             state,
             endpoint,
             gpu,
-            price_per_hour: itype
-                .and_then(|t| t.get("price_cents_per_hour"))
-                .and_then(Value::as_f64)
-                .unwrap_or(0.0)
-                / 100.0,
+            price_per_hour: Usd::from_dollars(
+                itype
+                    .and_then(|t| t.get("price_cents_per_hour"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0)
+                    / 100.0,
+            ),
             created_at: None,
             host: None,
         })
@@ -662,6 +665,64 @@ fn fingerprint(key: &str) -> String {
 impl Provider for LambdaProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Lambda
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // Whether Lambda lists a launch at once is unverified: the planner waits.
+            listing_lag: Duration::from_secs(120),
+            // An 8-GPU machine can take 20-25 minutes to boot; give it 30.
+            boot_timeout: Duration::from_secs(30 * 60),
+            pacing: ProviderPacing {
+                // Launches queue 10 s apart in the pacer; more in flight only waits.
+                max_in_flight: 4,
+                min_resync: Duration::from_secs(30),
+            },
+            resync: Duration::from_secs(300),
+            // No stop on Lambda: a preempted instance is gone, not billing.
+            bills_while_stopped: false,
+            ssh_user: Some(DEFAULT_SSH_USER.to_string()),
+            fixed_pool: false,
+        }
+    }
+
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let resources = Resources {
+            gpu: query.min_count.map(|n| crate::manifest::GpuRequest {
+                names: Vec::new(),
+                count: n,
+                min_vram_gb: None,
+            }),
+            ..Resources::default()
+        };
+        let mut listed = self.instance_types().await?;
+        listed.retain(|t| query.min_count.is_none_or(|n| t.gpus >= n));
+        let types = candidates(
+            &listed,
+            &[],
+            &Resources {
+                gpu: None,
+                ..resources
+            },
+        );
+        Ok(types
+            .into_iter()
+            .filter(|t| !t.regions.is_empty())
+            .map(|t| Offer {
+                provider: ProviderKind::Lambda,
+                id: t.name.clone(),
+                gpu: (!t.gpu_description.is_empty()).then(|| t.gpu_description.clone()),
+                count: t.gpus,
+                vram_gb: vram_gb(&t.gpu_description),
+                price_per_hour: Usd::from_dollars(t.price_per_hour),
+                cuda: None,
+                disk_gb: None,
+                reliability: None,
+                location: Some(t.regions.join(",")),
+                extra: Vec::new(),
+            })
+            .filter(|o| query.matches(o))
+            .collect())
     }
 
     async fn list(&self) -> ProviderResult<Vec<Instance>> {
@@ -739,7 +800,7 @@ impl Provider for LambdaProvider {
                             endpoint: None,
                             gpu: (!t.gpu_description.is_empty())
                                 .then(|| format!("{}x {}", t.gpus.max(1), t.gpu_description)),
-                            price_per_hour: t.price_per_hour,
+                            price_per_hour: Usd::from_dollars(t.price_per_hour),
                             created_at: None,
                             host: None,
                         });

@@ -31,9 +31,10 @@ use super::cloud::{self, LoginUsers, Pacer, ensure_identity, short_body};
 use crate::agent::AgentMachine;
 use crate::home::Home;
 use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
+use crate::model::{Offer, OfferQuery, Usd};
 use crate::provider::{
-    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
-    ProviderResult,
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState,
+    Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
 use crate::transport::Transport;
@@ -482,7 +483,7 @@ impl RunpodProvider {
             state,
             endpoint,
             gpu,
-            price_per_hour: v.get("cost").and_then(Value::as_f64).unwrap_or(0.0),
+            price_per_hour: Usd::from_dollars(v.get("cost").and_then(Value::as_f64).unwrap_or(0.0)),
             created_at: None,
             host: None,
         })
@@ -493,6 +494,58 @@ impl RunpodProvider {
 impl Provider for RunpodProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Runpod
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // A new pod can be missing from `GET /pods` for a while (looked up by id
+            // here too); the planner waits as long.
+            listing_lag: LISTING_LAG,
+            // Pods bill from their create; image pulls take minutes, 20 is dstack's cut.
+            boot_timeout: Duration::from_secs(20 * 60),
+            pacing: ProviderPacing {
+                max_in_flight: 8,
+                min_resync: Duration::from_secs(30),
+            },
+            resync: Duration::from_secs(300),
+            // EXITED keeps its disk and machine, billed.
+            bills_while_stopped: true,
+            ssh_user: Some(DEFAULT_SSH_USER.to_string()),
+            fixed_pool: false,
+        }
+    }
+
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let count = query.min_count.unwrap_or(1).max(1);
+        let catalog = self.gpu_types("SECURE").await?;
+        Ok(catalog
+            .into_iter()
+            .filter(|g| g.availability != "NONE")
+            .filter(|g| query.gpus.is_empty() || query.gpus.iter().any(|w| gpu_matches(g, w)))
+            .filter_map(|g| {
+                Some(Offer {
+                    provider: ProviderKind::Runpod,
+                    price_per_hour: Usd::from_dollars(g.secure_price? * count as f64),
+                    // The id: `query.matches` then finds `RTX 4090` inside it.
+                    gpu: Some(g.id.clone()),
+                    id: g.id,
+                    count,
+                    vram_gb: Some(g.memory_gb),
+                    cuda: None,
+                    disk_gb: None,
+                    reliability: None,
+                    location: None,
+                    extra: Vec::new(),
+                })
+            })
+            .filter(|o| {
+                let q = OfferQuery {
+                    gpus: Vec::new(),
+                    ..query.clone()
+                };
+                q.matches(o)
+            })
+            .collect())
     }
 
     async fn list(&self) -> ProviderResult<Vec<Instance>> {
@@ -683,11 +736,12 @@ impl Provider for RunpodProvider {
                         state: InstanceState::Provisioning,
                         endpoint: None,
                         gpu: Some(format!("{count}x {}", g.id)),
-                        price_per_hour: pod
-                            .get("cost")
-                            .and_then(Value::as_f64)
-                            .or(price.map(|p| p * count as f64))
-                            .unwrap_or(0.0),
+                        price_per_hour: Usd::from_dollars(
+                            pod.get("cost")
+                                .and_then(Value::as_f64)
+                                .or(price.map(|p| p * count as f64))
+                                .unwrap_or(0.0),
+                        ),
                         created_at: None,
                         host: None,
                     });

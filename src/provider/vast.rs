@@ -27,14 +27,14 @@
 //!
 //! Must not know about the store or the planner.
 
-use super::cloud::{Pacer, ensure_identity, key_body, short_body};
+use super::cloud::{ensure_identity, key_body, short_body};
 use crate::agent::{AgentError, AgentMachine, AgentStatus, LaunchSpec};
 use crate::home::Home;
-use crate::manifest::{Placement, Resources};
-use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
+use crate::manifest::{GpuRequest, Placement, Resources};
+use crate::model::{InstanceId, Offer, OfferQuery, OwnerTag, ProviderKind, Secret, Usd};
 use crate::provider::{
-    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
-    ProviderResult,
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState,
+    Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
 use crate::transport::Transport;
@@ -194,6 +194,59 @@ impl Pacing {
     }
 }
 
+/// Hands out call slots so that calls of one class keep their gap, whatever task
+/// makes them: the one place all runs' requests queue. A slot is reserved in order;
+/// then, because a task may wake late (a loaded machine), the gap is checked again
+/// against when the previous call of the class really left.
+struct Pacer {
+    pacing: Pacing,
+    next: Mutex<BTreeMap<Call, tokio::time::Instant>>,
+    sent: Mutex<BTreeMap<Call, tokio::time::Instant>>,
+}
+
+impl Pacer {
+    fn new(pacing: Pacing) -> Pacer {
+        Pacer {
+            pacing,
+            next: Mutex::new(BTreeMap::new()),
+            sent: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    async fn wait(&self, call: Call) {
+        let gap = self.pacing.gap(call);
+        if gap.is_zero() {
+            return;
+        }
+        let at = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = tokio::time::Instant::now();
+            let slot = next.entry(call).or_insert(now);
+            let at = (*slot).max(now);
+            *slot = at + gap;
+            at
+        };
+        tokio::time::sleep_until(at).await;
+        loop {
+            let later = {
+                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                let now = tokio::time::Instant::now();
+                match sent.get(&call) {
+                    Some(last) if now < *last + gap => Some(*last + gap),
+                    _ => {
+                        sent.insert(call, now);
+                        None
+                    }
+                }
+            };
+            match later {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => return,
+            }
+        }
+    }
+}
+
 /// The API key: the credential store first, then this process's environment.
 pub fn api_key(home: &Home) -> Option<Secret> {
     super::cloud::api_key(home, KEY_NAME)
@@ -250,6 +303,7 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
         "no_such_ask" => Some(ErrorKind::NoCapacity),
         "no_such_instance" | "not_found" => Some(ErrorKind::NotFound),
         "auth_error" => Some(ErrorKind::Unauthenticated),
+        "missing_billing" | "insufficient_credit" => Some(ErrorKind::PaymentRequired),
         "rate_limit_exceeded" => Some(ErrorKind::RateLimited {
             retry_after: raw.retry_after,
         }),
@@ -277,8 +331,10 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
         ErrorKind::NoCapacity
     } else {
         match raw.status {
-            401 | 403 if code == "invalid_args" => ErrorKind::Permanent,
-            401 | 403 => ErrorKind::Unauthenticated,
+            403 if code == "invalid_args" => ErrorKind::Permanent,
+            401 => ErrorKind::Unauthenticated,
+            403 => ErrorKind::PermissionDenied,
+            402 => ErrorKind::PaymentRequired,
             404 => ErrorKind::NotFound,
             410 => ErrorKind::Permanent,
             429 => ErrorKind::RateLimited {
@@ -368,6 +424,34 @@ impl VastOffer {
             }
             None => self.dph_total,
         }
+    }
+}
+
+impl VastOffer {
+    /// The shared model of an offer, priced as `placement` would pay.
+    pub fn to_offer(&self, placement: &Placement) -> Offer {
+        let mut o = Offer::new(
+            ProviderKind::Vast,
+            self.id.to_string(),
+            Usd::from_dollars(self.price(placement)),
+        );
+        o.gpu = Some(self.gpu_name.clone());
+        o.count = self.num_gpus;
+        o.vram_gb = Some(self.vram_gb);
+        o.cuda = self.cuda.map(|c| format!("{c:.1}"));
+        o.disk_gb = self.disk_gb;
+        o.reliability = self.reliability;
+        o.location = self.geolocation.clone();
+        o.extra = [
+            ("storage_cost", self.storage_cost),
+            ("inet_up_cost", self.inet_up_cost),
+            ("inet_down_cost", self.inet_down_cost),
+            ("dlperf", self.dlperf),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect();
+        o
     }
 }
 
@@ -621,7 +705,7 @@ struct Api {
     http: reqwest::Client,
     base: String,
     key: Secret,
-    pacer: Pacer<Call>,
+    pacer: Pacer,
     retry: Backoff,
 }
 
@@ -701,7 +785,7 @@ impl VastProvider {
                 http,
                 base: base.into().trim_end_matches('/').to_string(),
                 key,
-                pacer: Pacer::new(pacing.gaps),
+                pacer: Pacer::new(pacing),
                 retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(10), 2.0)
                     .with_max_elapsed(Some(Duration::from_secs(90))),
             }),
@@ -929,7 +1013,7 @@ impl VastProvider {
             state: InstanceState::Provisioning,
             endpoint: None,
             gpu: Some(format!("{}x {}", offer.num_gpus, offer.gpu_name)),
-            price_per_hour: offer.price(&req.placement),
+            price_per_hour: Usd::from_dollars(offer.price(&req.placement)),
             created_at: None,
             host: None,
         })
@@ -1026,7 +1110,9 @@ impl VastProvider {
             state,
             endpoint,
             gpu,
-            price_per_hour: v.get("dph_total").and_then(Value::as_f64).unwrap_or(0.0),
+            price_per_hour: Usd::from_dollars(
+                v.get("dph_total").and_then(Value::as_f64).unwrap_or(0.0),
+            ),
             created_at: v
                 .get("start_date")
                 .and_then(Value::as_f64)
@@ -1040,6 +1126,50 @@ impl VastProvider {
 impl Provider for VastProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Vast
+    }
+
+    /// Vast's facts: a fresh instance may take a while to be listed; images take
+    /// minutes to pull ("typically 1-5 minutes"); a stopped (outbid) instance still
+    /// bills its disk; login as `root`.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            listing_lag: Duration::from_secs(120),
+            boot_timeout: Duration::from_secs(20 * 60),
+            pacing: ProviderPacing {
+                // Creates queue in the pacer 4.95 s apart; more in flight only holds
+                // a pass behind them.
+                max_in_flight: 8,
+                min_resync: Duration::from_secs(30),
+            },
+            resync: Duration::from_secs(300),
+            bills_while_stopped: true,
+            ssh_user: Some(self.default_user.clone()),
+            fixed_pool: false,
+        }
+    }
+
+    /// The offers that fit `query` now, as the search reports them.
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let resources = Resources {
+            gpu: Some(GpuRequest {
+                names: query.gpus.clone(),
+                count: query.min_count.unwrap_or(1),
+                min_vram_gb: query.min_vram_gb.map(|v| v.ceil() as u32),
+            }),
+            ..Resources::default()
+        };
+        let placement = Placement {
+            provider: ProviderKind::Vast,
+            max_price_per_hour: query.max_price_per_hour.map(Usd::dollars),
+            ..Placement::local()
+        };
+        Ok(self
+            .search(&resources, &placement)
+            .await?
+            .iter()
+            .map(|o| o.to_offer(&placement))
+            .filter(|o| query.matches(o))
+            .collect())
     }
 
     async fn list(&self) -> ProviderResult<Vec<Instance>> {
@@ -1297,6 +1427,8 @@ while [ "$i" -lt 720 ]; do
 	case "$code" in
 	2??) grep -q '"success": *false' "$body" 2>/dev/null || {{ echo "destroyed ($code)"; exit 0; }} ;;
 	404 | 410) echo "already gone ($code)"; exit 0 ;;
+	# The key of a destroyed instance stops working; a refused key never starts to.
+	401 | 403) echo "the instance's key was refused ($code): gone, or not ours to end"; exit 0 ;;
 	none) echo "no curl, wget or python: cannot destroy this instance"; exit 1 ;;
 	esac
 	echo "destroy answered ${{code:-nothing}}; again in 5s"
@@ -1542,6 +1674,17 @@ mod tests {
                 400,
                 r#"{"success":false,"error":"invalid_price","msg":"x"}"#,
                 ErrorKind::Permanent,
+            ),
+            (
+                400,
+                r#"{"success":false,"error":"missing_billing","msg":"x"}"#,
+                ErrorKind::PaymentRequired,
+            ),
+            (402, "Payment Required", ErrorKind::PaymentRequired),
+            (
+                403,
+                r#"{"detail":"forbidden"}"#,
+                ErrorKind::PermissionDenied,
             ),
         ];
         for (status, text, want) in table {

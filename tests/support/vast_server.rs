@@ -187,6 +187,8 @@ pub struct RequestRecord {
     pub path: String,
     pub endpoint: Endpoint,
     pub status: u16,
+    /// When the request arrived (before any lock), and when it was answered.
+    pub arrived: Instant,
     pub at: Instant,
     /// Which key authorised it: "account", "instance:<id>", or "none".
     pub auth: String,
@@ -594,7 +596,8 @@ enum Caller {
     Account,
     Instance(u64),
     Nobody,
-    Invalid,
+    /// A key nobody has (any more): its first characters, as its identity.
+    Invalid(String),
 }
 
 fn caller(st: &State, headers: &HeaderMap, uri: &Uri) -> Caller {
@@ -619,7 +622,7 @@ fn caller(st: &State, headers: &HeaderMap, uri: &Uri) -> Caller {
         .find(|i| !i.destroyed && i.instance_api_key == key)
     {
         Some(i) => Caller::Instance(i.id),
-        None => Caller::Invalid,
+        None => Caller::Invalid(key.chars().take(8).collect()),
     }
 }
 
@@ -673,6 +676,7 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    let arrived = Instant::now();
     tick(&state);
     let path = uri.path().to_string();
     let endpoint = classify(&method, &path);
@@ -683,7 +687,7 @@ async fn handle(
             Caller::Account => "account".to_string(),
             Caller::Instance(id) => format!("instance:{id}"),
             Caller::Nobody => "none".to_string(),
-            Caller::Invalid => "invalid".to_string(),
+            Caller::Invalid(_) => "invalid".to_string(),
         };
         if endpoint == Endpoint::Create {
             st.creates_received += 1;
@@ -700,6 +704,7 @@ async fn handle(
         path,
         endpoint,
         status: response.status().as_u16(),
+        arrived,
         at: Instant::now(),
         auth,
     });
@@ -735,10 +740,11 @@ fn answer(
         && !gap.is_zero()
     {
         let now = Instant::now();
-        let identity = match who {
+        let identity = match &who {
             Caller::Instance(id) => format!("instance:{id}"),
             Caller::Account => "account".to_string(),
-            Caller::Nobody | Caller::Invalid => "anonymous".to_string(),
+            Caller::Invalid(key) => format!("invalid:{key}"),
+            Caller::Nobody => "anonymous".to_string(),
         };
         let key = (endpoint, identity);
         if let Some(last) = st.last_call.get(&key)
@@ -815,7 +821,7 @@ fn answer(
     let account = match who {
         Caller::Account => true,
         Caller::Instance(_) => false,
-        Caller::Nobody | Caller::Invalid => {
+        Caller::Nobody | Caller::Invalid(_) => {
             return (error(401, "auth_error", "Invalid user key"), None);
         }
     };
