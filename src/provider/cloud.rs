@@ -84,10 +84,13 @@ pub fn http_client() -> std::io::Result<reqwest::Client> {
 }
 
 /// Hands out call slots so that calls of one class keep their minimum gap, whatever
-/// task makes them: the one place all runs' requests to one cloud queue.
+/// task makes them: the one place all runs' requests to one cloud queue. A slot is
+/// reserved in order; then, because a task may wake late (a loaded machine), the gap is
+/// checked again against when the previous call of the class really left.
 pub struct Pacer<K: Ord + Copy> {
     gaps: Mutex<BTreeMap<K, Duration>>,
     next: Mutex<BTreeMap<K, tokio::time::Instant>>,
+    sent: Mutex<BTreeMap<K, tokio::time::Instant>>,
 }
 
 impl<K: Ord + Copy> Pacer<K> {
@@ -95,6 +98,7 @@ impl<K: Ord + Copy> Pacer<K> {
         Pacer {
             gaps: Mutex::new(gaps),
             next: Mutex::new(BTreeMap::new()),
+            sent: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -130,6 +134,23 @@ impl<K: Ord + Copy> Pacer<K> {
             at
         };
         tokio::time::sleep_until(at).await;
+        loop {
+            let later = {
+                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
+                let now = tokio::time::Instant::now();
+                match sent.get(&call) {
+                    Some(last) if now < *last + gap => Some(*last + gap),
+                    _ => {
+                        sent.insert(call, now);
+                        None
+                    }
+                }
+            };
+            match later {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => return,
+            }
+        }
     }
 
     /// Pushes every slot of `call` back by `by` (the server said "too many").
