@@ -1736,7 +1736,11 @@ mod tests {
                 ErrorKind::PaymentRequired,
             ),
             (402, "Payment Required", ErrorKind::PaymentRequired),
-            (403, r#"{"detail":"forbidden"}"#, ErrorKind::PermissionDenied),
+            (
+                403,
+                r#"{"detail":"forbidden"}"#,
+                ErrorKind::PermissionDenied,
+            ),
         ];
         for (status, text, want) in table {
             assert_eq!(kind(status, text), want, "{status} {text}");
