@@ -354,7 +354,8 @@ async fn spot_bids_the_premium_over_the_minimum_bid() {
     // H100 PCIE at 1.95/h has a minimum bid of 0.975.
     assert_eq!(rec.offer_id, 105);
     assert_eq!(rec.bid, Some(1.0725));
-    assert!(created.price_per_hour >= 1.0725 && created.price_per_hour < 1.95);
+    let price = created.price_per_hour.dollars();
+    assert!((1.0725..1.95).contains(&price), "{price}");
 }
 
 #[tokio::test]
