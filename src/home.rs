@@ -84,6 +84,11 @@ impl Home {
         self.root.join("controller.log")
     }
 
+    /// The `asimov` prompt's last answers, its next defaults.
+    pub fn prompt_answers(&self) -> PathBuf {
+        self.root.join("prompt.json")
+    }
+
     /// Creates the folders a controller or CLI needs; idempotent.
     pub fn ensure(&self) -> io::Result<()> {
         for dir in [

@@ -1,0 +1,8 @@
+//! `asimov init [--yes]`.
+
+use super::{CliResult, fail};
+use crate::home::Home;
+
+pub fn run(_home: &Home, _yes: bool) -> CliResult {
+    Err(fail("not built yet"))
+}
