@@ -89,21 +89,45 @@ impl Home {
         self.root.join("prompt.json")
     }
 
-    /// Creates the folders a controller or CLI needs; idempotent.
+    /// Creates the folders a controller or CLI needs, each 0700, and makes an existing
+    /// home private ([`Home::tighten`]); idempotent.
     pub fn ensure(&self) -> io::Result<()> {
         for dir in [
             self.root.clone(),
             self.manifests(),
             self.logs(),
             self.artifacts(),
+            self.credentials(),
+            self.known_hosts(),
         ] {
-            std::fs::create_dir_all(dir)?;
+            std::fs::create_dir_all(&dir)?;
+            set_mode(&dir, 0o700)?;
         }
-        for private in [self.credentials(), self.known_hosts()] {
-            std::fs::create_dir_all(&private)?;
-            set_mode(&private, 0o700)?;
-        }
+        self.tighten();
         Ok(())
+    }
+
+    /// Takes group and other permissions off the home, the files and folders at its
+    /// top (the store and its `-wal`/`-shm`, `controller.log`, `local/`, ...) and the
+    /// kept logs: a home made by an older asimov, or under a lax umask, becomes private.
+    /// Best effort (a file of another owner is left as it is); job files inside
+    /// `local/` and `artifacts/` are left alone, the folders above them are 0700.
+    pub fn tighten(&self) {
+        let strip = |path: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            if let Ok(meta) = std::fs::symlink_metadata(path)
+                && !meta.file_type().is_symlink()
+                && meta.permissions().mode() & 0o077 != 0
+            {
+                let _ = set_mode(path, meta.permissions().mode() & 0o7700);
+            }
+        };
+        strip(&self.root);
+        for dir in [self.root.clone(), self.logs()] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                strip(&entry.path());
+            }
+        }
     }
 
     /// The identity of this home's controller in ownership tags: random, made once.
@@ -142,6 +166,38 @@ fn random_id() -> String {
         .iter()
         .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
         .collect()
+}
+
+/// The umask the user's shell gave asimov, kept when the CLI tightens its own to 077;
+/// `u32::MAX` while unset. Jobs on this machine get it back (see `LocalTransport`).
+static USER_UMASK: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+/// Carries the user's umask to the background controller, whose own is already 077.
+const USER_UMASK_ENV: &str = "ASIMOV_USER_UMASK";
+
+/// Makes every file this process creates private from now on (umask 077), remembering
+/// the user's umask for the jobs it starts (from a parent asimov when there is one).
+/// Call before any thread starts.
+pub fn private_umask() {
+    // SAFETY: umask only swaps the process's file mode mask.
+    #[allow(clippy::useless_conversion)] // mode_t is u16 on some Unixes
+    let mut user = u32::from(unsafe { libc::umask(0o077) });
+    match std::env::var(USER_UMASK_ENV)
+        .ok()
+        .and_then(|v| u32::from_str_radix(&v, 8).ok())
+        .filter(|m| *m <= 0o777)
+    {
+        Some(inherited) => user = inherited,
+        // SAFETY: called first thing in `main`, before any thread exists.
+        None => unsafe { std::env::set_var(USER_UMASK_ENV, format!("{user:04o}")) },
+    }
+    USER_UMASK.store(user, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The user's umask when [`private_umask`] replaced it.
+pub fn user_umask() -> Option<libc::mode_t> {
+    let mask = USER_UMASK.load(std::sync::atomic::Ordering::Relaxed);
+    libc::mode_t::try_from(mask).ok().filter(|m| *m <= 0o777)
 }
 
 /// Sets a path's Unix permission bits.

@@ -4,7 +4,6 @@
 //! agent} → model. See ARCHITECTURE.md.
 
 pub mod agent;
-pub mod bench;
 pub mod cli;
 pub mod failpoint;
 pub mod home;
@@ -13,5 +12,6 @@ pub mod model;
 pub mod provider;
 pub mod reconcile;
 pub mod retry;
+pub mod source;
 pub mod store;
 pub mod transport;

@@ -3,12 +3,12 @@
 
 use asimov::agent::{
     AGENT_SCRIPT, AgentMachine, AgentState, AgentStatus, LaunchSource, LaunchSpec, Machine,
-    capture_git,
 };
 use asimov::home::Home;
 use asimov::model::{OwnerTag, Progress, Secret};
 use asimov::provider::local::LocalProvider;
 use asimov::provider::{CreateRequest, ErrorKind, InstanceState, Provider};
+use asimov::source::capture_git;
 use asimov::transport::local::LocalTransport;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +28,7 @@ fn spec(tag: &str, command: &str) -> LaunchSpec {
         max_duration: None,
         source: LaunchSource::None,
         files: Vec::new(),
+        exclude: Vec::new(),
         outputs: Vec::new(),
     }
 }
@@ -506,18 +507,18 @@ async fn git_source_is_cloned_at_the_commit_with_the_diff_applied() {
     std::fs::write(origin.join("train.py"), "lr = 2\n").unwrap();
     git(&origin, &["commit", "-q", "-am", "second"]);
 
-    let clean = capture_git(&checkout).unwrap();
+    let clean = capture_git(&checkout, &[]).unwrap();
     assert!(!clean.dirty);
     assert_eq!(clean.diff, None);
     std::fs::write(checkout.join("train.py"), "lr = 3\n").unwrap();
     std::fs::write(checkout.join("new.py"), "fresh\n").unwrap();
-    let info = capture_git(&checkout).unwrap();
+    let info = capture_git(&checkout, &[]).unwrap();
     assert_eq!(info.commit, git(&checkout, &["rev-parse", "HEAD"]));
     assert_eq!(info.commit_message, "first version");
     assert_eq!(info.author, "Ada Lovelace <ada@example.com>");
     assert_eq!(info.repository.as_deref(), origin.to_str());
     assert!(info.dirty);
-    assert!(capture_git(dir.path()).is_none());
+    assert!(capture_git(dir.path(), &[]).is_none());
 
     let tag = "asimov.t9.git-0.1";
     let root = dir.path().join(tag);

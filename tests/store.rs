@@ -681,44 +681,6 @@ fn unknown_values_in_the_file_are_reported_as_corruption() {
 }
 
 #[test]
-fn benchmark_seed_is_realistic() {
-    let (_dir, path) = temp_db();
-    let store = Store::open(&path).unwrap();
-    let now = 1_750_000_000;
-    store.seed_runs_for_benchmark(10_000, now).unwrap();
-
-    let runs = store.runs().unwrap();
-    assert_eq!(runs.len(), 10_000);
-    let seqs: Vec<i64> = runs.iter().map(|r| r.seq).collect();
-    assert_eq!(seqs, (1..=10_000).collect::<Vec<i64>>());
-    let phases: std::collections::HashSet<Phase> = runs.iter().map(|r| r.phase).collect();
-    assert!(phases.len() >= 6, "{phases:?}");
-    let providers: std::collections::HashSet<_> = runs.iter().filter_map(|r| r.provider).collect();
-    assert!(providers.len() >= 4, "{providers:?}");
-    let commits: std::collections::HashSet<_> =
-        runs.iter().filter_map(|r| r.commit.as_ref()).collect();
-    assert!(commits.len() > 9_000);
-    let jobs: Vec<String> = runs
-        .iter()
-        .map(|r| r.job.clone())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    assert!(store.spent(&jobs, None).unwrap() > 0.0);
-    // Live runs have an unreleased attempt; finished ones do not.
-    let live = runs
-        .iter()
-        .filter(|r| r.attempt > 0 && !r.phase.is_terminal())
-        .count();
-    assert_eq!(store.unreleased_attempts().unwrap().len(), live);
-
-    // Seeding again rewrites the same rows instead of adding more.
-    store.seed_runs_for_benchmark(10_000, now).unwrap();
-    assert_eq!(store.runs().unwrap(), runs);
-    // Speed is measured by `asimov bench` (BENCHMARKS.md), not asserted here.
-}
-
-#[test]
 fn an_intent_writes_the_run_row_and_its_attempt_together() {
     let (_dir, path) = temp_db();
     let store = Store::open(&path).unwrap();

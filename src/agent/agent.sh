@@ -11,6 +11,11 @@
 # state files this script writes: status, pid, run_pid, heartbeat, started_at,
 # finished_at, exit_code, log.
 #
+# The agent's own files are private (umask 077); the job runs with the umask the agent
+# was started with (ASIMOV_JOB_UMASK, the user's). The log is capped at LOG_CAP bytes:
+# past it, the oldest output goes, the newest LOG_KEEP bytes stay behind a line that
+# says so (checked every second while the job runs, and when it ends).
+#
 # Plain POSIX sh (dash, busybox ash): no bashisms. Secrets are only ever read from
 # spec/secrets with `.`, never passed on a command line.
 
@@ -19,6 +24,12 @@ set -u
 # Seconds between TERM and KILL when stopping or timing out a job.
 GRACE=${ASIMOV_GRACE:-5}
 HEARTBEAT_EVERY=5
+LOG_CAP=16777216
+LOG_KEEP=$((LOG_CAP / 2))
+
+ASIMOV_JOB_UMASK=${ASIMOV_JOB_UMASK:-$(umask)}
+export ASIMOV_JOB_UMASK
+umask 077
 MARKER='--- asimov log tail ---'
 
 die() {
@@ -56,6 +67,19 @@ killgroup() {
 	return 0
 }
 
+# Keeps the log under LOG_CAP: its last LOG_KEEP bytes, rewritten in place (the job
+# appends, so its next write lands after them; what it writes meanwhile may be lost).
+cap_log() {
+	size=$(wc -c <"$ROOT/log" 2>/dev/null | tr -d ' ')
+	[ "${size:-0}" -gt "$LOG_CAP" ] || return 0
+	tail -c "$LOG_KEEP" "$ROOT/log" >"$ROOT/.log.keep" || return 0
+	{
+		printf '[asimov: the log passed %s bytes; older output was dropped]\n' "$LOG_CAP"
+		cat "$ROOT/.log.keep"
+	} >"$ROOT/log"
+	rm -f "$ROOT/.log.keep"
+}
+
 # Short sleep where the system's sleep takes fractions, else a second.
 nap() {
 	sleep 0.2 2>/dev/null || sleep 1
@@ -76,7 +100,7 @@ cmd_start() {
 	session=$(printf '%s' "${tag:-asimov-$$}" | tr -c 'A-Za-z0-9_-' '_')
 	if [ -z "${ASIMOV_NO_TMUX:-}" ] && command -v tmux >/dev/null 2>&1 &&
 		tmux new-session -d -s "$session" \
-			"exec sh $(quote "$ROOT/agent.sh") supervise $(quote "$ROOT")" \
+			"ASIMOV_JOB_UMASK=$ASIMOV_JOB_UMASK exec sh $(quote "$ROOT/agent.sh") supervise $(quote "$ROOT")" \
 			</dev/null >/dev/null 2>&1; then
 		put launcher "tmux $session"
 	elif command -v setsid >/dev/null 2>&1; then
@@ -99,6 +123,7 @@ monitor() {
 	killed_at=
 	while kill -0 "$1" 2>/dev/null; do
 		if [ "$n" -eq 0 ]; then put heartbeat "$(now)"; fi
+		cap_log
 		n=$(((n + 1) % HEARTBEAT_EVERY))
 		if [ -n "$max" ] && [ ! -e "$ROOT/timed_out" ] &&
 			[ $(($(now) - started)) -ge "$max" ]; then
@@ -118,14 +143,17 @@ stopping() {
 	[ -e "$ROOT/stop_requested" ] || [ -e "$ROOT/timed_out" ]
 }
 
-# Runs spec/$1.sh in its own process group (setsid), output appended to the log.
+# Runs spec/$1.sh in its own process group (setsid), output appended to the log, with
+# the job's umask.
 phase() {
+	umask "$ASIMOV_JOB_UMASK"
 	if command -v setsid >/dev/null 2>&1; then
 		setsid sh "$ROOT/spec/$1.sh" </dev/null >>"$ROOT/log" 2>&1 &
 	else
 		sh "$ROOT/spec/$1.sh" </dev/null >>"$ROOT/log" 2>&1 &
 	fi
 	child=$!
+	umask 077
 	put run_pid "$child"
 	# A stop that came before run_pid existed is honoured here.
 	if stopping; then killgroup TERM "$child"; fi
@@ -161,6 +189,8 @@ cmd_supervise() {
 		finished || put status setup
 		phase setup
 		rc=$?
+		# The controller reads this line from the collected log (SETUP_FAILED_MARKER).
+		[ "$rc" -eq 0 ] || echo "asimov: setup failed with exit code $rc" >>"$ROOT/log"
 	fi
 	if [ "$rc" -eq 0 ] && ! stopping; then
 		finished || put status running
@@ -169,6 +199,7 @@ cmd_supervise() {
 	fi
 	# Whatever the job left behind in its group ends with it.
 	killgroup TERM "$(get run_pid)"
+	cap_log
 
 	if [ -e "$ROOT/timed_out" ]; then
 		state=timeout

@@ -1,7 +1,6 @@
 //! `AgentMachine`: the `Machine` operations over any `Transport`, driving `agent.sh` in
 //! one instance folder.
 
-use super::git::workdir_files;
 use super::parse::parse_status;
 use super::{AGENT_SCRIPT, AgentError, AgentStatus, LaunchSource, LaunchSpec, Machine};
 use crate::transport::{CommandOutput, Transport};
@@ -141,13 +140,18 @@ impl AgentMachine {
         Ok(self.root.clone())
     }
 
-    async fn upload_source(&self, root: &str, source: &LaunchSource) -> Result<(), AgentError> {
+    async fn upload_source(
+        &self,
+        root: &str,
+        source: &LaunchSource,
+        exclude: &[std::path::PathBuf],
+    ) -> Result<(), AgentError> {
         let work = format!("{root}/work");
         let qwork = sh_quote(&work);
         // `start` left `work/` empty (a half-done earlier upload is gone with it).
         match source {
             LaunchSource::None => {}
-            LaunchSource::Workdir(dir) => self.upload_workdir(dir, &work).await?,
+            LaunchSource::Workdir(dir) => self.upload_workdir(dir, exclude, &work).await?,
             LaunchSource::Git {
                 repo,
                 reference,
@@ -175,30 +179,56 @@ impl AgentMachine {
         Ok(())
     }
 
-    async fn upload_workdir(&self, dir: &Path, work: &str) -> Result<(), AgentError> {
-        let upload_err = |source| AgentError::Transport {
-            machine: self.transport.machine().to_string(),
-            step: "upload working folder",
-            source,
-        };
-        let Some(files) = workdir_files(dir) else {
-            return self.transport.upload(dir, work).await.map_err(upload_err);
-        };
-        // Stage what git would keep in a temporary folder (hard links where possible),
-        // then send that folder in one upload.
+    async fn upload_workdir(
+        &self,
+        dir: &Path,
+        exclude: &[std::path::PathBuf],
+        work: &str,
+    ) -> Result<(), AgentError> {
+        let step = "upload working folder";
+        let limit = crate::source::max_upload().map_err(|e| AgentError::Rejected {
+            step,
+            message: e.to_string(),
+        })?;
+        let (from, skip) = (dir.to_path_buf(), exclude.to_vec());
+        let selection =
+            tokio::task::spawn_blocking(move || crate::source::select_upload(&from, &skip, limit))
+                .await
+                .map_err(|e| self.fail(step, e.to_string()))?
+                .map_err(|e| match e {
+                    crate::source::SelectionError::Read { .. } => self.fail(step, e.to_string()),
+                    _ => AgentError::Rejected {
+                        step,
+                        message: e.to_string(),
+                    },
+                })?;
+        tracing::info!(
+            machine = self.transport.machine(),
+            dir = %dir.display(),
+            files = selection.files.len(),
+            size = %crate::source::human(selection.bytes),
+            excluded = ?selection.excluded,
+            "uploading working folder"
+        );
+        // Stage the selection in a temporary folder (hard links where possible), then
+        // send that folder in one upload.
         let stage =
             tempfile::tempdir().map_err(|e| self.fail("stage working folder", e.to_string()))?;
         let staged = stage.path().join("work");
         let dir = dir.to_path_buf();
         let target = staged.clone();
-        tokio::task::spawn_blocking(move || stage_files(&dir, &files, &target))
+        tokio::task::spawn_blocking(move || stage_files(&dir, &selection.files, &target))
             .await
             .map_err(|e| self.fail("stage working folder", e.to_string()))?
             .map_err(|e| self.fail("stage working folder", e.to_string()))?;
         self.transport
             .upload(&staged, work)
             .await
-            .map_err(upload_err)
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step,
+                source,
+            })
     }
 
     async fn copy_files(&self, files: &[(std::path::PathBuf, String)]) -> Result<(), AgentError> {
@@ -280,8 +310,8 @@ fn export_lines<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Result<S
 /// What the start script prints when the agent had already started on this instance.
 const STARTED: &str = "asimov-agent-already-started";
 
-/// The run's `spec/` folder and `agent.sh` as one tar archive, secrets first and
-/// private (0600).
+/// The run's `spec/` folder and `agent.sh` as one tar archive, secrets first, every
+/// file private (0600: tar run by root keeps the archive's modes whatever the umask).
 fn spec_archive(spec: &LaunchSpec, env: &str, secrets: &str) -> std::io::Result<Vec<u8>> {
     let max = spec
         .max_duration
@@ -290,14 +320,14 @@ fn spec_archive(spec: &LaunchSpec, env: &str, secrets: &str) -> std::io::Result<
     let outputs: String = spec.outputs.iter().map(|o| format!("{o}\n")).collect();
     let entries: [(&str, String, u32); 9] = [
         ("spec/secrets", secrets.to_string(), 0o600),
-        ("spec/tag", format!("{}\n", spec.tag), 0o644),
-        ("spec/run", format!("{}\n", spec.run), 0o644),
-        ("spec/env", env.to_string(), 0o644),
-        ("spec/setup.sh", setup_script(&spec.setup), 0o644),
-        ("spec/run.sh", format!("{}\n", spec.command), 0o644),
-        ("spec/max_duration", max, 0o644),
-        ("spec/outputs", outputs, 0o644),
-        ("agent.sh", AGENT_SCRIPT.to_string(), 0o644),
+        ("spec/tag", format!("{}\n", spec.tag), 0o600),
+        ("spec/run", format!("{}\n", spec.run), 0o600),
+        ("spec/env", env.to_string(), 0o600),
+        ("spec/setup.sh", setup_script(&spec.setup), 0o600),
+        ("spec/run.sh", format!("{}\n", spec.command), 0o600),
+        ("spec/max_duration", max, 0o600),
+        ("spec/outputs", outputs, 0o600),
+        ("agent.sh", AGENT_SCRIPT.to_string(), 0o600),
     ];
     let mut archive = tar::Builder::new(Vec::new());
     for (path, data, mode) in entries {
@@ -362,7 +392,8 @@ impl Machine for AgentMachine {
         if out.stdout.trim() == STARTED {
             return Ok(());
         }
-        self.upload_source(&root, &spec.source).await?;
+        self.upload_source(&root, &spec.source, &spec.exclude)
+            .await?;
         self.copy_files(&spec.files).await?;
         self.run_ok("start agent", &self.agent(&root, "start"))
             .await?;
@@ -405,6 +436,14 @@ impl Machine for AgentMachine {
                 .download(&remote_log, log)
                 .await
                 .map_err(transfer_err)?;
+            // An agent older than the cap, or a log that grew within its last second.
+            let kept = log.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                cap_log_file(&kept, super::LOG_CAP, super::LOG_KEEP)
+            })
+            .await
+            .map_err(|e| self.fail("cap log", e.to_string()))?
+            .map_err(|e| self.fail("cap log", e.to_string()))?;
         }
         let listed = self
             .run_ok(
@@ -441,12 +480,65 @@ impl Machine for AgentMachine {
         Ok(())
     }
 
+    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {
+        let root = self.root_path().await?;
+        let remote_log = format!("{root}/log");
+        let found = self
+            .run("find log", &format!("test -f {}", sh_quote(&remote_log)))
+            .await?;
+        if found.status != 0 {
+            return Ok(false);
+        }
+        self.transport
+            .download(&remote_log, to)
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step: "read log",
+                source,
+            })?;
+        Ok(true)
+    }
+
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
+        let root = self.root_path().await?;
+        self.transport
+            .follow(&format!("{root}/log"))
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step: "follow log",
+                source,
+            })
+    }
+
     async fn stop(&self) -> Result<(), AgentError> {
         let root = self.root_path().await?;
         self.run_ok("stop agent", &self.agent(&root, "stop"))
             .await?;
         Ok(())
     }
+}
+
+/// Cuts the file at `path` back to its last `keep` bytes, behind a line that says so,
+/// when it is longer than `cap`; streams, never holding the file in memory.
+pub fn cap_log_file(path: &Path, cap: u64, keep: u64) -> std::io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    let len = std::fs::metadata(path)?.len();
+    if len <= cap {
+        return Ok(());
+    }
+    let mut from = std::fs::File::open(path)?;
+    from.seek(SeekFrom::Start(len - keep.min(len)))?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    writeln!(
+        tmp,
+        "[asimov: the log passed {cap} bytes; older output was dropped]"
+    )?;
+    std::io::copy(&mut from, &mut tmp)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 /// Where an output lands in the outputs folder: a relative path keeps its path, an

@@ -40,16 +40,25 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-mod git;
 mod machine;
 mod parse;
 
-pub use git::{GitInfo, capture_git, is_work_tree, resolve_remote_commit, workdir_files};
-pub use machine::{AgentMachine, output_name, sh_quote};
+pub use machine::{AgentMachine, cap_log_file, output_name, sh_quote};
 pub use parse::{LOG_MARKER, parse_progress, parse_status};
+
+/// The most of a run's log the agent keeps, and the most `collect` keeps of the copy
+/// under `$ASIMOV_HOME/logs/`: 16 MiB. Past it the oldest output goes and the newest
+/// [`LOG_KEEP`] bytes stay (the same numbers as `LOG_CAP` in `agent.sh`).
+pub const LOG_CAP: u64 = 16 << 20;
+
+/// What a log is cut back to when it passes [`LOG_CAP`].
+pub const LOG_KEEP: u64 = LOG_CAP / 2;
 
 /// The agent script uploaded to every instance as `ROOT/agent.sh`.
 pub const AGENT_SCRIPT: &str = include_str!("agent.sh");
+
+/// How the agent marks a failed setup in the job's log (followed by the exit code).
+pub const SETUP_FAILED_MARKER: &str = "asimov: setup failed with exit code";
 
 /// Everything the agent needs to start one attempt of a run.
 #[derive(Debug, Clone)]
@@ -68,6 +77,9 @@ pub struct LaunchSpec {
     pub files: Vec<(PathBuf, String)>,
     /// Paths on the instance to bring back when the run ends.
     pub outputs: Vec<String>,
+    /// Local folders a workdir upload never sends, wherever they are: `$ASIMOV_HOME`
+    /// and local outputs folders (what asimov itself writes).
+    pub exclude: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -134,6 +146,17 @@ pub enum AgentError {
         step: &'static str,
         message: String,
     },
+    /// What the run asks for cannot be done as it stands (a working folder over the
+    /// upload limit): trying again changes nothing until the user does.
+    #[error("{step}: {message}")]
+    Rejected { step: &'static str, message: String },
+}
+
+impl AgentError {
+    /// True when a retry cannot succeed without a change by the user.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, AgentError::Rejected { .. })
+    }
 }
 
 /// One instance's agent, as the executor drives it.
@@ -151,6 +174,24 @@ pub trait Machine: Send + Sync {
 
     /// Copies the log to `log` and the run's outputs into `outputs`.
     async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError>;
+
+    /// Copies the run's log, byte for byte and never whole in memory, to the local file
+    /// `to`; false when there is no log yet. Machines that keep no log refuse.
+    async fn copy_log(&self, _to: &Path) -> Result<bool, AgentError> {
+        Err(AgentError::Rejected {
+            step: "read log",
+            message: "this machine keeps no log".into(),
+        })
+    }
+
+    /// The run's log from its start, then every byte appended to it, live (`logs -f`).
+    /// Machines that keep no log refuse.
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
+        Err(AgentError::Rejected {
+            step: "follow log",
+            message: "this machine keeps no log".into(),
+        })
+    }
 
     /// Stops the run (its whole process group); idempotent.
     async fn stop(&self) -> Result<(), AgentError>;

@@ -8,6 +8,7 @@ use crate::home::Home;
 use crate::manifest::{self, Kind};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -> CliResult {
     let current = desired::load_current(home).unwrap_or_else(|problems| {
@@ -38,6 +39,7 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
         .map(|doc| (desired::change_of(home, doc), doc))
         .collect();
     let suffix = if dry_run { " (dry run)" } else { "" };
+    let written_at_ms = chrono::Utc::now().timestamp_millis();
     if !dry_run {
         home.ensure()?;
         for (change, doc) in &changes {
@@ -95,23 +97,67 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
     if dry_run {
         return Ok(ExitCode::SUCCESS);
     }
-    if daemon::ensure_running(home)? {
+    let started = daemon::ensure_running(home)?;
+    if started {
         eprintln!(
             "started a background controller (log: {})",
             home.controller_log().display()
         );
     }
-    let watched = std::fs::read_to_string(home.controller_manifests()).unwrap_or_default();
-    if !watched.is_empty() && std::path::Path::new(watched.trim()) != home.manifests() {
-        eprintln!(
-            "warning: the running controller watches {} (started with --manifests), not {}; \
-             put these manifests there instead",
-            watched.trim(),
-            home.manifests().display()
-        );
-    }
+    let changed = changes.iter().any(|(c, _)| *c != Change::Unchanged);
+    warn_if_unwatched(home, (changed || started).then_some(written_at_ms), started)?;
     if wait_for_runs && !loaded.manifests.jobs.is_empty() {
         return wait::follow(home, &loaded.manifests.jobs);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// How long `apply` waits for the controller to read what it wrote.
+const PICKUP: Duration = Duration::from_secs(10);
+
+/// Waits (when `since_ms` is given) until the controller has read its folder after
+/// `since_ms`, so a `get` right after `apply` shows what was applied; then warns when
+/// that folder is not the one `apply` writes to (a controller started with
+/// `--manifests` on a git checkout).
+fn warn_if_unwatched(
+    home: &Home,
+    since_ms: Option<i64>,
+    started: bool,
+) -> Result<(), super::CliError> {
+    let deadline = Instant::now() + PICKUP;
+    let ours = std::fs::canonicalize(home.manifests()).unwrap_or_else(|_| home.manifests());
+    loop {
+        let source = super::read_store(home)?.and_then(|s| s.desired_source().ok().flatten());
+        let read = match (since_ms, &source) {
+            (None, _) => true,
+            (Some(since), Some(s)) => s.read_at_ms >= since,
+            (Some(_), None) => false,
+        };
+        // A controller just started records its folder at once; before that, the record
+        // may be an earlier controller's.
+        let elsewhere = source
+            .as_ref()
+            .filter(|s| s.folder != ours && (read || !started));
+        if let Some(s) = elsewhere {
+            // A controller watching another folder never reads ours: no use waiting.
+            eprintln!(
+                "warning: the running controller watches {} (started with --manifests), not {}; \
+                 put these manifests there instead",
+                s.folder.display(),
+                home.manifests().display()
+            );
+            return Ok(());
+        }
+        if read {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            eprintln!(
+                "note: the controller has not read the manifests yet; `asimov get` shows them \
+                 once it has"
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
 }

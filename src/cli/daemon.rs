@@ -92,16 +92,123 @@ pub fn running_pid(home: &Home) -> Option<u32> {
         .ok()
 }
 
-/// Starts a background controller for `home` unless one runs. Returns true when it
-/// started one.
-pub fn ensure_running(home: &Home) -> io::Result<bool> {
-    if is_running(home)? {
-        if !runs_other_binary(home) {
-            return Ok(false);
-        }
-        // An upgraded asimov must not leave the old controller in charge.
-        replace_outdated(home)?;
+/// How long `apply` waits for a leaving controller to let go of the lock.
+const LEAVING_PATIENCE: Duration = Duration::from_secs(30);
+
+/// Who holds the controller lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Holder {
+    Free,
+    /// A controller that works (or has just taken the lock and is about to say so).
+    Working,
+    /// The lock is held, but by a controller that is stopping or dead: it has been
+    /// asked to stop, or the process the pid file names is gone or being killed. It will
+    /// let go; until then nothing watches the runs.
+    Leaving(u32),
+}
+
+/// Who holds this home's controller lock now.
+pub fn holder(home: &Home) -> io::Result<Holder> {
+    if !is_running(home)? {
+        return Ok(Holder::Free);
     }
+    let Some(pid) = std::fs::read_to_string(home.controller_pid())
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return Ok(Holder::Working);
+    };
+    if !process_alive(pid) {
+        return Ok(Holder::Leaving(pid));
+    }
+    let stopping = super::read_store(home)
+        .ok()
+        .flatten()
+        .and_then(|s| s.controller_status().ok().flatten())
+        .is_some_and(|c| c.pid == pid && c.stopping_at.is_some() && c.stopped_at.is_none());
+    Ok(if stopping {
+        Holder::Leaving(pid)
+    } else {
+        Holder::Working
+    })
+}
+
+/// True while `pid` runs and is not on its way out: a zombie, a process already exiting
+/// (`PF_EXITING`) or one with a SIGKILL pending is as good as gone, though it may hold
+/// its locks a moment longer.
+fn process_alive(pid: u32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        // No procfs: ask the kernel whether the pid exists at all.
+        // SAFETY: signal 0 only checks for existence; nothing is delivered.
+        return unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
+    };
+    // Fields after the command name (which may itself hold spaces and parentheses).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    if matches!(fields.first(), Some(&("Z" | "X" | "x"))) {
+        return false;
+    }
+    if fields
+        .get(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_EXITING != 0)
+    {
+        return false;
+    }
+    let pending = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    !pending.lines().any(|line| {
+        let Some((key, value)) = line.split_once(':') else {
+            return false;
+        };
+        matches!(key, "SigPnd" | "ShdPnd")
+            && u64::from_str_radix(value.trim(), 16).is_ok_and(|m| m & SIGKILL_BIT != 0)
+    })
+}
+
+/// Starts a background controller for `home` unless a working one runs, waiting for a
+/// leaving one to go first and trying again when another starter won the lock, until a
+/// working controller holds it. Returns true only when this call's controller is the
+/// one that runs (so, of several concurrent `apply`s, one says it started it).
+pub fn ensure_running(home: &Home) -> io::Result<bool> {
+    let deadline = Instant::now() + LEAVING_PATIENCE;
+    loop {
+        match holder(home)? {
+            Holder::Working => {
+                if !runs_other_binary(home) {
+                    return Ok(false);
+                }
+                // An upgraded asimov must not leave the old controller in charge.
+                replace_outdated(home)?;
+            }
+            Holder::Leaving(pid) => {
+                if Instant::now() > deadline {
+                    return Err(io::Error::other(format!(
+                        "the controller (pid {pid}) is stopping but still holds {} after {}s",
+                        home.controller_lock().display(),
+                        LEAVING_PATIENCE.as_secs()
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Holder::Free => {
+                if spawn_controller(home)? {
+                    return Ok(true);
+                }
+                // Another starter's controller took the lock: look at it again (it
+                // may itself be leaving).
+            }
+        }
+    }
+}
+
+/// Spawns `asimov controller --background`; true once it holds the lock, false when it
+/// lost the lock to another controller.
+fn spawn_controller(home: &Home) -> io::Result<bool> {
     let log = OpenOptions::new()
         .create(true)
         .append(true)
@@ -130,11 +237,12 @@ pub fn ensure_running(home: &Home) -> io::Result<bool> {
     let mut child = cmd.spawn()?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while Instant::now() < deadline {
-        if is_running(home)? {
+        // The lock alone may be another starter's child: ours writes its pid once it
+        // holds the lock.
+        if running_pid(home) == Some(child.id()) {
             return Ok(true);
         }
         if let Some(status) = child.try_wait()? {
-            // Lost a race with another starter, which now holds the lock: fine.
             if is_running(home)? {
                 return Ok(false);
             }
@@ -149,6 +257,40 @@ pub fn ensure_running(home: &Home) -> io::Result<bool> {
         "the background controller did not start within 5s; see {}",
         home.controller_log().display()
     )))
+}
+
+/// A sentence for readers when no working controller watches this home (and since
+/// when), `None` when one does.
+pub fn absence(home: &Home, store: Option<&crate::store::Store>) -> Option<String> {
+    let holder = holder(home).ok()?;
+    let now = super::now();
+    let when = |t: crate::model::Timestamp| {
+        format!(
+            "since {} ({} ago)",
+            super::render::rfc3339(t),
+            super::render::age(now - t)
+        )
+    };
+    let status = store.and_then(|s| s.controller_status().ok().flatten());
+    match holder {
+        Holder::Working => None,
+        Holder::Leaving(pid) => Some(format!(
+            "the controller of {} (pid {pid}) is stopping; nothing will act on these runs until \
+             one starts (`asimov apply` or `asimov controller`)",
+            home.root().display()
+        )),
+        Holder::Free => {
+            let since = status
+                .map(|c| when(c.stopped_at.unwrap_or(c.seen_at)))
+                .map(|s| format!(" {s}"))
+                .unwrap_or_default();
+            Some(format!(
+                "no controller is watching {}{since}; what is shown is as it last saw it, and \
+                 nothing acts on it until one starts (`asimov apply` or `asimov controller`)",
+                home.root().display()
+            ))
+        }
+    }
 }
 
 /// True when the running controller executes a binary other than this one (asimov
@@ -197,6 +339,23 @@ mod tests {
         assert!(!inherited(std::ffi::OsStr::new("HF_TOKEN")));
         assert!(!inherited(std::ffi::OsStr::new("VAST_API_KEY")));
         assert!(!inherited(std::ffi::OsStr::new("AWS_SECRET_ACCESS_KEY")));
+    }
+
+    #[test]
+    fn a_zombie_or_a_dead_pid_is_not_a_live_controller() {
+        assert!(process_alive(std::process::id()));
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie, which still shows in /proc.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!process_alive(pid));
+        child.wait().unwrap();
+        assert!(!process_alive(pid));
     }
 
     #[test]

@@ -46,26 +46,50 @@ fn print_events(events: &[Event]) {
 }
 
 fn job(home: &Home, name: &str) -> CliResult {
-    let current = desired::load_current(home)?;
-    let doc = current
+    let store = store(home)?;
+    let view = desired::view(home, store.as_ref())?;
+    let doc = view
+        .loaded
         .documents
         .iter()
         .find(|d| d.kind == crate::manifest::Kind::Job && d.name == name);
-    let store = store(home)?;
     let runs = match &store {
         Some(s) => s.runs_of_job(name)?,
         None => Vec::new(),
     };
+    let errors = match &store {
+        Some(s) => s.run_errors()?,
+        None => Default::default(),
+    };
+    get::warn_state(home, store.as_ref(), Some(&view));
     let Some(doc) = doc else {
         if runs.is_empty() {
             return Err(fail(format!("no job named {name:?}")));
         }
-        println!("Job {name} is deleted; its runs are being torn down.");
-        runs_table(&runs, true, super::now()).write(&mut std::io::stdout())?;
+        println!(
+            "Job {name} is not in the desired state (the manifests in {}); its runs are being torn down.",
+            view.folder(home).display()
+        );
+        runs_table(&runs, &errors, true, super::now()).write(&mut std::io::stdout())?;
         return Ok(ExitCode::SUCCESS);
     };
     println!("Name:      {name}");
-    println!("Manifest:  {}", doc.origin.file.display());
+    let folder = view.folder(home);
+    match view.source.as_ref().and_then(|s| s.commit.as_deref()) {
+        Some(commit) => println!("Source:    {} at commit {commit}", folder.display()),
+        None => println!("Source:    {}", folder.display()),
+    }
+    println!(
+        "Manifest:  {}:{}",
+        doc.origin.file.display(),
+        doc.origin.line
+    );
+    if let Some(p) = view.problem_of(&doc.origin.file) {
+        println!("Problem:   {}", desired::describe_problem(p, super::now()));
+        println!(
+            "           the file does not validate; this job keeps its last good state, shown below"
+        );
+    }
     println!("Spec:");
     for line in doc.yaml.lines() {
         println!("  {line}");
@@ -75,7 +99,7 @@ fn job(home: &Home, name: &str) -> CliResult {
         println!("  none yet");
     } else {
         let mut text = Vec::new();
-        runs_table(&runs, true, super::now()).write(&mut text)?;
+        runs_table(&runs, &errors, true, super::now()).write(&mut text)?;
         for line in String::from_utf8_lossy(&text).lines() {
             println!("  {line}");
         }
@@ -99,12 +123,30 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
     let Some(run) = store.run(name)? else {
         return Err(fail(format!("no run named {name:?}")));
     };
+    let error = store.run_errors()?.remove(name);
+    if !run.phase.is_terminal()
+        && let Some(note) = super::daemon::absence(home, Some(&store))
+    {
+        eprintln!("warning: {note}");
+    }
     let dash = |v: Option<String>| v.unwrap_or_else(|| "-".into());
     let rows: Vec<(&str, String)> = vec![
         ("Name", run.name.clone()),
         ("Job", run.job.clone()),
         ("Phase", run.phase.to_string()),
         ("Reason", run.reason.clone()),
+        (
+            "Last error",
+            dash(error.as_ref().map(|e| {
+                format!(
+                    "{}: {} ({}, {} ago)",
+                    e.step,
+                    e.message,
+                    rfc3339(e.at),
+                    age(super::now() - e.at)
+                )
+            })),
+        ),
         ("Attempt", run.attempt.to_string()),
         ("Provider", dash(run.provider.map(|p| p.to_string()))),
         ("Instance", dash(run.instance_id.clone())),
@@ -114,7 +156,7 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
             "Price/hour",
             dash(run.price_per_hour.map(|p| format!("${p:.3}"))),
         ),
-        ("Cost", format!("${:.4}", run.cost_usd)),
+        ("Cost", format!("${:.4}", super::render::usd(run.cost_usd))),
         (
             "Progress",
             dash(run.progress_done.map(|d| match run.progress_total {
@@ -135,6 +177,12 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
     ];
     for (k, v) in rows {
         println!("{:<11} {v}", format!("{k}:"));
+    }
+    if let Some(e) = error.as_ref().filter(|e| !e.detail.is_empty()) {
+        println!("Last lines of the failed {}:", e.step);
+        for line in e.detail.lines() {
+            println!("  {line}");
+        }
     }
     if let Some(diff) = store.diff(name)? {
         // The exact uncommitted changes the run used: with the commit, enough to

@@ -49,25 +49,41 @@ struct RunList<'a> {
 
 fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
     let runs = load_runs(home, name)?;
+    let store = open_store(home)?;
+    let errors = match &store {
+        Some(s) => s.run_errors()?,
+        None => Default::default(),
+    };
+    if runs.iter().any(|r| !r.phase.is_terminal())
+        && let Some(note) = super::daemon::absence(home, store.as_ref())
+    {
+        eprintln!("warning: {note}");
+    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match output {
         Output::Table | Output::Wide => {
             if runs.is_empty() {
                 writeln!(out, "No runs.")?;
             } else {
-                runs_table(&runs, output == Output::Wide, super::now()).write(&mut out)?;
+                runs_table(&runs, &errors, output == Output::Wide, super::now()).write(&mut out)?;
             }
         }
         Output::Json => {
             let list = RunList {
-                items: runs.iter().map(RunView::of).collect(),
+                items: runs
+                    .iter()
+                    .map(|r| RunView::of(r, errors.get(&r.name)))
+                    .collect(),
             };
             serde_json::to_writer_pretty(&mut out, &list)?;
             writeln!(out)?;
         }
         Output::Yaml => {
             let list = RunList {
-                items: runs.iter().map(RunView::of).collect(),
+                items: runs
+                    .iter()
+                    .map(|r| RunView::of(r, errors.get(&r.name)))
+                    .collect(),
             };
             write!(out, "{}", serde_yaml::to_string(&list)?)?;
         }
@@ -102,12 +118,52 @@ fn phase_counts(runs: &[RunRecord]) -> std::collections::BTreeMap<&'static str, 
     counts
 }
 
+/// Where an object came from: `file:line`, with the folder's commit when it has one.
+fn source_cell(view: &super::desired::View, file: &std::path::Path, line: usize) -> String {
+    let commit = view
+        .source
+        .as_ref()
+        .and_then(|s| s.commit.as_deref())
+        .map(|c| format!(" @{}", c.chars().take(8).collect::<String>()))
+        .unwrap_or_default();
+    format!("{}:{line}{commit}", file.display())
+}
+
+fn problem_json(p: &crate::store::DesiredProblem) -> serde_json::Value {
+    serde_json::json!({
+        "file": p.file, "line": p.line, "column": p.column, "message": p.message,
+        "since": super::render::rfc3339(p.since),
+    })
+}
+
+/// Stderr notes every reader of the desired state gives: the watched folder's broken
+/// files, and no controller watching.
+pub(super) fn warn_state(home: &Home, store: Option<&Store>, view: Option<&super::desired::View>) {
+    if let Some(v) = view {
+        super::desired::warn_problems(v);
+    }
+    let anything = view.is_some_and(|v| !v.loaded.documents.is_empty())
+        || store.is_some_and(|s| {
+            s.runs()
+                .is_ok_and(|r| r.iter().any(|r| !r.phase.is_terminal()))
+        });
+    if anything && let Some(note) = super::daemon::absence(home, store) {
+        eprintln!("warning: {note}");
+    }
+}
+
 pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
-    let current = super::desired::load_current(home)?;
     let store = open_store(home)?;
+    let view = super::desired::view(home, store.as_ref())?;
     let mut items = Vec::new();
-    let mut table = super::render::new_table(&["NAME", "RUNS", "PHASES", "PLACEMENT", "COST"]);
-    for job in current
+    let wide = output == Output::Wide;
+    let mut header = vec!["NAME", "RUNS", "PHASES", "PLACEMENT", "COST"];
+    if wide {
+        header.push("SOURCE");
+    }
+    let mut table = super::render::new_table(&header);
+    for job in view
+        .loaded
         .manifests
         .jobs
         .iter()
@@ -118,7 +174,7 @@ pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult
             None => Vec::new(),
         };
         let counts = phase_counts(&runs);
-        let cost: f64 = runs.iter().map(|r| r.cost_usd).sum();
+        let cost = super::render::usd(runs.iter().map(|r| r.cost_usd).sum());
         let placement: Vec<String> = job
             .spec
             .placement
@@ -129,7 +185,8 @@ pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult
             })
             .collect();
         let phases: Vec<String> = counts.iter().map(|(p, n)| format!("{n} {p}")).collect();
-        table.add_row(vec![
+        let problem = view.problem_of(&job.origin.file);
+        let mut row = vec![
             job.name.clone(),
             job.runs.len().to_string(),
             if phases.is_empty() {
@@ -139,19 +196,40 @@ pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult
             },
             placement.join(" → "),
             format!("${cost:.2}"),
-        ]);
+        ];
+        if wide {
+            let mut cell = source_cell(&view, &job.origin.file, job.origin.line);
+            if problem.is_some() {
+                cell.push_str(" (does not validate; last good state)");
+            }
+            row.push(cell);
+        }
+        table.add_row(row);
         items.push(serde_json::json!({
             "name": job.name, "labels": job.labels, "runs": job.runs.iter().map(|r| &r.name).collect::<Vec<_>>(),
             "phases": counts, "placement": placement, "cost_usd": cost, "spec_hash": job.spec_hash,
+            "source": {
+                "file": job.origin.file, "line": job.origin.line,
+                "folder": view.folder(home),
+                "commit": view.source.as_ref().and_then(|s| s.commit.clone()),
+            },
+            "problem": problem.map(problem_json),
         }));
     }
+    warn_state(home, store.as_ref(), Some(&view));
     if let (Some(n), true) = (name, items.is_empty()) {
         return Err(fail(format!("no job named {n:?}")));
     }
     match output {
         Output::Table | Output::Wide if items.is_empty() => println!("No jobs."),
         Output::Table | Output::Wide => println!("{table}"),
-        _ => return write_structured(output, &serde_json::json!({ "items": items })),
+        _ => {
+            let problems: Vec<serde_json::Value> = view.problems.iter().map(problem_json).collect();
+            return write_structured(
+                output,
+                &serde_json::json!({ "items": items, "problems": problems }),
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -164,8 +242,10 @@ fn run_names(tags: &[String]) -> Vec<String> {
 }
 
 pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResult {
-    let current = super::desired::load_current(home)?;
     let store = open_store(home)?;
+    let view = super::desired::view(home, store.as_ref())?;
+    warn_state(home, store.as_ref(), Some(&view));
+    let current = view.loaded;
     let mut items = Vec::new();
     let mut table = super::render::new_table(&[
         "FLEET",
@@ -249,8 +329,10 @@ pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResu
 
 pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliResult {
     use crate::reconcile::budget;
-    let current = super::desired::load_current(home)?;
     let store = open_store(home)?;
+    let view = super::desired::view(home, store.as_ref())?;
+    warn_state(home, store.as_ref(), Some(&view));
+    let current = view.loaded;
     let now = super::now();
     let mut items = Vec::new();
     let mut table =
@@ -264,7 +346,7 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
         let jobs = budget::jobs_of(b, &current.manifests.jobs);
         let since = budget::window_start(b, now);
         let spent = match &store {
-            Some(s) => s.spent(&jobs, since)?,
+            Some(s) => super::render::usd(s.spent(&jobs, since)?),
             None => 0.0,
         };
         let period = b

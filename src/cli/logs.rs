@@ -1,14 +1,12 @@
 //! `asimov logs RUN [-f]`: the run's output. A finished run's log is kept in
-//! `$ASIMOV_HOME/logs/`; a live one is read from its instance through the transport
-//! (a file on this machine, or `tail -F` over the ssh master), and `-f` follows it
-//! until the run ends.
+//! `$ASIMOV_HOME/logs/`; a live one is read from its instance through the same
+//! `Machine` the controller drives (whatever its provider), and `-f` follows it until
+//! the run ends. Logs are streamed, never held whole in memory.
 
 use super::{CliError, CliResult, desired, fail};
+use crate::agent::Machine;
 use crate::home::Home;
-use crate::model::ProviderKind;
-use crate::provider::{Endpoint, Provider};
 use crate::store::RunRecord;
-use crate::transport::Transport;
 use futures_util::StreamExt;
 use std::io::Write;
 use std::process::ExitCode;
@@ -19,13 +17,22 @@ pub fn run(home: &Home, run: &str, follow: bool) -> CliResult {
     let record = load(home, run)?;
     let kept = home.run_log(run);
     if kept.exists() && (record.phase.is_terminal() || !follow) {
-        std::io::stdout().write_all(&std::fs::read(&kept)?)?;
+        print_file(&kept)?;
         return Ok(ExitCode::SUCCESS);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(live(home, record, follow))
+}
+
+/// Copies a file to stdout in buffered chunks.
+fn print_file(path: &std::path::Path) -> Result<(), CliError> {
+    let mut file = std::fs::File::open(path)?;
+    let mut out = std::io::stdout().lock();
+    std::io::copy(&mut file, &mut out)?;
+    out.flush()?;
+    Ok(())
 }
 
 fn load(home: &Home, run: &str) -> Result<RunRecord, CliError> {
@@ -39,8 +46,9 @@ fn load(home: &Home, run: &str) -> Result<RunRecord, CliError> {
         .ok_or_else(missing)
 }
 
-/// The transport and log path of the run's live instance.
-async fn locate(home: &Home, record: &RunRecord) -> Result<(Arc<dyn Transport>, String), CliError> {
+/// The machine of the run's live instance, found in its provider's listing as the
+/// controller finds it.
+async fn locate(home: &Home, record: &RunRecord) -> Result<Arc<dyn Machine>, CliError> {
     let store = super::read_store(home)?.ok_or_else(|| fail("no state database yet"))?;
     let attempt = store
         .attempts(&record.name)?
@@ -53,60 +61,42 @@ async fn locate(home: &Home, record: &RunRecord) -> Result<(Arc<dyn Transport>, 
                 record.name, record.reason
             ))
         })?;
-    match attempt.provider {
-        ProviderKind::Local => {
-            let log = home.local_instances().join(&attempt.tag).join("log");
-            Ok((
-                Arc::new(crate::transport::local::LocalTransport::new()),
-                log.display().to_string(),
+    let (providers, ssh) = crate::reconcile::controller::providers_for(home)?;
+    // The fleets are the ssh provider's configuration, as the controller gives it.
+    ssh.set_fleets(desired::load_current(home)?.manifests.fleets);
+    let provider = providers.get(&attempt.provider).ok_or_else(|| {
+        fail(format!(
+            "reading logs from {} instances is not supported yet",
+            attempt.provider
+        ))
+    })?;
+    let instance = provider
+        .list()
+        .await?
+        .into_iter()
+        .find(|i| i.tag.render() == attempt.tag)
+        .ok_or_else(|| {
+            fail(format!(
+                "the instance of {} is not reachable now",
+                record.name
             ))
-        }
-        ProviderKind::Ssh => {
-            let provider = crate::provider::ssh::SshProvider::new(home.clone())?;
-            provider.set_fleets(desired::load_current(home)?.manifests.fleets);
-            let instance = provider
-                .list()
-                .await?
-                .into_iter()
-                .find(|i| i.tag.render() == attempt.tag)
-                .ok_or_else(|| {
-                    fail(format!(
-                        "the instance of {} is not reachable now",
-                        record.name
-                    ))
-                })?;
-            let Some(Endpoint::Ssh { root, .. }) = &instance.endpoint else {
-                return Err(fail(format!(
-                    "the instance of {} has no ssh endpoint",
-                    record.name
-                )));
-            };
-            let transport = provider.transport_for(&instance)?;
-            let root = if let Some(rest) = root.strip_prefix("~/") {
-                format!("{}/{rest}", transport.remote_home().await?)
-            } else {
-                root.clone()
-            };
-            Ok((Arc::new(transport), format!("{root}/log")))
-        }
-        other => Err(fail(format!(
-            "reading logs from {other} instances is not supported yet"
-        ))),
-    }
+        })?;
+    Ok(provider.machine(&instance)?)
 }
 
 async fn live(home: &Home, record: RunRecord, follow: bool) -> CliResult {
-    let (transport, path) = locate(home, &record).await?;
+    let machine = locate(home, &record).await?;
     let mut out = std::io::stdout();
     if !follow {
-        let quoted = format!("'{}'", path.replace('\'', "'\\''"));
-        let text = transport
-            .exec(&format!("[ -f {quoted} ] && cat {quoted}; true"))
-            .await?;
-        out.write_all(text.stdout.as_bytes())?;
+        // Byte for byte through a private temporary file, never whole in memory.
+        let dir = tempfile::tempdir()?;
+        let copy = dir.path().join("log");
+        if machine.copy_log(&copy).await? {
+            print_file(&copy)?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    let mut stream = transport.follow(&path).await?;
+    let mut stream = machine.follow_log().await?;
     let mut check = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {

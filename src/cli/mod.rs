@@ -4,6 +4,7 @@
 
 mod apply;
 mod args;
+mod bench;
 mod controller;
 pub mod daemon;
 mod delete;
@@ -45,7 +46,13 @@ pub fn run() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    // Everything asimov writes (store, logs, controller.log, instance folders) is the
+    // user's alone, whatever the shell's umask; jobs get the user's umask back.
+    crate::home::private_umask();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
     match dispatch(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -61,6 +68,17 @@ pub fn run() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Prints clap's message; `--help` and `--version` succeed, every argument error exits 1
+/// like any other failure (the README's promise), not clap's usual 2.
+fn usage_error(err: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let _ = err.print();
+    match err.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
     }
 }
 
@@ -82,14 +100,18 @@ fn chain(err: &(dyn std::error::Error + 'static)) -> String {
 fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("ASIMOV_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colour only for a terminal: a background controller's stderr is controller.log.
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
 
 fn dispatch(cli: Cli) -> CliResult {
     let home = Home::from_env()?;
+    home.tighten();
     let Some(command) = cli.command else {
         init_tracing("warn");
         return prompt::run(&home);
@@ -137,7 +159,7 @@ fn dispatch(cli: Cli) -> CliResult {
             idle_seconds,
         } => {
             init_tracing("warn");
-            let report = crate::bench::run(crate::bench::BenchOptions {
+            let report = bench::run(bench::BenchOptions {
                 runs,
                 jobs,
                 idle_seconds,

@@ -3,9 +3,10 @@
 //! only ever added, never renamed or removed.
 
 use crate::model::Timestamp;
-use crate::store::RunRecord;
+use crate::store::{RunError, RunRecord};
 use comfy_table::{Table, presets};
 use serde::Serialize;
+use std::collections::BTreeMap;
 
 /// A run as `get runs -o json|yaml` prints it.
 #[derive(Debug, Serialize)]
@@ -32,6 +33,16 @@ pub struct RunView<'a> {
     pub created_at: String,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The last failure of any of the run's steps (create, start, setup, ...), kept until
+    /// that work goes through.
+    pub last_error: Option<ErrorView<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorView<'a> {
+    pub step: &'a str,
+    pub message: &'a str,
+    pub at: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -42,7 +53,7 @@ pub struct ProgressView {
 }
 
 impl<'a> RunView<'a> {
-    pub fn of(run: &'a RunRecord) -> Self {
+    pub fn of(run: &'a RunRecord, error: Option<&'a RunError>) -> Self {
         RunView {
             name: &run.name,
             job: &run.job,
@@ -73,12 +84,35 @@ impl<'a> RunView<'a> {
             created_at: rfc3339(run.created_at),
             started_at: run.started_at.map(rfc3339),
             finished_at: run.finished_at.map(rfc3339),
+            last_error: error.map(|e| ErrorView {
+                step: &e.step,
+                message: &e.message,
+                at: rfc3339(e.at),
+            }),
         }
     }
 }
 
 fn round_cents(usd: f64) -> f64 {
-    (usd * 10_000.0).round() / 10_000.0
+    self::usd((usd * 10_000.0).round() / 10_000.0)
+}
+
+/// A sum of money as shown: an empty sum of `f64`s is `-0.0`, which would print as
+/// `$-0.00` and `-0.0`.
+pub fn usd(value: f64) -> f64 {
+    if value == 0.0 { 0.0 } else { value }
+}
+
+/// The reason of a run as a table shows it: with the last error of its steps, if any.
+pub fn reason_cell(run: &RunRecord, error: Option<&RunError>) -> String {
+    match error {
+        // "failed with exit code 3" says less than the step that failed.
+        Some(e) if e.step == "setup" && run.phase.is_terminal() => e.message.clone(),
+        Some(e) if !run.reason.contains(&e.message) => {
+            format!("{}; last error ({}): {}", run.reason, e.step, e.message)
+        }
+        _ => run.reason.clone(),
+    }
 }
 
 pub fn rfc3339(t: Timestamp) -> String {
@@ -183,7 +217,12 @@ impl Columns {
 }
 
 /// The `get runs` table; `wide` adds placement, money and code columns.
-pub fn runs_table(runs: &[RunRecord], wide: bool, now: Timestamp) -> Columns {
+pub fn runs_table(
+    runs: &[RunRecord],
+    errors: &BTreeMap<String, RunError>,
+    wide: bool,
+    now: Timestamp,
+) -> Columns {
     let mut table = if wide {
         Columns::new(&[
             "NAME", "JOB", "PHASE", "PROGRESS", "ATTEMPT", "PROVIDER", "INSTANCE", "HOST", "GPU",
@@ -196,7 +235,8 @@ pub fn runs_table(runs: &[RunRecord], wide: bool, now: Timestamp) -> Columns {
     };
     for run in runs {
         let provider = run.provider.map(|p| p.as_str()).unwrap_or("-").to_string();
-        let cost = format!("${:.2}", run.cost_usd);
+        let cost = format!("${:.2}", usd(run.cost_usd));
+        let reason = reason_cell(run, errors.get(&run.name));
         let age_cell = age(now - run.created_at);
         if wide {
             table.push(vec![
@@ -219,7 +259,7 @@ pub fn runs_table(runs: &[RunRecord], wide: bool, now: Timestamp) -> Columns {
                     .map(|c| c.to_string())
                     .unwrap_or_else(|| "-".into()),
                 age_cell,
-                run.reason.clone(),
+                reason,
             ]);
         } else {
             table.push(vec![
@@ -230,7 +270,7 @@ pub fn runs_table(runs: &[RunRecord], wide: bool, now: Timestamp) -> Columns {
                 cost,
                 short_commit(run),
                 age_cell,
-                run.reason.clone(),
+                reason,
             ]);
         }
     }

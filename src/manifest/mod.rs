@@ -196,7 +196,9 @@ pub fn load_str(file: &Path, text: &str, ctx: &Context) -> Result<Loaded, Proble
     convert::load_sources(&[(file.to_path_buf(), text.to_string())], ctx, Vec::new())
 }
 
-fn manifest_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The manifest files `load_paths` reads from a folder: every non-hidden `*.yaml` /
+/// `*.yml` directly inside, sorted by name.
+pub fn manifest_files_in(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();

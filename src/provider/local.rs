@@ -6,6 +6,13 @@
 //! process table (every process the agent starts carries `ASIMOV_INSTANCE=<tag>` and
 //! `ASIMOV_ROOT=<folder>` in its environment), so a job whose folder was removed while
 //! it still runs is listed (as `Terminating`) and destroyed like any other.
+//!
+//! A destroy sweeps wider than the environment, since a job can shed it (`setsid env -i
+//! cmd &`): a process is the instance's when its current folder or an open file is in
+//! the instance folder (what `work/` and the `log` leave on every child), or when its
+//! parent or process group leader is the instance's. A process that shed all of that
+//! (changed folder, closed its files, and outlived its parent) cannot be told apart:
+//! there is no cgroup tracking yet. Whatever survives SIGKILL is named in the error.
 
 use super::{
     CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
@@ -44,15 +51,6 @@ fn now() -> Timestamp {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as Timestamp)
         .unwrap_or(0)
-}
-
-/// A process of this user that carries an instance tag in its environment.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct TaggedProcess {
-    pid: i32,
-    pgid: i32,
-    tag: String,
-    root: PathBuf,
 }
 
 impl LocalProvider {
@@ -96,27 +94,97 @@ impl LocalProvider {
             host: None,
         }
     }
+}
 
-    /// Processes of instances of this home (their `ASIMOV_ROOT` is in our folder).
-    fn tagged_processes(&self) -> Vec<TaggedProcess> {
+/// A process as `/proc` shows it, with the instance its environment names, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Process {
+    pid: i32,
+    ppid: i32,
+    pgid: i32,
+    /// The controlling terminal (`tty_nr`), 0 for none.
+    tty: i64,
+    comm: String,
+    /// `ASIMOV_INSTANCE` and `ASIMOV_ROOT` from its environment.
+    tag: Option<String>,
+    root: Option<PathBuf>,
+}
+
+impl Process {
+    fn tagged(&self, id: &str, root: &Path) -> bool {
+        self.tag.as_deref() == Some(id) && self.root.as_deref() == Some(root)
+    }
+
+    /// True when its current folder or an open file is inside `root`: what a process
+    /// that cleared its environment and left the job's session still holds (a job's
+    /// current folder is `work/`, its output goes to `log`).
+    fn touches(&self, root: &Path) -> bool {
+        let proc = PathBuf::from(format!("/proc/{}", self.pid));
+        if std::fs::read_link(proc.join("cwd")).is_ok_and(|c| c.starts_with(root)) {
+            return true;
+        }
+        std::fs::read_dir(proc.join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(root)))
+    }
+}
+
+impl LocalProvider {
+    /// `(tag, folder)` of processes of instances of this home (their `ASIMOV_ROOT` is in
+    /// our folder), by environment alone: cheap enough for every listing.
+    fn tagged_processes(&self) -> Vec<(String, PathBuf)> {
         let dir = self.dir();
         scan_processes()
             .into_iter()
-            .filter(|p| p.root.parent() == Some(dir.as_path()))
+            .filter_map(|p| Some((p.tag?, p.root?)))
+            .filter(|(_, root)| root.parent() == Some(dir.as_path()))
             .collect()
     }
 
-    fn processes_of(&self, id: &str, root: &Path) -> Vec<TaggedProcess> {
-        self.tagged_processes()
-            .into_iter()
-            .filter(|p| p.tag == id && p.root == root)
+    /// Every process of instance `id`, including those that escaped it: the processes
+    /// whose environment names it, those whose current folder or open files are in its
+    /// folder (unless they belong to another terminal, like a user's shell looking in),
+    /// and, until nothing changes, the children and process groups of all of these.
+    fn processes_of(&self, id: &str, root: &Path) -> Vec<Process> {
+        let all = scan_processes();
+        let mut member: BTreeSet<i32> = all
+            .iter()
+            .filter(|p| p.tagged(id, root))
+            .map(|p| p.pid)
+            .collect();
+        let ttys: BTreeSet<i64> = all
+            .iter()
+            .filter(|p| member.contains(&p.pid) && p.tty != 0)
+            .map(|p| p.tty)
+            .collect();
+        for p in &all {
+            if !member.contains(&p.pid) && (p.tty == 0 || ttys.contains(&p.tty)) && p.touches(root)
+            {
+                member.insert(p.pid);
+            }
+        }
+        loop {
+            let before = member.len();
+            for p in &all {
+                if member.contains(&p.ppid) || (p.pgid > 1 && member.contains(&p.pgid)) {
+                    member.insert(p.pid);
+                }
+            }
+            if member.len() == before {
+                break;
+            }
+        }
+        all.into_iter()
+            .filter(|p| member.contains(&p.pid))
             .collect()
     }
 }
 
-/// Reads `/proc/*/environ` (readable for this user's own processes) for
-/// `ASIMOV_INSTANCE` and `ASIMOV_ROOT`.
-fn scan_processes() -> Vec<TaggedProcess> {
+/// Reads `/proc` once: `stat` of every process, and `environ` where readable (this
+/// user's own processes) for `ASIMOV_INSTANCE` and `ASIMOV_ROOT`. Skips this process.
+fn scan_processes() -> Vec<Process> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -133,11 +201,16 @@ fn scan_processes() -> Vec<TaggedProcess> {
         if pid == me {
             continue;
         }
-        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
-            continue;
+        let Some((comm, ppid, pgid, tty)) = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .as_deref()
+            .and_then(parse_stat)
+        else {
+            continue; // exited meanwhile, or a zombie
         };
         let mut tag = None;
         let mut root = None;
+        let environ = std::fs::read(entry.path().join("environ")).unwrap_or_default();
         for var in environ.split(|b| *b == 0) {
             if let Some(v) = var.strip_prefix(b"ASIMOV_INSTANCE=") {
                 tag = Some(String::from_utf8_lossy(v).into_owned());
@@ -146,22 +219,35 @@ fn scan_processes() -> Vec<TaggedProcess> {
                 root = Some(PathBuf::from(std::ffi::OsStr::from_bytes(v)));
             }
         }
-        let (Some(tag), Some(root)) = (tag, root) else {
-            continue;
-        };
-        // SAFETY: getpgid only reads the process table.
-        let pgid = unsafe { libc::getpgid(pid) };
-        if pgid < 0 {
-            continue; // exited meanwhile
-        }
-        found.push(TaggedProcess {
+        found.push(Process {
             pid,
+            ppid,
             pgid,
+            tty,
+            comm,
             tag,
             root,
         });
     }
     found
+}
+
+/// `(comm, ppid, pgrp, tty_nr)` from a `/proc/PID/stat` line; the command name may hold
+/// spaces and parentheses, so fields are counted from its last `)`. `None` for a zombie
+/// too: it is dead already, and no signal would remove it (its parent or init reaps it).
+fn parse_stat(stat: &str) -> Option<(String, i32, i32, i64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?.to_string();
+    let mut fields = stat.get(close + 1..)?.split_whitespace();
+    if matches!(fields.next()?, "Z" | "X" | "x") {
+        return None;
+    }
+    let ppid = fields.next()?.parse().ok()?;
+    let pgid = fields.next()?.parse().ok()?;
+    let _session = fields.next()?;
+    let tty = fields.next()?.parse().ok()?;
+    Some((comm, ppid, pgid, tty))
 }
 
 fn signal(pid: i32, sig: i32) {
@@ -172,8 +258,8 @@ fn signal(pid: i32, sig: i32) {
 }
 
 /// Sends `sig` to every process of the instance, and to their process groups when the
-/// group's leader is one of them (reaching children that scrubbed their environment).
-fn signal_all(processes: &[TaggedProcess], sig: i32) {
+/// group's leader is one of them.
+fn signal_all(processes: &[Process], sig: i32) {
     let pids: BTreeSet<i32> = processes.iter().map(|p| p.pid).collect();
     for p in processes {
         if pids.contains(&p.pgid) && p.pgid > 1 {
@@ -181,6 +267,15 @@ fn signal_all(processes: &[TaggedProcess], sig: i32) {
         }
         signal(p.pid, sig);
     }
+}
+
+/// `123 (sleep), 456 (python3)`, for the report of what survived.
+fn describe(processes: &[Process]) -> String {
+    processes
+        .iter()
+        .map(|p| format!("{} ({})", p.pid, p.comm))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Reads a pid file of the agent.
@@ -296,13 +391,13 @@ impl LocalProvider {
         }
         // Processes whose folder is gone: a destroy cut off between removing the folder
         // and the last process exiting, or a folder removed by hand.
-        for p in self.tagged_processes() {
-            if instances.contains_key(&p.tag) || self.root_of(&p.tag) != Some(p.root.clone()) {
+        for (id, root) in self.tagged_processes() {
+            if instances.contains_key(&id) || self.root_of(&id) != Some(root.clone()) {
                 continue;
             }
-            if let Some(tag) = OwnerTag::parse(&p.tag) {
-                let instance = self.instance(tag, p.root, InstanceState::Terminating);
-                instances.insert(p.tag, instance);
+            if let Some(tag) = OwnerTag::parse(&id) {
+                let instance = self.instance(tag, root, InstanceState::Terminating);
+                instances.insert(id, instance);
             }
         }
         Ok(instances.into_values().collect())
@@ -346,7 +441,11 @@ impl LocalProvider {
                 return Err(error(
                     ErrorKind::Transient,
                     "destroy instance",
-                    format!("{} processes of {id} survive SIGKILL", processes.len()),
+                    format!(
+                        "{} process(es) of {id} survive SIGKILL: {}",
+                        processes.len(),
+                        describe(&processes)
+                    ),
                 ));
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -357,5 +456,24 @@ impl LocalProvider {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_error("destroy instance", e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_parse_whatever_the_command_name() {
+        let line = "4242 (we (ird) name) S 17 4242 4242 34817 4242 4194560 0 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(("we (ird) name".to_string(), 17, 4242, 34817))
+        );
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(
+            parse_stat("4243 (sleep) Z 1 4243 4243 0 -1 4194560 0 0"),
+            None
+        );
     }
 }

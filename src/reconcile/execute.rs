@@ -10,7 +10,7 @@ use crate::manifest::{Job, RunSpec, Source};
 use crate::model::{Phase, ProviderKind, RunName, Secret, Timestamp};
 use crate::provider::ssh::SshProvider;
 use crate::provider::{CreateRequest, ErrorKind, Provider, ProviderError};
-use crate::store::{AttemptRecord, CostEntry, Event, RunRecord, Store, StoreError};
+use crate::store::{AttemptRecord, CostEntry, Event, RunError, RunRecord, Store, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -70,7 +70,9 @@ impl ExecError {
         match self {
             ExecError::Provider { source, .. } => source.kind.clone(),
             // The store is local: a failure is a busy or full disk, worth a retry.
-            ExecError::Store { .. } | ExecError::Agent { .. } => ErrorKind::Transient,
+            ExecError::Store { .. } => ErrorKind::Transient,
+            ExecError::Agent { source, .. } if source.is_permanent() => ErrorKind::Permanent,
+            ExecError::Agent { .. } => ErrorKind::Transient,
             ExecError::Unreleased { .. } | ExecError::MissingRun { .. } => ErrorKind::Transient,
             ExecError::NoProvider { .. } | ExecError::NotDesired { .. } => ErrorKind::Permanent,
             ExecError::Secret { .. } => ErrorKind::Permanent,
@@ -167,8 +169,78 @@ impl Executor {
     }
 
     /// Applies one op. Idempotent: applying it again, or after a crash half-way through,
-    /// leaves the same state.
+    /// leaves the same state. A failed step of a run is recorded as the run's last
+    /// error (readers show it beside the reason) until a start goes through.
     pub async fn apply(&self, op: &Op, desired: &Desired, now: Timestamp) -> Result<(), ExecError> {
+        let result = self.apply_op(op, desired, now).await;
+        self.note_outcome(op, &result, now);
+        result
+    }
+
+    /// Keeps the run's last step error in the store; losing it must not fail the op.
+    fn note_outcome(&self, op: &Op, result: &Result<(), ExecError>, now: Timestamp) {
+        let Some(run) = op.run() else { return };
+        let written = match (op, result) {
+            // Store-only bookkeeping: its failures are the store's, not the run's.
+            (Op::RecordRun { .. } | Op::SetStatus(_) | Op::Forget { .. } | Op::Block { .. }, _) => {
+                return;
+            }
+            (_, Err(e)) => {
+                let mut message = e.to_string();
+                let mut cause = std::error::Error::source(e);
+                while let Some(c) = cause {
+                    let text = c.to_string();
+                    if !message.contains(&text) {
+                        message.push_str(": ");
+                        message.push_str(&text);
+                    }
+                    cause = c.source();
+                }
+                let error = RunError {
+                    step: op.kind().to_string(),
+                    message,
+                    detail: String::new(),
+                    at: now,
+                };
+                lock(&self.store).set_run_error(run, &error)
+            }
+            (Op::Start { .. }, Ok(())) => lock(&self.store).clear_run_error(run),
+            (_, Ok(())) => return,
+        };
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "cannot record the run's last error");
+        }
+    }
+
+    /// A failed setup, as the agent marks it in the collected log: the run's last error,
+    /// with the last lines the setup printed.
+    fn note_setup_failure(&self, run: &str, log: &std::path::Path, now: Timestamp) {
+        const TAIL: u64 = 64 * 1024;
+        const LINES: usize = 20;
+        let Ok(text) = read_tail(log, TAIL) else {
+            return;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        let Some(at) = lines
+            .iter()
+            .rposition(|l| l.starts_with(crate::agent::SETUP_FAILED_MARKER))
+        else {
+            return;
+        };
+        let message = lines[at].trim_start_matches("asimov: ").to_string();
+        let detail = lines[at.saturating_sub(LINES)..at].join("\n");
+        let error = RunError {
+            step: "setup".into(),
+            message,
+            detail,
+            at: now,
+        };
+        if let Err(e) = lock(&self.store).set_run_error(run, &error) {
+            tracing::warn!(error = %e, "cannot record the run's failed setup");
+        }
+    }
+
+    async fn apply_op(&self, op: &Op, desired: &Desired, now: Timestamp) -> Result<(), ExecError> {
         match op {
             Op::RecordRun {
                 run,
@@ -203,7 +275,10 @@ impl Executor {
                     }
                 };
                 let diff = match find_run(desired, run) {
-                    Some((job, spec)) => record_source(&mut rec, job, spec),
+                    Some((job, spec)) => {
+                        let exclude = self.written_by_asimov(desired, run);
+                        record_source(&mut rec, job, spec, exclude).await
+                    }
                     None => None,
                 };
                 // Mark the superseded attempt first: the run row is what the planner
@@ -382,7 +457,9 @@ impl Executor {
                     run: run.clone(),
                 })?;
                 let rec = self.run_record(op, run)?;
-                let launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
+                let mut launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
+                // What asimov writes is never uploaded, even inside the working folder.
+                launch.exclude = self.written_by_asimov(desired, run);
                 let backend = self.provider(op, instance.provider)?;
                 let machine = backend
                     .machine(instance)
@@ -398,6 +475,12 @@ impl Executor {
                         source: Box::new(source),
                     })?;
                 failpoint::hit("start:after-upload");
+                // When the run started, even if it ends before the next look.
+                let mut rec = self.run_record(op, run)?;
+                if rec.started_at.is_none() {
+                    rec.started_at = Some(now);
+                    self.store(op, |s| s.put_run(&rec))?;
+                }
                 self.event(
                     op,
                     run,
@@ -442,6 +525,7 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
+                self.note_setup_failure(run, &log, now);
                 let what = if has_outputs {
                     format!("log and outputs to {}", outputs.display())
                 } else {
@@ -600,8 +684,8 @@ impl Executor {
         Ok(self
             .store(op, |s| s.costs(run))?
             .iter()
-            .map(|c| c.usd)
-            .sum())
+            // From +0.0: an empty `sum()` of f64 is -0.0, shown as "$-0.00".
+            .fold(0.0, |total, c| total + c.usd))
     }
 
     /// Cost so far: the ledger plus what the current attempt's instance has accrued
@@ -638,6 +722,19 @@ impl Executor {
             })
         });
         to.unwrap_or_else(|| self.home.artifacts()).join(run)
+    }
+
+    /// The local folders asimov writes for `run` (its home, the run's local outputs
+    /// folder): never uploaded, never recorded in a diff, wherever they are.
+    fn written_by_asimov(&self, desired: &Desired, run: &str) -> Vec<PathBuf> {
+        [
+            Some(self.home.root()),
+            self.outputs_dir(desired, run).parent(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::from)
+        .collect()
     }
 
     /// What the agent needs to start `spec`: secrets are read from the credential
@@ -696,6 +793,7 @@ impl Executor {
                 .as_ref()
                 .map(|a| a.paths.clone())
                 .unwrap_or_default(),
+            exclude: Vec::new(),
         })
     }
 }
@@ -711,12 +809,25 @@ pub fn find_run<'a>(desired: &'a Desired, run: &str) -> Option<(&'a Job, &'a Run
 /// Records which code the run executes: for a workdir inside a git work tree, the
 /// commit, its message, the author and the uncommitted diff (jasnah's reproducibility
 /// record); for a git source, the commit its ref points at now, so every attempt runs
-/// the same code. Returns the diff, which the store keeps apart from the record.
-fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) -> Option<String> {
+/// the same code. Returns the diff (nothing under `exclude` in it), which the store keeps
+/// apart from the record. git runs off the async workers (a blocking task, or a child
+/// process with a time limit).
+async fn record_source(
+    rec: &mut RunRecord,
+    job: &Job,
+    spec: &RunSpec,
+    exclude: Vec<PathBuf>,
+) -> Option<String> {
     match &job.spec.source {
         Source::None => None,
         Source::Workdir(dir) => {
-            if let Some(info) = crate::agent::capture_git(dir) {
+            let dir = dir.clone();
+            let info =
+                tokio::task::spawn_blocking(move || crate::source::capture_git(&dir, &exclude))
+                    .await
+                    .ok()
+                    .flatten();
+            if let Some(info) = info {
                 rec.repository = info.repository;
                 rec.commit = Some(info.commit);
                 rec.commit_message = Some(info.commit_message);
@@ -729,11 +840,22 @@ fn record_source(rec: &mut RunRecord, job: &Job, spec: &RunSpec) -> Option<Strin
         Source::Git { repo, reference } => {
             let reference = spec.git_ref.as_deref().or(reference.as_deref());
             rec.repository = Some(repo.clone());
-            rec.commit = crate::agent::resolve_remote_commit(repo, reference);
+            rec.commit = crate::source::resolve_remote_commit(repo, reference).await;
             rec.commit_message = None;
             rec.author = None;
             rec.dirty = false;
             None
         }
     }
+}
+
+/// The last `max` bytes of a file, as text.
+fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut bytes = Vec::new();
+    file.take(max).read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }

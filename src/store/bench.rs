@@ -168,7 +168,7 @@ impl Store {
     /// providers, GPUs, costs and commits), with their attempts and one cost entry per
     /// started run, in one transaction. Writing again with the same `n` and `now`
     /// rewrites the same rows.
-    pub fn seed_runs_for_benchmark(&self, n: usize, now: Timestamp) -> StoreResult<()> {
+    pub(crate) fn seed_runs_for_benchmark(&self, n: usize, now: Timestamp) -> StoreResult<()> {
         const STEP: &str = "seeding benchmark runs";
         let tx = self.write(STEP)?;
         let mut mix = Mix(n as u64 ^ now as u64);
@@ -216,5 +216,50 @@ impl Store {
             }
         }
         tx.commit().map_err(query(STEP))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn benchmark_seed_is_realistic() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = Store::open(&path).unwrap();
+        let now = 1_750_000_000;
+        store.seed_runs_for_benchmark(10_000, now).unwrap();
+
+        let runs = store.runs().unwrap();
+        assert_eq!(runs.len(), 10_000);
+        let seqs: Vec<i64> = runs.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=10_000).collect::<Vec<i64>>());
+        let phases: std::collections::HashSet<Phase> = runs.iter().map(|r| r.phase).collect();
+        assert!(phases.len() >= 6, "{phases:?}");
+        let providers: std::collections::HashSet<_> =
+            runs.iter().filter_map(|r| r.provider).collect();
+        assert!(providers.len() >= 4, "{providers:?}");
+        let commits: std::collections::HashSet<_> =
+            runs.iter().filter_map(|r| r.commit.as_ref()).collect();
+        assert!(commits.len() > 9_000);
+        let jobs: Vec<String> = runs
+            .iter()
+            .map(|r| r.job.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert!(store.spent(&jobs, None).unwrap() > 0.0);
+        // Live runs have an unreleased attempt; finished ones do not.
+        let live = runs
+            .iter()
+            .filter(|r| r.attempt > 0 && !r.phase.is_terminal())
+            .count();
+        assert_eq!(store.unreleased_attempts().unwrap().len(), live);
+
+        // Seeding again rewrites the same rows instead of adding more.
+        store.seed_runs_for_benchmark(10_000, now).unwrap();
+        assert_eq!(store.runs().unwrap(), runs);
+        // Speed is measured by `asimov bench` (BENCHMARKS.md), not asserted here.
     }
 }

@@ -97,7 +97,51 @@ const STEPS: &[&str] = &[
         PRIMARY KEY (fleet, host)
     );
     "#,
-    // 3: runs stopped by `asimov destroy`, for the spec they had: desired state the
+    // 3: what the controller reconciles (its desired state, where each object came
+    // from, the problems of files kept at their last good state), whether a controller
+    // watches this home, and the last error of each run's steps.
+    r#"
+    CREATE TABLE desired_source (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        folder      TEXT NOT NULL,
+        git_commit  TEXT,
+        generation  INTEGER NOT NULL,
+        read_at_ms  INTEGER NOT NULL,
+        recorded_at INTEGER NOT NULL
+    );
+    CREATE TABLE desired_objects (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        file TEXT NOT NULL,
+        line INTEGER NOT NULL,
+        yaml TEXT NOT NULL,
+        PRIMARY KEY (kind, name)
+    );
+    CREATE TABLE desired_problems (
+        id       INTEGER PRIMARY KEY AUTOINCREMENT,
+        file     TEXT NOT NULL,
+        line     INTEGER NOT NULL,
+        col      INTEGER NOT NULL,
+        message  TEXT NOT NULL,
+        since    INTEGER NOT NULL
+    );
+    CREATE TABLE controller_status (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        pid         INTEGER NOT NULL,
+        started_at  INTEGER NOT NULL,
+        seen_at     INTEGER NOT NULL,
+        stopping_at INTEGER,
+        stopped_at  INTEGER
+    );
+    CREATE TABLE run_errors (
+        run     TEXT PRIMARY KEY NOT NULL,
+        step    TEXT NOT NULL,
+        message TEXT NOT NULL,
+        detail  TEXT NOT NULL,
+        at      INTEGER NOT NULL
+    );
+    "#,
+    // 4: runs stopped by `asimov destroy`, for the spec they had: desired state the
     // planner honours (a restarted controller does not bring them back). IF NOT EXISTS
     // keeps the step harmless wherever it lands in the order of steps.
     r#"

@@ -5,7 +5,8 @@
 //! the planner.
 //!
 //! Layout: `migrations` (the schema, versioned by `PRAGMA user_version`), `runs`,
-//! `history` (attempts, events, cost), `hosts`, `bench` (synthetic data for benchmarks).
+//! `history` (attempts, events, cost), `hosts`, `desired` (what the controller reconciles,
+//! its liveness, runs' last errors), `bench` (synthetic data for benchmarks).
 
 use crate::model::{InstanceId, JobName, Phase, ProviderKind, RunName, Timestamp};
 use std::collections::BTreeMap;
@@ -13,11 +14,15 @@ use std::path::Path;
 use std::time::Duration;
 
 mod bench;
+mod desired;
 mod history;
 mod hosts;
 mod migrations;
 mod runs;
 
+pub use desired::{
+    ControllerStatus, DesiredFolder, DesiredObject, DesiredProblem, DesiredRecord, RunError,
+};
 pub use migrations::SCHEMA_VERSION;
 
 /// A run as the store remembers it. `get runs -o json` is rendered from this.

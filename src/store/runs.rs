@@ -222,6 +222,7 @@ impl Store {
             "DELETE FROM attempts WHERE run = ?1",
             "DELETE FROM events WHERE object_kind = 'run' AND object_name = ?1",
             "DELETE FROM cost WHERE run = ?1",
+            "DELETE FROM run_errors WHERE run = ?1",
             "DELETE FROM runs WHERE name = ?1",
             "DELETE FROM stops WHERE run = ?1",
         ] {

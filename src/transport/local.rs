@@ -1,7 +1,7 @@
 //! The `local` transport: commands run with `sh -c` on this machine, files are copied
 //! with the file system. Used by the `local` provider.
 
-use super::{CommandOutput, Transport, TransportError};
+use super::{ByteStream, CommandOutput, Transport, TransportError};
 use async_trait::async_trait;
 use std::path::Path;
 use std::process::Stdio;
@@ -18,6 +18,23 @@ impl LocalTransport {
     pub fn new() -> Self {
         LocalTransport
     }
+}
+
+/// `sh -c script`, with the user's umask when the CLI made its own private: the agent
+/// keeps its own files private itself, the job gets what the user's shell would give.
+fn shell(script: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    if let Some(mask) = crate::home::user_umask() {
+        // SAFETY: umask is async-signal-safe and touches no memory.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(mask);
+                Ok(())
+            });
+        }
+    }
+    cmd
 }
 
 fn io_error(step: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
@@ -49,9 +66,7 @@ impl Transport for LocalTransport {
     }
 
     async fn exec(&self, script: &str) -> Result<CommandOutput, TransportError> {
-        let output = Command::new("sh")
-            .arg("-c")
-            .arg(script)
+        let output = shell(script)
             .stdin(Stdio::null())
             .output()
             .await
@@ -64,9 +79,7 @@ impl Transport for LocalTransport {
         script: &str,
         stdin: &[u8],
     ) -> Result<CommandOutput, TransportError> {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
+        let mut child = shell(script)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -101,6 +114,54 @@ impl Transport for LocalTransport {
             .map_err(|e| io_error("download")(std::io::Error::other(e)))?
             .map_err(io_error("download"))
     }
+
+    /// Reads the file itself, byte for byte, in chunks of at most [`FOLLOW_CHUNK`]:
+    /// memory stays bounded and a log that is not UTF-8 arrives intact. A file that
+    /// shrinks (the agent's log cap rewrote it) is read again from its start, as
+    /// `tail -F` does.
+    async fn follow<'a>(&'a self, remote_file: &str) -> Result<ByteStream<'a>, TransportError> {
+        let path = Path::new(remote_file).to_path_buf();
+        let stream = futures_util::stream::unfold((path, 0u64), |(path, mut offset)| async move {
+            loop {
+                match read_from(&path, &mut offset).await {
+                    Ok(Some(bytes)) => return Some((Ok(bytes), (path, offset))),
+                    Ok(None) => tokio::time::sleep(FOLLOW_POLL).await,
+                    Err(e) => return Some((Err(io_error("follow")(e)), (path, offset))),
+                }
+            }
+        });
+        Ok(Box::pin(stream))
+    }
+}
+
+/// The most `follow` reads in one go.
+const FOLLOW_CHUNK: usize = 256 * 1024;
+
+/// How often `follow` looks for new bytes at the end of the file.
+const FOLLOW_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The next bytes of `path` from `offset` (moved past them), `None` when there are none
+/// yet; a missing file is not an error (it is waited for).
+async fn read_from(path: &Path, offset: &mut u64) -> std::io::Result<Option<Vec<u8>>> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata().await?.len();
+    if len < *offset {
+        *offset = 0;
+    }
+    if len == *offset {
+        return Ok(None);
+    }
+    file.seek(std::io::SeekFrom::Start(*offset)).await?;
+    let mut buf = vec![0u8; FOLLOW_CHUNK.min((len - *offset) as usize)];
+    let n = file.read(&mut buf).await?;
+    buf.truncate(n);
+    *offset += n as u64;
+    Ok((n > 0).then_some(buf))
 }
 
 /// Copies `from` (file, symlink or folder) so that `to` becomes its copy; parents of
@@ -144,6 +205,24 @@ mod tests {
         let big = vec![b'x'; 1 << 20];
         let out = t.exec_with_stdin("wc -c", &big).await.unwrap();
         assert_eq!(out.stdout.trim(), (1 << 20).to_string());
+    }
+
+    #[tokio::test]
+    async fn follow_streams_raw_bytes_and_rereads_a_shrunk_file() {
+        use futures_util::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let t = LocalTransport::new();
+        let mut stream = t.follow(log.to_str().unwrap()).await.unwrap();
+        let first = vec![0xffu8; FOLLOW_CHUNK + 10]; // not UTF-8, more than one chunk
+        std::fs::write(&log, &first).unwrap();
+        let mut got = Vec::new();
+        while got.len() < first.len() {
+            got.extend(stream.next().await.unwrap().unwrap());
+        }
+        assert_eq!(got, first);
+        std::fs::write(&log, b"kept tail\n").unwrap();
+        assert_eq!(stream.next().await.unwrap().unwrap(), b"kept tail\n");
     }
 
     #[tokio::test]
