@@ -88,6 +88,7 @@ fn spawn(a: &Asimov, hub: &str, template: &Path, args: &[&str]) -> PtySession {
     cmd.args(args)
         .env("HF_ENDPOINT", hub)
         .env("ASIMOV_FINETUNE_TEMPLATE", template)
+        .env("XDG_DATA_HOME", a.repo.path().join("data"))
         .env("TERM", "xterm")
         .env("COLUMNS", "120")
         .env("LINES", "40");
@@ -211,6 +212,8 @@ fn the_prompt_asks_once_applies_follows_and_keeps_the_token_secret() {
         let out = a.ok(&args);
         assert!(!out.contains(TOKEN), "the token is in `{}`", args.join(" "));
     }
+    let folder = a.repo.path().join("data/asimov/finetune/ft-tiny-gpt2-finetuned");
+    assert!(folder.join("job.yaml").is_file() && folder.join("run.sh").is_file());
     let answers = std::fs::read_to_string(a.home().join("prompt.json")).unwrap();
     assert!(answers.contains("sshleifer/tiny-gpt2"), "{answers}");
 

@@ -141,13 +141,37 @@ pub fn render(a: &Answers, target: Target) -> String {
     )
 }
 
-/// `$ASIMOV_HOME/finetune/<job>/`: the template's files and `job.yaml`, written fresh
-/// (the upload is exactly the template). Returns the manifest's path.
+/// Where the prompt's job folders live: `$XDG_DATA_HOME/asimov/finetune` (else
+/// `~/.local/share/asimov/finetune`). Not in `$ASIMOV_HOME`, which asimov never uploads.
+fn jobs_root(home: &Home) -> io::Result<PathBuf> {
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".local/share"))
+        })
+        .ok_or_else(|| io::Error::other("neither XDG_DATA_HOME nor HOME is set"))?;
+    let root = data.join("asimov").join("finetune");
+    if root.starts_with(home.root()) {
+        return Err(io::Error::other(format!(
+            "the fine-tune folder {} would be inside {}, which asimov never uploads; \
+             set XDG_DATA_HOME elsewhere",
+            root.display(),
+            home.root().display()
+        )));
+    }
+    Ok(root)
+}
+
+/// `<data dir>/asimov/finetune/<job>/`: the template's files and `job.yaml`, written
+/// fresh (the upload is exactly the template). Returns the manifest's path.
 ///
 /// `ASIMOV_FINETUNE_TEMPLATE=DIR` replaces the built-in files by DIR's (for template
 /// authors, and tests that must not download torch); the manifest stays the template's.
 pub fn write_job_folder(home: &Home, a: &Answers, target: Target) -> io::Result<PathBuf> {
-    let dir = home.root().join("finetune").join(job_name(a));
+    let dir = jobs_root(home)?.join(job_name(a));
     std::fs::create_dir_all(&dir)?;
     match std::env::var_os("ASIMOV_FINETUNE_TEMPLATE").filter(|v| !v.is_empty()) {
         Some(custom) => copy_files(Path::new(&custom), &dir)?,
