@@ -29,7 +29,10 @@ fn every_verb_has_an_example_in_its_help() {
     let a = Asimov::new();
     let verbs = verbs(&a);
     for expected in ["apply", "get", "destroy", "token", "init", "completions"] {
-        assert!(verbs.iter().any(|v| v == expected), "{expected} in {verbs:?}");
+        assert!(
+            verbs.iter().any(|v| v == expected),
+            "{expected} in {verbs:?}"
+        );
     }
     for verb in &verbs {
         let help = a.ok(&[verb, "--help"]);

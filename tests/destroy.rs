@@ -18,11 +18,9 @@ spec:
 "#;
 
 fn wait_running(a: &Asimov, run: &str) {
-    a.wait_for(
-        &format!("{run} to run"),
-        Duration::from_secs(60),
-        || a.run_phase(run).as_deref() == Some("Running"),
-    );
+    a.wait_for(&format!("{run} to run"), Duration::from_secs(60), || {
+        a.run_phase(run).as_deref() == Some("Running")
+    });
 }
 
 #[test]

@@ -112,7 +112,12 @@ fn kinds(ops: &[Op]) -> Vec<String> {
 #[test]
 fn without_a_stop_a_running_run_keeps_running() {
     let h = history(Phase::Running, attempt(None, None), None);
-    let p = plan(&desired("h1"), &observed(vec![instance(InstanceState::Running)]), &h, NOW);
+    let p = plan(
+        &desired("h1"),
+        &observed(vec![instance(InstanceState::Running)]),
+        &h,
+        NOW,
+    );
     let ops = kinds(&p.ops);
     assert!(!ops.iter().any(|o| o.starts_with("destroy")), "{ops:?}");
 }
@@ -120,7 +125,12 @@ fn without_a_stop_a_running_run_keeps_running() {
 #[test]
 fn a_stopped_running_run_is_synced_then_destroyed() {
     let h = history(Phase::Running, attempt(None, None), Some("h1"));
-    let p = plan(&desired("h1"), &observed(vec![instance(InstanceState::Running)]), &h, NOW);
+    let p = plan(
+        &desired("h1"),
+        &observed(vec![instance(InstanceState::Running)]),
+        &h,
+        NOW,
+    );
     assert_eq!(
         kinds(&p.ops),
         [
@@ -135,7 +145,12 @@ fn a_stopped_running_run_is_synced_then_destroyed() {
 fn the_destroy_does_not_wait_on_a_sync_that_failed() {
     // The outcome is recorded: next pass, no second sync, the destroy again.
     let h = history(Phase::Stopped, attempt(Some("destroyed"), None), Some("h1"));
-    let p = plan(&desired("h1"), &observed(vec![instance(InstanceState::Running)]), &h, NOW);
+    let p = plan(
+        &desired("h1"),
+        &observed(vec![instance(InstanceState::Running)]),
+        &h,
+        NOW,
+    );
     assert_eq!(kinds(&p.ops), ["destroy i-1"]);
 }
 
@@ -145,7 +160,11 @@ fn gone_from_the_listing_it_is_released_and_never_created_again() {
     let p = plan(&desired("h1"), &observed(vec![]), &h, NOW);
     assert_eq!(kinds(&p.ops), ["release destroyed"]);
 
-    let h = history(Phase::Stopped, attempt(Some("destroyed"), Some(NOW)), Some("h1"));
+    let h = history(
+        Phase::Stopped,
+        attempt(Some("destroyed"), Some(NOW)),
+        Some("h1"),
+    );
     for later in [NOW, NOW + 3600, NOW + 86_400 * 30] {
         let p = plan(&desired("h1"), &observed(vec![]), &h, later);
         assert_eq!(kinds(&p.ops), Vec::<String>::new(), "at {later}");
@@ -166,7 +185,11 @@ fn a_stopped_pending_run_is_not_created() {
 
 #[test]
 fn an_edited_spec_runs_a_stopped_run_again() {
-    let h = history(Phase::Stopped, attempt(Some("destroyed"), Some(NOW)), Some("h1"));
+    let h = history(
+        Phase::Stopped,
+        attempt(Some("destroyed"), Some(NOW)),
+        Some("h1"),
+    );
     let p = plan(&desired("h2"), &observed(vec![]), &h, NOW);
     let ops = kinds(&p.ops);
     assert_eq!(ops[0], "record Some(1)", "{ops:?}");

@@ -38,7 +38,8 @@ fn head(dir: &Path) -> String {
 
 fn machine_python() -> String {
     let out = Command::new("python3").arg("--version").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     let v = text.trim().trim_start_matches("Python ").to_string();
     let mut parts = v.split('.');
     format!("{}.{}", parts.next().unwrap(), parts.next().unwrap())
@@ -49,7 +50,11 @@ fn init(a: &Asimov, dir: &Path, args: &[&str], path_prefix: Option<&Path>) -> (S
     let mut cmd = a.command();
     cmd.arg("init").args(args).current_dir(dir);
     if let Some(bin) = path_prefix {
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         cmd.env("PATH", path);
     }
     let out = cmd.output().expect("asimov init runs");
@@ -77,7 +82,10 @@ fn requirements_in_a_clean_git_tree_run_to_the_end() {
     git(&dir, &["commit", "-q", "-m", "first"]);
     let (out, err) = init(&a, &dir, &["--yes"], None);
     assert!(out.contains("wrote asimov.yaml"), "{out}");
-    assert!(err.contains(&format!("git: commit {}\n", &head(&dir)[..12])), "{err}");
+    assert!(
+        err.contains(&format!("git: commit {}\n", &head(&dir)[..12])),
+        "{err}"
+    );
     let text = std::fs::read_to_string(dir.join("asimov.yaml")).unwrap();
     let py = machine_python();
     for want in [
@@ -121,7 +129,11 @@ fn requirements_in_a_clean_git_tree_run_to_the_end() {
 fn pyproject_without_git_and_a_cuda_tool() {
     let a = Asimov::new();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("pyproject.toml"), "[project]\nname = \"x\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("pyproject.toml"),
+        "[project]\nname = \"x\"\n",
+    )
+    .unwrap();
     std::fs::write(dir.path().join("main.py"), "print('hi')\n").unwrap();
     std::fs::write(dir.path().join(".python-version"), "3.10.12\n").unwrap();
     // A stand-in for the NVIDIA tool this machine lacks, printing its real header.
@@ -175,7 +187,10 @@ fn a_dirty_tree_is_named_and_a_rerun_shows_a_diff_and_keeps_the_file_under_yes()
         "{err}"
     );
     assert!(out.contains("kept as it was"), "{out}");
-    assert_eq!(std::fs::read_to_string(dir.join("asimov.yaml")).unwrap(), first);
+    assert_eq!(
+        std::fs::read_to_string(dir.join("asimov.yaml")).unwrap(),
+        first
+    );
 }
 
 fn spawn_init(a: &Asimov, dir: &Path) -> PtySession {

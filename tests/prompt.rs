@@ -41,7 +41,10 @@ fn hub_stand_in() -> String {
                     if auth == format!("Bearer {TOKEN}") || auth == format!("Bearer {NEW_TOKEN}") {
                         (StatusCode::OK, r#"{"name":"ada","type":"user"}"#)
                     } else {
-                        (StatusCode::UNAUTHORIZED, r#"{"error":"Invalid credentials"}"#)
+                        (
+                            StatusCode::UNAUTHORIZED,
+                            r#"{"error":"Invalid credentials"}"#,
+                        )
                     }
                 }),
             );
@@ -77,7 +80,12 @@ fn test_template(dir: &Path) -> PathBuf {
 
 fn sha256(s: &str) -> String {
     let out = Command::new("sh")
-        .args(["-c", "printf %s \"$1\" | sha256sum | cut -d' ' -f1", "sh", s])
+        .args([
+            "-c",
+            "printf %s \"$1\" | sha256sum | cut -d' ' -f1",
+            "sh",
+            s,
+        ])
         .output()
         .expect("sha256sum");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -124,7 +132,9 @@ fn files_outside_credentials(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if path == root.join("credentials") {
                 continue;
             }
-            let Ok(kind) = entry.file_type() else { continue };
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
             if kind.is_dir() {
                 stack.push(path);
             } else if kind.is_file()
@@ -138,7 +148,9 @@ fn files_outside_credentials(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 fn contains(haystack: &[u8], needle: &str) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
 }
 
 #[test]
@@ -201,18 +213,28 @@ fn the_prompt_asks_once_applies_follows_and_keeps_the_token_secret() {
     assert_eq!(mode, 0o600);
     let log = a.ok(&["logs", "ft-tiny-gpt2-finetuned-0"]);
     assert!(log.contains("token reached the job"), "{log}");
-    assert!(log.contains("model sshleifer/tiny-gpt2 dataset ada/tiny-text"), "{log}");
+    assert!(
+        log.contains("model sshleifer/tiny-gpt2 dataset ada/tiny-text"),
+        "{log}"
+    );
     // The `ps` snapshot taken during the run shows processes, and no token.
     assert!(log.contains("asimov"), "no ps output in the log:\n{log}");
     assert!(!log.contains(TOKEN), "the token is in `ps` or the log");
     for (path, bytes) in files_outside_credentials(a.home()) {
-        assert!(!contains(&bytes, TOKEN), "the token is in {}", path.display());
+        assert!(
+            !contains(&bytes, TOKEN),
+            "the token is in {}",
+            path.display()
+        );
     }
     for args in [["get", "runs", "-o", "yaml"], ["get", "jobs", "-o", "yaml"]] {
         let out = a.ok(&args);
         assert!(!out.contains(TOKEN), "the token is in `{}`", args.join(" "));
     }
-    let folder = a.repo.path().join("data/asimov/finetune/ft-tiny-gpt2-finetuned");
+    let folder = a
+        .repo
+        .path()
+        .join("data/asimov/finetune/ft-tiny-gpt2-finetuned");
     assert!(folder.join("job.yaml").is_file() && folder.join("run.sh").is_file());
     let answers = std::fs::read_to_string(a.home().join("prompt.json")).unwrap();
     assert!(answers.contains("sshleifer/tiny-gpt2"), "{answers}");
@@ -221,7 +243,10 @@ fn the_prompt_asks_once_applies_follows_and_keeps_the_token_secret() {
     let before = std::fs::read_to_string(&stored).unwrap();
     let mut p = spawn(&a, &hub, &template, &[]);
     let screen = p.exp_string("Model to fine-tune").unwrap();
-    assert!(!screen.contains("token"), "asked for the token again: {screen}");
+    assert!(
+        !screen.contains("token"),
+        "asked for the token again: {screen}"
+    );
     p.exp_string("sshleifer/tiny-gpt2").unwrap();
     keys(&mut p, "\r");
     p.exp_string("Dataset:").unwrap();
@@ -244,8 +269,14 @@ fn the_prompt_asks_once_applies_follows_and_keeps_the_token_secret() {
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let source = a.ok(&["token", "--show-source"]);
-    assert!(source.contains(&token_file.display().to_string()), "{source}");
-    assert!(!source.contains(NEW_TOKEN) && !source.contains(TOKEN), "{source}");
+    assert!(
+        source.contains(&token_file.display().to_string()),
+        "{source}"
+    );
+    assert!(
+        !source.contains(NEW_TOKEN) && !source.contains(TOKEN),
+        "{source}"
+    );
 }
 
 #[test]

@@ -23,7 +23,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Add or update jobs, fleets and budgets from manifest files or folders
-    #[command(after_help = "Examples:\n  asimov apply -f job.yaml --wait\n  asimov apply -f manifests/ --dry-run")]
+    #[command(
+        after_help = "Examples:\n  asimov apply -f job.yaml --wait\n  asimov apply -f manifests/ --dry-run"
+    )]
     Apply {
         /// Manifest files or folders of them (*.yaml, *.yml)
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
@@ -36,7 +38,9 @@ pub enum Command {
         wait: bool,
     },
     /// Delete a job (destroying its instances) or every object in manifest files
-    #[command(after_help = "Examples:\n  asimov delete job swag-train\n  asimov delete -f job.yaml --no-wait")]
+    #[command(
+        after_help = "Examples:\n  asimov delete job swag-train\n  asimov delete -f job.yaml --no-wait"
+    )]
     Delete {
         /// `job NAME`, `fleet NAME` or `budget NAME`
         #[arg(num_args = 0..=2)]
@@ -68,7 +72,9 @@ pub enum Command {
         follow: bool,
     },
     /// Run the controller in the foreground
-    #[command(after_help = "Examples:\n  asimov controller\n  asimov controller --manifests ./deploy --once")]
+    #[command(
+        after_help = "Examples:\n  asimov controller\n  asimov controller --manifests ./deploy --once"
+    )]
     Controller {
         /// Watch this folder of manifests instead of $ASIMOV_HOME/manifests
         #[arg(long)]
@@ -81,7 +87,9 @@ pub enum Command {
         background: bool,
     },
     /// Store a secret (read from stdin, never from the command line) for jobs' `secrets:`
-    #[command(after_help = "Examples:\n  asimov secret set VAST_API_KEY < vast.key\n  asimov secret list")]
+    #[command(
+        after_help = "Examples:\n  asimov secret set VAST_API_KEY < vast.key\n  asimov secret list"
+    )]
     Secret {
         #[command(subcommand)]
         action: SecretAction,
@@ -129,7 +137,9 @@ pub enum Command {
         yes: bool,
     },
     /// Print a shell completion script
-    #[command(after_help = "Examples:\n  asimov completions bash > ~/.local/share/bash-completion/completions/asimov\n  asimov completions zsh > ~/.zfunc/_asimov\n  asimov completions fish > ~/.config/fish/completions/asimov.fish")]
+    #[command(
+        after_help = "Examples:\n  asimov completions bash > ~/.local/share/bash-completion/completions/asimov\n  asimov completions zsh > ~/.zfunc/_asimov\n  asimov completions fish > ~/.config/fish/completions/asimov.fish"
+    )]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,

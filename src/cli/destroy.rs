@@ -75,7 +75,9 @@ pub fn run(home: &Home, name: Option<&str>, yes: bool) -> CliResult {
             )));
         }
         let question = format!("Destroy {}? Its instance is deleted.", describe(&run));
-        let confirmed = inquire::Confirm::new(&question).with_default(false).prompt();
+        let confirmed = inquire::Confirm::new(&question)
+            .with_default(false)
+            .prompt();
         match confirmed {
             Ok(true) => {}
             Ok(false) => {
@@ -97,7 +99,10 @@ pub fn run(home: &Home, name: Option<&str>, yes: bool) -> CliResult {
     drop(writer);
     wake_controller(home, &run.job);
     daemon::ensure_running(home)?;
-    eprintln!("run/{} is stopping; waiting for its instance to be destroyed…", run.name);
+    eprintln!(
+        "run/{} is stopping; waiting for its instance to be destroyed…",
+        run.name
+    );
     wait_until_stopped(home, &run.name)
 }
 

@@ -14,12 +14,18 @@ pub const IMAGE: &str = "pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime";
 
 /// The files uploaded with every fine-tune, from `examples/hf-finetune/`.
 const FILES: &[(&str, &str)] = &[
-    ("train.py", include_str!("../../examples/hf-finetune/train.py")),
+    (
+        "train.py",
+        include_str!("../../examples/hf-finetune/train.py"),
+    ),
     (
         "requirements.txt",
         include_str!("../../examples/hf-finetune/requirements.txt"),
     ),
-    ("setup.sh", include_str!("../../examples/hf-finetune/setup.sh")),
+    (
+        "setup.sh",
+        include_str!("../../examples/hf-finetune/setup.sh"),
+    ),
     ("run.sh", include_str!("../../examples/hf-finetune/run.sh")),
 ];
 

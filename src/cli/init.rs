@@ -119,7 +119,12 @@ fn job_name_of(dir: &Path) -> String {
 pub fn detect(dir: &Path) -> Project {
     let git_commit = tool_output("git", &["rev-parse", "HEAD"], dir).map(|s| s.trim().to_string());
     let git_dirty = git_commit.is_some()
-        && tool_output("git", &["status", "--porcelain", "--", ".", ":!asimov.yaml"], dir).is_some_and(|s| !s.trim().is_empty());
+        && tool_output(
+            "git",
+            &["status", "--porcelain", "--", ".", ":!asimov.yaml"],
+            dir,
+        )
+        .is_some_and(|s| !s.trim().is_empty());
     let python = std::fs::read_to_string(dir.join(".python-version"))
         .ok()
         .and_then(|s| version_after(&format!("v {s}"), "v"))
@@ -349,8 +354,9 @@ fn split_paths(s: &str) -> impl Iterator<Item = &str> {
 
 fn expand(base: &Path, p: &str) -> PathBuf {
     match p.strip_prefix("~/") {
-        Some(rest) => std::env::var_os("HOME")
-            .map_or_else(|| base.join(p), |h| PathBuf::from(h).join(rest)),
+        Some(rest) => {
+            std::env::var_os("HOME").map_or_else(|| base.join(p), |h| PathBuf::from(h).join(rest))
+        }
         None => base.join(p),
     }
 }
@@ -365,7 +371,10 @@ mod tests {
         assert_eq!(version_after(nvcc, "release"), Some("12.1".into()));
         let smi = "| NVIDIA-SMI 535.104.05   Driver Version: 535.104.05   CUDA Version: 12.2     |";
         assert_eq!(version_after(smi, "CUDA Version:"), Some("12.2".into()));
-        assert_eq!(version_after("Python 3.11.4\n", "Python"), Some("3.11".into()));
+        assert_eq!(
+            version_after("Python 3.11.4\n", "Python"),
+            Some("3.11".into())
+        );
         assert_eq!(version_after("Python 3\n", "Python"), None);
     }
 

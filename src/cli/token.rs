@@ -77,11 +77,7 @@ pub fn whoami(token: &Secret) -> Whoami {
             Ok(c) => c,
             Err(e) => return Whoami::Unknown(e.to_string()),
         };
-        let answer = client
-            .get(&url)
-            .bearer_auth(token.expose())
-            .send()
-            .await;
+        let answer = client.get(&url).bearer_auth(token.expose()).send().await;
         let response = match answer {
             Ok(r) => r,
             Err(e) => return Whoami::Unknown(e.without_url().to_string()),

@@ -967,7 +967,15 @@ impl<'a> Planner<'a> {
         let reason = "destroyed by `asimov destroy`".to_string();
         let outcome = current.map(|a| (a.attempt, "destroyed"));
         if rec.phase != Phase::Stopped || outcome.is_some() {
-            self.set_status(key, rec, Phase::Stopped, reason, None, rec.exit_code, outcome);
+            self.set_status(
+                key,
+                rec,
+                Phase::Stopped,
+                reason,
+                None,
+                rec.exit_code,
+                outcome,
+            );
         }
         // The final sync, once: after the outcome is recorded (so a sync that keeps
         // failing never holds back the destroy below, on this pass or the next).

@@ -4,8 +4,8 @@
 
 use super::{RunRecord, Store, StoreResult, bad_value, json_column, query, to_json};
 use crate::model::{Phase, ProviderKind, RunName, Timestamp};
-use std::collections::BTreeMap;
 use rusqlite::{Row, Transaction, named_params};
+use std::collections::BTreeMap;
 
 /// The columns of `runs`, in the order `from_row` reads them.
 const COLUMNS: &str = "name, job, run_index, seq, phase, reason, spec_hash, matrix, attempt, \
