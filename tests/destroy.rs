@@ -98,5 +98,63 @@ fn several_candidates_are_listed_and_a_named_one_is_destroyed() {
     assert_eq!(a.run_phase("two-1").as_deref(), Some("Stopped"));
     assert_eq!(a.run_phase("two-0").as_deref(), Some("Running"));
     assert_eq!(a.local_instances().len(), 1, "{:?}", a.local_instances());
+
+    // On a terminal it asks; `n` changes nothing.
+    let mut cmd = a.command();
+    cmd.arg("destroy").env("TERM", "xterm");
+    let mut p = rexpect::session::spawn_with_options(
+        cmd,
+        rexpect::reader::Options::new()
+            .timeout_ms(Some(30_000))
+            .strip_ansi_escape_codes(true),
+    )
+    .expect("pty");
+    p.exp_string("Destroy two-0").unwrap();
+    p.send("n\r").unwrap();
+    p.flush().unwrap();
+    p.exp_string("nothing was changed").unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(a.run_phase("two-0").as_deref(), Some("Running"));
     a.ok(&["delete", "job", "two"]);
+}
+
+#[test]
+fn destroy_on_a_fleet_host_ends_the_job_there_and_frees_the_host() {
+    let Some(host) = support::sshd::Sshd::start_or_skip() else {
+        return;
+    };
+    let a = Asimov::new();
+    let fleet = format!(
+        "apiVersion: asimov/v1\nkind: Fleet\nmetadata: {{name: lab}}\nspec:\n  hosts:\n    \
+         - {{name: box-1, user: {}, address: {}, port: {}, identity_file: {}, gpus: 0}}\n",
+        host.user(),
+        host.host(),
+        host.port(),
+        host.client_key().display()
+    );
+    let job = "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: far}\nspec:\n  \
+               source: {workdir: .}\n  run: sleep 600\n  placement: [{provider: ssh, fleet: lab}]\n";
+    let fleet = a.manifest("fleet.yaml", &fleet);
+    let job = a.manifest("far.yaml", job);
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    wait_running(&a, "far-0");
+    let on_host = || support::sshd::processes_with_env(&format!("HOME={}", host.home().display()));
+    assert!(!on_host().is_empty(), "the job runs on the host");
+
+    let out = a.ok(&["destroy", "far-0", "--yes"]);
+    assert!(out.contains("run/far-0 stopped"), "{out}");
+    a.wait_for(
+        "the job's processes to end on the host",
+        Duration::from_secs(10),
+        || on_host().is_empty(),
+    );
+    assert_eq!(a.run_phase("far-0").as_deref(), Some("Stopped"));
+    // The host is free again: `get fleets` names no run on it.
+    let fleets = a.ok(&["get", "fleets"]);
+    assert!(!fleets.contains("far-0"), "{fleets}");
 }
