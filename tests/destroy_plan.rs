@@ -4,7 +4,7 @@
 
 use asimov::agent::{AgentState, AgentStatus};
 use asimov::manifest::{Job, JobSpec, Placement};
-use asimov::model::{OwnerTag, Phase, ProviderKind, Timestamp};
+use asimov::model::{Outcome, OwnerTag, Phase, ProviderKind, Timestamp, Usd};
 use asimov::provider::{Instance, InstanceState};
 use asimov::reconcile::{AgentObservation, Desired, History, ListResult, Observed, Op, plan};
 use asimov::store::{AttemptRecord, RunRecord};
@@ -38,7 +38,7 @@ fn instance(state: InstanceState) -> Instance {
         state,
         endpoint: None,
         gpu: Some("H100".into()),
-        price_per_hour: 2.0,
+        price_per_hour: Usd::from_dollars(2.0),
         created_at: Some(NOW - 600),
         host: None,
     }
@@ -61,7 +61,7 @@ fn observed(instances: Vec<Instance>) -> Observed {
     o
 }
 
-fn attempt(outcome: Option<&str>, released_at: Option<Timestamp>) -> AttemptRecord {
+fn attempt(outcome: Option<Outcome>, released_at: Option<Timestamp>) -> AttemptRecord {
     AttemptRecord {
         run: RUN.into(),
         attempt: 1,
@@ -72,7 +72,7 @@ fn attempt(outcome: Option<&str>, released_at: Option<Timestamp>) -> AttemptReco
         host: None,
         intent_at: NOW - 700,
         released_at,
-        outcome: outcome.map(str::to_string),
+        outcome,
     }
 }
 
@@ -134,7 +134,7 @@ fn a_stopped_running_run_is_synced_then_destroyed() {
     assert_eq!(
         kinds(&p.ops),
         [
-            "status Stopped Some((1, \"destroyed\"))",
+            "status Stopped Some((1, Destroyed))",
             "collect",
             "destroy i-1"
         ]
@@ -144,7 +144,7 @@ fn a_stopped_running_run_is_synced_then_destroyed() {
 #[test]
 fn the_destroy_does_not_wait_on_a_sync_that_failed() {
     // The outcome is recorded: next pass, no second sync, the destroy again.
-    let h = history(Phase::Stopped, attempt(Some("destroyed"), None), Some("h1"));
+    let h = history(Phase::Stopped, attempt(Some(Outcome::Destroyed), None), Some("h1"));
     let p = plan(
         &desired("h1"),
         &observed(vec![instance(InstanceState::Running)]),
@@ -156,13 +156,13 @@ fn the_destroy_does_not_wait_on_a_sync_that_failed() {
 
 #[test]
 fn gone_from_the_listing_it_is_released_and_never_created_again() {
-    let h = history(Phase::Stopped, attempt(Some("destroyed"), None), Some("h1"));
+    let h = history(Phase::Stopped, attempt(Some(Outcome::Destroyed), None), Some("h1"));
     let p = plan(&desired("h1"), &observed(vec![]), &h, NOW);
     assert_eq!(kinds(&p.ops), ["release destroyed"]);
 
     let h = history(
         Phase::Stopped,
-        attempt(Some("destroyed"), Some(NOW)),
+        attempt(Some(Outcome::Destroyed), Some(NOW)),
         Some("h1"),
     );
     for later in [NOW, NOW + 3600, NOW + 86_400 * 30] {
@@ -187,7 +187,7 @@ fn a_stopped_pending_run_is_not_created() {
 fn an_edited_spec_runs_a_stopped_run_again() {
     let h = history(
         Phase::Stopped,
-        attempt(Some("destroyed"), Some(NOW)),
+        attempt(Some(Outcome::Destroyed), Some(NOW)),
         Some("h1"),
     );
     let p = plan(&desired("h2"), &observed(vec![]), &h, NOW);
