@@ -144,7 +144,11 @@ fn a_stopped_running_run_is_synced_then_destroyed() {
 #[test]
 fn the_destroy_does_not_wait_on_a_sync_that_failed() {
     // The outcome is recorded: next pass, no second sync, the destroy again.
-    let h = history(Phase::Stopped, attempt(Some(Outcome::Destroyed), None), Some("h1"));
+    let h = history(
+        Phase::Stopped,
+        attempt(Some(Outcome::Destroyed), None),
+        Some("h1"),
+    );
     let p = plan(
         &desired("h1"),
         &observed(vec![instance(InstanceState::Running)]),
@@ -156,7 +160,11 @@ fn the_destroy_does_not_wait_on_a_sync_that_failed() {
 
 #[test]
 fn gone_from_the_listing_it_is_released_and_never_created_again() {
-    let h = history(Phase::Stopped, attempt(Some(Outcome::Destroyed), None), Some("h1"));
+    let h = history(
+        Phase::Stopped,
+        attempt(Some(Outcome::Destroyed), None),
+        Some("h1"),
+    );
     let p = plan(&desired("h1"), &observed(vec![]), &h, NOW);
     assert_eq!(kinds(&p.ops), ["release destroyed"]);
 

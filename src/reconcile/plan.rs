@@ -1512,9 +1512,7 @@ fn weigh(outcome: &Outcome, exit_code: Option<i32>) -> Weight {
         | Outcome::Budget
         | Outcome::Deleted
         | Outcome::Destroyed
-        | Outcome::Superseded => {
-            Weight::Again
-        }
+        | Outcome::Superseded => Weight::Again,
         Outcome::SpecChanged(_) => Weight::Fresh,
     }
 }
