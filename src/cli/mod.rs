@@ -15,6 +15,7 @@ mod finetune;
 mod get;
 mod init;
 mod logs;
+mod offers;
 mod prepare;
 mod prompt;
 pub mod render;
@@ -144,6 +145,35 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Logs { run, follow } => {
             init_tracing("warn");
             logs::run(&home, &run, follow)
+        }
+        Command::Offers {
+            file,
+            provider,
+            gpus,
+            count,
+            min_vram,
+            max_price,
+            filters,
+            spot,
+            sort,
+            output,
+        } => {
+            init_tracing("warn");
+            offers::run(
+                &home,
+                offers::Query {
+                    file,
+                    provider,
+                    gpus,
+                    count,
+                    min_vram,
+                    max_price,
+                    filters,
+                    spot,
+                },
+                sort,
+                output,
+            )
         }
         Command::Secret { action } => {
             init_tracing("warn");

@@ -8,9 +8,13 @@
 //! Adding a provider: one file under `src/provider/` implementing [`Provider`], and its
 //! line in [`DRIVEN`] and [`registry`].
 
+pub mod cloud;
 pub mod fake;
+pub mod lambda;
 pub mod local;
+pub mod runpod;
 pub mod ssh;
+pub mod vast;
 
 use crate::agent::AgentError;
 use crate::home::Home;
@@ -308,7 +312,13 @@ pub trait Provider: Send + Sync {
 }
 
 /// The providers a controller can drive, in registration order.
-pub const DRIVEN: &[ProviderKind] = &[ProviderKind::Local, ProviderKind::Ssh];
+pub const DRIVEN: &[ProviderKind] = &[
+    ProviderKind::Local,
+    ProviderKind::Ssh,
+    ProviderKind::Vast,
+    ProviderKind::Lambda,
+    ProviderKind::Runpod,
+];
 
 /// The providers a controller drives, and the one pool of SSH connections they share
 /// (its owner closes it on every way out, so no master outlives the controller).
@@ -325,10 +335,25 @@ pub fn registry(home: &Home) -> std::io::Result<Registry> {
         let provider: Arc<dyn Provider> = match kind {
             ProviderKind::Local => Arc::new(local::LocalProvider::new(home.clone())),
             ProviderKind::Ssh => Arc::new(ssh::SshProvider::with_pool(Arc::clone(&ssh_pool))),
-            ProviderKind::Vast
-            | ProviderKind::Lambda
-            | ProviderKind::Runpod
-            | ProviderKind::Fake => continue,
+            // Clouds only with a key: without one their runs wait as Pending.
+            ProviderKind::Vast => match vast::VastProvider::from_home(home, Arc::clone(&ssh_pool))?
+            {
+                Some(v) => Arc::new(v),
+                None => continue,
+            },
+            ProviderKind::Lambda => {
+                match lambda::LambdaProvider::from_home(home, Arc::clone(&ssh_pool))? {
+                    Some(v) => Arc::new(v),
+                    None => continue,
+                }
+            }
+            ProviderKind::Runpod => {
+                match runpod::RunpodProvider::from_home(home, Arc::clone(&ssh_pool))? {
+                    Some(v) => Arc::new(v),
+                    None => continue,
+                }
+            }
+            ProviderKind::Fake => continue,
         };
         out.insert(*kind, provider);
     }
