@@ -101,6 +101,9 @@ pub enum Command {
         fleet: String,
     },
     /// Search the providers' offers for what a job (or the flags) asks, cheapest first
+    #[command(
+        after_help = "Examples:\n  asimov offers --gpu H100 --count 1 --max-price 3\n  asimov offers -f job.yaml -o json"
+    )]
     Offers {
         /// Take the resources and placements of the (first) job in this manifest
         #[arg(short = 'f', long = "filename")]
