@@ -94,6 +94,11 @@ impl Home {
         self.root.join("controller.log")
     }
 
+    /// The `asimov` prompt's last answers, its next defaults.
+    pub fn prompt_answers(&self) -> PathBuf {
+        self.root.join("prompt.json")
+    }
+
     /// Creates the folders a controller or CLI needs, each 0700, and makes an existing
     /// home private ([`Home::tighten`]); idempotent.
     pub fn ensure(&self) -> io::Result<()> {

@@ -11,7 +11,9 @@ use std::path::PathBuf;
     about = "Declarative controller for ML training jobs on rented GPUs",
     long_about = "Write what should run as YAML manifests (jobs, fleets, budgets); asimov \
                   creates, configures, restarts from checkpoint and destroys instances until \
-                  reality matches. State lives in $ASIMOV_HOME (default ~/.asimov)."
+                  reality matches. State lives in $ASIMOV_HOME (default ~/.asimov).",
+    after_help = "Run `asimov` alone on a terminal to fine-tune a Hugging Face model in six questions.\n\n\
+                  Examples:\n  asimov\n  asimov apply -f job.yaml --wait\n  asimov get runs\n  asimov logs swag-train-0 -f\n  asimov destroy"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -21,6 +23,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Add or update jobs, fleets and budgets from manifest files or folders
+    #[command(
+        after_help = "Examples:\n  asimov apply -f job.yaml --wait\n  asimov apply -f manifests/ --dry-run"
+    )]
     Apply {
         /// Manifest files or folders of them (*.yaml, *.yml)
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
@@ -33,6 +38,9 @@ pub enum Command {
         wait: bool,
     },
     /// Delete a job (destroying its instances) or every object in manifest files
+    #[command(
+        after_help = "Examples:\n  asimov delete job swag-train\n  asimov delete -f job.yaml --no-wait"
+    )]
     Delete {
         /// `job NAME`, `fleet NAME` or `budget NAME`
         #[arg(num_args = 0..=2)]
@@ -45,6 +53,7 @@ pub enum Command {
         no_wait: bool,
     },
     /// List objects: jobs, runs, fleets, budgets
+    #[command(after_help = "Examples:\n  asimov get runs\n  asimov get runs -o json")]
     Get {
         kind: Kind,
         name: Option<String>,
@@ -52,8 +61,10 @@ pub enum Command {
         output: Output,
     },
     /// Show one object's spec, status and events
+    #[command(after_help = "Example:\n  asimov describe run swag-train-0")]
     Describe { kind: Kind, name: String },
     /// Print a run's log
+    #[command(after_help = "Example:\n  asimov logs swag-train-0 -f")]
     Logs {
         run: String,
         /// Keep printing as the log grows, until the run ends
@@ -61,6 +72,9 @@ pub enum Command {
         follow: bool,
     },
     /// Run the controller in the foreground
+    #[command(
+        after_help = "Examples:\n  asimov controller\n  asimov controller --manifests ./deploy --once"
+    )]
     Controller {
         /// Watch this folder of manifests instead of $ASIMOV_HOME/manifests
         #[arg(long)]
@@ -73,16 +87,23 @@ pub enum Command {
         background: bool,
     },
     /// Store a secret (read from stdin, never from the command line) for jobs' `secrets:`
+    #[command(
+        after_help = "Examples:\n  asimov secret set VAST_API_KEY < vast.key\n  asimov secret list"
+    )]
     Secret {
         #[command(subcommand)]
         action: SecretAction,
     },
     /// Prepare every host of a fleet for runs (idempotent): agent folder, tmux, GPU inventory
+    #[command(after_help = "Example:\n  asimov prepare lab")]
     Prepare {
         /// The Fleet's name
         fleet: String,
     },
     /// Search the providers' offers for what a job (or the flags) asks, cheapest first
+    #[command(
+        after_help = "Examples:\n  asimov offers --gpu H100 --count 1 --max-price 3\n  asimov offers -f job.yaml -o json"
+    )]
     Offers {
         /// Take the resources and placements of the (first) job in this manifest
         #[arg(short = 'f', long = "filename")]
@@ -114,6 +135,7 @@ pub enum Command {
         output: Output,
     },
     /// Measure asimov's own speed and print the figures
+    #[command(after_help = "Example:\n  asimov bench --runs 1000 --idle-seconds 5")]
     Bench {
         /// Runs in the store for the `get runs` figure
         #[arg(long, default_value_t = 10_000)]
@@ -125,15 +147,49 @@ pub enum Command {
         #[arg(long, default_value_t = 10)]
         idle_seconds: u64,
     },
+    /// Set or replace the Hugging Face token (asked without echo, kept 0600 as HF_TOKEN)
+    #[command(after_help = "Examples:\n  asimov token\n  asimov token --show-source")]
+    Token {
+        /// Say where the token is kept (never its value)
+        #[arg(long)]
+        show_source: bool,
+    },
+    /// Destroy a run's instance and stop the run for good (until its job changes)
+    #[command(after_help = "Examples:\n  asimov destroy\n  asimov destroy ft-smollm2-0 --yes")]
+    Destroy {
+        /// The run; may be left out when exactly one run has an instance
+        run: Option<String>,
+        /// Do not ask for confirmation (needed without a terminal)
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Write a job manifest for the project in this folder (Python, requirements, CUDA, git)
+    #[command(after_help = "Examples:\n  asimov init\n  asimov init --yes")]
+    Init {
+        /// Take every default without asking (an existing different manifest is kept)
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Print a shell completion script
+    #[command(
+        after_help = "Examples:\n  asimov completions bash > ~/.local/share/bash-completion/completions/asimov\n  asimov completions zsh > ~/.zfunc/_asimov\n  asimov completions fish > ~/.config/fish/completions/asimov.fish"
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum SecretAction {
     /// Save NAME's value from standard input into a file of mode 0600
+    #[command(after_help = "Example:\n  asimov secret set HF_TOKEN < token.txt")]
     Set { name: String },
     /// Remove a secret
+    #[command(after_help = "Example:\n  asimov secret rm HF_TOKEN")]
     Rm { name: String },
     /// List secret names (never values)
+    #[command(after_help = "Example:\n  asimov secret list")]
     List,
 }
 

@@ -10,12 +10,17 @@ pub mod daemon;
 mod delete;
 mod describe;
 mod desired;
+mod destroy;
+mod finetune;
 mod get;
+mod init;
 mod logs;
 mod offers;
 mod prepare;
+mod prompt;
 pub mod render;
 mod secret;
+mod token;
 mod wait;
 
 use crate::home::Home;
@@ -109,11 +114,8 @@ fn dispatch(cli: Cli) -> CliResult {
     let home = Home::from_env()?;
     home.tighten();
     let Some(command) = cli.command else {
-        use clap::CommandFactory;
-        let _ = Cli::command().print_help();
-        return Err(fail(
-            "no command given (the interactive prompt of `asimov` alone is not built yet)",
-        ));
+        init_tracing("warn");
+        return prompt::run(&home);
     };
     match command {
         Command::Get { kind, name, output } => {
@@ -197,6 +199,23 @@ fn dispatch(cli: Cli) -> CliResult {
             if !report.complete() {
                 return Err(fail("some figures could not be taken; see above"));
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { show_source } => {
+            init_tracing("warn");
+            token::run(&home, show_source)
+        }
+        Command::Destroy { run, yes } => {
+            init_tracing("warn");
+            destroy::run(&home, run.as_deref(), yes)
+        }
+        Command::Init { yes } => {
+            init_tracing("warn");
+            init::run(&home, yes)
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "asimov", &mut std::io::stdout());
             Ok(ExitCode::SUCCESS)
         }
         Command::Controller {

@@ -81,7 +81,7 @@ pub fn follow(home: &Home, jobs: &[Job]) -> CliResult {
     }
     let failed: Vec<&RunRecord> = finished
         .values()
-        .filter(|r| r.phase == Phase::Failed)
+        .filter(|r| r.phase != Phase::Succeeded)
         .collect();
     if failed.is_empty() {
         eprintln!("{} run(s) succeeded", finished.len());

@@ -90,6 +90,9 @@ pub enum Phase {
     Failed,
     /// The job was deleted; its instance is being destroyed.
     Deleting,
+    /// Ended by `asimov destroy`: its instance destroyed, not restarted until the job's
+    /// spec changes.
+    Stopped,
 }
 
 impl Phase {
@@ -102,6 +105,7 @@ impl Phase {
             Phase::Succeeded => "Succeeded",
             Phase::Failed => "Failed",
             Phase::Deleting => "Deleting",
+            Phase::Stopped => "Stopped",
         }
     }
 
@@ -114,13 +118,14 @@ impl Phase {
             "Succeeded" => Phase::Succeeded,
             "Failed" => Phase::Failed,
             "Deleting" => Phase::Deleting,
+            "Stopped" => Phase::Stopped,
             _ => return None,
         })
     }
 
     /// True once the run will not change on its own any more.
     pub fn is_terminal(self) -> bool {
-        matches!(self, Phase::Succeeded | Phase::Failed)
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Stopped)
     }
 }
 

@@ -29,6 +29,8 @@ pub enum Outcome {
     Budget,
     /// Its job was deleted.
     Deleted,
+    /// `asimov destroy` ended it; the run stays Stopped until its job's spec changes.
+    Destroyed,
     /// A newer attempt of the same run took over.
     Superseded,
     /// The instance stayed provisioning past its provider's boot timeout.
@@ -63,6 +65,7 @@ impl Outcome {
             Outcome::Rejected => "rejected",
             Outcome::Budget => "budget",
             Outcome::Deleted => "deleted",
+            Outcome::Destroyed => "destroyed",
             Outcome::Superseded => "superseded",
             Outcome::BootTimeout => "boot-timeout",
             Outcome::SpecChanged(_) => "spec-changed",
@@ -94,6 +97,7 @@ impl Outcome {
             "rejected" => Outcome::Rejected,
             "budget" => Outcome::Budget,
             "deleted" => Outcome::Deleted,
+            "destroyed" => Outcome::Destroyed,
             "superseded" => Outcome::Superseded,
             "boot-timeout" => Outcome::BootTimeout,
             _ => return None,
@@ -113,6 +117,7 @@ impl Outcome {
             | Outcome::Rejected
             | Outcome::Budget
             | Outcome::Deleted
+            | Outcome::Destroyed
             | Outcome::Superseded
             | Outcome::BootTimeout
             | Outcome::SpecChanged(_) => false,
@@ -152,6 +157,7 @@ mod tests {
             Outcome::Rejected,
             Outcome::Budget,
             Outcome::Deleted,
+            Outcome::Destroyed,
             Outcome::Superseded,
             Outcome::BootTimeout,
             Outcome::SpecChanged(Box::new(Outcome::Failed { exit_code: Some(2) })),

@@ -459,7 +459,10 @@ impl Controller {
             .store
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let mut h = History::default();
+        let mut h = History {
+            stops: store.stops().map_err(ControllerError::Store)?,
+            ..History::default()
+        };
         for run in store.runs().map_err(ControllerError::Store)? {
             let attempts = store.attempts(&run.name).map_err(ControllerError::Store)?;
             h.attempts.insert(run.name.clone(), attempts);

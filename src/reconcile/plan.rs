@@ -112,6 +112,8 @@ pub struct History {
     pub attempts: BTreeMap<RunName, Vec<AttemptRecord>>,
     /// Ledger spending of each budget inside its window, by budget name.
     pub spent: BTreeMap<String, Usd>,
+    /// Runs stopped by `asimov destroy`, with the job spec hash the stop holds for.
+    pub stops: BTreeMap<RunName, String>,
 }
 
 /// A change of a run's status, with the outcome of its current attempt when it ends.
@@ -958,6 +960,9 @@ impl<'a> Planner<'a> {
             rec.phase = Phase::Pending;
         }
         self.destroy_stray(&key, &spec.name, &attempts);
+        if self.history.stops.get(&spec.name) == Some(&job.spec_hash) {
+            return self.stopped_run(&key, &rec, &attempts);
+        }
         // Older attempts still open (superseded): end them.
         for a in attempts
             .iter()
@@ -1003,6 +1008,48 @@ impl<'a> Planner<'a> {
                 let next = next_step(job, &attempts, rec.exit_code);
                 self.next_attempt(&key, job, &rec, &attempts, next);
             }
+        }
+    }
+
+    /// Stopped by `asimov destroy` for the job's current spec: every open attempt ends
+    /// (destroyed, released once the listing confirms it gone) and the run stays
+    /// Stopped, across restarts, until the spec changes.
+    fn stopped_run(&mut self, key: &QueueKey, rec: &RunRecord, attempts: &[&AttemptRecord]) {
+        let current = attempts
+            .iter()
+            .find(|a| a.attempt == rec.attempt && a.released_at.is_none() && a.outcome.is_none());
+        let reason = "destroyed by `asimov destroy`".to_string();
+        let outcome = current.map(|a| (a.attempt, Outcome::Destroyed));
+        if rec.phase != Phase::Stopped || outcome.is_some() {
+            self.set_status(
+                key,
+                rec,
+                Phase::Stopped,
+                reason,
+                None,
+                rec.exit_code,
+                outcome,
+            );
+        }
+        // The final sync, once: after the outcome is recorded (so a sync that keeps
+        // failing never holds back the destroy below, on this pass or the next).
+        if let Some(a) = current
+            && let Seen::Listed(i) = self.seen(a)
+            && i.state == InstanceState::Running
+            && !self.on_unreachable_host(i)
+        {
+            let instance = i.clone();
+            self.push(
+                key,
+                Op::Collect {
+                    run: rec.name.clone(),
+                    attempt: a.attempt,
+                    instance,
+                },
+            );
+        }
+        for a in attempts.iter().filter(|a| a.released_at.is_none()) {
+            self.finish_attempt(key, a, Outcome::Destroyed);
         }
     }
 
@@ -1461,9 +1508,11 @@ fn weigh(outcome: &Outcome, exit_code: Option<i32>) -> Weight {
         }
         Outcome::NoCapacity | Outcome::Rejected | Outcome::BootTimeout => Weight::NoMachine,
         Outcome::Queued => Weight::Requeue,
-        Outcome::Stopped | Outcome::Budget | Outcome::Deleted | Outcome::Superseded => {
-            Weight::Again
-        }
+        Outcome::Stopped
+        | Outcome::Budget
+        | Outcome::Deleted
+        | Outcome::Destroyed
+        | Outcome::Superseded => Weight::Again,
         Outcome::SpecChanged(_) => Weight::Fresh,
     }
 }

@@ -99,6 +99,7 @@ fn synthetic(i: usize, now: Timestamp, mix: &mut Mix) -> (RunRecord, Vec<Attempt
         Phase::Succeeded => "run command exited 0",
         Phase::Failed => "run command exited 1",
         Phase::Deleting => "job deleted; destroying instance",
+        Phase::Stopped => "destroyed by `asimov destroy`",
     };
     let run = RunRecord {
         name: name.clone(),

@@ -162,6 +162,16 @@ const STEPS: &[&str] = &[
         WHERE price_per_hour IS NOT NULL;
     UPDATE runs SET cost_usd = coalesce((SELECT sum(c.usd) FROM cost c WHERE c.run = runs.name), 0.0);
     "#,
+    // 5: runs stopped by `asimov destroy`, for the spec they had: desired state the
+    // planner honours (a restarted controller does not bring them back). IF NOT EXISTS
+    // keeps the step harmless wherever it lands in the order of steps.
+    r#"
+    CREATE TABLE IF NOT EXISTS stops (
+        run       TEXT PRIMARY KEY,
+        spec_hash TEXT NOT NULL,
+        at        INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes and reads.

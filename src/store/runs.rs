@@ -3,8 +3,9 @@
 //! listing thousands of runs must not carry it.
 
 use super::{RunRecord, Store, StoreResult, bad_value, json_column, query, to_json};
-use crate::model::{Phase, Progress, ProviderKind, RunName, Usd};
+use crate::model::{Phase, Progress, ProviderKind, RunName, Timestamp, Usd};
 use rusqlite::{Row, Transaction, named_params};
+use std::collections::BTreeMap;
 
 /// The columns of `runs`, in the order `from_row` reads them.
 const COLUMNS: &str = "name, job, run_index, seq, phase, reason, spec_hash, matrix, attempt, \
@@ -251,11 +252,39 @@ impl Store {
             "DELETE FROM cost WHERE run = ?1",
             "DELETE FROM run_errors WHERE run = ?1",
             "DELETE FROM runs WHERE name = ?1",
+            "DELETE FROM stops WHERE run = ?1",
         ] {
             tx.prepare_cached(sql)
                 .and_then(|mut stmt| stmt.execute([name]))
                 .map_err(query(STEP))?;
         }
         tx.commit().map_err(query(STEP))
+    }
+
+    /// Records that `run` is to stay stopped while its job's spec hash is `spec_hash`
+    /// (`asimov destroy`); a later stop of the same run replaces it.
+    pub fn put_stop(&self, run: &str, spec_hash: &str, at: Timestamp) -> StoreResult<()> {
+        const STEP: &str = "recording a stop";
+        self.conn
+            .execute(
+                "INSERT INTO stops (run, spec_hash, at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (run) DO UPDATE SET spec_hash = excluded.spec_hash, at = excluded.at",
+                rusqlite::params![run, spec_hash, at],
+            )
+            .map(|_| ())
+            .map_err(query(STEP))
+    }
+
+    /// Every recorded stop: run name → the spec hash it holds for.
+    pub fn stops(&self) -> StoreResult<BTreeMap<RunName, String>> {
+        const STEP: &str = "reading stops";
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT run, spec_hash FROM stops")
+            .map_err(query(STEP))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(query(STEP))?;
+        rows.collect::<Result<_, _>>().map_err(query(STEP))
     }
 }

@@ -1,0 +1,330 @@
+//! `asimov` alone, driven through a real pseudo-terminal like a user at a keyboard: the
+//! Hugging Face token asked once (checked against a local hub stand-in through
+//! HF_ENDPOINT), six answers typed, the job applied and followed to the end on the local
+//! provider; the token only in its 0600 file (not in logs, `ps`, `get -o yaml`); the
+//! next prompt remembers the answers and does not ask for the token; Ctrl-C changes
+//! nothing; `asimov token` replaces it; without a terminal, the hint to use `apply -f`.
+
+mod support;
+
+use rexpect::process::WaitStatus;
+use rexpect::reader::Options;
+use rexpect::session::{PtySession, spawn_with_options};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use support::cli::Asimov;
+
+const TOKEN: &str = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567";
+const NEW_TOKEN: &str = "hf_ZyXwVuTsRqPoNmLkJiHgFeDcBa76543210";
+
+/// A hub that knows two tokens: `GET /api/whoami-v2` names their user, else 401.
+fn hub_stand_in() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            use axum::http::{HeaderMap, StatusCode};
+            let app = axum::Router::new().route(
+                "/api/whoami-v2",
+                axum::routing::get(|headers: HeaderMap| async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    if auth == format!("Bearer {TOKEN}") || auth == format!("Bearer {NEW_TOKEN}") {
+                        (StatusCode::OK, r#"{"name":"ada","type":"user"}"#)
+                    } else {
+                        (
+                            StatusCode::UNAUTHORIZED,
+                            r#"{"error":"Invalid credentials"}"#,
+                        )
+                    }
+                }),
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    format!("http://{addr}")
+}
+
+/// The template's files for tests: no torch to install; the run checks that HF_TOKEN
+/// reached it (by hash, so the token is in no file), takes a `ps` snapshot while the
+/// controller, agent and job are all alive, and reports progress.
+fn test_template(dir: &Path) -> PathBuf {
+    let template = dir.join("template");
+    std::fs::create_dir_all(&template).unwrap();
+    std::fs::write(template.join("setup.sh"), "echo setup done\n").unwrap();
+    let hash = sha256(TOKEN);
+    std::fs::write(
+        template.join("run.sh"),
+        format!(
+            "set -eu\n\
+             got=$(printf %s \"$HF_TOKEN\" | sha256sum | cut -d' ' -f1)\n\
+             [ \"$got\" = {hash} ] && echo 'token reached the job'\n\
+             echo \"model $HF_MODEL dataset $HF_DATASET repo $HF_HUB_REPO\"\n\
+             ps -eww -o args\n\
+             for i in 1 2 3 4; do echo \"ASIMOV_PROGRESS $i/4\"; sleep 0.2; done\n"
+        ),
+    )
+    .unwrap();
+    template
+}
+
+fn sha256(s: &str) -> String {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "printf %s \"$1\" | sha256sum | cut -d' ' -f1",
+            "sh",
+            s,
+        ])
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn spawn(a: &Asimov, hub: &str, template: &Path, args: &[&str]) -> PtySession {
+    let mut cmd = a.command();
+    cmd.args(args)
+        .env("HF_ENDPOINT", hub)
+        .env("ASIMOV_FINETUNE_TEMPLATE", template)
+        .env("XDG_DATA_HOME", a.repo.path().join("data"))
+        .env("TERM", "xterm")
+        .env("COLUMNS", "120")
+        .env("LINES", "40");
+    spawn_with_options(
+        cmd,
+        Options::new()
+            .timeout_ms(Some(60_000))
+            .strip_ansi_escape_codes(true),
+    )
+    .expect("asimov starts in a pty")
+}
+
+/// Types keys (rexpect's `send` buffers until flushed).
+fn keys(p: &mut PtySession, text: &str) {
+    p.send(text).expect("typing");
+    p.flush().expect("typing");
+}
+
+fn exit_code(p: &PtySession) -> i32 {
+    match p.process().wait().expect("wait") {
+        WaitStatus::Exited(_, code) => code,
+        other => panic!("asimov did not exit normally: {other:?}"),
+    }
+}
+
+/// Every file under `root` except the credential store, with its text.
+fn files_outside_credentials(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path == root.join("credentials") {
+                continue;
+            }
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && let Ok(bytes) = std::fs::read(&path)
+            {
+                out.push((path, bytes));
+            }
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn the_prompt_asks_once_applies_follows_and_keeps_the_token_secret() {
+    let a = Asimov::new();
+    let hub = hub_stand_in();
+    let template = test_template(a.repo.path());
+
+    let mut p = spawn(&a, &hub, &template, &[]);
+    p.exp_string("Hugging Face token").unwrap();
+    keys(&mut p, &format!("{TOKEN}\r"));
+    p.exp_string("signed in as ada").unwrap();
+    p.exp_string("Model to fine-tune").unwrap();
+    keys(&mut p, "sshleifer/tiny-gpt2\r");
+    p.exp_string("Dataset:").unwrap();
+    keys(&mut p, "ada/tiny-text\r");
+    p.exp_string("Dataset subset").unwrap();
+    keys(&mut p, "\r");
+    // The default repository comes from the hub's user name and the model.
+    p.exp_string("Hub repository").unwrap();
+    p.exp_string("ada/tiny-gpt2-finetuned").unwrap();
+    keys(&mut p, "\r");
+    p.exp_string("GPU:").unwrap();
+    keys(&mut p, "4090");
+    p.exp_string("RTX 4090").unwrap();
+    keys(&mut p, "\r");
+    p.exp_string("GPU count").unwrap();
+    keys(&mut p, "2\r");
+    p.exp_string("This job will be created").unwrap();
+    p.exp_string("Placement: local").unwrap();
+    p.exp_string("Create and start this job?").unwrap();
+    keys(&mut p, "y\r");
+    p.exp_string("job/ft-tiny-gpt2-finetuned created").unwrap();
+    p.exp_string("1 run(s) succeeded").unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(exit_code(&p), 0);
+
+    // The applied manifest holds the answers and the template's fixed image.
+    let stored = a.home().join("manifests/job.ft-tiny-gpt2-finetuned.yaml");
+    let manifest = std::fs::read_to_string(&stored).expect("the job is in the desired state");
+    // (stored normalised: one key per line)
+    for want in [
+        "HF_MODEL: sshleifer/tiny-gpt2",
+        "HF_DATASET: ada/tiny-text",
+        "HF_HUB_REPO: ada/tiny-gpt2-finetuned",
+        "count: 2",
+        "- RTX 4090",
+        "image: pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime",
+        "- HF_TOKEN",
+        "- provider: local",
+    ] {
+        assert!(manifest.contains(want), "{want:?} not in\n{manifest}");
+    }
+    assert!(!manifest.contains("HF_DATASET_SUBSET"), "{manifest}");
+
+    // The token: in its 0600 file, and it reached the job as HF_TOKEN.
+    let token_file = a.home().join("credentials/HF_TOKEN");
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap(), TOKEN);
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let log = a.ok(&["logs", "ft-tiny-gpt2-finetuned-0"]);
+    assert!(log.contains("token reached the job"), "{log}");
+    assert!(
+        log.contains("model sshleifer/tiny-gpt2 dataset ada/tiny-text"),
+        "{log}"
+    );
+    // The `ps` snapshot taken during the run shows processes, and no token.
+    assert!(log.contains("asimov"), "no ps output in the log:\n{log}");
+    assert!(!log.contains(TOKEN), "the token is in `ps` or the log");
+    for (path, bytes) in files_outside_credentials(a.home()) {
+        assert!(
+            !contains(&bytes, TOKEN),
+            "the token is in {}",
+            path.display()
+        );
+    }
+    for args in [["get", "runs", "-o", "yaml"], ["get", "jobs", "-o", "yaml"]] {
+        let out = a.ok(&args);
+        assert!(!out.contains(TOKEN), "the token is in `{}`", args.join(" "));
+    }
+    let folder = a
+        .repo
+        .path()
+        .join("data/asimov/finetune/ft-tiny-gpt2-finetuned");
+    assert!(folder.join("job.yaml").is_file() && folder.join("run.sh").is_file());
+    let answers = std::fs::read_to_string(a.home().join("prompt.json")).unwrap();
+    assert!(answers.contains("sshleifer/tiny-gpt2"), "{answers}");
+
+    // Again: no token question; the last answers are the defaults; Ctrl-C changes nothing.
+    let before = std::fs::read_to_string(&stored).unwrap();
+    let mut p = spawn(&a, &hub, &template, &[]);
+    let screen = p.exp_string("Model to fine-tune").unwrap();
+    assert!(
+        !screen.contains("token"),
+        "asked for the token again: {screen}"
+    );
+    p.exp_string("sshleifer/tiny-gpt2").unwrap();
+    keys(&mut p, "\r");
+    p.exp_string("Dataset:").unwrap();
+    p.exp_string("ada/tiny-text").unwrap();
+    p.send_control('c').unwrap();
+    p.exp_string("nothing was changed").unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(exit_code(&p), 130);
+    assert_eq!(std::fs::read_to_string(&stored).unwrap(), before);
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap(), TOKEN);
+
+    // `asimov token` is the way to change it; `--show-source` names the file only.
+    let mut p = spawn(&a, &hub, &template, &["token"]);
+    p.exp_string("New Hugging Face token").unwrap();
+    keys(&mut p, &format!("{NEW_TOKEN}\r"));
+    p.exp_string("Token saved").unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(exit_code(&p), 0);
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap(), NEW_TOKEN);
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let source = a.ok(&["token", "--show-source"]);
+    assert!(
+        source.contains(&token_file.display().to_string()),
+        "{source}"
+    );
+    assert!(
+        !source.contains(NEW_TOKEN) && !source.contains(TOKEN),
+        "{source}"
+    );
+}
+
+#[test]
+fn a_token_the_hub_rejects_is_asked_again() {
+    let a = Asimov::new();
+    let hub = hub_stand_in();
+    let template = test_template(a.repo.path());
+    let mut p = spawn(&a, &hub, &template, &["token"]);
+    p.exp_string("Hugging Face token").unwrap();
+    keys(&mut p, "hf_0000000000000000000000000000000000\r");
+    p.exp_string("rejected this token").unwrap();
+    p.exp_string("Hugging Face token").unwrap();
+    p.send_control('c').unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(exit_code(&p), 130);
+    assert!(!a.home().join("credentials/HF_TOKEN").exists());
+}
+
+#[test]
+fn an_unreachable_hub_saves_the_token_unchecked() {
+    let a = Asimov::new();
+    // A port nobody listens on: the check fails soft, at once.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hub = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let template = test_template(a.repo.path());
+    let mut p = spawn(&a, &hub, &template, &["token"]);
+    p.exp_string("Hugging Face token").unwrap();
+    keys(&mut p, &format!("{TOKEN}\r"));
+    p.exp_string("saved unchecked").unwrap();
+    p.exp_eof().unwrap();
+    assert_eq!(exit_code(&p), 0);
+    assert_eq!(
+        std::fs::read_to_string(a.home().join("credentials/HF_TOKEN")).unwrap(),
+        TOKEN
+    );
+}
+
+#[test]
+fn without_a_terminal_it_says_to_use_apply() {
+    let a = Asimov::new();
+    let out = a
+        .command()
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("asimov runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apply -f"), "{err}");
+    assert!(!a.home().join("manifests").exists());
+}
