@@ -163,6 +163,27 @@ fn get_runs_tables_are_pinned() {
 }
 
 #[test]
+fn get_runs_before_anything_was_recorded() {
+    let a = Asimov::new();
+    assert!(!a.home().join("state.db").exists());
+    assert_eq!(a.ok(&["get", "runs"]), "No runs.\n");
+    assert_eq!(
+        a.ok(&["get", "runs", "-o", "json"]),
+        "{\n  \"items\": []\n}\n"
+    );
+    assert_eq!(a.ok(&["get", "runs", "-o", "yaml"]), "items: []\n");
+}
+
+#[test]
+fn get_runs_of_an_unknown_name_prints_nothing_and_fails() {
+    let (a, _) = seeded();
+    let out = a.run(&["get", "runs", "nosuch", "-o", "json"]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no run or job named \"nosuch\""));
+}
+
+#[test]
 fn get_runs_of_an_empty_store() {
     let a = Asimov::new();
     Store::open(&a.home().join("state.db")).unwrap();
@@ -171,4 +192,5 @@ fn get_runs_of_an_empty_store() {
         a.ok(&["get", "runs", "-o", "json"]),
         "{\n  \"items\": []\n}\n"
     );
+    assert_eq!(a.ok(&["get", "runs", "-o", "yaml"]), "items: []\n");
 }

@@ -3,7 +3,8 @@
 //! listing thousands of runs must not carry it.
 
 use super::{RunRecord, Store, StoreResult, bad_value, json_column, query, to_json};
-use crate::model::{Phase, ProviderKind};
+use crate::model::{Phase, ProviderKind, Timestamp};
+use rusqlite::types::Type;
 use rusqlite::{Row, Transaction, named_params};
 
 /// The columns of `runs`, in the order `from_row` reads them.
@@ -229,5 +230,213 @@ impl Store {
                 .map_err(query(STEP))?;
         }
         tx.commit().map_err(query(STEP))
+    }
+}
+
+/// Which runs a listing reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Listing<'a> {
+    All,
+    /// The runs of one job.
+    Job(&'a str),
+    /// One run by name.
+    Run(&'a str),
+}
+
+/// A run as `get runs` lists it: only the columns a listing shows, borrowed from the
+/// SQLite row being read, so listing 100,000 runs allocates nothing per field. Valid
+/// only inside the callback of `Store::list_runs`.
+#[derive(Debug, Clone, Copy)]
+pub struct ListedRun<'r> {
+    pub name: &'r str,
+    pub job: &'r str,
+    pub phase: Phase,
+    pub reason: &'r str,
+    /// The matrix as the store keeps it: a JSON object of strings, keys sorted.
+    pub matrix_json: &'r str,
+    pub attempt: u32,
+    pub provider: Option<ProviderKind>,
+    pub instance_id: Option<&'r str>,
+    pub host: Option<&'r str>,
+    pub gpu: Option<&'r str>,
+    pub price_per_hour: Option<f64>,
+    pub cost_usd: f64,
+    pub progress_done: Option<u64>,
+    pub progress_total: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub repository: Option<&'r str>,
+    pub commit: Option<&'r str>,
+    pub commit_message: Option<&'r str>,
+    pub author: Option<&'r str>,
+    pub dirty: bool,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+/// The columns a listing reads, in the order `listed_from_row` reads them: not the
+/// seq, spec hash, placement index or update time, which no listing shows.
+const LISTED_COLUMNS: &str = "name, job, phase, reason, matrix, attempt, provider, \
+     instance_id, host, gpu, price_per_hour, cost_usd, progress_done, progress_total, \
+     exit_code, repository, commit_id, commit_message, author, dirty, created_at, \
+     started_at, finished_at";
+
+fn text<'r>(row: &'r Row<'_>, column: usize) -> rusqlite::Result<&'r str> {
+    row.get_ref(column)?
+        .as_str()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e)))
+}
+
+fn optional_text<'r>(row: &'r Row<'_>, column: usize) -> rusqlite::Result<Option<&'r str>> {
+    row.get_ref(column)?
+        .as_str_or_null()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e)))
+}
+
+fn listed_from_row<'r>(row: &'r Row<'_>) -> rusqlite::Result<ListedRun<'r>> {
+    let phase = text(row, 2)?;
+    let phase = Phase::parse(phase).ok_or_else(|| bad_value(2, "phase", phase))?;
+    let provider = match optional_text(row, 6)? {
+        None => None,
+        Some(p) => Some(ProviderKind::parse(p).ok_or_else(|| bad_value(6, "provider", p))?),
+    };
+    Ok(ListedRun {
+        name: text(row, 0)?,
+        job: text(row, 1)?,
+        phase,
+        reason: text(row, 3)?,
+        matrix_json: text(row, 4)?,
+        attempt: row.get(5)?,
+        provider,
+        instance_id: optional_text(row, 7)?,
+        host: optional_text(row, 8)?,
+        gpu: optional_text(row, 9)?,
+        price_per_hour: row.get(10)?,
+        cost_usd: row.get(11)?,
+        progress_done: unsigned(row, 12)?,
+        progress_total: unsigned(row, 13)?,
+        exit_code: row.get(14)?,
+        repository: optional_text(row, 15)?,
+        commit: optional_text(row, 16)?,
+        commit_message: optional_text(row, 17)?,
+        author: optional_text(row, 18)?,
+        dirty: row.get(19)?,
+        created_at: row.get(20)?,
+        started_at: row.get(21)?,
+        finished_at: row.get(22)?,
+    })
+}
+
+/// Why a listing stopped: the store, or the callback that was handed each run.
+#[derive(Debug)]
+pub enum ListError<E> {
+    Store(super::StoreError),
+    Callback(E),
+}
+
+impl Store {
+    /// Hands each run of `which` to `each`, in `seq` order (then name), as the rows are
+    /// read: nothing is collected, so a caller can write each run out at once.
+    ///
+    /// All runs are read in the table's own (rowid) order when that is already the seq
+    /// order, which it is unless a run was written with an explicit seq out of order; a
+    /// walk of the (seq, name) index, with one table lookup per row, costs about twice
+    /// as much. A scan of that index alone (it holds the rowid) tells which case it is.
+    pub fn list_runs<E>(
+        &self,
+        which: Listing<'_>,
+        mut each: impl FnMut(ListedRun<'_>) -> Result<(), E>,
+    ) -> Result<(), ListError<E>> {
+        const STEP: &str = "listing runs";
+        let store = |e| ListError::Store(query(STEP)(e));
+        let sql = match which {
+            Listing::All if self.rowids_in_seq_order().map_err(store)? => {
+                format!("SELECT {LISTED_COLUMNS} FROM runs ORDER BY rowid")
+            }
+            Listing::All => format!("SELECT {LISTED_COLUMNS} FROM runs ORDER BY seq, name"),
+            Listing::Job(_) => {
+                format!("SELECT {LISTED_COLUMNS} FROM runs WHERE job = ?1 ORDER BY seq, name")
+            }
+            Listing::Run(_) => format!("SELECT {LISTED_COLUMNS} FROM runs WHERE name = ?1"),
+        };
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(store)?;
+        let mut rows = match which {
+            Listing::All => stmt.query([]),
+            Listing::Job(key) | Listing::Run(key) => stmt.query([key]),
+        }
+        .map_err(store)?;
+        while let Some(row) = rows.next().map_err(store)? {
+            let run = listed_from_row(row).map_err(store)?;
+            each(run).map_err(ListError::Callback)?;
+        }
+        Ok(())
+    }
+
+    /// True when reading the table in rowid order gives the runs in (seq, name) order.
+    fn rowids_in_seq_order(&self) -> rusqlite::Result<bool> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT rowid FROM runs INDEXED BY runs_seq ORDER BY seq, name")?;
+        let mut rows = stmt.query([])?;
+        let mut last = i64::MIN;
+        while let Some(row) = rows.next()? {
+            let rowid: i64 = row.get(0)?;
+            if rowid <= last {
+                return Ok(false);
+            }
+            last = rowid;
+        }
+        Ok(true)
+    }
+
+    /// How many runs `which` names (0 or 1 for one run).
+    pub fn count_runs(&self, which: Listing<'_>) -> StoreResult<u64> {
+        const STEP: &str = "counting runs";
+        let (sql, key) = match which {
+            Listing::All => ("SELECT count(*) FROM runs", None),
+            Listing::Job(job) => ("SELECT count(*) FROM runs WHERE job = ?1", Some(job)),
+            Listing::Run(name) => ("SELECT count(*) FROM runs WHERE name = ?1", Some(name)),
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(query(STEP))?;
+        let count: i64 = match key {
+            None => stmt.query_row([], |r| r.get(0)),
+            Some(key) => stmt.query_row([key], |r| r.get(0)),
+        }
+        .map_err(query(STEP))?;
+        Ok(count.max(0) as u64)
+    }
+
+    /// True when some run of `which` is not in a terminal phase (a controller still has
+    /// work to do for it).
+    pub fn any_unfinished_run(&self, which: Listing<'_>) -> StoreResult<bool> {
+        const STEP: &str = "looking for unfinished runs";
+        // The phases `Phase::is_terminal` names, asked of it rather than repeated here.
+        let every = [
+            Phase::Pending,
+            Phase::Provisioning,
+            Phase::Starting,
+            Phase::Running,
+            Phase::Succeeded,
+            Phase::Failed,
+            Phase::Deleting,
+        ];
+        let list = every
+            .iter()
+            .filter(|p| p.is_terminal())
+            .map(|p| format!("'{}'", p.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let filter = match which {
+            Listing::All => "",
+            Listing::Job(_) => "AND job = ?1",
+            Listing::Run(_) => "AND name = ?1",
+        };
+        let sql = format!("SELECT EXISTS (SELECT 1 FROM runs WHERE phase NOT IN ({list}) {filter})");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(query(STEP))?;
+        match which {
+            Listing::All => stmt.query_row([], |r| r.get(0)),
+            Listing::Job(key) | Listing::Run(key) => stmt.query_row([key], |r| r.get(0)),
+        }
+        .map_err(query(STEP))
     }
 }
