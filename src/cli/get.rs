@@ -4,7 +4,7 @@ use super::args::{Kind, Output};
 use super::render::{RunView, RunsTable};
 use super::{CliResult, fail};
 use crate::home::Home;
-use crate::store::{ListError, Listing, RunError, RunRecord, Store, StoreError};
+use crate::store::{Fields, ListError, Listing, RunError, RunRecord, Store, StoreError};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -50,7 +50,7 @@ impl serde::Serialize for StreamedRuns<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{Error, SerializeSeq};
         let mut seq = serializer.serialize_seq(None)?;
-        let listed = self.store.list_runs(self.which, |run| {
+        let listed = self.store.list_runs(self.which, Fields::All, |run| {
             seq.serialize_element(&RunView::listed(&run, self.errors.get(run.name)))
         });
         match listed {
@@ -89,9 +89,11 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
         Output::Table | Output::Wide => {
             // Column widths depend on every row, so the table is built before it is
             // written; its cells go into one buffer.
-            let mut table = RunsTable::new(output == Output::Wide, super::now());
+            let wide = output == Output::Wide;
+            let mut table = RunsTable::new(wide, super::now());
+            let fields = if wide { Fields::All } else { Fields::Table };
             store
-                .list_runs(which, |run| {
+                .list_runs(which, fields, |run| {
                     table.push(&run, errors.get(run.name));
                     Ok(())
                 })

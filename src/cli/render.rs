@@ -331,9 +331,9 @@ pub struct Columns {
     header: Vec<&'static str>,
     widths: Vec<usize>,
     text: String,
-    /// Where each cell ends in `text`, row after row; a cell starts where the one
-    /// before it ends.
-    ends: Vec<usize>,
+    /// Where each cell ends in `text` and how many characters it has, row after row;
+    /// a cell starts where the one before it ends.
+    ends: Vec<(usize, usize)>,
 }
 
 impl Columns {
@@ -363,44 +363,44 @@ impl Columns {
         if let Some(w) = self.widths.get_mut(column) {
             *w = (*w).max(width);
         }
-        self.ends.push(self.text.len());
+        self.ends.push((self.text.len(), width));
     }
 
     /// Ends the current row; missing cells are empty.
     pub fn end_row(&mut self) {
         let columns = self.widths.len().max(1);
         while !self.ends.len().is_multiple_of(columns) {
-            self.ends.push(self.text.len());
+            self.ends.push((self.text.len(), 0));
         }
     }
 
     pub fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
         let widths = &self.widths;
         let mut line = String::with_capacity(widths.iter().sum::<usize>() + 2 * widths.len());
-        let mut emit = |cells: &mut dyn Iterator<Item = &str>| -> std::io::Result<()> {
+        let mut emit = |cells: &mut dyn Iterator<Item = (&str, usize)>| -> std::io::Result<()> {
             line.clear();
-            for (i, cell) in cells.enumerate() {
+            for (i, (cell, chars)) in cells.enumerate() {
                 if i > 0 {
                     line.push_str("  ");
                 }
                 line.push_str(cell);
                 if i + 1 < widths.len() {
-                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    let pad = widths[i].saturating_sub(chars);
                     line.extend(std::iter::repeat_n(' ', pad));
                 }
             }
             out.write_all(line.trim_end().as_bytes())?;
             out.write_all(b"\n")
         };
-        emit(&mut self.header.iter().copied())?;
+        emit(&mut self.header.iter().map(|h| (*h, h.chars().count())))?;
         let columns = widths.len().max(1);
         let mut start = 0;
         for row in self.ends.chunks(columns) {
             let mut from = start;
-            emit(&mut row.iter().map(|&end| {
+            emit(&mut row.iter().map(|&(end, chars)| {
                 let cell = &self.text[from..end];
                 from = end;
-                cell
+                (cell, chars)
             }))?;
             start = from;
         }

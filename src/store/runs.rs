@@ -233,6 +233,17 @@ impl Store {
     }
 }
 
+/// Which columns a listing reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fields {
+    /// Every field of `ListedRun`.
+    All,
+    /// Only what the `get runs` table shows (name, phase, reason, provider, cost,
+    /// progress, commit, dirty, created): the other fields read as empty (`""`, `{}`, 0,
+    /// `None`). Fewer columns decoded and checked per row.
+    Table,
+}
+
 /// Which runs a listing reads.
 #[derive(Debug, Clone, Copy)]
 pub enum Listing<'a> {
@@ -280,6 +291,12 @@ const LISTED_COLUMNS: &str = "name, job, phase, reason, matrix, attempt, provide
      instance_id, host, gpu, price_per_hour, cost_usd, progress_done, progress_total, \
      exit_code, repository, commit_id, commit_message, author, dirty, created_at, \
      started_at, finished_at";
+
+/// `LISTED_COLUMNS` with every column the table does not show replaced by a constant,
+/// so `listed_from_row` reads both the same way.
+const TABLE_COLUMNS: &str = "name, '', phase, reason, '{}', 0, provider, NULL, NULL, NULL, \
+     NULL, cost_usd, progress_done, progress_total, NULL, NULL, commit_id, NULL, NULL, \
+     dirty, created_at, NULL, NULL";
 
 fn text<'r>(row: &'r Row<'_>, column: usize) -> rusqlite::Result<&'r str> {
     row.get_ref(column)?
@@ -345,19 +362,24 @@ impl Store {
     pub fn list_runs<E>(
         &self,
         which: Listing<'_>,
+        fields: Fields,
         mut each: impl FnMut(ListedRun<'_>) -> Result<(), E>,
     ) -> Result<(), ListError<E>> {
         const STEP: &str = "listing runs";
         let store = |e| ListError::Store(query(STEP)(e));
+        let columns = match fields {
+            Fields::All => LISTED_COLUMNS,
+            Fields::Table => TABLE_COLUMNS,
+        };
         let sql = match which {
             Listing::All if self.rowids_in_seq_order().map_err(store)? => {
-                format!("SELECT {LISTED_COLUMNS} FROM runs ORDER BY rowid")
+                format!("SELECT {columns} FROM runs ORDER BY rowid")
             }
-            Listing::All => format!("SELECT {LISTED_COLUMNS} FROM runs ORDER BY seq, name"),
+            Listing::All => format!("SELECT {columns} FROM runs ORDER BY seq, name"),
             Listing::Job(_) => {
-                format!("SELECT {LISTED_COLUMNS} FROM runs WHERE job = ?1 ORDER BY seq, name")
+                format!("SELECT {columns} FROM runs WHERE job = ?1 ORDER BY seq, name")
             }
-            Listing::Run(_) => format!("SELECT {LISTED_COLUMNS} FROM runs WHERE name = ?1"),
+            Listing::Run(_) => format!("SELECT {columns} FROM runs WHERE name = ?1"),
         };
         let mut stmt = self.conn.prepare_cached(&sql).map_err(store)?;
         let mut rows = match which {
@@ -438,5 +460,66 @@ impl Store {
             Listing::Job(key) | Listing::Run(key) => stmt.query_row([key], |r| r.get(0)),
         }
         .map_err(query(STEP))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn names(store: &Store, fields: Fields) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        store
+            .list_runs(Listing::All, fields, |r| {
+                out.push((r.name.to_string(), r.phase.as_str().to_string()));
+                Ok::<_, std::convert::Infallible>(())
+            })
+            .unwrap();
+        out
+    }
+
+    fn expected(store: &Store) -> Vec<(String, String)> {
+        store
+            .runs()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.name, r.phase.as_str().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn listing_follows_seq_whether_or_not_the_table_is_in_seq_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        for name in ["c-0", "b-0", "a-0", "d-0"] {
+            let run = RunRecord::new_pending(name, "j", 0, "", &BTreeMap::new(), "", 1);
+            store.put_run(&run).unwrap();
+        }
+        // Written in seq order: the table's own order is used.
+        assert!(store.rowids_in_seq_order().unwrap());
+        assert_eq!(names(&store, Fields::All), expected(&store));
+        assert_eq!(names(&store, Fields::Table), expected(&store));
+
+        // An explicit seq out of write order: the index order is used.
+        let mut moved = store.run("c-0").unwrap().unwrap();
+        moved.seq = 99;
+        store.put_run(&moved).unwrap();
+        assert!(!store.rowids_in_seq_order().unwrap());
+        let listed = names(&store, Fields::All);
+        assert_eq!(listed, expected(&store));
+        assert_eq!(listed.last().map(|(n, _)| n.as_str()), Some("c-0"));
+        assert_eq!(names(&store, Fields::Table), listed);
+
+        assert_eq!(store.count_runs(Listing::All).unwrap(), 4);
+        assert_eq!(store.count_runs(Listing::Job("j")).unwrap(), 4);
+        assert_eq!(store.count_runs(Listing::Run("a-0")).unwrap(), 1);
+        assert_eq!(store.count_runs(Listing::Run("zz")).unwrap(), 0);
+        assert!(store.any_unfinished_run(Listing::All).unwrap());
+        let mut done = store.run("a-0").unwrap().unwrap();
+        done.phase = Phase::Succeeded;
+        store.put_run(&done).unwrap();
+        assert!(!store.any_unfinished_run(Listing::Run("a-0")).unwrap());
+        assert!(store.any_unfinished_run(Listing::Job("j")).unwrap());
     }
 }
