@@ -439,11 +439,21 @@ fn campaign(sizes: Sizes) {
         tally.duplicates
     );
     assert_eq!(lost, 0, "runs lost ({replay}): {waiting:#?}");
-    assert!(
-        waiting.is_empty(),
-        "not converged after {:?} ({replay}): {waiting:#?}",
-        sizes.settle
-    );
+    if !waiting.is_empty() {
+        // What the store says of the first few, and the instances the targets hold.
+        let described: Vec<String> = waiting
+            .iter()
+            .take(3)
+            .filter_map(|w| w.split(':').next())
+            .map(|run| a.ok(&["describe", "run", run]))
+            .collect();
+        panic!(
+            "not converged after {:?} ({replay}): {waiting:#?}\n{}\ninstances: {:?}",
+            sizes.settle,
+            described.join("\n"),
+            instances_by_run(&targets, &a)
+        );
+    }
     assert!(orphans.is_empty(), "orphaned instances ({replay}): {orphans:?}");
     assert!(
         overbilled.is_empty(),
