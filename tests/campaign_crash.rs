@@ -108,6 +108,26 @@ impl Target for Fleet {
     }
 }
 
+/// A foreground controller whose stderr goes to `controller-N.log` in the test's repo
+/// folder: a pipe nobody reads fills after 64 KiB of log and blocks the controller.
+fn spawn_controller(a: &Asimov, n: usize) -> Child {
+    let log = std::fs::File::create(a.repo.path().join(format!("controller-{n}.log")))
+        .expect("controller log");
+    let child = a
+        .command()
+        .arg("controller")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("controller starts");
+    a.wait_for(
+        "the controller to hold its lock",
+        Duration::from_secs(10),
+        || a.controller_running(),
+    );
+    child
+}
+
 /// SplitMix64: small, and the same sequence from the same seed on every machine.
 struct Rng(u64);
 
@@ -229,7 +249,7 @@ fn campaign(sizes: Sizes) {
             files.push(a.manifest(&file, &text));
         }
     }
-    let mut controller: Child = a.spawn_controller(None);
+    let mut controller: Child = spawn_controller(&a, 0);
     if !files.is_empty() {
         let args: Vec<&str> = std::iter::once("apply")
             .chain(std::iter::once("-f"))
@@ -269,7 +289,7 @@ fn campaign(sizes: Sizes) {
             kill9(&mut controller);
             tally.kills += 1;
             check_duplicates(&targets, &a, &mut tally);
-            controller = a.spawn_controller(None);
+            controller = spawn_controller(&a, tally.kills);
         } else if roll < 70 && applied < jobs.len() {
             let file = write_job(&a, applied, &jobs[applied], &mut rng);
             a.ok(&["apply", "-f", file.to_str().unwrap_or_default()]);

@@ -332,16 +332,18 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         .build()?;
     runtime.block_on(async {
         let store = Store::open(&home.database())?;
-        let (providers, ssh) = providers_for(home)?;
+        let registry = providers_for(home)?;
         // Closed on every way this function returns, so no master outlives it.
-        let ssh_pool = Arc::clone(ssh.pool());
+        let ssh_pool = Arc::clone(&registry.ssh_pool);
         // We hold the lock: masters a killed predecessor left are ours to end.
         if let Err(e) = ssh_pool.replace_previous_controller().await {
             tracing::warn!(error = %e, "cannot end the previous controller's ssh masters");
         }
-        let executor = Arc::new(
-            Executor::new(providers, Arc::new(Mutex::new(store)), home.clone()).with_ssh(ssh),
-        );
+        let executor = Arc::new(Executor::new(
+            registry.providers,
+            Arc::new(Mutex::new(store)),
+            home.clone(),
+        ));
         let source = Arc::new(FolderSource::new(home.clone(), dir.clone()));
         let controller = Controller::new(executor, source, home.controller_id()?);
         if once {

@@ -42,6 +42,8 @@ struct StreamedRuns<'a> {
     store: &'a Store,
     which: Listing<'a>,
     errors: &'a BTreeMap<String, RunError>,
+    /// The time costs so far are derived at.
+    now: crate::model::Timestamp,
     /// A store error met while serializing, to return as itself rather than as text.
     failed: RefCell<Option<StoreError>>,
 }
@@ -51,7 +53,7 @@ impl serde::Serialize for StreamedRuns<'_> {
         use serde::ser::{Error, SerializeSeq};
         let mut seq = serializer.serialize_seq(None)?;
         let listed = self.store.list_runs(self.which, Fields::All, |run| {
-            seq.serialize_element(&RunView::listed(&run, self.errors.get(run.name)))
+            seq.serialize_element(&RunView::listed(&run, self.errors.get(run.name), self.now))
         });
         match listed {
             Ok(()) => seq.end(),
@@ -84,13 +86,14 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
     {
         eprintln!("warning: {note}");
     }
+    let now = super::now();
     let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     match output {
         Output::Table | Output::Wide => {
             // Column widths depend on every row, so the table is built before it is
             // written; its cells go into one buffer.
             let wide = output == Output::Wide;
-            let mut table = RunsTable::new(wide, super::now());
+            let mut table = RunsTable::new(wide, now);
             let fields = if wide { Fields::All } else { Fields::Table };
             store
                 .list_runs(which, fields, |run| {
@@ -110,6 +113,7 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
                     store: &store,
                     which,
                     errors: &errors,
+                    now,
                     failed: RefCell::new(None),
                 },
             };
@@ -219,7 +223,12 @@ pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult
             None => Vec::new(),
         };
         let counts = phase_counts(&runs);
-        let cost = super::render::usd(runs.iter().map(|r| r.cost_usd).sum());
+        let now = super::now();
+        let cost = runs
+            .iter()
+            .map(|r| r.cost_at(now))
+            .sum::<crate::model::Usd>()
+            .dollars();
         let placement: Vec<String> = job
             .spec
             .placement
@@ -353,7 +362,7 @@ pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResu
                 "reachable": rec.map(|r| r.reachable), "busy": rec.map(|r| r.busy),
                 "gpus_total": rec.map(|r| r.gpus_total), "gpus_free": rec.map(|r| r.gpus_free),
                 "gpu_names": rec.map(|r| r.gpu_names.clone()), "running": rec.map(|r| run_names(&r.running)),
-                "message": rec.map(|r| r.message.clone()),
+                "message": rec.map(|r| r.message.clone().unwrap_or_default()),
                 "checked_at": rec.map(|r| super::render::rfc3339(r.checked_at)),
             }));
         }
@@ -391,8 +400,8 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
         let jobs = budget::jobs_of(b, &current.manifests.jobs);
         let since = budget::window_start(b, now);
         let spent = match &store {
-            Some(s) => super::render::usd(s.spent(&jobs, since)?),
-            None => 0.0,
+            Some(s) => s.spent(&jobs, since)?,
+            None => crate::model::Usd::ZERO,
         };
         let period = b
             .period
@@ -406,7 +415,7 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
             b.name.clone(),
             format!("${:.2}", b.limit_usd),
             period.clone(),
-            format!("${spent:.2}"),
+            spent.to_string(),
             action.to_string(),
             if jobs.is_empty() {
                 "-".into()
@@ -416,7 +425,7 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
         ]);
         items.push(serde_json::json!({
             "name": b.name, "limit_usd": b.limit_usd, "period": period, "spent_usd": spent,
-            "action": action, "jobs": jobs, "over_limit": spent >= b.limit_usd,
+            "action": action, "jobs": jobs, "over_limit": spent >= crate::model::Usd::from_dollars(b.limit_usd),
         }));
     }
     if let (Some(n), true) = (name, items.is_empty()) {

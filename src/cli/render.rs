@@ -84,13 +84,15 @@ impl Serialize for MatrixView<'_> {
 }
 
 impl<'a> RunView<'a> {
-    pub fn of(run: &'a RunRecord, error: Option<&'a RunError>) -> Self {
-        let mut view = RunView::listed(&listed(run), error);
+    /// The run as of `now` (its cost so far is derived at `now`).
+    pub fn of(run: &'a RunRecord, error: Option<&'a RunError>, now: Timestamp) -> Self {
+        let mut view = RunView::listed(&listed(run), error, now);
         view.matrix = MatrixView::Map(&run.matrix);
         view
     }
 
-    pub fn listed(run: &ListedRun<'a>, error: Option<&'a RunError>) -> Self {
+    /// A listed row as of `now`.
+    pub fn listed(run: &ListedRun<'a>, error: Option<&'a RunError>, now: Timestamp) -> Self {
         RunView {
             name: run.name,
             job: run.job,
@@ -100,8 +102,8 @@ impl<'a> RunView<'a> {
             instance_id: run.instance_id,
             host: run.host,
             gpu: run.gpu,
-            price_per_hour: run.price_per_hour,
-            cost_usd: round_cents(run.cost_usd),
+            price_per_hour: run.price_per_hour.map(|p| p.dollars()),
+            cost_usd: round_cents(run.cost_at(now).dollars()),
             progress: run.progress_done.map(|done| ProgressView {
                 done,
                 total: run.progress_total,
@@ -146,6 +148,7 @@ fn listed(run: &RunRecord) -> ListedRun<'_> {
         gpu: run.gpu.as_deref(),
         price_per_hour: run.price_per_hour,
         cost_usd: run.cost_usd,
+        billing_since: run.billing_since,
         progress_done: run.progress_done,
         progress_total: run.progress_total,
         exit_code: run.exit_code,
@@ -447,10 +450,10 @@ impl RunsTable {
             t.cell(dash(run.host));
             t.cell(dash(run.gpu));
             match run.price_per_hour {
-                Some(p) => t.cell(format_args!("{p:.3}")),
+                Some(p) => t.cell(format_args!("{:.3}", p.dollars())),
                 None => t.cell("-"),
             }
-            t.cell(format_args!("${:.2}", usd(run.cost_usd)));
+            t.cell(run.cost_at(self.now));
             t.cell(commit);
             t.cell(dash(run.commit_message));
             match run.exit_code {
@@ -461,7 +464,7 @@ impl RunsTable {
             t.cell(run.phase.as_str());
             t.cell(progress);
             t.cell(provider);
-            t.cell(format_args!("${:.2}", usd(run.cost_usd)));
+            t.cell(run.cost_at(self.now));
             t.cell(commit);
         }
         t.cell(Age(self.now - run.created_at));

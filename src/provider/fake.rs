@@ -4,11 +4,13 @@
 //! `#[tokio::test(start_paused = true)]` run hours of simulated work instantly.
 
 use super::{
-    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
-    ProviderResult,
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider,
+    ProviderError, ProviderResult,
 };
 use crate::agent::{AgentError, AgentState, AgentStatus, LaunchSpec, Machine};
-use crate::model::{InstanceId, OwnerTag, Progress, ProviderKind, Timestamp};
+use crate::model::{
+    InstanceId, Offer, OfferQuery, OwnerTag, Progress, ProviderKind, Timestamp, Usd,
+};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,7 +31,9 @@ pub struct FakeConfig {
     pub exit_code: i32,
     /// At most this many live instances; further creates get `NoCapacity`.
     pub capacity: Option<usize>,
-    pub price_per_hour: f64,
+    pub price_per_hour: Usd,
+    /// What the fake declares about itself (listing lag, boot timeout, resync, ...).
+    pub capabilities: Capabilities,
 }
 
 impl Default for FakeConfig {
@@ -40,7 +44,8 @@ impl Default for FakeConfig {
             job_duration: Duration::from_secs(60),
             exit_code: 0,
             capacity: None,
-            price_per_hour: 1.0,
+            price_per_hour: Usd::from_dollars(1.0),
+            capabilities: Capabilities::default(),
         }
     }
 }
@@ -339,6 +344,23 @@ impl FakeProvider {
 impl Provider for FakeProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Fake
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.config().capabilities
+    }
+
+    /// One offer, while there is room: the configured GPU-less machine at its price.
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let config = self.config();
+        tokio::time::sleep(config.latency).await;
+        let full = config
+            .capacity
+            .is_some_and(|c| lock(&self.state).instances.len() >= c);
+        let offer = Offer::new(ProviderKind::Fake, "fake", config.price_per_hour);
+        Ok(std::iter::once(offer)
+            .filter(|o| !full && query.matches(o))
+            .collect())
     }
 
     async fn list(&self) -> ProviderResult<Vec<Instance>> {

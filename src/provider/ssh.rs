@@ -32,10 +32,10 @@
 
 use crate::home::Home;
 use crate::manifest::{Fleet, Host};
-use crate::model::{InstanceId, OwnerTag, ProviderKind};
+use crate::model::{InstanceId, Offer, OfferQuery, OwnerTag, ProviderKind, Usd};
 use crate::provider::{
-    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
-    ProviderResult,
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider,
+    ProviderError, ProviderResult,
 };
 use crate::transport::ssh::{SshJump, SshPool, SshTarget, SshTransport, quote};
 use crate::transport::{Transport, TransportError};
@@ -46,27 +46,9 @@ use std::sync::{Arc, Mutex};
 /// Where slots live on a host unless the provider is told otherwise.
 pub const DEFAULT_REMOTE_ROOT: &str = "~/.asimov-agent";
 
-/// What `host_statuses` says about one host, as of the last `list` (or create/destroy).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostStatus {
-    pub fleet: String,
-    pub host: String,
-    /// False when the last attempt to reach it failed, or it was never contacted.
-    pub reachable: bool,
-    /// True when no job of any size could be placed on it now.
-    pub busy: bool,
-    /// GPUs the manifest declares.
-    pub gpus_total: u32,
-    pub gpus_free: u32,
-    /// From `nvidia-smi` when present (`NVIDIA A100-SXM4-80GB, 81920 MiB`).
-    pub gpu_names: Vec<String>,
-    /// Tags of every slot on the host.
-    pub running: Vec<String>,
-    /// Tags of slots whose agent process is alive (`pid`).
-    pub agents_alive: Vec<String>,
-    /// Why it is unreachable, or "not contacted yet".
-    pub message: Option<String>,
-}
+/// What `host_statuses` says about one host, as of the last `list` (or create/destroy):
+/// the one host type, shared with the planner and the store.
+pub use crate::model::HostStatus;
 
 /// What `prepare_host` found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -138,16 +120,7 @@ fn err(kind: ErrorKind, step: &'static str, message: impl Into<String>) -> Provi
 /// Transport failures in provider terms: a host that cannot be reached now is
 /// transient; a changed host key or a refused login needs a person.
 fn from_transport(step: &'static str, e: TransportError) -> ProviderError {
-    let kind = match &e {
-        TransportError::Unreachable { .. } => ErrorKind::Transient,
-        TransportError::HostKeyChanged { .. } => ErrorKind::Unauthenticated,
-        TransportError::Failed {
-            step: "authenticate",
-            ..
-        } => ErrorKind::Unauthenticated,
-        TransportError::Failed { .. } | TransportError::Io { .. } => ErrorKind::Transient,
-    };
-    err(kind, step, e.to_string()).with_source(e)
+    err(ErrorKind::of_transport(&e), step, e.to_string()).with_source(e)
 }
 
 /// `~`-relative roots become `"$HOME"/...` so the remote shell expands them.
@@ -274,16 +247,11 @@ impl SshProvider {
                     .cloned()
                     .unwrap_or_default();
                 let free = free_gpus(host, &view.slots);
-                let busy = if host.gpus == 0 {
-                    !view.slots.is_empty()
-                } else {
-                    free == 0
-                };
-                out.push(HostStatus {
+                let mut status = HostStatus {
                     fleet: fleet.name.clone(),
                     host: host.name.clone(),
                     reachable: view.reachable,
-                    busy,
+                    busy: false,
                     gpus_total: host.gpus,
                     gpus_free: free,
                     gpu_names: view.gpu_names.clone(),
@@ -299,7 +267,9 @@ impl SshProvider {
                     } else {
                         Some("not contacted yet".to_string())
                     },
-                });
+                };
+                status.busy = status.is_full();
+                out.push(status);
             }
         }
         out
@@ -460,7 +430,7 @@ true
                 root: format!("{}/instances/{}", root.trim_end_matches('/'), slot.tag),
             }),
             gpu,
-            price_per_hour: 0.0,
+            price_per_hour: Usd::ZERO,
             created_at: slot.created,
             host: Some(host.name.clone()),
         })
@@ -555,11 +525,7 @@ fn split_id(id: &str) -> ProviderResult<(&str, &str, &str)> {
 
 /// GPUs not held by any slot; 0 while a whole-host slot is there.
 fn free_gpus(host: &Host, slots: &[Slot]) -> u32 {
-    if slots.iter().any(|s| s.gpus == 0) {
-        return 0;
-    }
-    let used: u32 = slots.iter().map(|s| s.gpus).sum();
-    host.gpus.saturating_sub(used)
+    HostStatus::free_gpus(host.gpus, slots.iter().map(|s| s.gpus))
 }
 
 /// Parses `root`, `slot` and `gpu` lines written by the host scripts.
@@ -591,6 +557,51 @@ fn parse_listing(text: &str) -> HostView {
 impl Provider for SshProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Ssh
+    }
+
+    /// Slots are listed the moment they are claimed and run at once; the hosts are the
+    /// user's own (nothing bills), so a slow resync costs nothing but a late notice.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            listing_lag: std::time::Duration::ZERO,
+            fixed_pool: true,
+            ..Capabilities::default()
+        }
+    }
+
+    fn set_fleets(&self, fleets: &[Fleet]) {
+        SshProvider::set_fleets(self, fleets.to_vec());
+    }
+
+    fn hosts(&self) -> Vec<HostStatus> {
+        self.host_statuses()
+    }
+
+    /// Each reachable host with room, as one offer of its free GPUs (the fleet's
+    /// machines cost nothing to asimov).
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let offers = self
+            .host_statuses()
+            .into_iter()
+            .filter(|h| h.reachable && !h.busy)
+            .map(|h| {
+                let mut o = Offer::new(
+                    ProviderKind::Ssh,
+                    format!("{}/{}", h.fleet, h.host),
+                    Usd::ZERO,
+                );
+                o.gpu = h
+                    .gpu_names
+                    .first()
+                    .and_then(|n| n.split(',').next())
+                    .map(|n| n.trim().to_string());
+                o.count = h.gpus_free;
+                o.location = Some(h.host.clone());
+                o
+            })
+            .filter(|o| query.matches(o))
+            .collect();
+        Ok(offers)
     }
 
     async fn list(&self) -> ProviderResult<Vec<Instance>> {

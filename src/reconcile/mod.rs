@@ -12,6 +12,6 @@ pub mod execute;
 pub mod plan;
 
 pub use plan::{
-    AgentObservation, Desired, History, HostCapacity, ListResult, Observed, Op, Plan, QueueKey,
-    StatusUpdate, plan,
+    AgentObservation, Desired, History, ListResult, Observed, Op, Plan, QueueKey, StatusUpdate,
+    plan,
 };

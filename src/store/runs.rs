@@ -3,7 +3,7 @@
 //! listing thousands of runs must not carry it.
 
 use super::{RunRecord, Store, StoreResult, bad_value, json_column, query, to_json};
-use crate::model::{Phase, ProviderKind, Timestamp};
+use crate::model::{Phase, Progress, ProviderKind, RunName, Timestamp, Usd};
 use rusqlite::types::Type;
 use rusqlite::{Row, Transaction, named_params};
 
@@ -11,14 +11,15 @@ use rusqlite::{Row, Transaction, named_params};
 const COLUMNS: &str = "name, job, run_index, seq, phase, reason, spec_hash, matrix, attempt, \
      placement_index, provider, instance_id, host, gpu, price_per_hour, cost_usd, \
      progress_done, progress_total, exit_code, repository, commit_id, commit_message, \
-     author, dirty, created_at, updated_at, started_at, finished_at";
+     author, dirty, created_at, updated_at, started_at, finished_at, billing_since";
 
 /// Upsert that keeps a run's `seq` when the record carries 0, and gives a new run the next
 /// one. An update in place (not REPLACE) so the run's attempts are not cascaded away.
 const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason, spec_hash, \
      matrix, attempt, placement_index, provider, instance_id, host, gpu, price_per_hour, \
      cost_usd, progress_done, progress_total, exit_code, repository, commit_id, \
-     commit_message, author, dirty, created_at, updated_at, started_at, finished_at) \
+     commit_message, author, dirty, created_at, updated_at, started_at, finished_at, \
+     billing_since) \
      VALUES (:name, :job, :run_index, \
        CASE WHEN :seq <> 0 THEN :seq ELSE coalesce( \
          (SELECT seq FROM runs WHERE name = :name), \
@@ -26,7 +27,7 @@ const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason
        :phase, :reason, :spec_hash, :matrix, :attempt, :placement_index, :provider, \
        :instance_id, :host, :gpu, :price_per_hour, :cost_usd, :progress_done, \
        :progress_total, :exit_code, :repository, :commit_id, :commit_message, :author, \
-       :dirty, :created_at, :updated_at, :started_at, :finished_at) \
+       :dirty, :created_at, :updated_at, :started_at, :finished_at, :billing_since) \
      ON CONFLICT (name) DO UPDATE SET job = excluded.job, run_index = excluded.run_index, \
        seq = excluded.seq, phase = excluded.phase, reason = excluded.reason, \
        spec_hash = excluded.spec_hash, matrix = excluded.matrix, attempt = excluded.attempt, \
@@ -38,7 +39,8 @@ const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason
        commit_id = excluded.commit_id, commit_message = excluded.commit_message, \
        author = excluded.author, dirty = excluded.dirty, \
        created_at = excluded.created_at, updated_at = excluded.updated_at, \
-       started_at = excluded.started_at, finished_at = excluded.finished_at";
+       started_at = excluded.started_at, finished_at = excluded.finished_at, \
+       billing_since = excluded.billing_since";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
     let phase = row.get_ref(4)?.as_str()?;
@@ -62,8 +64,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         instance_id: row.get(11)?,
         host: row.get(12)?,
         gpu: row.get(13)?,
-        price_per_hour: row.get(14)?,
-        cost_usd: row.get(15)?,
+        price_per_hour: row.get::<_, Option<f64>>(14)?.map(Usd::from_dollars),
+        cost_usd: Usd::from_dollars(row.get(15)?),
         progress_done: unsigned(row, 16)?,
         progress_total: unsigned(row, 17)?,
         exit_code: row.get(18)?,
@@ -76,6 +78,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         updated_at: row.get(25)?,
         started_at: row.get(26)?,
         finished_at: row.get(27)?,
+        billing_since: row.get(28)?,
     })
 }
 
@@ -119,8 +122,8 @@ pub(super) fn upsert(tx: &Transaction<'_>, run: &RunRecord) -> rusqlite::Result<
         ":instance_id": run.instance_id,
         ":host": run.host,
         ":gpu": run.gpu,
-        ":price_per_hour": run.price_per_hour,
-        ":cost_usd": run.cost_usd,
+        ":price_per_hour": run.price_per_hour.map(Usd::dollars),
+        ":cost_usd": run.cost_usd.dollars(),
         ":progress_done": signed(run.progress_done)?,
         ":progress_total": signed(run.progress_total)?,
         ":exit_code": run.exit_code,
@@ -133,6 +136,7 @@ pub(super) fn upsert(tx: &Transaction<'_>, run: &RunRecord) -> rusqlite::Result<
         ":updated_at": run.updated_at,
         ":started_at": run.started_at,
         ":finished_at": run.finished_at,
+        ":billing_since": run.billing_since,
     })?;
     Ok(())
 }
@@ -212,6 +216,30 @@ impl Store {
         tx.commit().map_err(query(STEP))
     }
 
+    /// Records the progress agents reported, in one transaction: an observation, not a
+    /// decision, so the controller writes it without a planned op. Runs the store does
+    /// not know are skipped.
+    pub fn put_progress(&self, progress: &[(RunName, Progress)]) -> StoreResult<()> {
+        const STEP: &str = "writing progress";
+        if progress.is_empty() {
+            return Ok(());
+        }
+        let tx = self.write(STEP)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE runs SET progress_done = ?2, progress_total = ?3 WHERE name = ?1",
+                )
+                .map_err(query(STEP))?;
+            for (run, p) in progress {
+                let done = signed(Some(p.done)).map_err(query(STEP))?;
+                let total = signed(p.total).map_err(query(STEP))?;
+                stmt.execute((run, done, total)).map_err(query(STEP))?;
+            }
+        }
+        tx.commit().map_err(query(STEP))
+    }
+
     /// Removes a run with its attempts, its events (`object_kind` "run") and its cost
     /// entries, in one transaction. Callers do this only once every attempt is released.
     /// Forgetting an unknown run is not an error.
@@ -270,8 +298,10 @@ pub struct ListedRun<'r> {
     pub instance_id: Option<&'r str>,
     pub host: Option<&'r str>,
     pub gpu: Option<&'r str>,
-    pub price_per_hour: Option<f64>,
-    pub cost_usd: f64,
+    pub price_per_hour: Option<Usd>,
+    /// The ledger's cost; `cost_at` adds what the held instance has accrued.
+    pub cost_usd: Usd,
+    pub billing_since: Option<Timestamp>,
     pub progress_done: Option<u64>,
     pub progress_total: Option<u64>,
     pub exit_code: Option<i32>,
@@ -285,18 +315,29 @@ pub struct ListedRun<'r> {
     pub finished_at: Option<Timestamp>,
 }
 
+impl ListedRun<'_> {
+    /// Cost so far at `now`, as `RunRecord::cost_at` derives it.
+    pub fn cost_at(&self, now: Timestamp) -> Usd {
+        let live = match (self.price_per_hour, self.billing_since) {
+            (Some(price), Some(since)) => price.per_hour_over(now - since),
+            _ => Usd::ZERO,
+        };
+        self.cost_usd + live
+    }
+}
+
 /// The columns a listing reads, in the order `listed_from_row` reads them: not the
 /// seq, spec hash, placement index or update time, which no listing shows.
 const LISTED_COLUMNS: &str = "name, job, phase, reason, matrix, attempt, provider, \
      instance_id, host, gpu, price_per_hour, cost_usd, progress_done, progress_total, \
      exit_code, repository, commit_id, commit_message, author, dirty, created_at, \
-     started_at, finished_at";
+     started_at, finished_at, billing_since";
 
 /// `LISTED_COLUMNS` with every column the table does not show replaced by a constant,
 /// so `listed_from_row` reads both the same way.
 const TABLE_COLUMNS: &str = "name, '', phase, reason, '{}', 0, provider, NULL, NULL, NULL, \
-     NULL, cost_usd, progress_done, progress_total, NULL, NULL, commit_id, NULL, NULL, \
-     dirty, created_at, NULL, NULL";
+     price_per_hour, cost_usd, progress_done, progress_total, NULL, NULL, commit_id, NULL, \
+     NULL, dirty, created_at, NULL, NULL, billing_since";
 
 fn text<'r>(row: &'r Row<'_>, column: usize) -> rusqlite::Result<&'r str> {
     row.get_ref(column)?
@@ -328,8 +369,8 @@ fn listed_from_row<'r>(row: &'r Row<'_>) -> rusqlite::Result<ListedRun<'r>> {
         instance_id: optional_text(row, 7)?,
         host: optional_text(row, 8)?,
         gpu: optional_text(row, 9)?,
-        price_per_hour: row.get(10)?,
-        cost_usd: row.get(11)?,
+        price_per_hour: row.get::<_, Option<f64>>(10)?.map(Usd::from_dollars),
+        cost_usd: Usd::from_dollars(row.get(11)?),
         progress_done: unsigned(row, 12)?,
         progress_total: unsigned(row, 13)?,
         exit_code: row.get(14)?,
@@ -341,6 +382,7 @@ fn listed_from_row<'r>(row: &'r Row<'_>) -> rusqlite::Result<ListedRun<'r>> {
         created_at: row.get(20)?,
         started_at: row.get(21)?,
         finished_at: row.get(22)?,
+        billing_since: row.get(23)?,
     })
 }
 
@@ -367,6 +409,9 @@ impl Store {
     ) -> Result<(), ListError<E>> {
         const STEP: &str = "listing runs";
         let store = |e| ListError::Store(query(STEP)(e));
+        // One read snapshot for the order check and the rows, whatever a controller
+        // writes meanwhile.
+        let snapshot = self.conn.unchecked_transaction().map_err(store)?;
         let columns = match fields {
             Fields::All => LISTED_COLUMNS,
             Fields::Table => TABLE_COLUMNS,
@@ -391,7 +436,10 @@ impl Store {
             let run = listed_from_row(row).map_err(store)?;
             each(run).map_err(ListError::Callback)?;
         }
-        Ok(())
+        drop(rows);
+        drop(stmt);
+        // Nothing was written: ending the snapshot only releases it.
+        snapshot.rollback().map_err(store)
     }
 
     /// True when reading the table in rowid order gives the runs in (seq, name) order.
