@@ -9,7 +9,7 @@
 
 mod support;
 
-use asimov::model::{Phase, ProviderKind};
+use asimov::model::{Phase, ProviderKind, Usd};
 use asimov::store::{RunError, RunRecord, Store};
 use std::collections::BTreeMap;
 use support::cli::Asimov;
@@ -42,8 +42,8 @@ fn full_run(name: &str, job: &str, created: i64) -> RunRecord {
         instance_id: Some("0920582c7ff041399e34823a0be62549".to_string()),
         host: Some("gpu3".to_string()),
         gpu: Some("H100_SXM".to_string()),
-        price_per_hour: Some(2.49),
-        cost_usd: 12.345678,
+        price_per_hour: Some(Usd::from_dollars(2.49)),
+        cost_usd: Usd::from_dollars(12.345678),
         progress_done: Some(1234),
         progress_total: Some(5000),
         exit_code: Some(-9),
@@ -56,6 +56,7 @@ fn full_run(name: &str, job: &str, created: i64) -> RunRecord {
         updated_at: created + 100,
         started_at: Some(1_700_000_050),
         finished_at: Some(1_700_000_099),
+        billing_since: None,
     }
 }
 
@@ -75,7 +76,7 @@ fn seeded() -> (Asimov, i64) {
             phase: Phase::Failed,
             reason: "failed with exit code 3".into(),
             progress_done: Some(7),
-            cost_usd: 0.0,
+            cost_usd: Usd::ZERO,
             ..bare_run("sweep-1", "sweep", created)
         })
         .unwrap();
