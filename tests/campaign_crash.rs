@@ -188,7 +188,10 @@ fn instances_by_run(targets: &[Box<dyn Target>], a: &Asimov) -> BTreeMap<String,
     for t in targets {
         for tag in t.instances(a) {
             let run = asimov::model::OwnerTag::parse(&tag).map_or_else(|| tag.clone(), |t| t.run);
-            by_run.entry(run).or_default().push(format!("{}:{tag}", t.name()));
+            by_run
+                .entry(run)
+                .or_default()
+                .push(format!("{}:{tag}", t.name()));
         }
     }
     by_run
@@ -377,7 +380,10 @@ fn campaign(sizes: Sizes) {
             if phase == "Succeeded" && got.trim() == format!("v{version}") {
                 done += 1;
             } else {
-                waiting.push(format!("{run}: {phase}, output {:?}, want v{version}", got.trim()));
+                waiting.push(format!(
+                    "{run}: {phase}, output {:?}, want v{version}",
+                    got.trim()
+                ));
             }
         }
         for (run, (_, job)) in &listed {
@@ -423,7 +429,11 @@ fn campaign(sizes: Sizes) {
             continue;
         };
         let worst = minutes.values().copied().fold(0.0, f64::max);
-        billed.push(format!("{}: worst {worst:.2} min over {} runs", t.name(), minutes.len()));
+        billed.push(format!(
+            "{}: worst {worst:.2} min over {} runs",
+            t.name(),
+            minutes.len()
+        ));
         overbilled.extend(
             minutes
                 .into_iter()
@@ -474,13 +484,19 @@ fn campaign(sizes: Sizes) {
             instances_by_run(&targets, &a)
         );
     }
-    assert!(orphans.is_empty(), "orphaned instances ({replay}): {orphans:?}");
+    assert!(
+        orphans.is_empty(),
+        "orphaned instances ({replay}): {orphans:?}"
+    );
     assert!(
         overbilled.is_empty(),
         "billed more than one controller tick ({tick_minutes:.2} min) after a run's end \
          ({replay}): {overbilled:?}"
     );
-    assert!(a.job_processes().is_empty(), "orphaned processes ({replay})");
+    assert!(
+        a.job_processes().is_empty(),
+        "orphaned processes ({replay})"
+    );
     kill9(&mut controller);
 }
 

@@ -69,8 +69,12 @@ fn seeded() -> (Asimov, i64) {
     let a = Asimov::new();
     let created = created_at();
     let store = Store::open(&a.home().join("state.db")).unwrap();
-    store.put_run(&full_run("sweep-0", "sweep", created)).unwrap();
-    store.put_run(&bare_run("other-0", "other", created)).unwrap();
+    store
+        .put_run(&full_run("sweep-0", "sweep", created))
+        .unwrap();
+    store
+        .put_run(&bare_run("other-0", "other", created))
+        .unwrap();
     store
         .put_run(&RunRecord {
             phase: Phase::Failed,
@@ -180,7 +184,11 @@ fn get_runs_of_an_unknown_name_prints_nothing_and_fails() {
     let (a, _) = seeded();
     let out = a.run(&["get", "runs", "nosuch", "-o", "json"]);
     assert!(!out.status.success());
-    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("no run or job named \"nosuch\""));
 }
 

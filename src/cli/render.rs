@@ -546,8 +546,14 @@ mod tests {
 
     #[test]
     fn short_commits_cut_at_eight_characters() {
-        assert_eq!(CommitCell(Some("0123456789"), false).to_string(), "01234567");
-        assert_eq!(CommitCell(Some("ünïcödé-ünï"), true).to_string(), "ünïcödé-+dirty");
+        assert_eq!(
+            CommitCell(Some("0123456789"), false).to_string(),
+            "01234567"
+        );
+        assert_eq!(
+            CommitCell(Some("ünïcödé-ünï"), true).to_string(),
+            "ünïcödé-+dirty"
+        );
         assert_eq!(CommitCell(Some("abc"), false).to_string(), "abc");
         assert_eq!(CommitCell(None, true).to_string(), "-");
     }

@@ -501,7 +501,8 @@ impl Store {
             Listing::Job(_) => "AND job = ?1",
             Listing::Run(_) => "AND name = ?1",
         };
-        let sql = format!("SELECT EXISTS (SELECT 1 FROM runs WHERE phase NOT IN ({list}) {filter})");
+        let sql =
+            format!("SELECT EXISTS (SELECT 1 FROM runs WHERE phase NOT IN ({list}) {filter})");
         let mut stmt = self.conn.prepare_cached(&sql).map_err(query(STEP))?;
         match which {
             Listing::All => stmt.query_row([], |r| r.get(0)),
