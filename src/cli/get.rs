@@ -1,10 +1,12 @@
 //! `asimov get jobs|runs|fleets|budgets [NAME] [-o table|wide|json|yaml]`.
 
 use super::args::{Kind, Output};
-use super::render::{RunView, runs_table};
+use super::render::{RunView, RunsTable};
 use super::{CliResult, fail};
 use crate::home::Home;
-use crate::store::{RunRecord, Store};
+use crate::store::{Fields, ListError, Listing, RunError, RunRecord, Store, StoreError};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -17,81 +19,130 @@ pub fn run(home: &Home, kind: Kind, name: Option<&str>, output: Output) -> CliRe
     }
 }
 
-/// Runs from the store, read-only: works while the controller writes.
-fn load_runs(home: &Home, name: Option<&str>) -> Result<Vec<RunRecord>, super::CliError> {
-    if !home.database().exists() {
-        return Ok(Vec::new());
-    }
-    let Some(store) = super::read_store(home)? else {
-        return Ok(Vec::new());
+/// Which runs `get runs [NAME]` lists: NAME is a run, or else a job.
+fn listing<'a>(store: &Store, name: Option<&'a str>) -> Result<Listing<'a>, super::CliError> {
+    let Some(n) = name else {
+        return Ok(Listing::All);
     };
-    Ok(match name {
-        Some(n) => {
-            let mut runs: Vec<RunRecord> = store.run(n)?.into_iter().collect();
-            if runs.is_empty() {
-                // `get runs JOB` lists a job's runs too.
-                runs = store.runs_of_job(n)?;
-            }
-            if runs.is_empty() {
-                return Err(fail(format!("no run or job named {n:?}")));
-            }
-            runs
+    for which in [Listing::Run(n), Listing::Job(n)] {
+        if store.count_runs(which)? > 0 {
+            return Ok(which);
         }
-        None => store.runs()?,
-    })
+    }
+    Err(fail(format!("no run or job named {n:?}")))
 }
 
-/// `{"items": [...]}`, serialized straight from the records (no JSON tree in between).
+/// `{"items": [...]}`, each run serialized as its row is read (no list in between).
 #[derive(serde::Serialize)]
 struct RunList<'a> {
-    items: Vec<RunView<'a>>,
+    items: StreamedRuns<'a>,
+}
+
+struct StreamedRuns<'a> {
+    store: &'a Store,
+    which: Listing<'a>,
+    errors: &'a BTreeMap<String, RunError>,
+    /// The time costs so far are derived at.
+    now: crate::model::Timestamp,
+    /// A store error met while serializing, to return as itself rather than as text.
+    failed: RefCell<Option<StoreError>>,
+}
+
+impl serde::Serialize for StreamedRuns<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeSeq};
+        let mut seq = serializer.serialize_seq(None)?;
+        let listed = self.store.list_runs(self.which, Fields::All, |run| {
+            seq.serialize_element(&RunView::listed(&run, self.errors.get(run.name), self.now))
+        });
+        match listed {
+            Ok(()) => seq.end(),
+            Err(ListError::Callback(e)) => Err(e),
+            Err(ListError::Store(e)) => {
+                let message = e.to_string();
+                *self.failed.borrow_mut() = Some(e);
+                Err(S::Error::custom(message))
+            }
+        }
+    }
+}
+
+fn list_error(e: ListError<std::convert::Infallible>) -> StoreError {
+    match e {
+        ListError::Store(e) => e,
+        ListError::Callback(never) => match never {},
+    }
 }
 
 fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
-    let runs = load_runs(home, name)?;
-    let store = open_store(home)?;
-    let errors = match &store {
-        Some(s) => s.run_errors()?,
-        None => Default::default(),
+    // Before any store exists, every listing is empty (a name included, as before).
+    let Some(store) = open_store(home)? else {
+        return empty_runs(output);
     };
-    if runs.iter().any(|r| !r.phase.is_terminal())
-        && let Some(note) = super::daemon::absence(home, store.as_ref())
+    let which = listing(&store, name)?;
+    let errors = store.run_errors()?;
+    if store.any_unfinished_run(which)?
+        && let Some(note) = super::daemon::absence(home, Some(&store))
     {
         eprintln!("warning: {note}");
     }
     let now = super::now();
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     match output {
         Output::Table | Output::Wide => {
-            if runs.is_empty() {
+            // Column widths depend on every row, so the table is built before it is
+            // written; its cells go into one buffer.
+            let wide = output == Output::Wide;
+            let mut table = RunsTable::new(wide, now);
+            let fields = if wide { Fields::All } else { Fields::Table };
+            store
+                .list_runs(which, fields, |run| {
+                    table.push(&run, errors.get(run.name));
+                    Ok(())
+                })
+                .map_err(list_error)?;
+            if table.is_empty() {
                 writeln!(out, "No runs.")?;
             } else {
-                runs_table(&runs, &errors, output == Output::Wide, super::now()).write(&mut out)?;
+                table.write(&mut out)?;
             }
         }
-        Output::Json => {
+        Output::Json | Output::Yaml => {
             let list = RunList {
-                items: runs
-                    .iter()
-                    .map(|r| RunView::of(r, errors.get(&r.name), now))
-                    .collect(),
+                items: StreamedRuns {
+                    store: &store,
+                    which,
+                    errors: &errors,
+                    now,
+                    failed: RefCell::new(None),
+                },
             };
-            serde_json::to_writer_pretty(&mut out, &list)?;
-            writeln!(out)?;
-        }
-        Output::Yaml => {
-            let list = RunList {
-                items: runs
-                    .iter()
-                    .map(|r| RunView::of(r, errors.get(&r.name), now))
-                    .collect(),
+            let written = if output == Output::Json {
+                serde_json::to_writer_pretty(&mut out, &list).map_err(super::CliError::from)
+            } else {
+                serde_yaml::to_writer(&mut out, &list).map_err(super::CliError::from)
             };
-            write!(out, "{}", serde_yaml::to_string(&list)?)?;
+            if let Some(e) = list.items.failed.take() {
+                return Err(e.into());
+            }
+            written?;
+            if output == Output::Json {
+                writeln!(out)?;
+            }
         }
     }
     out.flush()?;
-    // The process ends now; freeing 10,000 records one by one would only delay it.
-    std::mem::forget(runs);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `get runs` before anything was ever recorded.
+fn empty_runs(output: Output) -> CliResult {
+    let mut out = std::io::stdout().lock();
+    match output {
+        Output::Table | Output::Wide => writeln!(out, "No runs.")?,
+        Output::Json => writeln!(out, "{{\n  \"items\": []\n}}")?,
+        Output::Yaml => writeln!(out, "items: []")?,
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -144,10 +195,7 @@ pub(super) fn warn_state(home: &Home, store: Option<&Store>, view: Option<&super
         super::desired::warn_problems(v);
     }
     let anything = view.is_some_and(|v| !v.loaded.documents.is_empty())
-        || store.is_some_and(|s| {
-            s.runs()
-                .is_ok_and(|r| r.iter().any(|r| !r.phase.is_terminal()))
-        });
+        || store.is_some_and(|s| s.any_unfinished_run(Listing::All).unwrap_or(false));
     if anything && let Some(note) = super::daemon::absence(home, store) {
         eprintln!("warning: {note}");
     }

@@ -3,10 +3,12 @@
 //! only ever added, never renamed or removed.
 
 use crate::model::Timestamp;
-use crate::store::{RunError, RunRecord};
+use crate::store::{ListedRun, RunError, RunRecord};
 use comfy_table::{Table, presets};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use std::fmt;
+use std::fmt::Write as _;
 
 /// A run as `get runs -o json|yaml` prints it.
 #[derive(Debug, Serialize)]
@@ -29,10 +31,10 @@ pub struct RunView<'a> {
     pub author: Option<&'a str>,
     pub dirty: bool,
     pub exit_code: Option<i32>,
-    pub matrix: &'a std::collections::BTreeMap<String, String>,
-    pub created_at: String,
-    pub started_at: Option<String>,
-    pub finished_at: Option<String>,
+    pub matrix: MatrixView<'a>,
+    pub created_at: Rfc3339,
+    pub started_at: Option<Rfc3339>,
+    pub finished_at: Option<Rfc3339>,
     /// The last failure of any of the run's steps (create, start, setup, ...), kept until
     /// that work goes through.
     pub last_error: Option<ErrorView<'a>>,
@@ -42,7 +44,7 @@ pub struct RunView<'a> {
 pub struct ErrorView<'a> {
     pub step: &'a str,
     pub message: &'a str,
-    pub at: String,
+    pub at: Rfc3339,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,18 +54,54 @@ pub struct ProgressView {
     pub fraction: Option<f64>,
 }
 
+/// A run's matrix: the map of a record, or the JSON text of a listed row, printed the
+/// same way either way.
+#[derive(Debug, Clone, Copy)]
+pub enum MatrixView<'a> {
+    Map(&'a BTreeMap<String, String>),
+    /// A JSON object of strings, as the store keeps it.
+    Json(&'a str),
+}
+
+impl Serialize for MatrixView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::Error;
+        match *self {
+            MatrixView::Map(map) => map.serialize(serializer),
+            // Most runs have no matrix: no parser for them.
+            MatrixView::Json("{}") => BTreeMap::<&str, &str>::new().serialize(serializer),
+            MatrixView::Json(text) => {
+                // Borrowed strings unless a value has escapes, which must be decoded.
+                match serde_json::from_str::<BTreeMap<&str, &str>>(text) {
+                    Ok(map) => map.serialize(serializer),
+                    Err(_) => serde_json::from_str::<BTreeMap<String, String>>(text)
+                        .map_err(S::Error::custom)?
+                        .serialize(serializer),
+                }
+            }
+        }
+    }
+}
+
 impl<'a> RunView<'a> {
     /// The run as of `now` (its cost so far is derived at `now`).
     pub fn of(run: &'a RunRecord, error: Option<&'a RunError>, now: Timestamp) -> Self {
+        let mut view = RunView::listed(&listed(run), error, now);
+        view.matrix = MatrixView::Map(&run.matrix);
+        view
+    }
+
+    /// A listed row as of `now`.
+    pub fn listed(run: &ListedRun<'a>, error: Option<&'a RunError>, now: Timestamp) -> Self {
         RunView {
-            name: &run.name,
-            job: &run.job,
+            name: run.name,
+            job: run.job,
             phase: run.phase.as_str(),
-            reason: &run.reason,
+            reason: run.reason,
             provider: run.provider.map(|p| p.as_str()),
-            instance_id: run.instance_id.as_deref(),
-            host: run.host.as_deref(),
-            gpu: run.gpu.as_deref(),
+            instance_id: run.instance_id,
+            host: run.host,
+            gpu: run.gpu,
             price_per_hour: run.price_per_hour.map(|p| p.dollars()),
             cost_usd: round_cents(run.cost_at(now).dollars()),
             progress: run.progress_done.map(|done| ProgressView {
@@ -75,22 +113,53 @@ impl<'a> RunView<'a> {
                     .map(|t| done as f64 / t as f64),
             }),
             attempt: run.attempt,
-            repository: run.repository.as_deref(),
-            commit: run.commit.as_deref(),
-            commit_message: run.commit_message.as_deref(),
-            author: run.author.as_deref(),
+            repository: run.repository,
+            commit: run.commit,
+            commit_message: run.commit_message,
+            author: run.author,
             dirty: run.dirty,
             exit_code: run.exit_code,
-            matrix: &run.matrix,
-            created_at: rfc3339(run.created_at),
-            started_at: run.started_at.map(rfc3339),
-            finished_at: run.finished_at.map(rfc3339),
+            matrix: MatrixView::Json(run.matrix_json),
+            created_at: Rfc3339(run.created_at),
+            started_at: run.started_at.map(Rfc3339),
+            finished_at: run.finished_at.map(Rfc3339),
             last_error: error.map(|e| ErrorView {
                 step: &e.step,
                 message: &e.message,
-                at: rfc3339(e.at),
+                at: Rfc3339(e.at),
             }),
         }
+    }
+}
+
+/// A record seen as a listing row. The matrix is left out (`{}`): callers that show it
+/// take it from the record (`RunView::of`).
+fn listed(run: &RunRecord) -> ListedRun<'_> {
+    ListedRun {
+        name: &run.name,
+        job: &run.job,
+        phase: run.phase,
+        reason: &run.reason,
+        matrix_json: "{}",
+        attempt: run.attempt,
+        provider: run.provider,
+        instance_id: run.instance_id.as_deref(),
+        host: run.host.as_deref(),
+        gpu: run.gpu.as_deref(),
+        price_per_hour: run.price_per_hour,
+        cost_usd: run.cost_usd,
+        billing_since: run.billing_since,
+        progress_done: run.progress_done,
+        progress_total: run.progress_total,
+        exit_code: run.exit_code,
+        repository: run.repository.as_deref(),
+        commit: run.commit.as_deref(),
+        commit_message: run.commit_message.as_deref(),
+        author: run.author.as_deref(),
+        dirty: run.dirty,
+        created_at: run.created_at,
+        started_at: run.started_at,
+        finished_at: run.finished_at,
     }
 }
 
@@ -106,13 +175,22 @@ pub fn usd(value: f64) -> f64 {
 
 /// The reason of a run as a table shows it: with the last error of its steps, if any.
 pub fn reason_cell(run: &RunRecord, error: Option<&RunError>) -> String {
-    match error {
-        // "failed with exit code 3" says less than the step that failed.
-        Some(e) if e.step == "setup" && run.phase.is_terminal() => e.message.clone(),
-        Some(e) if !run.reason.contains(&e.message) => {
-            format!("{}; last error ({}): {}", run.reason, e.step, e.message)
+    ReasonCell(&listed(run), error).to_string()
+}
+
+struct ReasonCell<'a>(&'a ListedRun<'a>, Option<&'a RunError>);
+
+impl fmt::Display for ReasonCell<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ReasonCell(run, error) = self;
+        match error {
+            // "failed with exit code 3" says less than the step that failed.
+            Some(e) if e.step == "setup" && run.phase.is_terminal() => f.write_str(&e.message),
+            Some(e) if !run.reason.contains(&e.message) => {
+                write!(f, "{}; last error ({}): {}", run.reason, e.step, e.message)
+            }
+            _ => f.write_str(run.reason),
         }
-        _ => run.reason.clone(),
     }
 }
 
@@ -122,14 +200,87 @@ pub fn rfc3339(t: Timestamp) -> String {
         .unwrap_or_else(|| t.to_string())
 }
 
+/// A time as `rfc3339` writes it, without building a `String`: listings print three
+/// per run.
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339(pub Timestamp);
+
+impl Rfc3339 {
+    /// "1970-01-01T00:00:00Z" up to the end of year 9999, the range chrono also writes
+    /// with four-digit years; `None` outside it.
+    fn ascii(self) -> Option<[u8; 20]> {
+        const END_OF_9999: i64 = 253_402_300_800;
+        if !(0..END_OF_9999).contains(&self.0) {
+            return None;
+        }
+        let days = self.0 / 86_400;
+        let secs = self.0 % 86_400;
+        // Days to a civil date (Howard Hinnant's algorithm), for days >= 0.
+        let z = days + 719_468;
+        let era = z / 146_097;
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        let year = yoe + era * 400 + i64::from(month <= 2);
+        let mut out = *b"0000-00-00T00:00:00Z";
+        let mut put = |at: usize, value: i64, digits: usize| {
+            let mut v = value;
+            for i in (0..digits).rev() {
+                out[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, year, 4);
+        put(5, month, 2);
+        put(8, day, 2);
+        put(11, secs / 3600, 2);
+        put(14, secs % 3600 / 60, 2);
+        put(17, secs % 60, 2);
+        Some(out)
+    }
+}
+
+impl fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ascii() {
+            // Only ASCII digits and separators were written.
+            Some(bytes) => f.write_str(std::str::from_utf8(&bytes).map_err(|_| fmt::Error)?),
+            None => f.write_str(&rfc3339(self.0)),
+        }
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.ascii() {
+            Some(bytes) => match std::str::from_utf8(&bytes) {
+                Ok(text) => serializer.serialize_str(text),
+                Err(_) => serializer.serialize_str(&rfc3339(self.0)),
+            },
+            None => serializer.serialize_str(&rfc3339(self.0)),
+        }
+    }
+}
+
 /// "3m", "2h5m", "4d1h": how long ago or how long, for tables.
 pub fn age(seconds: i64) -> String {
-    let s = seconds.max(0);
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m", s / 60),
-        3600..86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    Age(seconds).to_string()
+}
+
+struct Age(i64);
+
+impl fmt::Display for Age {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = self.0.max(0);
+        match s {
+            0..60 => write!(f, "{s}s"),
+            60..3600 => write!(f, "{}m", s / 60),
+            3600..86_400 => write!(f, "{}h{}m", s / 3600, (s % 3600) / 60),
+            _ => write!(f, "{}d{}h", s / 86_400, (s % 86_400) / 3600),
+        }
     }
 }
 
@@ -140,25 +291,33 @@ pub fn new_table(header: &[&str]) -> Table {
     table
 }
 
-fn progress_cell(run: &RunRecord) -> String {
-    match (run.progress_done, run.progress_total) {
-        (Some(d), Some(t)) if t > 0 => format!("{}%", (d * 100 / t).min(100)),
-        (Some(d), _) => d.to_string(),
-        _ => "-".into(),
+struct ProgressCell(Option<u64>, Option<u64>);
+
+impl fmt::Display for ProgressCell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.0, self.1) {
+            (Some(d), Some(t)) if t > 0 => write!(f, "{}%", (d * 100 / t).min(100)),
+            (Some(d), _) => write!(f, "{d}"),
+            _ => f.write_str("-"),
+        }
     }
 }
 
-fn short_commit(run: &RunRecord) -> String {
-    match &run.commit {
-        Some(c) => {
-            let short: String = c.chars().take(8).collect();
-            if run.dirty {
-                format!("{short}+dirty")
-            } else {
-                short
+struct CommitCell<'a>(Option<&'a str>, bool);
+
+impl fmt::Display for CommitCell<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(c) => {
+                let short = c.char_indices().nth(8).map_or(c, |(end, _)| &c[..end]);
+                f.write_str(short)?;
+                if self.1 {
+                    f.write_str("+dirty")?;
+                }
+                Ok(())
             }
+            None => f.write_str("-"),
         }
-        None => "-".into(),
     }
 }
 
@@ -168,112 +327,170 @@ fn dash(v: Option<&str>) -> &str {
 
 /// A plain table of left-aligned columns separated by two spaces, header first. The
 /// runs table goes through this rather than `comfy_table`: with 10,000 runs the general
-/// renderer alone took longer than the whole 50 ms budget of `get runs`.
+/// renderer alone took longer than the whole 50 ms budget of `get runs`. Cells are
+/// written into one buffer as they come (no `String` per cell): a table of 100,000
+/// runs is 800,000 cells.
 pub struct Columns {
     header: Vec<&'static str>,
-    rows: Vec<Vec<String>>,
+    widths: Vec<usize>,
+    text: String,
+    /// Where each cell ends in `text` and how many characters it has, row after row;
+    /// a cell starts where the one before it ends.
+    ends: Vec<(usize, usize)>,
 }
 
 impl Columns {
     pub fn new(header: &[&'static str]) -> Columns {
         Columns {
             header: header.to_vec(),
-            rows: Vec::new(),
+            widths: header.iter().map(|h| h.chars().count()).collect(),
+            text: String::new(),
+            ends: Vec::new(),
         }
     }
 
     pub fn push(&mut self, row: Vec<String>) {
-        self.rows.push(row);
+        for cell in &row {
+            self.cell(cell);
+        }
+        self.end_row();
+    }
+
+    /// Appends the next cell of the current row.
+    pub fn cell(&mut self, value: impl fmt::Display) {
+        let start = self.text.len();
+        // Writing into a `String` cannot fail.
+        let _ = write!(self.text, "{value}");
+        let column = self.ends.len() % self.widths.len().max(1);
+        let width = self.text[start..].chars().count();
+        if let Some(w) = self.widths.get_mut(column) {
+            *w = (*w).max(width);
+        }
+        self.ends.push((self.text.len(), width));
+    }
+
+    /// Ends the current row; missing cells are empty.
+    pub fn end_row(&mut self) {
+        let columns = self.widths.len().max(1);
+        while !self.ends.len().is_multiple_of(columns) {
+            self.ends.push((self.text.len(), 0));
+        }
     }
 
     pub fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
-        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
-        for row in &self.rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
+        let widths = &self.widths;
         let mut line = String::with_capacity(widths.iter().sum::<usize>() + 2 * widths.len());
-        let mut emit = |cells: &mut dyn Iterator<Item = &str>| -> std::io::Result<()> {
+        let mut emit = |cells: &mut dyn Iterator<Item = (&str, usize)>| -> std::io::Result<()> {
             line.clear();
-            for (i, cell) in cells.enumerate() {
+            for (i, (cell, chars)) in cells.enumerate() {
                 if i > 0 {
                     line.push_str("  ");
                 }
                 line.push_str(cell);
                 if i + 1 < widths.len() {
-                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    let pad = widths[i].saturating_sub(chars);
                     line.extend(std::iter::repeat_n(' ', pad));
                 }
             }
             out.write_all(line.trim_end().as_bytes())?;
             out.write_all(b"\n")
         };
-        emit(&mut self.header.iter().copied())?;
-        for row in &self.rows {
-            emit(&mut row.iter().map(String::as_str))?;
+        emit(&mut self.header.iter().map(|h| (*h, h.chars().count())))?;
+        let columns = widths.len().max(1);
+        let mut start = 0;
+        for row in self.ends.chunks(columns) {
+            let mut from = start;
+            emit(&mut row.iter().map(|&(end, chars)| {
+                let cell = &self.text[from..end];
+                from = end;
+                (cell, chars)
+            }))?;
+            start = from;
         }
         Ok(())
     }
 }
 
-/// The `get runs` table; `wide` adds placement, money and code columns.
+/// The `get runs` table, filled one run at a time; `wide` adds placement, money and
+/// code columns.
+pub struct RunsTable {
+    columns: Columns,
+    wide: bool,
+    now: Timestamp,
+}
+
+impl RunsTable {
+    pub fn new(wide: bool, now: Timestamp) -> RunsTable {
+        let columns = if wide {
+            Columns::new(&[
+                "NAME", "JOB", "PHASE", "PROGRESS", "ATTEMPT", "PROVIDER", "INSTANCE", "HOST",
+                "GPU", "$/H", "COST", "COMMIT", "MESSAGE", "EXIT", "AGE", "REASON",
+            ])
+        } else {
+            Columns::new(&[
+                "NAME", "PHASE", "PROGRESS", "PROVIDER", "COST", "COMMIT", "AGE", "REASON",
+            ])
+        };
+        RunsTable { columns, wide, now }
+    }
+
+    pub fn push(&mut self, run: &ListedRun<'_>, error: Option<&RunError>) {
+        let t = &mut self.columns;
+        let provider = run.provider.map(|p| p.as_str()).unwrap_or("-");
+        let progress = ProgressCell(run.progress_done, run.progress_total);
+        let commit = CommitCell(run.commit, run.dirty);
+        t.cell(run.name);
+        if self.wide {
+            t.cell(run.job);
+            t.cell(run.phase.as_str());
+            t.cell(progress);
+            t.cell(run.attempt);
+            t.cell(provider);
+            t.cell(dash(run.instance_id));
+            t.cell(dash(run.host));
+            t.cell(dash(run.gpu));
+            match run.price_per_hour {
+                Some(p) => t.cell(format_args!("{:.3}", p.dollars())),
+                None => t.cell("-"),
+            }
+            t.cell(run.cost_at(self.now));
+            t.cell(commit);
+            t.cell(dash(run.commit_message));
+            match run.exit_code {
+                Some(c) => t.cell(c),
+                None => t.cell("-"),
+            }
+        } else {
+            t.cell(run.phase.as_str());
+            t.cell(progress);
+            t.cell(provider);
+            t.cell(run.cost_at(self.now));
+            t.cell(commit);
+        }
+        t.cell(Age(self.now - run.created_at));
+        t.cell(ReasonCell(run, error));
+        t.end_row();
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.columns.ends.is_empty()
+    }
+
+    pub fn write(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        self.columns.write(out)
+    }
+}
+
+/// The `get runs` table of records (`describe` shows a job's runs with it).
 pub fn runs_table(
     runs: &[RunRecord],
     errors: &BTreeMap<String, RunError>,
     wide: bool,
     now: Timestamp,
-) -> Columns {
-    let mut table = if wide {
-        Columns::new(&[
-            "NAME", "JOB", "PHASE", "PROGRESS", "ATTEMPT", "PROVIDER", "INSTANCE", "HOST", "GPU",
-            "$/H", "COST", "COMMIT", "MESSAGE", "EXIT", "AGE", "REASON",
-        ])
-    } else {
-        Columns::new(&[
-            "NAME", "PHASE", "PROGRESS", "PROVIDER", "COST", "COMMIT", "AGE", "REASON",
-        ])
-    };
+) -> RunsTable {
+    let mut table = RunsTable::new(wide, now);
     for run in runs {
-        let provider = run.provider.map(|p| p.as_str()).unwrap_or("-").to_string();
-        let cost = run.cost_at(now).to_string();
-        let reason = reason_cell(run, errors.get(&run.name));
-        let age_cell = age(now - run.created_at);
-        if wide {
-            table.push(vec![
-                run.name.clone(),
-                run.job.clone(),
-                run.phase.as_str().to_string(),
-                progress_cell(run),
-                run.attempt.to_string(),
-                provider,
-                dash(run.instance_id.as_deref()).to_string(),
-                dash(run.host.as_deref()).to_string(),
-                dash(run.gpu.as_deref()).to_string(),
-                run.price_per_hour
-                    .map(|p| format!("{:.3}", p.dollars()))
-                    .unwrap_or_else(|| "-".into()),
-                cost,
-                short_commit(run),
-                dash(run.commit_message.as_deref()).to_string(),
-                run.exit_code
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                age_cell,
-                reason,
-            ]);
-        } else {
-            table.push(vec![
-                run.name.clone(),
-                run.phase.as_str().to_string(),
-                progress_cell(run),
-                provider,
-                cost,
-                short_commit(run),
-                age_cell,
-                reason,
-            ]);
-        }
+        table.push(&listed(run), errors.get(&run.name));
     }
     table
 }
@@ -293,6 +510,52 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "NAME         PHASE\na-long-name  Running\nb            -\n"
         );
+    }
+
+    #[test]
+    fn rfc3339_without_chrono_writes_what_chrono_writes() {
+        // Every boundary that matters (epoch, leap days, century rules, the end of the
+        // fast range) and a spread of times in between.
+        let mut times = vec![
+            -1,
+            0,
+            59,
+            86_399,
+            951_782_400,   // 2000-02-29
+            4_107_542_400, // 2100-03-01
+            253_402_300_799,
+            253_402_300_800,
+            i64::MIN,
+            i64::MAX,
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for _ in 0..20_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            times.push((x % 260_000_000_000) as i64 - 1_000_000_000);
+        }
+        for t in times {
+            assert_eq!(Rfc3339(t).to_string(), rfc3339(t), "at {t}");
+            assert_eq!(
+                serde_json::to_string(&Rfc3339(t)).unwrap(),
+                serde_json::to_string(&rfc3339(t)).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn short_commits_cut_at_eight_characters() {
+        assert_eq!(
+            CommitCell(Some("0123456789"), false).to_string(),
+            "01234567"
+        );
+        assert_eq!(
+            CommitCell(Some("ünïcödé-ünï"), true).to_string(),
+            "ünïcödé-+dirty"
+        );
+        assert_eq!(CommitCell(Some("abc"), false).to_string(), "abc");
+        assert_eq!(CommitCell(None, true).to_string(), "-");
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub use desired::{
     ControllerStatus, DesiredFolder, DesiredObject, DesiredProblem, DesiredRecord, RunError,
 };
 pub use migrations::SCHEMA_VERSION;
+pub use runs::{Fields, ListError, ListedRun, Listing};
 
 /// A run as the store remembers it. `get runs -o json` is rendered from this.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,6 +4,7 @@
 
 use super::{RunRecord, Store, StoreResult, bad_value, json_column, query, to_json};
 use crate::model::{Phase, Progress, ProviderKind, RunName, Timestamp, Usd};
+use rusqlite::types::Type;
 use rusqlite::{Row, Transaction, named_params};
 use std::collections::BTreeMap;
 
@@ -286,5 +287,317 @@ impl Store {
             .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
             .map_err(query(STEP))?;
         rows.collect::<Result<_, _>>().map_err(query(STEP))
+    }
+}
+
+/// Which columns a listing reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fields {
+    /// Every field of `ListedRun`.
+    All,
+    /// Only what the `get runs` table shows (name, phase, reason, provider, cost,
+    /// progress, commit, dirty, created): the other fields read as empty (`""`, `{}`, 0,
+    /// `None`). Fewer columns decoded and checked per row.
+    Table,
+}
+
+/// Which runs a listing reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Listing<'a> {
+    All,
+    /// The runs of one job.
+    Job(&'a str),
+    /// One run by name.
+    Run(&'a str),
+}
+
+/// A run as `get runs` lists it: only the columns a listing shows, borrowed from the
+/// SQLite row being read, so listing 100,000 runs allocates nothing per field. Valid
+/// only inside the callback of `Store::list_runs`.
+#[derive(Debug, Clone, Copy)]
+pub struct ListedRun<'r> {
+    pub name: &'r str,
+    pub job: &'r str,
+    pub phase: Phase,
+    pub reason: &'r str,
+    /// The matrix as the store keeps it: a JSON object of strings, keys sorted.
+    pub matrix_json: &'r str,
+    pub attempt: u32,
+    pub provider: Option<ProviderKind>,
+    pub instance_id: Option<&'r str>,
+    pub host: Option<&'r str>,
+    pub gpu: Option<&'r str>,
+    pub price_per_hour: Option<Usd>,
+    /// The ledger's cost; `cost_at` adds what the held instance has accrued.
+    pub cost_usd: Usd,
+    pub billing_since: Option<Timestamp>,
+    pub progress_done: Option<u64>,
+    pub progress_total: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub repository: Option<&'r str>,
+    pub commit: Option<&'r str>,
+    pub commit_message: Option<&'r str>,
+    pub author: Option<&'r str>,
+    pub dirty: bool,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+}
+
+impl ListedRun<'_> {
+    /// Cost so far at `now`, as `RunRecord::cost_at` derives it.
+    pub fn cost_at(&self, now: Timestamp) -> Usd {
+        let live = match (self.price_per_hour, self.billing_since) {
+            (Some(price), Some(since)) => price.per_hour_over(now - since),
+            _ => Usd::ZERO,
+        };
+        self.cost_usd + live
+    }
+}
+
+/// The columns a listing reads, in the order `listed_from_row` reads them: not the
+/// seq, spec hash, placement index or update time, which no listing shows.
+const LISTED_COLUMNS: &str = "name, job, phase, reason, matrix, attempt, provider, \
+     instance_id, host, gpu, price_per_hour, cost_usd, progress_done, progress_total, \
+     exit_code, repository, commit_id, commit_message, author, dirty, created_at, \
+     started_at, finished_at, billing_since";
+
+/// `LISTED_COLUMNS` with every column the table does not show replaced by a constant,
+/// so `listed_from_row` reads both the same way.
+const TABLE_COLUMNS: &str = "name, '', phase, reason, '{}', 0, provider, NULL, NULL, NULL, \
+     price_per_hour, cost_usd, progress_done, progress_total, NULL, NULL, commit_id, NULL, \
+     NULL, dirty, created_at, NULL, NULL, billing_since";
+
+fn text<'r>(row: &'r Row<'_>, column: usize) -> rusqlite::Result<&'r str> {
+    row.get_ref(column)?
+        .as_str()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e)))
+}
+
+fn optional_text<'r>(row: &'r Row<'_>, column: usize) -> rusqlite::Result<Option<&'r str>> {
+    row.get_ref(column)?
+        .as_str_or_null()
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(column, Type::Text, Box::new(e)))
+}
+
+fn listed_from_row<'r>(row: &'r Row<'_>) -> rusqlite::Result<ListedRun<'r>> {
+    let phase = text(row, 2)?;
+    let phase = Phase::parse(phase).ok_or_else(|| bad_value(2, "phase", phase))?;
+    let provider = match optional_text(row, 6)? {
+        None => None,
+        Some(p) => Some(ProviderKind::parse(p).ok_or_else(|| bad_value(6, "provider", p))?),
+    };
+    Ok(ListedRun {
+        name: text(row, 0)?,
+        job: text(row, 1)?,
+        phase,
+        reason: text(row, 3)?,
+        matrix_json: text(row, 4)?,
+        attempt: row.get(5)?,
+        provider,
+        instance_id: optional_text(row, 7)?,
+        host: optional_text(row, 8)?,
+        gpu: optional_text(row, 9)?,
+        price_per_hour: row.get::<_, Option<f64>>(10)?.map(Usd::from_dollars),
+        cost_usd: Usd::from_dollars(row.get(11)?),
+        progress_done: unsigned(row, 12)?,
+        progress_total: unsigned(row, 13)?,
+        exit_code: row.get(14)?,
+        repository: optional_text(row, 15)?,
+        commit: optional_text(row, 16)?,
+        commit_message: optional_text(row, 17)?,
+        author: optional_text(row, 18)?,
+        dirty: row.get(19)?,
+        created_at: row.get(20)?,
+        started_at: row.get(21)?,
+        finished_at: row.get(22)?,
+        billing_since: row.get(23)?,
+    })
+}
+
+/// Why a listing stopped: the store, or the callback that was handed each run.
+#[derive(Debug)]
+pub enum ListError<E> {
+    Store(super::StoreError),
+    Callback(E),
+}
+
+impl Store {
+    /// Hands each run of `which` to `each`, in `seq` order (then name), as the rows are
+    /// read: nothing is collected, so a caller can write each run out at once.
+    ///
+    /// All runs are read in the table's own (rowid) order when that is already the seq
+    /// order, which it is unless a run was written with an explicit seq out of order; a
+    /// walk of the (seq, name) index, with one table lookup per row, costs about twice
+    /// as much. A scan of that index alone (it holds the rowid) tells which case it is.
+    pub fn list_runs<E>(
+        &self,
+        which: Listing<'_>,
+        fields: Fields,
+        mut each: impl FnMut(ListedRun<'_>) -> Result<(), E>,
+    ) -> Result<(), ListError<E>> {
+        const STEP: &str = "listing runs";
+        let store = |e| ListError::Store(query(STEP)(e));
+        // One read snapshot for the order check and the rows, whatever a controller
+        // writes meanwhile.
+        let snapshot = self.conn.unchecked_transaction().map_err(store)?;
+        let columns = match fields {
+            Fields::All => LISTED_COLUMNS,
+            Fields::Table => TABLE_COLUMNS,
+        };
+        let sql = match which {
+            Listing::All if self.rowids_in_seq_order().map_err(store)? => {
+                format!("SELECT {columns} FROM runs ORDER BY rowid")
+            }
+            Listing::All => format!("SELECT {columns} FROM runs ORDER BY seq, name"),
+            Listing::Job(_) => {
+                format!("SELECT {columns} FROM runs WHERE job = ?1 ORDER BY seq, name")
+            }
+            Listing::Run(_) => format!("SELECT {columns} FROM runs WHERE name = ?1"),
+        };
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(store)?;
+        let mut rows = match which {
+            Listing::All => stmt.query([]),
+            Listing::Job(key) | Listing::Run(key) => stmt.query([key]),
+        }
+        .map_err(store)?;
+        while let Some(row) = rows.next().map_err(store)? {
+            let run = listed_from_row(row).map_err(store)?;
+            each(run).map_err(ListError::Callback)?;
+        }
+        drop(rows);
+        drop(stmt);
+        // Nothing was written: ending the snapshot only releases it.
+        snapshot.rollback().map_err(store)
+    }
+
+    /// True when reading the table in rowid order gives the runs in (seq, name) order.
+    fn rowids_in_seq_order(&self) -> rusqlite::Result<bool> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT rowid FROM runs INDEXED BY runs_seq ORDER BY seq, name")?;
+        let mut rows = stmt.query([])?;
+        let mut last = i64::MIN;
+        while let Some(row) = rows.next()? {
+            let rowid: i64 = row.get(0)?;
+            if rowid <= last {
+                return Ok(false);
+            }
+            last = rowid;
+        }
+        Ok(true)
+    }
+
+    /// How many runs `which` names (0 or 1 for one run).
+    pub fn count_runs(&self, which: Listing<'_>) -> StoreResult<u64> {
+        const STEP: &str = "counting runs";
+        let (sql, key) = match which {
+            Listing::All => ("SELECT count(*) FROM runs", None),
+            Listing::Job(job) => ("SELECT count(*) FROM runs WHERE job = ?1", Some(job)),
+            Listing::Run(name) => ("SELECT count(*) FROM runs WHERE name = ?1", Some(name)),
+        };
+        let mut stmt = self.conn.prepare_cached(sql).map_err(query(STEP))?;
+        let count: i64 = match key {
+            None => stmt.query_row([], |r| r.get(0)),
+            Some(key) => stmt.query_row([key], |r| r.get(0)),
+        }
+        .map_err(query(STEP))?;
+        Ok(count.max(0) as u64)
+    }
+
+    /// True when some run of `which` is not in a terminal phase (a controller still has
+    /// work to do for it).
+    pub fn any_unfinished_run(&self, which: Listing<'_>) -> StoreResult<bool> {
+        const STEP: &str = "looking for unfinished runs";
+        // The phases `Phase::is_terminal` names, asked of it rather than repeated here.
+        let every = [
+            Phase::Pending,
+            Phase::Provisioning,
+            Phase::Starting,
+            Phase::Running,
+            Phase::Succeeded,
+            Phase::Failed,
+            Phase::Deleting,
+        ];
+        let list = every
+            .iter()
+            .filter(|p| p.is_terminal())
+            .map(|p| format!("'{}'", p.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let filter = match which {
+            Listing::All => "",
+            Listing::Job(_) => "AND job = ?1",
+            Listing::Run(_) => "AND name = ?1",
+        };
+        let sql =
+            format!("SELECT EXISTS (SELECT 1 FROM runs WHERE phase NOT IN ({list}) {filter})");
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(query(STEP))?;
+        match which {
+            Listing::All => stmt.query_row([], |r| r.get(0)),
+            Listing::Job(key) | Listing::Run(key) => stmt.query_row([key], |r| r.get(0)),
+        }
+        .map_err(query(STEP))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn names(store: &Store, fields: Fields) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        store
+            .list_runs(Listing::All, fields, |r| {
+                out.push((r.name.to_string(), r.phase.as_str().to_string()));
+                Ok::<_, std::convert::Infallible>(())
+            })
+            .unwrap();
+        out
+    }
+
+    fn expected(store: &Store) -> Vec<(String, String)> {
+        store
+            .runs()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.name, r.phase.as_str().to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn listing_follows_seq_whether_or_not_the_table_is_in_seq_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        for name in ["c-0", "b-0", "a-0", "d-0"] {
+            let run = RunRecord::new_pending(name, "j", 0, "", &BTreeMap::new(), "", 1);
+            store.put_run(&run).unwrap();
+        }
+        // Written in seq order: the table's own order is used.
+        assert!(store.rowids_in_seq_order().unwrap());
+        assert_eq!(names(&store, Fields::All), expected(&store));
+        assert_eq!(names(&store, Fields::Table), expected(&store));
+
+        // An explicit seq out of write order: the index order is used.
+        let mut moved = store.run("c-0").unwrap().unwrap();
+        moved.seq = 99;
+        store.put_run(&moved).unwrap();
+        assert!(!store.rowids_in_seq_order().unwrap());
+        let listed = names(&store, Fields::All);
+        assert_eq!(listed, expected(&store));
+        assert_eq!(listed.last().map(|(n, _)| n.as_str()), Some("c-0"));
+        assert_eq!(names(&store, Fields::Table), listed);
+
+        assert_eq!(store.count_runs(Listing::All).unwrap(), 4);
+        assert_eq!(store.count_runs(Listing::Job("j")).unwrap(), 4);
+        assert_eq!(store.count_runs(Listing::Run("a-0")).unwrap(), 1);
+        assert_eq!(store.count_runs(Listing::Run("zz")).unwrap(), 0);
+        assert!(store.any_unfinished_run(Listing::All).unwrap());
+        let mut done = store.run("a-0").unwrap().unwrap();
+        done.phase = Phase::Succeeded;
+        store.put_run(&done).unwrap();
+        assert!(!store.any_unfinished_run(Listing::Run("a-0")).unwrap());
+        assert!(store.any_unfinished_run(Listing::Job("j")).unwrap());
     }
 }
