@@ -512,6 +512,25 @@ impl Machine for AgentMachine {
             })
     }
 
+    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
+        let remote = self.resolve(path).await?;
+        let found = self
+            .run("find checkpoint", &format!("test -d {}", sh_quote(&remote)))
+            .await?;
+        if found.status != 0 {
+            return Ok(false);
+        }
+        self.transport
+            .download(&remote, into)
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step: "sync checkpoint",
+                source,
+            })?;
+        Ok(true)
+    }
+
     async fn stop(&self) -> Result<(), AgentError> {
         let root = self.root_path().await?;
         self.run_ok("stop agent", &self.agent(&root, "stop"))

@@ -441,6 +441,9 @@ impl Controller {
                 .map_err(ControllerError::Store)?;
             h.spent.insert(b.name.clone(), spent);
         }
+        h.checkpoints = store
+            .last_checkpoint_syncs()
+            .map_err(ControllerError::Store)?;
         Ok(h)
     }
 

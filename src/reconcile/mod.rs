@@ -7,6 +7,7 @@
 //! Only `execute` and `controller` touch providers and the store.
 
 pub mod budget;
+pub mod checkpoint;
 pub mod controller;
 pub mod execute;
 pub mod plan;

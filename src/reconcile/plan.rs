@@ -38,6 +38,9 @@ pub const REQUEUE_FAST: Duration = Duration::from_secs(2);
 /// Look again at a running job: its progress, and above all whether it ended (the
 /// outputs come back and a paid instance is destroyed within this much of the end).
 pub const REQUEUE_RUNNING: Duration = Duration::from_secs(3);
+/// How often a running job's checkpoint folder is synced when `checkpoint.every` is
+/// not given.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10 * 60);
 /// A provider's listing failed; try it again.
 pub const REQUEUE_LISTING_FAILED: Duration = Duration::from_secs(10);
 /// A run held back by a budget or a missing provider.
@@ -141,6 +144,8 @@ pub struct History {
     pub attempts: BTreeMap<RunName, Vec<AttemptRecord>>,
     /// Ledger spending of each budget inside its window, by budget name.
     pub spent: BTreeMap<String, f64>,
+    /// The last complete checkpoint sync of each run: (attempt, when).
+    pub checkpoints: BTreeMap<RunName, (u32, Timestamp)>,
 }
 
 /// A change of a run's status, with the outcome of its current attempt when it ends.
@@ -192,7 +197,14 @@ pub enum Op {
         instance: Instance,
     },
     SetStatus(StatusUpdate),
-    /// Bring the log and outputs home.
+    /// Bring the run's checkpoint folder home while it runs (its last sync is part of
+    /// `Collect`).
+    SyncCheckpoint {
+        run: RunName,
+        attempt: u32,
+        instance: Instance,
+    },
+    /// Bring the log, the checkpoint and the outputs home.
     Collect {
         run: RunName,
         attempt: u32,
@@ -232,6 +244,7 @@ impl Op {
             | Op::Adopt { run, .. }
             | Op::Start { run, .. }
             | Op::Collect { run, .. }
+            | Op::SyncCheckpoint { run, .. }
             | Op::Release { run, .. }
             | Op::Forget { run }
             | Op::Block { run, .. } => Some(run),
@@ -249,6 +262,7 @@ impl Op {
             Op::Start { .. } => "start",
             Op::SetStatus(_) => "set-status",
             Op::Collect { .. } => "collect",
+            Op::SyncCheckpoint { .. } => "sync-checkpoint",
             Op::Destroy { .. } => "destroy",
             Op::Release { .. } => "release",
             Op::Forget { .. } => "forget",
@@ -328,6 +342,15 @@ impl fmt::Display for Op {
             } => write!(
                 f,
                 "collect {run} attempt={attempt} {}/{}",
+                instance.provider, instance.id
+            ),
+            Op::SyncCheckpoint {
+                run,
+                attempt,
+                instance,
+            } => write!(
+                f,
+                "sync-checkpoint {run} attempt={attempt} {}/{}",
                 instance.provider, instance.id
             ),
             Op::Destroy {
@@ -1205,6 +1228,8 @@ impl<'a> Planner<'a> {
                     None,
                     None,
                 );
+                // After the status: a failed sync must not hold back the progress.
+                self.checkpoint(key, job, rec, a, instance, status.started_at);
                 self.wake(key, REQUEUE_RUNNING);
                 return;
             }
@@ -1224,6 +1249,41 @@ impl<'a> Planner<'a> {
             status.exit_code,
             status.progress,
         );
+    }
+
+    /// Syncs the running attempt's checkpoint folder every `checkpoint.every` (counted
+    /// from its last sync, or from the start of the job), and wakes the run when the
+    /// next one is due.
+    fn checkpoint(
+        &mut self,
+        key: &QueueKey,
+        job: &Job,
+        rec: &RunRecord,
+        a: &AttemptRecord,
+        instance: &Instance,
+        started_at: Option<Timestamp>,
+    ) {
+        let Some(cp) = &job.spec.checkpoint else {
+            return;
+        };
+        let every = cp.every.unwrap_or(CHECKPOINT_EVERY).as_secs().max(1) as i64;
+        let last = match self.history.checkpoints.get(&rec.name) {
+            Some((n, at)) if *n == a.attempt => *at,
+            _ => started_at.unwrap_or(a.intent_at),
+        };
+        if self.now.saturating_sub(last) >= every {
+            self.push(
+                key,
+                Op::SyncCheckpoint {
+                    run: rec.name.clone(),
+                    attempt: a.attempt,
+                    instance: instance.clone(),
+                },
+            );
+            self.wake(key, Duration::from_secs(every as u64));
+        } else {
+            self.wake_at(key, last + every);
+        }
     }
 
     /// The attempt ends with `outcome`: bring home what it made (when it ran), record the
