@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 use support::cli::Asimov;
+use support::sshd::Sshd;
 
 /// Seconds between the controller's checkpoint syncs (`checkpoint.every`).
 const EVERY_SECS: f64 = 1.0;
@@ -36,7 +37,7 @@ while [ "$step" -lt "$STEPS" ]; do
 done
 "#;
 
-fn job(step_log: &std::path::Path) -> String {
+fn job(step_log: &std::path::Path, placement: &str) -> String {
     format!(
         r#"
 apiVersion: asimov/v1
@@ -48,7 +49,7 @@ spec:
   env: {{STEP_LOG: "{log}", STEPS: "{STEPS}", STEP_SECS: "{STEP_SECS}", CKPT_STEPS: "{CKPT_STEPS}"}}
   retry: {{on: [preemption], max_restarts: 2}}
   checkpoint: {{path: ckpt, every: {EVERY_SECS}s}}
-"#,
+{placement}"#,
         log = step_log.display()
     )
 }
@@ -85,7 +86,7 @@ fn local_instance_lost_mid_run_resumes_from_the_latest_checkpoint() {
     std::fs::write(a.repo.path().join("train_ckpt.sh"), TRAIN).unwrap();
     let logs = tempfile::tempdir().unwrap();
     let step_log = logs.path().join("steps.log");
-    let file = a.manifest("ckpt.yaml", &job(&step_log));
+    let file = a.manifest("ckpt.yaml", &job(&step_log, ""));
     let mut controller = a.spawn_controller(None);
     a.ok(&["apply", "-f", file.to_str().unwrap()]);
 
@@ -134,7 +135,26 @@ fn local_instance_lost_mid_run_resumes_from_the_latest_checkpoint() {
         a.ok(&["describe", "run", "ckpt-0"])
     );
 
-    let (steps, resumes) = read_log(&step_log);
+    check_resumed(&step_log, &before[0].1, lost_at, newest_step);
+
+    let describe = a.ok(&["describe", "run", "ckpt-0"]);
+    assert!(describe.contains("RESUMED FROM"), "{describe}");
+    assert!(describe.contains("checkpoint "), "{describe}");
+    assert!(describe.contains("Checkpoints:"), "{describe}");
+    assert!(describe.contains("final"), "the last sync is the final one: {describe}");
+
+    support::cli::kill9(&mut controller);
+    // Deleting the job takes its checkpoints with it.
+    a.ok(&["delete", "job", "ckpt"]);
+    a.wait_for("the checkpoints to go", Duration::from_secs(30), || {
+        !a.home().join("checkpoints/ckpt-0").exists()
+    });
+}
+
+/// The run resumed once, from at least the newest checkpoint home at the loss, went on
+/// from there to the end, and lost at most one interval of steps.
+fn check_resumed(step_log: &std::path::Path, first_tag: &str, lost_at: u64, newest_step: u64) {
+    let (steps, resumes) = read_log(step_log);
     assert_eq!(resumes.len(), 1, "one resume: {resumes:?}");
     let (resumed_at, from) = &resumes[0];
     assert!(
@@ -145,7 +165,7 @@ fn local_instance_lost_mid_run_resumes_from_the_latest_checkpoint() {
     // The second attempt went on from the checkpoint, not from zero, and finished.
     let second: Vec<u64> = steps
         .iter()
-        .filter(|(_, tag)| *tag != before[0].1)
+        .filter(|(_, tag)| *tag != first_tag)
         .map(|(n, _)| *n)
         .collect();
     assert_eq!(second.first(), Some(&(resumed_at + 1)), "{second:?}");
@@ -160,16 +180,88 @@ fn local_instance_lost_mid_run_resumes_from_the_latest_checkpoint() {
         "lost {lost} steps, more than one interval ({interval_steps})"
     );
 
-    let describe = a.ok(&["describe", "run", "ckpt-0"]);
-    assert!(describe.contains("RESUMED FROM"), "{describe}");
-    assert!(describe.contains("checkpoint "), "{describe}");
-    assert!(describe.contains("Checkpoints:"), "{describe}");
-    assert!(describe.contains("final"), "the last sync is the final one: {describe}");
+}
 
-    support::cli::kill9(&mut controller);
-    // Deleting the job takes its checkpoints with it.
-    a.ok(&["delete", "job", "ckpt"]);
-    a.wait_for("the checkpoints to go", Duration::from_secs(30), || {
-        !a.home().join("checkpoints/ckpt-0").exists()
+fn fleet(hosts: &[(&str, &Sshd)]) -> String {
+    let mut text = String::from(
+        "apiVersion: asimov/v1\nkind: Fleet\nmetadata: {name: lab}\nspec:\n  hosts:\n",
+    );
+    for (name, sshd) in hosts {
+        text.push_str(&format!(
+            "    - {{name: {name}, user: {}, address: {}, port: {}, identity_file: {}, gpus: 0}}\n",
+            sshd.user(),
+            sshd.host(),
+            sshd.port(),
+            sshd.client_key().display()
+        ));
+    }
+    text
+}
+
+#[test]
+fn ssh_host_lost_mid_run_resumes_on_another_host_from_the_latest_checkpoint() {
+    let Some(mut h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let Some(h2) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = Asimov::new();
+    std::fs::write(a.repo.path().join("train_ckpt.sh"), TRAIN).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let step_log = logs.path().join("steps.log");
+    let fleet = a.manifest("fleet.yaml", &fleet(&[("box-1", &h1), ("box-2", &h2)]));
+    let file = a.manifest(
+        "ckpt.yaml",
+        &job(&step_log, "  placement: [{provider: ssh, fleet: lab}]\n"),
+    );
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+    a.wait_for(
+        "two checkpoints and 15 steps",
+        Duration::from_secs(60),
+        || complete_checkpoints(&a, "ckpt-0").len() >= 2 && read_log(&step_log).0.len() >= 15,
+    );
+    let newest = *complete_checkpoints(&a, "ckpt-0").last().unwrap();
+    let newest_step: u64 = std::fs::read_to_string(
+        a.home()
+            .join("checkpoints/ckpt-0")
+            .join(newest.to_string())
+            .join("step"),
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    // box-1 (the fleet's first host) dies: its server and the job on it.
+    let runs = a.runs_json();
+    assert_eq!(runs["items"][0]["host"], "box-1", "{runs}");
+    let tag = runs["items"][0]["instance_id"].as_str().unwrap().to_string();
+    h1.stop();
+    for _ in 0..3 {
+        for pid in support::sshd::processes_with_env(&format!("ASIMOV_INSTANCE={tag}")) {
+            // SAFETY: signalling a process by pid.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let (before, _) = read_log(&step_log);
+    let lost_at = before.last().unwrap().0;
+
+    let lost = std::time::Instant::now();
+    a.wait_for("the run to succeed", Duration::from_secs(180), || {
+        a.run_phase("ckpt-0").as_deref() == Some("Succeeded")
     });
+    let run = a.runs_json()["items"][0].clone();
+    assert_eq!(run["host"], "box-2", "{run}");
+    eprintln!("finished on box-2 {:?} after box-1 died", lost.elapsed());
+    check_resumed(&step_log, &before[0].1, lost_at, newest_step);
+    let describe = a.ok(&["describe", "run", "ckpt-0"]);
+    assert!(describe.contains("checkpoint "), "{describe}");
+    // box-1 back, so that its stale slot can be destroyed and the delete finish.
+    h1.restart();
+    a.ok(&["delete", "job", "ckpt"]);
 }
