@@ -175,7 +175,7 @@ fn swag_train_has_every_field() {
         Some("s3://bucket/runs")
     );
     assert_eq!(s.stop_when[0].mode, MetricMode::Max);
-    assert_eq!(s.stop_when[0].patience, 50);
+    assert_eq!(s.stop_when[0].patience, Some(50));
     assert_eq!(s.schedule.as_ref().map(|x| x.at), Some(1_795_411_380));
     assert_eq!(s.budget.as_deref(), Some("team-a"));
     assert_eq!(loaded.manifests.budgets[0].action, BudgetAction::Block);

@@ -192,7 +192,7 @@ cmd_supervise() {
 	*) ASIMOV_RESUME_FROM=$PWD/$ASIMOV_RESUME_FROM ;;
 	esac
 	# The job's metrics, one JSON object a line; the controller reads the last ones.
-	ASIMOV_METRICS=${ASIMOV_METRICS:-$ROOT/metrics.jsonl}
+	ASIMOV_METRICS=$ROOT/metrics.jsonl
 	export ASIMOV_METRICS
 
 	rc=0

@@ -512,6 +512,16 @@ impl Machine for AgentMachine {
             })
     }
 
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        let root = self.root_path().await?;
+        let file = sh_quote(&format!("{root}/metrics.jsonl"));
+        self.run_ok(
+            "read metrics",
+            &format!("if [ -f {file} ]; then tail -c {max_bytes} {file}; fi"),
+        )
+        .await
+    }
+
     async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
         let remote = self.resolve(path).await?;
         let found = self

@@ -204,6 +204,12 @@ pub trait Machine: Send + Sync {
         })
     }
 
+    /// The last `max_bytes` of the metrics file the job writes (`ASIMOV_METRICS`),
+    /// empty when there is none. Machines that keep no files have none.
+    async fn metrics_tail(&self, _max_bytes: usize) -> Result<String, AgentError> {
+        Ok(String::new())
+    }
+
     /// Stops the run (its whole process group); idempotent.
     async fn stop(&self) -> Result<(), AgentError>;
 }

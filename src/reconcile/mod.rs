@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod controller;
 pub mod execute;
 pub mod plan;
+pub mod stop;
 
 pub use plan::{
     AgentObservation, Desired, History, HostCapacity, ListResult, Observed, Op, Plan, QueueKey,

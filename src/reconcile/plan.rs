@@ -38,6 +38,8 @@ pub const REQUEUE_FAST: Duration = Duration::from_secs(2);
 /// Look again at a running job: its progress, and above all whether it ended (the
 /// outputs come back and a paid instance is destroyed within this much of the end).
 pub const REQUEUE_RUNNING: Duration = Duration::from_secs(3);
+/// How an attempt ends when a `stop_when` rule stopped it.
+pub const EARLY_STOPPED: &str = "early-stopped";
 /// How often a running job's checkpoint folder is synced when `checkpoint.every` is
 /// not given.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10 * 60);
@@ -94,6 +96,9 @@ pub struct Observed {
     /// them right after its listing. A fleet without an entry is not queued: its runs
     /// go straight to the provider's create.
     pub fleets: BTreeMap<String, Vec<HostCapacity>>,
+    /// The latest metrics of running jobs with `stop_when` rules, by rendered tag, in
+    /// the order the job wrote them (see `reconcile::stop`).
+    pub metrics: BTreeMap<String, Vec<super::stop::Record>>,
 }
 
 /// What one fleet host can take, for the fleet queue.
@@ -1202,6 +1207,7 @@ impl<'a> Planner<'a> {
         let outcome = match status.state {
             s if !s.is_finished() && exceeded => "timed-out",
             s if !s.is_finished() && stop_budget.is_some() => "budget",
+            AgentState::Running if self.early_stop(job, a).is_some() => EARLY_STOPPED,
             AgentState::Starting | AgentState::Setup => {
                 let reason = format!("running setup on {}/{}", instance.provider, instance.id);
                 self.set_status(
@@ -1249,6 +1255,15 @@ impl<'a> Planner<'a> {
             status.exit_code,
             status.progress,
         );
+    }
+
+    /// What the job's `stop_when` rules say of the attempt's latest metrics.
+    fn early_stop(&self, job: &Job, a: &AttemptRecord) -> Option<super::stop::Stop> {
+        if job.spec.stop_when.is_empty() {
+            return None;
+        }
+        let records = self.observed.metrics.get(&a.tag)?;
+        super::stop::evaluate(&job.spec.stop_when, records)
     }
 
     /// Syncs the running attempt's checkpoint folder every `checkpoint.every` (counted
@@ -1302,7 +1317,7 @@ impl<'a> Planner<'a> {
         // The agent's last word on progress: a short run may end between two looks.
         progress: Option<Progress>,
     ) {
-        let ran = matches!(outcome, "succeeded" | "failed" | "timed-out");
+        let ran = matches!(outcome, "succeeded" | "failed" | "timed-out" | EARLY_STOPPED);
         if ran {
             self.push(
                 key,
@@ -1314,6 +1329,13 @@ impl<'a> Planner<'a> {
             );
         }
         let (phase, reason) = match outcome {
+            EARLY_STOPPED => match self.early_stop(job, a) {
+                Some(stop) if stop.diverged => {
+                    (Phase::Failed, format!("EarlyStopped: {}", stop.why))
+                }
+                Some(stop) => (Phase::Succeeded, format!("EarlyStopped: {}", stop.why)),
+                None => (Phase::Succeeded, "EarlyStopped".to_string()),
+            },
             "budget" => (
                 Phase::Pending,
                 budget::over_limit(job, &self.desired.budgets, &self.budgets)
@@ -1493,6 +1515,10 @@ fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next 
                 ("succeeded", _) => Next::Finished {
                     phase: Phase::Succeeded,
                     reason: "exit code 0".into(),
+                },
+                (EARLY_STOPPED, _) => Next::Finished {
+                    phase: Phase::Succeeded,
+                    reason: "EarlyStopped".into(),
                 },
                 ("timed-out", _) => Next::Finished {
                     phase: Phase::Failed,
