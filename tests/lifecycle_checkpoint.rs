@@ -54,8 +54,11 @@ spec:
     )
 }
 
+/// A step number with the instance tag (for a step) or checkpoint path (for a resume).
+type Entry = (u64, String);
+
 /// (step reached, instance) lines and resume points, in log order.
-fn read_log(path: &std::path::Path) -> (Vec<(u64, String)>, Vec<(u64, String)>) {
+fn read_log(path: &std::path::Path) -> (Vec<Entry>, Vec<Entry>) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let (mut steps, mut resumes) = (Vec::new(), Vec::new());
     for line in text.lines() {
@@ -141,7 +144,10 @@ fn local_instance_lost_mid_run_resumes_from_the_latest_checkpoint() {
     assert!(describe.contains("RESUMED FROM"), "{describe}");
     assert!(describe.contains("checkpoint "), "{describe}");
     assert!(describe.contains("Checkpoints:"), "{describe}");
-    assert!(describe.contains("final"), "the last sync is the final one: {describe}");
+    assert!(
+        describe.contains("final"),
+        "the last sync is the final one: {describe}"
+    );
 
     support::cli::kill9(&mut controller);
     // Deleting the job takes its checkpoints with it.
@@ -179,7 +185,6 @@ fn check_resumed(step_log: &std::path::Path, first_tag: &str, lost_at: u64, newe
         lost <= interval_steps,
         "lost {lost} steps, more than one interval ({interval_steps})"
     );
-
 }
 
 fn fleet(hosts: &[(&str, &Sshd)]) -> String {
@@ -240,7 +245,10 @@ fn ssh_host_lost_mid_run_resumes_on_another_host_from_the_latest_checkpoint() {
     // box-1 (the fleet's first host) dies: its server and the job on it.
     let runs = a.runs_json();
     assert_eq!(runs["items"][0]["host"], "box-1", "{runs}");
-    let tag = runs["items"][0]["instance_id"].as_str().unwrap().to_string();
+    let tag = runs["items"][0]["instance_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     h1.stop();
     for _ in 0..3 {
         for pid in support::sshd::processes_with_env(&format!("ASIMOV_INSTANCE={tag}")) {

@@ -45,7 +45,7 @@ fn last_step(path: &std::path::Path) -> u64 {
         .unwrap_or_default()
         .lines()
         .filter_map(|l| l.strip_prefix("step ")?.parse().ok())
-        .last()
+        .next_back()
         .unwrap_or(0)
 }
 

@@ -49,7 +49,11 @@ impl CheckpointDir {
         let mut found = Vec::new();
         for entry in entries {
             let entry = entry?;
-            let Some(seq) = entry.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) else {
+            let Some(seq) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
                 continue;
             };
             if entry.file_type()?.is_dir() {

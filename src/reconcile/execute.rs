@@ -60,7 +60,7 @@ pub enum ExecError {
     Checkpoint {
         op: String,
         #[source]
-        source: super::checkpoint::SyncError,
+        source: Box<super::checkpoint::SyncError>,
     },
     #[error("{op}: {attempts} attempt(s) of {run} are not released yet")]
     Unreleased {
@@ -717,7 +717,11 @@ impl Executor {
         .await;
         match synced {
             Ok(Some(seq)) => {
-                let what = if last { "final checkpoint" } else { "checkpoint" };
+                let what = if last {
+                    "final checkpoint"
+                } else {
+                    "checkpoint"
+                };
                 self.event(op, run, "Checkpointed", format!("{what} {seq}"), now);
                 Ok(())
             }
@@ -729,7 +733,7 @@ impl Executor {
             }
             Err(source) => Err(ExecError::Checkpoint {
                 op: op.to_string(),
-                source,
+                source: Box::new(source),
             }),
         }
     }

@@ -1317,7 +1317,10 @@ impl<'a> Planner<'a> {
         // The agent's last word on progress: a short run may end between two looks.
         progress: Option<Progress>,
     ) {
-        let ran = matches!(outcome, "succeeded" | "failed" | "timed-out" | EARLY_STOPPED);
+        let ran = matches!(
+            outcome,
+            "succeeded" | "failed" | "timed-out" | EARLY_STOPPED
+        );
         if ran {
             self.push(
                 key,

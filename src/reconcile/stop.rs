@@ -139,15 +139,13 @@ fn evaluate_rule(rule: &StopRule, records: &[Record]) -> Option<Stop> {
         }
     }
     let patience = rule.patience?;
-    let (best_at, (best_step, best)) = series
-        .iter()
-        .enumerate()
-        .fold(None, |best: Option<(usize, (Option<f64>, f64))>, (i, (s, x))| {
-            match best {
-                Some((_, (_, b))) if !better(*x, b) => best,
-                _ => Some((i, (*s, *x))),
-            }
-        })?;
+    let (best_at, (best_step, best)) = series.iter().enumerate().fold(
+        None,
+        |best: Option<(usize, (Option<f64>, f64))>, (i, (s, x))| match best {
+            Some((_, (_, b))) if !better(*x, b) => best,
+            _ => Some((i, (*s, *x))),
+        },
+    )?;
     let since = series.len() - 1 - best_at;
     if since >= patience as usize {
         return stop(
@@ -191,30 +189,44 @@ mod tests {
             ..rule(MetricMode::Max)
         };
         // Ties do not improve; the best is 0.5 at step 1.
-        assert_eq!(evaluate(&[r.clone()], &series(&[0.1, 0.5, 0.5, 0.4])), None);
-        let stop = evaluate(&[r.clone()], &series(&[0.1, 0.5, 0.5, 0.4, 0.3])).unwrap();
+        assert_eq!(
+            evaluate(std::slice::from_ref(&r), &series(&[0.1, 0.5, 0.5, 0.4])),
+            None
+        );
+        let stop = evaluate(
+            std::slice::from_ref(&r),
+            &series(&[0.1, 0.5, 0.5, 0.4, 0.3]),
+        )
+        .unwrap();
         assert_eq!(
             stop.why,
             "val did not improve for 3 evaluations (best 0.5 at step 1)"
         );
         assert!(!stop.diverged);
         // A new best resets the count.
-        assert_eq!(evaluate(&[r], &series(&[0.1, 0.5, 0.4, 0.6, 0.5, 0.5])), None);
+        assert_eq!(
+            evaluate(&[r], &series(&[0.1, 0.5, 0.4, 0.6, 0.5, 0.5])),
+            None
+        );
         let min = StopRule {
             patience: Some(2),
             ..rule(MetricMode::Min)
         };
-        assert!(evaluate(&[min.clone()], &series(&[3.0, 2.0, 2.5, 2.1])).is_some());
+        assert!(evaluate(std::slice::from_ref(&min), &series(&[3.0, 2.0, 2.5, 2.1])).is_some());
         assert!(evaluate(&[min], &series(&[3.0, 2.0, 2.5, 1.9])).is_none());
     }
 
     #[test]
     fn nan_and_infinity_stop_as_diverged_whatever_else_the_rule_says() {
         let r = rule(MetricMode::Min);
-        let stop = evaluate(&[r.clone()], &series(&[1.0, f64::NAN])).unwrap();
+        let stop = evaluate(std::slice::from_ref(&r), &series(&[1.0, f64::NAN])).unwrap();
         assert!(stop.diverged);
         assert_eq!(stop.why, "val is NaN at step 1");
-        assert!(evaluate(&[r.clone()], &series(&[f64::INFINITY])).unwrap().diverged);
+        assert!(
+            evaluate(std::slice::from_ref(&r), &series(&[f64::INFINITY]))
+                .unwrap()
+                .diverged
+        );
         assert_eq!(evaluate(&[r], &series(&[1.0, 0.5])), None);
     }
 
@@ -224,13 +236,19 @@ mod tests {
             threshold: Some(0.9),
             ..rule(MetricMode::Max)
         };
-        assert_eq!(evaluate(&[t.clone()], &series(&[0.5, 0.89])), None);
+        assert_eq!(
+            evaluate(std::slice::from_ref(&t), &series(&[0.5, 0.89])),
+            None
+        );
         assert!(evaluate(&[t], &series(&[0.5, 0.9])).is_some());
         let m = StopRule {
             max_steps: Some(3),
             ..rule(MetricMode::Max)
         };
-        assert_eq!(evaluate(&[m.clone()], &series(&[1.0, 2.0, 3.0])), None);
+        assert_eq!(
+            evaluate(std::slice::from_ref(&m), &series(&[1.0, 2.0, 3.0])),
+            None
+        );
         assert_eq!(
             evaluate(&[m], &series(&[1.0, 2.0, 3.0, 4.0])).unwrap().why,
             "step 3 reached max_steps 3"
