@@ -558,7 +558,7 @@ async fn local_provider_creates_lists_and_destroys_without_leaks() {
     assert_eq!(a, again);
     assert_eq!(a.id, tag.render());
     assert_eq!(a.state, InstanceState::Running);
-    assert_eq!(a.price_per_hour, 0.0);
+    assert_eq!(a.price_per_hour, asimov::model::Usd::ZERO);
     // Folders that are not asimov tags are someone else's.
     std::fs::create_dir_all(home.local_instances().join("not-a-tag")).unwrap();
     assert_eq!(provider.list().await.unwrap(), vec![a.clone()]);

@@ -311,3 +311,263 @@ fn a_changed_host_key_is_refused_with_both_fingerprints_and_prepare_is_idempoten
     );
     assert!(stderr.contains("changed"), "says why: {stderr}");
 }
+
+#[test]
+fn three_runs_on_two_hosts_sharing_a_home_all_succeed_first_time() {
+    let shared = tempfile::tempdir().unwrap();
+    if Sshd::start_or_skip().is_none() {
+        return;
+    }
+    let h1 = Sshd::start_sharing_home(shared.path());
+    let h2 = Sshd::start_sharing_home(shared.path());
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1), ("box-2", &h2)]));
+    let job = a.manifest(
+        "nfs.yaml",
+        &job_yaml(
+            "nfs",
+            &["a", "b", "c"],
+            "'mkdir -p out; echo \"result ${matrix.seed}\" > out/result.txt; sleep 3'",
+        ),
+    );
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    let runs = ["nfs-0", "nfs-1", "nfs-2"];
+    a.wait_for("the three runs to end", Duration::from_secs(120), || {
+        runs.iter().all(|r| {
+            matches!(
+                a.run_phase(r).as_deref(),
+                Some("Succeeded" | "Failed" | "Cancelled")
+            )
+        })
+    });
+    for (run, seed) in runs.iter().zip(["a", "b", "c"]) {
+        assert_eq!(
+            a.run_phase(run).as_deref(),
+            Some("Succeeded"),
+            "{run}: {}",
+            a.ok(&["describe", "run", run])
+        );
+        assert_eq!(
+            run_field(&a, run, "attempt"),
+            1,
+            "{run} was never preempted: {}",
+            a.ok(&["describe", "run", run])
+        );
+        let result = a.home().join("artifacts").join(run).join("out/result.txt");
+        let text = std::fs::read_to_string(&result)
+            .unwrap_or_else(|e| panic!("{}: {e}", result.display()));
+        assert_eq!(text.trim(), format!("result {seed}"));
+    }
+    a.ok(&["delete", "job", "nfs"]);
+}
+
+/// Pids of `ssh -M` master processes whose pinned-key files live in `home`.
+fn ssh_masters_of(home: &std::path::Path) -> Vec<i32> {
+    let needle = format!("UserKnownHostsFile={}", home.join("known_hosts").display());
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args
+            .first()
+            .is_some_and(|a| a == "ssh" || a.ends_with("/ssh"))
+            && args.iter().any(|a| a == "-M")
+            && args.iter().any(|a| a.starts_with(&needle))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// A background controller with a run going on `box-1`, its masters up.
+fn controller_with_masters(h1: &Sshd) -> Asimov {
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", h1)]));
+    let job = a.manifest("hold.yaml", &job_yaml("hold", &["x"], "'sleep 60'"));
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    a.wait_for("hold-0 to run", Duration::from_secs(60), || {
+        a.run_phase("hold-0").as_deref() == Some("Running")
+    });
+    assert!(
+        !ssh_masters_of(a.home()).is_empty(),
+        "the controller holds a master connection while it runs"
+    );
+    a
+}
+
+fn wait_for_controller_to_stop(a: &Asimov, pid: i32) {
+    a.wait_for("the controller to exit", Duration::from_secs(30), || {
+        // SAFETY: probing a pid with signal 0.
+        unsafe { libc::kill(pid, 0) != 0 }
+    });
+}
+
+fn controller_pid(a: &Asimov) -> i32 {
+    std::fs::read_to_string(a.home().join("controller.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_controller_stopped_by_sigterm_leaves_no_ssh_master() {
+    let Some(h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = controller_with_masters(&h1);
+    let pid = controller_pid(&a);
+    // SAFETY: signalling the test's own controller.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    wait_for_controller_to_stop(&a, pid);
+    a.wait_for("its masters to go", Duration::from_secs(5), || {
+        ssh_masters_of(a.home()).is_empty()
+    });
+
+    // A controller started again reconnects and carries on.
+    let masters_before = h1.logins();
+    a.ok(&[
+        "apply",
+        "-f",
+        a.repo.path().join("hold.yaml").to_str().unwrap(),
+    ]);
+    a.wait_for(
+        "the new controller to reach box-1",
+        Duration::from_secs(30),
+        || h1.logins() > masters_before && !ssh_masters_of(a.home()).is_empty(),
+    );
+    assert_eq!(a.run_phase("hold-0").as_deref(), Some("Running"));
+    a.ok(&["delete", "job", "hold"]);
+}
+
+#[test]
+fn a_controller_whose_home_is_removed_leaves_no_ssh_master() {
+    let Some(h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = controller_with_masters(&h1);
+    let pid = controller_pid(&a);
+    let home = a.home().to_path_buf();
+    std::fs::remove_dir_all(&home).unwrap();
+    wait_for_controller_to_stop(&a, pid);
+    a.wait_for("its masters to go", Duration::from_secs(5), || {
+        ssh_masters_of(&home).is_empty()
+    });
+}
+
+#[test]
+fn a_host_behind_a_bastion_runs_a_job_through_it() {
+    let Some(gate) = Sshd::start_or_skip().map(|_| Sshd::start_bastion()) else {
+        return;
+    };
+    let inner = Sshd::start();
+    let a = Asimov::new();
+    let fleet = a.manifest(
+        "fleet.yaml",
+        &format!(
+            "apiVersion: asimov/v1\nkind: Fleet\nmetadata: {{name: lab}}\nspec:\n  hosts:\n    \
+             - {{name: box-2, user: {user}, address: 127.0.0.1, port: {port}, identity_file: {key}, \
+             gpus: 0, proxy_jump: '{user}@127.0.0.1:{gate_port}', proxy_jump_identity_file: {gate_key}}}\n",
+            user = inner.user(),
+            port = inner.port(),
+            key = inner.client_key().display(),
+            gate_port = gate.port(),
+            gate_key = gate.client_key().display(),
+        ),
+    );
+    let job = a.manifest(
+        "far.yaml",
+        &job_yaml(
+            "far",
+            &["x"],
+            "'mkdir -p out; echo far away > out/result.txt'",
+        ),
+    );
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    a.wait_for("far-0 to succeed", Duration::from_secs(60), || {
+        a.run_phase("far-0").as_deref() == Some("Succeeded")
+    });
+    let result = a.home().join("artifacts/far-0/out/result.txt");
+    assert_eq!(std::fs::read_to_string(result).unwrap().trim(), "far away");
+    let forwarded = format!("target 127.0.0.1 port {}", inner.port());
+    assert!(
+        gate.log()
+            .lines()
+            .any(|l| l.contains("server_request_direct_tcpip") && l.contains(&forwarded)),
+        "the bastion forwarded the connection:\n{}",
+        gate.log()
+    );
+    for pin in ["lab_box-2", "lab_box-2.jump"] {
+        let file = a.home().join("known_hosts").join(pin);
+        assert!(
+            std::fs::metadata(&file).is_ok_and(|m| m.len() > 0),
+            "{} pinned",
+            file.display()
+        );
+    }
+    a.ok(&["delete", "job", "far"]);
+}
+
+#[test]
+fn a_controller_started_after_one_was_killed_ends_the_masters_it_left() {
+    let Some(h1) = Sshd::start_or_skip() else {
+        return;
+    };
+    let a = controller_with_masters(&h1);
+    let pid = controller_pid(&a);
+    let left = ssh_masters_of(a.home());
+    // SAFETY: signalling the test's own controller.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    wait_for_controller_to_stop(&a, pid);
+    assert_eq!(
+        ssh_masters_of(a.home()),
+        left,
+        "SIGKILL gives no chance to close"
+    );
+
+    let logins = h1.logins();
+    a.ok(&[
+        "apply",
+        "-f",
+        a.repo.path().join("hold.yaml").to_str().unwrap(),
+    ]);
+    a.wait_for(
+        "the killed controller's masters to end",
+        Duration::from_secs(30),
+        || {
+            let now = ssh_masters_of(a.home());
+            left.iter().all(|p| !now.contains(p))
+        },
+    );
+    // The new controller carries on over its own master; the run is adopted.
+    a.wait_for("a new master to box-1", Duration::from_secs(30), || {
+        h1.logins() > logins && !ssh_masters_of(a.home()).is_empty()
+    });
+    assert_eq!(a.run_phase("hold-0").as_deref(), Some("Running"));
+    assert_eq!(run_field(&a, "hold-0", "attempt"), 1);
+    a.ok(&["delete", "job", "hold"]);
+}

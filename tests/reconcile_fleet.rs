@@ -53,8 +53,8 @@ fn lab(jobs: Vec<Job>) -> Option<Lab> {
     };
     let pool = SshPool::with_options(home.clone(), options).expect("pool");
     let ssh = Arc::new(SshProvider::with_pool(pool));
-    let executor =
-        Executor::new(BTreeMap::new(), Arc::clone(&store), home).with_ssh(Arc::clone(&ssh));
+    let executor = Executor::new(BTreeMap::new(), Arc::clone(&store), home)
+        .with_provider(Arc::clone(&ssh) as _);
     let fleet = Fleet {
         name: "lab".into(),
         labels: BTreeMap::new(),
@@ -176,7 +176,7 @@ async fn unreachable_host_run_moves_and_old_slot_is_cleaned_when_it_returns() {
     {
         let store = lab.store.lock().unwrap();
         let atts = store.attempts("train-0").unwrap();
-        assert_eq!(atts[0].outcome.as_deref(), Some("preempted"));
+        assert_eq!(atts[0].outcome, Some(asimov::model::Outcome::Preempted));
         assert_eq!(
             atts[0].released_at, None,
             "released while its host was down"

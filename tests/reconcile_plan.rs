@@ -5,11 +5,9 @@ use asimov::agent::{AgentState, AgentStatus};
 use asimov::manifest::{
     Budget, BudgetAction, Job, JobSpec, Origin, Placement, RetryOn, RetryPolicy, Schedule,
 };
-use asimov::model::{OwnerTag, Phase, Progress, ProviderKind, Timestamp};
-use asimov::provider::{ErrorKind, Instance, InstanceState};
-use asimov::reconcile::{
-    AgentObservation, Desired, History, HostCapacity, ListResult, Observed, plan,
-};
+use asimov::model::{HostStatus, Outcome, OwnerTag, Phase, Progress, ProviderKind, Timestamp, Usd};
+use asimov::provider::{Capabilities, ErrorKind, Instance, InstanceState};
+use asimov::reconcile::{AgentObservation, Desired, History, ListResult, Observed, plan};
 use asimov::store::{AttemptRecord, RunRecord};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -60,7 +58,7 @@ fn instance(provider: ProviderKind, id: &str, tag: OwnerTag, state: InstanceStat
         state,
         endpoint: None,
         gpu: Some("H100".into()),
-        price_per_hour: 2.0,
+        price_per_hour: Usd::from_dollars(2.0),
         created_at: Some(NOW - 600),
         host: None,
     }
@@ -94,8 +92,12 @@ fn attempt(run: &str, n: u32, provider: ProviderKind, instance: Option<&str>) ->
     }
 }
 
-fn released(mut a: AttemptRecord, outcome: &str, at: Timestamp) -> AttemptRecord {
-    a.outcome = Some(outcome.into());
+fn outcome(text: &str) -> Outcome {
+    Outcome::parse(text).unwrap_or_else(|| panic!("no outcome {text:?}"))
+}
+
+fn released(mut a: AttemptRecord, text: &str, at: Timestamp) -> AttemptRecord {
+    a.outcome = Some(outcome(text));
     a.released_at = Some(at);
     a
 }
@@ -162,9 +164,12 @@ fn unconfigured_provider_blocks() {
 #[test]
 fn adopt_listed_intent() {
     let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut a = attempt("train-0", 1, FAKE, None);
+    // Asked for a minute ago: still within any boot timeout.
+    a.intent_at = NOW - 60;
     let h = history(
         vec![record("train-0", "train", Phase::Provisioning, 1)],
-        vec![attempt("train-0", 1, FAKE, None)],
+        vec![a],
     );
     let o = listed(
         FAKE,
@@ -226,8 +231,166 @@ fn running_reports_progress_then_idles() {
     rec.reason = "running on fake/i-7".into();
     rec.progress_done = Some(3);
     rec.progress_total = Some(10);
-    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    let h = history(
+        vec![rec.clone()],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
     check(&d, &o, &h, NOW, "running_steady_state");
+    // Issue 7 item 22: what time alone changes makes no op. The agent's progress moved
+    // on (the controller records it, as an observation) and the paid run's record was
+    // written long ago (its cost so far is derived when read): still nothing to do.
+    rec.price_per_hour = Some(Usd::from_dollars(2.0));
+    rec.billing_since = Some(NOW - 700);
+    rec.updated_at = NOW - 3600;
+    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    o.agents.insert(
+        tag("train-0", 1).render(),
+        agent(AgentState::Running, Some((7, 10)), None),
+    );
+    check(&d, &o, &h, NOW, "running_time_alone_plans_nothing");
+}
+
+/// Defect 4: an instance stuck in Provisioning was polled forever (billing all the
+/// while). Past its provider's boot timeout the attempt ends, the instance is destroyed
+/// and the run moves on, with the reason.
+#[test]
+fn provisioning_past_the_boot_timeout_ends_the_attempt() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut rec = record("train-0", "train", Phase::Provisioning, 1);
+    rec.reason = "waiting for i-7 to boot".into();
+    let booting = |since: Timestamp| {
+        let mut a = attempt("train-0", 1, FAKE, Some("i-7"));
+        a.intent_at = since;
+        history(vec![rec.clone()], vec![a])
+    };
+    let slow = |boot_timeout: u64| {
+        let mut o = listed(
+            FAKE,
+            vec![instance(
+                FAKE,
+                "i-7",
+                tag("train-0", 1),
+                InstanceState::Provisioning,
+            )],
+        );
+        o.capabilities.insert(
+            FAKE,
+            Capabilities {
+                boot_timeout: Duration::from_secs(boot_timeout),
+                ..Capabilities::default()
+            },
+        );
+        o
+    };
+    // Within the timeout: wait (and wake at the deadline at the latest).
+    check(
+        &d,
+        &slow(900),
+        &booting(NOW - 700),
+        NOW,
+        "boot_within_timeout",
+    );
+    // Past it: ended, destroyed, next attempt after a backoff.
+    check(
+        &d,
+        &slow(600),
+        &booting(NOW - 700),
+        NOW,
+        "boot_timeout_ends_attempt",
+    );
+    // Its release, then the retry on the (only) placement once the backoff is over.
+    let mut ended = attempt("train-0", 1, FAKE, Some("i-7"));
+    ended.intent_at = NOW - 700;
+    ended.outcome = Some(Outcome::BootTimeout);
+    let mut pending = rec.clone();
+    pending.phase = Phase::Pending;
+    let h = history(vec![pending.clone()], vec![ended.clone()]);
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "boot_timeout_released");
+    let h = history(
+        vec![pending],
+        vec![released(ended, "boot-timeout", NOW - 10)],
+    );
+    check(&d, &listed(FAKE, vec![]), &h, NOW, "boot_timeout_retry");
+}
+
+/// Defect 3: an idle controller never looked again. Every key now wants a look within
+/// its providers' resync period (never faster than their pacing allows), so a run whose
+/// instance bills behind asimov's back, or whose agent went silent, is seen while idle.
+#[test]
+fn every_key_is_resynced_per_provider() {
+    let d = desired(vec![
+        job("done", 1, &[FAKE]),
+        job("mixed", 1, &[FAKE, ProviderKind::Local]),
+    ]);
+    let mut done = record("done-0", "done", Phase::Succeeded, 1);
+    done.reason = "exit code 0".into();
+    let mut mixed = record("mixed-0", "mixed", Phase::Succeeded, 1);
+    mixed.reason = "exit code 0".into();
+    let h = history(
+        vec![done, mixed],
+        vec![
+            released(
+                attempt("done-0", 1, FAKE, Some("i-1")),
+                "succeeded",
+                NOW - 5,
+            ),
+            released(
+                attempt("mixed-0", 1, FAKE, Some("i-2")),
+                "succeeded",
+                NOW - 5,
+            ),
+        ],
+    );
+    let mut o = listed(FAKE, vec![]);
+    o.listed
+        .insert(ProviderKind::Local, ListResult::Listed(vec![]));
+    // The fake asks for a look every 10 min; local every 2 min but paces at 3 min.
+    o.capabilities.insert(
+        FAKE,
+        Capabilities {
+            resync: Duration::from_secs(600),
+            ..Capabilities::default()
+        },
+    );
+    let mut local = Capabilities {
+        resync: Duration::from_secs(120),
+        ..Capabilities::default()
+    };
+    local.pacing.min_resync = Duration::from_secs(180);
+    o.capabilities.insert(ProviderKind::Local, local);
+    check(&d, &o, &h, NOW, "resync_per_provider");
+}
+
+/// A failed listing's kind reaches the planner: a 429's retry-after decides when to
+/// look again, not a fixed wait; credentials that need a person are looked at rarely.
+#[test]
+fn failed_listing_requeue_follows_its_kind() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let mut rec = record("train-0", "train", Phase::Running, 1);
+    rec.reason = "running on fake/i-7".into();
+    let h = history(vec![rec], vec![attempt("train-0", 1, FAKE, Some("i-7"))]);
+    let failed = |kind: ErrorKind| {
+        let mut o = Observed::default();
+        o.listed.insert(
+            FAKE,
+            ListResult::Failed {
+                kind,
+                message: "refused".into(),
+            },
+        );
+        o
+    };
+    let limited = ErrorKind::RateLimited {
+        retry_after: Some(Duration::from_secs(42)),
+    };
+    check(&d, &failed(limited), &h, NOW, "failed_listing_rate_limited");
+    check(
+        &d,
+        &failed(ErrorKind::PaymentRequired),
+        &h,
+        NOW,
+        "failed_listing_payment_required",
+    );
 }
 
 #[test]
@@ -333,7 +496,7 @@ fn destroy_on_success() {
     let mut rec = record("train-0", "train", Phase::Succeeded, 1);
     rec.reason = "exit code 0".into();
     let mut a = attempt("train-0", 1, FAKE, Some("i-7"));
-    a.outcome = Some("succeeded".into());
+    a.outcome = Some(Outcome::Succeeded);
     let h = history(vec![rec.clone()], vec![a.clone()]);
     check(
         &d,
@@ -424,10 +587,10 @@ fn blocked_by_budget() {
     let mut d = desired(vec![j]);
     d.budgets = vec![budget(BudgetAction::Block)];
     let mut h = history(vec![record("train-0", "train", Phase::Pending, 0)], vec![]);
-    h.spent.insert("team-a".into(), 10.5);
+    h.spent.insert("team-a".into(), Usd::from_dollars(10.5));
     check(&d, &listed(FAKE, vec![]), &h, NOW, "blocked_by_budget");
     // Under the limit: created.
-    h.spent.insert("team-a".into(), 9.0);
+    h.spent.insert("team-a".into(), Usd::from_dollars(9.0));
     check(&d, &listed(FAKE, vec![]), &h, NOW, "under_budget_creates");
 }
 
@@ -442,7 +605,7 @@ fn budget_stop_destroys_running() {
         vec![attempt("train-0", 1, FAKE, Some("i-7"))],
     );
     // $9 in the ledger plus 10 minutes at $2/h of the live instance: over $10.
-    h.spent.insert("team-a".into(), 9.9);
+    h.spent.insert("team-a".into(), Usd::from_dollars(9.9));
     let mut o = listed(
         FAKE,
         vec![instance(
@@ -509,6 +672,18 @@ fn failed_listing_never_destroys_or_forgets() {
 #[test]
 fn intent_grace_before_recreate() {
     let vast = ProviderKind::Vast;
+    // A cloud that may take two minutes to list what it created.
+    let lagging = |o: Observed| {
+        let mut o = o;
+        o.capabilities.insert(
+            vast,
+            Capabilities {
+                listing_lag: Duration::from_secs(120),
+                ..Capabilities::default()
+            },
+        );
+        o
+    };
     let d = desired(vec![job("train", 1, &[vast])]);
     let mut a = attempt("train-0", 1, vast, None);
     a.intent_at = NOW - 30;
@@ -518,7 +693,7 @@ fn intent_grace_before_recreate() {
     );
     check(
         &d,
-        &listed(vast, vec![]),
+        &lagging(listed(vast, vec![])),
         &h,
         NOW,
         "intent_within_grace_waits",
@@ -530,7 +705,7 @@ fn intent_grace_before_recreate() {
     );
     check(
         &d,
-        &listed(vast, vec![]),
+        &lagging(listed(vast, vec![])),
         &h,
         NOW,
         "intent_after_grace_recreates_same_tag",
@@ -797,6 +972,34 @@ fn planner_sources_stay_pure() {
     }
 }
 
+/// What a provider is reaches the planner, executor and controller as data (its
+/// capabilities, its hosts): none of them names a provider to decide anything.
+#[test]
+fn reconcile_names_no_provider() {
+    for file in [
+        "src/reconcile/plan.rs",
+        "src/reconcile/execute.rs",
+        "src/reconcile/controller.rs",
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let text = std::fs::read_to_string(&path).expect("read reconcile source");
+        for banned in [
+            "ProviderKind::",
+            "provider::ssh",
+            "provider::local",
+            "provider::fake",
+            "SshProvider",
+            "LocalProvider",
+            "FakeProvider",
+        ] {
+            assert!(
+                !text.contains(banned),
+                "{file} mentions {banned}: provider facts belong to the provider"
+            );
+        }
+    }
+}
+
 #[test]
 fn spec_change_waits_for_the_old_instance_to_go() {
     let mut j = job("train", 1, &[FAKE]);
@@ -804,7 +1007,7 @@ fn spec_change_waits_for_the_old_instance_to_go() {
     let mut rec = record("train-0", "train", Phase::Succeeded, 1);
     rec.reason = "exit code 0".into();
     let mut a = attempt("train-0", 1, FAKE, Some("i-1"));
-    a.outcome = Some("succeeded".into());
+    a.outcome = Some(Outcome::Succeeded);
     let h = history(vec![rec], vec![a]);
     let o = listed(
         FAKE,
@@ -886,31 +1089,45 @@ fn fleet_job(name: &str, runs: u32, gpus: u32) -> Job {
     j
 }
 
-fn host(name: &str, gpus: u32) -> HostCapacity {
-    HostCapacity {
+fn host(name: &str, gpus: u32) -> HostStatus {
+    HostStatus {
+        fleet: "lab".into(),
         host: name.into(),
         reachable: true,
-        busy: false,
         gpus_total: gpus,
         gpus_free: gpus,
-        slots: 0,
+        ..HostStatus::default()
     }
 }
 
-/// `host` with one slot of `gpus` GPUs taken (0: the whole host).
-fn used(mut h: HostCapacity, gpus: u32) -> HostCapacity {
-    h.take(gpus);
+/// `host` with one slot of `gpus` GPUs taken (0: the whole host) by someone else.
+fn used(h: HostStatus, gpus: u32) -> HostStatus {
+    used_by(h, gpus, "other-0", 1)
+}
+
+/// `host` with the slot of `run`'s attempt `attempt` on it, holding `gpus` GPUs.
+fn used_by(mut h: HostStatus, gpus: u32, run: &str, attempt: u32) -> HostStatus {
+    h.take(gpus, &tag(run, attempt).render());
     h
 }
 
-fn down(mut h: HostCapacity) -> HostCapacity {
+fn down(mut h: HostStatus) -> HostStatus {
     h.reachable = false;
     h
 }
 
-fn fleet_observed(instances: Vec<Instance>, hosts: Vec<HostCapacity>) -> Observed {
+/// The capabilities of a fixed pool, as the ssh provider declares them.
+fn pool() -> Capabilities {
+    Capabilities {
+        fixed_pool: true,
+        ..Capabilities::default()
+    }
+}
+
+fn fleet_observed(instances: Vec<Instance>, hosts: Vec<HostStatus>) -> Observed {
     let mut o = listed(SSH, instances);
-    o.fleets.insert("lab".into(), hosts);
+    o.capabilities.insert(SSH, pool());
+    o.hosts.insert(SSH, hosts);
     o
 }
 
@@ -918,7 +1135,7 @@ fn slot(run: &str, attempt: u32, host: &str, state: InstanceState) -> Instance {
     let t = tag(run, attempt);
     let mut i = instance(SSH, &format!("lab/{host}/{}", t.render()), t, state);
     i.host = Some(host.into());
-    i.price_per_hour = 0.0;
+    i.price_per_hour = Usd::ZERO;
     i
 }
 
@@ -977,7 +1194,7 @@ fn fleet_queue_picks_up_a_freed_host_next_pass() {
     let h = history(vec![running, waiting.clone()], vec![a1.clone()]);
     let mut o = fleet_observed(
         vec![slot("train-0", 1, "h1", InstanceState::Running)],
-        vec![used(host("h1", 0), 0)],
+        vec![used_by(host("h1", 0), 0, "train-0", 1)],
     );
     o.agents.insert(
         tag("train-0", 1).render(),
@@ -1031,7 +1248,7 @@ fn unreachable_host_reschedules_elsewhere() {
     let mut rec = record("train-0", "train", Phase::Running, 1);
     rec.reason = format!("running on ssh/{id1}");
     let stranded = slot("train-0", 1, "h1", InstanceState::Stopped);
-    let hosts = vec![down(used(host("h1", 0), 0)), host("h2", 0)];
+    let hosts = vec![down(used_by(host("h1", 0), 0, "train-0", 1)), host("h2", 0)];
     // Pass 1: h1 stopped answering; its slot is listed Stopped: a preemption. No
     // destroy while the host is down.
     let h = history(vec![rec.clone()], vec![a1.clone()]);
@@ -1041,7 +1258,7 @@ fn unreachable_host_reschedules_elsewhere() {
     rec.phase = Phase::Pending;
     rec.reason = "instance preempted; restart 1 of 3".into();
     let mut ended = a1.clone();
-    ended.outcome = Some("preempted".into());
+    ended.outcome = Some(Outcome::Preempted);
     let h = history(vec![rec.clone()], vec![ended.clone()]);
     check(&d, &o, &h, NOW, "unreachable_host_new_attempt");
     // The new attempt runs on h2; h1 is still down: nothing touches the old slot, and
@@ -1055,7 +1272,10 @@ fn unreachable_host_reschedules_elsewhere() {
     let h = history(vec![rec2], vec![ended.clone(), a2]);
     let mut o = fleet_observed(
         vec![stranded, slot("train-0", 2, "h2", InstanceState::Running)],
-        vec![down(used(host("h1", 0), 0)), used(host("h2", 0), 0)],
+        vec![
+            down(used_by(host("h1", 0), 0, "train-0", 1)),
+            used_by(host("h2", 0), 0, "train-0", 2),
+        ],
     );
     o.agents.insert(
         tag("train-0", 2).render(),
@@ -1070,9 +1290,12 @@ fn unreachable_host_reschedules_elsewhere() {
             slot("train-0", 2, "h2", InstanceState::Running),
         ]),
     );
-    o.fleets.insert(
-        "lab".into(),
-        vec![used(host("h1", 0), 0), used(host("h2", 0), 0)],
+    o.hosts.insert(
+        SSH,
+        vec![
+            used_by(host("h1", 0), 0, "train-0", 1),
+            used_by(host("h2", 0), 0, "train-0", 2),
+        ],
     );
     check(&d, &o, &h, NOW, "unreachable_host_back_destroys_old_slot");
 }

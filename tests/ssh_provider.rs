@@ -244,3 +244,104 @@ async fn an_unknown_fleet_or_missing_fleet_is_permanent() {
     let e = lab.provider.create(&req).await.unwrap_err();
     assert_eq!(e.kind, ErrorKind::Permanent);
 }
+
+/// Fleet `nfs`: hosts `a` and `b` (one GPU-less slot each) whose users share one `$HOME`.
+fn shared_home_lab() -> Option<(Sshd, Sshd, tempfile::TempDir, SshProvider)> {
+    let shared = tempfile::tempdir().unwrap();
+    let a = {
+        Sshd::start_or_skip()?;
+        Sshd::start_sharing_home(shared.path())
+    };
+    let b = Sshd::start_sharing_home(shared.path());
+    let home_dir = tempfile::tempdir().unwrap();
+    let pool = SshPool::new(Home::at(home_dir.path())).unwrap();
+    let provider = SshProvider::with_pool(pool);
+    provider.set_fleets(vec![Fleet {
+        name: "lab".into(),
+        labels: Default::default(),
+        hosts: vec![a.fleet_host("a", 0), b.fleet_host("b", 0)],
+        origin: Origin {
+            file: "fleet.yaml".into(),
+            line: 1,
+        },
+    }]);
+    Some((a, b, shared, provider))
+}
+
+#[tokio::test]
+async fn hosts_sharing_a_home_each_list_and_destroy_only_their_own_slots() {
+    let Some((a, _b, _shared, provider)) = shared_home_lab() else {
+        return;
+    };
+    let first = provider.create(&request("r-0", 0)).await.unwrap();
+    let second = provider.create(&request("r-1", 0)).await.unwrap();
+    assert!(first.id.starts_with("lab/a/"), "{}", first.id);
+    assert!(
+        second.id.starts_with("lab/b/"),
+        "host a is taken, so the second slot goes to b: {}",
+        second.id
+    );
+    // A job's process on host a (the agent writes its pid into the slot).
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .unwrap();
+    std::fs::write(
+        a.home()
+            .join(".asimov-agent/instances")
+            .join(OwnerTag::new("ctl", "r-0", 0).render())
+            .join("pid"),
+        sleeper.id().to_string(),
+    )
+    .unwrap();
+
+    let listed = provider.list().await.unwrap();
+    let mut ids: Vec<_> = listed.iter().map(|i| i.id.as_str()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        vec![first.id.as_str(), second.id.as_str()],
+        "each slot listed once, by the host that claimed it"
+    );
+    let statuses = provider.host_statuses();
+    assert_eq!(status(&statuses, "a").running.len(), 1, "{statuses:?}");
+    assert_eq!(status(&statuses, "b").running.len(), 1, "{statuses:?}");
+
+    // The same slot asked of the other host: not there, and nothing is signalled.
+    let wrong = format!("lab/b/{}", OwnerTag::new("ctl", "r-0", 0).render());
+    let e = provider.destroy(&wrong).await.expect_err("not b's slot");
+    assert_eq!(e.kind, ErrorKind::NotFound, "{e}");
+    assert!(
+        sleeper.try_wait().unwrap().is_none(),
+        "a destroy through the wrong host signalled the job"
+    );
+    assert_eq!(provider.list().await.unwrap().len(), 2);
+
+    provider.destroy(&first.id).await.unwrap();
+    provider.destroy(&second.id).await.unwrap();
+    assert!(provider.list().await.unwrap().is_empty());
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
+
+#[tokio::test]
+async fn preparing_hosts_sharing_a_home_keeps_each_hosts_gpu_inventory() {
+    let Some((a, b, _shared, provider)) = shared_home_lab() else {
+        return;
+    };
+    a.install_command("nvidia-smi", "echo 'NVIDIA A100-SXM4-80GB, 81920 MiB'");
+    b.install_command("nvidia-smi", "echo 'NVIDIA H100 80GB HBM3, 81559 MiB'");
+    let (host_a, host_b) = (a.fleet_host("a", 1), b.fleet_host("b", 1));
+    let first_a = provider.prepare_host("lab", &host_a).await.unwrap();
+    assert!(first_a.changed(), "{first_a:?}");
+    let first_b = provider.prepare_host("lab", &host_b).await.unwrap();
+    assert_eq!(first_b.gpu_names, vec!["NVIDIA H100 80GB HBM3, 81559 MiB"]);
+    let again_a = provider.prepare_host("lab", &host_a).await.unwrap();
+    assert!(
+        !again_a.changed(),
+        "preparing b did not change a's record: {again_a:?}"
+    );
+    assert_eq!(again_a.gpu_names, vec!["NVIDIA A100-SXM4-80GB, 81920 MiB"]);
+    let again_b = provider.prepare_host("lab", &host_b).await.unwrap();
+    assert!(!again_b.changed(), "{again_b:?}");
+}

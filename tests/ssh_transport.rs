@@ -3,7 +3,7 @@
 mod support;
 
 use asimov::home::Home;
-use asimov::transport::ssh::{SshOptions, SshPool, SshTarget, SshTransport};
+use asimov::transport::ssh::{SshJump, SshOptions, SshPool, SshTarget, SshTransport};
 use asimov::transport::{Transport, TransportError};
 use futures_util::StreamExt;
 use std::path::Path;
@@ -35,6 +35,7 @@ fn target(sshd: &Sshd, machine: &str) -> SshTarget {
         port: sshd.port(),
         user: Some(sshd.user().to_string()),
         identity_file: Some(sshd.client_key()),
+        jump: None,
     }
 }
 
@@ -333,4 +334,90 @@ async fn follow_waits_for_a_file_that_does_not_exist_yet() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     t.exec("echo hello > ~/later.log").await.unwrap();
     next_text(&mut stream, "hello\n").await;
+}
+
+/// `box-2` reached only through the bastion `gate`, each with its own key.
+fn behind_bastion(gate: &Sshd, target_sshd: &Sshd) -> SshTarget {
+    SshTarget {
+        jump: Some(SshJump {
+            host: gate.host().to_string(),
+            port: gate.port(),
+            user: Some(gate.user().to_string()),
+            identity_file: Some(gate.client_key()),
+        }),
+        ..target(target_sshd, "lab/box-2")
+    }
+}
+
+#[tokio::test]
+async fn a_host_behind_a_jump_host_is_reached_through_it_with_both_keys_pinned() {
+    let Some(s) = setup() else { return };
+    let gate = &Sshd::start_bastion();
+    let inner = Sshd::start();
+    let pool = pool(&s.home, true);
+    let t = pool.transport(behind_bastion(gate, &inner));
+    let out = t.exec("printf '%s' \"$HOME\"").await.unwrap();
+    assert_eq!(
+        out.stdout,
+        inner.home().display().to_string(),
+        "ran on the inner host"
+    );
+    // The bastion forwarded a connection to the inner host's port (its session process
+    // writes the line a moment after the command returns)...
+    let forwarded = format!("target 127.0.0.1 port {}", inner.port());
+    let shows = |log: &str| {
+        log.lines()
+            .any(|l| l.contains("server_request_direct_tcpip") && l.contains(&forwarded))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !shows(&gate.log()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let log = gate.log();
+    assert!(
+        shows(&log),
+        "the bastion's log shows the forwarded connection:\n{log}"
+    );
+    assert_eq!(gate.logins(), 1, "{log}");
+    assert_eq!(inner.logins(), 1);
+    // ...and each key is pinned in its own file.
+    for machine in ["lab/box-2", "lab/box-2.jump"] {
+        let pin = std::fs::read_to_string(pool.known_hosts_file(machine)).unwrap_or_default();
+        assert!(!pin.trim().is_empty(), "{machine} pinned: {pin:?}");
+    }
+    // Uploads and downloads ride the same master.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("f.txt"), "through the gate").unwrap();
+    t.upload(&dir.path().join("f.txt"), "~/up/f.txt")
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(inner.home().join("up/f.txt")).unwrap(),
+        "through the gate"
+    );
+    assert_eq!(gate.logins(), 1);
+    assert_eq!(inner.logins(), 1);
+}
+
+#[tokio::test]
+async fn a_changed_jump_host_key_is_refused_naming_the_jump_host() {
+    let Some(mut s) = setup() else { return };
+    let inner = Sshd::start();
+    let home = s.home.clone();
+    {
+        let t = pool(&home, true).transport(behind_bastion(&s.sshd, &inner));
+        t.exec("true").await.unwrap();
+    }
+    let pinned = s.sshd.host_key_fingerprint();
+    s.sshd.regenerate_host_key();
+    let offered = s.sshd.host_key_fingerprint();
+    let t = pool(&home, true).transport(behind_bastion(&s.sshd, &inner));
+    let e = t
+        .exec("true")
+        .await
+        .expect_err("a changed bastion key is refused");
+    let text = e.to_string();
+    assert!(matches!(e, TransportError::HostKeyChanged { .. }), "{text}");
+    assert!(text.contains("jump host"), "{text}");
+    assert!(text.contains(&pinned) && text.contains(&offered), "{text}");
 }

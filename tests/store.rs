@@ -1,6 +1,6 @@
 //! The store against real SQLite files in temporary directories.
 
-use asimov::model::{Phase, ProviderKind};
+use asimov::model::{HostStatus, Outcome, Phase, ProviderKind, Usd};
 use asimov::store::{
     AttemptRecord, CostEntry, Event, HostRecord, RunRecord, SCHEMA_VERSION, Store, StoreError,
 };
@@ -35,8 +35,9 @@ fn full_run(name: &str, job: &str) -> RunRecord {
         instance_id: Some("0920582c7ff041399e34823a0be62549".to_string()),
         host: Some("gpu3".to_string()),
         gpu: Some("H100_SXM".to_string()),
-        price_per_hour: Some(2.49),
-        cost_usd: 12.345678,
+        price_per_hour: Some(Usd::from_dollars(2.49)),
+        cost_usd: Usd::from_dollars(12.345678),
+        billing_since: Some(1_700_000_040),
         progress_done: Some(1234),
         progress_total: Some(i64::MAX as u64),
         exit_code: Some(-9),
@@ -68,7 +69,7 @@ fn attempt(run: &str, n: u32, released: Option<i64>) -> AttemptRecord {
         host: Some("box".to_string()),
         intent_at: 1_700_000_000 + n as i64,
         released_at: released,
-        outcome: released.map(|_| "preempted".to_string()),
+        outcome: released.map(|_| Outcome::Preempted),
     }
 }
 
@@ -89,7 +90,7 @@ fn cost(run: &str, job: &str, from: i64, to: i64, usd: f64) -> CostEntry {
         attempt: 1,
         from,
         to,
-        usd,
+        usd: Usd::from_dollars(usd),
     }
 }
 
@@ -279,7 +280,7 @@ fn attempts_round_trip_and_unreleased_ones_are_found() {
     let released = AttemptRecord {
         instance_id: Some("77".to_string()),
         released_at: Some(1_700_000_900),
-        outcome: Some("deleted".to_string()),
+        outcome: Some(Outcome::Deleted),
         ..bare
     };
     store.put_attempt(&released).unwrap();
@@ -345,14 +346,32 @@ fn spent_sums_jobs_and_respects_since() {
     store.add_cost(&cost("c-0", "c", 0, 300, 100.0)).unwrap();
     let jobs = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
 
-    assert_eq!(store.spent(&jobs(&["a"]), None).unwrap(), 3.75);
-    assert_eq!(store.spent(&jobs(&["a", "b"]), None).unwrap(), 7.75);
+    assert_eq!(
+        store.spent(&jobs(&["a"]), None).unwrap(),
+        Usd::from_dollars(3.75)
+    );
+    assert_eq!(
+        store.spent(&jobs(&["a", "b"]), None).unwrap(),
+        Usd::from_dollars(7.75)
+    );
     // Entries ending after `since` count, those ending at or before it do not.
-    assert_eq!(store.spent(&jobs(&["a", "b"]), Some(100)).unwrap(), 6.5);
-    assert_eq!(store.spent(&jobs(&["a", "b"]), Some(250)).unwrap(), 4.0);
-    assert_eq!(store.spent(&jobs(&["a", "b"]), Some(300)).unwrap(), 0.0);
-    assert_eq!(store.spent(&jobs(&["nobody"]), None).unwrap(), 0.0);
-    assert_eq!(store.spent(&[], None).unwrap(), 0.0);
+    assert_eq!(
+        store.spent(&jobs(&["a", "b"]), Some(100)).unwrap(),
+        Usd::from_dollars(6.5)
+    );
+    assert_eq!(
+        store.spent(&jobs(&["a", "b"]), Some(250)).unwrap(),
+        Usd::from_dollars(4.0)
+    );
+    assert_eq!(
+        store.spent(&jobs(&["a", "b"]), Some(300)).unwrap(),
+        Usd::from_dollars(0.0)
+    );
+    assert_eq!(
+        store.spent(&jobs(&["nobody"]), None).unwrap(),
+        Usd::from_dollars(0.0)
+    );
+    assert_eq!(store.spent(&[], None).unwrap(), Usd::from_dollars(0.0));
 
     assert_eq!(
         store.costs("a-1").unwrap(),
@@ -383,7 +402,10 @@ fn forget_run_removes_everything_of_that_run_only() {
     assert!(store.run("a-1").unwrap().is_some());
     assert_eq!(store.attempts("a-1").unwrap().len(), 1);
     assert_eq!(store.events("run", "a-1").unwrap().len(), 1);
-    assert_eq!(store.spent(&["a".to_string()], None).unwrap(), 1.0);
+    assert_eq!(
+        store.spent(&["a".to_string()], None).unwrap(),
+        Usd::from_dollars(1.0)
+    );
 
     // Forgetting twice is harmless.
     store.forget_run("a-0").unwrap();
@@ -394,25 +416,31 @@ fn hosts_round_trip_and_removed_hosts_are_forgotten() {
     let (_dir, path) = temp_db();
     let store = Store::open(&path).unwrap();
     let host = |fleet: &str, name: &str| HostRecord {
-        fleet: fleet.to_string(),
-        host: name.to_string(),
-        reachable: true,
-        busy: true,
-        gpus_total: 8,
-        gpus_free: 3,
-        gpu_names: vec!["A100".to_string(), "A100 \"80GB\"".to_string()],
-        running: vec!["a-0".to_string(), "b-1".to_string()],
+        status: HostStatus {
+            fleet: fleet.to_string(),
+            host: name.to_string(),
+            reachable: true,
+            busy: true,
+            gpus_total: 8,
+            gpus_free: 3,
+            gpu_names: vec!["A100".to_string(), "A100 \"80GB\"".to_string()],
+            running: vec!["a-0".to_string(), "b-1".to_string()],
+            agents_alive: vec![],
+            message: Some("ok".to_string()),
+        },
         checked_at: 1_700_000_000,
-        message: "ok".to_string(),
     };
     let down = HostRecord {
-        reachable: false,
-        busy: false,
-        gpus_total: 0,
-        gpus_free: 0,
-        gpu_names: vec![],
-        running: vec![],
-        message: "ssh: connection refused".to_string(),
+        status: HostStatus {
+            reachable: false,
+            busy: false,
+            gpus_total: 0,
+            gpus_free: 0,
+            gpu_names: vec![],
+            running: vec![],
+            message: Some("ssh: connection refused".to_string()),
+            ..host("lab", "b").status
+        },
         ..host("lab", "b")
     };
     store.put_host(&host("lab", "a")).unwrap();
@@ -429,8 +457,11 @@ fn hosts_round_trip_and_removed_hosts_are_forgotten() {
 
     // Rewriting replaces.
     let updated = HostRecord {
-        gpus_free: 8,
-        running: vec![],
+        status: HostStatus {
+            gpus_free: 8,
+            running: vec![],
+            ..host("lab", "a").status
+        },
         ..host("lab", "a")
     };
     store.put_host(&updated).unwrap();
@@ -472,7 +503,10 @@ fn reopening_keeps_everything() {
             vec![attempt("a-0", 1, None)]
         );
         assert_eq!(store.events("run", "a-0").unwrap().len(), 1);
-        assert_eq!(store.spent(&["a".to_string()], None).unwrap(), 2.0);
+        assert_eq!(
+            store.spent(&["a".to_string()], None).unwrap(),
+            Usd::from_dollars(2.0)
+        );
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION);
 }
@@ -628,20 +662,26 @@ fn an_older_file_is_migrated_and_keeps_its_data() {
         ),
         (7, Phase::Succeeded, Some(ProviderKind::Vast), Some("1"))
     );
-    assert_eq!(store.spent(&["old".to_string()], None).unwrap(), 3.0);
+    assert_eq!(
+        store.spent(&["old".to_string()], None).unwrap(),
+        Usd::from_dollars(3.0)
+    );
     // The table the newer version added works.
     store
         .put_host(&HostRecord {
-            fleet: "lab".to_string(),
-            host: "a".to_string(),
-            reachable: true,
-            busy: false,
-            gpus_total: 1,
-            gpus_free: 1,
-            gpu_names: vec!["L4".to_string()],
-            running: vec![],
+            status: HostStatus {
+                fleet: "lab".to_string(),
+                host: "a".to_string(),
+                reachable: true,
+                busy: false,
+                gpus_total: 1,
+                gpus_free: 1,
+                gpu_names: vec!["L4".to_string()],
+                running: vec![],
+                agents_alive: vec![],
+                message: None,
+            },
             checked_at: 1,
-            message: String::new(),
         })
         .unwrap();
     assert_eq!(store.hosts(Some("lab")).unwrap().len(), 1);

@@ -332,14 +332,24 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         .build()?;
     runtime.block_on(async {
         let store = Store::open(&home.database())?;
-        let (providers, ssh) = providers_for(home)?;
-        let executor = Arc::new(
-            Executor::new(providers, Arc::new(Mutex::new(store)), home.clone()).with_ssh(ssh),
-        );
+        let registry = providers_for(home)?;
+        // Closed on every way this function returns, so no master outlives it.
+        let ssh_pool = Arc::clone(&registry.ssh_pool);
+        // We hold the lock: masters a killed predecessor left are ours to end.
+        if let Err(e) = ssh_pool.replace_previous_controller().await {
+            tracing::warn!(error = %e, "cannot end the previous controller's ssh masters");
+        }
+        let executor = Arc::new(Executor::new(
+            registry.providers,
+            Arc::new(Mutex::new(store)),
+            home.clone(),
+        ));
         let source = Arc::new(FolderSource::new(home.clone(), dir.clone()));
         let controller = Controller::new(executor, source, home.controller_id()?);
         if once {
-            let report = controller.run_once().await?;
+            let report = controller.run_once().await;
+            ssh_pool.close_all().await;
+            let report = report?;
             for (op, error) in &report.failed {
                 eprintln!("failed: {op}: {error}");
             }
@@ -355,6 +365,7 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         }
         liveness.spawn_heartbeat();
         let result = controller.run(shutdown).await;
+        ssh_pool.close_all().await;
         liveness.stopped();
         result?;
         tracing::info!("controller stopped");

@@ -154,9 +154,12 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
         ("GPU", dash(run.gpu.clone())),
         (
             "Price/hour",
-            dash(run.price_per_hour.map(|p| format!("${p:.3}"))),
+            dash(run.price_per_hour.map(|p| format!("${:.3}", p.dollars()))),
         ),
-        ("Cost", format!("${:.4}", super::render::usd(run.cost_usd))),
+        (
+            "Cost",
+            format!("${:.4}", run.cost_at(super::now()).dollars()),
+        ),
         (
             "Progress",
             dash(run.progress_done.map(|d| match run.progress_total {
@@ -209,7 +212,7 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
             a.provider.to_string(),
             a.instance_id.unwrap_or_else(|| "-".into()),
             a.host.unwrap_or_else(|| "-".into()),
-            a.outcome.unwrap_or_else(|| "-".into()),
+            a.outcome.map_or_else(|| "-".into(), |o| o.to_string()),
             a.released_at.map(rfc3339).unwrap_or_else(|| "no".into()),
             resumed
                 .get(&a.attempt)

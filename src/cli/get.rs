@@ -59,6 +59,7 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
     {
         eprintln!("warning: {note}");
     }
+    let now = super::now();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     match output {
         Output::Table | Output::Wide => {
@@ -72,7 +73,7 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
             let list = RunList {
                 items: runs
                     .iter()
-                    .map(|r| RunView::of(r, errors.get(&r.name)))
+                    .map(|r| RunView::of(r, errors.get(&r.name), now))
                     .collect(),
             };
             serde_json::to_writer_pretty(&mut out, &list)?;
@@ -82,7 +83,7 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
             let list = RunList {
                 items: runs
                     .iter()
-                    .map(|r| RunView::of(r, errors.get(&r.name)))
+                    .map(|r| RunView::of(r, errors.get(&r.name), now))
                     .collect(),
             };
             write!(out, "{}", serde_yaml::to_string(&list)?)?;
@@ -174,7 +175,12 @@ pub(super) fn jobs(home: &Home, name: Option<&str>, output: Output) -> CliResult
             None => Vec::new(),
         };
         let counts = phase_counts(&runs);
-        let cost = super::render::usd(runs.iter().map(|r| r.cost_usd).sum());
+        let now = super::now();
+        let cost = runs
+            .iter()
+            .map(|r| r.cost_at(now))
+            .sum::<crate::model::Usd>()
+            .dollars();
         let placement: Vec<String> = job
             .spec
             .placement
@@ -308,7 +314,7 @@ pub(super) fn fleets(home: &Home, name: Option<&str>, output: Output) -> CliResu
                 "reachable": rec.map(|r| r.reachable), "busy": rec.map(|r| r.busy),
                 "gpus_total": rec.map(|r| r.gpus_total), "gpus_free": rec.map(|r| r.gpus_free),
                 "gpu_names": rec.map(|r| r.gpu_names.clone()), "running": rec.map(|r| run_names(&r.running)),
-                "message": rec.map(|r| r.message.clone()),
+                "message": rec.map(|r| r.message.clone().unwrap_or_default()),
                 "checked_at": rec.map(|r| super::render::rfc3339(r.checked_at)),
             }));
         }
@@ -346,8 +352,8 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
         let jobs = budget::jobs_of(b, &current.manifests.jobs);
         let since = budget::window_start(b, now);
         let spent = match &store {
-            Some(s) => super::render::usd(s.spent(&jobs, since)?),
-            None => 0.0,
+            Some(s) => s.spent(&jobs, since)?,
+            None => crate::model::Usd::ZERO,
         };
         let period = b
             .period
@@ -361,7 +367,7 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
             b.name.clone(),
             format!("${:.2}", b.limit_usd),
             period.clone(),
-            format!("${spent:.2}"),
+            spent.to_string(),
             action.to_string(),
             if jobs.is_empty() {
                 "-".into()
@@ -371,7 +377,7 @@ pub(super) fn budgets(home: &Home, name: Option<&str>, output: Output) -> CliRes
         ]);
         items.push(serde_json::json!({
             "name": b.name, "limit_usd": b.limit_usd, "period": period, "spent_usd": spent,
-            "action": action, "jobs": jobs, "over_limit": spent >= b.limit_usd,
+            "action": action, "jobs": jobs, "over_limit": spent >= crate::model::Usd::from_dollars(b.limit_usd),
         }));
     }
     if let (Some(n), true) = (name, items.is_empty()) {

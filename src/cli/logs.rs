@@ -61,10 +61,13 @@ async fn locate(home: &Home, record: &RunRecord) -> Result<Arc<dyn Machine>, Cli
                 record.name, record.reason
             ))
         })?;
-    let (providers, ssh) = crate::reconcile::controller::providers_for(home)?;
-    // The fleets are the ssh provider's configuration, as the controller gives it.
-    ssh.set_fleets(desired::load_current(home)?.manifests.fleets);
-    let provider = providers.get(&attempt.provider).ok_or_else(|| {
+    let registry = crate::reconcile::controller::providers_for(home)?;
+    // The fleets are a fixed pool's configuration, as the controller gives it.
+    let fleets = desired::load_current(home)?.manifests.fleets;
+    for provider in registry.providers.values() {
+        provider.set_fleets(&fleets);
+    }
+    let provider = registry.providers.get(&attempt.provider).ok_or_else(|| {
         fail(format!(
             "reading logs from {} instances is not supported yet",
             attempt.provider

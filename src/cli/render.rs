@@ -53,7 +53,8 @@ pub struct ProgressView {
 }
 
 impl<'a> RunView<'a> {
-    pub fn of(run: &'a RunRecord, error: Option<&'a RunError>) -> Self {
+    /// The run as of `now` (its cost so far is derived at `now`).
+    pub fn of(run: &'a RunRecord, error: Option<&'a RunError>, now: Timestamp) -> Self {
         RunView {
             name: &run.name,
             job: &run.job,
@@ -63,8 +64,8 @@ impl<'a> RunView<'a> {
             instance_id: run.instance_id.as_deref(),
             host: run.host.as_deref(),
             gpu: run.gpu.as_deref(),
-            price_per_hour: run.price_per_hour,
-            cost_usd: round_cents(run.cost_usd),
+            price_per_hour: run.price_per_hour.map(|p| p.dollars()),
+            cost_usd: round_cents(run.cost_at(now).dollars()),
             progress: run.progress_done.map(|done| ProgressView {
                 done,
                 total: run.progress_total,
@@ -235,7 +236,7 @@ pub fn runs_table(
     };
     for run in runs {
         let provider = run.provider.map(|p| p.as_str()).unwrap_or("-").to_string();
-        let cost = format!("${:.2}", usd(run.cost_usd));
+        let cost = run.cost_at(now).to_string();
         let reason = reason_cell(run, errors.get(&run.name));
         let age_cell = age(now - run.created_at);
         if wide {
@@ -250,7 +251,7 @@ pub fn runs_table(
                 dash(run.host.as_deref()).to_string(),
                 dash(run.gpu.as_deref()).to_string(),
                 run.price_per_hour
-                    .map(|p| format!("{p:.3}"))
+                    .map(|p| format!("{:.3}", p.dollars()))
                     .unwrap_or_else(|| "-".into()),
                 cost,
                 short_commit(run),

@@ -4,8 +4,8 @@
 
 use super::desired::{
     Artifacts, Budget, BudgetAction, Checkpoint, FileCopy, Fleet, GpuRequest, Host, Job, JobSpec,
-    MetricMode, Origin, Placement, Resources, RetryOn, RetryPolicy, RunSpec, Schedule, Source,
-    StopRule,
+    MetricMode, Origin, Placement, ProxyJump, Resources, RetryOn, RetryPolicy, RunSpec, Schedule,
+    Source, StopRule,
 };
 use super::raw;
 use super::schema;
@@ -993,12 +993,39 @@ fn convert_fleet(c: &mut Check<'_>, raw: raw::FleetManifest, origin: Origin) -> 
                 format!("duplicate host `{host_name}`, first at /spec/hosts/{first}; give each host a distinct `name`"),
             );
         }
+        let identity_file = h.identity_file.map(PathBuf::from);
+        let proxy_jump = h
+            .proxy_jump
+            .as_deref()
+            .and_then(|jump| match parse_proxy_jump(jump) {
+                Ok((user, address, port)) => Some(ProxyJump {
+                    user,
+                    address,
+                    port,
+                    identity_file: h
+                        .proxy_jump_identity_file
+                        .clone()
+                        .map(PathBuf::from)
+                        .or_else(|| identity_file.clone()),
+                }),
+                Err(message) => {
+                    c.value(&format!("{at}/proxy_jump"), message);
+                    None
+                }
+            });
+        if h.proxy_jump.is_none() && h.proxy_jump_identity_file.is_some() {
+            c.value(
+                &format!("{at}/proxy_jump_identity_file"),
+                "`proxy_jump_identity_file` needs a `proxy_jump`".to_string(),
+            );
+        }
         hosts.push(Host {
             name: host_name,
             user: h.user,
             address: h.address,
             port: h.port,
-            identity_file: h.identity_file.map(PathBuf::from),
+            identity_file,
+            proxy_jump,
             gpus: h.gpus,
             labels: h.labels,
         });
@@ -1008,6 +1035,76 @@ fn convert_fleet(c: &mut Check<'_>, raw: raw::FleetManifest, origin: Origin) -> 
         labels: raw.metadata.labels,
         hosts,
         origin,
+    }
+}
+
+/// `[user@]host[:port]`, as `ssh -J` takes it (`[::1]:22` for an IPv6 address).
+fn parse_proxy_jump(text: &str) -> Result<(Option<String>, String, u16), String> {
+    let bad = |why: &str| format!("expected `[user@]host[:port]`, found `{text}`: {why}");
+    if text.contains(',') {
+        return Err(bad("one bastion only"));
+    }
+    if text.chars().any(char::is_whitespace) {
+        return Err(bad("no spaces"));
+    }
+    let (user, rest) = match text.rsplit_once('@') {
+        Some(("", _)) => return Err(bad("empty user")),
+        Some((user, rest)) => (Some(user.to_string()), rest),
+        None => (None, text),
+    };
+    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+        match inner.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, port)) => match port.strip_prefix(':') {
+                Some(port) => (host, Some(port)),
+                None => return Err(bad("junk after `]`")),
+            },
+            None => return Err(bad("unclosed `[`")),
+        }
+    } else {
+        match rest.split_once(':') {
+            Some((_, p)) if p.contains(':') => {
+                return Err(bad("write an IPv6 address as `[addr]:port`"));
+            }
+            Some((host, port)) => (host, Some(port)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(bad("empty host"));
+    }
+    let port = match port {
+        None => 22,
+        Some(p) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => p,
+            _ => return Err(bad("the port is a number from 1 to 65535")),
+        },
+    };
+    Ok((user, host.to_string(), port))
+}
+
+#[cfg(test)]
+mod proxy_jump_tests {
+    use super::parse_proxy_jump;
+
+    #[test]
+    fn proxy_jump_parses_like_ssh_dash_j() {
+        let ok = |s: &str| parse_proxy_jump(s).unwrap();
+        assert_eq!(ok("bastion"), (None, "bastion".into(), 22));
+        assert_eq!(
+            ok("al@bastion:2222"),
+            (Some("al".into()), "bastion".into(), 2222)
+        );
+        assert_eq!(ok("[::1]:2200"), (None, "::1".into(), 2200));
+        assert_eq!(
+            ok("al@[fe80::1]"),
+            (Some("al".into()), "fe80::1".into(), 22)
+        );
+        for bad in [
+            "", "@h", "h:0", "h:x", "h:70000", "a,b", "::1", "[::1", "[::1]x", "a b",
+        ] {
+            assert!(parse_proxy_jump(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 }
 
@@ -1073,6 +1170,7 @@ fn absolutize(value: &mut Value, kind: Kind, base: &Path) {
             if let Some(Value::Array(hosts)) = value.pointer_mut("/spec/hosts") {
                 for h in hosts {
                     fix(h.get_mut("identity_file"), false);
+                    fix(h.get_mut("proxy_jump_identity_file"), false);
                 }
             }
         }

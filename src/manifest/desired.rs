@@ -276,8 +276,21 @@ pub struct Host {
     pub address: String,
     pub port: u16,
     pub identity_file: Option<PathBuf>,
+    /// The bastion the host is reached through (`proxy_jump`), if any.
+    pub proxy_jump: Option<ProxyJump>,
     pub gpus: u32,
     pub labels: BTreeMap<String, String>,
+}
+
+/// A fleet host's bastion, parsed from `[user@]host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyJump {
+    /// `None` uses the local user name, as `ssh -J` does.
+    pub user: Option<String>,
+    pub address: String,
+    pub port: u16,
+    /// `proxy_jump_identity_file`, else the host's `identity_file`.
+    pub identity_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

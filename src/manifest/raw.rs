@@ -551,6 +551,16 @@ pub struct Host {
     /// Private key file, relative to the manifest's folder; `~` is expanded.
     #[serde(default)]
     pub identity_file: Option<String>,
+    /// A bastion the host is reached through, as OpenSSH's `ProxyJump`:
+    /// `[user@]host[:port]` (port 22, and the local user, when absent). Its host key
+    /// is pinned on first use like the host's own.
+    #[serde(default)]
+    #[schemars(length(min = 1))]
+    pub proxy_jump: Option<String>,
+    /// Private key for the bastion, relative to the manifest's folder; `~` is expanded.
+    /// Defaults to `identity_file`.
+    #[serde(default)]
+    pub proxy_jump_identity_file: Option<String>,
     /// Number of GPUs on the host; jobs needing more are not placed there.
     #[serde(default)]
     pub gpus: u32,

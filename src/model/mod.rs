@@ -1,5 +1,17 @@
-//! Shared vocabulary of asimov: names, identifiers, phases, money, progress and the
-//! ownership tag. Pure data; knows nothing of YAML, SQLite, providers or the clock.
+//! Shared vocabulary of asimov: names, identifiers, phases, money (`Usd`), progress,
+//! how an attempt ended (`Outcome`), fleet hosts (`HostStatus`), market offers (`Offer`)
+//! and the ownership tag. Pure data; knows nothing of YAML, SQLite, providers or the
+//! clock.
+
+mod host;
+mod money;
+mod offer;
+mod outcome;
+
+pub use host::HostStatus;
+pub use money::Usd;
+pub use offer::{Offer, OfferQuery};
+pub use outcome::Outcome;
 
 use serde::{Deserialize, Serialize};
 use std::fmt;

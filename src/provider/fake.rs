@@ -4,11 +4,13 @@
 //! `#[tokio::test(start_paused = true)]` run hours of simulated work instantly.
 
 use super::{
-    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
-    ProviderResult,
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider,
+    ProviderError, ProviderResult,
 };
 use crate::agent::{AgentError, AgentState, AgentStatus, LaunchSpec, Machine};
-use crate::model::{InstanceId, Progress, ProviderKind, Timestamp};
+use crate::model::{
+    InstanceId, Offer, OfferQuery, OwnerTag, Progress, ProviderKind, Timestamp, Usd,
+};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -29,7 +31,9 @@ pub struct FakeConfig {
     pub exit_code: i32,
     /// At most this many live instances; further creates get `NoCapacity`.
     pub capacity: Option<usize>,
-    pub price_per_hour: f64,
+    pub price_per_hour: Usd,
+    /// What the fake declares about itself (listing lag, boot timeout, resync, ...).
+    pub capabilities: Capabilities,
 }
 
 impl Default for FakeConfig {
@@ -40,7 +44,8 @@ impl Default for FakeConfig {
             job_duration: Duration::from_secs(60),
             exit_code: 0,
             capacity: None,
-            price_per_hour: 1.0,
+            price_per_hour: Usd::from_dollars(1.0),
+            capabilities: Capabilities::default(),
         }
     }
 }
@@ -85,18 +90,32 @@ pub struct Calls {
     pub collect: u64,
 }
 
+/// One machine of the fake account, asimov's or not.
 struct FakeInstance {
+    /// The machine's label as the provider stores it (Vast `label`, Lambda `name`):
+    /// an asimov tag, or anything a person typed. `list` shows only what parses as a tag.
+    label: String,
     instance: Instance,
     created: Instant,
+    /// Stopped by `stop_instance` (outbid, paused): listed `Stopped`, not reachable.
+    stopped: bool,
     machine: Arc<FakeMachine>,
+}
+
+impl FakeInstance {
+    fn tagged(&self) -> bool {
+        OwnerTag::parse(&self.label).is_some()
+    }
 }
 
 #[derive(Default)]
 struct State {
+    /// Every machine of the account, keyed by id: asimov's, and machines planted by
+    /// `add_foreign` that `list` must filter out by their label.
     instances: BTreeMap<u64, FakeInstance>,
-    /// Machines nobody else tagged: listed by the provider, never by `list`.
-    foreign: BTreeMap<u64, String>,
     next_id: u64,
+    /// Deliberately wrong: `list` shows untagged machines too (see `break_tag_filter`).
+    unfiltered: bool,
     faults: Vec<(Operation, Fault, u32)>,
     calls: Calls,
 }
@@ -180,21 +199,76 @@ impl FakeProvider {
         lock(&self.state).calls
     }
 
-    /// Every live instance, without counting a call (for test assertions).
+    /// Every live asimov instance, without counting a call (for test assertions).
     pub fn instances(&self) -> Vec<Instance> {
         let st = lock(&self.state);
         st.instances
             .values()
+            .filter(|f| f.tagged())
             .map(|f| self.current(f, &self.config()))
             .collect()
     }
 
-    /// Adds a machine that asimov did not create (no tag); `list` must not show it.
+    /// Adds a machine that asimov did not create, labelled `label` (not an asimov tag),
+    /// to the same account as asimov's instances; `list` must filter it out.
     pub fn add_foreign(&self, label: &str) {
         let mut st = lock(&self.state);
         st.next_id += 1;
         let id = st.next_id;
-        st.foreign.insert(id, label.to_string());
+        let instance = Instance {
+            provider: ProviderKind::Fake,
+            id: id.to_string(),
+            // What a provider that ignored the label would make of it.
+            tag: OwnerTag::new("?", label, 0),
+            state: InstanceState::Running,
+            endpoint: None,
+            gpu: None,
+            price_per_hour: self.config().price_per_hour,
+            created_at: Some(self.clock.now()),
+            host: None,
+        };
+        let machine = self.new_machine(id);
+        st.instances.insert(
+            id,
+            FakeInstance {
+                label: label.to_string(),
+                instance,
+                created: Instant::now(),
+                stopped: false,
+                machine,
+            },
+        );
+    }
+
+    /// Makes `list` show machines without an asimov tag too: a deliberately broken
+    /// provider, so a test can prove the conformance suite catches one.
+    pub fn break_tag_filter(&self) {
+        lock(&self.state).unfiltered = true;
+    }
+
+    /// Stops the instance `id` (outbid, paused by the provider): it stays listed, as
+    /// `Stopped`, and its machine cannot be reached. False when unknown.
+    pub fn stop_instance(&self, id: &str) -> bool {
+        let Ok(n) = id.parse::<u64>() else {
+            return false;
+        };
+        match lock(&self.state).instances.get_mut(&n) {
+            Some(f) => {
+                f.stopped = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn new_machine(&self, id: u64) -> Arc<FakeMachine> {
+        Arc::new(FakeMachine {
+            state: Arc::clone(&self.state),
+            id,
+            clock: self.clock,
+            config: self.config(),
+            job: Mutex::new(None),
+        })
     }
 
     /// The instance `id` vanishes, as a preempted spot instance does. False when unknown.
@@ -217,7 +291,7 @@ impl FakeProvider {
             let oldest = st
                 .instances
                 .iter()
-                .find(|(_, f)| f.created.elapsed() >= self.config().boot_time)
+                .find(|(_, f)| f.tagged() && f.created.elapsed() >= self.config().boot_time)
                 .map(|(k, _)| *k);
             if let Some(k) = oldest {
                 st.instances.remove(&k);
@@ -241,7 +315,9 @@ impl FakeProvider {
 
     fn current(&self, f: &FakeInstance, config: &FakeConfig) -> Instance {
         let mut i = f.instance.clone();
-        if f.created.elapsed() >= config.boot_time {
+        if f.stopped {
+            i.state = InstanceState::Stopped;
+        } else if f.created.elapsed() >= config.boot_time {
             i.state = InstanceState::Running;
             i.endpoint = Some(Endpoint::Local {
                 root: format!("/fake/{}", i.id).into(),
@@ -270,6 +346,23 @@ impl Provider for FakeProvider {
         ProviderKind::Fake
     }
 
+    fn capabilities(&self) -> Capabilities {
+        self.config().capabilities
+    }
+
+    /// One offer, while there is room: the configured GPU-less machine at its price.
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let config = self.config();
+        tokio::time::sleep(config.latency).await;
+        let full = config
+            .capacity
+            .is_some_and(|c| lock(&self.state).instances.len() >= c);
+        let offer = Offer::new(ProviderKind::Fake, "fake", config.price_per_hour);
+        Ok(std::iter::once(offer)
+            .filter(|o| !full && query.matches(o))
+            .collect())
+    }
+
     async fn list(&self) -> ProviderResult<Vec<Instance>> {
         let config = self.config();
         tokio::time::sleep(config.latency).await;
@@ -281,6 +374,7 @@ impl Provider for FakeProvider {
         Ok(st
             .instances
             .values()
+            .filter(|f| st.unfiltered || f.tagged())
             .map(|f| self.current(f, &config))
             .collect())
     }
@@ -296,7 +390,19 @@ impl Provider for FakeProvider {
             return Err(self.error("create instance", f.clone()));
         }
         let mut st = lock(&self.state);
-        if config.capacity.is_some_and(|c| st.instances.len() >= c) {
+        // The tag is already there (a create retried after an ambiguous failure): the
+        // same instance, not a second one.
+        let label = req.tag.render();
+        if let Some(f) = st.instances.values().find(|f| f.label == label) {
+            let found = self.current(f, &config);
+            drop(st);
+            if fault.is_some() {
+                return Err(self.error("create instance", Fault::CreateThenFail));
+            }
+            return Ok(found);
+        }
+        let live = st.instances.values().filter(|f| f.tagged()).count();
+        if config.capacity.is_some_and(|c| live >= c) {
             return Err(ProviderError::new(
                 ProviderKind::Fake,
                 ErrorKind::NoCapacity,
@@ -321,18 +427,14 @@ impl Provider for FakeProvider {
             created_at: Some(self.clock.now()),
             host: None,
         };
-        let machine = Arc::new(FakeMachine {
-            state: Arc::clone(&self.state),
-            id: n,
-            clock: self.clock,
-            config: config.clone(),
-            job: Mutex::new(None),
-        });
+        let machine = self.new_machine(n);
         st.instances.insert(
             n,
             FakeInstance {
+                label,
                 instance: instance.clone(),
                 created: Instant::now(),
+                stopped: false,
                 machine,
             },
         );
@@ -373,6 +475,12 @@ impl Provider for FakeProvider {
             .ok()
             .and_then(|n| st.instances.get(&n));
         match found {
+            Some(f) if f.stopped => Err(ProviderError::new(
+                ProviderKind::Fake,
+                ErrorKind::Transient,
+                "reach instance",
+                "stopped",
+            )),
             Some(f) if f.created.elapsed() >= config.boot_time => {
                 Ok(Arc::clone(&f.machine) as Arc<dyn Machine>)
             }

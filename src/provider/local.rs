@@ -20,7 +20,7 @@ use super::{
 };
 use crate::agent::{AgentMachine, Machine};
 use crate::home::Home;
-use crate::model::{InstanceId, OwnerTag, ProviderKind, Timestamp};
+use crate::model::{InstanceId, Offer, OfferQuery, OwnerTag, ProviderKind, Timestamp, Usd};
 use crate::transport::local::LocalTransport;
 use async_trait::async_trait;
 use std::collections::{BTreeMap, BTreeSet};
@@ -89,7 +89,7 @@ impl LocalProvider {
             state,
             endpoint: Some(Endpoint::Local { root }),
             gpu: None,
-            price_per_hour: 0.0,
+            price_per_hour: Usd::ZERO,
             created_at,
             host: None,
         }
@@ -292,6 +292,21 @@ fn read_pid(path: &Path) -> Option<i32> {
 impl Provider for LocalProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Local
+    }
+
+    /// A folder is listed the moment it is made and the job runs at once; this machine
+    /// costs nothing to asimov.
+    fn capabilities(&self) -> super::Capabilities {
+        super::Capabilities::default()
+    }
+
+    /// This machine, once, free (its GPUs are not inventoried).
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let mut offer = Offer::new(ProviderKind::Local, "local", Usd::ZERO);
+        offer.location = Some("this machine".into());
+        Ok(std::iter::once(offer)
+            .filter(|o| query.matches(o))
+            .collect())
     }
 
     async fn list(&self) -> ProviderResult<Vec<Instance>> {

@@ -4,6 +4,9 @@
 //! An *instance* is a slot on a host: the folder `<remote root>/instances/<tag>` (remote
 //! root `~/.asimov-agent` unless configured) holding
 //! - `tag`: the rendered owner tag, written last, so a folder without it is no slot;
+//! - `host`: the identity of the host that claimed it (see `host_prelude`): hosts whose
+//!   users share one `$HOME` (NFS) see each other's slot folders, and each lists, counts,
+//!   adopts and destroys only those it claimed;
 //! - `gpus`: how many GPUs the slot holds; `gpu_ids`: which ones (`0,1`), for
 //!   `CUDA_VISIBLE_DEVICES`; `created`: Unix seconds.
 //!
@@ -29,12 +32,12 @@
 
 use crate::home::Home;
 use crate::manifest::{Fleet, Host};
-use crate::model::{InstanceId, OwnerTag, ProviderKind};
+use crate::model::{InstanceId, Offer, OfferQuery, OwnerTag, ProviderKind, Usd};
 use crate::provider::{
-    CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider, ProviderError,
-    ProviderResult,
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState, Provider,
+    ProviderError, ProviderResult,
 };
-use crate::transport::ssh::{SshPool, SshTarget, SshTransport, quote};
+use crate::transport::ssh::{SshJump, SshPool, SshTarget, SshTransport, quote};
 use crate::transport::{Transport, TransportError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
@@ -43,27 +46,9 @@ use std::sync::{Arc, Mutex};
 /// Where slots live on a host unless the provider is told otherwise.
 pub const DEFAULT_REMOTE_ROOT: &str = "~/.asimov-agent";
 
-/// What `host_statuses` says about one host, as of the last `list` (or create/destroy).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostStatus {
-    pub fleet: String,
-    pub host: String,
-    /// False when the last attempt to reach it failed, or it was never contacted.
-    pub reachable: bool,
-    /// True when no job of any size could be placed on it now.
-    pub busy: bool,
-    /// GPUs the manifest declares.
-    pub gpus_total: u32,
-    pub gpus_free: u32,
-    /// From `nvidia-smi` when present (`NVIDIA A100-SXM4-80GB, 81920 MiB`).
-    pub gpu_names: Vec<String>,
-    /// Tags of every slot on the host.
-    pub running: Vec<String>,
-    /// Tags of slots whose agent process is alive (`pid`).
-    pub agents_alive: Vec<String>,
-    /// Why it is unreachable, or "not contacted yet".
-    pub message: Option<String>,
-}
+/// What `host_statuses` says about one host, as of the last `list` (or create/destroy):
+/// the one host type, shared with the planner and the store.
+pub use crate::model::HostStatus;
 
 /// What `prepare_host` found and did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -135,16 +120,7 @@ fn err(kind: ErrorKind, step: &'static str, message: impl Into<String>) -> Provi
 /// Transport failures in provider terms: a host that cannot be reached now is
 /// transient; a changed host key or a refused login needs a person.
 fn from_transport(step: &'static str, e: TransportError) -> ProviderError {
-    let kind = match &e {
-        TransportError::Unreachable { .. } => ErrorKind::Transient,
-        TransportError::HostKeyChanged { .. } => ErrorKind::Unauthenticated,
-        TransportError::Failed {
-            step: "authenticate",
-            ..
-        } => ErrorKind::Unauthenticated,
-        TransportError::Failed { .. } | TransportError::Io { .. } => ErrorKind::Transient,
-    };
-    err(kind, step, e.to_string()).with_source(e)
+    err(ErrorKind::of_transport(&e), step, e.to_string()).with_source(e)
 }
 
 /// `~`-relative roots become `"$HOME"/...` so the remote shell expands them.
@@ -156,6 +132,22 @@ fn root_word(root: &str) -> String {
     } else {
         quote(root)
     }
+}
+
+/// Shell text defining `$me`, this host's identity, and `mine DIR`, true when the slot
+/// `DIR` was claimed by this host. The identity is the host key the controller pinned
+/// (`host_key`) with `/etc/machine-id` and the host name: hosts sharing an NFS home see
+/// one folder of slots, and each must list, adopt and destroy only its own. A slot from
+/// before slots recorded their host (no `host` file) goes to the first host that looks.
+fn host_prelude(host_key: &str) -> String {
+    format!(
+        r#"me={hk}" $(cat /etc/machine-id 2>/dev/null) $(uname -n 2>/dev/null)"
+mine() {{
+  [ -f "$1/host" ] || (set -C; printf '%s\n' "$me" > "$1/host") 2>/dev/null
+  [ "$(cat "$1/host" 2>/dev/null)" = "$me" ]
+}}"#,
+        hk = quote(host_key)
+    )
 }
 
 fn instance_id(fleet: &str, host: &str, tag: &str) -> InstanceId {
@@ -216,6 +208,12 @@ impl SshProvider {
             port: host.port,
             user: host.user.clone(),
             identity_file: host.identity_file.clone(),
+            jump: host.proxy_jump.as_ref().map(|j| SshJump {
+                host: j.address.clone(),
+                port: j.port,
+                user: j.user.clone(),
+                identity_file: j.identity_file.clone(),
+            }),
         })
     }
 
@@ -249,16 +247,11 @@ impl SshProvider {
                     .cloned()
                     .unwrap_or_default();
                 let free = free_gpus(host, &view.slots);
-                let busy = if host.gpus == 0 {
-                    !view.slots.is_empty()
-                } else {
-                    free == 0
-                };
-                out.push(HostStatus {
+                let mut status = HostStatus {
                     fleet: fleet.name.clone(),
                     host: host.name.clone(),
                     reachable: view.reachable,
-                    busy,
+                    busy: false,
                     gpus_total: host.gpus,
                     gpus_free: free,
                     gpu_names: view.gpu_names.clone(),
@@ -274,28 +267,36 @@ impl SshProvider {
                     } else {
                         Some("not contacted yet".to_string())
                     },
-                });
+                };
+                status.busy = status.is_full();
+                out.push(status);
             }
         }
         out
     }
 
     /// Makes a host ready for jobs, idempotently: the agent folder, and the GPU
-    /// inventory (`nvidia-smi`) recorded beside it. Reports whether tmux and rsync are
-    /// present (it installs nothing). A second call on an unchanged host changes nothing.
+    /// inventory (`nvidia-smi`) recorded beside it, per host (`hosts/<id>/gpus.csv`).
+    /// Reports whether tmux and rsync are present (it installs nothing). A second call
+    /// on an unchanged host changes nothing.
     pub async fn prepare_host(&self, fleet: &str, host: &Host) -> ProviderResult<HostReport> {
         let t = self.transport(fleet, host);
         let script = format!(
             r#"root={root}
+{prelude}
 changes=""
 if [ ! -d "$root/instances" ]; then mkdir -p "$root/instances" && changes="agent folder"; fi
 inv=""
 if command -v nvidia-smi >/dev/null 2>&1; then
   inv=$(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true)
 fi
-old=$(cat "$root/gpus.csv" 2>/dev/null || true)
-if [ ! -f "$root/gpus.csv" ] || [ "$inv" != "$old" ]; then
-  printf '%s\n' "$inv" > "$root/gpus.csv.part" && mv -f "$root/gpus.csv.part" "$root/gpus.csv"
+# Per host: hosts sharing a home folder would otherwise overwrite each other's.
+hid=$(printf '%s' "$me" | cksum | cut -d' ' -f1)
+inv_file="$root/hosts/$hid/gpus.csv"
+old=$(cat "$inv_file" 2>/dev/null || true)
+if [ ! -f "$inv_file" ] || [ "$inv" != "$old" ]; then
+  mkdir -p "$root/hosts/$hid"
+  printf '%s\n' "$inv" > "$inv_file.part" && mv -f "$inv_file.part" "$inv_file"
   changes="$changes${{changes:+,}}gpu inventory"
 fi
 command -v tmux >/dev/null 2>&1 && echo "tmux	yes" || echo "tmux	no"
@@ -303,7 +304,12 @@ command -v rsync >/dev/null 2>&1 && echo "rsync	yes" || echo "rsync	no"
 echo "changes	$changes"
 printf '%s\n' "$inv" | sed '/^$/d; s/^/gpu	/'
 "#,
-            root = root_word(&self.remote_root)
+            root = root_word(&self.remote_root),
+            prelude = host_prelude(
+                &t.host_key()
+                    .await
+                    .map_err(|e| from_transport("prepare host", e))?
+            ),
         );
         let out = t
             .exec(&script)
@@ -361,9 +367,11 @@ printf '%s\n' "$inv" | sed '/^$/d; s/^/gpu	/'
         let t = self.transport(fleet, host);
         let script = format!(
             r#"root={root}
+{prelude}
 printf 'root\t%s\n' "$root"
 for d in "$root"/instances/*; do
   [ -f "$d/tag" ] || continue
+  mine "$d" || continue
   alive=no
   if [ -f "$d/pid" ] && kill -0 "$(cat "$d/pid")" 2>/dev/null; then alive=yes; fi
   printf 'slot\t%s\t%s\t%s\t%s\t%s\n' "$(cat "$d/tag")" "$(cat "$d/gpus" 2>/dev/null || echo 0)" \
@@ -374,7 +382,8 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 true
 "#,
-            root = root_word(&self.remote_root)
+            root = root_word(&self.remote_root),
+            prelude = host_prelude(&t.host_key().await?),
         );
         let out = t.exec(&script).await?;
         if out.status != 0 {
@@ -421,7 +430,7 @@ true
                 root: format!("{}/instances/{}", root.trim_end_matches('/'), slot.tag),
             }),
             gpu,
-            price_per_hour: 0.0,
+            price_per_hour: Usd::ZERO,
             created_at: slot.created,
             host: Some(host.name.clone()),
         })
@@ -438,6 +447,7 @@ true
         let t = self.transport(fleet, host);
         let script = format!(
             r#"root={root}; tag={tag}; total={total}; need={need}
+{prelude}
 d="$root/instances/$tag"
 mkdir -p "$root/instances"
 # mkdir is atomic: one claimer at a time, whoever runs it.
@@ -448,12 +458,15 @@ while ! mkdir "$root/.claim.lock" 2>/dev/null; do
 done
 trap 'rmdir "$root/.claim.lock"' EXIT
 if [ -f "$d/tag" ]; then
+  # This attempt already has a slot: here (adopt it), or on another host (not here).
+  mine "$d" || exit 4
   printf 'slot\t%s\t%s\t%s\t%s\n' "$tag" "$(cat "$d/gpus")" "$(cat "$d/gpu_ids" 2>/dev/null)" "$(cat "$d/created" 2>/dev/null)"
   exit 0
 fi
 used=" "; slots=0; whole=no
 for x in "$root"/instances/*; do
   [ -f "$x/tag" ] || continue
+  mine "$x" || continue
   slots=$((slots+1))
   g=$(cat "$x/gpus" 2>/dev/null || echo 0)
   [ "$g" = 0 ] && whole=yes
@@ -469,6 +482,8 @@ done
 [ $n -lt $need ] && exit 3
 now=$(date +%s)
 mkdir -p "$d"
+rm -f "$d/host"
+printf '%s\n' "$me" > "$d/host"
 printf '%s\n' "$need" > "$d/gpus"
 printf '%s\n' "$ids" > "$d/gpu_ids"
 printf '%s\n' "$now" > "$d/created"
@@ -476,13 +491,15 @@ printf '%s\n' "$tag" > "$d/tag.part" && mv -f "$d/tag.part" "$d/tag"
 printf 'slot\t%s\t%s\t%s\t%s\n' "$tag" "$need" "$ids" "$now"
 "#,
             root = root_word(&self.remote_root),
+            prelude = host_prelude(&t.host_key().await?),
             tag = quote(tag),
             total = host.gpus,
         );
         let out = t.exec(&script).await?;
         match out.status {
             0 => Ok(parse_listing(&out.stdout).slots.into_iter().next()),
-            3 => Ok(None),
+            // Full, or the attempt's slot is another host's.
+            3 | 4 => Ok(None),
             status => Err(TransportError::Failed {
                 machine: t.target().machine.clone(),
                 step: "claim slot",
@@ -508,11 +525,7 @@ fn split_id(id: &str) -> ProviderResult<(&str, &str, &str)> {
 
 /// GPUs not held by any slot; 0 while a whole-host slot is there.
 fn free_gpus(host: &Host, slots: &[Slot]) -> u32 {
-    if slots.iter().any(|s| s.gpus == 0) {
-        return 0;
-    }
-    let used: u32 = slots.iter().map(|s| s.gpus).sum();
-    host.gpus.saturating_sub(used)
+    HostStatus::free_gpus(host.gpus, slots.iter().map(|s| s.gpus))
 }
 
 /// Parses `root`, `slot` and `gpu` lines written by the host scripts.
@@ -544,6 +557,51 @@ fn parse_listing(text: &str) -> HostView {
 impl Provider for SshProvider {
     fn kind(&self) -> ProviderKind {
         ProviderKind::Ssh
+    }
+
+    /// Slots are listed the moment they are claimed and run at once; the hosts are the
+    /// user's own (nothing bills), so a slow resync costs nothing but a late notice.
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            listing_lag: std::time::Duration::ZERO,
+            fixed_pool: true,
+            ..Capabilities::default()
+        }
+    }
+
+    fn set_fleets(&self, fleets: &[Fleet]) {
+        SshProvider::set_fleets(self, fleets.to_vec());
+    }
+
+    fn hosts(&self) -> Vec<HostStatus> {
+        self.host_statuses()
+    }
+
+    /// Each reachable host with room, as one offer of its free GPUs (the fleet's
+    /// machines cost nothing to asimov).
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let offers = self
+            .host_statuses()
+            .into_iter()
+            .filter(|h| h.reachable && !h.busy)
+            .map(|h| {
+                let mut o = Offer::new(
+                    ProviderKind::Ssh,
+                    format!("{}/{}", h.fleet, h.host),
+                    Usd::ZERO,
+                );
+                o.gpu = h
+                    .gpu_names
+                    .first()
+                    .and_then(|n| n.split(',').next())
+                    .map(|n| n.trim().to_string());
+                o.count = h.gpus_free;
+                o.location = Some(h.host.clone());
+                o
+            })
+            .filter(|o| query.matches(o))
+            .collect();
+        Ok(offers)
     }
 
     async fn list(&self) -> ProviderResult<Vec<Instance>> {
@@ -711,9 +769,13 @@ impl Provider for SshProvider {
                 )
             })?;
         let t = self.transport(fleet, &host);
+        let hk = t.host_key().await.map_err(|e| from_transport(step, e))?;
         let script = format!(
             r#"d={root}/instances/{tag}
+{prelude}
 [ -d "$d" ] || {{ echo gone; exit 0; }}
+# Another host's slot (a shared home): not here, and its pid means nothing here.
+mine "$d" || {{ echo gone; exit 0; }}
 if [ -f "$d/agent.sh" ]; then sh "$d/agent.sh" stop "$d" >/dev/null 2>&1 || true; fi
 if [ -f "$d/pid" ]; then
   p=$(cat "$d/pid")
@@ -723,6 +785,7 @@ rm -rf "$d"
 echo removed
 "#,
             root = root_word(&self.remote_root),
+            prelude = host_prelude(&hk),
             tag = quote(tag),
         );
         let out = t.exec(&script).await.map_err(|e| from_transport(step, e))?;
@@ -795,6 +858,7 @@ mod tests {
             address: "127.0.0.1".into(),
             port: 22,
             identity_file: None,
+            proxy_jump: None,
             gpus,
             labels: Default::default(),
         }
@@ -834,6 +898,46 @@ mod tests {
             }]
         );
         assert_eq!(view.gpu_names, vec!["A100, 81920 MiB".to_string()]);
+    }
+
+    /// `mine` in a real shell: a slot of another host is not ours; a slot without a
+    /// `host` file (from before slots recorded one) is adopted by the first to look.
+    #[test]
+    fn a_slot_is_mine_only_when_this_host_claimed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ours, theirs, legacy) = ("ours", "theirs", "legacy");
+        for d in [ours, theirs, legacy] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let me = |key: &str| {
+            let script = format!("{}\nprintf %s \"$me\"", host_prelude(key));
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&script)
+                .output();
+            String::from_utf8(out.unwrap().stdout).unwrap()
+        };
+        std::fs::write(dir.path().join(ours).join("host"), me("SHA256:a") + "\n").unwrap();
+        std::fs::write(dir.path().join(theirs).join("host"), me("SHA256:b") + "\n").unwrap();
+        let script = format!(
+            "{}\nfor d in {ours} {theirs} {legacy} {legacy}; do mine \"$d\" && echo \"$d\"; done",
+            host_prelude("SHA256:a")
+        );
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "ours\nlegacy\nlegacy\n"
+        );
+        assert_ne!(
+            me("SHA256:a"),
+            me("SHA256:b"),
+            "the host key tells hosts apart"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! whether it is over its limit. No clock, no store: spending and `now` come in.
 
 use crate::manifest::{Budget, BudgetAction, Job};
-use crate::model::{JobName, Timestamp};
+use crate::model::{JobName, Timestamp, Usd};
 use std::collections::BTreeMap;
 
 /// True when `job` counts against `budget`: it names the budget, or its labels match
@@ -34,18 +34,17 @@ pub fn window_start(budget: &Budget, now: Timestamp) -> Option<Timestamp> {
 }
 
 /// Money a live instance has cost since `since` at `price_per_hour`, up to `now`.
-pub fn accrued(price_per_hour: f64, since: Timestamp, now: Timestamp) -> f64 {
-    let secs = (now - since).max(0) as f64;
-    price_per_hour.max(0.0) * secs / 3600.0
+pub fn accrued(price_per_hour: Usd, since: Timestamp, now: Timestamp) -> Usd {
+    price_per_hour.per_hour_over(now - since)
 }
 
 /// Where a budget stands this pass.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BudgetState {
     pub name: String,
-    pub limit_usd: f64,
+    pub limit_usd: Usd,
     /// Ledger spending in the window plus what live instances have accrued.
-    pub spent_usd: f64,
+    pub spent_usd: Usd,
     pub action: BudgetAction,
 }
 
@@ -58,7 +57,7 @@ impl BudgetState {
     /// The reason shown on a run held back by this budget.
     pub fn reason(&self) -> String {
         format!(
-            "budget {} reached: ${:.2} spent of ${:.2}",
+            "budget {} reached: {} spent of {}",
             self.name, self.spent_usd, self.limit_usd
         )
     }
@@ -69,15 +68,15 @@ impl BudgetState {
 pub fn states(
     budgets: &[Budget],
     jobs: &[Job],
-    ledger: &BTreeMap<String, f64>,
-    live: &[(JobName, f64, Timestamp)],
+    ledger: &BTreeMap<String, Usd>,
+    live: &[(JobName, Usd, Timestamp)],
     now: Timestamp,
 ) -> BTreeMap<String, BudgetState> {
     budgets
         .iter()
         .map(|b| {
             let selected = jobs_of(b, jobs);
-            let live_usd: f64 = live
+            let live_usd: Usd = live
                 .iter()
                 .filter(|(job, _, _)| selected.contains(job))
                 .map(|(_, price, since)| {
@@ -88,8 +87,9 @@ pub fn states(
                 .sum();
             let state = BudgetState {
                 name: b.name.clone(),
-                limit_usd: b.limit_usd,
-                spent_usd: ledger.get(&b.name).copied().unwrap_or(0.0) + live_usd,
+                // The manifest's dollars become exact money here, at the boundary.
+                limit_usd: Usd::from_dollars(b.limit_usd),
+                spent_usd: ledger.get(&b.name).copied().unwrap_or_default() + live_usd,
                 action: b.action,
             };
             (b.name.clone(), state)
@@ -185,11 +185,11 @@ mod tests {
     fn live_spend_counts_only_inside_the_window() {
         let b = budget("a", 10.0, &[], Some(3600));
         let jobs = vec![job("x", Some("a"), "t")];
-        let ledger = BTreeMap::from([("a".to_string(), 4.0)]);
+        let ledger = BTreeMap::from([("a".to_string(), Usd::from_dollars(4.0))]);
         // Running for two hours at $3/h, but the window is one hour: $3 counts.
-        let live = vec![("x".to_string(), 3.0, 10_000 - 7200)];
+        let live = vec![("x".to_string(), Usd::from_dollars(3.0), 10_000 - 7200)];
         let s = &states(&[b], &jobs, &ledger, &live, 10_000)["a"];
-        assert!((s.spent_usd - 7.0).abs() < 1e-9, "{}", s.spent_usd);
+        assert_eq!(s.spent_usd, Usd::from_dollars(7.0));
         assert!(!s.is_over());
     }
 
@@ -198,7 +198,7 @@ mod tests {
         let mut b = budget("a", 5.0, &[], None);
         b.action = BudgetAction::Stop;
         let jobs = vec![job("x", Some("a"), "t"), job("y", None, "t")];
-        let ledger = BTreeMap::from([("a".to_string(), 5.0)]);
+        let ledger = BTreeMap::from([("a".to_string(), Usd::from_dollars(5.0))]);
         let st = states(std::slice::from_ref(&b), &jobs, &ledger, &[], 0);
         assert_eq!(over_limit(&jobs[0], &[b.clone()], &st).len(), 1);
         assert!(over_limit(&jobs[1], &[b], &st).is_empty());

@@ -10,15 +10,12 @@
 use super::budget;
 use super::execute::{ExecError, Executor};
 use super::plan::{
-    self, AgentObservation, Desired, History, HostCapacity, ListResult, Observed, Op, Plan,
-    QueueKey,
+    self, AgentObservation, Desired, History, ListResult, Observed, Op, Plan, QueueKey,
 };
 use crate::home::Home;
 use crate::manifest::{Fleet, Manifests};
-use crate::model::{ProviderKind, RunName, Timestamp};
-use crate::provider::Provider;
-use crate::provider::local::LocalProvider;
-use crate::provider::ssh::SshProvider;
+use crate::model::{HostStatus, OwnerTag, Progress, ProviderKind, RunName, Timestamp};
+use crate::provider::{Capabilities, Provider};
 use crate::provider::{ErrorKind, Instance, InstanceState};
 use crate::store::HostRecord;
 use crate::store::StoreError;
@@ -136,12 +133,17 @@ pub enum ControllerError {
 pub fn requeue_after_error(kind: &ErrorKind, failures: u32) -> Duration {
     let backoff = plan::backoff_delay(failures.max(1));
     match kind {
-        // Gone already, or raced: the next pass sees the truth.
-        ErrorKind::NotFound => Duration::from_secs(1),
+        // Gone already, or raced (the listing shows what exists): the next pass sees
+        // the truth.
+        ErrorKind::NotFound | ErrorKind::AlreadyExists => Duration::from_secs(1),
         ErrorKind::RateLimited { retry_after } => retry_after.unwrap_or(backoff).max(backoff),
         ErrorKind::NoCapacity | ErrorKind::Transient => backoff,
-        // A person must act (fix a key, a spec): look rarely, but do look.
-        ErrorKind::Unauthenticated | ErrorKind::Permanent => Duration::from_secs(300),
+        // A person must act (fix a key, a spec, pay): look rarely, but do look.
+        ErrorKind::Unauthenticated
+        | ErrorKind::PermissionDenied
+        | ErrorKind::Quota
+        | ErrorKind::PaymentRequired
+        | ErrorKind::Permanent => plan::REQUEUE_NEEDS_PERSON,
     }
 }
 
@@ -258,6 +260,10 @@ impl Controller {
     pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), ControllerError> {
         let mut timers: BTreeMap<QueueKey, Instant> = BTreeMap::new();
         let mut due = Due::All;
+        // Kept across turns of the loop: a change seen while a timer fired (during the
+        // source's debounce, say) must not be dropped with its future, or the change
+        // waits for the next resync.
+        let mut changed = self.source.changed();
         loop {
             if shutdown.count() >= 1 {
                 return Ok(());
@@ -293,7 +299,10 @@ impl Controller {
                         None => std::future::pending().await,
                     }
                 } => false,
-                _ = self.source.changed() => true,
+                _ = &mut changed => {
+                    changed = self.source.changed();
+                    true
+                }
                 _ = shutdown.reached(1) => return Ok(()),
             };
             if event {
@@ -315,9 +324,9 @@ impl Controller {
 
     async fn pass(&self, due: &Due, mut shutdown: Shutdown) -> Result<PassReport, ControllerError> {
         let manifests = self.source.load().await.map_err(ControllerError::Source)?;
-        // The fleets first: the ssh listing walks the hosts they name.
-        if let Some(ssh) = &self.executor.ssh {
-            ssh.set_fleets(manifests.fleets.clone());
+        // The fleets first: a fixed pool's listing walks the hosts they name.
+        for provider in self.executor.providers.values() {
+            provider.set_fleets(&manifests.fleets);
         }
         let desired = Arc::new(Desired {
             jobs: manifests.jobs,
@@ -328,8 +337,8 @@ impl Controller {
         // an intent the store already holds, so nothing looks like an orphan by mistake.
         let listed = self.list_all().await;
         let now = self.now();
-        let fleets = self.fleets(&manifests.fleets, now);
-        let history = self.history(&desired, now)?;
+        let hosts = self.hosts(&manifests.fleets, now);
+        let mut history = self.history(&desired, now)?;
         let stop_when: BTreeSet<String> = desired
             .jobs
             .iter()
@@ -337,10 +346,18 @@ impl Controller {
             .map(|j| j.name.clone())
             .collect();
         let (agents, metrics) = self.observe(&listed, &history, due, &stop_when).await;
+        self.record_progress(&agents, &mut history);
+        let capabilities: BTreeMap<ProviderKind, Capabilities> = self
+            .executor
+            .providers
+            .iter()
+            .map(|(k, p)| (*k, p.capabilities()))
+            .collect();
         let observed = Observed {
             listed,
+            capabilities,
+            hosts,
             agents,
-            fleets,
             metrics,
         };
         let now = self.now();
@@ -348,25 +365,50 @@ impl Controller {
         self.apply(plan, desired, due, &mut shutdown).await
     }
 
-    /// The fleet hosts as the ssh provider saw them in this pass's listing, for the
-    /// planner's queue; written to the store too, for `get fleets`. A failure to write
-    /// them is logged, never fatal: they are a view, rewritten every pass.
-    fn fleets(&self, desired: &[Fleet], now: Timestamp) -> BTreeMap<String, Vec<HostCapacity>> {
-        let mut out: BTreeMap<String, Vec<HostCapacity>> = BTreeMap::new();
-        let Some(ssh) = &self.executor.ssh else {
-            return out;
-        };
-        let statuses = ssh.host_statuses();
-        for s in &statuses {
-            out.entry(s.fleet.clone()).or_default().push(HostCapacity {
-                host: s.host.clone(),
-                reachable: s.reachable,
-                busy: s.busy,
-                gpus_total: s.gpus_total,
-                gpus_free: s.gpus_free,
-                slots: s.running.len() as u32,
-            });
+    /// The agents' progress is an observation, not a decision: recorded here, in one
+    /// write for every run whose progress moved, and never a planned op (a steady pass
+    /// plans nothing however many runs make progress). `history` is updated to match.
+    fn record_progress(&self, agents: &BTreeMap<String, AgentObservation>, history: &mut History) {
+        let mut moved: Vec<(RunName, Progress)> = Vec::new();
+        for (tag, obs) in agents {
+            let AgentObservation::Status(status) = obs else {
+                continue;
+            };
+            let (Some(p), Some(tag)) = (status.progress, OwnerTag::parse(tag)) else {
+                continue;
+            };
+            let Some(rec) = history.runs.get_mut(&tag.run) else {
+                continue;
+            };
+            let current = rec.attempt == tag.attempt;
+            if current && (rec.progress_done, rec.progress_total) != (Some(p.done), p.total) {
+                rec.progress_done = Some(p.done);
+                rec.progress_total = p.total;
+                moved.push((tag.run, p));
+            }
         }
+        let store = self
+            .executor
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = store.put_progress(&moved) {
+            tracing::warn!(error = %error_chain(&e), "cannot record progress");
+        }
+    }
+
+    /// The hosts of fixed pools as each provider saw them in this pass's listing, for
+    /// the planner's queues; written to the store too, for `get fleets`. A failure to
+    /// write them is logged, never fatal: they are a view, rewritten every pass.
+    fn hosts(&self, desired: &[Fleet], now: Timestamp) -> BTreeMap<ProviderKind, Vec<HostStatus>> {
+        let out: BTreeMap<ProviderKind, Vec<HostStatus>> = self
+            .executor
+            .providers
+            .iter()
+            .map(|(k, p)| (*k, p.hosts()))
+            .filter(|(_, hosts)| !hosts.is_empty())
+            .collect();
+        let statuses: Vec<&HostStatus> = out.values().flatten().collect();
         let store = self
             .executor
             .store
@@ -374,18 +416,7 @@ impl Controller {
             .unwrap_or_else(|e| e.into_inner());
         let written = (|| -> Result<(), StoreError> {
             for s in &statuses {
-                store.put_host(&HostRecord {
-                    fleet: s.fleet.clone(),
-                    host: s.host.clone(),
-                    reachable: s.reachable,
-                    busy: s.busy,
-                    gpus_total: s.gpus_total,
-                    gpus_free: s.gpus_free,
-                    gpu_names: s.gpu_names.clone(),
-                    running: s.running.clone(),
-                    checked_at: now,
-                    message: s.message.clone().unwrap_or_default(),
-                })?;
+                store.put_host(&HostRecord::of(s, now))?;
             }
             for f in desired {
                 let names: Vec<&str> = f.hosts.iter().map(|h| h.name.as_str()).collect();
@@ -395,7 +426,7 @@ impl Controller {
             let gone: BTreeSet<String> = store
                 .hosts(None)?
                 .into_iter()
-                .map(|h| h.fleet)
+                .map(|h| h.status.fleet)
                 .filter(|f| !desired.iter().any(|d| d.name == *f))
                 .collect();
             for f in gone {
@@ -513,8 +544,10 @@ impl Controller {
             };
             let limit = Arc::clone(&limit);
             let read_metrics = with_metrics.contains(&inst.tag.render());
+            let executor = Arc::clone(&self.executor);
             set.spawn(async move {
                 let _permit = limit.acquire_owned().await;
+                let _paced = executor.permit(inst.provider).await;
                 let tag = inst.tag.render();
                 let mut metrics = None;
                 let obs = match provider.machine(&inst) {
@@ -664,23 +697,15 @@ impl Controller {
 /// Providers by kind, as the executor holds them.
 pub type Providers = BTreeMap<ProviderKind, Arc<dyn Provider>>;
 
-/// The providers a controller in `home` drives: `local`, and `ssh` (returned on its own
-/// too, for [`Executor::with_ssh`] and `prepare_host`).
 /// True for the providers [`providers_for`] builds, i.e. those a controller can drive.
 pub fn drives(kind: ProviderKind) -> bool {
-    matches!(kind, ProviderKind::Local | ProviderKind::Ssh)
+    crate::provider::DRIVEN.contains(&kind)
 }
 
-pub fn providers_for(home: &Home) -> std::io::Result<(Providers, Arc<SshProvider>)> {
-    let ssh = Arc::new(SshProvider::new(home.clone())?);
-    let providers: Providers = BTreeMap::from([
-        (
-            ProviderKind::Local,
-            Arc::new(LocalProvider::new(home.clone())) as Arc<dyn Provider>,
-        ),
-        (ProviderKind::Ssh, Arc::clone(&ssh) as Arc<dyn Provider>),
-    ]);
-    Ok((providers, ssh))
+/// The providers a controller in `home` drives (the provider layer's registry), with
+/// the SSH pool they share.
+pub fn providers_for(home: &Home) -> std::io::Result<crate::provider::Registry> {
+    crate::provider::registry(home)
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -726,6 +751,10 @@ mod tests {
             ),
             (ErrorKind::RateLimited { retry_after: None }, 2, s(10)),
             (ErrorKind::Unauthenticated, 1, s(300)),
+            (ErrorKind::PermissionDenied, 1, s(300)),
+            (ErrorKind::Quota, 2, s(300)),
+            (ErrorKind::PaymentRequired, 1, s(300)),
+            (ErrorKind::AlreadyExists, 4, s(1)),
             (ErrorKind::Permanent, 1, s(300)),
         ];
         for (kind, failures, want) in table {

@@ -1,19 +1,20 @@
 //! The executor: applies ONE planned op at a time, idempotently, against the providers,
 //! the agents and the store. Every failure is classified by `ErrorKind` so the
-//! controller's error policy can pick the requeue; nothing here retries inline.
+//! controller's error policy can pick the requeue; nothing here retries inline. It holds
+//! providers only as `dyn Provider` and reads what they are from their capabilities.
 
-use super::plan::{Desired, Op, QUEUED, SPEC_CHANGED, StatusUpdate};
+use super::plan::{Desired, Op, StatusUpdate, spec_changed};
 use crate::agent::{AgentError, LaunchSource, LaunchSpec};
 use crate::failpoint;
 use crate::home::Home;
 use crate::manifest::{Job, RunSpec, Source};
-use crate::model::{Phase, ProviderKind, RunName, Secret, Timestamp};
-use crate::provider::ssh::SshProvider;
+use crate::model::{Outcome, Phase, ProviderKind, RunName, Secret, Timestamp, Usd};
 use crate::provider::{CreateRequest, ErrorKind, Provider, ProviderError};
 use crate::store::{AttemptRecord, CostEntry, Event, RunError, RunRecord, Store, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Why an op could not be applied. Each variant names the op and keeps its cause.
 #[derive(Debug, thiserror::Error)]
@@ -75,10 +76,9 @@ impl ExecError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ExecError::Provider { source, .. } => source.kind.clone(),
+            ExecError::Agent { source, .. } => ErrorKind::of_agent(source),
             // The store is local: a failure is a busy or full disk, worth a retry.
             ExecError::Store { .. } => ErrorKind::Transient,
-            ExecError::Agent { source, .. } if source.is_permanent() => ErrorKind::Permanent,
-            ExecError::Agent { .. } => ErrorKind::Transient,
             ExecError::Unreleased { .. } | ExecError::MissingRun { .. } => ErrorKind::Transient,
             ExecError::NoProvider { .. } | ExecError::NotDesired { .. } => ErrorKind::Permanent,
             ExecError::Secret { .. } => ErrorKind::Permanent,
@@ -94,9 +94,8 @@ pub struct Executor {
     pub providers: BTreeMap<ProviderKind, Arc<dyn Provider>>,
     pub store: Arc<Mutex<Store>>,
     pub home: Home,
-    /// The ssh provider (also in `providers`), when fleets are configured: the
-    /// controller feeds it the fleets and reads its host statuses each pass.
-    pub ssh: Option<Arc<SshProvider>>,
+    /// Calls in flight per provider, as its pacing allows (agent reads included).
+    limits: BTreeMap<ProviderKind, Arc<Semaphore>>,
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -110,21 +109,31 @@ impl Executor {
         store: Arc<Mutex<Store>>,
         home: Home,
     ) -> Self {
+        let limits = providers
+            .iter()
+            .map(|(k, p)| (*k, limit_of(p.as_ref())))
+            .collect();
         Executor {
             providers,
             store,
             home,
-            ssh: None,
+            limits,
         }
     }
 
-    /// Also registers `ssh` as the `ssh` provider, and lets the controller drive its
-    /// fleets and host statuses.
-    pub fn with_ssh(mut self, ssh: Arc<SshProvider>) -> Self {
-        self.providers
-            .insert(ProviderKind::Ssh, Arc::clone(&ssh) as Arc<dyn Provider>);
-        self.ssh = Some(ssh);
+    /// Also registers `provider` under its kind (replacing one of that kind).
+    pub fn with_provider(mut self, provider: Arc<dyn Provider>) -> Self {
+        let kind = provider.kind();
+        self.limits.insert(kind, limit_of(provider.as_ref()));
+        self.providers.insert(kind, provider);
         self
+    }
+
+    /// Waits for room to call `kind` (its pacing's calls in flight); no limit for a
+    /// provider that is not registered (its call fails at once anyway).
+    pub async fn permit(&self, kind: ProviderKind) -> Option<OwnedSemaphorePermit> {
+        let limit = Arc::clone(self.limits.get(&kind)?);
+        limit.acquire_owned().await.ok()
     }
 
     fn provider(&self, op: &Op, kind: ProviderKind) -> Result<&Arc<dyn Provider>, ExecError> {
@@ -293,12 +302,9 @@ impl Executor {
                 // reads as "done", so it is written last.
                 if let Some(n) = supersede
                     && let Some(mut a) = self.attempt(op, run, *n)?
-                    && !a.outcome.as_deref().unwrap_or("").ends_with(SPEC_CHANGED)
+                    && !matches!(a.outcome, Some(Outcome::SpecChanged(_)))
                 {
-                    a.outcome = Some(format!(
-                        "{}{SPEC_CHANGED}",
-                        a.outcome.as_deref().unwrap_or("ended")
-                    ));
+                    a.outcome = Some(spec_changed(a.outcome.take()));
                     self.store(op, |s| s.put_attempt(&a))?;
                 }
                 self.store(op, |s| s.put_run_with_diff(&rec, diff.as_deref()))?;
@@ -338,6 +344,7 @@ impl Executor {
                 rec.placement_index = *placement_index;
                 rec.provider = Some(*provider);
                 rec.instance_id = None;
+                rec.billing_since = None;
                 rec.phase = Phase::Provisioning;
                 rec.reason = format!("creating an instance on {provider}");
                 rec.updated_at = now;
@@ -355,7 +362,10 @@ impl Executor {
                     resources: job.spec.resources.clone(),
                     image: job.spec.image.clone(),
                 };
-                let created = backend.create(&req).await;
+                let created = {
+                    let _permit = self.permit(*provider).await;
+                    backend.create(&req).await
+                };
                 failpoint::hit("create:after-provider");
                 match created {
                     Ok(inst) => {
@@ -366,6 +376,8 @@ impl Executor {
                         rec.host = inst.host.clone();
                         rec.gpu = inst.gpu.clone();
                         rec.price_per_hour = Some(inst.price_per_hour);
+                        // Billing counts from the request: a cloud may bill the boot.
+                        rec.billing_since = Some(a.intent_at);
                         rec.reason = format!("instance {provider}/{} created", inst.id);
                         self.store(op, |s| s.put_run(&rec))?;
                         self.event(op, run, "Created", rec.reason.clone(), now);
@@ -373,28 +385,18 @@ impl Executor {
                     }
                     // Definitely nothing was created: close the attempt now so the
                     // planner moves to the next placement.
-                    Err(e)
-                        if matches!(
-                            e.kind,
-                            ErrorKind::NoCapacity
-                                | ErrorKind::Permanent
-                                | ErrorKind::Unauthenticated
-                        ) =>
-                    {
+                    Err(e) if e.kind == ErrorKind::NoCapacity || e.kind.refuses_create() => {
                         let no_capacity = e.kind == ErrorKind::NoCapacity;
-                        // A full fleet is a queue, not a failure: the planner waits for
-                        // a free host without a backoff.
-                        let queued = no_capacity && *provider == ProviderKind::Ssh;
-                        a.outcome = Some(
-                            if queued {
-                                QUEUED
-                            } else if no_capacity {
-                                "no-capacity"
-                            } else {
-                                "rejected"
-                            }
-                            .into(),
-                        );
+                        // A full fixed pool is a queue, not a failure: the planner waits
+                        // for a free host without a backoff.
+                        let queued = no_capacity && backend.capabilities().fixed_pool;
+                        a.outcome = Some(if queued {
+                            Outcome::Queued
+                        } else if no_capacity {
+                            Outcome::NoCapacity
+                        } else {
+                            Outcome::Rejected
+                        });
                         a.released_at = Some(now);
                         self.store(op, |s| s.put_attempt(&a))?;
                         rec.phase = Phase::Pending;
@@ -449,6 +451,9 @@ impl Executor {
                 if rec.attempt == *attempt {
                     rec.instance_id = Some(instance.clone());
                     rec.provider = Some(*provider);
+                    if let Some(a) = self.attempt(op, run, *attempt)? {
+                        rec.billing_since = Some(a.intent_at);
+                    }
                     rec.updated_at = now;
                     self.store(op, |s| s.put_run(&rec))?;
                 }
@@ -476,6 +481,7 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
+                let _permit = self.permit(instance.provider).await;
                 machine
                     .start(&launch)
                     .await
@@ -553,6 +559,7 @@ impl Executor {
                         source,
                     })?;
                 }
+                let _permit = self.permit(instance.provider).await;
                 machine
                     .collect(&log, &outputs)
                     .await
@@ -579,7 +586,11 @@ impl Executor {
                 reason,
             } => {
                 let backend = self.provider(op, *provider)?;
-                match backend.destroy(instance_id).await {
+                let destroyed = {
+                    let _permit = self.permit(*provider).await;
+                    backend.destroy(instance_id).await
+                };
+                match destroyed {
                     Ok(()) => {}
                     // Already gone is what we wanted.
                     Err(e) if e.kind == ErrorKind::NotFound => {}
@@ -631,8 +642,9 @@ impl Executor {
                         usd: super::budget::accrued(price, a.intent_at, now),
                     };
                     self.store(op, |s| s.add_cost(&entry))?;
-                    // The ledger is the truth: the running estimate is replaced by it.
+                    // The ledger now holds what the instance cost: nothing bills on.
                     rec.cost_usd = self.ledger_cost(op, run)?;
+                    rec.billing_since = None;
                     self.store(op, |s| s.put_run(&rec))?;
                 }
                 self.store(op, |s| s.put_attempt(&a))?;
@@ -786,7 +798,6 @@ impl Executor {
         if u.phase.is_terminal() {
             rec.finished_at.get_or_insert(now);
         }
-        rec.cost_usd = self.running_cost(op, &rec, now)?;
         rec.updated_at = now;
         // The run row first, then the attempt's outcome: a crash in between leaves a
         // terminal run with an open attempt, which the planner destroys and releases.
@@ -805,27 +816,12 @@ impl Executor {
     }
 
     /// Sum of the run's ledger entries (released attempts).
-    fn ledger_cost(&self, op: &Op, run: &str) -> Result<f64, ExecError> {
+    fn ledger_cost(&self, op: &Op, run: &str) -> Result<Usd, ExecError> {
         Ok(self
             .store(op, |s| s.costs(run))?
             .iter()
-            // From +0.0: an empty `sum()` of f64 is -0.0, shown as "$-0.00".
-            .fold(0.0, |total, c| total + c.usd))
-    }
-
-    /// Cost so far: the ledger plus what the current attempt's instance has accrued
-    /// while it is held (its ledger entry lands only with its release).
-    fn running_cost(&self, op: &Op, rec: &RunRecord, now: Timestamp) -> Result<f64, ExecError> {
-        let mut usd = self.ledger_cost(op, &rec.name)?;
-        if let Some(price) = rec.price_per_hour
-            && rec.attempt > 0
-            && let Some(a) = self.attempt(op, &rec.name, rec.attempt)?
-            && a.released_at.is_none()
-            && a.instance_id.is_some()
-        {
-            usd += super::budget::accrued(price, a.intent_at, now);
-        }
-        Ok(usd)
+            .map(|c| c.usd)
+            .sum())
     }
 
     /// Where a run's outputs land: `<artifacts.to>/<run>/` when the job names a local
@@ -921,6 +917,12 @@ impl Executor {
             exclude: Vec::new(),
         })
     }
+}
+
+fn limit_of(provider: &dyn Provider) -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(
+        provider.capabilities().pacing.max_in_flight.max(1),
+    ))
 }
 
 /// The job and run spec of a desired run.

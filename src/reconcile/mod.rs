@@ -14,6 +14,6 @@ pub mod plan;
 pub mod stop;
 
 pub use plan::{
-    AgentObservation, Desired, History, HostCapacity, ListResult, Observed, Op, Plan, QueueKey,
-    StatusUpdate, plan,
+    AgentObservation, Desired, History, ListResult, Observed, Op, Plan, QueueKey, StatusUpdate,
+    plan,
 };

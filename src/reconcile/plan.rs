@@ -12,18 +12,27 @@
 //!   forgotten on a provider whose listing failed this pass;
 //! - an instance carrying this controller's tag that no live attempt owns is destroyed;
 //!   other controllers' instances are never touched;
-//! - runs on an ssh fleet wait in a queue, per fleet in apply order (`seq`), and are
-//!   created only when the provider's fit rule finds them a reachable host; a slot on a
-//!   host that does not answer is never destroyed nor counted as a live instance until
-//!   the host answers again.
+//! - runs on a fixed pool (a fleet) wait in a queue, per fleet in apply order (`seq`),
+//!   and are created only when the fit rule (`HostStatus::fits`) finds them a reachable
+//!   host; an instance on a host that does not answer is never destroyed nor counted as
+//!   a live instance until the host answers again;
+//! - every key is looked at again within its providers' resync period, so what changes
+//!   behind asimov's back (a billing instance, a silent agent) is noticed while idle;
+//! - what time alone changes (cost so far, progress between phases) is no op: readers
+//!   derive cost from the price and the billing start, and the controller records
+//!   observed progress; a steady pass plans nothing, however many runs there are.
+//!
+//! What a provider is (listing lag, boot timeout, resync, fixed pool) comes in as data,
+//! its `Capabilities`; the planner names no provider.
 
 use super::budget::{self, BudgetState};
 use crate::agent::{AgentState, AgentStatus};
 use crate::manifest::{Budget, BudgetAction, Job, RunSpec};
 use crate::model::{
-    InstanceId, JobName, OwnerTag, Phase, Progress, ProviderKind, RunName, Timestamp,
+    HostStatus, InstanceId, JobName, Outcome, OwnerTag, Phase, Progress, ProviderKind, RunName,
+    Timestamp, Usd,
 };
-use crate::provider::{ErrorKind, Instance, InstanceState};
+use crate::provider::{Capabilities, ErrorKind, Instance, InstanceState};
 use crate::store::{AttemptRecord, RunRecord};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -38,17 +47,15 @@ pub const REQUEUE_FAST: Duration = Duration::from_secs(2);
 /// Look again at a running job: its progress, and above all whether it ended (the
 /// outputs come back and a paid instance is destroyed within this much of the end).
 pub const REQUEUE_RUNNING: Duration = Duration::from_secs(3);
-/// How an attempt ends when a `stop_when` rule stopped it.
-pub const EARLY_STOPPED: &str = "early-stopped";
 /// How often a running job's checkpoint folder is synced when `checkpoint.every` is
 /// not given.
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10 * 60);
-/// A provider's listing failed; try it again.
+/// A provider's listing failed with no hint of when to come back; try it again.
 pub const REQUEUE_LISTING_FAILED: Duration = Duration::from_secs(10);
+/// A listing refused for a reason a person must fix (credentials, payment).
+pub const REQUEUE_NEEDS_PERSON: Duration = Duration::from_secs(300);
 /// A run held back by a budget or a missing provider.
 pub const REQUEUE_BLOCKED: Duration = Duration::from_secs(60);
-/// How often a running, paid run's status is rewritten so its cost so far stays fresh.
-pub const COST_REFRESH_SECS: i64 = 60;
 /// An agent whose heartbeat is older than this is lost (treated like a preemption).
 pub const HEARTBEAT_STALE_SECS: i64 = 60;
 
@@ -89,56 +96,18 @@ pub enum AgentObservation {
 pub struct Observed {
     /// One entry per configured provider; a provider without an entry is not configured.
     pub listed: BTreeMap<ProviderKind, ListResult>,
+    /// What each configured provider declares about itself; a provider without an entry
+    /// has `Capabilities::default()`.
+    pub capabilities: BTreeMap<ProviderKind, Capabilities>,
+    /// The hosts of fixed pools, by provider, in manifest order, as the same listing saw
+    /// them. A fleet with no host here is not queued: its runs go straight to create.
+    pub hosts: BTreeMap<ProviderKind, Vec<HostStatus>>,
     /// Agent observations keyed by the instance's rendered ownership tag. An instance
     /// without an entry was not observed this pass: the planner waits, it never guesses.
     pub agents: BTreeMap<String, AgentObservation>,
-    /// The hosts of each ssh fleet by name, in manifest order, as the ssh provider saw
-    /// them right after its listing. A fleet without an entry is not queued: its runs
-    /// go straight to the provider's create.
-    pub fleets: BTreeMap<String, Vec<HostCapacity>>,
     /// The latest metrics of running jobs with `stop_when` rules, by rendered tag, in
     /// the order the job wrote them (see `reconcile::stop`).
     pub metrics: BTreeMap<String, Vec<super::stop::Record>>,
-}
-
-/// What one fleet host can take, for the fleet queue.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostCapacity {
-    pub host: String,
-    /// False while it does not answer: nothing is placed on it, and its slots are
-    /// neither destroyed nor counted as a run's live instance.
-    pub reachable: bool,
-    /// No job of any size fits on it now.
-    pub busy: bool,
-    pub gpus_total: u32,
-    pub gpus_free: u32,
-    /// Slots on it (any size): a job asking for no GPU needs a host with none.
-    pub slots: u32,
-}
-
-impl HostCapacity {
-    /// The ssh provider's fit rule: GPU jobs side by side while their counts fit; a job
-    /// asking for no GPU takes a whole idle host.
-    pub fn fits(&self, gpus: u32) -> bool {
-        self.reachable
-            && gpus <= self.gpus_total
-            && if gpus == 0 {
-                self.slots == 0
-            } else {
-                self.gpus_free >= gpus
-            }
-    }
-
-    /// Takes room for a job of `gpus` (after [`HostCapacity::fits`] said yes).
-    pub fn take(&mut self, gpus: u32) {
-        self.slots += 1;
-        self.gpus_free = if gpus == 0 {
-            0
-        } else {
-            self.gpus_free.saturating_sub(gpus)
-        };
-        self.busy = gpus == 0 || self.gpus_free == 0;
-    }
 }
 
 /// What the store remembers.
@@ -148,7 +117,7 @@ pub struct History {
     /// Every attempt of every run, any order.
     pub attempts: BTreeMap<RunName, Vec<AttemptRecord>>,
     /// Ledger spending of each budget inside its window, by budget name.
-    pub spent: BTreeMap<String, f64>,
+    pub spent: BTreeMap<String, Usd>,
     /// The last complete checkpoint sync of each run: (attempt, when).
     pub checkpoints: BTreeMap<RunName, (u32, Timestamp)>,
 }
@@ -163,7 +132,7 @@ pub struct StatusUpdate {
     pub exit_code: Option<i32>,
     /// `(attempt, outcome)`: the attempt has ended this way (its instance is now to be
     /// destroyed and then released).
-    pub outcome: Option<(u32, String)>,
+    pub outcome: Option<(u32, Outcome)>,
 }
 
 /// One idempotent step. Applying an op twice, or after a crash half-way, is harmless.
@@ -176,8 +145,8 @@ pub enum Op {
         index: u32,
         spec_hash: String,
         matrix: BTreeMap<String, String>,
-        /// On a spec change of a finished run: this attempt's outcome gets
-        /// [`SPEC_CHANGED`] appended, which starts a fresh generation of attempts.
+        /// On a spec change of a finished run: this attempt's outcome becomes
+        /// [`Outcome::SpecChanged`], which starts a fresh generation of attempts.
         supersede: Option<u32>,
     },
     /// Write the attempt intent FIRST, then ask the provider for an instance with `tag`.
@@ -227,7 +196,7 @@ pub enum Op {
     Release {
         run: RunName,
         attempt: u32,
-        outcome: String,
+        outcome: Outcome,
     },
     /// The job was deleted and every attempt is released: drop the run.
     Forget {
@@ -438,14 +407,23 @@ impl Plan {
     }
 }
 
-/// How long a provider may take to list an instance it created. Until then an intent
-/// that is not listed is NOT re-created (that could make a second instance).
-pub fn intent_grace(provider: ProviderKind) -> Duration {
-    match provider {
-        ProviderKind::Local | ProviderKind::Ssh | ProviderKind::Fake => Duration::ZERO,
-        ProviderKind::Vast | ProviderKind::Lambda | ProviderKind::Runpod => {
-            Duration::from_secs(120)
-        }
+/// When to look again at a provider whose listing failed with `kind`: its retry-after
+/// when it gave one (a 429), rarely when a person must act, soon otherwise.
+pub fn listing_retry(kind: &ErrorKind) -> Duration {
+    match kind {
+        ErrorKind::RateLimited {
+            retry_after: Some(d),
+        } => (*d).max(Duration::from_secs(1)),
+        ErrorKind::Unauthenticated
+        | ErrorKind::PermissionDenied
+        | ErrorKind::PaymentRequired
+        | ErrorKind::Quota
+        | ErrorKind::Permanent => REQUEUE_NEEDS_PERSON,
+        ErrorKind::RateLimited { retry_after: None }
+        | ErrorKind::NotFound
+        | ErrorKind::AlreadyExists
+        | ErrorKind::NoCapacity
+        | ErrorKind::Transient => REQUEUE_LISTING_FAILED,
     }
 }
 
@@ -456,14 +434,6 @@ pub fn backoff_delay(failures: u32) -> Duration {
         .without_jitter()
         .delay(failures)
 }
-
-/// The outcome of an attempt whose ssh create found no free host in its fleet: the run
-/// goes back to the fleet queue, without a backoff and without counting a restart.
-pub const QUEUED: &str = "queued";
-
-/// Appended to the outcome of a finished run's last attempt when its job's spec changed:
-/// the run starts afresh, with all its restarts.
-pub const SPEC_CHANGED: &str = " (spec changed)";
 
 /// Plans one pass. Pure: same inputs, same plan.
 pub fn plan(desired: &Desired, observed: &Observed, history: &History, now: Timestamp) -> Plan {
@@ -487,9 +457,14 @@ struct Planner<'a> {
     now: Timestamp,
     /// Listed instances carrying this controller's tag, by run.
     ours: BTreeMap<&'a str, Vec<&'a Instance>>,
+    /// Every successfully listed instance by provider and rendered tag: one lookup per
+    /// attempt, not a scan of the listing (10,000 runs would make that 10^8 compares).
+    by_tag: BTreeMap<(ProviderKind, String), Vec<&'a Instance>>,
     budgets: BTreeMap<String, BudgetState>,
     /// Creates on queued fleets, decided once every run was seen.
     queued: Vec<Queued>,
+    /// The periodic resync of each key seen: the shortest of its providers'.
+    resync: BTreeMap<QueueKey, Duration>,
     plan: Plan,
 }
 
@@ -497,6 +472,7 @@ struct Planner<'a> {
 struct Queued {
     key: QueueKey,
     rec: RunRecord,
+    provider: ProviderKind,
     fleet: String,
     gpus: u32,
     /// Apply order: the run's `seq`, runs not recorded yet last (in desired order).
@@ -526,9 +502,14 @@ impl<'a> Planner<'a> {
         now: Timestamp,
     ) -> Self {
         let mut ours: BTreeMap<&str, Vec<&Instance>> = BTreeMap::new();
-        for result in observed.listed.values() {
+        let mut by_tag: BTreeMap<(ProviderKind, String), Vec<&Instance>> = BTreeMap::new();
+        for (provider, result) in &observed.listed {
             if let ListResult::Listed(instances) = result {
                 for i in instances {
+                    by_tag
+                        .entry((*provider, i.tag.render()))
+                        .or_default()
+                        .push(i);
                     if i.tag.controller == desired.controller {
                         ours.entry(i.tag.run.as_str()).or_default().push(i);
                     }
@@ -540,9 +521,17 @@ impl<'a> Planner<'a> {
             .values()
             .map(|r| (r.name.as_str(), r.job.as_str()))
             .collect();
-        let live: Vec<(JobName, f64, Timestamp)> = ours
+        let bills = |i: &Instance| {
+            i.state != InstanceState::Stopped
+                || observed
+                    .capabilities
+                    .get(&i.provider)
+                    .is_none_or(|c| c.bills_while_stopped)
+        };
+        let live: Vec<(JobName, Usd, Timestamp)> = ours
             .iter()
             .flat_map(|(run, insts)| insts.iter().map(move |i| (*run, *i)))
+            .filter(|(_, i)| bills(i))
             .filter_map(|(run, i)| {
                 let job = job_of_run.get(run)?;
                 Some((
@@ -559,15 +548,54 @@ impl<'a> Planner<'a> {
             history,
             now,
             ours,
+            by_tag,
             budgets,
             queued: Vec::new(),
+            resync: BTreeMap::new(),
             plan: Plan::default(),
         }
     }
 
     fn finish(mut self) -> Plan {
+        // Polling is our watch: no key is left without a time to look again.
+        for (key, period) in std::mem::take(&mut self.resync) {
+            self.wake(&key, period);
+        }
         self.plan.requeue_after = self.plan.requeue.values().min().copied();
         self.plan
+    }
+
+    /// What `provider` declares about itself.
+    fn caps(&self, provider: ProviderKind) -> Capabilities {
+        self.observed
+            .capabilities
+            .get(&provider)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// `key` uses `provider`: it is resynced at least as often as the provider asks.
+    fn resync_with(&mut self, key: &QueueKey, provider: ProviderKind) {
+        let period = self.caps(provider).resync_period();
+        let slot = self.resync.entry(key.clone()).or_insert(period);
+        *slot = (*slot).min(period);
+    }
+
+    /// How long an intent may go unlisted before it counts as absent.
+    fn listing_lag(&self, provider: ProviderKind) -> i64 {
+        i64::try_from(self.caps(provider).listing_lag.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    /// The hosts of fleet `fleet` on a fixed-pool `provider`, as its listing saw them.
+    fn fleet_hosts(&self, provider: ProviderKind, fleet: &str) -> Vec<HostStatus> {
+        if !self.caps(provider).fixed_pool {
+            return Vec::new();
+        }
+        self.observed
+            .hosts
+            .get(&provider)
+            .map(|hs| hs.iter().filter(|h| h.fleet == fleet).cloned().collect())
+            .unwrap_or_default()
     }
 
     fn push(&mut self, key: &QueueKey, op: Op) {
@@ -622,22 +650,38 @@ impl<'a> Planner<'a> {
     /// Where the attempt's instance stands in its provider's listing, by tag.
     fn seen(&self, a: &AttemptRecord) -> Seen<'a> {
         match self.listing(a.provider) {
-            Some(ListResult::Listed(list)) => list
-                .iter()
-                .find(|i| i.tag.render() == a.tag && owned_by(a, i))
+            Some(ListResult::Listed(_)) => self
+                .by_tag
+                .get(&(a.provider, a.tag.clone()))
+                .and_then(|found| found.iter().copied().find(|i| owned_by(a, i)))
                 .map_or(Seen::Absent, Seen::Listed),
             _ => Seen::Unknown,
         }
     }
 
+    /// When to look again at something that waits on `provider`'s listing.
+    fn listing_wait(&self, provider: ProviderKind) -> Duration {
+        match self.listing(provider) {
+            Some(ListResult::Failed { kind, .. }) => listing_retry(kind),
+            _ => REQUEUE_LISTING_FAILED,
+        }
+    }
+
     fn plan_all(&mut self) {
-        let listing_failed = self
+        let listed: Vec<(ProviderKind, Option<Duration>)> = self
             .observed
             .listed
-            .values()
-            .any(|l| matches!(l, ListResult::Failed { .. }));
-        if listing_failed {
-            self.wake(&QueueKey::Orphans, REQUEUE_LISTING_FAILED);
+            .iter()
+            .map(|(p, l)| match l {
+                ListResult::Failed { kind, .. } => (*p, Some(listing_retry(kind))),
+                ListResult::Listed(_) => (*p, None),
+            })
+            .collect();
+        for (provider, failed) in listed {
+            self.resync_with(&QueueKey::Orphans, provider);
+            if let Some(after) = failed {
+                self.wake(&QueueKey::Orphans, after);
+            }
         }
         let mut handled: BTreeSet<&str> = BTreeSet::new();
         for job in &self.desired.jobs {
@@ -664,31 +708,24 @@ impl<'a> Planner<'a> {
         self.place_queued();
     }
 
-    /// True when `i` is a slot on a fleet host that does not answer: it runs nothing we
-    /// can see or stop, so it is neither destroyed (that fails until the host is back)
-    /// nor taken as its run's live instance.
+    /// True when `i` is on a pool host that does not answer: it runs nothing we can
+    /// see or stop, so it is neither destroyed (that fails until the host is back) nor
+    /// taken as its run's live instance.
     fn on_unreachable_host(&self, i: &Instance) -> bool {
-        if i.provider != ProviderKind::Ssh {
-            return false;
-        }
-        let mut parts = i.id.splitn(3, '/');
-        let (Some(fleet), Some(host)) = (parts.next(), parts.next()) else {
-            return false;
-        };
-        let host = i.host.as_deref().unwrap_or(host);
-        self.observed
-            .fleets
-            .get(fleet)
-            .and_then(|hosts| hosts.iter().find(|h| h.host == host))
-            .is_some_and(|h| !h.reachable)
+        let tag = i.tag.render();
+        self.observed.hosts.get(&i.provider).is_some_and(|hosts| {
+            hosts
+                .iter()
+                .any(|h| !h.reachable && h.running.contains(&tag))
+        })
     }
 
-    /// Sends `op` (a create) to the provider now, or, for an ssh placement on a fleet
-    /// the controller reported, into that fleet's queue.
+    /// Sends `op` (a create) to the provider now, or, for a placement on a fleet of a
+    /// fixed pool whose hosts the listing reported, into that fleet's queue.
     fn create_or_queue(&mut self, key: &QueueKey, job: &Job, rec: &RunRecord, op: Op) {
         let Op::Create {
             placement_index,
-            provider: ProviderKind::Ssh,
+            provider,
             ..
         } = &op
         else {
@@ -699,7 +736,7 @@ impl<'a> Planner<'a> {
             .placement
             .get(*placement_index as usize)
             .and_then(|p| p.fleet.clone());
-        let Some(fleet) = fleet.filter(|f| self.observed.fleets.contains_key(f)) else {
+        let Some(fleet) = fleet.filter(|f| !self.fleet_hosts(*provider, f).is_empty()) else {
             return self.push(key, op);
         };
         let seq = if rec.seq > 0 { rec.seq } else { i64::MAX };
@@ -707,6 +744,7 @@ impl<'a> Planner<'a> {
         self.queued.push(Queued {
             key: key.clone(),
             rec: rec.clone(),
+            provider: *provider,
             fleet,
             gpus: job.spec.resources.gpu.as_ref().map_or(0, |g| g.count),
             order,
@@ -720,30 +758,28 @@ impl<'a> Planner<'a> {
     /// ever take it.
     fn place_queued(&mut self) {
         let mut queued = std::mem::take(&mut self.queued);
-        queued.sort_by_key(|q| (q.fleet.clone(), q.order));
-        let mut hosts: Vec<HostCapacity> = Vec::new();
-        let mut fleet = String::new();
+        queued.sort_by_key(|q| (q.provider, q.fleet.clone(), q.order));
+        let mut hosts: Vec<HostStatus> = Vec::new();
+        let mut current: Option<(ProviderKind, String)> = None;
         let mut held = 0usize;
         let mut blocked = false;
         for q in queued {
-            if q.fleet != fleet {
-                fleet = q.fleet.clone();
-                hosts = self
-                    .observed
-                    .fleets
-                    .get(&fleet)
-                    .cloned()
-                    .unwrap_or_default();
+            let fleet = q.fleet.clone();
+            if current.as_ref() != Some(&(q.provider, fleet.clone())) {
+                hosts = self.fleet_hosts(q.provider, &fleet);
+                current = Some((q.provider, fleet.clone()));
                 held = 0;
                 blocked = false;
             }
             // No host of the fleet could ever take it: the provider says so for good.
-            if !hosts.iter().any(|h| q.gpus <= h.gpus_total) {
+            if !hosts.iter().any(|h| h.could_take(q.gpus)) {
                 self.push(&q.key, q.op);
                 continue;
             }
             if !blocked && let Some(h) = hosts.iter_mut().find(|h| h.fits(q.gpus)) {
-                h.take(q.gpus);
+                if let Op::Create { tag, .. } = &q.op {
+                    h.take(q.gpus, &tag.render());
+                }
                 self.push(&q.key, q.op);
                 continue;
             }
@@ -755,7 +791,7 @@ impl<'a> Planner<'a> {
             self.set_status(&q.key, &q.rec, Phase::Pending, reason, None, None, None);
             self.wake(&q.key, REQUEUE_FAST);
             held += 1;
-            blocked |= hosts.iter().any(|h| h.reachable && q.gpus <= h.gpus_total);
+            blocked |= hosts.iter().any(|h| h.reachable && h.could_take(q.gpus));
         }
     }
 
@@ -773,7 +809,7 @@ impl<'a> Planner<'a> {
     fn destroy_orphan(&mut self, key: &QueueKey, run: Option<&str>, i: &Instance, why: &str) {
         if self.on_unreachable_host(i) {
             // Destroying fails until the host answers; its listing will say when.
-            self.wake(key, REQUEUE_LISTING_FAILED);
+            self.wake(key, self.listing_wait(i.provider));
             return;
         }
         if i.state == InstanceState::Terminating {
@@ -809,11 +845,11 @@ impl<'a> Planner<'a> {
     /// The finalizer for one attempt that must end: destroy while listed, release once
     /// the provider's (successful) listing confirms it gone. Returns true when this pass
     /// releases it.
-    fn finish_attempt(&mut self, key: &QueueKey, a: &AttemptRecord, outcome: &str) -> bool {
-        let outcome = a.outcome.clone().unwrap_or_else(|| outcome.to_string());
+    fn finish_attempt(&mut self, key: &QueueKey, a: &AttemptRecord, outcome: Outcome) -> bool {
+        let outcome = a.outcome.clone().unwrap_or(outcome);
         match self.seen(a) {
             Seen::Unknown => {
-                self.wake(key, REQUEUE_LISTING_FAILED);
+                self.wake(key, self.listing_wait(a.provider));
                 false
             }
             Seen::Listed(i) => {
@@ -823,7 +859,7 @@ impl<'a> Planner<'a> {
             }
             Seen::Absent => {
                 // An intent whose create may still land: wait out the listing lag.
-                let grace = intent_grace(a.provider).as_secs() as i64;
+                let grace = self.listing_lag(a.provider);
                 if a.instance_id.is_none() && self.now - a.intent_at < grace {
                     self.wake_at(key, a.intent_at + grace);
                     return false;
@@ -844,6 +880,9 @@ impl<'a> Planner<'a> {
     fn undesired_run(&mut self, rec: &'a RunRecord) {
         let key = QueueKey::Job(rec.job.clone());
         let attempts = self.attempts_of(&rec.name);
+        for a in &attempts {
+            self.resync_with(&key, a.provider);
+        }
         if rec.phase != Phase::Deleting {
             self.push(
                 &key,
@@ -860,7 +899,7 @@ impl<'a> Planner<'a> {
         self.destroy_stray(&key, &rec.name, &attempts);
         let mut all_released = true;
         for a in attempts.iter().filter(|a| a.released_at.is_none()) {
-            all_released &= self.finish_attempt(&key, a, "deleted");
+            all_released &= self.finish_attempt(&key, a, Outcome::Deleted);
         }
         // Forget only when every provider the run ever used listed successfully this
         // pass and shows nothing of it: a failed listing proves nothing.
@@ -875,13 +914,27 @@ impl<'a> Planner<'a> {
             );
         } else {
             // Destroys and waits above already asked to look again soon.
-            self.wake(&key, REQUEUE_LISTING_FAILED);
+            let wait = attempts
+                .iter()
+                .map(|a| self.listing_wait(a.provider))
+                .min()
+                .unwrap_or(REQUEUE_LISTING_FAILED);
+            self.wake(&key, wait);
         }
     }
 
     fn desired_run(&mut self, job: &'a Job, spec: &'a RunSpec) {
         let key = QueueKey::Job(job.name.clone());
         let attempts = self.attempts_of(&spec.name);
+        for provider in job
+            .spec
+            .placement
+            .iter()
+            .map(|p| p.provider)
+            .chain(attempts.iter().map(|a| a.provider))
+        {
+            self.resync_with(&key, provider);
+        }
         let record_op = |supersede| Op::RecordRun {
             run: spec.name.clone(),
             job: job.name.clone(),
@@ -922,10 +975,7 @@ impl<'a> Planner<'a> {
             rec.phase = Phase::Pending;
             if let Some(i) = last {
                 superseded = attempts[i].clone();
-                superseded.outcome = Some(format!(
-                    "{}{SPEC_CHANGED}",
-                    superseded.outcome.as_deref().unwrap_or("ended")
-                ));
+                superseded.outcome = Some(spec_changed(superseded.outcome.take()));
                 attempts[i] = &superseded;
             }
         }
@@ -939,7 +989,7 @@ impl<'a> Planner<'a> {
             .iter()
             .filter(|a| a.released_at.is_none() && a.attempt != rec.attempt)
         {
-            self.finish_attempt(&key, a, "superseded");
+            self.finish_attempt(&key, a, Outcome::Superseded);
         }
         let current = attempts
             .iter()
@@ -950,9 +1000,11 @@ impl<'a> Planner<'a> {
             Some(a) if a.released_at.is_none() => {
                 if rec.phase.is_terminal() {
                     let outcome = if rec.phase == Phase::Succeeded {
-                        "succeeded"
+                        Outcome::Succeeded
                     } else {
-                        "failed"
+                        Outcome::Failed {
+                            exit_code: rec.exit_code,
+                        }
                     };
                     self.finish_attempt(&key, a, outcome);
                 } else if a.outcome.is_some() {
@@ -960,7 +1012,7 @@ impl<'a> Planner<'a> {
                     // there for its destroy; the run goes on elsewhere meanwhile.
                     let stranded =
                         matches!(self.seen(a), Seen::Listed(i) if self.on_unreachable_host(i));
-                    self.finish_attempt(&key, a, "ended");
+                    self.finish_attempt(&key, a, Outcome::Superseded);
                     if stranded {
                         let next = next_step(job, &attempts, rec.exit_code);
                         self.next_attempt(&key, job, &rec, &attempts, next);
@@ -1037,8 +1089,8 @@ impl<'a> Planner<'a> {
                 self.block(key, rec, reason);
                 return;
             }
-            Some(ListResult::Failed { .. }) => {
-                self.wake(key, REQUEUE_LISTING_FAILED);
+            Some(ListResult::Failed { kind, .. }) => {
+                self.wake(key, listing_retry(kind));
                 return;
             }
             Some(ListResult::Listed(_)) => {}
@@ -1071,11 +1123,11 @@ impl<'a> Planner<'a> {
     ) {
         let instance = match (self.seen(a), &a.instance_id) {
             (Seen::Unknown, _) => {
-                self.wake(key, REQUEUE_LISTING_FAILED);
+                self.wake(key, self.listing_wait(a.provider));
                 return;
             }
             (Seen::Absent, None) => {
-                let grace = intent_grace(a.provider).as_secs() as i64;
+                let grace = self.listing_lag(a.provider);
                 if self.now - a.intent_at < grace {
                     self.wake_at(key, a.intent_at + grace);
                 } else {
@@ -1096,8 +1148,8 @@ impl<'a> Planner<'a> {
             }
             (Seen::Absent, Some(_)) => {
                 // Gone while we held it: preempted (or destroyed behind our back).
-                let outcome = "preempted";
-                let (phase, reason) = decide(job, attempts, a, outcome, rec.exit_code);
+                let outcome = Outcome::Preempted;
+                let (phase, reason) = decide(job, attempts, a, &outcome, rec.exit_code);
                 self.set_status(
                     key,
                     rec,
@@ -1105,14 +1157,14 @@ impl<'a> Planner<'a> {
                     reason,
                     None,
                     rec.exit_code,
-                    Some((a.attempt, outcome)),
+                    Some((a.attempt, outcome.clone())),
                 );
                 self.push(
                     key,
                     Op::Release {
                         run: rec.name.clone(),
                         attempt: a.attempt,
-                        outcome: outcome.into(),
+                        outcome,
                     },
                 );
                 return;
@@ -1134,9 +1186,29 @@ impl<'a> Planner<'a> {
         };
         match instance.state {
             InstanceState::Provisioning => {
+                // Counted from the create request: a cloud bills from there.
+                let timeout = self.caps(a.provider).boot_timeout;
+                let deadline = a
+                    .intent_at
+                    .saturating_add(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX));
+                if self.now >= deadline {
+                    self.end_attempt(
+                        key,
+                        job,
+                        rec,
+                        attempts,
+                        a,
+                        instance,
+                        Outcome::BootTimeout,
+                        None,
+                        None,
+                    );
+                    return;
+                }
                 let reason = format!("waiting for {} to boot", instance.id);
                 self.set_status(key, rec, Phase::Provisioning, reason, None, None, None);
                 self.wake(key, REQUEUE_FAST);
+                self.wake_at(key, deadline);
             }
             InstanceState::Stopped | InstanceState::Terminating => {
                 self.end_attempt(
@@ -1146,7 +1218,7 @@ impl<'a> Planner<'a> {
                     attempts,
                     a,
                     instance,
-                    "preempted",
+                    Outcome::Preempted,
                     None,
                     None,
                 );
@@ -1205,9 +1277,13 @@ impl<'a> Planner<'a> {
         let stale = beat.is_some_and(|h| self.now - h > HEARTBEAT_STALE_SECS);
         // Every arm either records what it sees or names how the attempt ended.
         let outcome = match status.state {
-            s if !s.is_finished() && exceeded => "timed-out",
-            s if !s.is_finished() && stop_budget.is_some() => "budget",
-            AgentState::Running if self.early_stop(job, a).is_some() => EARLY_STOPPED,
+            s if !s.is_finished() && exceeded => Outcome::TimedOut,
+            s if !s.is_finished() && stop_budget.is_some() => Outcome::Budget,
+            AgentState::Running if let Some(stop) = self.early_stop(job, a) => {
+                Outcome::EarlyStopped {
+                    diverged: stop.diverged,
+                }
+            }
             AgentState::Starting | AgentState::Setup => {
                 let reason = format!("running setup on {}/{}", instance.provider, instance.id);
                 self.set_status(
@@ -1222,7 +1298,7 @@ impl<'a> Planner<'a> {
                 self.wake(key, REQUEUE_FAST);
                 return;
             }
-            AgentState::Running if stale => "lost",
+            AgentState::Running if stale => Outcome::Lost,
             AgentState::Running => {
                 let reason = format!("running on {}/{}", instance.provider, instance.id);
                 self.set_status(
@@ -1239,10 +1315,12 @@ impl<'a> Planner<'a> {
                 self.wake(key, REQUEUE_RUNNING);
                 return;
             }
-            AgentState::Succeeded => "succeeded",
-            AgentState::Failed => "failed",
-            AgentState::TimedOut => "timed-out",
-            AgentState::Stopped => "stopped",
+            AgentState::Succeeded => Outcome::Succeeded,
+            AgentState::Failed => Outcome::Failed {
+                exit_code: status.exit_code,
+            },
+            AgentState::TimedOut => Outcome::TimedOut,
+            AgentState::Stopped => Outcome::Stopped,
         };
         self.end_attempt(
             key,
@@ -1312,16 +1390,12 @@ impl<'a> Planner<'a> {
         attempts: &[&AttemptRecord],
         a: &AttemptRecord,
         instance: &Instance,
-        outcome: &str,
+        outcome: Outcome,
         exit_code: Option<i32>,
         // The agent's last word on progress: a short run may end between two looks.
         progress: Option<Progress>,
     ) {
-        let ran = matches!(
-            outcome,
-            "succeeded" | "failed" | "timed-out" | EARLY_STOPPED
-        );
-        if ran {
+        if outcome.ran() {
             self.push(
                 key,
                 Op::Collect {
@@ -1332,21 +1406,26 @@ impl<'a> Planner<'a> {
             );
         }
         let (phase, reason) = match outcome {
-            EARLY_STOPPED => match self.early_stop(job, a) {
-                Some(stop) if stop.diverged => {
-                    (Phase::Failed, format!("EarlyStopped: {}", stop.why))
-                }
-                Some(stop) => (Phase::Succeeded, format!("EarlyStopped: {}", stop.why)),
-                None => (Phase::Succeeded, "EarlyStopped".to_string()),
-            },
-            "budget" => (
+            Outcome::EarlyStopped { diverged } => (
+                if diverged {
+                    Phase::Failed
+                } else {
+                    Phase::Succeeded
+                },
+                self.early_stop(job, a).map_or_else(
+                    || "EarlyStopped".to_string(),
+                    |stop| format!("EarlyStopped: {}", stop.why),
+                ),
+            ),
+            Outcome::Budget => (
                 Phase::Pending,
                 budget::over_limit(job, &self.desired.budgets, &self.budgets)
                     .first()
                     .map_or_else(|| "stopped by budget".to_string(), |b| b.reason()),
             ),
-            _ => decide(job, attempts, a, outcome, exit_code),
+            _ => decide(job, attempts, a, &outcome, exit_code),
         };
+        let why = format!("attempt {} ended: {outcome}", a.attempt);
         self.set_status(
             key,
             rec,
@@ -1356,15 +1435,13 @@ impl<'a> Planner<'a> {
             exit_code,
             Some((a.attempt, outcome)),
         );
-        self.destroy_orphan(
-            key,
-            Some(&rec.name),
-            instance,
-            &format!("attempt {} ended: {outcome}", a.attempt),
-        );
+        self.destroy_orphan(key, Some(&rec.name), instance, &why);
     }
 
-    /// Emits a SetStatus when anything would change (or an outcome is to be recorded).
+    /// Emits a SetStatus when the phase, reason or exit code would change, or an outcome
+    /// is to be recorded. Progress rides along but does not by itself make an op: the
+    /// controller records observed progress, and nothing is rewritten because time
+    /// passed (cost so far is derived when read).
     #[allow(clippy::too_many_arguments)]
     fn set_status(
         &mut self,
@@ -1374,23 +1451,17 @@ impl<'a> Planner<'a> {
         reason: String,
         progress: Option<Progress>,
         exit_code: Option<i32>,
-        outcome: Option<(u32, &str)>,
+        outcome: Option<(u32, Outcome)>,
     ) {
         let old_progress = rec.progress_done.map(|done| Progress {
             done,
             total: rec.progress_total,
         });
         let progress = progress.or(old_progress);
-        // A paid run's cost so far is refreshed by its status updates: now and then.
-        let cost_stale = phase == Phase::Running
-            && rec.price_per_hour.is_some_and(|p| p > 0.0)
-            && self.now - rec.updated_at >= COST_REFRESH_SECS;
         let unchanged = rec.phase == phase
             && rec.reason == reason
-            && old_progress == progress
             && (exit_code.is_none() || rec.exit_code == exit_code)
-            && outcome.is_none()
-            && !cost_stale;
+            && outcome.is_none();
         if unchanged {
             return;
         }
@@ -1402,7 +1473,7 @@ impl<'a> Planner<'a> {
                 reason,
                 progress,
                 exit_code,
-                outcome: outcome.map(|(a, o)| (a, o.to_string())),
+                outcome,
             }),
         );
     }
@@ -1434,18 +1505,63 @@ fn render_time(at: Timestamp) -> String {
     )
 }
 
-/// Outcomes where the job actually ran and counts against `max_restarts`.
-fn restart_kind(outcome: &str) -> Option<crate::manifest::RetryOn> {
-    use crate::manifest::RetryOn;
+/// `outcome` marked as superseded by a spec change (once; an attempt that never
+/// recorded an outcome counts as superseded).
+pub fn spec_changed(outcome: Option<Outcome>) -> Outcome {
     match outcome {
-        "preempted" | "lost" => Some(RetryOn::Preemption),
-        "failed" => Some(RetryOn::Error),
-        _ => None,
+        Some(o @ Outcome::SpecChanged(_)) => o,
+        Some(o) => Outcome::SpecChanged(Box::new(o)),
+        None => Outcome::SpecChanged(Box::new(Outcome::Superseded)),
     }
 }
 
-fn no_capacity(outcome: &str) -> bool {
-    matches!(outcome, "no-capacity" | "rejected")
+/// How an ended attempt weighs on what follows it.
+enum Weight {
+    /// Finished the run.
+    Finished(Phase, String),
+    /// Ran and failed in a way the retry policy may restart (`on`), described `what`.
+    Restart(crate::manifest::RetryOn, String),
+    /// The provider gave no (working) machine: the next placement, after a backoff.
+    NoMachine,
+    /// Back in the fleet queue: nothing counted, no backoff.
+    Requeue,
+    /// Ended from outside (budget, delete, supersede): go again, counting nothing.
+    Again,
+    /// The job changed after it: a fresh start with every restart.
+    Fresh,
+}
+
+fn weigh(outcome: &Outcome, exit_code: Option<i32>) -> Weight {
+    use crate::manifest::RetryOn;
+    match outcome {
+        Outcome::Succeeded => Weight::Finished(Phase::Succeeded, "exit code 0".into()),
+        Outcome::TimedOut => Weight::Finished(Phase::Failed, "exceeded max_duration".into()),
+        Outcome::EarlyStopped { diverged } => Weight::Finished(
+            if *diverged {
+                Phase::Failed
+            } else {
+                Phase::Succeeded
+            },
+            "EarlyStopped".into(),
+        ),
+        Outcome::Failed { exit_code: code } => {
+            let what = match code.or(exit_code) {
+                Some(c) => format!("failed with exit code {c}"),
+                None => "failed".to_string(),
+            };
+            Weight::Restart(RetryOn::Error, what)
+        }
+        Outcome::Preempted => Weight::Restart(RetryOn::Preemption, "instance preempted".into()),
+        Outcome::Lost => {
+            Weight::Restart(RetryOn::Preemption, "agent lost (heartbeat stale)".into())
+        }
+        Outcome::NoCapacity | Outcome::Rejected | Outcome::BootTimeout => Weight::NoMachine,
+        Outcome::Queued => Weight::Requeue,
+        Outcome::Stopped | Outcome::Budget | Outcome::Deleted | Outcome::Superseded => {
+            Weight::Again
+        }
+        Outcome::SpecChanged(_) => Weight::Fresh,
+    }
 }
 
 /// Folds the ended attempts in order: what follows the last one, and whether it closed
@@ -1461,108 +1577,91 @@ fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next 
         not_before: i64::MIN,
         reason: String::new(),
     };
-    for a in attempts.iter().filter(|a| a.outcome.is_some()) {
-        let outcome = a.outcome.as_deref().unwrap_or_default();
+    for a in attempts.iter() {
+        let Some(outcome) = &a.outcome else { continue };
         let same = a.placement_index;
-        if outcome.ends_with(SPEC_CHANGED) {
-            // The job was edited after this attempt finished the run: a fresh start.
-            restarts = 0;
+        let weight = weigh(outcome, exit_code);
+        if !matches!(weight, Weight::NoMachine | Weight::Requeue) {
             no_cap = 0;
-            next = Next::Create {
-                placement_index: 0,
-                not_before: i64::MIN,
-                reason: "spec changed; starting afresh".into(),
-            };
-            continue;
         }
-        next = if outcome == QUEUED {
+        next = match weight {
+            Weight::Fresh => {
+                // The job was edited after this attempt finished the run: a fresh start.
+                restarts = 0;
+                Next::Create {
+                    placement_index: 0,
+                    not_before: i64::MIN,
+                    reason: "spec changed; starting afresh".into(),
+                }
+            }
             // The fleet was full when the create ran (another controller, or a host
             // filled up since the listing): back in the queue, nothing counted.
-            Next::Create {
+            Weight::Requeue => Next::Create {
                 placement_index: same,
                 not_before: i64::MIN,
                 reason: "no free host at create time; back in the queue".into(),
-            }
-        } else if no_capacity(outcome) {
-            no_cap += 1;
-            let next_index = (same + 1) % placements;
-            let wait = backoff_delay(no_cap).as_secs() as i64;
-            let at = a.released_at.unwrap_or(a.intent_at) + wait;
-            if outcome == "no-capacity"
-                && !retry.retries(crate::manifest::RetryOn::NoCapacity)
-                && no_cap >= placements
-            {
-                Next::Finished {
-                    phase: Phase::Failed,
-                    reason: "no capacity on any placement".into(),
-                }
-            } else {
-                let provider = job
-                    .spec
-                    .placement
-                    .get(same as usize)
-                    .map_or("?", |p| p.provider.as_str());
-                Next::Create {
-                    placement_index: next_index,
-                    not_before: at,
-                    reason: format!(
-                        "{} on {provider}, next try at {}",
-                        outcome.replace('-', " "),
-                        render_time(at)
-                    ),
-                }
-            }
-        } else {
-            no_cap = 0;
-            match (outcome, restart_kind(outcome)) {
-                ("succeeded", _) => Next::Finished {
-                    phase: Phase::Succeeded,
-                    reason: "exit code 0".into(),
-                },
-                (EARLY_STOPPED, _) => Next::Finished {
-                    phase: Phase::Succeeded,
-                    reason: "EarlyStopped".into(),
-                },
-                ("timed-out", _) => Next::Finished {
-                    phase: Phase::Failed,
-                    reason: "exceeded max_duration".into(),
-                },
-                (_, Some(on)) => {
-                    let what = match outcome {
-                        "failed" => match exit_code {
-                            Some(c) => format!("failed with exit code {c}"),
-                            None => "failed".to_string(),
+            },
+            Weight::NoMachine => {
+                no_cap += 1;
+                let next_index = (same + 1) % placements;
+                let wait = backoff_delay(no_cap).as_secs() as i64;
+                let at = a.released_at.unwrap_or(a.intent_at) + wait;
+                let gives_up = matches!(outcome, Outcome::NoCapacity | Outcome::BootTimeout)
+                    && !retry.retries(crate::manifest::RetryOn::NoCapacity)
+                    && no_cap >= placements;
+                if gives_up {
+                    Next::Finished {
+                        phase: Phase::Failed,
+                        reason: match outcome {
+                            Outcome::BootTimeout => "no placement booted in time".into(),
+                            _ => "no capacity on any placement".into(),
                         },
-                        "lost" => "agent lost (heartbeat stale)".to_string(),
-                        _ => "instance preempted".to_string(),
-                    };
-                    if !retry.retries(on) {
-                        Next::Finished {
-                            phase: Phase::Failed,
-                            reason: what,
-                        }
-                    } else if restarts >= retry.max_restarts {
-                        Next::Finished {
-                            phase: Phase::Failed,
-                            reason: format!("{what}; all {} restarts used", retry.max_restarts),
-                        }
-                    } else {
-                        restarts += 1;
-                        Next::Create {
-                            placement_index: same,
-                            not_before: i64::MIN,
-                            reason: format!("{what}; restart {restarts} of {}", retry.max_restarts),
-                        }
+                    }
+                } else {
+                    let provider = job
+                        .spec
+                        .placement
+                        .get(same as usize)
+                        .map_or("?", |p| p.provider.as_str());
+                    Next::Create {
+                        placement_index: next_index,
+                        not_before: at,
+                        reason: format!(
+                            "{} on {provider}, next try at {}",
+                            outcome.word().replace('-', " "),
+                            render_time(at)
+                        ),
                     }
                 }
-                // Stopped by a budget, superseded, deleted then re-applied: go again,
-                // without counting a restart.
-                _ => Next::Create {
-                    placement_index: same,
-                    not_before: i64::MIN,
-                    reason: format!("attempt {} ended: {outcome}", a.attempt),
-                },
             }
+            Weight::Finished(phase, reason) => Next::Finished { phase, reason },
+            Weight::Restart(on, what) => {
+                if !retry.retries(on) {
+                    Next::Finished {
+                        phase: Phase::Failed,
+                        reason: what,
+                    }
+                } else if restarts >= retry.max_restarts {
+                    Next::Finished {
+                        phase: Phase::Failed,
+                        reason: format!("{what}; all {} restarts used", retry.max_restarts),
+                    }
+                } else {
+                    restarts += 1;
+                    Next::Create {
+                        placement_index: same,
+                        not_before: i64::MIN,
+                        reason: format!("{what}; restart {restarts} of {}", retry.max_restarts),
+                    }
+                }
+            }
+            // Stopped by a budget, superseded, deleted then re-applied: go again,
+            // without counting a restart.
+            Weight::Again => Next::Create {
+                placement_index: same,
+                not_before: i64::MIN,
+                reason: format!("attempt {} ended: {outcome}", a.attempt),
+            },
         };
     }
     next
@@ -1578,11 +1677,11 @@ fn decide(
     job: &Job,
     attempts: &[&AttemptRecord],
     a: &AttemptRecord,
-    outcome: &str,
+    outcome: &Outcome,
     exit_code: Option<i32>,
 ) -> (Phase, String) {
     let mut ended = a.clone();
-    ended.outcome = Some(outcome.to_string());
+    ended.outcome = Some(outcome.clone());
     let mut hypothetical: Vec<&AttemptRecord> = attempts
         .iter()
         .copied()

@@ -2,7 +2,7 @@
 //! read it. Deterministic: the same `n` and `now` always give the same rows.
 
 use super::{AttemptRecord, RunRecord, Store, StoreResult, query, runs};
-use crate::model::{OwnerTag, Phase, ProviderKind, Timestamp};
+use crate::model::{Outcome, OwnerTag, Phase, ProviderKind, Timestamp, Usd};
 use std::collections::BTreeMap;
 
 /// Runs per synthetic job, like a small hyper-parameter sweep.
@@ -73,7 +73,7 @@ fn synthetic(i: usize, now: Timestamp, mix: &mut Mix) -> (RunRecord, Vec<Attempt
         (Some(s), None) => now - s,
         _ => 0,
     };
-    let cost_usd = price * ran_for as f64 / 3600.0;
+    let cost_usd = Usd::from_dollars(price).per_hour_over(ran_for);
     let total = 10_000 + mix.below(90_000);
     let progress_done = match phase {
         Phase::Succeeded => Some(total),
@@ -115,8 +115,9 @@ fn synthetic(i: usize, now: Timestamp, mix: &mut Mix) -> (RunRecord, Vec<Attempt
         instance_id: instance_id.clone(),
         host: (provider == ProviderKind::Ssh && started).then(|| format!("gpu{}", mix.below(8))),
         gpu: started.then(|| gpu.to_string()),
-        price_per_hour: started.then_some(price),
+        price_per_hour: started.then(|| Usd::from_dollars(price)),
         cost_usd,
+        billing_since: None,
         progress_done,
         progress_total: progress_done.map(|_| total),
         exit_code: match phase {
@@ -152,9 +153,13 @@ fn synthetic(i: usize, now: Timestamp, mix: &mut Mix) -> (RunRecord, Vec<Attempt
                 intent_at: created_at + attempt as Timestamp * 60,
                 released_at: (!last || !live).then_some(run.updated_at),
                 outcome: if last {
-                    phase.is_terminal().then(|| phase.as_str().to_lowercase())
+                    match phase {
+                        Phase::Succeeded => Some(Outcome::Succeeded),
+                        Phase::Failed => Some(Outcome::Failed { exit_code: Some(1) }),
+                        _ => None,
+                    }
                 } else {
-                    Some("preempted".to_string())
+                    Some(Outcome::Preempted)
                 },
             }
         })
@@ -191,12 +196,12 @@ impl Store {
                         &a.host,
                         a.intent_at,
                         a.released_at,
-                        &a.outcome,
+                        a.outcome.as_ref().map(Outcome::as_text),
                     ))
                 })
                 .map_err(query(STEP))?;
             }
-            if let (Some(from), true) = (run.started_at, run.cost_usd > 0.0) {
+            if let (Some(from), true) = (run.started_at, run.cost_usd > Usd::ZERO) {
                 tx.prepare_cached(
                     "INSERT INTO cost (run, job, attempt, from_at, to_at, usd) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -208,7 +213,7 @@ impl Store {
                         run.attempt,
                         from,
                         run.updated_at,
-                        run.cost_usd,
+                        run.cost_usd.dollars(),
                     ))
                 })
                 .map_err(query(STEP))?;
@@ -248,7 +253,7 @@ mod tests {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        assert!(store.spent(&jobs, None).unwrap() > 0.0);
+        assert!(store.spent(&jobs, None).unwrap() > Usd::ZERO);
         // Live runs have an unreleased attempt; finished ones do not.
         let live = runs
             .iter()

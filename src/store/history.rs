@@ -3,7 +3,7 @@
 use super::{
     AttemptRecord, CostEntry, Event, RunRecord, Store, StoreResult, bad_value, query, to_json,
 };
-use crate::model::{JobName, ProviderKind, Timestamp};
+use crate::model::{JobName, Outcome, ProviderKind, Timestamp, Usd};
 use rusqlite::{Row, named_params};
 
 const ATTEMPT_COLUMNS: &str = "run, attempt, tag, provider, placement_index, instance_id, host, \
@@ -23,7 +23,10 @@ fn attempt_from_row(row: &Row<'_>) -> rusqlite::Result<AttemptRecord> {
         host: row.get(6)?,
         intent_at: row.get(7)?,
         released_at: row.get(8)?,
-        outcome: row.get(9)?,
+        outcome: match row.get_ref(9)?.as_str_or_null()? {
+            None => None,
+            Some(o) => Some(Outcome::parse(o).ok_or_else(|| bad_value(9, "outcome", o))?),
+        },
     })
 }
 
@@ -131,7 +134,7 @@ impl Store {
                     entry.attempt,
                     entry.from,
                     entry.to,
-                    entry.usd,
+                    entry.usd.dollars(),
                 ))
             })
             .map_err(query(STEP))?;
@@ -156,7 +159,7 @@ impl Store {
                     attempt: row.get(2)?,
                     from: row.get(3)?,
                     to: row.get(4)?,
-                    usd: row.get(5)?,
+                    usd: Usd::from_dollars(row.get(5)?),
                 })
             })
             .map_err(query(STEP))?;
@@ -165,21 +168,23 @@ impl Store {
 
     /// Money spent by the given jobs: the sum of their cost entries that end after
     /// `since` (all time when `None`). An entry straddling `since` counts whole.
-    pub fn spent(&self, jobs: &[JobName], since: Option<Timestamp>) -> StoreResult<f64> {
+    pub fn spent(&self, jobs: &[JobName], since: Option<Timestamp>) -> StoreResult<Usd> {
         const STEP: &str = "summing spending";
         if jobs.is_empty() {
-            return Ok(0.0);
+            return Ok(Usd::ZERO);
         }
         // The job list travels as one JSON array so the statement text, and so its cache
         // entry, does not depend on how many jobs there are.
         let jobs = to_json(&jobs).map_err(query(STEP))?;
         self.conn
             .prepare_cached(
-                "SELECT coalesce(sum(usd), 0.0) FROM cost \
+                // Summed as whole micro-dollars: exact, whatever the number of entries.
+                "SELECT coalesce(sum(CAST(round(usd * 1000000.0) AS INTEGER)), 0) FROM cost \
                  WHERE job IN (SELECT value FROM json_each(?1)) \
                  AND (?2 IS NULL OR to_at > ?2)",
             )
             .and_then(|mut stmt| stmt.query_row((jobs, since), |row| row.get(0)))
+            .map(Usd::from_micros)
             .map_err(query(STEP))
     }
 }
@@ -208,7 +213,7 @@ fn upsert_attempt(tx: &rusqlite::Transaction<'_>, attempt: &AttemptRecord) -> ru
             ":host": attempt.host,
             ":intent_at": attempt.intent_at,
             ":released_at": attempt.released_at,
-            ":outcome": attempt.outcome,
+            ":outcome": attempt.outcome.as_ref().map(Outcome::as_text),
         })
     })
     .map(|_| ())

@@ -1,23 +1,28 @@
 //! The `hosts` table: the last known status of each fleet host.
 
 use super::{HostRecord, Store, StoreResult, json_column, query, to_json};
+use crate::model::HostStatus;
 use rusqlite::{Row, named_params};
 
 const COLUMNS: &str =
     "fleet, host, reachable, busy, gpus_total, gpus_free, gpu_names, running, checked_at, message";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<HostRecord> {
+    let message: String = row.get(9)?;
     Ok(HostRecord {
-        fleet: row.get(0)?,
-        host: row.get(1)?,
-        reachable: row.get(2)?,
-        busy: row.get(3)?,
-        gpus_total: row.get(4)?,
-        gpus_free: row.get(5)?,
-        gpu_names: json_column(row, 6)?,
-        running: json_column(row, 7)?,
+        status: HostStatus {
+            fleet: row.get(0)?,
+            host: row.get(1)?,
+            reachable: row.get(2)?,
+            busy: row.get(3)?,
+            gpus_total: row.get(4)?,
+            gpus_free: row.get(5)?,
+            gpu_names: json_column(row, 6)?,
+            running: json_column(row, 7)?,
+            agents_alive: Vec::new(),
+            message: (!message.is_empty()).then_some(message),
+        },
         checked_at: row.get(8)?,
-        message: row.get(9)?,
     })
 }
 
@@ -45,7 +50,7 @@ impl Store {
                     ":gpu_names": gpu_names,
                     ":running": running,
                     ":checked_at": host.checked_at,
-                    ":message": host.message,
+                    ":message": host.message.as_deref().unwrap_or_default(),
                 })
             })
             .map_err(query(STEP))?;

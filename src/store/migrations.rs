@@ -141,7 +141,28 @@ const STEPS: &[&str] = &[
         at      INTEGER NOT NULL
     );
     "#,
-    // 4: checkpoints: each sync of a run's checkpoint folder brought home complete, and
+    // 4: attempt outcomes in the stable text form of `model::Outcome` (a failure keeps
+    // its exit code, `ended` was a superseded attempt); runs remember when their held
+    // instance started billing, and `cost_usd` is the ledger alone: cost so far is
+    // derived when read instead of rewritten as time passes.
+    r#"
+    UPDATE attempts SET outcome = 'superseded' WHERE outcome = 'ended';
+    UPDATE attempts SET outcome = 'superseded (spec changed)'
+        WHERE outcome = 'ended (spec changed)';
+    UPDATE attempts SET outcome = 'failed:' || (
+            SELECT r.exit_code FROM runs r WHERE r.name = attempts.run AND r.attempt = attempts.attempt)
+        || CASE WHEN outcome = 'failed' THEN '' ELSE ' (spec changed)' END
+        WHERE outcome IN ('failed', 'failed (spec changed)') AND EXISTS (
+            SELECT 1 FROM runs r WHERE r.name = attempts.run AND r.attempt = attempts.attempt
+            AND r.exit_code IS NOT NULL AND r.exit_code <> 0);
+    ALTER TABLE runs ADD COLUMN billing_since INTEGER;
+    UPDATE runs SET billing_since = (
+            SELECT a.intent_at FROM attempts a WHERE a.run = runs.name AND a.attempt = runs.attempt
+            AND a.released_at IS NULL AND a.instance_id IS NOT NULL)
+        WHERE price_per_hour IS NOT NULL;
+    UPDATE runs SET cost_usd = coalesce((SELECT sum(c.usd) FROM cost c WHERE c.run = runs.name), 0.0);
+    "#,
+    // 5: checkpoints: each sync of a run's checkpoint folder brought home complete, and
     // which checkpoint each attempt resumed from (gone with the run).
     r#"
     CREATE TABLE checkpoint_syncs (
@@ -237,6 +258,50 @@ mod tests {
         // Running again is a no-op.
         migrate(&mut conn, &path).unwrap();
         assert_eq!(version(&conn).unwrap(), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn outcomes_migrate_to_their_stable_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let mut conn = Connection::open(&path).unwrap();
+        migrate_to(&mut conn, &path, 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO runs VALUES ('r-0', 'r', 0, 1, 'Failed', '', 'h', '{}', 2, 0, 'fake',
+               'i2', NULL, NULL, 1.0, 9.99, NULL, NULL, 3, NULL, NULL, NULL, NULL, 0, NULL,
+               0, 0, NULL, NULL);
+             INSERT INTO runs VALUES ('q-0', 'q', 0, 2, 'Running', '', 'h', '{}', 1, 0, 'fake',
+               'i3', NULL, NULL, 2.0, 5.0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL,
+               0, 0, NULL, NULL);
+             INSERT INTO attempts VALUES ('r-0', 1, 't1', 'fake', 0, 'i1', NULL, 10, 20, 'ended');
+             INSERT INTO attempts VALUES ('r-0', 2, 't2', 'fake', 0, 'i2', NULL, 30, 40, 'failed');
+             INSERT INTO attempts VALUES ('q-0', 1, 't3', 'fake', 0, 'i3', NULL, 50, NULL, NULL);
+             INSERT INTO cost (run, job, attempt, from_at, to_at, usd) VALUES
+               ('r-0', 'r', 2, 30, 40, 1.25);",
+        )
+        .unwrap();
+        migrate(&mut conn, &path).unwrap();
+        let outcomes: Vec<String> = conn
+            .prepare("SELECT outcome FROM attempts WHERE run = 'r-0' ORDER BY attempt")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(outcomes, ["superseded", "failed:3"]);
+        for o in &outcomes {
+            assert!(crate::model::Outcome::parse(o).is_some(), "{o}");
+        }
+        let row = |name: &str| -> (f64, Option<i64>) {
+            conn.query_row(
+                "SELECT cost_usd, billing_since FROM runs WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+        };
+        assert_eq!(row("r-0"), (1.25, None), "the ledger alone, nothing held");
+        assert_eq!(row("q-0"), (0.0, Some(50)), "billing since its intent");
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! `history` (attempts, events, cost), `hosts`, `desired` (what the controller reconciles,
 //! its liveness, runs' last errors), `bench` (synthetic data for benchmarks).
 
-use crate::model::{InstanceId, JobName, Phase, ProviderKind, RunName, Timestamp};
+use crate::model::{InstanceId, JobName, Outcome, Phase, ProviderKind, RunName, Timestamp, Usd};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
@@ -49,8 +49,13 @@ pub struct RunRecord {
     /// For fleet runs: the host the run is on.
     pub host: Option<String>,
     pub gpu: Option<String>,
-    pub price_per_hour: Option<f64>,
-    pub cost_usd: f64,
+    pub price_per_hour: Option<Usd>,
+    /// What the run's released attempts cost (the ledger). The current attempt's share
+    /// is derived when read: [`RunRecord::cost_at`].
+    pub cost_usd: Usd,
+    /// When the current attempt's instance started billing at `price_per_hour`; `None`
+    /// while no instance is held.
+    pub billing_since: Option<Timestamp>,
     pub progress_done: Option<u64>,
     pub progress_total: Option<u64>,
     pub exit_code: Option<i32>,
@@ -92,7 +97,8 @@ impl RunRecord {
             host: None,
             gpu: None,
             price_per_hour: None,
-            cost_usd: 0.0,
+            cost_usd: Usd::ZERO,
+            billing_since: None,
             progress_done: None,
             progress_total: None,
             exit_code: None,
@@ -106,6 +112,18 @@ impl RunRecord {
             started_at: None,
             finished_at: None,
         }
+    }
+}
+
+impl RunRecord {
+    /// Cost so far at `now`: the ledger plus what the held instance has accrued. Derived
+    /// here, when read, so nothing is rewritten just because time passed.
+    pub fn cost_at(&self, now: Timestamp) -> Usd {
+        let live = match (self.price_per_hour, self.billing_since) {
+            (Some(price), Some(since)) => price.per_hour_over(now - since),
+            _ => Usd::ZERO,
+        };
+        self.cost_usd + live
     }
 }
 
@@ -125,8 +143,8 @@ pub struct AttemptRecord {
     pub intent_at: Timestamp,
     /// Set when the provider confirmed the instance gone (or it never existed).
     pub released_at: Option<Timestamp>,
-    /// How the attempt ended: "succeeded", "failed", "preempted", "lost", "deleted", ...
-    pub outcome: Option<String>,
+    /// How the attempt ended; kept in its stable text form.
+    pub outcome: Option<Outcome>,
 }
 
 /// Something that happened to an object, shown by `describe`.
@@ -149,26 +167,36 @@ pub struct CostEntry {
     pub attempt: u32,
     pub from: Timestamp,
     pub to: Timestamp,
-    pub usd: f64,
+    pub usd: Usd,
 }
 
-/// The last known status of one host of a fleet, as the controller last probed it.
+/// The last known status of one host of a fleet, as the controller last probed it: the
+/// one host type (`model::HostStatus`) and when it was checked. Reads as the status
+/// (`record.gpus_free`); which agents are alive is not kept.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HostRecord {
-    pub fleet: String,
-    pub host: String,
-    /// Whether the last probe reached the host at all.
-    pub reachable: bool,
-    /// Whether the host is running something asimov did not start (or cannot share).
-    pub busy: bool,
-    pub gpus_total: u32,
-    pub gpus_free: u32,
-    pub gpu_names: Vec<String>,
-    /// Runs asimov has on the host.
-    pub running: Vec<String>,
+    pub status: crate::model::HostStatus,
     pub checked_at: Timestamp,
-    /// What the probe said, one short sentence ("ssh: connection refused"); empty when fine.
-    pub message: String,
+}
+
+impl HostRecord {
+    /// The record of `status` as checked at `checked_at`.
+    pub fn of(status: &crate::model::HostStatus, checked_at: Timestamp) -> HostRecord {
+        HostRecord {
+            status: crate::model::HostStatus {
+                agents_alive: Vec::new(),
+                ..status.clone()
+            },
+            checked_at,
+        }
+    }
+}
+
+impl std::ops::Deref for HostRecord {
+    type Target = crate::model::HostStatus;
+    fn deref(&self) -> &Self::Target {
+        &self.status
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

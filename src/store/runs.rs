@@ -3,21 +3,22 @@
 //! listing thousands of runs must not carry it.
 
 use super::{RunRecord, Store, StoreResult, bad_value, json_column, query, to_json};
-use crate::model::{Phase, ProviderKind};
+use crate::model::{Phase, Progress, ProviderKind, RunName, Usd};
 use rusqlite::{Row, Transaction, named_params};
 
 /// The columns of `runs`, in the order `from_row` reads them.
 const COLUMNS: &str = "name, job, run_index, seq, phase, reason, spec_hash, matrix, attempt, \
      placement_index, provider, instance_id, host, gpu, price_per_hour, cost_usd, \
      progress_done, progress_total, exit_code, repository, commit_id, commit_message, \
-     author, dirty, created_at, updated_at, started_at, finished_at";
+     author, dirty, created_at, updated_at, started_at, finished_at, billing_since";
 
 /// Upsert that keeps a run's `seq` when the record carries 0, and gives a new run the next
 /// one. An update in place (not REPLACE) so the run's attempts are not cascaded away.
 const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason, spec_hash, \
      matrix, attempt, placement_index, provider, instance_id, host, gpu, price_per_hour, \
      cost_usd, progress_done, progress_total, exit_code, repository, commit_id, \
-     commit_message, author, dirty, created_at, updated_at, started_at, finished_at) \
+     commit_message, author, dirty, created_at, updated_at, started_at, finished_at, \
+     billing_since) \
      VALUES (:name, :job, :run_index, \
        CASE WHEN :seq <> 0 THEN :seq ELSE coalesce( \
          (SELECT seq FROM runs WHERE name = :name), \
@@ -25,7 +26,7 @@ const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason
        :phase, :reason, :spec_hash, :matrix, :attempt, :placement_index, :provider, \
        :instance_id, :host, :gpu, :price_per_hour, :cost_usd, :progress_done, \
        :progress_total, :exit_code, :repository, :commit_id, :commit_message, :author, \
-       :dirty, :created_at, :updated_at, :started_at, :finished_at) \
+       :dirty, :created_at, :updated_at, :started_at, :finished_at, :billing_since) \
      ON CONFLICT (name) DO UPDATE SET job = excluded.job, run_index = excluded.run_index, \
        seq = excluded.seq, phase = excluded.phase, reason = excluded.reason, \
        spec_hash = excluded.spec_hash, matrix = excluded.matrix, attempt = excluded.attempt, \
@@ -37,7 +38,8 @@ const UPSERT: &str = "INSERT INTO runs (name, job, run_index, seq, phase, reason
        commit_id = excluded.commit_id, commit_message = excluded.commit_message, \
        author = excluded.author, dirty = excluded.dirty, \
        created_at = excluded.created_at, updated_at = excluded.updated_at, \
-       started_at = excluded.started_at, finished_at = excluded.finished_at";
+       started_at = excluded.started_at, finished_at = excluded.finished_at, \
+       billing_since = excluded.billing_since";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
     let phase = row.get_ref(4)?.as_str()?;
@@ -61,8 +63,8 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         instance_id: row.get(11)?,
         host: row.get(12)?,
         gpu: row.get(13)?,
-        price_per_hour: row.get(14)?,
-        cost_usd: row.get(15)?,
+        price_per_hour: row.get::<_, Option<f64>>(14)?.map(Usd::from_dollars),
+        cost_usd: Usd::from_dollars(row.get(15)?),
         progress_done: unsigned(row, 16)?,
         progress_total: unsigned(row, 17)?,
         exit_code: row.get(18)?,
@@ -75,6 +77,7 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<RunRecord> {
         updated_at: row.get(25)?,
         started_at: row.get(26)?,
         finished_at: row.get(27)?,
+        billing_since: row.get(28)?,
     })
 }
 
@@ -118,8 +121,8 @@ pub(super) fn upsert(tx: &Transaction<'_>, run: &RunRecord) -> rusqlite::Result<
         ":instance_id": run.instance_id,
         ":host": run.host,
         ":gpu": run.gpu,
-        ":price_per_hour": run.price_per_hour,
-        ":cost_usd": run.cost_usd,
+        ":price_per_hour": run.price_per_hour.map(Usd::dollars),
+        ":cost_usd": run.cost_usd.dollars(),
         ":progress_done": signed(run.progress_done)?,
         ":progress_total": signed(run.progress_total)?,
         ":exit_code": run.exit_code,
@@ -132,6 +135,7 @@ pub(super) fn upsert(tx: &Transaction<'_>, run: &RunRecord) -> rusqlite::Result<
         ":updated_at": run.updated_at,
         ":started_at": run.started_at,
         ":finished_at": run.finished_at,
+        ":billing_since": run.billing_since,
     })?;
     Ok(())
 }
@@ -207,6 +211,30 @@ impl Store {
         let tx = self.write(STEP)?;
         for run in runs {
             upsert(&tx, run).map_err(query(STEP))?;
+        }
+        tx.commit().map_err(query(STEP))
+    }
+
+    /// Records the progress agents reported, in one transaction: an observation, not a
+    /// decision, so the controller writes it without a planned op. Runs the store does
+    /// not know are skipped.
+    pub fn put_progress(&self, progress: &[(RunName, Progress)]) -> StoreResult<()> {
+        const STEP: &str = "writing progress";
+        if progress.is_empty() {
+            return Ok(());
+        }
+        let tx = self.write(STEP)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "UPDATE runs SET progress_done = ?2, progress_total = ?3 WHERE name = ?1",
+                )
+                .map_err(query(STEP))?;
+            for (run, p) in progress {
+                let done = signed(Some(p.done)).map_err(query(STEP))?;
+                let total = signed(p.total).map_err(query(STEP))?;
+                stmt.execute((run, done, total)).map_err(query(STEP))?;
+            }
         }
         tx.commit().map_err(query(STEP))
     }

@@ -6,6 +6,10 @@
 //! key is pinned (`accept-new` into the machine's own file before that). The user's
 //! `~/.ssh/config` and the system known hosts are not read: a fleet manifest says
 //! everything needed to reach a host, and a pin must come from asimov's own file.
+//!
+//! A target behind a bastion (`SshJump`) is reached as OpenSSH's `ProxyJump` does, with
+//! `ssh -W` through the bastion as the master's `ProxyCommand`; the bastion has its own
+//! identity file and its own pinned key (`known_hosts/<machine>.jump`).
 
 use super::{ByteStream, CommandOutput, Transport, TransportError};
 use crate::home::Home;
@@ -28,7 +32,28 @@ pub struct SshTarget {
     pub user: Option<String>,
     /// `None` lets `ssh` try its default keys and agent.
     pub identity_file: Option<PathBuf>,
+    /// The bastion to go through, if any.
+    pub jump: Option<SshJump>,
 }
+
+/// A bastion in front of a target (`ProxyJump user@host:port`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshJump {
+    pub host: String,
+    pub port: u16,
+    /// `None` uses the local user name, as `ssh` does.
+    pub user: Option<String>,
+    /// `None` lets `ssh` try its default keys and agent.
+    pub identity_file: Option<PathBuf>,
+}
+
+/// How long a master with no command running stays up. A pool closes its masters when
+/// it is closed or dropped; this bounds how long one outlives a process killed without
+/// the chance to (SIGKILL), while a busy controller keeps reusing its masters.
+const MASTER_IDLE: Duration = Duration::from_secs(15 * 60);
+
+/// Names every pool's control folder (under the system temp dir).
+const CONTROL_DIR_PREFIX: &str = "asimov-ssh-";
 
 /// Knobs of a pool; the defaults suit real hosts.
 #[derive(Debug, Clone)]
@@ -62,6 +87,9 @@ pub struct SshPool {
     /// temp dir because a unix socket path is limited to ~100 bytes.
     control_dir: tempfile::TempDir,
     config_file: PathBuf,
+    /// What `config_file` holds; a target with a bastion gets it plus the bastion's
+    /// block in a file of its own.
+    config: String,
     local_rsync: bool,
     entries: std::sync::Mutex<HashMap<String, Arc<Entry>>>,
 }
@@ -79,6 +107,8 @@ struct Conn {
     /// rsync and quoted shell words agree on where they point.
     remote_home: String,
     remote_rsync: bool,
+    /// Fingerprints of the pinned host key (sorted, comma-separated).
+    host_key: String,
 }
 
 impl std::fmt::Debug for SshPool {
@@ -97,7 +127,9 @@ impl SshPool {
     }
 
     pub fn with_options(home: Home, options: SshOptions) -> std::io::Result<Arc<SshPool>> {
-        let control_dir = tempfile::Builder::new().prefix("asimov-ssh-").tempdir()?;
+        let control_dir = tempfile::Builder::new()
+            .prefix(CONTROL_DIR_PREFIX)
+            .tempdir()?;
         let config_file = control_dir.path().join("config");
         let alive = options.server_alive_interval.as_secs().max(1);
         // Options the openssh crate has no setter for. `-F` also keeps the user's own
@@ -107,7 +139,7 @@ impl SshPool {
              CheckHostIP no\n  PasswordAuthentication no\n  KbdInteractiveAuthentication no\n  \
              ServerAliveInterval {alive}\n  ServerAliveCountMax 3\n  LogLevel ERROR\n"
         );
-        std::fs::write(&config_file, config)?;
+        std::fs::write(&config_file, &config)?;
         let local_rsync = std::process::Command::new("rsync")
             .arg("--version")
             .stdout(std::process::Stdio::null())
@@ -120,6 +152,7 @@ impl SshPool {
             options,
             control_dir,
             config_file,
+            config,
             local_rsync,
             entries: std::sync::Mutex::new(HashMap::new()),
         }))
@@ -151,6 +184,83 @@ impl SshPool {
         self.home.known_hosts().join(file_name(machine))
     }
 
+    /// Ends every master connection of this pool (`ssh -O exit`), waiting for each; the
+    /// next command on any machine opens a new one. The controller calls it on every
+    /// way it stops; dropping the pool does the same without waiting for the answers.
+    pub async fn close_all(&self) {
+        let entries: Vec<Arc<Entry>> = {
+            let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+            entries.values().cloned().collect()
+        };
+        for entry in entries {
+            let Some(conn) = entry.conn.lock().await.take() else {
+                continue;
+            };
+            let exit = tokio::process::Command::from(self.exit_master(&conn.session))
+                .kill_on_drop(true)
+                .status();
+            // The master answers over a local socket; never let a stop hang on one.
+            let status = tokio::time::timeout(Duration::from_secs(5), exit).await;
+            if !status.is_ok_and(|s| s.is_ok_and(|s| s.success())) {
+                tracing::warn!(machine = %entry.target.machine, "ssh master did not confirm exit");
+            }
+        }
+    }
+
+    /// Makes this pool the controller's: the masters a previous controller of this home
+    /// left (it was killed without the chance to close them) are ended first, then this
+    /// pool's control folder is recorded for the next controller. Call it only while
+    /// holding the controller lock, so no live controller's masters are touched.
+    pub async fn replace_previous_controller(&self) -> std::io::Result<()> {
+        let dir = self.home.known_hosts();
+        std::fs::create_dir_all(&dir)?;
+        let record = dir.join(".controller-masters");
+        if let Ok(previous) = std::fs::read_to_string(&record) {
+            let previous = PathBuf::from(previous.trim());
+            // Only ever a folder this module made, whatever the record says.
+            let ours = previous
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(CONTROL_DIR_PREFIX));
+            if ours && previous != self.control_dir.path() && previous.is_dir() {
+                for entry in std::fs::read_dir(&previous)?.flatten() {
+                    let socket = entry.path().join("master");
+                    if !socket.exists() {
+                        continue;
+                    }
+                    let exit = tokio::process::Command::from(self.exit_master_at(&socket))
+                        .kill_on_drop(true)
+                        .status();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), exit).await;
+                    tracing::info!(socket = %socket.display(), "ended a master left by a previous controller");
+                }
+                let _ = std::fs::remove_dir_all(&previous);
+            }
+        }
+        crate::home::write_private(
+            &record,
+            self.control_dir.path().to_string_lossy().as_bytes(),
+        )
+    }
+
+    /// `ssh -O exit` through `session`'s control socket: the master ends at once, with
+    /// any command still running on it.
+    fn exit_master(&self, session: &Session) -> std::process::Command {
+        self.exit_master_at(session.control_socket())
+    }
+
+    fn exit_master_at(&self, socket: &Path) -> std::process::Command {
+        let mut cmd = std::process::Command::new("ssh");
+        cmd.arg("-F")
+            .arg(&self.config_file)
+            .arg("-S")
+            .arg(socket)
+            .args(["-O", "exit", "asimov-master"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd
+    }
+
     /// Closes the master connection of `machine`, if any; the next command reopens it.
     pub async fn disconnect(&self, machine: &str) {
         let entry = {
@@ -164,6 +274,42 @@ impl SshPool {
             let _ = session.close().await;
         }
     }
+}
+
+impl Drop for SshPool {
+    fn drop(&mut self) {
+        // Before `control_dir` is removed with the sockets in it: a master whose socket
+        // is gone can no longer be told to exit, and ControlPersist would keep it.
+        let entries: Vec<Arc<Entry>> = self
+            .entries
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for entry in entries {
+            let Ok(mut conn) = entry.conn.try_lock() else {
+                continue;
+            };
+            if let Some(conn) = conn.take()
+                && let Ok(mut child) = self.exit_master(&conn.session).spawn()
+            {
+                // Short: the master answers over a local socket.
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// The files of a target's bastion, for one connection attempt.
+struct JumpFiles {
+    config_file: PathBuf,
+    known_hosts: PathBuf,
+    pinned: bool,
+    /// What the bastion's `ssh -W` wrote to stderr.
+    log: PathBuf,
+    host: String,
+    port: u16,
 }
 
 /// A machine reached over the pool's master connection for it.
@@ -195,6 +341,13 @@ impl SshTransport {
     /// The remote user's `$HOME`.
     pub async fn remote_home(&self) -> Result<String, TransportError> {
         Ok(self.conn().await?.remote_home)
+    }
+
+    /// The fingerprints of the host key this machine proved it holds (`SHA256:...`,
+    /// sorted, comma-separated): what tells two hosts apart from this side even when
+    /// they share a home folder, a machine id and a host name.
+    pub async fn host_key(&self) -> Result<String, TransportError> {
+        Ok(self.conn().await?.host_key)
     }
 
     /// Whether transfers to this machine use rsync (else a tar stream).
@@ -230,10 +383,22 @@ impl SshTransport {
         if remote_home.is_empty() {
             return Err(self.failed("probe remote side", "remote $HOME is empty"));
         }
+        let mut keys: Vec<String> =
+            fingerprints_of_file(&self.pool.known_hosts_file(&self.entry.target.machine))
+                .await
+                .into_iter()
+                .map(|f| f.hash)
+                .collect();
+        keys.sort();
+        keys.dedup();
+        if keys.is_empty() {
+            return Err(self.failed("read pinned host key", "no key in the pinned file"));
+        }
         let conn = Conn {
             session,
             remote_home,
             remote_rsync: lines.any(|l| l.trim() == "rsync"),
+            host_key: keys.join(","),
         };
         *slot = Some(conn.clone());
         Ok(conn)
@@ -248,6 +413,10 @@ impl SshTransport {
         let pinned = std::fs::metadata(&known_hosts)
             .map(|m| m.len() > 0)
             .unwrap_or(false);
+        let jump = match &target.jump {
+            Some(jump) => Some(self.write_jump_config(jump)?),
+            None => None,
+        };
         let mut builder = SessionBuilder::default();
         builder
             // Trust on first use into the machine's own file; strict ever after.
@@ -257,9 +426,16 @@ impl SshTransport {
                 KnownHosts::Add
             })
             .user_known_hosts_file(&known_hosts)
-            .config_file(&self.pool.config_file)
+            .config_file(
+                jump.as_ref()
+                    .map_or(&self.pool.config_file, |j| &j.config_file),
+            )
             .control_directory(self.pool.control_dir.path())
             .connect_timeout(self.pool.options.connect_timeout)
+            .control_persist(openssh::ControlPersist::IdleFor(
+                std::num::NonZeroUsize::new(MASTER_IDLE.as_secs() as usize)
+                    .unwrap_or(std::num::NonZeroUsize::MIN),
+            ))
             .server_alive_interval(self.pool.options.server_alive_interval)
             .port(target.port);
         if let Some(user) = &target.user {
@@ -274,10 +450,106 @@ impl SshTransport {
                     let _ = crate::home::set_mode(&known_hosts, 0o600);
                     tracing::info!(machine = self.name(), "pinned host key on first use");
                 }
+                if let Some(jump) = &jump
+                    && !jump.pinned
+                {
+                    let _ = crate::home::set_mode(&jump.known_hosts, 0o600);
+                    tracing::info!(machine = self.name(), "pinned jump host key on first use");
+                }
                 Ok(session)
             }
-            Err(e) => Err(self.classify_connect(e, &known_hosts).await),
+            Err(e) => match &jump {
+                Some(j) => match self.classify_jump(j).await {
+                    Some(error) => Err(error),
+                    None => Err(self.classify_connect(e, &known_hosts).await),
+                },
+                None => Err(self.classify_connect(e, &known_hosts).await),
+            },
         }
+    }
+
+    /// The config for a target behind a bastion: the pool's, preceded by a block for
+    /// the bastion (alias `asimov-jump`) and a `ProxyCommand` running `ssh -W` through
+    /// it, as `ProxyJump` expands to, with the bastion's own key, pin and error log.
+    fn write_jump_config(&self, jump: &SshJump) -> Result<JumpFiles, TransportError> {
+        let machine = &self.entry.target.machine;
+        let known_hosts = self.pool.known_hosts_file(&format!("{machine}.jump"));
+        let pinned = std::fs::metadata(&known_hosts)
+            .map(|m| m.len() > 0)
+            .unwrap_or(false);
+        let dir = self.pool.control_dir.path();
+        let config_file = dir.join(format!("{}.config", file_name(machine)));
+        let log = dir.join(format!("{}.jump.log", file_name(machine)));
+        let _ = std::fs::remove_file(&log);
+        let mut block = format!(
+            "Host asimov-jump\n  HostName {}\n  Port {}\n  ProxyCommand none\n  \
+             UserKnownHostsFile {}\n  StrictHostKeyChecking {}\n  ConnectTimeout {}\n",
+            config_word(&jump.host),
+            jump.port,
+            config_word(&known_hosts.to_string_lossy()),
+            if pinned { "yes" } else { "accept-new" },
+            self.pool.options.connect_timeout.as_secs().max(1),
+        );
+        if let Some(user) = &jump.user {
+            block.push_str(&format!("  User {}\n", config_word(user)));
+        }
+        if let Some(key) = &jump.identity_file {
+            block.push_str(&format!(
+                "  IdentityFile {}\n  IdentitiesOnly yes\n",
+                config_word(&key.to_string_lossy())
+            ));
+        }
+        // `%` is a token in a ProxyCommand; the paths' own `%` are doubled.
+        let escape = |p: &Path| quote(&p.to_string_lossy()).replace('%', "%%");
+        let text = format!(
+            "{block}\nHost *\n  ProxyCommand ssh -F {} -W '[%h]:%p' asimov-jump 2>>{}\n{}",
+            escape(&config_file),
+            escape(&log),
+            self.pool.config.trim_start_matches("Host *\n"),
+        );
+        std::fs::write(&config_file, text).map_err(|e| self.io("write ssh config", e))?;
+        Ok(JumpFiles {
+            config_file,
+            known_hosts,
+            pinned,
+            log,
+            host: jump.host.clone(),
+            port: jump.port,
+        })
+    }
+
+    /// A connection that failed at the bastion, from what its `ssh -W` wrote; `None`
+    /// when the bastion part went well (the failure is the target's).
+    async fn classify_jump(&self, jump: &JumpFiles) -> Option<TransportError> {
+        let text = std::fs::read_to_string(&jump.log).unwrap_or_default();
+        let lower = text.to_lowercase();
+        let name = format!("{} (jump host {}:{})", self.name(), jump.host, jump.port);
+        if lower.contains("host key verification failed")
+            || lower.contains("identification has changed")
+            || lower.contains("host key for")
+        {
+            let pinned = fingerprints_of_file(&jump.known_hosts).await;
+            let offered = self.offered_fingerprints(&jump.host, jump.port).await;
+            return Some(TransportError::HostKeyChanged {
+                machine: name,
+                pinned: describe_fingerprints(&pinned),
+                offered: describe_fingerprints(&offered),
+            });
+        }
+        if lower.contains("permission denied") {
+            return Some(TransportError::Failed {
+                machine: name,
+                step: "authenticate",
+                message: text.trim().to_string(),
+            });
+        }
+        if lower.contains("connect to host") || lower.contains("could not resolve") {
+            return Some(TransportError::Unreachable {
+                machine: name,
+                source: Some(text.trim().to_string().into()),
+            });
+        }
+        None
     }
 
     async fn classify_connect(&self, e: openssh::Error, known_hosts: &Path) -> TransportError {
@@ -288,7 +560,8 @@ impl SshTransport {
             || lower.contains("host key for")
         {
             let pinned = fingerprints_of_file(known_hosts).await;
-            let offered = self.offered_fingerprints().await;
+            let target = &self.entry.target;
+            let offered = self.offered_fingerprints(&target.host, target.port).await;
             return TransportError::HostKeyChanged {
                 machine: self.name().to_string(),
                 pinned: describe_fingerprints(&pinned),
@@ -305,8 +578,7 @@ impl SshTransport {
     }
 
     /// The keys the host offers now, fetched without authenticating.
-    async fn offered_fingerprints(&self) -> Vec<Fingerprint> {
-        let target = &self.entry.target;
+    async fn offered_fingerprints(&self, host: &str, port: u16) -> Vec<Fingerprint> {
         let timeout = self
             .pool
             .options
@@ -315,7 +587,7 @@ impl SshTransport {
             .max(1)
             .to_string();
         let scan = tokio::process::Command::new("ssh-keyscan")
-            .args(["-T", &timeout, "-p", &target.port.to_string(), &target.host])
+            .args(["-T", &timeout, "-p", &port.to_string(), host])
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .output()
@@ -892,6 +1164,11 @@ fn file_name(machine: &str) -> String {
         .collect::<String>()
         // Never `.` or `..`, nor a hidden file.
         .replacen('.', "_", usize::from(machine.starts_with('.')))
+}
+
+/// `s` as one ssh_config argument: double-quoted (for spaces), `%` doubled (tokens).
+fn config_word(s: &str) -> String {
+    format!("\"{}\"", s.replace('%', "%%"))
 }
 
 /// Quotes `s` as one POSIX shell word.

@@ -2,8 +2,11 @@
 //!
 //! Each `Sshd` lives in its own temp dir: config, a freshly generated ed25519 host key,
 //! a generated client key in its `authorized_keys`, its log, and a `home/` folder that
-//! becomes `$HOME` (and `TMUX_TMPDIR`) of every session, so two servers on one machine
-//! behave as two hosts with separate state even though they log in the same user.
+//! becomes `$HOME` of every session, so two servers on one machine behave as two hosts
+//! with separate state even though they log in the same user. `start_sharing_home` gives
+//! two servers one `$HOME`, as an NFS home does on a cluster; what stays per server is
+//! what is per host there: the host key and the tmux socket folder (`TMUX_TMPDIR`, a
+//! host's own `/tmp`). Both servers see this machine's `/etc/machine-id` and hostname.
 //! It runs as the current user (root here, hence `PermitRootLogin prohibit-password`,
 //! `StrictModes no`, `UsePAM no`). Dropping it kills the server and its sessions.
 
@@ -17,6 +20,9 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 
 pub struct Sshd {
     dir: tempfile::TempDir,
+    /// `$HOME` of its sessions: `dir/home`, or a folder shared with another server.
+    home: PathBuf,
+    log_level: &'static str,
     port: u16,
     user: String,
     child: Option<Child>,
@@ -38,12 +44,29 @@ impl Sshd {
 
     /// Starts a server on a free localhost port; panics when it does not come up.
     pub fn start() -> Sshd {
+        Sshd::start_with(None, "VERBOSE")
+    }
+
+    /// Starts a server that logs at `DEBUG1`, which names every forwarded connection
+    /// (`server_request_direct_tcpip: ... target 127.0.0.1 port N`): a bastion whose log proves a jump.
+    pub fn start_bastion() -> Sshd {
+        Sshd::start_with(None, "DEBUG1")
+    }
+
+    /// Starts a server whose sessions see `home` as `$HOME` (the caller keeps the folder;
+    /// give the same one to several servers for hosts sharing an NFS home).
+    pub fn start_sharing_home(home: &Path) -> Sshd {
+        Sshd::start_with(Some(home.to_path_buf()), "VERBOSE")
+    }
+
+    fn start_with(home: Option<PathBuf>, log_level: &'static str) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("asimov-sshd-")
             .tempdir()
             .expect("temp dir for sshd");
         let user = current_user();
-        std::fs::create_dir_all(dir.path().join("home")).expect("sshd home");
+        let home = home.unwrap_or_else(|| dir.path().join("home"));
+        std::fs::create_dir_all(&home).expect("sshd home");
         std::fs::create_dir_all(dir.path().join("tmux")).expect("sshd tmux dir");
         keygen(&dir.path().join("ssh_host_ed25519_key"));
         keygen(&dir.path().join("client_key"));
@@ -56,6 +79,8 @@ impl Sshd {
         let port = free_port();
         let mut sshd = Sshd {
             dir,
+            home,
+            log_level,
             port,
             user,
             child: None,
@@ -82,9 +107,20 @@ impl Sshd {
         self.dir.path().join("client_key")
     }
 
+    /// Puts an executable `name` with `script` (sh) first on this host's `PATH`, e.g. an
+    /// `nvidia-smi` that reports this host's GPUs.
+    pub fn install_command(&self, name: &str, script: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.dir.path().join("bin");
+        std::fs::create_dir_all(&bin).expect("sshd bin folder");
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("write command");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
     /// `$HOME` of every session on this server: this "host"'s own state.
     pub fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
+        self.home.clone()
     }
 
     pub fn dir(&self) -> &Path {
@@ -127,6 +163,7 @@ impl Sshd {
             address: self.host().to_string(),
             port: self.port,
             identity_file: Some(self.client_key()),
+            proxy_jump: None,
             gpus,
             labels: Default::default(),
         }
@@ -189,10 +226,13 @@ impl Sshd {
              PasswordAuthentication no\n\
              KbdInteractiveAuthentication no\n\
              PrintMotd no\n\
-             LogLevel VERBOSE\n\
+             LogLevel {log_level}\n\
              Subsystem sftp internal-sftp\n\
-             SetEnv HOME={d}/home TMUX_TMPDIR={d}/tmux\n",
+             SetEnv HOME={home} TMUX_TMPDIR={d}/tmux \
+             PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
             port = self.port,
+            home = self.home.display(),
+            log_level = self.log_level,
         );
         std::fs::write(self.dir.path().join("sshd_config"), config).expect("sshd_config");
     }
