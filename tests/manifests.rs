@@ -72,11 +72,18 @@ fn every_example_loads_and_round_trips() {
     jobs.sort();
     assert_eq!(
         jobs,
-        ["from-file", "hello", "lab-train", "swag-train", "sweep"]
+        [
+            "from-file",
+            "hello",
+            "lab-train",
+            "resumable",
+            "swag-train",
+            "sweep"
+        ]
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 7);
+    assert_eq!(all.documents.len(), 8);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
@@ -90,7 +97,7 @@ fn every_example_loads_and_round_trips() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 6);
+    assert_eq!(files.len(), 7);
     for file in &files {
         let one = load_paths(std::slice::from_ref(file), &home)
             .unwrap_or_else(|p| panic!("{}: {p}", file.display()));
