@@ -48,6 +48,16 @@ impl Home {
         self.root.join("known_hosts")
     }
 
+    /// asimov's own SSH key pair for cloud instances (`id_ed25519`, `.pub`), 0600.
+    pub fn ssh_identity(&self) -> PathBuf {
+        self.root.join("ssh").join("id_ed25519")
+    }
+
+    /// What a provider keeps between controller runs (`vast`, ...).
+    pub fn provider_state(&self, provider: &str) -> PathBuf {
+        self.root.join("providers").join(provider)
+    }
+
     /// Folders of `local` provider instances.
     pub fn local_instances(&self) -> PathBuf {
         self.root.join("local")

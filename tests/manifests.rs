@@ -75,6 +75,7 @@ fn every_example_loads_and_round_trips() {
         [
             "from-file",
             "hello",
+            "hf-finetune",
             "lab-train",
             "resumable",
             "swag-train",
@@ -83,7 +84,7 @@ fn every_example_loads_and_round_trips() {
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 8);
+    assert_eq!(all.documents.len(), 9);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
@@ -97,7 +98,7 @@ fn every_example_loads_and_round_trips() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 7);
+    assert_eq!(files.len(), 8);
     for file in &files {
         let one = load_paths(std::slice::from_ref(file), &home)
             .unwrap_or_else(|p| panic!("{}: {p}", file.display()));
@@ -429,7 +430,7 @@ fn problems_carry_exact_positions() {
     assert_eq!(
         err.to_string(),
         "/manifests/job.yaml:7:17: expected a duration like 30m or 43h, found \"forever\"\n\
-         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`"
+         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_user`"
     );
 
     let text = text.replace(", colour: red", "");

@@ -228,6 +228,15 @@ cmd_supervise() {
 		put status "$state"
 	fi
 	kill "$mon" 2>/dev/null
+	# A provider's end-of-run hook (a cloud instance that destroys itself with its own
+	# key), detached so that it outlives this supervisor.
+	if [ -f "$ROOT/on_end.sh" ]; then
+		if command -v setsid >/dev/null 2>&1; then
+			setsid sh "$ROOT/on_end.sh" "$ROOT" </dev/null >>"$ROOT/on_end.log" 2>&1 &
+		else
+			sh "$ROOT/on_end.sh" "$ROOT" </dev/null >>"$ROOT/on_end.log" 2>&1 &
+		fi
+	fi
 	exit 0
 }
 

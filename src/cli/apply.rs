@@ -92,6 +92,20 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
                 job.name,
                 undriven.join(", ")
             );
+        } else if !job.spec.placement.is_empty()
+            && job
+                .spec
+                .placement
+                .iter()
+                .all(|p| p.provider == crate::model::ProviderKind::Vast)
+            && crate::provider::vast::api_key(home).is_none()
+        {
+            eprintln!(
+                "warning: job/{} is placed only on vast, and no {} is stored                  (asimov secret set {}, then restart the controller); its runs will wait as Pending",
+                job.name,
+                crate::provider::vast::KEY_NAME,
+                crate::provider::vast::KEY_NAME,
+            );
         }
     }
     if dry_run {

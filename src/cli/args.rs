@@ -82,6 +82,37 @@ pub enum Command {
         /// The Fleet's name
         fleet: String,
     },
+    /// Search the providers' offers for what a job (or the flags) asks, cheapest first
+    Offers {
+        /// Take the resources and placements of the (first) job in this manifest
+        #[arg(short = 'f', long = "filename")]
+        file: Option<PathBuf>,
+        /// Only this provider (today: vast)
+        #[arg(long)]
+        provider: Option<String>,
+        /// GPU name as you write it (`H100` matches every H100; `RTX_4090` = `RTX 4090`); repeatable
+        #[arg(long = "gpu")]
+        gpus: Vec<String>,
+        /// GPUs per instance
+        #[arg(long)]
+        count: Option<u32>,
+        /// Minimum memory per GPU, GB
+        #[arg(long = "min-vram")]
+        min_vram: Option<u32>,
+        /// Highest price per hour, USD
+        #[arg(long = "max-price")]
+        max_price: Option<f64>,
+        /// Vast offer filters as `FIELD=EXPR`, e.g. `reliability=>=0.98`; repeatable
+        #[arg(long = "filter")]
+        filters: Vec<String>,
+        /// Interruptible (bid) prices: `premium_pct` over the minimum bid
+        #[arg(long)]
+        spot: bool,
+        #[arg(long, value_enum, default_value_t = OfferSort::Price)]
+        sort: OfferSort,
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Measure asimov's own speed and print the figures
     Bench {
         /// Runs in the store for the `get runs` figure
@@ -116,6 +147,14 @@ pub enum Kind {
     Fleets,
     #[value(alias = "budget")]
     Budgets,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OfferSort {
+    /// Cheapest first
+    Price,
+    /// Most DL performance (Vast `dlperf`) per dollar first
+    PerfPerDollar,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

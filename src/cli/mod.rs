@@ -12,6 +12,7 @@ mod describe;
 mod desired;
 mod get;
 mod logs;
+mod offers;
 mod prepare;
 pub mod render;
 mod secret;
@@ -142,6 +143,35 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Logs { run, follow } => {
             init_tracing("warn");
             logs::run(&home, &run, follow)
+        }
+        Command::Offers {
+            file,
+            provider,
+            gpus,
+            count,
+            min_vram,
+            max_price,
+            filters,
+            spot,
+            sort,
+            output,
+        } => {
+            init_tracing("warn");
+            offers::run(
+                &home,
+                offers::Query {
+                    file,
+                    provider,
+                    gpus,
+                    count,
+                    min_vram,
+                    max_price,
+                    filters,
+                    spot,
+                },
+                sort,
+                output,
+            )
         }
         Command::Secret { action } => {
             init_tracing("warn");

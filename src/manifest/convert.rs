@@ -757,6 +757,7 @@ fn convert_placement(
         premium_pct: p.premium_pct,
         filters: p.filters.into_iter().map(|(k, v)| (k, v.0)).collect(),
         spot: p.spot,
+        ssh_user: p.ssh_user,
     }
 }
 

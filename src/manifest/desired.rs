@@ -175,6 +175,8 @@ pub struct Placement {
     /// Offer filters such as `reliability: ">=0.98"`, kept as written.
     pub filters: BTreeMap<String, String>,
     pub spot: bool,
+    /// Overrides the provider's login user.
+    pub ssh_user: Option<String>,
 }
 
 impl Placement {
@@ -188,6 +190,7 @@ impl Placement {
             premium_pct: None,
             filters: BTreeMap::new(),
             spot: false,
+            ssh_user: None,
         }
     }
 }

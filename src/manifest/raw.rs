@@ -427,6 +427,10 @@ pub struct Placement {
     /// Accept interruptible (spot/bid) instances.
     #[serde(default)]
     pub spot: bool,
+    /// Log in to the instance as this user instead of the provider's default (Vast and
+    /// RunPod `root`, Lambda `ubuntu`): for custom images.
+    #[serde(default)]
+    pub ssh_user: Option<String>,
 }
 
 /// A reason to start another attempt: `no-capacity` (no placement had capacity),

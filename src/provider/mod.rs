@@ -11,6 +11,7 @@
 pub mod fake;
 pub mod local;
 pub mod ssh;
+pub mod vast;
 
 use crate::agent::AgentError;
 use crate::home::Home;
@@ -308,7 +309,7 @@ pub trait Provider: Send + Sync {
 }
 
 /// The providers a controller can drive, in registration order.
-pub const DRIVEN: &[ProviderKind] = &[ProviderKind::Local, ProviderKind::Ssh];
+pub const DRIVEN: &[ProviderKind] = &[ProviderKind::Local, ProviderKind::Ssh, ProviderKind::Vast];
 
 /// The providers a controller drives, and the one pool of SSH connections they share
 /// (its owner closes it on every way out, so no master outlives the controller).
@@ -325,10 +326,13 @@ pub fn registry(home: &Home) -> std::io::Result<Registry> {
         let provider: Arc<dyn Provider> = match kind {
             ProviderKind::Local => Arc::new(local::LocalProvider::new(home.clone())),
             ProviderKind::Ssh => Arc::new(ssh::SshProvider::with_pool(Arc::clone(&ssh_pool))),
-            ProviderKind::Vast
-            | ProviderKind::Lambda
-            | ProviderKind::Runpod
-            | ProviderKind::Fake => continue,
+            // Clouds only with a key: without one their runs wait as Pending.
+            ProviderKind::Vast => match vast::VastProvider::from_home(home, Arc::clone(&ssh_pool))?
+            {
+                Some(v) => Arc::new(v),
+                None => continue,
+            },
+            ProviderKind::Lambda | ProviderKind::Runpod | ProviderKind::Fake => continue,
         };
         out.insert(*kind, provider);
     }
