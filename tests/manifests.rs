@@ -77,14 +77,16 @@ fn every_example_loads_and_round_trips() {
             "hello",
             "hf-finetune",
             "lab-train",
+            "pod-finetune",
             "resumable",
+            "swag-sweep",
             "swag-train",
             "sweep"
         ]
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 9);
+    assert_eq!(all.documents.len(), 11);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
@@ -98,7 +100,7 @@ fn every_example_loads_and_round_trips() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 8);
+    assert_eq!(files.len(), 10);
     for file in &files {
         let one = load_paths(std::slice::from_ref(file), &home)
             .unwrap_or_else(|p| panic!("{}: {p}", file.display()));

@@ -87,7 +87,7 @@ pub enum Command {
         /// Take the resources and placements of the (first) job in this manifest
         #[arg(short = 'f', long = "filename")]
         file: Option<PathBuf>,
-        /// Only this provider (today: vast)
+        /// Only this provider: vast, lambda or runpod
         #[arg(long)]
         provider: Option<String>,
         /// GPU name as you write it (`H100` matches every H100; `RTX_4090` = `RTX 4090`); repeatable

@@ -101,12 +101,17 @@ async fn live(home: &Home, record: RunRecord, follow: bool) -> CliResult {
     }
     let mut stream = machine.follow_log().await?;
     let mut check = tokio::time::interval(Duration::from_secs(1));
+    // Bytes printed so far: once the run ends, what the instance's log had that the
+    // stream did not deliver yet (its folder may be gone by then) comes from the copy
+    // the controller kept.
+    let mut written: u64 = 0;
     loop {
         tokio::select! {
             chunk = stream.next() => match chunk {
                 Some(Ok(bytes)) => {
                     out.write_all(&bytes)?;
                     out.flush()?;
+                    written += bytes.len() as u64;
                 }
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(ExitCode::SUCCESS),
@@ -120,11 +125,26 @@ async fn live(home: &Home, record: RunRecord, follow: bool) -> CliResult {
                     loop {
                         tokio::select! {
                             chunk = stream.next() => match chunk {
-                                Some(Ok(bytes)) => out.write_all(&bytes)?,
+                                Some(Ok(bytes)) => {
+                                    out.write_all(&bytes)?;
+                                    written += bytes.len() as u64;
+                                }
                                 _ => break,
                             },
                             _ = &mut drain => break,
                         }
+                    }
+                    if now.attempt == record.attempt {
+                        // The controller may mark the run ended a step before it
+                        // keeps the log: give it a few seconds.
+                        let kept = home.run_log(&record.name);
+                        for _ in 0..25 {
+                            if kept.exists() {
+                                break;
+                            }
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        print_kept_rest(&home.run_log(&record.name), written)?;
                     }
                     out.flush()?;
                     return Ok(ExitCode::SUCCESS);
@@ -132,4 +152,21 @@ async fn live(home: &Home, record: RunRecord, follow: bool) -> CliResult {
             }
         }
     }
+}
+
+/// Prints the kept log from byte `from` on: the end of a run whose instance went away
+/// before the follower read it. A kept log shorter than `from` was capped (its tail
+/// kept), and nothing is printed from it.
+fn print_kept_rest(kept: &std::path::Path, from: u64) -> Result<(), CliError> {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(kept) else {
+        return Ok(());
+    };
+    if file.metadata()?.len() <= from {
+        return Ok(());
+    }
+    file.seek(SeekFrom::Start(from))?;
+    let mut out = std::io::stdout().lock();
+    std::io::copy(&mut file, &mut out)?;
+    Ok(())
 }

@@ -1,6 +1,7 @@
 //! `asimov offers`: what the providers would rent now for a job's resources (from
 //! `-f job.yaml` or flags), as a table sorted by price (or DL performance per dollar),
-//! or as JSON `{"items": [...]}` for scripts. Only Vast is searched today.
+//! or as JSON `{"items": [...]}` for scripts: Vast's offers, Lambda's instance types,
+//! RunPod's GPU types.
 
 use super::args::{OfferSort, Output};
 use super::{CliResult, desired, fail, render};
@@ -27,9 +28,17 @@ pub struct Query {
 /// The resources and the Vast placement to search with: the job's (flags override),
 /// else the flags alone.
 fn resolve(home: &Home, q: &Query) -> Result<(Resources, Placement), super::CliError> {
+    resolve_for(home, q, ProviderKind::Vast)
+}
+
+fn resolve_for(
+    home: &Home,
+    q: &Query,
+    kind: ProviderKind,
+) -> Result<(Resources, Placement), super::CliError> {
     let mut resources = Resources::default();
     let mut placement = Placement {
-        provider: ProviderKind::Vast,
+        provider: kind,
         ..Placement::local()
     };
     if let Some(file) = &q.file {
@@ -42,12 +51,7 @@ fn resolve(home: &Home, q: &Query) -> Result<(Resources, Placement), super::CliE
             .first()
             .ok_or_else(|| fail(format!("{} defines no Job", file.display())))?;
         resources = job.spec.resources.clone();
-        if let Some(p) = job
-            .spec
-            .placement
-            .iter()
-            .find(|p| p.provider == ProviderKind::Vast)
-        {
+        if let Some(p) = job.spec.placement.iter().find(|p| p.provider == kind) {
             placement = p.clone();
         }
     }
@@ -99,12 +103,15 @@ fn perf_per_dollar(o: &VastOffer, p: &Placement) -> f64 {
 }
 
 pub fn run(home: &Home, q: Query, sort: OfferSort, output: Output) -> CliResult {
-    if let Some(p) = &q.provider
-        && p != "vast"
-    {
-        return Err(fail(format!(
-            "provider {p} cannot be searched yet: only vast offers are"
-        )));
+    match q.provider.as_deref() {
+        None | Some("vast") => {}
+        Some("lambda") => return catalog(home, &q, ProviderKind::Lambda, output),
+        Some("runpod") => return catalog(home, &q, ProviderKind::Runpod, output),
+        Some(p) => {
+            return Err(fail(format!(
+                "provider {p} cannot be searched: expected vast, lambda or runpod"
+            )));
+        }
     }
     let (resources, placement) = resolve(home, &q)?;
     let provider = VastProvider::searcher(home)?;
@@ -168,6 +175,89 @@ pub fn run(home: &Home, q: Query, sort: OfferSort, output: Output) -> CliResult 
                     o.disk_gb.map_or("-".into(), |d| format!("{d:.0} GB")),
                     o.reliability.map_or("-".into(), |r| format!("{r:.3}")),
                     o.geolocation.clone().unwrap_or_else(|| "-".into()),
+                ]);
+            }
+            if offers.is_empty() {
+                eprintln!("no offer fits");
+            } else {
+                println!("{table}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `offers --provider lambda|runpod`: the cloud's catalog (instance types, GPU types)
+/// that fits, cheapest first, in the same JSON shape as Vast's offers.
+fn catalog(home: &Home, q: &Query, kind: ProviderKind, output: Output) -> CliResult {
+    let (resources, placement) = resolve_for(home, q, kind)?;
+    let pool = crate::transport::ssh::SshPool::new(home.clone())?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let offers = match kind {
+        ProviderKind::Lambda => {
+            let key = crate::provider::lambda::KEY_NAME;
+            let p = crate::provider::lambda::LambdaProvider::from_home(home, pool)?
+                .ok_or_else(|| fail(format!("no {key} stored: asimov secret set {key}")))?;
+            runtime.block_on(p.offers(&resources, &placement))?
+        }
+        _ => {
+            let key = crate::provider::runpod::KEY_NAME;
+            let p = crate::provider::runpod::RunpodProvider::from_home(home, pool)?
+                .ok_or_else(|| fail(format!("no {key} stored: asimov secret set {key}")))?;
+            runtime.block_on(p.offers(&resources, &placement))?
+        }
+    };
+    match output {
+        Output::Json | Output::Yaml => {
+            let items: Vec<serde_json::Value> = offers
+                .iter()
+                .map(|o| {
+                    json!({
+                        "provider": kind.as_str(),
+                        "id": o.id,
+                        "gpu": o.gpu,
+                        "count": o.count,
+                        "vram_gb": o.vram_gb,
+                        "price_per_hour": o.price_per_hour,
+                        "available": o.available,
+                        "regions": o.regions,
+                    })
+                })
+                .collect();
+            let doc = json!({ "items": items });
+            if output == Output::Yaml {
+                print!("{}", manifest::to_yaml_string(&doc)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+        }
+        Output::Table | Output::Wide => {
+            let mut table = render::new_table(&[
+                "PROVIDER",
+                "ID",
+                "GPU",
+                "COUNT",
+                "VRAM",
+                "$/H",
+                "AVAILABLE",
+                "REGIONS",
+            ]);
+            for o in &offers {
+                table.add_row(vec![
+                    kind.as_str().to_string(),
+                    o.id.clone(),
+                    o.gpu.clone(),
+                    o.count.to_string(),
+                    o.vram_gb.map_or("-".into(), |v| format!("{v:.0} GB")),
+                    format!("{:.3}", o.price_per_hour),
+                    if o.available { "yes" } else { "no" }.to_string(),
+                    if o.regions.is_empty() {
+                        "-".to_string()
+                    } else {
+                        o.regions.join(",")
+                    },
                 ]);
             }
             if offers.is_empty() {

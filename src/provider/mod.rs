@@ -8,8 +8,11 @@
 //! Adding a provider: one file under `src/provider/` implementing [`Provider`], and its
 //! line in [`DRIVEN`] and [`registry`].
 
+pub mod cloud;
 pub mod fake;
+pub mod lambda;
 pub mod local;
+pub mod runpod;
 pub mod ssh;
 pub mod vast;
 
@@ -309,7 +312,13 @@ pub trait Provider: Send + Sync {
 }
 
 /// The providers a controller can drive, in registration order.
-pub const DRIVEN: &[ProviderKind] = &[ProviderKind::Local, ProviderKind::Ssh, ProviderKind::Vast];
+pub const DRIVEN: &[ProviderKind] = &[
+    ProviderKind::Local,
+    ProviderKind::Ssh,
+    ProviderKind::Vast,
+    ProviderKind::Lambda,
+    ProviderKind::Runpod,
+];
 
 /// The providers a controller drives, and the one pool of SSH connections they share
 /// (its owner closes it on every way out, so no master outlives the controller).
@@ -332,7 +341,19 @@ pub fn registry(home: &Home) -> std::io::Result<Registry> {
                 Some(v) => Arc::new(v),
                 None => continue,
             },
-            ProviderKind::Lambda | ProviderKind::Runpod | ProviderKind::Fake => continue,
+            ProviderKind::Lambda => {
+                match lambda::LambdaProvider::from_home(home, Arc::clone(&ssh_pool))? {
+                    Some(v) => Arc::new(v),
+                    None => continue,
+                }
+            }
+            ProviderKind::Runpod => {
+                match runpod::RunpodProvider::from_home(home, Arc::clone(&ssh_pool))? {
+                    Some(v) => Arc::new(v),
+                    None => continue,
+                }
+            }
+            ProviderKind::Fake => continue,
         };
         out.insert(*kind, provider);
     }

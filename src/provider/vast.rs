@@ -27,6 +27,7 @@
 //!
 //! Must not know about the store or the planner.
 
+use super::cloud::{ensure_identity, key_body, short_body};
 use crate::agent::{AgentError, AgentMachine, AgentStatus, LaunchSpec};
 use crate::home::Home;
 use crate::manifest::{GpuRequest, Placement, Resources};
@@ -248,18 +249,7 @@ impl Pacer {
 
 /// The API key: the credential store first, then this process's environment.
 pub fn api_key(home: &Home) -> Option<Secret> {
-    let stored = std::fs::read_to_string(home.credentials().join(KEY_NAME))
-        .ok()
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty());
-    stored
-        .or_else(|| {
-            std::env::var(KEY_NAME)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        })
-        .map(Secret::new)
+    super::cloud::api_key(home, KEY_NAME)
 }
 
 /// The API's host: `ASIMOV_VAST_API_URL`, else Vast's.
@@ -281,20 +271,6 @@ struct Raw {
 
 fn err(kind: ErrorKind, step: &'static str, message: impl Into<String>) -> ProviderError {
     ProviderError::new(ProviderKind::Vast, kind, step, message)
-}
-
-/// The first line of an HTML page's `<title>`, or the first 200 characters of a body.
-fn short_body(text: &str) -> String {
-    if let Some(start) = text.find("<title>")
-        && let Some(end) = text[start..].find("</title>")
-    {
-        return text[start + 7..start + end].trim().to_string();
-    }
-    let t = text.trim();
-    match t.char_indices().nth(200) {
-        Some((i, _)) => format!("{}...", &t[..i]),
-        None => t.to_string(),
-    }
 }
 
 /// Every Vast answer into a JSON body or a canonical error: the one place that reads
@@ -721,37 +697,6 @@ impl Api {
         })
         .await
     }
-}
-
-/// The pair of files of asimov's own SSH key, made on first use.
-fn ensure_identity(path: &Path) -> std::io::Result<String> {
-    let public = path.with_extension("pub");
-    if !path.exists() || !public.exists() {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-            crate::home::set_mode(dir, 0o700)?;
-        }
-        let _ = std::fs::remove_file(path);
-        let _ = std::fs::remove_file(&public);
-        let out = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-C", "asimov", "-f"])
-            .arg(path)
-            .stdin(std::process::Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            return Err(std::io::Error::other(format!(
-                "ssh-keygen failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-    }
-    crate::home::set_mode(path, 0o600)?;
-    Ok(std::fs::read_to_string(&public)?.trim().to_string())
-}
-
-/// `ssh-ed25519 AAAA...` without the comment, to compare keys.
-fn key_body(key: &str) -> String {
-    key.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
 }
 
 /// The HTTP side: client, host, key, pacing and retry policy, shared by the provider

@@ -20,6 +20,7 @@ pub const SSHD: &str = "/usr/sbin/sshd";
 
 pub struct Sshd {
     dir: tempfile::TempDir,
+    host: String,
     /// `$HOME` of its sessions: `dir/home`, or a folder shared with another server.
     home: PathBuf,
     log_level: &'static str,
@@ -59,7 +60,30 @@ impl Sshd {
         Sshd::start_with(Some(home.to_path_buf()), "VERBOSE")
     }
 
+    /// Starts a server on port 22 of a fresh loopback address (127.x.y.z), as a cloud
+    /// VM's sshd listens, when this process may bind port 22 (root); else on a free
+    /// port of 127.0.0.1. Callers read `host()` and `port()` either way.
+    pub fn start_on_port_22() -> Sshd {
+        for _ in 0..50 {
+            let n = random_u32();
+            let host = format!(
+                "127.{}.{}.{}",
+                (n >> 16) % 250 + 1,
+                (n >> 8) % 250 + 1,
+                n % 250 + 2
+            );
+            if TcpListener::bind((host.as_str(), 22)).is_ok() {
+                return Sshd::start_at(None, "VERBOSE", &host, 22);
+            }
+        }
+        Sshd::start()
+    }
+
     fn start_with(home: Option<PathBuf>, log_level: &'static str) -> Sshd {
+        Sshd::start_at(home, log_level, "127.0.0.1", free_port())
+    }
+
+    fn start_at(home: Option<PathBuf>, log_level: &'static str, host: &str, port: u16) -> Sshd {
         let dir = tempfile::Builder::new()
             .prefix("asimov-sshd-")
             .tempdir()
@@ -76,9 +100,9 @@ impl Sshd {
         if is_root() {
             let _ = std::fs::create_dir_all("/run/sshd");
         }
-        let port = free_port();
         let mut sshd = Sshd {
             dir,
+            host: host.to_string(),
             home,
             log_level,
             port,
@@ -91,7 +115,7 @@ impl Sshd {
     }
 
     pub fn host(&self) -> &str {
-        "127.0.0.1"
+        &self.host
     }
 
     pub fn port(&self) -> u16 {
@@ -182,7 +206,7 @@ impl Sshd {
             let _ = child.wait();
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+        while TcpStream::connect((self.host.as_str(), self.port)).is_ok() {
             assert!(
                 Instant::now() < deadline,
                 "sshd port {} stays open",
@@ -215,7 +239,7 @@ impl Sshd {
         let d = self.dir.path().display();
         let config = format!(
             "Port {port}\n\
-             ListenAddress 127.0.0.1\n\
+             ListenAddress {host}\n\
              HostKey {d}/ssh_host_ed25519_key\n\
              PidFile {d}/sshd.pid\n\
              AuthorizedKeysFile {d}/authorized_keys\n\
@@ -231,6 +255,7 @@ impl Sshd {
              SetEnv HOME={home} TMUX_TMPDIR={d}/tmux \
              PATH={d}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n",
             port = self.port,
+            host = self.host,
             home = self.home.display(),
             log_level = self.log_level,
         );
@@ -257,7 +282,7 @@ impl Sshd {
         // Ready when the server sends its banner.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+            if let Ok(mut s) = TcpStream::connect((self.host.as_str(), self.port)) {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut buf = [0u8; 4];
                 if s.read_exact(&mut buf).is_ok() && &buf == b"SSH-" {
@@ -336,6 +361,14 @@ fn keygen(path: &Path) {
 fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("local addr").port()
+}
+
+fn random_u32() -> u32 {
+    let mut bytes = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut bytes);
+    }
+    u32::from_le_bytes(bytes)
 }
 
 fn is_root() -> bool {

@@ -1,0 +1,970 @@
+//! The `lambda` provider: Lambda Cloud's v1 API (`shared/providers.md` §2) over reqwest,
+//! and the VMs it rents reached over the pooled OpenSSH transport.
+//!
+//! - **Where**: `ASIMOV_LAMBDA_API_URL` (up to and including `/api/v1`), else
+//!   `https://cloud.lambda.ai/api/v1`. **Key**: `LAMBDA_API_KEY` from the credential
+//!   store, else this process's environment; without one the provider is not built.
+//! - **Ownership**: the tag is the instance's `name` (≤64 characters), set in the launch
+//!   call itself; `list` is one `GET /instances` keeping the names that parse as tags.
+//! - **Renting**: the placement's `instance_types` are tried first to last, each in the
+//!   regions `/instance-types` lists with capacity (only the placement's `regions` when
+//!   it names some). A launch refused for capacity although listed (Lambda's listing is
+//!   racy) moves on to the next region, then the next type. When none launches the
+//!   create answers `NoCapacity`, and the next attempt starts again from the first type:
+//!   the note's "looping back while none has capacity". Without `instance_types`, the
+//!   listed types whose GPUs fit the job's resources are tried, cheapest first.
+//! - **Errors**: every answer goes through `classify`, once: Lambda's
+//!   `{"error":{"code",...}}` codes first, then the HTTP status; HTML 5xx pages are
+//!   transient. Terminating an instance already `terminating` answers an error that is
+//!   not "not found": the instance is looked up, and `terminating` counts as done.
+//! - **Retries and pacing**: about one request a second and one launch per 10 s, shared
+//!   by every run of this process (`ASIMOV_LAMBDA_PACING` scales both, `0` disables).
+//!   Idempotent calls retry in place on 429 and 5xx; a launch only on 429 (a 5xx may
+//!   have launched: the planner adopts by tag instead).
+//! - **SSH**: asimov's own key (`$ASIMOV_HOME/ssh/id_ed25519`) is registered by name
+//!   (`asimov-<8 hex of the key>`) through `/ssh-keys` unless the account already has
+//!   it, and named at launch; Lambda puts it in the VM. The VM is reached on port 22 of
+//!   its `ip` as `ubuntu` unless the placement's `ssh_user` says otherwise.
+//!   `ASIMOV_LAMBDA_SSH_PORT` replaces port 22 for tests that cannot bind it.
+//!
+//! Must not know about the store or the planner.
+
+use super::cloud::{self, LoginUsers, Pacer, ensure_identity, key_body, short_body};
+use crate::agent::AgentMachine;
+use crate::home::Home;
+use crate::manifest::Resources;
+use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
+use crate::model::{Offer, OfferQuery, Usd};
+use crate::provider::{
+    Capabilities, CreateRequest, Endpoint, ErrorKind, Instance, InstanceState,
+    Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
+};
+use crate::retry::{Backoff, retry_transient};
+use crate::transport::Transport;
+use crate::transport::ssh::{SshPool, SshTarget};
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const DEFAULT_API_URL: &str = "https://cloud.lambda.ai/api/v1";
+pub const URL_ENV: &str = "ASIMOV_LAMBDA_API_URL";
+pub const KEY_NAME: &str = "LAMBDA_API_KEY";
+pub const PACING_ENV: &str = "ASIMOV_LAMBDA_PACING";
+/// Test-only: the port to reach instances on instead of 22.
+pub const SSH_PORT_ENV: &str = "ASIMOV_LAMBDA_SSH_PORT";
+/// Lambda's login user on its images.
+pub const DEFAULT_SSH_USER: &str = "ubuntu";
+/// Lambda's limit on an instance name.
+const MAX_NAME: usize = 64;
+const REMOTE_ROOT: &str = "~/.asimov-agent";
+
+const INSUFFICIENT_CAPACITY: &str = "instance-operations/launch/insufficient-capacity";
+
+/// Classes of call with their own pacing: every request keeps the general gap, a
+/// launch also keeps the launch gap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Call {
+    Any,
+    Launch,
+}
+
+/// Lambda's documented limits (about 1 request/s, one launch per 10 s) times `factor`.
+pub fn pacing(factor: f64) -> BTreeMap<Call, Duration> {
+    BTreeMap::from([
+        (Call::Any, Duration::from_secs_f64(1.0 * factor)),
+        (Call::Launch, Duration::from_secs_f64(10.0 * factor)),
+    ])
+}
+
+/// The API key: the credential store first, then this process's environment.
+pub fn api_key(home: &Home) -> Option<Secret> {
+    cloud::api_key(home, KEY_NAME)
+}
+
+fn err(kind: ErrorKind, step: &'static str, message: impl Into<String>) -> ProviderError {
+    ProviderError::new(ProviderKind::Lambda, kind, step, message)
+}
+
+/// One HTTP answer before classification.
+#[derive(Debug)]
+struct Raw {
+    status: u16,
+    retry_after: Option<Duration>,
+    text: String,
+}
+
+/// Every Lambda answer into its `data` or a canonical error: the one place that reads
+/// status codes, error codes and messages.
+fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
+    let json: Option<Value> = serde_json::from_str(&raw.text).ok();
+    let error = json.as_ref().and_then(|v| v.get("error"));
+    let code = error
+        .and_then(|e| e.get("code"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let msg = error
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| short_body(&raw.text));
+    if (200..300).contains(&raw.status) && error.is_none() {
+        return match json.and_then(|mut v| v.get_mut("data").map(Value::take)) {
+            Some(data) => Ok(data),
+            // A 200 without the envelope comes from something in between.
+            None => Err(err(
+                ErrorKind::Transient,
+                step,
+                format!("HTTP {}: answer without data: {msg}", raw.status),
+            )),
+        };
+    }
+    let message = if code.is_empty() {
+        format!("HTTP {}: {msg}", raw.status)
+    } else {
+        format!("HTTP {}: {code}: {msg}", raw.status)
+    };
+    let rate_limited = ErrorKind::RateLimited {
+        retry_after: raw.retry_after,
+    };
+    let kind = match code {
+        INSUFFICIENT_CAPACITY => ErrorKind::NoCapacity,
+        // The account's instance quota: frees up as other instances end.
+        "global/quota-exceeded" => ErrorKind::NoCapacity,
+        "global/object-does-not-exist" if raw.status == 404 => ErrorKind::NotFound,
+        "global/invalid-api-key" | "global/account-inactive" => ErrorKind::Unauthenticated,
+        _ => match raw.status {
+            401 | 403 => ErrorKind::Unauthenticated,
+            404 => ErrorKind::NotFound,
+            429 => rate_limited,
+            408 | 500..=599 => ErrorKind::Transient,
+            _ => ErrorKind::Permanent,
+        },
+    };
+    Err(err(kind, step, message))
+}
+
+fn transient(e: &ProviderError) -> Option<Option<Duration>> {
+    match e.kind {
+        ErrorKind::Transient => Some(None),
+        ErrorKind::RateLimited { retry_after } => Some(retry_after),
+        _ => None,
+    }
+}
+
+/// A launch is retried only when it surely did nothing: a rate limit refuses the call.
+fn refused(e: &ProviderError) -> Option<Option<Duration>> {
+    match e.kind {
+        ErrorKind::RateLimited { retry_after } => Some(retry_after),
+        _ => None,
+    }
+}
+
+/// One instance type as `/instance-types` lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceType {
+    pub name: String,
+    pub gpu_description: String,
+    pub gpus: u32,
+    pub price_per_hour: f64,
+    /// Regions listed with capacity now (racy: a launch may still be refused).
+    pub regions: Vec<String>,
+}
+
+fn parse_types(data: &Value) -> Vec<InstanceType> {
+    let Some(map) = data.as_object() else {
+        return Vec::new();
+    };
+    let mut out: Vec<InstanceType> = map
+        .iter()
+        .filter_map(|(key, v)| {
+            let t = v.get("instance_type")?;
+            Some(InstanceType {
+                name: t
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or(key)
+                    .to_string(),
+                gpu_description: t
+                    .get("gpu_description")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_string(),
+                gpus: t
+                    .get("specs")
+                    .and_then(|s| s.get("gpus"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0) as u32,
+                price_per_hour: t
+                    .get("price_cents_per_hour")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0)
+                    / 100.0,
+                regions: v
+                    .get("regions_with_capacity_available")
+                    .and_then(Value::as_array)
+                    .map(|rs| {
+                        rs.iter()
+                            .filter_map(|r| r.get("name").and_then(Value::as_str))
+                            .map(str::to_string)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+/// The types to try, in order: the placement's as written, else those whose GPUs fit
+/// the job, cheapest first.
+pub fn candidates(
+    listed: &[InstanceType],
+    wanted: &[String],
+    resources: &Resources,
+) -> Vec<InstanceType> {
+    if !wanted.is_empty() {
+        return wanted
+            .iter()
+            .map(|w| {
+                listed
+                    .iter()
+                    .find(|t| &t.name == w)
+                    .cloned()
+                    // Unlisted: no capacity anywhere, but still a type the user asked for.
+                    .unwrap_or_else(|| InstanceType {
+                        name: w.clone(),
+                        gpu_description: String::new(),
+                        gpus: 0,
+                        price_per_hour: 0.0,
+                        regions: Vec::new(),
+                    })
+            })
+            .collect();
+    }
+    let mut fit: Vec<InstanceType> = listed
+        .iter()
+        .filter(|t| match &resources.gpu {
+            Some(g) => {
+                t.gpus == g.count
+                    && (g.names.is_empty()
+                        || g.names.iter().any(|n| {
+                            let n = n.replace(['_', ' '], "").to_uppercase();
+                            t.gpu_description
+                                .replace(['_', ' '], "")
+                                .to_uppercase()
+                                .contains(&n)
+                                || t.name.replace('_', "").to_uppercase().contains(&n)
+                        }))
+            }
+            None => true,
+        })
+        .cloned()
+        .collect();
+    fit.sort_by(|a, b| {
+        a.price_per_hour
+            .partial_cmp(&b.price_per_hour)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.name.cmp(&b.name))
+    });
+    fit
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    key: Secret,
+    pacer: Pacer<Call>,
+    retry: Backoff,
+}
+
+impl Api {
+    async fn send(
+        &self,
+        launch: bool,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> ProviderResult<Raw> {
+        self.pacer.wait(Call::Any).await;
+        if launch {
+            self.pacer.wait(Call::Launch).await;
+        }
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(self.key.expose());
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let step = "call the lambda api";
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| err(ErrorKind::Transient, step, format!("{path}: {e}")).with_source(e))?;
+        let status = resp.status().as_u16();
+        let retry_after = cloud::retry_after(resp.headers());
+        if status == 429 {
+            // Everyone in this process waits, not only this call.
+            let by = retry_after.unwrap_or(self.pacer.gap(Call::Any));
+            self.pacer
+                .back_off(if launch { Call::Launch } else { Call::Any }, by);
+        }
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| err(ErrorKind::Transient, step, format!("{path}: {e}")).with_source(e))?;
+        Ok(Raw {
+            status,
+            retry_after,
+            text,
+        })
+    }
+
+    async fn call(
+        &self,
+        step: &'static str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> ProviderResult<Value> {
+        retry_transient(&self.retry, transient, || async {
+            let raw = self
+                .send(false, method.clone(), path, body)
+                .await
+                .map_err(|e| ProviderError { step, ..e })?;
+            classify(step, &raw)
+        })
+        .await
+    }
+}
+
+pub struct LambdaProvider {
+    api: Api,
+    pool: Arc<SshPool>,
+    identity: PathBuf,
+    users: LoginUsers,
+    ssh_port: u16,
+    /// The account key name asimov's key is registered under, once known.
+    key_name: tokio::sync::Mutex<Option<String>>,
+}
+
+impl std::fmt::Debug for LambdaProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LambdaProvider")
+            .field("base", &self.api.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LambdaProvider {
+    /// The provider for this home when a key is configured (`None` otherwise).
+    pub fn from_home(home: &Home, pool: Arc<SshPool>) -> std::io::Result<Option<LambdaProvider>> {
+        let Some(key) = api_key(home) else {
+            return Ok(None);
+        };
+        let base = cloud::api_url(URL_ENV, DEFAULT_API_URL);
+        let pacing = pacing(cloud::pacing_factor(PACING_ENV));
+        LambdaProvider::new(home, pool, base, key, pacing).map(Some)
+    }
+
+    pub fn new(
+        home: &Home,
+        pool: Arc<SshPool>,
+        base: impl Into<String>,
+        key: Secret,
+        pacing: BTreeMap<Call, Duration>,
+    ) -> std::io::Result<LambdaProvider> {
+        let ssh_port = std::env::var(SSH_PORT_ENV)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or(22);
+        Ok(LambdaProvider {
+            api: Api {
+                http: cloud::http_client()?,
+                base: base.into().trim_end_matches('/').to_string(),
+                key,
+                pacer: Pacer::new(pacing),
+                retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(15), 2.0)
+                    .with_max_elapsed(Some(Duration::from_secs(90))),
+            },
+            pool,
+            identity: home.ssh_identity(),
+            users: LoginUsers::new(
+                home.provider_state("lambda").join("users"),
+                DEFAULT_SSH_USER,
+            ),
+            ssh_port,
+            key_name: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// Retries in place within this policy (tests shorten it).
+    pub fn with_retry(mut self, policy: Backoff) -> LambdaProvider {
+        self.api.retry = policy;
+        self
+    }
+
+    /// Logs in as `user` where no placement says otherwise.
+    pub fn with_default_user(mut self, user: impl Into<String>) -> LambdaProvider {
+        self.users = LoginUsers::new(self.users.dir().to_path_buf(), user);
+        self
+    }
+
+    /// Reaches instances on `port` instead of 22 (tests that cannot bind port 22).
+    pub fn with_ssh_port(mut self, port: u16) -> LambdaProvider {
+        self.ssh_port = port;
+        self
+    }
+
+    pub fn identity_file(&self) -> &Path {
+        &self.identity
+    }
+
+    /// Instance types with prices and the regions listing capacity.
+    pub async fn instance_types(&self) -> ProviderResult<Vec<InstanceType>> {
+        let data = self
+            .api
+            .call(
+                "list instance types",
+                reqwest::Method::GET,
+                "/instance-types",
+                None,
+            )
+            .await?;
+        Ok(parse_types(&data))
+    }
+
+    /// The instance types that fit `resources` and `placement` (its `instance_types`
+    /// when it names some, its `max_price_per_hour`), with the regions listing capacity.
+    pub async fn offers(
+        &self,
+        resources: &Resources,
+        placement: &crate::manifest::Placement,
+    ) -> ProviderResult<Vec<cloud::CatalogOffer>> {
+        let listed = self.instance_types().await?;
+        let mut out: Vec<cloud::CatalogOffer> =
+            candidates(&listed, &placement.instance_types, resources)
+                .into_iter()
+                .filter(|t| {
+                    placement
+                        .max_price_per_hour
+                        .is_none_or(|max| t.price_per_hour <= max + 1e-9)
+                })
+                .filter(|t| {
+                    let want = resources.gpu.as_ref().and_then(|g| g.min_vram_gb);
+                    want.is_none_or(|w| vram_gb(&t.gpu_description).is_none_or(|v| v >= w as f64))
+                })
+                .map(|t| cloud::CatalogOffer {
+                    available: !t.regions.is_empty(),
+                    vram_gb: vram_gb(&t.gpu_description),
+                    id: t.name,
+                    gpu: t.gpu_description,
+                    count: t.gpus,
+                    price_per_hour: t.price_per_hour,
+                    regions: t.regions,
+                })
+                .collect();
+        cloud::sort_offers(&mut out);
+        Ok(out)
+    }
+
+    /// The name asimov's key has in the account, registering it the first time.
+    async fn ensure_key(&self) -> ProviderResult<String> {
+        let step = "register the ssh key";
+        let mut known = self.key_name.lock().await;
+        if let Some(name) = known.as_ref() {
+            return Ok(name.clone());
+        }
+        let public = ensure_identity(&self.identity).map_err(|e| {
+            err(
+                ErrorKind::Permanent,
+                step,
+                format!("{}: {e}", self.identity.display()),
+            )
+        })?;
+        let ours = key_body(&public);
+        let keys = self
+            .api
+            .call(step, reqwest::Method::GET, "/ssh-keys", None)
+            .await?;
+        let existing = keys.as_array().and_then(|ks| {
+            ks.iter().find_map(|k| {
+                let text = k.get("public_key").and_then(Value::as_str)?;
+                (key_body(text) == ours)
+                    .then(|| k.get("name").and_then(Value::as_str).map(str::to_string))
+                    .flatten()
+            })
+        });
+        let name = match existing {
+            Some(name) => name,
+            None => {
+                let name = format!("asimov-{}", fingerprint(&ours));
+                self.api
+                    .call(
+                        step,
+                        reqwest::Method::POST,
+                        "/ssh-keys",
+                        Some(&json!({"name": name, "public_key": public})),
+                    )
+                    .await?;
+                tracing::info!(key = %name, "registered asimov's ssh key with the lambda account");
+                name
+            }
+        };
+        *known = Some(name.clone());
+        Ok(name)
+    }
+
+    /// One launch; `NoCapacity` when Lambda refuses for capacity.
+    async fn launch(
+        &self,
+        tag: &str,
+        type_name: &str,
+        region: &str,
+        key: &str,
+    ) -> ProviderResult<String> {
+        let step = "launch instance";
+        let body = json!({
+            "region_name": region,
+            "instance_type_name": type_name,
+            "ssh_key_names": [key],
+            "name": tag,
+            "quantity": 1,
+        });
+        let data = retry_transient(&self.api.retry, refused, || async {
+            let raw = self
+                .api
+                .send(
+                    true,
+                    reqwest::Method::POST,
+                    "/instance-operations/launch",
+                    Some(&body),
+                )
+                .await
+                .map_err(|e| ProviderError { step, ..e })?;
+            classify(step, &raw)
+        })
+        .await?;
+        data.get("instance_ids")
+            .and_then(Value::as_array)
+            .and_then(|ids| ids.first())
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| {
+                // "Success" that launched nothing: the listing is the truth; look again.
+                err(
+                    ErrorKind::Transient,
+                    step,
+                    format!("answer without instance_ids: {data}"),
+                )
+            })
+    }
+
+    fn instance(&self, v: &Value) -> Option<Instance> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::trim);
+        let name = s("name")?;
+        let tag = OwnerTag::parse(name)?;
+        let id = s("id")?.to_string();
+        let ip = s("ip").filter(|ip| !ip.is_empty());
+        let endpoint = ip.map(|ip| Endpoint::Ssh {
+            host: ip.to_string(),
+            port: self.ssh_port,
+            user: self.users.get(name),
+            identity_file: Some(self.identity.clone()),
+            root: format!("{REMOTE_ROOT}/{name}"),
+        });
+        let state = match s("status").unwrap_or("") {
+            "active" if endpoint.is_some() => InstanceState::Running,
+            "terminating" | "terminated" => InstanceState::Terminating,
+            // Lambda has no stop: preempted means the machine is gone for this run.
+            "preempted" => InstanceState::Stopped,
+            // booting, unhealthy (may come back by restart), active without ip yet.
+            _ => InstanceState::Provisioning,
+        };
+        let itype = v.get("instance_type");
+        let gpu = itype
+            .and_then(|t| t.get("gpu_description"))
+            .and_then(Value::as_str)
+            .map(|d| {
+                let n = itype
+                    .and_then(|t| t.get("specs"))
+                    .and_then(|s| s.get("gpus"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1);
+                format!("{n}x {d}")
+            });
+        Some(Instance {
+            provider: ProviderKind::Lambda,
+            id,
+            tag,
+            state,
+            endpoint,
+            gpu,
+            price_per_hour: Usd::from_dollars(
+                itype
+                    .and_then(|t| t.get("price_cents_per_hour"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0)
+                    / 100.0,
+            ),
+            created_at: None,
+            host: None,
+        })
+    }
+
+    /// Whether `id` is already on its way out (or gone), after a terminate refused.
+    async fn terminating(&self, id: &str) -> ProviderResult<bool> {
+        match self
+            .api
+            .call(
+                "look up instance",
+                reqwest::Method::GET,
+                &format!("/instances/{id}"),
+                None,
+            )
+            .await
+        {
+            Ok(v) => Ok(matches!(
+                v.get("status").and_then(Value::as_str),
+                Some("terminating" | "terminated")
+            )),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Per-GPU memory from Lambda's description (`A10 (24 GB PCIe)`, `H100 (80 GB SXM5)`).
+fn vram_gb(description: &str) -> Option<f64> {
+    let at = description.find(" GB")?;
+    let digits: String = description[..at]
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    digits.parse().ok()
+}
+
+/// 8 hex digits naming a public key (FNV-1a of its text): stable across processes.
+fn fingerprint(key: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in key.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
+}
+
+#[async_trait]
+impl Provider for LambdaProvider {
+    fn kind(&self) -> ProviderKind {
+        ProviderKind::Lambda
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            // Whether Lambda lists a launch at once is unverified: the planner waits.
+            listing_lag: Duration::from_secs(120),
+            // An 8-GPU machine can take 20-25 minutes to boot; give it 30.
+            boot_timeout: Duration::from_secs(30 * 60),
+            pacing: ProviderPacing {
+                // Launches queue 10 s apart in the pacer; more in flight only waits.
+                max_in_flight: 4,
+                min_resync: Duration::from_secs(30),
+            },
+            resync: Duration::from_secs(300),
+            // No stop on Lambda: a preempted instance is gone, not billing.
+            bills_while_stopped: false,
+            ssh_user: Some(DEFAULT_SSH_USER.to_string()),
+            fixed_pool: false,
+        }
+    }
+
+    async fn offers(&self, query: &OfferQuery) -> ProviderResult<Vec<Offer>> {
+        let resources = Resources {
+            gpu: query.min_count.map(|n| crate::manifest::GpuRequest {
+                names: Vec::new(),
+                count: n,
+                min_vram_gb: None,
+            }),
+            ..Resources::default()
+        };
+        let mut listed = self.instance_types().await?;
+        listed.retain(|t| query.min_count.is_none_or(|n| t.gpus >= n));
+        let types = candidates(
+            &listed,
+            &[],
+            &Resources {
+                gpu: None,
+                ..resources
+            },
+        );
+        Ok(types
+            .into_iter()
+            .filter(|t| !t.regions.is_empty())
+            .map(|t| Offer {
+                provider: ProviderKind::Lambda,
+                id: t.name.clone(),
+                gpu: (!t.gpu_description.is_empty()).then(|| t.gpu_description.clone()),
+                count: t.gpus,
+                vram_gb: vram_gb(&t.gpu_description),
+                price_per_hour: Usd::from_dollars(t.price_per_hour),
+                cuda: None,
+                disk_gb: None,
+                reliability: None,
+                location: Some(t.regions.join(",")),
+                extra: Vec::new(),
+            })
+            .filter(|o| query.matches(o))
+            .collect())
+    }
+
+    async fn list(&self) -> ProviderResult<Vec<Instance>> {
+        let step = "list instances";
+        let data = self
+            .api
+            .call(step, reqwest::Method::GET, "/instances", None)
+            .await?;
+        let items = data
+            .as_array()
+            .ok_or_else(|| err(ErrorKind::Transient, step, "answer without a list"))?;
+        Ok(items.iter().filter_map(|v| self.instance(v)).collect())
+    }
+
+    async fn create(&self, req: &CreateRequest) -> ProviderResult<Instance> {
+        let step = "create instance";
+        let tag = req.tag.render();
+        if tag.len() > MAX_NAME {
+            return Err(err(
+                ErrorKind::Permanent,
+                step,
+                format!(
+                    "the ownership tag {tag:?} is longer than Lambda's {MAX_NAME}-character name; shorten the job name"
+                ),
+            ));
+        }
+        if let Some(user) = &req.placement.ssh_user {
+            self.users.remember(&tag, user).map_err(|e| {
+                err(
+                    ErrorKind::Transient,
+                    step,
+                    format!("{}: {e}", self.users.dir().display()),
+                )
+            })?;
+        }
+        // A create retried after being cut off (timeout, crash) finds the first one.
+        if let Some(existing) = self
+            .list()
+            .await?
+            .into_iter()
+            .find(|i| i.tag == req.tag && i.state != InstanceState::Terminating)
+        {
+            tracing::info!(instance = %existing.id, %tag, "lambda instance with this tag exists; adopting it");
+            return Ok(existing);
+        }
+        let key = self.ensure_key().await?;
+        let listed = self.instance_types().await?;
+        let types = candidates(&listed, &req.placement.instance_types, &req.resources);
+        if types.is_empty() {
+            return Err(err(
+                ErrorKind::NoCapacity,
+                step,
+                "no instance type fits the job's resources",
+            ));
+        }
+        let mut refused_at = Vec::new();
+        for t in &types {
+            let regions: Vec<&String> = t
+                .regions
+                .iter()
+                .filter(|r| req.placement.regions.is_empty() || req.placement.regions.contains(r))
+                .collect();
+            if regions.is_empty() {
+                tracing::info!(instance_type = %t.name, "no lambda capacity listed; trying the next type");
+                refused_at.push(format!("{} (none listed)", t.name));
+            }
+            for region in regions {
+                match self.launch(&tag, &t.name, region, &key).await {
+                    Ok(id) => {
+                        return Ok(Instance {
+                            provider: ProviderKind::Lambda,
+                            id,
+                            tag: req.tag.clone(),
+                            state: InstanceState::Provisioning,
+                            endpoint: None,
+                            gpu: (!t.gpu_description.is_empty())
+                                .then(|| format!("{}x {}", t.gpus.max(1), t.gpu_description)),
+                            price_per_hour: Usd::from_dollars(t.price_per_hour),
+                            created_at: None,
+                            host: None,
+                        });
+                    }
+                    Err(e) if e.kind == ErrorKind::NoCapacity => {
+                        tracing::info!(instance_type = %t.name, %region, error = %e, "lambda launch refused for capacity; moving on");
+                        refused_at.push(format!("{} in {region}", t.name));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(err(
+            ErrorKind::NoCapacity,
+            step,
+            format!("no capacity: {}", refused_at.join(", ")),
+        ))
+    }
+
+    async fn destroy(&self, id: &InstanceId) -> ProviderResult<()> {
+        let step = "terminate instance";
+        let result = self
+            .api
+            .call(
+                step,
+                reqwest::Method::POST,
+                "/instance-operations/terminate",
+                Some(&json!({"instance_ids": [id]})),
+            )
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind,
+                    ErrorKind::NotFound
+                        | ErrorKind::Unauthenticated
+                        | ErrorKind::RateLimited { .. }
+                ) =>
+            {
+                Err(e)
+            }
+            // Lambda answers a terminate of a `terminating` instance with an unhelpful
+            // error: look, and count "on its way out" as done.
+            Err(e) => match self.terminating(id).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(e),
+                Err(look) if look.kind == ErrorKind::NotFound => Err(look),
+                Err(_) => Err(e),
+            },
+        }
+    }
+
+    fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>> {
+        let Some(Endpoint::Ssh {
+            host,
+            port,
+            user,
+            identity_file,
+            root,
+        }) = &instance.endpoint
+        else {
+            return Err(err(
+                ErrorKind::Transient,
+                "reach instance",
+                format!("{} has no ip yet", instance.id),
+            ));
+        };
+        let transport = self.pool.transport(SshTarget {
+            machine: format!("lambda-{}", instance.id),
+            host: host.clone(),
+            port: *port,
+            user: Some(user.clone()),
+            identity_file: identity_file.clone(),
+            jump: None,
+        });
+        Ok(Arc::new(AgentMachine::new(
+            Arc::new(transport) as Arc<dyn Transport>,
+            root.clone(),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(status: u16, text: &str) -> Raw {
+        Raw {
+            status,
+            retry_after: None,
+            text: text.to_string(),
+        }
+    }
+
+    fn kind(status: u16, text: &str) -> Option<ErrorKind> {
+        classify("test", &raw(status, text)).err().map(|e| e.kind)
+    }
+
+    #[test]
+    fn answers_map_to_canonical_kinds() {
+        let e = |code: &str| format!(r#"{{"error":{{"code":"{code}","message":"m"}}}}"#);
+        let table: Vec<(u16, String, Option<ErrorKind>)> = vec![
+            (200, r#"{"data":[]}"#.into(), None),
+            (400, e(INSUFFICIENT_CAPACITY), Some(ErrorKind::NoCapacity)),
+            (400, e("global/quota-exceeded"), Some(ErrorKind::NoCapacity)),
+            (
+                404,
+                e("global/object-does-not-exist"),
+                Some(ErrorKind::NotFound),
+            ),
+            (
+                400,
+                e("global/object-does-not-exist"),
+                Some(ErrorKind::Permanent),
+            ),
+            (
+                400,
+                e("global/invalid-parameters"),
+                Some(ErrorKind::Permanent),
+            ),
+            (
+                401,
+                e("global/invalid-api-key"),
+                Some(ErrorKind::Unauthenticated),
+            ),
+            (
+                429,
+                "Too Many Requests".into(),
+                Some(ErrorKind::RateLimited { retry_after: None }),
+            ),
+            (
+                502,
+                "<html><head><title>502 Bad Gateway</title></head></html>".into(),
+                Some(ErrorKind::Transient),
+            ),
+            (
+                200,
+                "<html>maintenance</html>".into(),
+                Some(ErrorKind::Transient),
+            ),
+            (200, e("global/internal-error"), Some(ErrorKind::Permanent)),
+        ];
+        for (status, text, want) in table {
+            assert_eq!(kind(status, &text), want, "{status} {text}");
+        }
+    }
+
+    #[test]
+    fn placement_types_keep_their_order_and_unlisted_ones_have_no_regions() {
+        let listed = vec![InstanceType {
+            name: "gpu_1x_a10".into(),
+            gpu_description: "A10 (24 GB PCIe)".into(),
+            gpus: 1,
+            price_per_hour: 0.75,
+            regions: vec!["us-east-1".into()],
+        }];
+        let got = candidates(
+            &listed,
+            &["gpu_1x_gh200".into(), "gpu_1x_a10".into()],
+            &Resources::default(),
+        );
+        assert_eq!(got[0].name, "gpu_1x_gh200");
+        assert!(got[0].regions.is_empty());
+        assert_eq!(got[1].regions, vec!["us-east-1".to_string()]);
+    }
+}

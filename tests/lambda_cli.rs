@@ -1,0 +1,505 @@
+//! Jobs placed on Lambda Cloud, through the real binary, against the local Lambda test
+//! server whose instances' `ip` is a real sshd listening on port 22 of a loopback
+//! address: a job runs to completion on the second machine type when the first has no
+//! capacity, and its instance is terminated; three `config,branch` lines launch three
+//! instances within the launch pacing; a 429 storm loses nothing; a controller killed by
+//! SIGKILL while its launch is at the server adopts it on restart; an instance
+//! terminated behind asimov's back is retried; an orphan is terminated.
+
+#[path = "support/lambda_server.rs"]
+mod lambda_server;
+mod support;
+
+use lambda_server::{Config, Endpoint as Api, Fault, LambdaServer, SshTarget, instance_type};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::cli::{Asimov, kill9};
+use support::sshd::Sshd;
+
+/// Lambda's limits (1 request/s, 1 launch/10 s) scaled by this, on both sides: the
+/// server answers 429 to closer calls; the client paces at a slightly wider gap.
+const SCALE: f64 = 0.05;
+const SLACK: f64 = 0.7;
+
+struct World {
+    server: LambdaServer,
+    sshd: Sshd,
+    a: Asimov,
+}
+
+fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
+    let sshd = Sshd::start_on_port_22();
+    let c = Config {
+        ssh: Some(SshTarget {
+            host: sshd.host().to_string(),
+            port: sshd.port(),
+            authorized_keys: sshd.dir().join("authorized_keys"),
+        }),
+        // 70% of the client's gaps: requests leave in their slots and arrive with the
+        // jitter of a loaded machine.
+        request_gap: Duration::from_secs_f64(1.0 * SCALE * SLACK),
+        launch_gap: Duration::from_secs_f64(10.0 * SCALE * SLACK),
+        ..Config::default()
+    };
+    let server = LambdaServer::start(c, types);
+    let a = Asimov::new();
+    let mut set = a
+        .command()
+        .args(["secret", "set", "LAMBDA_API_KEY"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(lambda_server::API_KEY.as_bytes())
+        .unwrap();
+    assert!(set.wait().unwrap().success());
+    Some(World { server, sshd, a })
+}
+
+fn two_types() -> Vec<lambda_server::TypeSpec> {
+    vec![
+        // The note's first choice, with no capacity anywhere.
+        instance_type("gpu_1x_gh200", "GH200 (96 GB)", 1, 149, &[]),
+        instance_type("gpu_1x_a10", "A10 (24 GB PCIe)", 1, 75, &["us-east-1"]),
+    ]
+}
+
+impl World {
+    fn command(&self) -> Command {
+        let mut cmd = self.a.command();
+        cmd.env("ASIMOV_LAMBDA_API_URL", self.server.url())
+            .env("ASIMOV_LAMBDA_PACING", SCALE.to_string())
+            .env_remove("LAMBDA_API_KEY");
+        // Only where port 22 could not be bound (not root): say where sshd is.
+        if self.sshd.port() != 22 {
+            cmd.env("ASIMOV_LAMBDA_SSH_PORT", self.sshd.port().to_string());
+        }
+        cmd
+    }
+
+    fn job_with(&self, run: &str, extra: &str) -> std::path::PathBuf {
+        self.a.manifest(
+            "gpu.yaml",
+            &format!(
+                r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: gpu}}
+spec:
+  source: {{workdir: .}}
+  run: |
+    {run}
+  placement:
+    - {{provider: lambda, instance_types: [gpu_1x_gh200, gpu_1x_a10], ssh_user: {user}}}
+{extra}"#,
+                user = self.sshd.user()
+            ),
+        )
+    }
+
+    fn spawn_controller(&self) -> std::process::Child {
+        let child = self
+            .command()
+            .args(["controller"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.a
+            .wait_for("the controller's lock", Duration::from_secs(10), || {
+                self.a.controller_running()
+            });
+        child
+    }
+
+    fn apply(&self, job: &std::path::Path) {
+        let out = self
+            .command()
+            .args(["apply", "-f", job.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {what}: {}\n{:#?}",
+                self.a.ok(&["get", "runs", "-o", "wide"]),
+                self.server.instances()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn attempt(&self) -> u64 {
+        self.a.runs_json()["items"][0]["attempt"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn a_job_on_lambda_runs_on_the_second_machine_type_and_its_instance_is_terminated() {
+    let Some(w) = world(two_types()) else { return };
+    let job = w.job_with(
+        r#"sh train.sh; for i in 1 2 3; do echo "ASIMOV_PROGRESS $i/3"; sleep 0.2; done"#,
+        "",
+    );
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply --wait: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    let runs = w.a.runs_json();
+    let run = &runs["items"][0];
+    assert_eq!(run["phase"], "Succeeded", "{run}");
+    assert_eq!(run["provider"], "lambda");
+    assert_eq!(run["exit_code"], 0);
+    assert_eq!(run["progress"]["done"], 3);
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "one instance: {recs:?}");
+    assert_eq!(
+        recs[0].instance_type, "gpu_1x_a10",
+        "the first type had none"
+    );
+    assert_eq!(recs[0].region, "us-east-1");
+    assert_eq!(run["instance_id"], recs[0].id);
+    assert!(recs[0].name.starts_with("asimov."), "{}", recs[0].name);
+    let log = w.a.ok(&["logs", "gpu-0"]);
+    assert!(log.contains("training"), "the job ran over ssh: {log}");
+    assert!(w.sshd.logins() > 0, "logged in to the instance's sshd");
+    if unsafe { libc::geteuid() } == 0 {
+        assert_eq!(
+            w.sshd.port(),
+            22,
+            "the VM's sshd listens on port 22 of its ip"
+        );
+    }
+    w.until("the instance terminated and gone", 60, || {
+        w.server.instances().iter().all(|i| i.gone)
+    });
+    assert!(w.server.instances()[0].billing_stopped.is_some());
+    // asimov's key was registered by name, once, and named at launch.
+    assert_eq!(w.server.key_names().len(), 1);
+    assert_eq!(recs[0].ssh_key_name, w.server.key_names()[0]);
+    // The launch of the type without capacity was never tried: the listing said so.
+    let launches: Vec<_> = w
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Api::Launch)
+        .collect();
+    assert_eq!(launches.len(), 1, "{launches:?}");
+    assert_eq!(w.server.rate_limited(), 0, "the client kept Lambda's pace");
+}
+
+#[test]
+fn a_launch_refused_for_capacity_although_listed_moves_on_to_the_next_type() {
+    let mut types = two_types();
+    types[0].regions = vec!["us-west-1".into()];
+    types[0].refuse_launches = true;
+    let Some(w) = world(types) else { return };
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].instance_type, "gpu_1x_a10");
+    let refused = w
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Api::Launch && r.status == 400)
+        .count();
+    assert_eq!(refused, 1, "the listed gh200 was tried once and refused");
+}
+
+#[test]
+fn three_config_branch_lines_launch_three_instances_within_the_launch_pacing() {
+    let Some(w) = world(two_types()) else { return };
+    w.a.manifest(
+        "runs.txt",
+        "configs/a.yaml,main\nconfigs/b.yaml,main\nconfigs/c.yaml,\n",
+    );
+    let job = w.job_with(
+        r#"echo "config ${matrix.config}"; sh train.sh"#,
+        "  matrix: {file: runs.txt}\n",
+    );
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["get", "runs", "-o", "wide"])
+    );
+    let runs = w.a.runs_json();
+    let items = runs["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert!(items.iter().all(|r| r["phase"] == "Succeeded"), "{runs}");
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    let mut at: Vec<Instant> = w
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Api::Launch && r.status == 200)
+        .map(|r| r.at)
+        .collect();
+    at.sort();
+    assert_eq!(at.len(), 3);
+    let gap = Duration::from_secs_f64(10.0 * SCALE * SLACK);
+    for pair in at.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= gap,
+            "launches {:?} apart",
+            pair[1] - pair[0]
+        );
+    }
+    let launch_429 = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Launch && r.status == 429)
+        .count();
+    assert_eq!(launch_429, 0, "no launch was refused for pace");
+    w.until("every instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+}
+
+#[test]
+fn a_429_and_5xx_storm_loses_nothing() {
+    let Some(w) = world(two_types()) else { return };
+    for (api, fault, times) in [
+        (Some(Api::Launch), Fault::TooManyRequests, 3),
+        (Some(Api::InstanceTypes), Fault::Html(502), 2),
+        (Some(Api::List), Fault::TooManyRequests, 3),
+        (Some(Api::List), Fault::Html(504), 2),
+        (Some(Api::Terminate), Fault::Html(503), 2),
+        (Some(Api::List), Fault::ErrorInOk, 1),
+    ] {
+        w.server.inject(api, fault, times);
+    }
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    assert_eq!(w.server.instances().len(), 1, "{:?}", w.server.instances());
+}
+
+#[test]
+fn a_controller_killed_while_its_launch_is_at_the_server_adopts_it_on_restart() {
+    let Some(w) = world(two_types()) else { return };
+    w.server.inject(
+        Some(Api::Launch),
+        Fault::HoldAnswer(Duration::from_secs(30)),
+        1,
+    );
+    let job = w.job_with("sh train.sh; sleep 0.5", "");
+    let mut controller = w.spawn_controller();
+    w.apply(&job);
+    w.until("a launch at the server", 30, || {
+        w.server.launches_received() > 0
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe { libc::kill(controller.id() as i32, libc::SIGKILL) };
+    assert_eq!(controller.wait().unwrap().signal(), Some(9));
+    assert_eq!(w.server.instances().len(), 1);
+
+    let mut again = w.spawn_controller();
+    w.until("the run to succeed", 90, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "adopted, not launched twice: {recs:?}");
+    assert_eq!(w.attempt(), 1);
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    kill9(&mut again);
+}
+
+#[test]
+fn an_instance_terminated_behind_asimovs_back_is_noticed_and_the_run_retried() {
+    let Some(w) = world(two_types()) else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sleep 600",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.billing()[0].id.clone();
+    w.server.terminate_behind_back(&first);
+    w.until("a second attempt on a new instance", 60, || {
+        w.attempt() == 2 && w.server.billing().iter().any(|i| i.id != first)
+    });
+    assert_eq!(w.server.instances().len(), 2);
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    kill9(&mut controller);
+}
+
+#[test]
+fn an_instance_with_our_tag_that_no_run_owns_is_terminated_and_others_are_left() {
+    let Some(w) = world(two_types()) else { return };
+    std::fs::create_dir_all(w.a.home()).unwrap();
+    std::fs::write(w.a.home().join("controller-id"), "lamctl01").unwrap();
+    let orphan = w
+        .server
+        .plant("gpu_1x_a10", "us-east-1", "asimov.lamctl01.ghost-0.1");
+    let foreign = w
+        .server
+        .plant("gpu_1x_a10", "us-east-1", "asimov.otherctl.theirs-0.1");
+    let untagged = w.server.plant("gpu_1x_a10", "us-east-1", "my notebook");
+    let mut controller = w.spawn_controller();
+    w.until("the orphan terminated", 60, || {
+        w.server.billing().iter().all(|i| i.id != orphan)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let live: Vec<String> = w.server.billing().into_iter().map(|i| i.id).collect();
+    assert_eq!(live, vec![foreign, untagged]);
+    kill9(&mut controller);
+}
+
+#[test]
+fn offers_lists_lambda_instance_types_with_prices_and_capacity() {
+    let Some(w) = world(two_types()) else { return };
+    let out = w
+        .command()
+        .args(["offers", "--provider", "lambda", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    let ids: Vec<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["gpu_1x_a10", "gpu_1x_gh200"], "cheapest first: {doc}");
+    assert_eq!(items[0]["provider"], "lambda");
+    assert_eq!(items[0]["price_per_hour"], 0.75);
+    assert_eq!(items[0]["vram_gb"], 24.0);
+    assert_eq!(items[0]["available"], true);
+    assert_eq!(items[0]["regions"][0], "us-east-1");
+    assert_eq!(
+        items[1]["available"], false,
+        "no region lists gh200 capacity"
+    );
+    let out = w
+        .command()
+        .args([
+            "offers",
+            "--provider",
+            "lambda",
+            "--gpu",
+            "GH200",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["items"].as_array().map(Vec::len), Some(1), "{doc}");
+    assert!(w.server.instances().is_empty(), "offers rents nothing");
+}
+
+#[test]
+fn a_preempted_instance_ends_the_attempt_is_terminated_and_the_run_retried() {
+    let Some(w) = world(two_types()) else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sleep 600",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.billing()[0].id.clone();
+    // No warning: the status just changes.
+    w.server.preempt(&first);
+    w.until(
+        "the preempted instance terminated and a second attempt",
+        60,
+        || {
+            w.attempt() == 2
+                && w.server
+                    .instances()
+                    .iter()
+                    .any(|i| i.id == first && i.status != "preempted")
+        },
+    );
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    assert!(described.contains("preempted"), "{described}");
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_run_that_ends_while_the_controller_is_down_has_its_instance_terminated_once_it_is_back() {
+    let Some(w) = world(two_types()) else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sleep 3; sh train.sh", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    kill9(&mut controller);
+    // Self-termination with a handed-over key is not built: the controller is the
+    // backstop, and the instance bills until it is back.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(w.server.billing().len(), 1);
+    let mut again = w.spawn_controller();
+    w.until("the instance terminated", 30, || {
+        w.server.billing().is_empty()
+    });
+    assert_eq!(w.a.run_phase("gpu-0").as_deref(), Some("Succeeded"));
+    kill9(&mut again);
+}

@@ -1,0 +1,459 @@
+//! Jobs placed on RunPod, through the real binary, against the local RunPod test server
+//! whose pods' direct TCP SSH endpoint is a real sshd: a job asking for `RTX 4090` runs
+//! to completion on an `NVIDIA GeForce RTX 4090` pod (the first GPU it names has none),
+//! reached by the direct endpoint once ports appear, and the pod is deleted; a 429 storm
+//! loses nothing; a controller killed by SIGKILL while its create is at the server
+//! adopts the pod on restart; a pod deleted behind asimov's back, or EXITED without
+//! warning, is retried (the EXITED one deleted); an orphan is deleted.
+
+#[path = "support/runpod_server.rs"]
+mod runpod_server;
+mod support;
+
+use runpod_server::{Config, Endpoint as Api, Fault, RunpodServer, SshTarget, gpu};
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::cli::{Asimov, kill9};
+use support::sshd::Sshd;
+
+/// The client's gap (seconds) until the server's quota headers say otherwise.
+const GAP: f64 = 0.02;
+
+struct World {
+    server: RunpodServer,
+    sshd: Sshd,
+    a: Asimov,
+}
+
+fn world() -> Option<World> {
+    let sshd = Sshd::start_or_skip()?;
+    let c = Config {
+        ssh: Some(SshTarget {
+            host: sshd.host().to_string(),
+            port: sshd.port(),
+            authorized_keys: sshd.dir().join("authorized_keys"),
+        }),
+        // 6000 a minute: a 10 ms gap, which the client learns from the headers.
+        per_minute: 6000,
+        ..Config::default()
+    };
+    let server = RunpodServer::start(
+        c,
+        vec![
+            gpu("NVIDIA H100 80GB HBM3", "H100 SXM", 80, 2.69, 0),
+            gpu("NVIDIA GeForce RTX 4090", "RTX 4090", 24, 0.69, 20),
+            gpu("NVIDIA GeForce RTX 3090", "RTX 3090", 24, 0.43, 20),
+        ],
+    );
+    let a = Asimov::new();
+    let mut set = a
+        .command()
+        .args(["secret", "set", "RUNPOD_API_KEY"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(runpod_server::API_KEY.as_bytes())
+        .unwrap();
+    assert!(set.wait().unwrap().success());
+    Some(World { server, sshd, a })
+}
+
+impl World {
+    fn command(&self) -> Command {
+        let mut cmd = self.a.command();
+        cmd.env("ASIMOV_RUNPOD_API_URL", self.server.url())
+            .env("ASIMOV_RUNPOD_PACING", GAP.to_string())
+            .env_remove("RUNPOD_API_KEY");
+        cmd
+    }
+
+    fn job_with(&self, run: &str, extra: &str) -> std::path::PathBuf {
+        self.a.manifest(
+            "gpu.yaml",
+            &format!(
+                r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: gpu}}
+spec:
+  source: {{workdir: .}}
+  run: |
+    {run}
+  resources: {{gpu: {{name: [H100, RTX 4090], count: 1}}, disk_gb: 20}}
+  placement:
+    - {{provider: runpod, ssh_user: {user}}}
+{extra}"#,
+                user = self.sshd.user()
+            ),
+        )
+    }
+
+    fn spawn_controller(&self) -> std::process::Child {
+        let child = self
+            .command()
+            .args(["controller"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.a
+            .wait_for("the controller's lock", Duration::from_secs(10), || {
+                self.a.controller_running()
+            });
+        child
+    }
+
+    fn apply(&self, job: &std::path::Path) {
+        let out = self
+            .command()
+            .args(["apply", "-f", job.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {what}: {}\n{:#?}",
+                self.a.ok(&["get", "runs", "-o", "wide"]),
+                self.server.pods()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn attempt(&self) -> u64 {
+        self.a.runs_json()["items"][0]["attempt"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn a_job_on_runpod_runs_to_completion_over_the_direct_ssh_endpoint_and_its_pod_is_deleted() {
+    let Some(w) = world() else { return };
+    let job = w.job_with(
+        r#"sh train.sh; for i in 1 2 3; do echo "ASIMOV_PROGRESS $i/3"; sleep 0.2; done"#,
+        "",
+    );
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply --wait: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    let runs = w.a.runs_json();
+    let run = &runs["items"][0];
+    assert_eq!(run["phase"], "Succeeded", "{run}");
+    assert_eq!(run["provider"], "runpod");
+    assert_eq!(run["exit_code"], 0);
+    assert_eq!(run["progress"]["done"], 3);
+    let pods = w.server.pods();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0].gpu_id, "NVIDIA GeForce RTX 4090", "H100 had none");
+    assert_eq!(pods[0].cloud, "SECURE");
+    assert_eq!(run["instance_id"], pods[0].id);
+    assert!(pods[0].name.starts_with("asimov."), "{}", pods[0].name);
+    assert!(
+        pods[0].env["PUBLIC_KEY"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("ssh-ed25519 ")),
+        "{:?}",
+        pods[0].env
+    );
+    let log = w.a.ok(&["logs", "gpu-0"]);
+    assert!(log.contains("training"), "the job ran over ssh: {log}");
+    assert!(w.sshd.logins() > 0);
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    assert!(w.server.pods()[0].billing_stopped.is_some());
+    // Only one create: the H100 the catalog shows without stock was not tried.
+    let creates = w
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Api::Create)
+        .count();
+    assert_eq!(creates, 1);
+    assert_eq!(w.server.rate_limited(), 0, "the client kept to the quota");
+}
+
+#[test]
+fn a_429_and_5xx_storm_loses_nothing() {
+    let Some(w) = world() else { return };
+    for (api, fault, times) in [
+        (Some(Api::Create), Fault::TooManyRequests, 3),
+        (Some(Api::Catalog), Fault::Html(502), 2),
+        (Some(Api::List), Fault::TooManyRequests, 3),
+        (Some(Api::List), Fault::Html(504), 2),
+        (Some(Api::Delete), Fault::Html(503), 2),
+    ] {
+        w.server.inject(api, fault, times);
+    }
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    assert_eq!(w.server.pods().len(), 1, "{:?}", w.server.pods());
+}
+
+#[test]
+fn a_controller_killed_while_its_create_is_at_the_server_adopts_the_pod_on_restart() {
+    let Some(w) = world() else { return };
+    w.server.inject(
+        Some(Api::Create),
+        Fault::HoldAnswer(Duration::from_secs(30)),
+        1,
+    );
+    let job = w.job_with("sh train.sh; sleep 0.5", "");
+    let mut controller = w.spawn_controller();
+    w.apply(&job);
+    w.until("a create at the server", 30, || {
+        w.server.creates_received() > 0
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    unsafe { libc::kill(controller.id() as i32, libc::SIGKILL) };
+    assert_eq!(controller.wait().unwrap().signal(), Some(9));
+    assert_eq!(w.server.pods().len(), 1);
+
+    let mut again = w.spawn_controller();
+    w.until("the run to succeed", 90, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let pods = w.server.pods();
+    assert_eq!(pods.len(), 1, "adopted, not created twice: {pods:?}");
+    assert_eq!(w.attempt(), 1);
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut again);
+}
+
+#[test]
+fn a_pod_deleted_behind_asimovs_back_is_noticed_and_the_run_retried() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sleep 600",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.live()[0].id.clone();
+    w.server.delete_behind_back(&first);
+    w.until("a second attempt on a new pod", 60, || {
+        w.attempt() == 2 && w.server.live().iter().any(|p| p.id != first)
+    });
+    assert_eq!(w.server.pods().len(), 2);
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn an_exited_pod_counts_as_lost_is_deleted_and_the_run_retried() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sleep 600",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.live()[0].id.clone();
+    w.server.exit_pod(&first);
+    // EXITED keeps its disk and machine: asimov deletes it, then tries again.
+    w.until("the exited pod deleted and a second attempt", 60, || {
+        w.attempt() == 2
+            && w.server
+                .pods()
+                .iter()
+                .any(|p| p.id == first && p.billing_stopped.is_some())
+    });
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_pod_with_our_tag_that_no_run_owns_is_deleted_and_others_are_left() {
+    let Some(w) = world() else { return };
+    std::fs::create_dir_all(w.a.home()).unwrap();
+    std::fs::write(w.a.home().join("controller-id"), "podctl01").unwrap();
+    let orphan = w
+        .server
+        .plant("NVIDIA GeForce RTX 3090", "asimov.podctl01.ghost-0.1");
+    let foreign = w
+        .server
+        .plant("NVIDIA GeForce RTX 3090", "asimov.otherctl.theirs-0.1");
+    let untagged = w.server.plant("NVIDIA GeForce RTX 3090", "my notebook");
+    let mut controller = w.spawn_controller();
+    w.until("the orphan deleted", 60, || {
+        w.server.live().iter().all(|p| p.id != orphan)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let live: Vec<String> = w.server.live().into_iter().map(|p| p.id).collect();
+    assert_eq!(live, vec![foreign, untagged]);
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_new_pod_missing_from_the_listing_for_a_while_is_not_created_twice() {
+    let Some(w) = world() else { return };
+    w.server.configure(|c| c.list_lag = Duration::from_secs(4));
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    let pods = w.server.pods();
+    assert_eq!(
+        pods.len(),
+        1,
+        "one pod, found by id while unlisted: {pods:?}"
+    );
+    assert_eq!(w.attempt(), 1);
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+}
+
+#[test]
+fn a_pod_deleted_while_provisioning_is_retried_not_polled_forever() {
+    let Some(w) = world() else { return };
+    w.server.configure(|c| {
+        c.starting_after = Duration::from_secs(3);
+        c.running_after = Duration::from_secs(4);
+        c.ports_after = Duration::from_secs(4);
+    });
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sh train.sh",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("a pod provisioning", 30, || !w.server.live().is_empty());
+    let first = w.server.live()[0].id.clone();
+    w.server.delete_behind_back(&first);
+    w.until("the run to succeed on a second pod", 90, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    assert_eq!(w.attempt(), 2);
+    assert_eq!(w.server.pods().len(), 2);
+    w.until("every pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_run_that_ends_while_the_controller_is_down_has_its_pod_deleted_once_it_is_back() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sleep 3; sh train.sh", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    kill9(&mut controller);
+    // The job ends meanwhile; the test server's pods have no agent key to end
+    // themselves, so the controller is the backstop.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        w.server.live().len(),
+        1,
+        "still billing while nobody watches"
+    );
+    let back = Instant::now();
+    let mut again = w.spawn_controller();
+    w.until("the pod deleted", 30, || w.server.live().is_empty());
+    assert_eq!(w.a.run_phase("gpu-0").as_deref(), Some("Succeeded"));
+    eprintln!(
+        "pod deleted {:?} after the controller came back",
+        back.elapsed()
+    );
+    kill9(&mut again);
+}
+
+#[test]
+fn offers_lists_runpod_gpu_types_as_users_name_them() {
+    let Some(w) = world() else { return };
+    let out = w
+        .command()
+        .args([
+            "offers",
+            "--provider",
+            "runpod",
+            "--gpu",
+            "RTX_4090",
+            "--count",
+            "2",
+            "-o",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items = doc["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{doc}");
+    assert_eq!(items[0]["id"], "NVIDIA GeForce RTX 4090");
+    assert_eq!(items[0]["provider"], "runpod");
+    assert_eq!(items[0]["count"], 2);
+    assert_eq!(
+        items[0]["price_per_hour"], 1.38,
+        "secure price for two GPUs"
+    );
+    let out = w
+        .command()
+        .args(["offers", "--provider", "runpod", "-o", "json"])
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = doc["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "NVIDIA GeForce RTX 3090",
+            "NVIDIA GeForce RTX 4090",
+            "NVIDIA H100 80GB HBM3"
+        ],
+        "cheapest first"
+    );
+    assert!(w.server.pods().is_empty(), "offers rents nothing");
+}
