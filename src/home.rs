@@ -72,6 +72,11 @@ impl Home {
         self.logs().join(format!("{run}.log"))
     }
 
+    /// Checkpoints pulled back from instances, `checkpoints/<run>/<seq>/`.
+    pub fn checkpoints(&self) -> PathBuf {
+        self.root.join("checkpoints")
+    }
+
     /// Outputs pulled back from instances, `artifacts/<run>/`.
     pub fn artifacts(&self) -> PathBuf {
         self.root.join("artifacts")

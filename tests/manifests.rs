@@ -78,6 +78,7 @@ fn every_example_loads_and_round_trips() {
             "hf-finetune",
             "lab-train",
             "pod-finetune",
+            "resumable",
             "swag-sweep",
             "swag-train",
             "sweep"
@@ -85,7 +86,7 @@ fn every_example_loads_and_round_trips() {
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 10);
+    assert_eq!(all.documents.len(), 11);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
@@ -99,7 +100,7 @@ fn every_example_loads_and_round_trips() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 9);
+    assert_eq!(files.len(), 10);
     for file in &files {
         let one = load_paths(std::slice::from_ref(file), &home)
             .unwrap_or_else(|p| panic!("{}: {p}", file.display()));
@@ -184,7 +185,7 @@ fn swag_train_has_every_field() {
         Some("s3://bucket/runs")
     );
     assert_eq!(s.stop_when[0].mode, MetricMode::Max);
-    assert_eq!(s.stop_when[0].patience, 50);
+    assert_eq!(s.stop_when[0].patience, Some(50));
     assert_eq!(s.schedule.as_ref().map(|x| x.at), Some(1_795_411_380));
     assert_eq!(s.budget.as_deref(), Some("team-a"));
     assert_eq!(loaded.manifests.budgets[0].action, BudgetAction::Block);

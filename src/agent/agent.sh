@@ -9,7 +9,7 @@
 # ROOT holds: agent.sh, spec/ (written by asimov: tag, run, env, secrets (0600),
 # setup.sh, run.sh, max_duration, outputs), work/ (the job's working folder) and the
 # state files this script writes: status, pid, run_pid, heartbeat, started_at,
-# finished_at, exit_code, log.
+# finished_at, exit_code, log. The job's own metrics.jsonl (ASIMOV_METRICS) is there too.
 #
 # The agent's own files are private (umask 077); the job runs with the umask the agent
 # was started with (ASIMOV_JOB_UMASK, the user's). The log is capped at LOG_CAP bytes:
@@ -183,6 +183,17 @@ cmd_supervise() {
 	if [ -f "$ROOT/spec/secrets" ]; then . "$ROOT/spec/secrets"; fi
 	mkdir -p "$ROOT/work"
 	cd "$ROOT/work" || die "cannot enter $ROOT/work"
+	# A restored checkpoint (spec/env names it as the job wrote its path): absolute for
+	# the job, a relative path being inside work/ as for outputs.
+	case ${ASIMOV_RESUME_FROM:-} in
+	'' | /*) ;;
+	'~') ASIMOV_RESUME_FROM=$HOME ;;
+	'~/'*) ASIMOV_RESUME_FROM=$HOME/${ASIMOV_RESUME_FROM#??} ;;
+	*) ASIMOV_RESUME_FROM=$PWD/$ASIMOV_RESUME_FROM ;;
+	esac
+	# The job's metrics, one JSON object a line; the controller reads the last ones.
+	ASIMOV_METRICS=$ROOT/metrics.jsonl
+	export ASIMOV_METRICS
 
 	rc=0
 	if [ -s "$ROOT/spec/setup.sh" ] && ! stopping; then

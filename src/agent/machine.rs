@@ -512,6 +512,35 @@ impl Machine for AgentMachine {
             })
     }
 
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        let root = self.root_path().await?;
+        let file = sh_quote(&format!("{root}/metrics.jsonl"));
+        self.run_ok(
+            "read metrics",
+            &format!("if [ -f {file} ]; then tail -c {max_bytes} {file}; fi"),
+        )
+        .await
+    }
+
+    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
+        let remote = self.resolve(path).await?;
+        let found = self
+            .run("find checkpoint", &format!("test -d {}", sh_quote(&remote)))
+            .await?;
+        if found.status != 0 {
+            return Ok(false);
+        }
+        self.transport
+            .download(&remote, into)
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step: "sync checkpoint",
+                source,
+            })?;
+        Ok(true)
+    }
+
     async fn stop(&self) -> Result<(), AgentError> {
         let root = self.root_path().await?;
         self.run_ok("stop agent", &self.agent(&root, "stop"))

@@ -193,6 +193,23 @@ pub trait Machine: Send + Sync {
         })
     }
 
+    /// Copies the folder `path` on the machine (relative: inside the job's working
+    /// folder) into the local folder `into`, sending only what changed where the
+    /// transport can (rsync); false when the folder does not exist (yet). Machines that
+    /// keep no files refuse.
+    async fn sync_checkpoint(&self, _path: &str, _into: &Path) -> Result<bool, AgentError> {
+        Err(AgentError::Rejected {
+            step: "sync checkpoint",
+            message: "this machine keeps no files".into(),
+        })
+    }
+
+    /// The last `max_bytes` of the metrics file the job writes (`ASIMOV_METRICS`),
+    /// empty when there is none. Machines that keep no files have none.
+    async fn metrics_tail(&self, _max_bytes: usize) -> Result<String, AgentError> {
+        Ok(String::new())
+    }
+
     /// Stops the run (its whole process group); idempotent.
     async fn stop(&self) -> Result<(), AgentError>;
 }

@@ -196,7 +196,16 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
         }
     }
     println!("Attempts:");
-    let mut table = new_table(&["#", "PROVIDER", "INSTANCE", "HOST", "OUTCOME", "RELEASED"]);
+    let resumed = store.resumed_from(name)?;
+    let mut table = new_table(&[
+        "#",
+        "PROVIDER",
+        "INSTANCE",
+        "HOST",
+        "OUTCOME",
+        "RELEASED",
+        "RESUMED FROM",
+    ]);
     for a in store.attempts(name)? {
         table.add_row(vec![
             a.attempt.to_string(),
@@ -205,10 +214,24 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
             a.host.unwrap_or_else(|| "-".into()),
             a.outcome.map_or_else(|| "-".into(), |o| o.to_string()),
             a.released_at.map(rfc3339).unwrap_or_else(|| "no".into()),
+            resumed
+                .get(&a.attempt)
+                .map_or_else(|| "-".into(), |seq| format!("checkpoint {seq}")),
         ]);
     }
     for line in table.to_string().lines() {
         println!("  {line}");
+    }
+    let syncs = store.checkpoint_syncs(name)?;
+    if let Some(last) = syncs.last() {
+        println!(
+            "Checkpoints:    {} synced, newest {} (attempt {}, {}{})",
+            syncs.len(),
+            last.seq,
+            last.attempt,
+            rfc3339(last.at),
+            if last.last { ", final" } else { "" }
+        );
     }
     print_events(&store.events("run", name)?);
     Ok(ExitCode::SUCCESS)

@@ -564,6 +564,8 @@ fn convert_job(
                 raw::MetricMode::Min => MetricMode::Min,
             },
             patience: r.patience,
+            threshold: r.threshold,
+            max_steps: r.max_steps,
         })
         .collect();
 

@@ -246,12 +246,15 @@ pub enum MetricMode {
     Min,
 }
 
-/// Stop the run when `metric` has not improved for `patience` reports.
+/// Stop the run early on `metric`: NaN or infinity, `patience` reports without
+/// improvement, a `threshold` reached, `max_steps` reached (see `reconcile::stop`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct StopRule {
     pub metric: String,
     pub mode: MetricMode,
-    pub patience: u32,
+    pub patience: Option<u32>,
+    pub threshold: Option<f64>,
+    pub max_steps: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

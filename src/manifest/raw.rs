@@ -489,7 +489,9 @@ pub enum MetricMode {
     Min,
 }
 
-/// Stop a run when `metric` has not improved for `patience` reports.
+/// Stop a run early on its metrics (JSON lines the job writes to `ASIMOV_METRICS`):
+/// always when `metric` is NaN or infinite, and when any of `patience`, `threshold` or
+/// `max_steps` says so. The run ends with reason EarlyStopped after its final sync.
 #[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StopRule {
@@ -499,8 +501,16 @@ pub struct StopRule {
     /// `max` if larger is better, `min` if smaller is.
     pub mode: MetricMode,
     /// Reports without improvement before stopping, at least 1.
+    #[serde(default)]
     #[schemars(range(min = 1))]
-    pub patience: u32,
+    pub patience: Option<u32>,
+    /// Stop once `metric` reaches this value (`>=` for `max`, `<=` for `min`).
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// Stop once the metrics' `step` field reaches this.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    pub max_steps: Option<u64>,
 }
 
 /// A start time.

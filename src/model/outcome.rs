@@ -25,6 +25,9 @@ pub enum Outcome {
     Queued,
     /// The provider refused the create for good (bad request, credentials, quota).
     Rejected,
+    /// A `stop_when` rule stopped it (after its final sync); `diverged` when its metric
+    /// went NaN or infinite.
+    EarlyStopped { diverged: bool },
     /// A budget with `action: stop` ended it.
     Budget,
     /// Its job was deleted.
@@ -46,6 +49,7 @@ impl Outcome {
     pub fn as_text(&self) -> String {
         match self {
             Outcome::Failed { exit_code: Some(c) } => format!("failed:{c}"),
+            Outcome::EarlyStopped { diverged: true } => "early-stopped:diverged".to_string(),
             Outcome::SpecChanged(inner) => format!("{} (spec changed)", inner.as_text()),
             other => other.word().to_string(),
         }
@@ -63,6 +67,7 @@ impl Outcome {
             Outcome::NoCapacity => "no-capacity",
             Outcome::Queued => "queued",
             Outcome::Rejected => "rejected",
+            Outcome::EarlyStopped { .. } => "early-stopped",
             Outcome::Budget => "budget",
             Outcome::Deleted => "deleted",
             Outcome::Destroyed => "destroyed",
@@ -95,6 +100,8 @@ impl Outcome {
             "no-capacity" => Outcome::NoCapacity,
             "queued" => Outcome::Queued,
             "rejected" => Outcome::Rejected,
+            "early-stopped" => Outcome::EarlyStopped { diverged: false },
+            "early-stopped:diverged" => Outcome::EarlyStopped { diverged: true },
             "budget" => Outcome::Budget,
             "deleted" => Outcome::Deleted,
             "destroyed" => Outcome::Destroyed,
@@ -108,7 +115,10 @@ impl Outcome {
     /// are worth bringing home.
     pub fn ran(&self) -> bool {
         match self {
-            Outcome::Succeeded | Outcome::Failed { .. } | Outcome::TimedOut => true,
+            Outcome::Succeeded
+            | Outcome::Failed { .. }
+            | Outcome::TimedOut
+            | Outcome::EarlyStopped { .. } => true,
             Outcome::Preempted
             | Outcome::Lost
             | Outcome::Stopped
@@ -155,6 +165,8 @@ mod tests {
             Outcome::NoCapacity,
             Outcome::Queued,
             Outcome::Rejected,
+            Outcome::EarlyStopped { diverged: false },
+            Outcome::EarlyStopped { diverged: true },
             Outcome::Budget,
             Outcome::Deleted,
             Outcome::Destroyed,

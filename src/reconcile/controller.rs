@@ -28,6 +28,10 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+/// How much of a job's metrics file is read each pass for its `stop_when` rules: they
+/// see the records in its last 256 KiB (some thousands of lines).
+const METRICS_TAIL: usize = 256 * 1024;
+
 /// Where the desired state comes from: the manifests folder (the lead's loader and
 /// watcher) or memory (tests).
 #[async_trait]
@@ -335,7 +339,13 @@ impl Controller {
         let now = self.now();
         let hosts = self.hosts(&manifests.fleets, now);
         let mut history = self.history(&desired, now)?;
-        let agents = self.observe(&listed, &history, due).await;
+        let stop_when: BTreeSet<String> = desired
+            .jobs
+            .iter()
+            .filter(|j| !j.spec.stop_when.is_empty())
+            .map(|j| j.name.clone())
+            .collect();
+        let (agents, metrics) = self.observe(&listed, &history, due, &stop_when).await;
         self.record_progress(&agents, &mut history);
         let capabilities: BTreeMap<ProviderKind, Capabilities> = self
             .executor
@@ -348,6 +358,7 @@ impl Controller {
             capabilities,
             hosts,
             agents,
+            metrics,
         };
         let now = self.now();
         let plan = plan::plan(&desired, &observed, &history, now);
@@ -475,6 +486,9 @@ impl Controller {
                 .map_err(ControllerError::Store)?;
             h.spent.insert(b.name.clone(), spent);
         }
+        h.checkpoints = store
+            .last_checkpoint_syncs()
+            .map_err(ControllerError::Store)?;
         Ok(h)
     }
 
@@ -485,7 +499,12 @@ impl Controller {
         listed: &BTreeMap<ProviderKind, ListResult>,
         history: &History,
         due: &Due,
-    ) -> BTreeMap<String, AgentObservation> {
+        // Jobs with `stop_when` rules: their metrics are read with the status.
+        stop_when: &BTreeSet<String>,
+    ) -> (
+        BTreeMap<String, AgentObservation>,
+        BTreeMap<String, Vec<super::stop::Record>>,
+    ) {
         let live: BTreeMap<String, &RunName> = history
             .attempts
             .iter()
@@ -498,6 +517,16 @@ impl Controller {
                     .is_some_and(|r| due.contains(&QueueKey::Job(r.job.clone())))
             })
             .map(|(run, a)| (a.tag.clone(), run))
+            .collect();
+        let with_metrics: BTreeSet<String> = live
+            .iter()
+            .filter(|(_, run)| {
+                history
+                    .runs
+                    .get(**run)
+                    .is_some_and(|r| stop_when.contains(&r.job))
+            })
+            .map(|(tag, _)| tag.clone())
             .collect();
         let targets: Vec<Instance> = listed
             .values()
@@ -517,33 +546,49 @@ impl Controller {
                 continue;
             };
             let limit = Arc::clone(&limit);
+            let read_metrics = with_metrics.contains(&inst.tag.render());
             let executor = Arc::clone(&self.executor);
             set.spawn(async move {
                 let _permit = limit.acquire_owned().await;
                 let _paced = executor.permit(inst.provider).await;
                 let tag = inst.tag.render();
+                let mut metrics = None;
                 let obs = match provider.machine(&inst) {
                     Err(e) => AgentObservation::Unreachable {
                         message: e.to_string(),
                     },
                     Ok(m) => match m.observe().await {
                         Ok(None) => AgentObservation::NotStarted,
-                        Ok(Some(s)) => AgentObservation::Status(s),
+                        Ok(Some(s)) => {
+                            if read_metrics {
+                                match m.metrics_tail(METRICS_TAIL).await {
+                                    Ok(text) => metrics = Some(super::stop::parse_metrics(&text)),
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "cannot read metrics");
+                                    }
+                                }
+                            }
+                            AgentObservation::Status(s)
+                        }
                         Err(e) => AgentObservation::Unreachable {
                             message: e.to_string(),
                         },
                     },
                 };
-                (tag, obs)
+                (tag, obs, metrics)
             });
         }
         let mut out = BTreeMap::new();
+        let mut metrics = BTreeMap::new();
         while let Some(joined) = set.join_next().await {
-            if let Ok((tag, obs)) = joined {
+            if let Ok((tag, obs, m)) = joined {
+                if let Some(m) = m {
+                    metrics.insert(tag.clone(), m);
+                }
                 out.insert(tag, obs);
             }
         }
-        out
+        (out, metrics)
     }
 
     /// Applies the due keys' ops: one group per run (or per orphan), groups concurrently

@@ -57,6 +57,12 @@ pub enum ExecError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{op}")]
+    Checkpoint {
+        op: String,
+        #[source]
+        source: Box<super::checkpoint::SyncError>,
+    },
     #[error("{op}: {attempts} attempt(s) of {run} are not released yet")]
     Unreleased {
         op: String,
@@ -77,6 +83,8 @@ impl ExecError {
             ExecError::NoProvider { .. } | ExecError::NotDesired { .. } => ErrorKind::Permanent,
             ExecError::Secret { .. } => ErrorKind::Permanent,
             ExecError::Local { .. } => ErrorKind::Transient,
+            ExecError::Checkpoint { source, .. } if source.is_permanent() => ErrorKind::Permanent,
+            ExecError::Checkpoint { .. } => ErrorKind::Transient,
         }
     }
 }
@@ -454,7 +462,7 @@ impl Executor {
             }
             Op::Start {
                 run,
-                attempt: _,
+                attempt,
                 instance,
             } => {
                 let (job, spec) = find_run(desired, run).ok_or_else(|| ExecError::NotDesired {
@@ -465,6 +473,7 @@ impl Executor {
                 let mut launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
                 // What asimov writes is never uploaded, even inside the working folder.
                 launch.exclude = self.written_by_asimov(desired, run);
+                let restored = self.restore_point(op, job, run, &mut launch)?;
                 let backend = self.provider(op, instance.provider)?;
                 let machine = backend
                     .machine(instance)
@@ -481,6 +490,17 @@ impl Executor {
                         source: Box::new(source),
                     })?;
                 failpoint::hit("start:after-upload");
+                if let Some(seq) = restored
+                    && self.store(op, |s| s.set_resumed_from(run, *attempt, seq, now))?
+                {
+                    self.event(
+                        op,
+                        run,
+                        "Resumed",
+                        format!("attempt {attempt} from checkpoint {seq}"),
+                        now,
+                    );
+                }
                 // When the run started, even if it ends before the next look.
                 let mut rec = self.run_record(op, run)?;
                 if rec.started_at.is_none() {
@@ -497,9 +517,24 @@ impl Executor {
                 Ok(())
             }
             Op::SetStatus(update) => self.set_status(op, update, now),
+            Op::SyncCheckpoint {
+                run,
+                attempt,
+                instance,
+            } => {
+                let backend = self.provider(op, instance.provider)?;
+                let machine = backend
+                    .machine(instance)
+                    .map_err(|source| ExecError::Provider {
+                        op: op.to_string(),
+                        source: Box::new(source),
+                    })?;
+                self.sync_checkpoint(op, desired, machine.as_ref(), run, *attempt, false, now)
+                    .await
+            }
             Op::Collect {
                 run,
-                attempt: _,
+                attempt,
                 instance,
             } => {
                 let backend = self.provider(op, instance.provider)?;
@@ -533,6 +568,9 @@ impl Executor {
                         source: Box::new(source),
                     })?;
                 self.note_setup_failure(run, &log, now);
+                // The last sync before the teardown that follows this op.
+                self.sync_checkpoint(op, desired, machine.as_ref(), run, *attempt, true, now)
+                    .await?;
                 let what = if has_outputs {
                     format!("log and outputs to {}", outputs.display())
                 } else {
@@ -633,6 +671,11 @@ impl Executor {
                     });
                 }
                 failpoint::hit("forget:before");
+                let checkpoints =
+                    super::checkpoint::CheckpointDir::new(self.home.checkpoints().join(run));
+                if let Err(e) = checkpoints.remove() {
+                    tracing::warn!(run = %run, error = %e, "cannot remove the run's checkpoints");
+                }
                 // The kept log belongs to the run (outputs in artifacts/ are the user's).
                 // Removed first: a crash in between leaves the run, and Forget retried.
                 match std::fs::remove_file(self.home.run_log(run)) {
@@ -653,6 +696,88 @@ impl Executor {
                 Ok(())
             }
         }
+    }
+
+    /// Brings the run's checkpoint home (when the job declares one). A machine that
+    /// keeps no files can never sync: the run's events say so and the op goes on, so
+    /// that a teardown waits for a sync that can finish, never for one that cannot.
+    #[allow(clippy::too_many_arguments)]
+    async fn sync_checkpoint(
+        &self,
+        op: &Op,
+        desired: &Desired,
+        machine: &dyn crate::agent::Machine,
+        run: &str,
+        attempt: u32,
+        last: bool,
+        now: Timestamp,
+    ) -> Result<(), ExecError> {
+        let Some(cp) = find_run(desired, run).and_then(|(job, _)| job.spec.checkpoint.as_ref())
+        else {
+            return Ok(());
+        };
+        let synced = super::checkpoint::sync(
+            &self.home,
+            &self.store,
+            machine,
+            run,
+            attempt,
+            &cp.path,
+            last,
+            now,
+        )
+        .await;
+        match synced {
+            Ok(Some(seq)) => {
+                let what = if last {
+                    "final checkpoint"
+                } else {
+                    "checkpoint"
+                };
+                self.event(op, run, "Checkpointed", format!("{what} {seq}"), now);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(e) if e.is_permanent() => {
+                let message = format!("checkpoint not synced: {}", error_text(&e));
+                self.event(op, run, "CheckpointFailed", message, now);
+                Ok(())
+            }
+            Err(source) => Err(ExecError::Checkpoint {
+                op: op.to_string(),
+                source: Box::new(source),
+            }),
+        }
+    }
+
+    /// Adds the run's newest complete checkpoint to what `launch` copies to the
+    /// instance, at the job's checkpoint path, and names it in `ASIMOV_RESUME_FROM`;
+    /// returns its number.
+    fn restore_point(
+        &self,
+        op: &Op,
+        job: &Job,
+        run: &str,
+        launch: &mut LaunchSpec,
+    ) -> Result<Option<u64>, ExecError> {
+        let Some(cp) = &job.spec.checkpoint else {
+            return Ok(None);
+        };
+        let dir = super::checkpoint::CheckpointDir::new(self.home.checkpoints().join(run));
+        let latest = dir.latest().map_err(|source| ExecError::Local {
+            op: op.to_string(),
+            path: self.home.checkpoints().join(run),
+            source,
+        })?;
+        let Some((seq, folder)) = latest else {
+            return Ok(None);
+        };
+        launch.files.push((folder, cp.path.clone()));
+        // The agent makes a relative or `~` path absolute for the job.
+        launch
+            .env
+            .insert("ASIMOV_RESUME_FROM".into(), cp.path.clone());
+        Ok(Some(seq))
     }
 
     fn set_status(&self, op: &Op, u: &StatusUpdate, now: Timestamp) -> Result<(), ExecError> {
@@ -860,4 +985,16 @@ fn read_tail(path: &std::path::Path, max: u64) -> std::io::Result<String> {
     let mut bytes = Vec::new();
     file.take(max).read_to_end(&mut bytes)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// An error and its causes on one line.
+fn error_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }

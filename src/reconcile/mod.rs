@@ -7,9 +7,11 @@
 //! Only `execute` and `controller` touch providers and the store.
 
 pub mod budget;
+pub mod checkpoint;
 pub mod controller;
 pub mod execute;
 pub mod plan;
+pub mod stop;
 
 pub use plan::{
     AgentObservation, Desired, History, ListResult, Observed, Op, Plan, QueueKey, StatusUpdate,

@@ -47,6 +47,9 @@ pub const REQUEUE_FAST: Duration = Duration::from_secs(2);
 /// Look again at a running job: its progress, and above all whether it ended (the
 /// outputs come back and a paid instance is destroyed within this much of the end).
 pub const REQUEUE_RUNNING: Duration = Duration::from_secs(3);
+/// How often a running job's checkpoint folder is synced when `checkpoint.every` is
+/// not given.
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(10 * 60);
 /// A provider's listing failed with no hint of when to come back; try it again.
 pub const REQUEUE_LISTING_FAILED: Duration = Duration::from_secs(10);
 /// A listing refused for a reason a person must fix (credentials, payment).
@@ -102,6 +105,9 @@ pub struct Observed {
     /// Agent observations keyed by the instance's rendered ownership tag. An instance
     /// without an entry was not observed this pass: the planner waits, it never guesses.
     pub agents: BTreeMap<String, AgentObservation>,
+    /// The latest metrics of running jobs with `stop_when` rules, by rendered tag, in
+    /// the order the job wrote them (see `reconcile::stop`).
+    pub metrics: BTreeMap<String, Vec<super::stop::Record>>,
 }
 
 /// What the store remembers.
@@ -114,6 +120,8 @@ pub struct History {
     pub spent: BTreeMap<String, Usd>,
     /// Runs stopped by `asimov destroy`, with the job spec hash the stop holds for.
     pub stops: BTreeMap<RunName, String>,
+    /// The last complete checkpoint sync of each run: (attempt, when).
+    pub checkpoints: BTreeMap<RunName, (u32, Timestamp)>,
 }
 
 /// A change of a run's status, with the outcome of its current attempt when it ends.
@@ -165,7 +173,14 @@ pub enum Op {
         instance: Instance,
     },
     SetStatus(StatusUpdate),
-    /// Bring the log and outputs home.
+    /// Bring the run's checkpoint folder home while it runs (its last sync is part of
+    /// `Collect`).
+    SyncCheckpoint {
+        run: RunName,
+        attempt: u32,
+        instance: Instance,
+    },
+    /// Bring the log, the checkpoint and the outputs home.
     Collect {
         run: RunName,
         attempt: u32,
@@ -205,6 +220,7 @@ impl Op {
             | Op::Adopt { run, .. }
             | Op::Start { run, .. }
             | Op::Collect { run, .. }
+            | Op::SyncCheckpoint { run, .. }
             | Op::Release { run, .. }
             | Op::Forget { run }
             | Op::Block { run, .. } => Some(run),
@@ -222,6 +238,7 @@ impl Op {
             Op::Start { .. } => "start",
             Op::SetStatus(_) => "set-status",
             Op::Collect { .. } => "collect",
+            Op::SyncCheckpoint { .. } => "sync-checkpoint",
             Op::Destroy { .. } => "destroy",
             Op::Release { .. } => "release",
             Op::Forget { .. } => "forget",
@@ -301,6 +318,15 @@ impl fmt::Display for Op {
             } => write!(
                 f,
                 "collect {run} attempt={attempt} {}/{}",
+                instance.provider, instance.id
+            ),
+            Op::SyncCheckpoint {
+                run,
+                attempt,
+                instance,
+            } => write!(
+                f,
+                "sync-checkpoint {run} attempt={attempt} {}/{}",
                 instance.provider, instance.id
             ),
             Op::Destroy {
@@ -1300,6 +1326,11 @@ impl<'a> Planner<'a> {
         let outcome = match status.state {
             s if !s.is_finished() && exceeded => Outcome::TimedOut,
             s if !s.is_finished() && stop_budget.is_some() => Outcome::Budget,
+            AgentState::Running if let Some(stop) = self.early_stop(job, a) => {
+                Outcome::EarlyStopped {
+                    diverged: stop.diverged,
+                }
+            }
             AgentState::Starting | AgentState::Setup => {
                 let reason = format!("running setup on {}/{}", instance.provider, instance.id);
                 self.set_status(
@@ -1326,6 +1357,8 @@ impl<'a> Planner<'a> {
                     None,
                     None,
                 );
+                // After the status: a failed sync must not hold back the progress.
+                self.checkpoint(key, job, rec, a, instance, status.started_at);
                 self.wake(key, REQUEUE_RUNNING);
                 return;
             }
@@ -1347,6 +1380,50 @@ impl<'a> Planner<'a> {
             status.exit_code,
             status.progress,
         );
+    }
+
+    /// What the job's `stop_when` rules say of the attempt's latest metrics.
+    fn early_stop(&self, job: &Job, a: &AttemptRecord) -> Option<super::stop::Stop> {
+        if job.spec.stop_when.is_empty() {
+            return None;
+        }
+        let records = self.observed.metrics.get(&a.tag)?;
+        super::stop::evaluate(&job.spec.stop_when, records)
+    }
+
+    /// Syncs the running attempt's checkpoint folder every `checkpoint.every` (counted
+    /// from its last sync, or from the start of the job), and wakes the run when the
+    /// next one is due.
+    fn checkpoint(
+        &mut self,
+        key: &QueueKey,
+        job: &Job,
+        rec: &RunRecord,
+        a: &AttemptRecord,
+        instance: &Instance,
+        started_at: Option<Timestamp>,
+    ) {
+        let Some(cp) = &job.spec.checkpoint else {
+            return;
+        };
+        let every = cp.every.unwrap_or(CHECKPOINT_EVERY).as_secs().max(1) as i64;
+        let last = match self.history.checkpoints.get(&rec.name) {
+            Some((n, at)) if *n == a.attempt => *at,
+            _ => started_at.unwrap_or(a.intent_at),
+        };
+        if self.now.saturating_sub(last) >= every {
+            self.push(
+                key,
+                Op::SyncCheckpoint {
+                    run: rec.name.clone(),
+                    attempt: a.attempt,
+                    instance: instance.clone(),
+                },
+            );
+            self.wake(key, Duration::from_secs(every as u64));
+        } else {
+            self.wake_at(key, last + every);
+        }
     }
 
     /// The attempt ends with `outcome`: bring home what it made (when it ran), record the
@@ -1376,6 +1453,17 @@ impl<'a> Planner<'a> {
             );
         }
         let (phase, reason) = match outcome {
+            Outcome::EarlyStopped { diverged } => (
+                if diverged {
+                    Phase::Failed
+                } else {
+                    Phase::Succeeded
+                },
+                self.early_stop(job, a).map_or_else(
+                    || "EarlyStopped".to_string(),
+                    |stop| format!("EarlyStopped: {}", stop.why),
+                ),
+            ),
             Outcome::Budget => (
                 Phase::Pending,
                 budget::over_limit(job, &self.desired.budgets, &self.budgets)
@@ -1495,6 +1583,14 @@ fn weigh(outcome: &Outcome, exit_code: Option<i32>) -> Weight {
     match outcome {
         Outcome::Succeeded => Weight::Finished(Phase::Succeeded, "exit code 0".into()),
         Outcome::TimedOut => Weight::Finished(Phase::Failed, "exceeded max_duration".into()),
+        Outcome::EarlyStopped { diverged } => Weight::Finished(
+            if *diverged {
+                Phase::Failed
+            } else {
+                Phase::Succeeded
+            },
+            "EarlyStopped".into(),
+        ),
         Outcome::Failed { exit_code: code } => {
             let what = match code.or(exit_code) {
                 Some(c) => format!("failed with exit code {c}"),

@@ -172,6 +172,25 @@ const STEPS: &[&str] = &[
         at        INTEGER NOT NULL
     );
     "#,
+    // 6: checkpoints: each sync of a run's checkpoint folder brought home complete, and
+    // which checkpoint each attempt resumed from (gone with the run).
+    r#"
+    CREATE TABLE checkpoint_syncs (
+        run      TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
+        attempt  INTEGER NOT NULL,
+        seq      INTEGER NOT NULL,
+        at       INTEGER NOT NULL,
+        final    INTEGER NOT NULL,
+        PRIMARY KEY (run, seq)
+    );
+    CREATE TABLE attempt_resumes (
+        run        TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
+        attempt    INTEGER NOT NULL,
+        checkpoint INTEGER NOT NULL,
+        at         INTEGER NOT NULL,
+        PRIMARY KEY (run, attempt)
+    );
+    "#,
 ];
 
 /// The schema version this build writes and reads.

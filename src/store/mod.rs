@@ -14,12 +14,14 @@ use std::path::Path;
 use std::time::Duration;
 
 mod bench;
+mod checkpoints;
 mod desired;
 mod history;
 mod hosts;
 mod migrations;
 mod runs;
 
+pub use checkpoints::CheckpointSync;
 pub use desired::{
     ControllerStatus, DesiredFolder, DesiredObject, DesiredProblem, DesiredRecord, RunError,
 };

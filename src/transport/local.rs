@@ -186,7 +186,11 @@ pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
         }
         Ok(())
     } else {
-        // std::fs::copy keeps the permission bits (scripts stay executable).
+        // A new file, never a write into the old one: what was there may be hard-linked
+        // elsewhere (a kept checkpoint). std::fs::copy keeps the permission bits.
+        if std::fs::symlink_metadata(to).is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(to)?;
+        }
         std::fs::copy(from, to).map(|_| ())
     }
 }
