@@ -19,16 +19,13 @@ fn job(run: &str) -> String {
 }
 
 /// Waits for a controller armed with a failpoint to die by SIGKILL.
-fn expect_killed(child: &mut Child, failpoint: &str) {
+fn expect_killed(a: &Asimov, child: &mut Child, failpoint: &str) {
     let start = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             if status.signal() != Some(9) {
                 // It exited by itself: what it said is the only clue.
-                let mut said = String::new();
-                if let Some(mut stderr) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut stderr, &mut said);
-                }
+                let said = std::fs::read_to_string(a.controller_stderr()).unwrap_or_default();
                 panic!("controller should die at {failpoint}, not {status}: {said}");
             }
             return;
@@ -133,7 +130,7 @@ fn killed_at_every_step_of_apply_the_restarted_controller_finishes_without_dupli
         let file = a.manifest("crash.yaml", &job("sleep 1"));
         let mut armed = a.spawn_controller(Some(failpoint));
         a.ok(&["apply", "-f", file.to_str().unwrap()]);
-        expect_killed(&mut armed, failpoint);
+        expect_killed(&a, &mut armed, failpoint);
         assert_no_duplicate_instances(&a);
 
         let mut controller = a.spawn_controller(None);
@@ -168,7 +165,7 @@ fn killed_at_every_step_of_delete_the_restarted_controller_tears_everything_down
 
         let mut armed = a.spawn_controller(Some(failpoint));
         a.ok(&["delete", "job", "crash", "--no-wait"]);
-        expect_killed(&mut armed, failpoint);
+        expect_killed(&a, &mut armed, failpoint);
 
         let mut controller = a.spawn_controller(None);
         a.wait_for(

@@ -574,6 +574,37 @@ fn processes_that_escape_their_run_do_not_survive_delete() {
     assert!(a.local_instances().is_empty());
 }
 
+/// The sweep of escaped processes spares readers: a process outside the run that only
+/// reads its log (`tail -f`, `asimov logs -f` from a script, no terminal) outlives the
+/// teardown. Before, holding the log open at all was enough to be SIGKILLed with the run.
+#[test]
+fn a_reader_of_a_runs_log_survives_its_delete() {
+    let a = Asimov::new();
+    let file = a.manifest("watched.yaml", &job("watched", "", "echo hi\nsleep 600"));
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    a.wait_for("watched-0 to run", Duration::from_secs(30), || {
+        a.run_phase("watched-0").as_deref() == Some("Running")
+    });
+    let log = a
+        .home()
+        .join("local")
+        .join(&a.local_instances()[0])
+        .join("log");
+    // setsid: no controlling terminal, like a daemon or a CI job.
+    let mut reader = std::process::Command::new("setsid")
+        .args(["tail", "-f"])
+        .arg(&log)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    a.ok(&["delete", "job", "watched"]);
+    let still_running = reader.try_wait().unwrap().is_none();
+    let _ = reader.kill();
+    let _ = reader.wait();
+    assert!(still_running, "a reader of the log was killed with the run");
+}
+
 /// Item 3 with issue 6: `logs` of a live local run (whole, and `-f` until the run ends)
 /// goes through the run's machine like the controller's reads, bytes intact.
 #[test]

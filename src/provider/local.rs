@@ -115,9 +115,11 @@ impl Process {
         self.tag.as_deref() == Some(id) && self.root.as_deref() == Some(root)
     }
 
-    /// True when its current folder or an open file is inside `root`: what a process
-    /// that cleared its environment and left the job's session still holds (a job's
-    /// current folder is `work/`, its output goes to `log`).
+    /// True when its current folder is inside `root`, or it holds a file there open for
+    /// writing: what a process that cleared its environment and left the job's session
+    /// still holds (a job's current folder is `work/`, its output goes to `log`). A file
+    /// open only for reading does not count: that is a reader such as `asimov logs -f`
+    /// or a user's `tail -f`, which must outlive the run it watches.
     fn touches(&self, root: &Path) -> bool {
         let proc = PathBuf::from(format!("/proc/{}", self.pid));
         if std::fs::read_link(proc.join("cwd")).is_ok_and(|c| c.starts_with(root)) {
@@ -127,7 +129,10 @@ impl Process {
             .into_iter()
             .flatten()
             .flatten()
-            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(root)))
+            .any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|t| t.starts_with(root))
+                    && !read_only(&proc.join("fdinfo").join(fd.file_name()))
+            })
     }
 }
 
@@ -180,6 +185,17 @@ impl LocalProvider {
             .filter(|p| member.contains(&p.pid))
             .collect()
     }
+}
+
+/// True when `/proc/PID/fdinfo/FD` says the descriptor was opened read-only (its
+/// access mode, the low two bits of the octal `flags`, is `O_RDONLY`).
+fn read_only(fdinfo: &Path) -> bool {
+    std::fs::read_to_string(fdinfo).is_ok_and(|info| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| i64::from_str_radix(f.trim(), 8).ok())
+            .is_some_and(|flags| flags & i64::from(libc::O_ACCMODE) == i64::from(libc::O_RDONLY))
+    })
 }
 
 /// Reads `/proc` once: `stat` of every process, and `environ` where readable (this

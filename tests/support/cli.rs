@@ -83,9 +83,18 @@ impl Asimov {
     /// A foreground controller (`asimov controller`) as a child process.
     pub fn spawn_controller(&self, failpoint: Option<&str>) -> Child {
         let mut cmd = self.command();
+        // Its diagnostics go to a file, not a pipe: a pipe nobody reads fills after
+        // 64 KiB and then blocks the controller in the middle of a pass.
+        use std::os::unix::fs::OpenOptionsExt;
+        let stderr = std::fs::OpenOptions::new()
+            .mode(0o600)
+            .create(true)
+            .append(true)
+            .open(self.controller_stderr())
+            .expect("controller stderr file");
         cmd.args(["controller"])
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
+            .stderr(stderr);
         if let Some(fp) = failpoint {
             cmd.env("ASIMOV_FAILPOINT", fp);
         }
@@ -96,6 +105,11 @@ impl Asimov {
             || self.controller_running(),
         );
         child
+    }
+
+    /// Where the controllers started by `spawn_controller` write their diagnostics.
+    pub fn controller_stderr(&self) -> std::path::PathBuf {
+        self.home.path().join("test-controller.stderr")
     }
 
     pub fn controller_running(&self) -> bool {
