@@ -135,10 +135,12 @@ pub fn holder(home: &Home) -> io::Result<Holder> {
 
 /// True while `pid` runs and is not on its way out: a zombie, a process already exiting
 /// (`PF_EXITING`) or one with a SIGKILL pending is as good as gone, though it may hold
-/// its locks a moment longer.
+/// its locks a moment longer. So is one with a SIGTERM or SIGINT pending.
 fn process_alive(pid: u32) -> bool {
     const PF_EXITING: u64 = 0x4;
-    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    // A SIGTERM or SIGINT not yet delivered is a stop on its way, too.
+    const SIGKILL_BIT: u64 =
+        (1 << (libc::SIGKILL - 1)) | (1 << (libc::SIGTERM - 1)) | (1 << (libc::SIGINT - 1));
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         // No procfs: ask the kernel whether the pid exists at all.
         // SAFETY: signal 0 only checks for existence; nothing is delivered.
