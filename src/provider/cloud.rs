@@ -271,6 +271,41 @@ pub fn sort_offers(offers: &mut [CatalogOffer]) {
     });
 }
 
+/// The SSH transport to a cloud instance's listed endpoint, over the provider's shared
+/// pool (one master per instance, named `<provider>-<id>`), and the instance folder on
+/// it. `Transient` while the listing gives no SSH endpoint yet (`not_yet` says why).
+pub fn ssh_transport(
+    pool: &std::sync::Arc<crate::transport::ssh::SshPool>,
+    instance: &super::Instance,
+    step: &'static str,
+    not_yet: &str,
+) -> super::ProviderResult<(crate::transport::ssh::SshTransport, String)> {
+    let Some(super::Endpoint::Ssh {
+        host,
+        port,
+        user,
+        identity_file,
+        root,
+    }) = &instance.endpoint
+    else {
+        return Err(super::ProviderError::new(
+            instance.provider,
+            super::ErrorKind::Transient,
+            step,
+            format!("{} {not_yet}", instance.id),
+        ));
+    };
+    let transport = pool.transport(crate::transport::ssh::SshTarget {
+        machine: format!("{}-{}", instance.provider, instance.id),
+        host: host.clone(),
+        port: *port,
+        user: Some(user.clone()),
+        identity_file: identity_file.clone(),
+        jump: None,
+    });
+    Ok((transport, root.clone()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

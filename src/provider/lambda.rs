@@ -41,7 +41,7 @@ use crate::provider::{
 };
 use crate::retry::{Backoff, retry_transient};
 use crate::transport::Transport;
-use crate::transport::ssh::{SshPool, SshTarget};
+use crate::transport::ssh::SshPool;
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -855,31 +855,11 @@ impl Provider for LambdaProvider {
     }
 
     fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>> {
-        let Some(Endpoint::Ssh {
-            host,
-            port,
-            user,
-            identity_file,
-            root,
-        }) = &instance.endpoint
-        else {
-            return Err(err(
-                ErrorKind::Transient,
-                "reach instance",
-                format!("{} has no ip yet", instance.id),
-            ));
-        };
-        let transport = self.pool.transport(SshTarget {
-            machine: format!("lambda-{}", instance.id),
-            host: host.clone(),
-            port: *port,
-            user: Some(user.clone()),
-            identity_file: identity_file.clone(),
-            jump: None,
-        });
+        let (transport, root) =
+            cloud::ssh_transport(&self.pool, instance, "reach instance", "has no ip yet")?;
         Ok(Arc::new(AgentMachine::new(
             Arc::new(transport) as Arc<dyn Transport>,
-            root.clone(),
+            root,
         )))
     }
 }

@@ -38,7 +38,7 @@ use crate::provider::{
 };
 use crate::retry::{Backoff, retry_transient};
 use crate::transport::Transport;
-use crate::transport::ssh::{SshPool, SshTarget, SshTransport};
+use crate::transport::ssh::{SshPool, SshTransport};
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -1320,28 +1320,13 @@ impl Provider for VastProvider {
     }
 
     fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>> {
-        let Some(Endpoint::Ssh {
-            host,
-            port,
-            user,
-            identity_file,
-            root,
-        }) = &instance.endpoint
-        else {
-            return Err(err(
-                ErrorKind::Transient,
-                "reach instance",
-                format!("{} has no ssh port yet", instance.id),
-            ));
-        };
-        let transport = self.pool.transport(SshTarget {
-            machine: format!("vast-{}", instance.id),
-            host: host.clone(),
-            port: *port,
-            user: Some(user.clone()),
-            identity_file: identity_file.clone(),
-            jump: None,
-        });
+        let (transport, root) = super::cloud::ssh_transport(
+            &self.pool,
+            instance,
+            "reach instance",
+            "has no ssh port yet",
+        )?;
+        let root = &root;
         let transport = Arc::new(transport);
         let agent = AgentMachine::new(Arc::clone(&transport) as Arc<dyn Transport>, root.clone());
         let Some(key) = self.instance_key(&instance.id) else {
