@@ -306,6 +306,25 @@ pub fn ssh_transport(
     Ok((transport, root.clone()))
 }
 
+/// Which errors a cloud call may retry in place (through `retry::retry_transient`),
+/// with the server's hint: a transient failure or a rate limit.
+pub fn transient(e: &super::ProviderError) -> Option<Option<Duration>> {
+    match e.kind {
+        super::ErrorKind::Transient => Some(None),
+        super::ErrorKind::RateLimited { retry_after } => Some(retry_after),
+        _ => None,
+    }
+}
+
+/// Which errors a create may retry in place: only a rate limit, which surely refused
+/// the call (a transient failure may have created the instance).
+pub fn refused(e: &super::ProviderError) -> Option<Option<Duration>> {
+    match e.kind {
+        super::ErrorKind::RateLimited { retry_after } => Some(retry_after),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

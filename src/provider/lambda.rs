@@ -146,22 +146,6 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
     Err(err(kind, step, message))
 }
 
-fn transient(e: &ProviderError) -> Option<Option<Duration>> {
-    match e.kind {
-        ErrorKind::Transient => Some(None),
-        ErrorKind::RateLimited { retry_after } => Some(retry_after),
-        _ => None,
-    }
-}
-
-/// A launch is retried only when it surely did nothing: a rate limit refuses the call.
-fn refused(e: &ProviderError) -> Option<Option<Duration>> {
-    match e.kind {
-        ErrorKind::RateLimited { retry_after } => Some(retry_after),
-        _ => None,
-    }
-}
-
 /// One instance type as `/instance-types` lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceType {
@@ -331,7 +315,7 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> ProviderResult<Value> {
-        retry_transient(&self.retry, transient, || async {
+        retry_transient(&self.retry, super::cloud::transient, || async {
             let raw = self
                 .send(false, method.clone(), path, body)
                 .await
@@ -535,7 +519,7 @@ impl LambdaProvider {
             "name": tag,
             "quantity": 1,
         });
-        let data = retry_transient(&self.api.retry, refused, || async {
+        let data = retry_transient(&self.api.retry, super::cloud::refused, || async {
             let raw = self
                 .api
                 .send(

@@ -134,21 +134,6 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
     Err(err(kind, step, message))
 }
 
-fn transient(e: &ProviderError) -> Option<Option<Duration>> {
-    match e.kind {
-        ErrorKind::Transient => Some(None),
-        ErrorKind::RateLimited { retry_after } => Some(retry_after),
-        _ => None,
-    }
-}
-
-fn refused(e: &ProviderError) -> Option<Option<Duration>> {
-    match e.kind {
-        ErrorKind::RateLimited { retry_after } => Some(retry_after),
-        _ => None,
-    }
-}
-
 /// The minute window of `RateLimit-Policy` (`"minute";q=60;w=60, ...`) as a gap, and
 /// of `RateLimit` (`"minute";r=0;t=12, ...`) as a wait when nothing is left.
 fn quota(policy: Option<&str>, limit: Option<&str>) -> (Option<Duration>, Option<Duration>) {
@@ -296,7 +281,7 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> ProviderResult<Value> {
-        retry_transient(&self.retry, transient, || async {
+        retry_transient(&self.retry, super::cloud::transient, || async {
             let raw = self
                 .send(method.clone(), path, body)
                 .await
@@ -698,7 +683,7 @@ impl Provider for RunpodProvider {
                         .collect::<Vec<_>>()
                 );
             }
-            let answer = retry_transient(&self.api.retry, refused, || async {
+            let answer = retry_transient(&self.api.retry, super::cloud::refused, || async {
                 let raw = self
                     .api
                     .send(reqwest::Method::POST, "/pods", Some(&body))

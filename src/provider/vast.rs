@@ -347,23 +347,6 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
     Err(err(kind, step, message))
 }
 
-/// Which errors a call may retry in place, with the server's hint.
-fn transient(e: &ProviderError) -> Option<Option<Duration>> {
-    match e.kind {
-        ErrorKind::Transient => Some(None),
-        ErrorKind::RateLimited { retry_after } => Some(retry_after),
-        _ => None,
-    }
-}
-
-/// A create is retried only when it surely did nothing: a rate limit refuses the call.
-fn refused(e: &ProviderError) -> Option<Option<Duration>> {
-    match e.kind {
-        ErrorKind::RateLimited { retry_after } => Some(retry_after),
-        _ => None,
-    }
-}
-
 /// An offer as the client uses it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VastOffer {
@@ -688,7 +671,7 @@ impl Api {
         query: &[(&str, String)],
         body: Option<&Value>,
     ) -> ProviderResult<Value> {
-        retry_transient(&self.retry, transient, || async {
+        retry_transient(&self.retry, super::cloud::transient, || async {
             let raw = self
                 .send(call, method.clone(), path, query, body)
                 .await
@@ -967,7 +950,7 @@ impl VastProvider {
             body["price"] = json!(b);
         }
         let path = format!("/api/v0/asks/{}/", offer.id);
-        let answer = retry_transient(&self.api.retry, refused, || async {
+        let answer = retry_transient(&self.api.retry, super::cloud::refused, || async {
             let raw = self
                 .api
                 .send(Call::Create, reqwest::Method::PUT, &path, &[], Some(&body))
