@@ -220,12 +220,35 @@ fn the_prompt_asks_once_applies_follows_and_keeps_the_token_secret() {
     // The `ps` snapshot taken during the run shows processes, and no token.
     assert!(log.contains("asimov"), "no ps output in the log:\n{log}");
     assert!(!log.contains(TOKEN), "the token is in `ps` or the log");
-    for (path, bytes) in files_outside_credentials(a.home()) {
+    // While the instance lives, its agent's `spec/secrets` (0600) is the one other place
+    // the token may be; `1 run(s) succeeded` can print before the teardown removed it.
+    // Once the instance is gone the token is nowhere but the credential store.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let mut live_secret_file = false;
+        for (path, bytes) in files_outside_credentials(a.home()) {
+            if !contains(&bytes, TOKEN) {
+                continue;
+            }
+            let is_agent_secrets = path.ends_with("spec/secrets")
+                && path.starts_with(a.home().join("local"));
+            assert!(is_agent_secrets, "the token is in {}", path.display());
+            let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
+            assert!(
+                matches!(mode, Ok(0o600) | Err(_)),
+                "{} is not 0600: {mode:?}",
+                path.display()
+            );
+            live_secret_file = true;
+        }
+        if !live_secret_file {
+            break;
+        }
         assert!(
-            !contains(&bytes, TOKEN),
-            "the token is in {}",
-            path.display()
+            std::time::Instant::now() < deadline,
+            "the instance's secret file outlived the run by a minute"
         );
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
     for args in [["get", "runs", "-o", "yaml"], ["get", "jobs", "-o", "yaml"]] {
         let out = a.ok(&args);
