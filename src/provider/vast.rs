@@ -27,7 +27,7 @@
 //!
 //! Must not know about the store or the planner.
 
-use super::cloud::{ensure_identity, key_body, short_body};
+use super::cloud::{LoginUsers, Pacer, ensure_identity, key_body, short_body};
 use crate::agent::{AgentError, AgentMachine, AgentStatus, LaunchSpec};
 use crate::home::Home;
 use crate::manifest::{GpuRequest, Placement, Resources};
@@ -194,59 +194,6 @@ impl Pacing {
     }
 }
 
-/// Hands out call slots so that calls of one class keep their gap, whatever task
-/// makes them: the one place all runs' requests queue. A slot is reserved in order;
-/// then, because a task may wake late (a loaded machine), the gap is checked again
-/// against when the previous call of the class really left.
-struct Pacer {
-    pacing: Pacing,
-    next: Mutex<BTreeMap<Call, tokio::time::Instant>>,
-    sent: Mutex<BTreeMap<Call, tokio::time::Instant>>,
-}
-
-impl Pacer {
-    fn new(pacing: Pacing) -> Pacer {
-        Pacer {
-            pacing,
-            next: Mutex::new(BTreeMap::new()),
-            sent: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    async fn wait(&self, call: Call) {
-        let gap = self.pacing.gap(call);
-        if gap.is_zero() {
-            return;
-        }
-        let at = {
-            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
-            let now = tokio::time::Instant::now();
-            let slot = next.entry(call).or_insert(now);
-            let at = (*slot).max(now);
-            *slot = at + gap;
-            at
-        };
-        tokio::time::sleep_until(at).await;
-        loop {
-            let later = {
-                let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-                let now = tokio::time::Instant::now();
-                match sent.get(&call) {
-                    Some(last) if now < *last + gap => Some(*last + gap),
-                    _ => {
-                        sent.insert(call, now);
-                        None
-                    }
-                }
-            };
-            match later {
-                Some(t) => tokio::time::sleep_until(t).await,
-                None => return,
-            }
-        }
-    }
-}
-
 /// The API key: the credential store first, then this process's environment.
 pub fn api_key(home: &Home) -> Option<Secret> {
     super::cloud::api_key(home, KEY_NAME)
@@ -254,11 +201,7 @@ pub fn api_key(home: &Home) -> Option<Secret> {
 
 /// The API's host: `ASIMOV_VAST_API_URL`, else Vast's.
 pub fn api_url() -> String {
-    std::env::var(URL_ENV)
-        .ok()
-        .map(|s| s.trim().trim_end_matches('/').to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| DEFAULT_API_URL.to_string())
+    super::cloud::api_url(URL_ENV, DEFAULT_API_URL)
 }
 
 /// One HTTP answer before classification.
@@ -640,12 +583,7 @@ impl Api {
             .await
             .map_err(|e| err(ErrorKind::Transient, step, format!("{path}: {e}")).with_source(e))?;
         let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|s| Duration::from_secs(s.min(3600)));
+        let retry_after = super::cloud::retry_after(resp.headers());
         let text = resp.text().await.map_err(|e| {
             err(
                 ErrorKind::Transient,
@@ -688,7 +626,7 @@ struct Api {
     http: reqwest::Client,
     base: String,
     key: Secret,
-    pacer: Pacer,
+    pacer: Pacer<Call>,
     retry: Backoff,
 }
 
@@ -697,10 +635,8 @@ pub struct VastProvider {
     pool: Arc<SshPool>,
     identity: PathBuf,
     default_user: String,
-    /// Login users asked for by placements, by tag; also one file per tag in
-    /// `users_dir`, written before the create, so a restarted controller knows them.
-    users: Mutex<BTreeMap<String, String>>,
-    users_dir: PathBuf,
+    /// Login users asked for by placements, by tag (kept beyond this process).
+    users: LoginUsers,
     /// Per-instance keys, one 0600 file per instance id.
     keys_dir: PathBuf,
     /// How long an ended run's agent waits for the controller before it destroys its
@@ -754,34 +690,25 @@ impl VastProvider {
         key: Secret,
         pacing: Pacing,
     ) -> std::io::Result<VastProvider> {
-        // reqwest is built without a crypto provider of its own; ring is ours. A second
-        // install (another provider did it first) is fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60))
-            .user_agent(concat!("asimov/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(std::io::Error::other)?;
+        let http = super::cloud::http_client()?;
         Ok(VastProvider {
             api: Arc::new(Api {
                 http,
                 base: base.into().trim_end_matches('/').to_string(),
                 key,
-                pacer: Pacer::new(pacing),
+                pacer: Pacer::new(pacing.gaps),
                 retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(10), 2.0)
                     .with_max_elapsed(Some(Duration::from_secs(90))),
             }),
             pool,
             identity: home.ssh_identity(),
-            users_dir: home.provider_state("vast").join("users"),
             keys_dir: home.provider_state("vast").join("instance-keys"),
             self_destroy_grace: std::env::var(GRACE_ENV)
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
                 .map_or(DEFAULT_SELF_DESTROY_GRACE, Duration::from_secs),
             default_user: DEFAULT_SSH_USER.to_string(),
-            users: Mutex::new(BTreeMap::new()),
+            users: LoginUsers::new(home.provider_state("vast").join("users"), DEFAULT_SSH_USER),
             instance_keys: Mutex::new(BTreeMap::new()),
             key_registered: tokio::sync::Mutex::new(false),
             claimed: Mutex::new(BTreeMap::new()),
@@ -799,26 +726,8 @@ impl VastProvider {
     /// Logs in as `user` where no placement says otherwise.
     pub fn with_default_user(mut self, user: impl Into<String>) -> VastProvider {
         self.default_user = user.into();
+        self.users = LoginUsers::new(self.users.dir().to_path_buf(), self.default_user.clone());
         self
-    }
-
-    /// The placement's `ssh_user` for the instance tagged `tag`, else the default.
-    fn login_user(&self, tag: &str) -> String {
-        let mut users = self.users.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(u) = users.get(tag) {
-            return u.clone();
-        }
-        let stored = std::fs::read_to_string(self.users_dir.join(tag))
-            .ok()
-            .map(|u| u.trim().to_string())
-            .filter(|u| !u.is_empty());
-        match stored {
-            Some(u) => {
-                users.insert(tag.to_string(), u.clone());
-                u
-            }
-            None => self.default_user.clone(),
-        }
     }
 
     /// asimov's private key file for instances.
@@ -1060,7 +969,7 @@ impl VastProvider {
                     .ok()?;
                 Some((ip.to_string(), port))
             });
-        let user = self.login_user(label);
+        let user = self.users.get(label);
         let endpoint = direct.map(|(host, port)| Endpoint::Ssh {
             host,
             port,
@@ -1206,19 +1115,13 @@ impl Provider for VastProvider {
         if let Some(user) = &req.placement.ssh_user {
             let tag = req.tag.render();
             // Before the create: a controller killed mid-create adopts with the right user.
-            std::fs::create_dir_all(&self.users_dir)
-                .and_then(|_| std::fs::write(self.users_dir.join(&tag), user))
-                .map_err(|e| {
-                    err(
-                        ErrorKind::Transient,
-                        step,
-                        format!("{}: {e}", self.users_dir.display()),
-                    )
-                })?;
-            self.users
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(tag, user.clone());
+            self.users.remember(&tag, user).map_err(|e| {
+                err(
+                    ErrorKind::Transient,
+                    step,
+                    format!("{}: {e}", self.users.dir().display()),
+                )
+            })?;
         }
         // A create retried after being cut off (timeout, crash) finds the first one.
         if let Some(existing) = self.find_tag(&req.tag).await? {
