@@ -683,3 +683,84 @@ fn bench_vast_overheads_and_runs_within_pacing() {
     eprintln!("BENCH vast: 429s on {limited:?}");
     kill9(&mut controller);
 }
+
+impl World {
+    /// A job named `name` asking for `gpus` RTX 4090s, run as `run`.
+    fn gpu_job(&self, name: &str, gpus: u32, run: &str, extra: &str) -> std::path::PathBuf {
+        self.a.manifest(
+            &format!("{name}.yaml"),
+            &format!(
+                r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: {name}}}
+spec:
+  source: {{workdir: .}}
+  run: {run}
+  resources: {{gpu: {{name: RTX_4090, count: {gpus}}}, disk_gb: 20}}
+  placement:
+    - {{provider: vast, ssh_user: {user}}}
+{extra}"#,
+                user = self.sshd.user()
+            ),
+        )
+    }
+
+    fn wait_phase(&self, run: &str, want: &str, secs: u64) {
+        let start = Instant::now();
+        while self.a.run_phase(run).as_deref() != Some(want) {
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "{run} never {want}: {}\n{:#?}",
+                self.a.ok(&["describe", "run", run]),
+                self.server.instances()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn readiness_checks_the_gpus_nvidia_smi_shows_and_warns_without_it() {
+    let offers = vec![
+        // Each offer is one machine: rented once.
+        offer(401, "RTX 4090", 1, 24.0, 0.35),
+        offer(402, "RTX 4090", 2, 24.0, 0.70),
+        offer(403, "RTX 4090", 1, 24.0, 0.36),
+    ];
+    let Some(w) = world_with(offers, |_| {}) else {
+        return;
+    };
+    let mut controller = w.spawn_controller();
+    // Without nvidia-smi (the test sshd has none): the job runs, with a warning.
+    w.apply(&w.gpu_job("nosmi", 1, "sh train.sh", ""));
+    w.wait_phase("nosmi-0", "Succeeded", 90);
+    let described = w.a.ok(&["describe", "run", "nosmi-0"]);
+    assert!(
+        described.contains("GpusUnchecked") && described.contains("no nvidia-smi"),
+        "{described}"
+    );
+    // An instance whose nvidia-smi lists one GPU: a one-GPU job runs there unwarned...
+    w.sshd.install_command(
+        "nvidia-smi",
+        r#"[ "$1" = -L ] && echo "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-5e1f)""#,
+    );
+    w.apply(&w.gpu_job("one", 1, "sh train.sh", ""));
+    w.wait_phase("one-0", "Succeeded", 90);
+    let described = w.a.ok(&["describe", "run", "one-0"]);
+    assert!(!described.contains("GpusUnchecked"), "{described}");
+    // ...and a two-GPU job does not: it fails there with the reason, and the instance goes.
+    w.apply(&w.gpu_job("two", 2, "sh train.sh", ""));
+    w.wait_phase("two-0", "Failed", 90);
+    let described = w.a.ok(&["describe", "run", "two-0"]);
+    assert!(
+        described.contains("GpuMismatch")
+            && described.contains("nvidia-smi shows 1 GPU(s), the job asks for 2"),
+        "{described}"
+    );
+    let log = w.a.ok(&["logs", "two-0"]);
+    assert!(!log.contains("training"), "the job never ran: {log}");
+    w.until("every instance destroyed", 60, || {
+        w.server.live_instances().is_empty()
+    });
+    kill9(&mut controller);
+}

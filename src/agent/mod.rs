@@ -159,9 +159,27 @@ impl AgentError {
     }
 }
 
+/// What a machine's `nvidia-smi` says of its GPUs, checked before a job that asks for
+/// GPUs starts on a rented instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpuProbe {
+    /// This machine is not checked (this computer, fleet hosts: their inventory is).
+    Unchecked,
+    /// No `nvidia-smi` on the machine (test servers, CPU images): nothing to check.
+    NoNvidiaSmi,
+    /// `nvidia-smi -L` lists this many GPUs.
+    Shows(u32),
+}
+
 /// One instance's agent, as the executor drives it.
 #[async_trait]
 pub trait Machine: Send + Sync {
+    /// The machine's GPUs as `nvidia-smi` shows them; `Unchecked` where they are not
+    /// probed.
+    async fn gpus(&self) -> Result<GpuProbe, AgentError> {
+        Ok(GpuProbe::Unchecked)
+    }
+
     /// Uploads the agent, source and files, then starts setup + run detached. A second
     /// call for the same run changes nothing.
     async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError>;

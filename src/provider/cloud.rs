@@ -306,6 +306,105 @@ pub fn ssh_transport(
     Ok((transport, root.clone()))
 }
 
+/// What `nvidia-smi -L` lists on the machine behind `transport` (one exec), or that it
+/// has none: a rented instance's GPUs, checked before its job starts.
+pub async fn probe_gpus(
+    transport: &dyn crate::transport::Transport,
+) -> Result<crate::agent::GpuProbe, crate::agent::AgentError> {
+    use crate::agent::{AgentError, GpuProbe};
+    let step = "check the gpus";
+    let out = transport
+        .exec(
+            "if command -v nvidia-smi >/dev/null 2>&1; then \
+             nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true; else echo none; fi",
+        )
+        .await
+        .map_err(|source| AgentError::Transport {
+            machine: transport.machine().to_string(),
+            step,
+            source,
+        })?;
+    let text = out.stdout.trim();
+    if text == "none" {
+        return Ok(GpuProbe::NoNvidiaSmi);
+    }
+    text.parse::<u32>()
+        .map(GpuProbe::Shows)
+        .map_err(|_| AgentError::Failed {
+            machine: transport.machine().to_string(),
+            step,
+            message: format!("unexpected answer {text:?}"),
+        })
+}
+
+/// The agent on a cloud instance reached over SSH, whose GPUs are checked before its
+/// job starts (`probe_gpus`); everything else is the agent's.
+pub struct CloudAgent {
+    agent: crate::agent::AgentMachine,
+    transport: std::sync::Arc<dyn crate::transport::Transport>,
+}
+
+/// The machine for a cloud instance: the agent at `root` over `transport`.
+pub fn agent_machine(
+    transport: crate::transport::ssh::SshTransport,
+    root: String,
+) -> std::sync::Arc<dyn crate::agent::Machine> {
+    let transport: std::sync::Arc<dyn crate::transport::Transport> = std::sync::Arc::new(transport);
+    std::sync::Arc::new(CloudAgent {
+        agent: crate::agent::AgentMachine::new(std::sync::Arc::clone(&transport), root),
+        transport,
+    })
+}
+
+#[async_trait::async_trait]
+impl crate::agent::Machine for CloudAgent {
+    async fn gpus(&self) -> Result<crate::agent::GpuProbe, crate::agent::AgentError> {
+        probe_gpus(self.transport.as_ref()).await
+    }
+
+    async fn start(&self, spec: &crate::agent::LaunchSpec) -> Result<(), crate::agent::AgentError> {
+        self.agent.start(spec).await
+    }
+
+    async fn observe(&self) -> Result<Option<crate::agent::AgentStatus>, crate::agent::AgentError> {
+        self.agent.observe().await
+    }
+
+    async fn log_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
+        self.agent.log_tail(max_bytes).await
+    }
+
+    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), crate::agent::AgentError> {
+        self.agent.collect(log, outputs).await
+    }
+
+    async fn copy_log(&self, to: &Path) -> Result<bool, crate::agent::AgentError> {
+        self.agent.copy_log(to).await
+    }
+
+    async fn follow_log(
+        &self,
+    ) -> Result<crate::transport::ByteStream<'_>, crate::agent::AgentError> {
+        self.agent.follow_log().await
+    }
+
+    async fn sync_checkpoint(
+        &self,
+        path: &str,
+        into: &Path,
+    ) -> Result<bool, crate::agent::AgentError> {
+        self.agent.sync_checkpoint(path, into).await
+    }
+
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
+        self.agent.metrics_tail(max_bytes).await
+    }
+
+    async fn stop(&self) -> Result<(), crate::agent::AgentError> {
+        self.agent.stop().await
+    }
+}
+
 /// Which errors a cloud call may retry in place (through `retry::retry_transient`),
 /// with the server's hint: a transient failure or a rate limit.
 pub fn transient(e: &super::ProviderError) -> Option<Option<Duration>> {

@@ -30,7 +30,6 @@
 //! Must not know about the store or the planner.
 
 use super::cloud::{self, LoginUsers, Pacer, ensure_identity, key_body, short_body};
-use crate::agent::AgentMachine;
 use crate::home::Home;
 use crate::manifest::Resources;
 use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
@@ -40,7 +39,6 @@ use crate::provider::{
     Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
-use crate::transport::Transport;
 use crate::transport::ssh::SshPool;
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -841,10 +839,8 @@ impl Provider for LambdaProvider {
     fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>> {
         let (transport, root) =
             cloud::ssh_transport(&self.pool, instance, "reach instance", "has no ip yet")?;
-        Ok(Arc::new(AgentMachine::new(
-            Arc::new(transport) as Arc<dyn Transport>,
-            root,
-        )))
+        // Its GPUs are checked before the job starts (`cloud::probe_gpus`).
+        Ok(cloud::agent_machine(transport, root))
     }
 }
 

@@ -28,7 +28,6 @@
 //! Must not know about the store or the planner.
 
 use super::cloud::{self, LoginUsers, Pacer, ensure_identity, short_body};
-use crate::agent::AgentMachine;
 use crate::home::Home;
 use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
 use crate::model::{Offer, OfferQuery, Usd};
@@ -37,7 +36,6 @@ use crate::provider::{
     Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
-use crate::transport::Transport;
 use crate::transport::ssh::SshPool;
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -768,10 +766,8 @@ impl Provider for RunpodProvider {
             "reach pod",
             "has no direct ssh port yet",
         )?;
-        Ok(Arc::new(AgentMachine::new(
-            Arc::new(transport) as Arc<dyn Transport>,
-            root,
-        )))
+        // Its GPUs are checked before the job starts (`cloud::probe_gpus`).
+        Ok(cloud::agent_machine(transport, root))
     }
 }
 

@@ -1212,13 +1212,13 @@ impl Provider for VastProvider {
             "reach instance",
             "has no ssh port yet",
         )?;
+        let Some(key) = self.instance_key(&instance.id) else {
+            tracing::warn!(instance = %instance.id, "no key of its own for this instance: it cannot destroy itself");
+            return Ok(super::cloud::agent_machine(transport, root));
+        };
         let root = &root;
         let transport = Arc::new(transport);
         let agent = AgentMachine::new(Arc::clone(&transport) as Arc<dyn Transport>, root.clone());
-        let Some(key) = self.instance_key(&instance.id) else {
-            tracing::warn!(instance = %instance.id, "no key of its own for this instance: it cannot destroy itself");
-            return Ok(Arc::new(agent));
-        };
         Ok(Arc::new(VastMachine {
             agent,
             transport,
@@ -1402,6 +1402,13 @@ impl VastMachine {
 
 #[async_trait]
 impl crate::agent::Machine for VastMachine {
+    async fn gpus(&self) -> Result<crate::agent::GpuProbe, AgentError> {
+        relogin!(
+            self,
+            super::cloud::probe_gpus(self.transport.as_ref()).await
+        )
+    }
+
     async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
         let root = root_word(&self.root);
         // stdin: the header line, then the hook; umask 077 from the first byte.
@@ -1432,6 +1439,22 @@ impl crate::agent::Machine for VastMachine {
         relogin!(self, self.agent.collect(log, outputs).await)?;
         let script = format!(": > {}/collected", root_word(&self.root));
         self.run("mark collected", &script, b"").await
+    }
+
+    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {
+        relogin!(self, self.agent.copy_log(to).await)
+    }
+
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
+        self.agent.follow_log().await
+    }
+
+    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
+        relogin!(self, self.agent.sync_checkpoint(path, into).await)
+    }
+
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        relogin!(self, self.agent.metrics_tail(max_bytes).await)
     }
 
     async fn stop(&self) -> Result<(), AgentError> {

@@ -482,6 +482,8 @@ impl Executor {
                         source: Box::new(source),
                     })?;
                 let _permit = self.permit(instance.provider).await;
+                self.check_gpus(op, job, machine.as_ref(), &mut launch, now)
+                    .await?;
                 machine
                     .start(&launch)
                     .await
@@ -702,6 +704,49 @@ impl Executor {
     /// keeps no files can never sync: the run's events say so and the op goes on, so
     /// that a teardown waits for a sync that can finish, never for one that cannot.
     #[allow(clippy::too_many_arguments)]
+    /// Readiness of a rented instance for a job that asks for GPUs: `nvidia-smi` must
+    /// show at least that many. Too few: the job is not run there, it fails in setup
+    /// with the reason in its log (the retry policy decides what next, and the instance
+    /// is destroyed as for any ended attempt). No `nvidia-smi`: a warning event only.
+    async fn check_gpus(
+        &self,
+        op: &Op,
+        job: &Job,
+        machine: &dyn crate::agent::Machine,
+        launch: &mut crate::agent::LaunchSpec,
+        now: Timestamp,
+    ) -> Result<(), ExecError> {
+        use crate::agent::GpuProbe;
+        let want = job.spec.resources.gpu.as_ref().map_or(0, |g| g.count);
+        if want == 0 {
+            return Ok(());
+        }
+        let probe = machine.gpus().await.map_err(|source| ExecError::Agent {
+            op: op.to_string(),
+            source: Box::new(source),
+        })?;
+        let run = &launch.run;
+        match probe {
+            GpuProbe::Shows(n) if n < want => {
+                let why = format!("nvidia-smi shows {n} GPU(s), the job asks for {want}");
+                self.event(op, run, "GpuMismatch", why.clone(), now);
+                launch.setup = vec![format!(
+                    "echo {} >&2; exit 1",
+                    crate::agent::sh_quote(&format!("asimov: {why}"))
+                )];
+            }
+            GpuProbe::NoNvidiaSmi => self.event(
+                op,
+                run,
+                "GpusUnchecked",
+                format!("warning: no nvidia-smi on the instance; its {want} GPU(s) not checked"),
+                now,
+            ),
+            GpuProbe::Shows(_) | GpuProbe::Unchecked => {}
+        }
+        Ok(())
+    }
+
     async fn sync_checkpoint(
         &self,
         op: &Op,
