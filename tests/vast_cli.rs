@@ -764,3 +764,30 @@ fn readiness_checks_the_gpus_nvidia_smi_shows_and_warns_without_it() {
     });
     kill9(&mut controller);
 }
+
+#[test]
+fn a_vast_run_syncs_its_checkpoints_home_while_it_runs() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    let run = r#"mkdir -p ckpt; echo 7 > ckpt/step; sleep 8"#;
+    w.apply(&w.gpu_job(
+        "ck",
+        1,
+        &format!("'{run}'"),
+        "  checkpoint: {path: ckpt, every: 1s}\n",
+    ));
+    w.until("a checkpoint synced home from the instance", 60, || {
+        std::fs::read_dir(w.a.home().join("checkpoints/ck-0"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                std::fs::read_to_string(e.path().join("step")).is_ok_and(|s| s.trim() == "7")
+            })
+    });
+    w.wait_phase("ck-0", "Succeeded", 60);
+    w.until("the instance destroyed", 60, || {
+        w.server.live_instances().is_empty()
+    });
+    kill9(&mut controller);
+}
