@@ -791,3 +791,36 @@ fn a_vast_run_syncs_its_checkpoints_home_while_it_runs() {
     });
     kill9(&mut controller);
 }
+
+#[test]
+fn an_unreachable_instance_past_max_duration_is_destroyed_by_the_controller() {
+    let Some(mut w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.gpu_job("hung", 1, "sleep 600", "  max_duration: 8s\n"));
+    w.wait_phase("hung-0", "Running", 60);
+    // The box hangs: its SSH goes, and with it the agent that would have ended the job
+    // and destroyed the instance with its own key.
+    w.sshd.stop();
+    for pid in support::sshd::processes_with_env(&format!("HOME={}", w.sshd.home().display())) {
+        // SAFETY: signalling a process by pid.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let hung = Instant::now();
+    let id = w.server.live_instances()[0].id;
+    w.until("the controller to destroy the instance", 150, || {
+        w.server.live_instances().is_empty()
+    });
+    // Not before the deadline and the agent's allowance of silence.
+    assert!(hung.elapsed() >= Duration::from_secs(50), "{:?}", hung.elapsed());
+    assert!(
+        w.server.requests().iter().any(|r| r.endpoint == Api::Destroy
+            && r.status == 200
+            && r.auth == "account"
+            && r.path.contains(&id.to_string())),
+        "destroyed from outside, with the account's key"
+    );
+    w.wait_phase("hung-0", "Failed", 30);
+    let described = w.a.ok(&["describe", "run", "hung-0"]);
+    assert!(described.contains("timed-out"), "{described}");
+    kill9(&mut controller);
+}

@@ -1290,7 +1290,9 @@ impl<'a> Planner<'a> {
                 return;
             }
             Some(AgentObservation::Unreachable { .. }) => {
-                self.wake(key, REQUEUE_FAST);
+                if !self.backstop_max_duration(key, job, rec, attempts, a, instance) {
+                    self.wake(key, REQUEUE_FAST);
+                }
                 return;
             }
             Some(AgentObservation::NotStarted) => {
@@ -1380,6 +1382,59 @@ impl<'a> Planner<'a> {
             status.exit_code,
             status.progress,
         );
+    }
+
+    /// The controller's backstop for `max_duration`. The agent enforces it on the
+    /// machine and then ends its own instance; an instance whose agent cannot be reached
+    /// (hung, its SSH gone, its self-destroy failed) is ended from outside once its
+    /// deadline is `HEARTBEAT_STALE_SECS` behind: the attempt ends `TimedOut` with
+    /// nothing to collect, and the destroy is retried until the listing confirms it
+    /// gone. The deadline counts from this attempt's start when known, else from its
+    /// create plus the provider's boot timeout (an attempt starts by then or ends).
+    /// True when it ended the attempt.
+    fn backstop_max_duration(
+        &mut self,
+        key: &QueueKey,
+        job: &'a Job,
+        rec: &RunRecord,
+        attempts: &[&AttemptRecord],
+        a: &AttemptRecord,
+        instance: &Instance,
+    ) -> bool {
+        let Some(max) = job.spec.max_duration else {
+            return false;
+        };
+        let secs = |d: Duration| i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+        let started = match rec.started_at {
+            Some(t) if t >= a.intent_at => t,
+            _ => a
+                .intent_at
+                .saturating_add(secs(self.caps(a.provider).boot_timeout)),
+        };
+        let deadline = started
+            .saturating_add(secs(max))
+            .saturating_add(HEARTBEAT_STALE_SECS);
+        if self.now < deadline {
+            self.wake_at(key, deadline);
+            return false;
+        }
+        let outcome = Outcome::TimedOut;
+        let (phase, reason) = decide(job, attempts, a, &outcome, rec.exit_code);
+        let why = format!(
+            "attempt {} ended: {outcome}, unreachable past max_duration",
+            a.attempt
+        );
+        self.set_status(
+            key,
+            rec,
+            phase,
+            reason,
+            None,
+            rec.exit_code,
+            Some((a.attempt, outcome)),
+        );
+        self.destroy_orphan(key, Some(&rec.name), instance, &why);
+        true
     }
 
     /// What the job's `stop_when` rules say of the attempt's latest metrics.
