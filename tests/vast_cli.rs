@@ -781,9 +781,7 @@ fn a_vast_run_syncs_its_checkpoints_home_while_it_runs() {
             .into_iter()
             .flatten()
             .flatten()
-            .any(|e| {
-                std::fs::read_to_string(e.path().join("step")).is_ok_and(|s| s.trim() == "7")
-            })
+            .any(|e| std::fs::read_to_string(e.path().join("step")).is_ok_and(|s| s.trim() == "7"))
     });
     w.wait_phase("ck-0", "Succeeded", 60);
     w.until("the instance destroyed", 60, || {
@@ -811,16 +809,122 @@ fn an_unreachable_instance_past_max_duration_is_destroyed_by_the_controller() {
         w.server.live_instances().is_empty()
     });
     // Not before the deadline and the agent's allowance of silence.
-    assert!(hung.elapsed() >= Duration::from_secs(50), "{:?}", hung.elapsed());
     assert!(
-        w.server.requests().iter().any(|r| r.endpoint == Api::Destroy
-            && r.status == 200
-            && r.auth == "account"
-            && r.path.contains(&id.to_string())),
+        hung.elapsed() >= Duration::from_secs(50),
+        "{:?}",
+        hung.elapsed()
+    );
+    assert!(
+        w.server
+            .requests()
+            .iter()
+            .any(|r| r.endpoint == Api::Destroy
+                && r.status == 200
+                && r.auth == "account"
+                && r.path.contains(&id.to_string())),
         "destroyed from outside, with the account's key"
     );
     w.wait_phase("hung-0", "Failed", 30);
     let described = w.a.ok(&["describe", "run", "hung-0"]);
     assert!(described.contains("timed-out"), "{described}");
+    kill9(&mut controller);
+}
+
+#[test]
+fn an_instance_running_without_ssh_ports_then_without_sshd_is_waited_for() {
+    let Some(w) = world_with(vec![offer(311, "RTX 4090", 1, 24.0, 0.35)], |c| {
+        c.ports_after = Duration::from_secs(3);
+        c.sshd_after = Duration::from_secs(4);
+    }) else {
+        return;
+    };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job("sh train.sh"));
+    w.wait_phase("gpu-0", "Succeeded", 90);
+    assert_eq!(w.attempt(), 1, "waited for, not given up on");
+    assert_eq!(w.server.instances().len(), 1);
+    w.wait_destroyed();
+    kill9(&mut controller);
+}
+
+#[test]
+fn an_offer_bought_twice_whose_instance_ends_exited_is_retried_elsewhere() {
+    let Some(w) = world() else { return };
+    // This buyer lost the race: its create succeeded, its instance exits before running.
+    w.server
+        .inject(Some(Api::Create), Fault::BoughtTwiceLost, 1);
+    let mut controller = w.spawn_controller();
+    w.apply(&w.retrying_job("sh train.sh"));
+    w.wait_phase("gpu-0", "Succeeded", 90);
+    assert_eq!(w.attempt(), 2);
+    w.wait_destroyed();
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert!(
+        recs[0].loser && recs[0].billing_stopped.is_some(),
+        "{recs:?}"
+    );
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    assert!(described.contains("preempted"), "{described}");
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_destroy_answering_5xx_for_long_is_retried_until_vast_confirms_the_instance_gone() {
+    let Some(w) = world() else { return };
+    // Each destroy gives up after 2 s of in-place retries, so the storm below outlasts
+    // several of them: the controller must come back to it pass after pass.
+    let mut controller = {
+        let child = w
+            .command()
+            .env("ASIMOV_VAST_RETRY_SECS", "2")
+            .args(["controller"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        w.a.wait_for("the controller's lock", Duration::from_secs(10), || {
+            w.a.controller_running()
+        });
+        child
+    };
+    w.apply(&w.job("sleep 2; sh train.sh"));
+    w.wait_phase("gpu-0", "Running", 60);
+    let storm = Duration::from_secs(20);
+    w.server
+        .configure(|c| c.destroy_failing_until = Some(Instant::now() + storm));
+    let start = Instant::now();
+    w.wait_phase("gpu-0", "Succeeded", 60);
+    // Mid-storm: the run is over, its attempt held while Vast has not confirmed.
+    while start.elapsed() < storm / 2 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    assert!(described.contains("HTTP 503"), "{described}");
+    assert_eq!(w.server.live_instances().len(), 1);
+    let released = |w: &World| {
+        w.a.ok(&["describe", "run", "gpu-0"]).lines().any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.first() == Some(&"1") && cols.get(5).is_some_and(|c| c.contains('T'))
+        })
+    };
+    assert!(!released(&w), "{described}");
+    w.until("the attempt released", 90, || released(&w));
+    let destroys: Vec<u16> = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Destroy)
+        .map(|r| r.status)
+        .collect();
+    // One op retries for 2 s (three or four calls): more failures mean more ops.
+    let failed = destroys.iter().filter(|s| **s == 503).count();
+    assert!(failed >= 6, "{destroys:?}");
+    assert_eq!(destroys.last(), Some(&200), "{destroys:?}");
+    assert!(w.server.instances()[0].billing_stopped.is_some());
+    assert!(
+        start.elapsed() >= storm,
+        "released only after Vast answered"
+    );
     kill9(&mut controller);
 }

@@ -53,6 +53,18 @@ pub const PACING_ENV: &str = "ASIMOV_VAST_PACING";
 /// Seconds an ended run's instance waits for the controller before destroying itself.
 pub const GRACE_ENV: &str = "ASIMOV_VAST_SELF_DESTROY_GRACE";
 const DEFAULT_SELF_DESTROY_GRACE: Duration = Duration::from_secs(300);
+/// Seconds one call keeps retrying 429s and 5xx in place before the op fails (and the
+/// controller tries again on a later pass).
+pub const RETRY_ENV: &str = "ASIMOV_VAST_RETRY_SECS";
+const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(90);
+
+fn retry_budget() -> Duration {
+    std::env::var(RETRY_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(DEFAULT_RETRY_BUDGET, Duration::from_secs)
+}
+
 /// Vast's login user on its images.
 pub const DEFAULT_SSH_USER: &str = "root";
 /// What runs when a job names no image: a stock CUDA runtime image.
@@ -698,7 +710,7 @@ impl VastProvider {
                 key,
                 pacer: Pacer::new(pacing.gaps),
                 retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(10), 2.0)
-                    .with_max_elapsed(Some(Duration::from_secs(90))),
+                    .with_max_elapsed(Some(retry_budget())),
             }),
             pool,
             identity: home.ssh_identity(),

@@ -94,6 +94,12 @@ pub struct Config {
     /// From create to `loading`, and from create to `running`.
     pub loading_after: Duration,
     pub running_after: Duration,
+    /// Once running: how long `ports` stays null (running without SSH ports), then how
+    /// long the mapped port refuses connections (sshd not answering yet).
+    pub ports_after: Duration,
+    pub sshd_after: Duration,
+    /// Until then every destroy (by any key) answers an nginx 503 page.
+    pub destroy_failing_until: Option<Instant>,
     /// Offers (by id) that are listed but whose create always answers no capacity.
     pub capacity_error_offers: Vec<u64>,
     /// Offers (by id) whose instances boot into `created` + an OCI error.
@@ -119,6 +125,9 @@ impl Default for Config {
             gaps: BTreeMap::new(),
             loading_after: Duration::from_millis(300),
             running_after: Duration::from_millis(1200),
+            ports_after: Duration::ZERO,
+            sshd_after: Duration::ZERO,
+            destroy_failing_until: None,
             capacity_error_offers: Vec::new(),
             oci_failure_offers: Vec::new(),
             ssh: None,
@@ -764,6 +773,14 @@ fn answer(
         }
         st.last_call.insert(key, now);
     }
+    if endpoint == Endpoint::Destroy
+        && st
+            .config
+            .destroy_failing_until
+            .is_some_and(|t| Instant::now() < t)
+    {
+        return (nginx_page(503), None);
+    }
     let mut hold = None;
     let mut fails_yet_creates = false;
     let mut taken_now = false;
@@ -1265,14 +1282,46 @@ fn create(st: &mut State, offer_id: u64, body: &Value, fails_yet_creates: bool) 
     )
 }
 
+/// A local port where the host's port mapping answers but no sshd is behind it yet:
+/// every connection is closed at once (held open by one thread for the whole process,
+/// so no other server can take the port).
+fn closed_port() -> u16 {
+    static PORT: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+    *PORT.get_or_init(|| {
+        let Ok(listener) = std::net::TcpListener::bind("127.0.0.1:0") else {
+            return 1;
+        };
+        let port = listener.local_addr().map_or(1, |a| a.port());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        });
+        port
+    })
+}
+
 fn instance_json(config: &Config, i: &InstanceRecord) -> Value {
     let running = i.actual_status.as_deref() == Some("running");
     let ssh = config.ssh.as_ref();
+    let up_for = i
+        .running_at
+        .and_then(|t| t.elapsed().ok())
+        .unwrap_or_default();
     let ports = match (running, ssh) {
-        (true, Some(s)) => json!({
-            "22/tcp": [{"HostIp": "0.0.0.0", "HostPort": s.port.to_string()}],
-            "8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "41235"}],
-        }),
+        (true, Some(_)) if up_for < config.ports_after => Value::Null,
+        (true, Some(s)) => {
+            // Mapped, but nothing answers there yet: a port closed on the host.
+            let port = if up_for < config.ports_after + config.sshd_after {
+                closed_port()
+            } else {
+                s.port
+            };
+            json!({
+                "22/tcp": [{"HostIp": "0.0.0.0", "HostPort": port.to_string()}],
+                "8080/tcp": [{"HostIp": "0.0.0.0", "HostPort": "41235"}],
+            })
+        }
         _ => Value::Null,
     };
     let start = now_epoch(i.billing_started);
