@@ -928,3 +928,99 @@ fn a_destroy_answering_5xx_for_long_is_retried_until_vast_confirms_the_instance_
     );
     kill9(&mut controller);
 }
+
+/// What the server billed for instance `id`: its `dph_total` over the seconds it billed.
+fn billed(w: &World, id: u64) -> f64 {
+    let rec = w
+        .server
+        .instances()
+        .into_iter()
+        .find(|i| i.id == id)
+        .unwrap();
+    let stopped = rec.billing_stopped.expect("billing stopped");
+    let secs = stopped
+        .duration_since(rec.billing_started)
+        .unwrap()
+        .as_secs_f64();
+    rec.dph_total * secs / 3600.0
+}
+
+#[test]
+fn each_attempts_dph_total_feeds_the_cost_ledger_and_budgets_as_vast_bills_it() {
+    // 360 USD/h (0.10 USD/s, storage included; 324 of it compute): seconds show in cents.
+    let offers = vec![
+        offer(331, "RTX 4090", 1, 24.0, 360.0),
+        offer(332, "RTX 4090", 1, 24.0, 360.0),
+    ];
+    let Some(w) = world_with(offers, |_| {}) else {
+        return;
+    };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.gpu_job("paid", 1, "'sleep 4; sh train.sh'", ""));
+    w.wait_phase("paid-0", "Succeeded", 90);
+    w.wait_destroyed();
+    let run = |name: &str| {
+        w.a.runs_json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap()
+    };
+    w.until("the attempt's cost in the ledger", 30, || {
+        run("paid-0")["cost_usd"].as_f64().unwrap_or(0.0) > 0.0
+    });
+    let r = run("paid-0");
+    assert_eq!(r["price_per_hour"].as_f64(), Some(360.0), "dph_total: {r}");
+    let id: u64 = r["instance_id"].as_str().unwrap().parse().unwrap();
+    let vast = billed(&w, id);
+    let ours = r["cost_usd"].as_f64().unwrap();
+    // Never less than Vast billed (cents, and whole seconds in the store); more only by
+    // the few seconds between asking and Vast answering (create, destroy).
+    eprintln!("ledger {ours} USD, Vast billed {vast:.4} USD");
+    assert!(
+        ours >= vast - 0.11 && ours <= vast + 2.0,
+        "ledger {ours} vs billed {vast}"
+    );
+
+    // A budget that stops its jobs at 1 USD: about ten seconds of this instance.
+    let budget = w.a.manifest(
+        "budget.yaml",
+        "apiVersion: asimov/v1\nkind: Budget\nmetadata: {name: cap}\n\
+         spec: {limit_usd: 1, period: 30days, selector: {team: capped}, action: stop}\n",
+    );
+    w.apply(&budget);
+    let job = w.gpu_job("capped", 1, "sleep 600", "");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "metadata: {name: capped}",
+        "metadata: {name: capped, labels: {team: capped}}",
+    );
+    std::fs::write(&job, text).unwrap();
+    w.apply(&job);
+    w.until("the budget to stop the run and its instance", 120, || {
+        let live = w.server.live_instances();
+        w.server.instances().len() == 2 && live.is_empty()
+    });
+    let r = run("capped-0");
+    let id = w
+        .server
+        .instances()
+        .iter()
+        .map(|i| i.id)
+        .find(|i| i.to_string() != run("paid-0")["instance_id"].as_str().unwrap())
+        .unwrap();
+    let vast = billed(&w, id);
+    eprintln!(
+        "budget of 1 USD: Vast billed {vast:.4} USD, ledger {}",
+        r["cost_usd"]
+    );
+    assert!(vast >= 1.0 - 0.21, "stopped only once spent: billed {vast}");
+    assert!(
+        vast <= 1.0 + 3.0,
+        "stopped near the limit: billed {vast}, {r}"
+    );
+    let described = w.a.ok(&["describe", "run", "capped-0"]);
+    assert!(described.contains("budget"), "{described}");
+    kill9(&mut controller);
+}
