@@ -446,6 +446,9 @@ fn a_429_and_5xx_storm_slows_parallel_launches_but_loses_nothing() {
         })
         .collect();
     assert_eq!(w.server.rate_limited(), injected_429, "{summary:#?}");
+    // One listing per pass for every run: never a call per instance.
+    let shows = requests.iter().filter(|r| r.endpoint == Api::Show).count();
+    assert_eq!(shows, 0, "per-instance polling");
     eprintln!(
         "{RUNS} runs through a storm: {elapsed:?}, {} requests, {} answered 429",
         w.server.requests().len(),
