@@ -147,8 +147,11 @@ fn applying_a_vast_job_without_a_key_says_how_to_store_one() {
         "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: ft}\nspec:\n  run: python train.py\n  \
          placement:\n    - {provider: vast}\n",
     );
+    let s = server();
     let out = a
         .command()
+        .env("ASIMOV_VAST_API_URL", s.url())
+        .env("ASIMOV_VAST_PACING", "0")
         .env_remove("VAST_API_KEY")
         .args(["apply", "--dry-run", "-f", job.to_str().unwrap()])
         .output()
@@ -156,4 +159,93 @@ fn applying_a_vast_job_without_a_key_says_how_to_store_one() {
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("asimov secret set VAST_API_KEY"), "{err}");
+}
+
+#[test]
+fn a_dry_run_shows_the_offer_and_price_a_vast_job_would_take_and_rents_nothing() {
+    let a = Asimov::new();
+    let s = server();
+    let job = a.manifest(
+        "job.yaml",
+        r#"apiVersion: asimov/v1
+kind: Job
+metadata: {name: ft}
+spec:
+  run: python train.py
+  resources: {gpu: {name: RTX_4090, count: 1}}
+  placement:
+    - {provider: vast, max_price_per_hour: 0.5}
+    - {provider: vast, spot: true, premium_pct: 10}
+"#,
+    );
+    let out = a
+        .command()
+        .env("ASIMOV_VAST_API_URL", s.url())
+        .env("ASIMOV_VAST_PACING", "0")
+        .args(["apply", "--dry-run", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    // The cheapest RTX 4090 (0.30 USD/h), and as a spot bid: 10% over its minimum bid
+    // (0.15), plus its storage (0.03).
+    assert!(
+        text.contains("on vast now: offer 404 (1x RTX 4090, 24 GB) at $0.3000/h"),
+        "{text}"
+    );
+    assert!(text.contains("at $0.1950/h (bid)"), "{text}");
+    assert_eq!(s.creates_received(), 0);
+    assert!(s.instances().is_empty());
+}
+
+/// `offers --pick` through a real pseudo-terminal: typing filters the list, Enter picks,
+/// and the placement entry for that machine is printed; without a terminal it refuses.
+#[test]
+fn offers_pick_chooses_one_on_a_terminal_and_prints_its_placement() {
+    use rexpect::reader::Options;
+    use rexpect::session::spawn_with_options;
+    let a = Asimov::new();
+    let s = server();
+    let mut cmd = a.command();
+    cmd.env("ASIMOV_VAST_API_URL", s.url())
+        .env("ASIMOV_VAST_PACING", "0")
+        .env("TERM", "xterm")
+        .env("COLUMNS", "120")
+        .env("LINES", "40")
+        .args(["offers", "--pick", "--premium", "10", "--max-price", "5"]);
+    let mut p = spawn_with_options(
+        cmd,
+        Options::new()
+            .timeout_ms(Some(60_000))
+            .strip_ansi_escape_codes(true),
+    )
+    .expect("asimov starts in a pty");
+    p.exp_string("Offer to rent").unwrap();
+    // Filter as you type: only the H100s are left; the first is the cheaper PCIe one.
+    p.send("H100").unwrap();
+    p.flush().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    p.send("\r").unwrap();
+    p.flush().unwrap();
+    let out = p.exp_eof().unwrap();
+    // 1.95 USD/h now, capped 10% over it.
+    assert!(
+        out.contains(
+            r#"- {provider: vast, max_price_per_hour: 2.1450, filters: {machine_id: "=1402", gpu_name: "=H100_PCIE"}}"#
+        ),
+        "{out}"
+    );
+    assert!(s.instances().is_empty());
+    // Without a terminal: a clear refusal.
+    let out = offers(&a, &s, &["--pick"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs a terminal"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -73,6 +73,15 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
                     placement.join(" → ")
                 );
             }
+            // What would be rented now, at what price; nothing is.
+            for p in &job.spec.placement {
+                if p.provider == crate::model::ProviderKind::Vast {
+                    println!(
+                        "  on vast now: {}",
+                        super::offers::vast_quote(home, &job.spec.resources, p)
+                    );
+                }
+            }
         }
     }
     // Valid, but it would wait for ever: say so now rather than leave `--wait` hanging.

@@ -129,6 +129,14 @@ pub enum Command {
         /// Interruptible (bid) prices: `premium_pct` over the minimum bid
         #[arg(long)]
         spot: bool,
+        /// Percent over the offer's price: the bid with `--spot`, else the price cap of
+        /// the placement `--pick` prints
+        #[arg(long)]
+        premium: Option<f64>,
+        /// On a terminal: choose one offer (arrow keys, type to filter) and print the
+        /// job's matching `placement` entry
+        #[arg(long)]
+        pick: bool,
         #[arg(long, value_enum, default_value_t = OfferSort::Price)]
         sort: OfferSort,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]

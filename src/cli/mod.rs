@@ -155,6 +155,8 @@ fn dispatch(cli: Cli) -> CliResult {
             max_price,
             filters,
             spot,
+            premium,
+            pick,
             sort,
             output,
         } => {
@@ -170,6 +172,8 @@ fn dispatch(cli: Cli) -> CliResult {
                     max_price,
                     filters,
                     spot,
+                    premium,
+                    pick,
                 },
                 sort,
                 output,

@@ -23,6 +23,10 @@ pub struct Query {
     pub max_price: Option<f64>,
     pub filters: Vec<String>,
     pub spot: bool,
+    /// Percent over the price: the bid (spot) or the cap `--pick` writes.
+    pub premium: Option<f64>,
+    /// Choose one offer on the terminal and print its placement entry.
+    pub pick: bool,
 }
 
 /// The resources and the Vast placement to search with: the job's (flags override),
@@ -81,6 +85,14 @@ fn resolve_for(
     if q.spot {
         placement.spot = true;
     }
+    if let Some(pct) = q.premium {
+        if !pct.is_finite() || pct < 0.0 {
+            return Err(fail(format!(
+                "bad --premium {pct}: expected a percent, 0 or more"
+            )));
+        }
+        placement.premium_pct = Some(pct);
+    }
     for f in &q.filters {
         let Some((name, expr)) = f.split_once('=') else {
             return Err(fail(format!(
@@ -125,6 +137,9 @@ pub fn run(home: &Home, q: Query, sort: OfferSort, output: Output) -> CliResult 
                 .partial_cmp(&perf_per_dollar(a, &placement))
                 .unwrap_or(std::cmp::Ordering::Equal)
         });
+    }
+    if q.pick {
+        return pick(&offers, &placement);
     }
     match output {
         Output::Json | Output::Yaml => {
@@ -268,4 +283,118 @@ fn catalog(home: &Home, q: &Query, kind: ProviderKind, output: Output) -> CliRes
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// For `apply --dry-run`: what a job placed on Vast by `placement` would rent now (the
+/// cheapest fitting offer and its price per hour), or why nothing. Searches only.
+pub fn vast_quote(home: &Home, resources: &Resources, placement: &Placement) -> String {
+    let search = || -> Result<Option<VastOffer>, Box<dyn std::error::Error>> {
+        // A preview: a few seconds of retries, not the controller's minute and a half.
+        let provider = VastProvider::searcher(home)?.with_retry(
+            crate::retry::Backoff::new(
+                std::time::Duration::from_millis(500),
+                std::time::Duration::from_secs(2),
+                2.0,
+            )
+            .with_max_elapsed(Some(std::time::Duration::from_secs(5))),
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let offers = runtime.block_on(provider.search(resources, placement))?;
+        Ok(offers.into_iter().next())
+    };
+    match search() {
+        Ok(Some(o)) => format!(
+            "offer {} ({}x {}, {:.0} GB) at ${:.4}/h{}",
+            o.id,
+            o.num_gpus,
+            o.gpu_name,
+            o.vram_gb,
+            o.price(placement),
+            if placement.spot { " (bid)" } else { "" }
+        ),
+        Ok(None) => "no offer fits now".to_string(),
+        Err(e) => format!("cannot search offers: {e}"),
+    }
+}
+
+/// `offers --pick`: one offer chosen on the terminal (inquire's list: arrow keys, typing
+/// filters), printed as the `placement` entry that rents that machine: its
+/// `machine_id`, the GPU, and the price (`--spot`: the bid, `premium_pct` over the
+/// minimum; else a cap of `--premium` percent over today's price, or today's price).
+fn pick(offers: &[VastOffer], placement: &Placement) -> CliResult {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        return Err(fail(
+            "offers --pick needs a terminal; use -o json to choose in a script",
+        ));
+    }
+    if offers.is_empty() {
+        return Err(fail("no offer fits; nothing to pick"));
+    }
+    let lines: Vec<String> = offers
+        .iter()
+        .map(|o| {
+            format!(
+                "{:>9}  {}x {:<12} {:>4.0} GB  ${:>8.4}/h  reliab. {}  {}",
+                o.id,
+                o.num_gpus,
+                o.gpu_name,
+                o.vram_gb,
+                o.price(placement),
+                o.reliability.map_or("-".into(), |r| format!("{r:.3}")),
+                o.geolocation.clone().unwrap_or_else(|| "-".into()),
+            )
+        })
+        .collect();
+    let chosen = inquire::Select::new("Offer to rent (type to filter):", lines.clone())
+        .with_page_size(15)
+        .prompt();
+    let line = match chosen {
+        Ok(line) => line,
+        Err(inquire::InquireError::OperationCanceled)
+        | Err(inquire::InquireError::OperationInterrupted) => {
+            return Err(fail("nothing picked"));
+        }
+        Err(e) => return Err(fail(format!("offers --pick: {e}"))),
+    };
+    let Some(o) = lines
+        .iter()
+        .position(|l| *l == line)
+        .and_then(|i| offers.get(i))
+    else {
+        return Err(fail("offers --pick: the choice is not in the list"));
+    };
+    println!("{}", placement_entry(o, placement));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The job's `placement` entry (YAML flow style) that rents the machine of `o`.
+fn placement_entry(o: &VastOffer, placement: &Placement) -> String {
+    let mut filters = Vec::new();
+    if let Some(m) = o.machine_id {
+        filters.push(format!("machine_id: \"={m}\""));
+    }
+    filters.push(format!("gpu_name: \"={}\"", o.gpu_name.replace(' ', "_")));
+    let price = if placement.spot {
+        format!(
+            "spot: true, premium_pct: {}",
+            placement.premium_pct.unwrap_or(0.0)
+        )
+    } else {
+        let cap = o.price(placement) * (1.0 + placement.premium_pct.unwrap_or(0.0) / 100.0);
+        format!(
+            "max_price_per_hour: {:.4}",
+            (cap * 10_000.0).ceil() / 10_000.0
+        )
+    };
+    format!(
+        "placement:\n  - {{provider: vast, {price}, filters: {{{}}}}}  # offer {}: {}x {}, ${:.4}/h now",
+        filters.join(", "),
+        o.id,
+        o.num_gpus,
+        o.gpu_name,
+        o.price(placement)
+    )
 }

@@ -306,6 +306,9 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VastOffer {
     pub id: u64,
+    /// The machine behind the offer: steadier than the offer id, which changes with
+    /// the host's ask.
+    pub machine_id: Option<u64>,
     pub gpu_name: String,
     pub num_gpus: u32,
     /// Per GPU, GB (the API says MB).
@@ -330,6 +333,7 @@ impl VastOffer {
         let f = |k: &str| v.get(k).and_then(Value::as_f64);
         Some(VastOffer {
             id: v.get("id")?.as_u64()?,
+            machine_id: v.get("machine_id").and_then(Value::as_u64),
             gpu_name: v.get("gpu_name")?.as_str()?.trim().to_string(),
             num_gpus: v.get("num_gpus").and_then(Value::as_u64).unwrap_or(0) as u32,
             vram_gb: f("gpu_ram").unwrap_or(0.0) / 1000.0,
@@ -1717,6 +1721,7 @@ mod tests {
     fn offer(id: u64, name: &str, n: u32, vram: f64, price: f64) -> VastOffer {
         VastOffer {
             id,
+            machine_id: None,
             gpu_name: name.into(),
             num_gpus: n,
             vram_gb: vram,
