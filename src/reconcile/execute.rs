@@ -700,10 +700,6 @@ impl Executor {
         }
     }
 
-    /// Brings the run's checkpoint home (when the job declares one). A machine that
-    /// keeps no files can never sync: the run's events say so and the op goes on, so
-    /// that a teardown waits for a sync that can finish, never for one that cannot.
-    #[allow(clippy::too_many_arguments)]
     /// Readiness of a rented instance for a job that asks for GPUs: `nvidia-smi` must
     /// show at least that many. Too few: the job is not run there, it fails in setup
     /// with the reason in its log (the retry policy decides what next, and the instance
@@ -747,6 +743,10 @@ impl Executor {
         Ok(())
     }
 
+    /// Brings the run's checkpoint home (when the job declares one). A machine that
+    /// keeps no files can never sync: the run's events say so and the op goes on, so
+    /// that a teardown waits for a sync that can finish, never for one that cannot.
+    #[allow(clippy::too_many_arguments)]
     async fn sync_checkpoint(
         &self,
         op: &Op,
