@@ -201,16 +201,16 @@ fn runs_that_would_start_show_the_offer_they_would_take_its_price_and_their_budg
     let budget = "; budget team has $50.00 of $50.00 left";
     for want in [
         format!(
-            "  run/ft-0 would start on vast (placement 2) offer 402 (H100 PCIE x1, 80 GB) at $1.950/h{budget}\n"
+            "  run/ft-0 would start on vast (placement 2): offer 402 (H100 PCIE x1, 80 GB, Atlantis, AT) at $1.950/h{budget}\n"
         ),
         format!(
-            "  run/ft-1 would start on vast (placement 2) offer 401 (H100 SXM x1, 80 GB) at $2.400/h{budget}\n"
+            "  run/ft-1 would start on vast (placement 2): offer 401 (H100 SXM x1, 80 GB, Atlantis, AT) at $2.400/h{budget}\n"
         ),
         format!(
-            "  run/ft-2 would start on lambda (placement 3) offer gpu_1x_h100_pcie (H100 (80 GB PCIe) x1, 80 GB, us-east-1) at $2.490/h{budget}\n"
+            "  run/ft-2 would start on lambda (placement 3): offer gpu_1x_h100_pcie (H100 (80 GB PCIe) x1, 80 GB, us-east-1) at $2.490/h{budget}\n"
         ),
         format!(
-            "  run/ft-3 would start on lambda (placement 3) offer gpu_1x_h100_pcie (H100 (80 GB PCIe) x1, 80 GB, us-east-1) at $2.490/h{budget}\n"
+            "  run/ft-3 would start on lambda (placement 3): offer gpu_1x_h100_pcie (H100 (80 GB PCIe) x1, 80 GB, us-east-1) at $2.490/h{budget}\n"
         ),
     ] {
         assert!(out.contains(&want), "{want:?} not in\n{out}");
@@ -293,7 +293,7 @@ fn runpod_gpu_types_in_stock_are_quoted_for_the_count_asked() {
     let text = String::from_utf8_lossy(&out.stdout);
     // The 4090 has no stock: the H100 is what a create would take, for two GPUs.
     assert!(
-        text.contains("  run/rp-0 would start on runpod offer NVIDIA H100 80GB HBM3 (H100 SXM x2, 80 GB) at $5.980/h\n"),
+        text.contains("  run/rp-0 would start on runpod: offer NVIDIA H100 80GB HBM3 (H100 SXM x2, 80 GB) at $5.980/h\n"),
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -304,7 +304,10 @@ fn placed_text(p: &Placed) -> String {
     } else {
         String::new()
     };
-    format!("{}{nth} {}", p.provider, offer_text(&p.taken))
+    match &p.taken {
+        Taken::Host(_) => format!("{}{nth} {}", p.provider, offer_text(&p.taken)),
+        Taken::Offer(_) => format!("{}{nth}: {}", p.provider, offer_text(&p.taken)),
+    }
 }
 
 fn run_line(r: &RunPreview, budgets: &[BudgetState], now: Timestamp) -> String {
