@@ -3,11 +3,11 @@
 //! servers, stored 0600 in the credential store as `asimov secret set` does; a refused
 //! key is not stored; an unreachable API saves it unchecked; no terminal, a hint.
 
-mod support;
 #[path = "support/lambda_server.rs"]
 mod lambda_server;
 #[path = "support/runpod_server.rs"]
 mod runpod_server;
+mod support;
 #[path = "support/vast_server.rs"]
 mod vast_server;
 
@@ -75,13 +75,21 @@ fn a_good_key_is_checked_and_stored_0600_never_shown() {
     assert_eq!(code, 0, "{screen}");
     assert!(screen.contains("vast accepted the key"), "{screen}");
     assert!(screen.contains("secret/VAST_API_KEY saved"), "{screen}");
-    assert!(!screen.contains(vast_server::API_KEY), "the key was echoed: {screen}");
+    assert!(
+        !screen.contains(vast_server::API_KEY),
+        "the key was echoed: {screen}"
+    );
     let file = a.home().join("credentials/VAST_API_KEY");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), vast_server::API_KEY);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        vast_server::API_KEY
+    );
     assert_eq!(mode(&file), 0o600);
     // It was checked with the cloud: one authenticated request reached the server.
     assert!(
-        vast.requests().iter().any(|r| r.path.contains("/instances")),
+        vast.requests()
+            .iter()
+            .any(|r| r.path.contains("/instances")),
         "no check reached the server"
     );
     // Stored exactly as `asimov secret set` stores it: `secret list` names it.
@@ -93,14 +101,20 @@ fn a_good_key_is_checked_and_stored_0600_never_shown() {
     let (code, screen) = login(&a, &env, "lambda", lambda_server::API_KEY);
     assert_eq!(code, 0, "{screen}");
     let file = a.home().join("credentials/LAMBDA_API_KEY");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), lambda_server::API_KEY);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        lambda_server::API_KEY
+    );
     assert_eq!(mode(&file), 0o600);
     let runpod = runpod_server::RunpodServer::start(runpod_server::Config::default(), vec![]);
     let env = [("ASIMOV_RUNPOD_API_URL", runpod.url())];
     let (code, screen) = login(&a, &env, "runpod", runpod_server::API_KEY);
     assert_eq!(code, 0, "{screen}");
     let file = a.home().join("credentials/RUNPOD_API_KEY");
-    assert_eq!(std::fs::read_to_string(&file).unwrap(), runpod_server::API_KEY);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        runpod_server::API_KEY
+    );
 }
 
 #[test]

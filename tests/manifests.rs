@@ -744,7 +744,9 @@ fn cli_accepts_a_byte_order_mark() {
         job.to_str().expect("utf-8 path"),
     ]);
     assert!(
-        out.starts_with("job/bom created (dry run)\n  run/bom-0 would start on local (this machine, "),
+        out.starts_with(
+            "job/bom created (dry run)\n  run/bom-0 would start on local (this machine, "
+        ),
         "{out}"
     );
 }

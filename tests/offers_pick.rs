@@ -4,11 +4,11 @@
 //! chosen offer's placement entry printed, or written first into the job file with the
 //! rest of the file kept; without a terminal, a hint and a failure.
 
-mod support;
 #[path = "support/lambda_server.rs"]
 mod lambda_server;
 #[path = "support/runpod_server.rs"]
 mod runpod_server;
+mod support;
 #[path = "support/vast_server.rs"]
 mod vast_server;
 
@@ -96,7 +96,11 @@ fn without_provider_every_configured_cloud_is_searched_and_merged_by_price() {
         .args(["offers", "--gpu", "H100", "-o", "json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got = items(&out.stdout);
     let want = [
         ("vast", "402", 1.95),
@@ -125,7 +129,11 @@ fn without_provider_every_configured_cloud_is_searched_and_merged_by_price() {
         .args(["offers", "--gpu", "H100", "-o", "json"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("warning: lambda:"), "{err}");
     let providers: Vec<String> = items(&out.stdout).into_iter().map(|i| i.0).collect();
@@ -151,7 +159,9 @@ fn spawn(cmd: Command) -> PtySession {
 }
 
 fn terminal(mut cmd: Command) -> Command {
-    cmd.env("TERM", "xterm").env("COLUMNS", "160").env("LINES", "40");
+    cmd.env("TERM", "xterm")
+        .env("COLUMNS", "160")
+        .env("LINES", "40");
     cmd
 }
 
@@ -193,7 +203,29 @@ fn pick_filters_as_you_type_and_writes_the_placement_into_the_job() {
         .unwrap();
     p.exp_eof().unwrap();
     assert_eq!(exit_code(&p), 0);
-    assert_eq!(std::fs::read_to_string(&job).unwrap(), JOB, "printing writes nothing");
+    assert_eq!(
+        std::fs::read_to_string(&job).unwrap(),
+        JOB,
+        "printing writes nothing"
+    );
+    // The printed entry rents that GPU model again, under its cap.
+    let vast_job = a.manifest(
+        "vast.yaml",
+        &JOB.replace(
+            "    - {provider: local}\n",
+            "    - {provider: vast, max_price_per_hour: 2.64, filters: {gpu_name: \"H100 SXM\"}}\n",
+        ),
+    );
+    let out = with_clouds(a.command(), &c)
+        .args(["apply", "--dry-run", "-f", vast_job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains("run/ft-0 would start on vast: offer 401 (H100 SXM x1"),
+        "{plan}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Written: the first placement of the job, every other line kept.
     let mut cmd = with_clouds(terminal(a.command()), &c);

@@ -5,11 +5,11 @@
 //! servers (distinct market offers, fallback through the placements), its price and its
 //! budget; `-o json`; and nothing rented or stored.
 
-mod support;
 #[path = "support/lambda_server.rs"]
 mod lambda_server;
 #[path = "support/runpod_server.rs"]
 mod runpod_server;
+mod support;
 #[path = "support/vast_server.rs"]
 mod vast_server;
 
@@ -44,7 +44,10 @@ fn stored(a: &Asimov) -> Vec<(String, String)> {
 #[test]
 fn a_changed_spec_shows_its_diff_and_which_runs_keep_restart_or_stop() {
     let a = Asimov::new();
-    let job = a.manifest("job.yaml", &job_yaml("sleep 120 # ${matrix.config}", "a, b"));
+    let job = a.manifest(
+        "job.yaml",
+        &job_yaml("sleep 120 # ${matrix.config}", "a, b"),
+    );
     a.ok(&["apply", "-f", job.to_str().unwrap()]);
     a.wait_for("both runs to run", Duration::from_secs(90), || {
         a.run_phase("sweep-0").as_deref() == Some("Running")
@@ -127,7 +130,9 @@ fn a_new_job_on_local_names_the_host() {
     );
     let out = a.ok(&["apply", "--dry-run", "-f", job.to_str().unwrap()]);
     assert!(
-        out.starts_with("job/one created (dry run)\n  run/one-0 would start on local (this machine, "),
+        out.starts_with(
+            "job/one created (dry run)\n  run/one-0 would start on local (this machine, "
+        ),
         "{out}"
     );
     assert!(stored(&a).is_empty());

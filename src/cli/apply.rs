@@ -98,7 +98,9 @@ pub fn run_as(
             && crate::provider::vast::api_key(home).is_none()
         {
             eprintln!(
-                "warning: job/{} is placed only on vast, and no {} is stored                  (asimov secret set {}, then restart the controller); its runs will wait as Pending",
+                "warning: job/{} is placed only on vast, and no {} is stored \
+                 (asimov login vast, or asimov secret set {}; then restart the controller); \
+                 its runs will wait as Pending",
                 job.name,
                 crate::provider::vast::KEY_NAME,
                 crate::provider::vast::KEY_NAME,

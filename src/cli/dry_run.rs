@@ -54,7 +54,8 @@ fn history(store: Option<&crate::store::Store>) -> Result<History, CliError> {
     };
     h.stops = store.stops()?;
     for run in store.runs()? {
-        h.attempts.insert(run.name.clone(), store.attempts(&run.name)?);
+        h.attempts
+            .insert(run.name.clone(), store.attempts(&run.name)?);
         h.runs.insert(run.name.clone(), run);
     }
     Ok(h)
@@ -220,11 +221,11 @@ pub fn plan(
     for (change, doc) in changes {
         let label = format!("{}/{}", doc.kind.as_str().to_lowercase(), doc.name);
         let diff = match change {
-            Change::Configured => std::fs::read_to_string(super::desired::object_file(
-                home, doc.kind, &doc.name,
-            ))
-            .ok()
-            .map(|old| diff(&label, &old, &doc.yaml)),
+            Change::Configured => {
+                std::fs::read_to_string(super::desired::object_file(home, doc.kind, &doc.name))
+                    .ok()
+                    .map(|old| diff(&label, &old, &doc.yaml))
+            }
             Change::Created | Change::Unchanged => None,
         };
         let mut runs = Vec::new();
@@ -234,15 +235,8 @@ pub fn plan(
             && let Some(job) = loaded.manifests.jobs.iter().find(|j| j.name == doc.name)
         {
             let quotes = quotes(home, &mut pool, &runtime, job, &fleets)?;
-            runs = preview::preview_job(
-                job,
-                &history,
-                &quotes,
-                &budgets,
-                &states,
-                &mut claims,
-                now,
-            );
+            runs =
+                preview::preview_job(job, &history, &quotes, &budgets, &states, &mut claims, now);
             job_budgets = budgets
                 .iter()
                 .filter(|b| budget::selects(b, job))

@@ -89,9 +89,8 @@ fn check(home: &Home, kind: ProviderKind, key: &Secret) -> Result<Check, CliErro
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let answer = runtime.block_on(async {
-        tokio::time::timeout(CHECK_TIMEOUT, provider.list()).await
-    });
+    let answer =
+        runtime.block_on(async { tokio::time::timeout(CHECK_TIMEOUT, provider.list()).await });
     Ok(match answer {
         Ok(Ok(_)) => Check::Accepted,
         Ok(Err(e)) => match e.kind {

@@ -119,7 +119,11 @@ pub struct Found {
 }
 
 /// The clouds `offers` can search.
-pub const CLOUDS: [ProviderKind; 3] = [ProviderKind::Vast, ProviderKind::Lambda, ProviderKind::Runpod];
+pub const CLOUDS: [ProviderKind; 3] = [
+    ProviderKind::Vast,
+    ProviderKind::Lambda,
+    ProviderKind::Runpod,
+];
 
 /// The clouds with an API key in the credential store or this process's environment.
 pub fn configured_clouds(home: &Home) -> Vec<ProviderKind> {
@@ -340,9 +344,10 @@ fn search_all(home: &Home, q: &Query, kinds: &[ProviderKind]) -> Result<Vec<Foun
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let results = runtime.block_on(futures_util::future::join_all(asks.iter().map(
-        |(kind, resources, placement)| search(home, &pool, *kind, resources, placement),
-    )));
+    let results = runtime
+        .block_on(futures_util::future::join_all(asks.iter().map(
+            |(kind, resources, placement)| search(home, &pool, *kind, resources, placement),
+        )));
     let mut found = Vec::new();
     let mut failures = Vec::new();
     for ((kind, _, _), result) in asks.iter().zip(results) {
@@ -390,7 +395,9 @@ pub fn run(home: &Home, q: Query, sort: OfferSort, output: Output) -> CliResult 
         return Err(fail("--write and --premium go with --pick"));
     }
     if q.write && q.file.is_none() {
-        return Err(fail("--write needs the job file to write into: -f job.yaml"));
+        return Err(fail(
+            "--write needs the job file to write into: -f job.yaml",
+        ));
     }
     if q.pick && !super::prompt::on_terminal() {
         return Err(fail(
@@ -416,8 +423,17 @@ pub fn run(home: &Home, q: Query, sort: OfferSort, output: Output) -> CliResult 
         }
         Output::Table | Output::Wide => {
             let mut table = render::new_table(&[
-                "PROVIDER", "ID", "GPU", "COUNT", "VRAM", "$/H", "CUDA", "DISK", "RELIAB.",
-                "LOCATION", "AVAILABLE",
+                "PROVIDER",
+                "ID",
+                "GPU",
+                "COUNT",
+                "VRAM",
+                "$/H",
+                "CUDA",
+                "DISK",
+                "RELIAB.",
+                "LOCATION",
+                "AVAILABLE",
             ]);
             for f in &found {
                 let o = &f.offer;

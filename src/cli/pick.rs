@@ -48,7 +48,11 @@ pub fn run(home: &Home, q: &Query, found: Vec<Found>) -> CliResult {
             "bad --premium {premium}: expected a percentage of 0 or more"
         )));
     }
-    let choices: Vec<Choice> = found.into_iter().filter(|f| f.available).map(Choice).collect();
+    let choices: Vec<Choice> = found
+        .into_iter()
+        .filter(|f| f.available)
+        .map(Choice)
+        .collect();
     if choices.is_empty() {
         return Err(fail("no offer fits; nothing to pick"));
     }
@@ -184,7 +188,9 @@ fn write_entry(home: &Home, file: &std::path::Path, entry: &str) -> Result<(), C
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
-    let mut tmp = tempfile::Builder::new().prefix(".asimov-pick-").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".asimov-pick-")
+        .tempfile_in(dir)?;
     std::io::Write::write_all(&mut tmp, edited.as_bytes())?;
     // The user's file keeps its mode; the temporary one is private.
     if let Ok(meta) = std::fs::metadata(file) {
@@ -270,10 +276,7 @@ mod tests {
         let got = insert_placement(text, 1, E).unwrap();
         assert_eq!(
             got,
-            text.replace(
-                "  placement:\n",
-                &format!("  placement:\n    - {E}\n")
-            )
+            text.replace("  placement:\n", &format!("  placement:\n    - {E}\n"))
         );
     }
 
@@ -295,7 +298,10 @@ mod tests {
     fn edits_only_its_own_document() {
         let text = "kind: Job\nspec:\n  run: x\n---\nkind: Job\nspec:\n  placement:\n  - {provider: local}\n";
         let got = insert_placement(text, 5, E).unwrap();
-        assert!(got.starts_with("kind: Job\nspec:\n  run: x\n---\n"), "{got}");
+        assert!(
+            got.starts_with("kind: Job\nspec:\n  run: x\n---\n"),
+            "{got}"
+        );
         assert!(got.ends_with(&format!("  placement:\n  - {E}\n  - {{provider: local}}\n")));
     }
 

@@ -152,7 +152,12 @@ pub fn preview_job(
                 Some(b) => Action::Blocked { reason: b.reason() },
                 None => Action::Start {
                     rerun: changed,
-                    at: job.spec.schedule.as_ref().map(|s| s.at).filter(|at| *at > now),
+                    at: job
+                        .spec
+                        .schedule
+                        .as_ref()
+                        .map(|s| s.at)
+                        .filter(|at| *at > now),
                     placed: place(job, quotes, claims),
                 },
             },
@@ -195,7 +200,10 @@ fn place(job: &Job, quotes: &[Quote], claims: &mut Claims) -> Result<Placed, Vec
             None => why.push(match quote {
                 Some(Quote::Unavailable(reason)) => format!("{}: {reason}", placement.provider),
                 Some(Quote::Offers { offers, .. }) if !offers.is_empty() => {
-                    format!("{}: every fitting offer is taken by an earlier run", placement.provider)
+                    format!(
+                        "{}: every fitting offer is taken by an earlier run",
+                        placement.provider
+                    )
                 }
                 Some(_) => format!("{}: no offer fits now", placement.provider),
                 None => format!("{}: not asked", placement.provider),
@@ -328,7 +336,11 @@ mod tests {
     #[test]
     fn without_any_offer_the_run_waits_and_says_why() {
         let j = job(1, vec![vast()], "h");
-        let got = preview(&j, &History::default(), &[Quote::Unavailable("no key".into())]);
+        let got = preview(
+            &j,
+            &History::default(),
+            &[Quote::Unavailable("no key".into())],
+        );
         assert_eq!(
             got[0].action,
             Action::Start {
