@@ -246,6 +246,26 @@ fn runs_that_would_start_show_the_offer_they_would_take_its_price_and_their_budg
     assert!(stored(&a).is_empty());
     assert!(!a.home().join("state.db").exists());
 
+    // Capacity outside the placement's regions does not count.
+    let eu = a.manifest(
+        "eu.yaml",
+        "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: eu}\nspec:\n  run: x\n  \
+         placement: [{provider: lambda, instance_types: [gpu_1x_h100_pcie], regions: [eu-west-1]}]\n",
+    );
+    let out = a
+        .command()
+        .env("ASIMOV_LAMBDA_API_URL", lambda.url())
+        .env("ASIMOV_LAMBDA_PACING", "0")
+        .env("LAMBDA_API_KEY", lambda_server::API_KEY)
+        .args(["apply", "--dry-run", "-f", eu.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("run/eu-0 would start once a placement has capacity; it waits as Pending now (lambda: no offer fits now)"),
+        "{text}"
+    );
+
     // Without capacity anywhere, the plan says the runs wait and why.
     let cheap = a.manifest(
         "cheap.yaml",

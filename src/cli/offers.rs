@@ -212,7 +212,16 @@ pub async fn search(
                 let p = LambdaProvider::from_home(home, Arc::clone(pool))?
                     .ok_or_else(|| no_key(crate::provider::lambda::KEY_NAME))?
                     .with_retry(search_retry());
-                p.offers(resources, placement).await?
+                let mut types = p.offers(resources, placement).await?;
+                // A launch goes only to the placement's regions: capacity elsewhere
+                // does not count.
+                if !placement.regions.is_empty() {
+                    for t in &mut types {
+                        t.regions.retain(|r| placement.regions.contains(r));
+                        t.available = !t.regions.is_empty();
+                    }
+                }
+                types
             } else {
                 let p = RunpodProvider::from_home(home, Arc::clone(pool))?
                     .ok_or_else(|| no_key(crate::provider::runpod::KEY_NAME))?
