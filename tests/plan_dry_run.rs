@@ -300,12 +300,13 @@ fn runpod_gpu_types_in_stock_are_quoted_for_the_count_asked() {
         vec![
             runpod_server::gpu("NVIDIA H100 80GB HBM3", "H100 SXM", 80, 2.99, 4),
             runpod_server::gpu("NVIDIA GeForce RTX 4090", "RTX 4090", 24, 0.69, 0),
+            runpod_server::gpu("NVIDIA RTX A6000", "RTX A6000", 48, 0.49, 5),
         ],
     );
     let job = a.manifest(
         "job.yaml",
         "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: rp}\nspec:\n  run: x\n  \
-         resources: {gpu: {name: [RTX 4090, H100], count: 2}}\n  placement: [{provider: runpod}]\n",
+         resources: {gpu: {name: [RTX 4090, H100, A6000], count: 2}}\n  placement: [{provider: runpod}]\n",
     );
     let out = a
         .command()
@@ -316,7 +317,8 @@ fn runpod_gpu_types_in_stock_are_quoted_for_the_count_asked() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    // The 4090 has no stock: the H100 is what a create would take, for two GPUs.
+    // The 4090 has no stock: the H100, named before the cheaper A6000, is what a create
+    // would take, for two GPUs.
     assert!(
         text.contains("  run/rp-0 would start on runpod: offer NVIDIA H100 80GB HBM3 (H100 SXM x2, 80 GB) at $5.980/h\n"),
         "{text}\n{}",

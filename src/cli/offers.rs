@@ -228,16 +228,41 @@ pub async fn search(
                     .with_retry(search_retry());
                 p.offers(resources, placement).await?
             };
-            // A placement naming instance types tries them in its order, not by price.
-            if !placement.instance_types.is_empty() {
-                let rank = |id: &str| {
-                    placement
-                        .instance_types
+            // A create tries what the placement names (its instance types; for RunPod
+            // also the job's GPU names) in that order, and only the rest by price.
+            let wanted: Vec<String> = if !placement.instance_types.is_empty() {
+                placement.instance_types.clone()
+            } else if kind == ProviderKind::Runpod {
+                resources
+                    .gpu
+                    .as_ref()
+                    .map(|g| g.names.clone())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if !wanted.is_empty() {
+                let rank = |o: &cloud::CatalogOffer| {
+                    wanted
                         .iter()
-                        .position(|t| t == id)
+                        .position(|w| match kind {
+                            ProviderKind::Runpod => crate::provider::runpod::gpu_matches(
+                                &crate::provider::runpod::GpuType {
+                                    id: o.id.clone(),
+                                    name: o.gpu.clone(),
+                                    memory_gb: o.vram_gb.unwrap_or(0.0),
+                                    secure_price: None,
+                                    community_price: None,
+                                    availability: String::new(),
+                                },
+                                w,
+                            ),
+                            _ => &o.id == w,
+                        })
                         .unwrap_or(usize::MAX)
                 };
-                catalog.sort_by_key(|o| rank(&o.id));
+                // Stable: the same rank stays cheapest first.
+                catalog.sort_by_key(rank);
             }
             Ok(catalog
                 .into_iter()
