@@ -283,6 +283,12 @@ fn runs_that_would_start_show_the_offer_they_would_take_its_price_and_their_budg
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    // A key only in the environment reaches a foreground controller, not a background one.
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("note: VAST_API_KEY is only in this shell's environment"),
+        "{err}"
+    );
     assert!(
         text.contains(
             "  run/cheap-0 would start once a placement has capacity; it waits as Pending now \

@@ -252,6 +252,26 @@ pub fn plan(
             budgets: job_budgets,
         });
     }
+    // The background controller reads keys from the credential store only.
+    let mut placed: Vec<ProviderKind> = loaded
+        .manifests
+        .jobs
+        .iter()
+        .flat_map(|j| j.spec.placement.iter().map(|p| p.provider))
+        .collect();
+    placed.sort();
+    placed.dedup();
+    for kind in placed {
+        if let Some(key) = offers::key_name(kind)
+            && offers::configured_clouds(home).contains(&kind)
+            && !home.credentials().join(key).is_file()
+        {
+            eprintln!(
+                "note: {key} is only in this shell's environment: a foreground `asimov \
+                 controller` uses it, a background one does not (asimov login {kind})"
+            );
+        }
+    }
     Ok(DryRun { objects, now })
 }
 
