@@ -432,7 +432,7 @@ fn problems_carry_exact_positions() {
     assert_eq!(
         err.to_string(),
         "/manifests/job.yaml:7:17: expected a duration like 30m or 43h, found \"forever\"\n\
-         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_user`"
+         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `identity_file`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_key`, `ssh_user`, `terminate_key`"
     );
 
     let text = text.replace(", colour: red", "");
