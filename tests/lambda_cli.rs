@@ -29,6 +29,25 @@ struct World {
     a: Asimov,
 }
 
+/// The separate API key the user made for instances to end themselves.
+const TERMINATE_KEY: &str = "lambda-terminate-key_abcdef987654";
+
+fn set_secret(a: &Asimov, name: &str, value: &str) {
+    let mut set = a
+        .command()
+        .args(["secret", "set", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    assert!(set.wait().unwrap().success());
+}
+
 fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
     let sshd = Sshd::start_on_port_22();
     let c = Config {
@@ -41,23 +60,12 @@ fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
         // jitter of a loaded machine.
         request_gap: Duration::from_secs_f64(1.0 * SCALE * SLACK),
         launch_gap: Duration::from_secs_f64(10.0 * SCALE * SLACK),
+        other_keys: vec![TERMINATE_KEY.to_string()],
         ..Config::default()
     };
     let server = LambdaServer::start(c, types);
     let a = Asimov::new();
-    let mut set = a
-        .command()
-        .args(["secret", "set", "LAMBDA_API_KEY"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    set.stdin
-        .take()
-        .unwrap()
-        .write_all(lambda_server::API_KEY.as_bytes())
-        .unwrap();
-    assert!(set.wait().unwrap().success());
+    set_secret(&a, "LAMBDA_API_KEY", lambda_server::API_KEY);
     Some(World { server, sshd, a })
 }
 
@@ -102,8 +110,13 @@ spec:
     }
 
     fn spawn_controller(&self) -> std::process::Child {
+        self.spawn_controller_with(&[])
+    }
+
+    fn spawn_controller_with(&self, env: &[(&str, &str)]) -> std::process::Child {
         let child = self
             .command()
+            .envs(env.iter().copied())
             .args(["controller"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -502,4 +515,86 @@ fn a_run_that_ends_while_the_controller_is_down_has_its_instance_terminated_once
     });
     assert_eq!(w.a.run_phase("gpu-0").as_deref(), Some("Succeeded"));
     kill9(&mut again);
+}
+
+/// Terminated through the API with the handed-over key, as the server records it.
+fn terminated_by_itself(w: &World, id: &str) -> bool {
+    w.server.requests().iter().any(|r| {
+        r.endpoint == Api::Terminate
+            && r.status == 200
+            && r.key == TERMINATE_KEY
+            && r.body["instance_ids"][0].as_str() == Some(id)
+    })
+}
+
+#[test]
+fn with_the_controller_dead_the_instance_terminates_itself_with_the_handed_over_key() {
+    for (run, extra) in [
+        // The job ends by itself.
+        ("sleep 4; echo done", ""),
+        // max_duration hits.
+        ("sleep 600", "  max_duration: 4s\n"),
+    ] {
+        let Some(w) = world(two_types()) else { return };
+        set_secret(&w.a, "LAMBDA_TERMINATE_KEY", TERMINATE_KEY);
+        let job = w.job_with(run, extra);
+        let text = std::fs::read_to_string(&job).unwrap().replace(
+            "ssh_user:",
+            "terminate_key: LAMBDA_TERMINATE_KEY, ssh_user:",
+        );
+        std::fs::write(&job, text).unwrap();
+        let mut controller = w.spawn_controller_with(&[("ASIMOV_LAMBDA_SELF_END_GRACE", "1")]);
+        w.apply(&job);
+        w.until("the run to run", 60, || {
+            w.a.run_phase("gpu-0").as_deref() == Some("Running")
+        });
+        kill9(&mut controller);
+        let id = w.server.billing()[0].id.clone();
+        w.until("the instance to terminate itself", 60, || {
+            terminated_by_itself(&w, &id)
+        });
+        w.until("the instance gone", 30, || w.server.billing().is_empty());
+        // The controller's own key never did it: it is dead.
+        assert!(
+            !w.server
+                .requests()
+                .iter()
+                .any(|r| r.endpoint == Api::Terminate && r.key == lambda_server::API_KEY),
+            "terminated by the controller, not by the instance"
+        );
+        // The key reached the instance in 0600 files, never a command line or a log.
+        let agent_dirs = w.sshd.home().join(".asimov-agent");
+        let root = std::fs::read_dir(&agent_dirs)
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        use std::os::unix::fs::PermissionsExt;
+        for secret in [".lambda_auth", ".lambda_wgetrc"] {
+            let mode = std::fs::metadata(root.join(secret))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{secret}");
+        }
+        // The server answered before the hook wrote its line: wait for it.
+        let hook_log = || std::fs::read_to_string(root.join("on_end.log")).unwrap_or_default();
+        w.until("the hook to say it ended the instance", 30, || {
+            hook_log().contains("ended (200)")
+        });
+        let hook_log = hook_log();
+        for text in [w.sshd.log(), hook_log] {
+            assert!(!text.contains(TERMINATE_KEY), "{text}");
+        }
+        // A controller back later finds the run done and nothing to terminate.
+        let mut again = w.spawn_controller();
+        w.until("the run recorded as ended", 60, || {
+            matches!(
+                w.a.run_phase("gpu-0").as_deref(),
+                Some("Succeeded" | "Failed")
+            )
+        });
+        kill9(&mut again);
+    }
 }

@@ -55,6 +55,8 @@ pub const KEY_NAME: &str = "LAMBDA_API_KEY";
 pub const PACING_ENV: &str = "ASIMOV_LAMBDA_PACING";
 /// Test-only: the port to reach instances on instead of 22.
 pub const SSH_PORT_ENV: &str = "ASIMOV_LAMBDA_SSH_PORT";
+/// Seconds an instance waits for the controller to collect its run before it ends itself.
+pub const GRACE_ENV: &str = "ASIMOV_LAMBDA_SELF_END_GRACE";
 /// Lambda's login user on its images.
 pub const DEFAULT_SSH_USER: &str = "ubuntu";
 /// Lambda's limit on an instance name.
@@ -328,9 +330,15 @@ impl Api {
 
 pub struct LambdaProvider {
     api: Api,
+    home: Home,
     pool: Arc<SshPool>,
     identity: PathBuf,
     users: LoginUsers,
+    /// Per tag: the local identity file of a placement's `ssh_key` (asimov's otherwise).
+    identities: LoginUsers,
+    /// Per tag: the stored secret holding the key the instance ends itself with.
+    terminate_keys: LoginUsers,
+    self_end_grace: Duration,
     ssh_port: u16,
     /// The account key name asimov's key is registered under, once known.
     key_name: tokio::sync::Mutex<Option<String>>,
@@ -375,12 +383,22 @@ impl LambdaProvider {
                 retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(15), 2.0)
                     .with_max_elapsed(Some(Duration::from_secs(90))),
             },
+            home: home.clone(),
             pool,
             identity: home.ssh_identity(),
             users: LoginUsers::new(
                 home.provider_state("lambda").join("users"),
                 DEFAULT_SSH_USER,
             ),
+            identities: LoginUsers::new(
+                home.provider_state("lambda").join("identities"),
+                home.ssh_identity().to_string_lossy(),
+            ),
+            terminate_keys: LoginUsers::new(
+                home.provider_state("lambda").join("terminate-keys"),
+                "",
+            ),
+            self_end_grace: cloud::self_end_grace(GRACE_ENV),
             ssh_port,
             key_name: tokio::sync::Mutex::new(None),
         })
@@ -558,7 +576,7 @@ impl LambdaProvider {
             host: ip.to_string(),
             port: self.ssh_port,
             user: self.users.get(name),
-            identity_file: Some(self.identity.clone()),
+            identity_file: Some(PathBuf::from(self.identities.get(name))),
             root: format!("{REMOTE_ROOT}/{name}"),
         });
         let state = match s("status").unwrap_or("") {
@@ -733,14 +751,29 @@ impl Provider for LambdaProvider {
                 ),
             ));
         }
-        if let Some(user) = &req.placement.ssh_user {
-            self.users.remember(&tag, user).map_err(|e| {
-                err(
-                    ErrorKind::Transient,
-                    step,
-                    format!("{}: {e}", self.users.dir().display()),
-                )
-            })?;
+        // What the placement names is recorded by tag before the launch, so a
+        // controller restarted mid-create adopts with the same user, key and hand-over.
+        let keys = &req.placement.keys;
+        let remember = [
+            (&self.users, req.placement.ssh_user.clone()),
+            (
+                &self.identities,
+                keys.identity_file
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+            ),
+            (&self.terminate_keys, keys.terminate_key.clone()),
+        ];
+        for (store, value) in remember {
+            if let Some(value) = value {
+                store.remember(&tag, &value).map_err(|e| {
+                    err(
+                        ErrorKind::Transient,
+                        step,
+                        format!("{}: {e}", store.dir().display()),
+                    )
+                })?;
+            }
         }
         // A create retried after being cut off (timeout, crash) finds the first one.
         if let Some(existing) = self
@@ -752,7 +785,11 @@ impl Provider for LambdaProvider {
             tracing::info!(instance = %existing.id, %tag, "lambda instance with this tag exists; adopting it");
             return Ok(existing);
         }
-        let key = self.ensure_key().await?;
+        let key = match &keys.ssh_key {
+            // The account key the placement names; Lambda refuses the launch if unknown.
+            Some(name) => name.clone(),
+            None => self.ensure_key().await?,
+        };
         let listed = self.instance_types().await?;
         let types = candidates(&listed, &req.placement.instance_types, &req.resources);
         if types.is_empty() {
@@ -841,9 +878,33 @@ impl Provider for LambdaProvider {
     fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>> {
         let (transport, root) =
             cloud::ssh_transport(&self.pool, instance, "reach instance", "has no ip yet")?;
-        Ok(Arc::new(AgentMachine::new(
-            Arc::new(transport) as Arc<dyn Transport>,
+        let transport = Arc::new(transport) as Arc<dyn Transport>;
+        let tag = instance.tag.render();
+        let secret = self.terminate_keys.get(&tag);
+        if secret.is_empty() {
+            // No key handed over: the controller terminates it (it bills until then).
+            return Ok(Arc::new(AgentMachine::new(transport, root)));
+        }
+        let Some(key) = cloud::api_key(&self.home, &secret) else {
+            tracing::warn!(instance = %instance.id, %secret, "the terminate key is not stored: this instance cannot end itself");
+            return Ok(Arc::new(AgentMachine::new(transport, root)));
+        };
+        let end = cloud::SelfEnd {
+            name: "lambda",
+            method: "POST",
+            url: format!("{}/instance-operations/terminate", self.api.base),
+            body: json!({"instance_ids": [instance.id]}).to_string(),
+            // Lambda's errors come in an `error` envelope, also inside HTTP 200.
+            refused_in_ok: r#""error""#,
+            grace: self.self_end_grace,
+            find_key: None,
+        };
+        let auth = Secret::new(format!("Authorization: Bearer {}", key.expose()));
+        Ok(Arc::new(cloud::EndingMachine::new(
+            transport,
             root,
+            end,
+            Some(auth),
         )))
     }
 }

@@ -102,6 +102,9 @@ pub struct SshTarget {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub api_key: String,
+    /// Further API keys of the account (one made for instances to end themselves), each
+    /// revocable on its own: remove it here.
+    pub other_keys: Vec<String>,
     /// Minimum gap between any two requests, and between two launches; closer → 429.
     pub request_gap: Duration,
     pub launch_gap: Duration,
@@ -119,6 +122,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             api_key: API_KEY.to_string(),
+            other_keys: Vec::new(),
             request_gap: Duration::ZERO,
             launch_gap: Duration::ZERO,
             ip_after: Duration::from_millis(300),
@@ -157,6 +161,8 @@ pub struct RequestRecord {
     pub status: u16,
     pub at: Instant,
     pub body: Value,
+    /// The API key the request carried (empty without a valid one).
+    pub key: String,
 }
 
 #[derive(Debug, Clone)]
@@ -464,20 +470,23 @@ fn html(status: u16) -> Response {
         .into_response()
 }
 
-fn authorized(st: &State, headers: &HeaderMap) -> bool {
-    let Some(v) = headers
+/// The account key the request authenticates with, if any.
+fn authorized(st: &State, headers: &HeaderMap) -> Option<String> {
+    let v = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    if let Some(b) = v.strip_prefix("Bearer ") {
-        return b == st.config.api_key;
-    }
-    if let Some(b) = v.strip_prefix("Basic ") {
-        return b.trim() == base64(format!("{}:", st.config.api_key).as_bytes());
-    }
-    false
+        .and_then(|v| v.to_str().ok())?;
+    std::iter::once(&st.config.api_key)
+        .chain(&st.config.other_keys)
+        .find(|key| {
+            if let Some(b) = v.strip_prefix("Bearer ") {
+                return b == key.as_str();
+            }
+            if let Some(b) = v.strip_prefix("Basic ") {
+                return b.trim() == base64(format!("{key}:").as_bytes());
+            }
+            false
+        })
+        .cloned()
 }
 
 /// Standard base64 with padding (HTTP Basic's encoding).
@@ -574,7 +583,9 @@ async fn handle(
         }
         let (response, hold) = answer(&mut st, &method, &path, endpoint, &headers, &body_json);
         let status = response.status().as_u16();
+        let key = authorized(&st, &headers).unwrap_or_default();
         st.requests.push(RequestRecord {
+            key,
             method: method.to_string(),
             path: path.clone(),
             endpoint,
@@ -598,7 +609,7 @@ fn answer(
     headers: &HeaderMap,
     body: &Value,
 ) -> (Response, Option<Duration>) {
-    if !authorized(st, headers) {
+    if authorized(st, headers).is_none() {
         return (
             error(
                 401,
