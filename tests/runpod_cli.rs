@@ -94,8 +94,13 @@ spec:
     }
 
     fn spawn_controller(&self) -> std::process::Child {
+        self.spawn_controller_with(&[])
+    }
+
+    fn spawn_controller_with(&self, env: &[(&str, &str)]) -> std::process::Child {
         let child = self
             .command()
+            .envs(env.iter().copied())
             .args(["controller"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -382,8 +387,9 @@ fn a_run_that_ends_while_the_controller_is_down_has_its_pod_deleted_once_it_is_b
         w.a.run_phase("gpu-0").as_deref() == Some("Running")
     });
     kill9(&mut controller);
-    // The job ends meanwhile; the test server's pods have no agent key to end
-    // themselves, so the controller is the backstop.
+    // The job ends meanwhile; these pods have no key of their own (the server exports
+    // none), so they cannot end themselves: the controller is the backstop, and ends
+    // the pod in its first pass once back.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
         w.server.live().len(),
@@ -456,4 +462,83 @@ fn offers_lists_runpod_gpu_types_as_users_name_them() {
         "cheapest first"
     );
     assert!(w.server.pods().is_empty(), "offers rents nothing");
+}
+
+#[test]
+fn with_the_controller_dead_the_pod_deletes_itself_with_its_own_key() {
+    let Some(w) = world() else { return };
+    let env_dir = w.sshd.dir().join("pods");
+    w.server.configure(|c| c.pod_env_dir = Some(env_dir.clone()));
+    let env_file = format!("{}/{{id}}/rp_environment", env_dir.display());
+    let mut controller = w.spawn_controller_with(&[
+        ("ASIMOV_RUNPOD_SELF_END_GRACE", "1"),
+        ("ASIMOV_RUNPOD_POD_ENV_FILE", &env_file),
+    ]);
+    w.apply(&w.job_with("sleep 4; echo done", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    kill9(&mut controller);
+    let id = w.server.live()[0].id.clone();
+    let agent_dirs = w.sshd.home().join(".asimov-agent");
+    let hook_logs = || {
+        std::fs::read_dir(&agent_dirs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| std::fs::read_to_string(d.path().join("on_end.log")).unwrap_or_default())
+            .collect::<String>()
+    };
+    let deleted_itself = || {
+        w.server.requests().iter().any(|r| {
+            r.endpoint == Api::Delete
+                && r.status == 204
+                && r.key == format!("pod:{id}")
+                && r.path.ends_with(&id)
+        })
+    };
+    let start = Instant::now();
+    while !deleted_itself() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the pod did not delete itself; its hook said: {}\n{:#?}",
+            hook_logs(),
+            w.server.requests().iter().rev().take(5).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.server.live().is_empty());
+    assert!(
+        !w.server
+            .requests()
+            .iter()
+            .any(|r| r.endpoint == Api::Delete && r.key == "account"),
+        "deleted by the controller, not by the pod"
+    );
+    let root = std::fs::read_dir(w.sshd.home().join(".asimov-agent"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.join(".runpod_auth"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let hook_log = || std::fs::read_to_string(root.join("on_end.log")).unwrap_or_default();
+    w.until("the hook to say it ended the pod", 30, || {
+        hook_log().contains("ended (204)")
+    });
+    assert!(!hook_log().contains(&runpod_server::pod_key(&id)));
+    // Back, the controller finds the run over and nothing left.
+    let mut again = w.spawn_controller();
+    w.until("the run recorded as ended", 60, || {
+        matches!(
+            w.a.run_phase("gpu-0").as_deref(),
+            Some("Succeeded" | "Failed")
+        )
+    });
+    kill9(&mut again);
 }

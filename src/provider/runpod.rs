@@ -28,7 +28,6 @@
 //! Must not know about the store or the planner.
 
 use super::cloud::{self, LoginUsers, Pacer, ensure_identity, short_body};
-use crate::agent::AgentMachine;
 use crate::home::Home;
 use crate::model::{InstanceId, OwnerTag, ProviderKind, Secret};
 use crate::model::{Offer, OfferQuery, Usd};
@@ -51,6 +50,13 @@ pub const URL_ENV: &str = "ASIMOV_RUNPOD_API_URL";
 pub const KEY_NAME: &str = "RUNPOD_API_KEY";
 pub const PACING_ENV: &str = "ASIMOV_RUNPOD_PACING";
 pub const DEFAULT_SSH_USER: &str = "root";
+/// Seconds a pod waits for the controller to collect its run before it ends itself.
+pub const GRACE_ENV: &str = "ASIMOV_RUNPOD_SELF_END_GRACE";
+/// Where RunPod's images export the container's environment (`RUNPOD_API_KEY`, the
+/// pod's own key, among it) for SSH sessions, which do not inherit it.
+const POD_ENV_FILE: &str = "/etc/rp_environment";
+/// Test-only: that file's path instead, `{id}` standing for the pod's id.
+pub const POD_ENV_FILE_ENV: &str = "ASIMOV_RUNPOD_POD_ENV_FILE";
 /// RunPod's PyTorch image: starts sshd with `PUBLIC_KEY`.
 pub const DEFAULT_IMAGE: &str = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04";
 const DEFAULT_DISK_GB: u32 = 20;
@@ -301,6 +307,8 @@ pub struct RunpodProvider {
     /// a while, so a missing one is looked up by id (bounded by `LISTING_LAG`) rather
     /// than read as gone, which would start a second pod.
     recent: std::sync::Mutex<BTreeMap<InstanceId, tokio::time::Instant>>,
+    self_end_grace: Duration,
+    pod_env_file: String,
 }
 
 /// How long a new pod may be missing from the listing.
@@ -348,6 +356,11 @@ impl RunpodProvider {
                 DEFAULT_SSH_USER,
             ),
             recent: std::sync::Mutex::new(BTreeMap::new()),
+            self_end_grace: cloud::self_end_grace(GRACE_ENV),
+            pod_env_file: std::env::var(POD_ENV_FILE_ENV)
+                .ok()
+                .filter(|f| !f.trim().is_empty())
+                .unwrap_or_else(|| POD_ENV_FILE.to_string()),
         })
     }
 
@@ -768,9 +781,34 @@ impl Provider for RunpodProvider {
             "reach pod",
             "has no direct ssh port yet",
         )?;
-        Ok(Arc::new(AgentMachine::new(
+        // The pod ends itself with its own key, which RunPod gives every pod; a pod
+        // without one (an image that does not export it) is ended by the controller.
+        let env_file = crate::agent::sh_quote(&self.pod_env_file.replace("{id}", &instance.id));
+        let find_key = format!(
+            r#"key=${{RUNPOD_API_KEY:-}}
+	if [ -z "$key" ] && [ -r /proc/1/environ ]; then
+		key=$(tr '\000' '\n' 2>/dev/null </proc/1/environ | sed -n 's/^RUNPOD_API_KEY=//p' | head -n 1)
+	fi
+	if [ -z "$key" ] && [ -r {env_file} ]; then
+		key=$(sed -n 's/^\(export \)\{{0,1\}}RUNPOD_API_KEY=//p' {env_file} | tr -d '"' | head -n 1)
+	fi
+	[ -z "$key" ] || printf 'Authorization: Bearer %s\n' "$key" >"$auth""#
+        );
+        let end = cloud::SelfEnd {
+            name: "runpod",
+            method: "DELETE",
+            url: format!("{}/pods/{}", self.api.base, instance.id),
+            body: String::new(),
+            // RunPod's errors are problem bodies, also inside HTTP 200.
+            refused_in_ok: r#""detail""#,
+            grace: self.self_end_grace,
+            find_key: Some(find_key),
+        };
+        Ok(Arc::new(cloud::EndingMachine::new(
             Arc::new(transport) as Arc<dyn Transport>,
             root,
+            end,
+            None,
         )))
     }
 }

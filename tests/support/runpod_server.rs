@@ -103,6 +103,10 @@ pub struct Config {
     /// A new pod is missing from `GET /pods` (not from `GET /pods/{id}`) this long.
     pub list_lag: Duration,
     pub ssh: Option<SshTarget>,
+    /// Each pod gets a key of its own (`RUNPOD_API_KEY` inside it), good only for its
+    /// own pod, written once its ports are up into `<dir>/<pod id>/rp_environment` as
+    /// RunPod's images export the container's environment to `/etc/rp_environment`.
+    pub pod_env_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -115,6 +119,7 @@ impl Default for Config {
             per_minute: 10_000,
             list_lag: Duration::ZERO,
             ssh: None,
+            pod_env_dir: None,
         }
     }
 }
@@ -147,6 +152,8 @@ pub struct RequestRecord {
     pub endpoint: Endpoint,
     pub status: u16,
     pub at: Instant,
+    /// `account`, `pod:<id>` (a pod's own key) or empty.
+    pub key: String,
 }
 
 struct State {
@@ -311,6 +318,29 @@ impl Drop for RunpodServer {
     }
 }
 
+/// The key a pod gets of its own.
+pub fn pod_key(id: &str) -> String {
+    format!("pod-key-{id}-7f3a9c")
+}
+
+/// Whose key authenticates the request: `account`, `pod:<id>`, or nobody.
+fn who(st: &State, headers: &HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))?;
+    if bearer == st.config.api_key {
+        return Some("account".into());
+    }
+    if st.config.pod_env_dir.is_none() {
+        return None;
+    }
+    st.pods
+        .iter()
+        .find(|p| !p.deleted && bearer == pod_key(&p.id))
+        .map(|p| format!("pod:{}", p.id))
+}
+
 fn delete_record(p: &mut PodRecord) {
     if !p.deleted {
         p.deleted = true;
@@ -381,6 +411,18 @@ fn tick(state: &Arc<Mutex<State>>) {
         }
         if age >= cfg.ports_after && !p.keys_written {
             p.keys_written = true;
+            if let Some(dir) = &cfg.pod_env_dir {
+                let dir = dir.join(&p.id);
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::write(
+                    dir.join("rp_environment"),
+                    format!(
+                        "export RUNPOD_POD_ID=\"{id}\"\nexport RUNPOD_API_KEY=\"{key}\"\n",
+                        id = p.id,
+                        key = pod_key(&p.id)
+                    ),
+                );
+            }
             if let Some(k) = p.env.get("PUBLIC_KEY").and_then(Value::as_str) {
                 keys.push(k.to_string());
             }
@@ -552,6 +594,8 @@ async fn handle(
         if endpoint == Endpoint::Create {
             st.creates_received += 1;
         }
+        // Before the answer: a pod's key stops working once its pod is deleted.
+        let key = who(&st, &headers).unwrap_or_default();
         let (mut response, hold, authed) =
             answer(&mut st, &method, &path, endpoint, &headers, &body_json);
         if authed {
@@ -571,6 +615,7 @@ async fn handle(
             }
         }
         st.requests.push(RequestRecord {
+            key,
             method: method.to_string(),
             path: path.clone(),
             endpoint,
@@ -596,16 +641,28 @@ fn answer(
     headers: &HeaderMap,
     body: &Value,
 ) -> (Response, Option<Duration>, bool) {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if bearer != Some(st.config.api_key.as_str()) {
-        return (
-            problem(401, "invalid or missing api key", None),
-            None,
-            false,
-        );
+    let pod_of = |path: &str| -> String {
+        path.trim_start_matches("/v2/pods/")
+            .trim_end_matches("/action")
+            .to_string()
+    };
+    match who(st, headers).as_deref() {
+        None => {
+            return (
+                problem(401, "invalid or missing api key", None),
+                None,
+                false,
+            );
+        }
+        Some("account") => {}
+        // A pod's own key reaches that pod only.
+        Some(pod) => {
+            let own = matches!(endpoint, Endpoint::Get | Endpoint::Delete | Endpoint::Action)
+                && pod.strip_prefix("pod:") == Some(pod_of(path).as_str());
+            if !own {
+                return (problem(403, "this key may not do that", None), None, true);
+            }
+        }
     }
     if st.window_start.elapsed() >= Duration::from_secs(60) {
         st.window_start = Instant::now();
@@ -655,11 +712,6 @@ fn answer(
             }
         }
     }
-    let pod_of = |path: &str| -> String {
-        path.trim_start_matches("/v2/pods/")
-            .trim_end_matches("/action")
-            .to_string()
-    };
     let response = match endpoint {
         Endpoint::Create => create(st, body),
         Endpoint::List => {
