@@ -468,7 +468,8 @@ fn offers_lists_runpod_gpu_types_as_users_name_them() {
 fn with_the_controller_dead_the_pod_deletes_itself_with_its_own_key() {
     let Some(w) = world() else { return };
     let env_dir = w.sshd.dir().join("pods");
-    w.server.configure(|c| c.pod_env_dir = Some(env_dir.clone()));
+    w.server
+        .configure(|c| c.pod_env_dir = Some(env_dir.clone()));
     let env_file = format!("{}/{{id}}/rp_environment", env_dir.display());
     let mut controller = w.spawn_controller_with(&[
         ("ASIMOV_RUNPOD_SELF_END_GRACE", "1"),

@@ -4,8 +4,8 @@
 
 use super::desired::{
     Artifacts, Budget, BudgetAction, Checkpoint, FileCopy, Fleet, GpuRequest, Host, Job, JobSpec,
-    MetricMode, Origin, Placement, PlacementKeys, ProxyJump, Resources, RetryOn, RetryPolicy, RunSpec, Schedule,
-    Source, StopRule,
+    MetricMode, Origin, Placement, PlacementKeys, ProxyJump, Resources, RetryOn, RetryPolicy,
+    RunSpec, Schedule, Source, StopRule,
 };
 use super::raw;
 use super::schema;

@@ -555,9 +555,7 @@ impl crate::agent::Machine for EndingMachine {
         self.agent.start(spec).await
     }
 
-    async fn observe(
-        &self,
-    ) -> Result<Option<crate::agent::AgentStatus>, crate::agent::AgentError> {
+    async fn observe(&self) -> Result<Option<crate::agent::AgentStatus>, crate::agent::AgentError> {
         self.agent.observe().await
     }
 
@@ -609,6 +607,34 @@ mod tests {
         );
         let long = "x".repeat(300);
         assert_eq!(short_body(&long).len(), 203);
+    }
+
+    #[test]
+    fn end_hooks_are_valid_sh_and_carry_no_key() {
+        let end = SelfEnd {
+            name: "lambda",
+            method: "POST",
+            url: "https://cloud.lambda.ai/api/v1/instance-operations/terminate".into(),
+            body: r#"{"instance_ids":["0a51"]}"#.into(),
+            refused_in_ok: r#""error""#,
+            grace: Duration::from_secs(300),
+            find_key: Some("printf 'Authorization: Bearer %s\\n' \"$k\" >\"$auth\"".into()),
+        };
+        let script = end.script();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("on_end.sh");
+        std::fs::write(&path, &script).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(script.contains(".lambda_auth") && !script.contains("Bearer sk"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -657,8 +657,10 @@ fn answer(
         Some("account") => {}
         // A pod's own key reaches that pod only.
         Some(pod) => {
-            let own = matches!(endpoint, Endpoint::Get | Endpoint::Delete | Endpoint::Action)
-                && pod.strip_prefix("pod:") == Some(pod_of(path).as_str());
+            let own = matches!(
+                endpoint,
+                Endpoint::Get | Endpoint::Delete | Endpoint::Action
+            ) && pod.strip_prefix("pod:") == Some(pod_of(path).as_str());
             if !own {
                 return (problem(403, "this key may not do that", None), None, true);
             }
