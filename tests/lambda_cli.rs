@@ -598,3 +598,75 @@ fn with_the_controller_dead_the_instance_terminates_itself_with_the_handed_over_
         kill9(&mut again);
     }
 }
+
+#[test]
+fn a_placement_naming_an_account_ssh_key_launches_with_it_and_logs_in_with_its_identity_file() {
+    let Some(w) = world(two_types()) else { return };
+    // The note's `ssh_key: aspen`: a key already in the account, its private half here.
+    let identity = w.sshd.client_key();
+    let public = std::fs::read_to_string(identity.with_extension("pub"))
+        .or_else(|_| {
+            Command::new("ssh-keygen")
+                .args(["-y", "-f"])
+                .arg(&identity)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        })
+        .unwrap();
+    w.server.add_key("aspen", &public);
+    let job = w.job_with("sh train.sh", "");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "ssh_user:",
+        &format!("ssh_key: aspen, identity_file: {}, ssh_user:", identity.display()),
+    );
+    std::fs::write(&job, text).unwrap();
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply --wait: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    let launches: Vec<_> = w
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Api::Launch && r.status == 200)
+        .collect();
+    assert_eq!(launches.len(), 1);
+    assert_eq!(launches[0].body["ssh_key_names"], serde_json::json!(["aspen"]));
+    // asimov's own key was neither registered nor authorized: the login was aspen's.
+    assert_eq!(w.server.key_names(), vec!["aspen".to_string()]);
+    if let Ok(ours) = std::fs::read_to_string(w.a.home().join("ssh/id_ed25519.pub")) {
+        let authorized =
+            std::fs::read_to_string(w.sshd.dir().join("authorized_keys")).unwrap_or_default();
+        assert!(!authorized.contains(ours.trim()));
+    }
+    w.until("the instance terminated", 60, || w.server.billing().is_empty());
+}
+
+#[test]
+fn a_placement_key_without_its_identity_file_or_a_terminate_key_not_stored_is_refused_at_apply() {
+    let Some(w) = world(two_types()) else { return };
+    let job = w.job_with("sh train.sh", "");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "ssh_user:",
+        "ssh_key: aspen, terminate_key: NOT_STORED, ssh_user:",
+    );
+    std::fs::write(&job, text).unwrap();
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`ssh_key` needs `identity_file`"), "{err}");
+    assert!(err.contains("unknown secret `NOT_STORED`"), "{err}");
+    assert!(err.contains("gpu.yaml:"), "{err}");
+    assert!(w.server.requests().is_empty(), "nothing asked of Lambda");
+}

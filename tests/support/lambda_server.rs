@@ -306,6 +306,18 @@ impl LambdaServer {
         self.lock().keys.iter().map(|k| k.name.clone()).collect()
     }
 
+    /// An SSH key the user added to the account in the console.
+    pub fn add_key(&self, name: &str, public_key: &str) {
+        let mut st = self.lock();
+        let id = format!("{:032x}", 0x0c3e_0000_u64 + st.next);
+        st.next += 1;
+        st.keys.push(Key {
+            id,
+            name: name.to_string(),
+            public_key: public_key.trim().to_string(),
+        });
+    }
+
     /// Terminated from the console: terminating at once, gone soon after.
     pub fn terminate_behind_back(&self, id: &str) {
         let mut st = self.lock();
