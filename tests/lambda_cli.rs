@@ -670,3 +670,39 @@ fn a_placement_key_without_its_identity_file_or_a_terminate_key_not_stored_is_re
     assert!(err.contains("gpu.yaml:"), "{err}");
     assert!(w.server.requests().is_empty(), "nothing asked of Lambda");
 }
+
+#[test]
+fn an_8_gpu_machine_booting_for_25_minutes_is_not_given_up_early() {
+    // Time scaled 1:60 on both sides: the server boots the 8-GPU type in 25 s (its
+    // 20-25 minutes), the controller's boot timeout is 30 s (its 30 minutes).
+    let mut eight = instance_type("gpu_8x_h100_sxm5", "H100 (80 GB SXM5)", 8, 2392, &["us-east-1"]);
+    eight.boot = Some(Duration::from_secs(25));
+    let Some(w) = world(vec![eight]) else { return };
+    let job = w.a.manifest(
+        "gpu.yaml",
+        &format!(
+            r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: gpu}}
+spec:
+  source: {{workdir: .}}
+  run: echo trained on eight
+  placement:
+    - {{provider: lambda, instance_types: [gpu_8x_h100_sxm5], ssh_user: {user}}}
+"#,
+            user = w.sshd.user()
+        ),
+    );
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_LAMBDA_BOOT_TIMEOUT", "30")]);
+    let start = Instant::now();
+    w.apply(&job);
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let booted_after = start.elapsed();
+    assert!(booted_after >= Duration::from_secs(25), "{booted_after:?}");
+    assert_eq!(w.attempt(), 1, "the booting machine was never given up");
+    assert_eq!(w.server.instances().len(), 1, "one launch only");
+    w.until("the instance terminated", 60, || w.server.billing().is_empty());
+    kill9(&mut controller);
+}

@@ -543,3 +543,44 @@ fn with_the_controller_dead_the_pod_deletes_itself_with_its_own_key() {
     });
     kill9(&mut again);
 }
+
+#[test]
+fn a_pod_that_never_boots_is_deleted_by_the_boot_timeout() {
+    let Some(w) = world() else { return };
+    // Stuck in STARTING (an image that never comes up), billing from the create.
+    w.server.configure(|c| {
+        c.running_after = Duration::from_secs(24 * 3600);
+        c.ports_after = Duration::from_secs(24 * 3600);
+    });
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_RUNPOD_BOOT_TIMEOUT", "5")]);
+    w.apply(&w.job_with("echo never", "  retry: {on: [preemption], max_restarts: 0}\n"));
+    w.until("a pod created", 30, || !w.server.pods().is_empty());
+    let first = w.server.pods()[0].clone();
+    w.until("the stuck pod deleted", 60, || {
+        w.server
+            .pods()
+            .iter()
+            .any(|p| p.id == first.id && p.deleted)
+    });
+    let pod = w
+        .server
+        .pods()
+        .into_iter()
+        .find(|p| p.id == first.id)
+        .unwrap();
+    let billed = pod
+        .billing_stopped
+        .unwrap()
+        .duration_since(pod.billing_started)
+        .unwrap();
+    assert!(
+        billed >= Duration::from_secs(4) && billed < Duration::from_secs(45),
+        "billed {billed:?}: deleted at the boot timeout, counted from the create"
+    );
+    assert_eq!(pod.status, "TERMINATED");
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    assert!(described.contains("boot"), "{described}");
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}

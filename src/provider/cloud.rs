@@ -70,6 +70,15 @@ pub fn self_end_grace(env: &str) -> Duration {
         .map_or(Duration::from_secs(300), Duration::from_secs)
 }
 
+/// A boot timeout from `env` in seconds (for tests on a faster clock, or a slow image),
+/// else `default`.
+pub fn boot_timeout(env: &str, default: Duration) -> Duration {
+    std::env::var(env)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(default, Duration::from_secs)
+}
+
 /// `Retry-After` in seconds (the only form the clouds send), capped at an hour.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     headers

@@ -57,6 +57,10 @@ pub const PACING_ENV: &str = "ASIMOV_LAMBDA_PACING";
 pub const SSH_PORT_ENV: &str = "ASIMOV_LAMBDA_SSH_PORT";
 /// Seconds an instance waits for the controller to collect its run before it ends itself.
 pub const GRACE_ENV: &str = "ASIMOV_LAMBDA_SELF_END_GRACE";
+/// Seconds an instance may boot before its attempt ends (default 30 minutes).
+pub const BOOT_TIMEOUT_ENV: &str = "ASIMOV_LAMBDA_BOOT_TIMEOUT";
+/// The slowest types (8 GPUs) take 20-25 minutes to boot: never give up before 30.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Lambda's login user on its images.
 pub const DEFAULT_SSH_USER: &str = "ubuntu";
 /// Lambda's limit on an instance name.
@@ -339,6 +343,7 @@ pub struct LambdaProvider {
     /// Per tag: the stored secret holding the key the instance ends itself with.
     terminate_keys: LoginUsers,
     self_end_grace: Duration,
+    boot_timeout: Duration,
     ssh_port: u16,
     /// The account key name asimov's key is registered under, once known.
     key_name: tokio::sync::Mutex<Option<String>>,
@@ -399,6 +404,7 @@ impl LambdaProvider {
                 "",
             ),
             self_end_grace: cloud::self_end_grace(GRACE_ENV),
+            boot_timeout: cloud::boot_timeout(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
             ssh_port,
             key_name: tokio::sync::Mutex::new(None),
         })
@@ -673,8 +679,9 @@ impl Provider for LambdaProvider {
         Capabilities {
             // Whether Lambda lists a launch at once is unverified: the planner waits.
             listing_lag: Duration::from_secs(120),
-            // An 8-GPU machine can take 20-25 minutes to boot; give it 30.
-            boot_timeout: Duration::from_secs(30 * 60),
+            // One for every type, the slowest's: a 1-GPU type that hangs costs up to
+            // 30 minutes, an 8-GPU one booting in 25 is never given up early.
+            boot_timeout: self.boot_timeout,
             pacing: ProviderPacing {
                 // Launches queue 10 s apart in the pacer; more in flight only waits.
                 max_in_flight: 4,

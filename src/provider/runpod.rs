@@ -52,6 +52,10 @@ pub const PACING_ENV: &str = "ASIMOV_RUNPOD_PACING";
 pub const DEFAULT_SSH_USER: &str = "root";
 /// Seconds a pod waits for the controller to collect its run before it ends itself.
 pub const GRACE_ENV: &str = "ASIMOV_RUNPOD_SELF_END_GRACE";
+/// Seconds a pod may take to boot before its attempt ends and it is deleted.
+pub const BOOT_TIMEOUT_ENV: &str = "ASIMOV_RUNPOD_BOOT_TIMEOUT";
+/// Pods bill from their create; image pulls take minutes, 20 is dstack's cut.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// Where RunPod's images export the container's environment (`RUNPOD_API_KEY`, the
 /// pod's own key, among it) for SSH sessions, which do not inherit it.
 const POD_ENV_FILE: &str = "/etc/rp_environment";
@@ -308,6 +312,7 @@ pub struct RunpodProvider {
     /// than read as gone, which would start a second pod.
     recent: std::sync::Mutex<BTreeMap<InstanceId, tokio::time::Instant>>,
     self_end_grace: Duration,
+    boot_timeout: Duration,
     pod_env_file: String,
 }
 
@@ -357,6 +362,7 @@ impl RunpodProvider {
             ),
             recent: std::sync::Mutex::new(BTreeMap::new()),
             self_end_grace: cloud::self_end_grace(GRACE_ENV),
+            boot_timeout: cloud::boot_timeout(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
             pod_env_file: std::env::var(POD_ENV_FILE_ENV)
                 .ok()
                 .filter(|f| !f.trim().is_empty())
@@ -499,8 +505,9 @@ impl Provider for RunpodProvider {
             // A new pod can be missing from `GET /pods` for a while (looked up by id
             // here too); the planner waits as long.
             listing_lag: LISTING_LAG,
-            // Pods bill from their create; image pulls take minutes, 20 is dstack's cut.
-            boot_timeout: Duration::from_secs(20 * 60),
+            // Counted from the create (billing starts there): a pod that never boots
+            // is deleted, not polled forever.
+            boot_timeout: self.boot_timeout,
             pacing: ProviderPacing {
                 max_in_flight: 8,
                 min_resync: Duration::from_secs(30),

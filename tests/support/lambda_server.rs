@@ -78,6 +78,9 @@ pub struct TypeSpec {
     pub regions: Vec<String>,
     /// Listed with capacity, yet every launch is refused for capacity (the race).
     pub refuse_launches: bool,
+    /// This type's own boot time to `active` (8-GPU types take 20-25 minutes), in
+    /// place of the server's `active_after`.
+    pub boot: Option<Duration>,
 }
 
 pub fn instance_type(name: &str, gpu: &str, gpus: u64, cents: u64, regions: &[&str]) -> TypeSpec {
@@ -88,6 +91,7 @@ pub fn instance_type(name: &str, gpu: &str, gpus: u64, cents: u64, regions: &[&s
         price_cents_per_hour: cents,
         regions: regions.iter().map(|r| r.to_string()).collect(),
         refuse_launches: false,
+        boot: None,
     }
 }
 
@@ -387,8 +391,17 @@ fn launch_record(st: &mut State, type_name: &str, region: &str, key: &str, name:
 fn tick(state: &Arc<Mutex<State>>) {
     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
     let cfg = st.config.clone();
+    let boots: Vec<(String, Duration)> = st
+        .types
+        .iter()
+        .filter_map(|t| t.boot.map(|b| (t.name.clone(), b)))
+        .collect();
     let mut newly_active = Vec::new();
     for i in st.instances.iter_mut().filter(|i| !i.gone) {
+        let active_after = boots
+            .iter()
+            .find(|(n, _)| *n == i.instance_type)
+            .map_or(cfg.active_after, |(_, b)| *b);
         if let Some(t) = i.terminated_at {
             if t.elapsed() >= cfg.gone_after {
                 i.status = "terminated".into();
@@ -407,7 +420,7 @@ fn tick(state: &Arc<Mutex<State>>) {
                     .map_or("192.0.2.10".to_string(), |s| s.host.clone()),
             );
         }
-        if age >= cfg.active_after && i.status == "booting" {
+        if age >= active_after && i.status == "booting" {
             i.status = "active".into();
             newly_active.push(i.ssh_key_name.clone());
         }
