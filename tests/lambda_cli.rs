@@ -706,3 +706,24 @@ spec:
     w.until("the instance terminated", 60, || w.server.billing().is_empty());
     kill9(&mut controller);
 }
+
+#[test]
+fn a_terminate_that_answered_success_but_did_nothing_is_sent_again_until_the_instance_is_gone() {
+    let Some(w) = world(two_types()) else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sleep 600", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    w.server.inject(Some(Api::Terminate), Fault::EmptySuccess, 1);
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("the instance terminated", 90, || w.server.billing().is_empty());
+    let terminates = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Terminate && r.status == 200)
+        .count();
+    assert!(terminates >= 2, "the first 200 did nothing; {terminates} terminates");
+    kill9(&mut controller);
+}

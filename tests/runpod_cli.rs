@@ -584,3 +584,24 @@ fn a_pod_that_never_boots_is_deleted_by_the_boot_timeout() {
     w.until("every pod deleted", 60, || w.server.live().is_empty());
     kill9(&mut controller);
 }
+
+#[test]
+fn a_delete_that_answered_success_but_did_nothing_is_sent_again_until_the_pod_is_gone() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sleep 600", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    w.server.inject(Some(Api::Delete), Fault::EmptySuccess, 1);
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("the pod deleted", 90, || w.server.live().is_empty());
+    let deletes = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Delete && r.status == 204)
+        .count();
+    assert!(deletes >= 2, "the first 204 did nothing; {deletes} deletes");
+    kill9(&mut controller);
+}

@@ -54,7 +54,8 @@ pub enum Fault {
     Html(u16),
     /// HTTP 200 whose body is an error envelope.
     ErrorInOk,
-    /// Launch: 200 `{"data":{"instance_ids":[]}}`, and nothing launched.
+    /// Launch: 200 `{"data":{"instance_ids":[]}}`, and nothing launched; terminate: 200
+    /// `{"data":{"terminated_instances":[]}}`, and nothing terminated.
     EmptySuccess,
     /// Launch: the instance is made, then the answer waits this long.
     HoldAnswer(Duration),
@@ -694,6 +695,9 @@ fn answer(
             }
             Fault::EmptySuccess if endpoint == Endpoint::Launch => {
                 return (data(json!({"instance_ids": []})), None);
+            }
+            Fault::EmptySuccess if endpoint == Endpoint::Terminate => {
+                return (data(json!({"terminated_instances": []})), None);
             }
             Fault::EmptySuccess => {}
             Fault::HoldAnswer(d) => hold = Some(d),

@@ -53,6 +53,10 @@ pub enum Fault {
     HoldAnswer(Duration),
     /// Create: the GPU type's stock is gone just before this create.
     NoStock,
+    /// HTTP 200 whose body is a problem (an error inside a success).
+    ErrorInOk,
+    /// Delete: 204, and the pod is not deleted (a "success" that did nothing).
+    EmptySuccess,
 }
 
 #[derive(Debug, Clone)]
@@ -701,6 +705,15 @@ fn answer(
             }
             Fault::Html(s) => return (html(s), None, false),
             Fault::HoldAnswer(d) => hold = Some(d),
+            Fault::ErrorInOk => {
+                let mut r = problem(500, "internal error", None);
+                *r.status_mut() = StatusCode::OK;
+                return (r, None, true);
+            }
+            Fault::EmptySuccess if endpoint == Endpoint::Delete => {
+                return (StatusCode::NO_CONTENT.into_response(), None, true);
+            }
+            Fault::EmptySuccess => {}
             Fault::NoStock => {
                 return (
                     problem(
