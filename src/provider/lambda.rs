@@ -127,6 +127,17 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
             )),
         };
     }
+    // Lambda's suggestion says where there is capacity (for a type its listing shows
+    // yet refuses): worth keeping in what the user reads.
+    let msg = match error
+        .and_then(|e| e.get("suggestion"))
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        Some(suggestion) => format!("{msg} ({suggestion})"),
+        None => msg,
+    };
     let message = if code.is_empty() {
         format!("HTTP {}: {msg}", raw.status)
     } else {
@@ -835,7 +846,7 @@ impl Provider for LambdaProvider {
                     }
                     Err(e) if e.kind == ErrorKind::NoCapacity => {
                         tracing::info!(instance_type = %t.name, %region, error = %e, "lambda launch refused for capacity; moving on");
-                        refused_at.push(format!("{} in {region}", t.name));
+                        refused_at.push(format!("{} in {region}: {}", t.name, e.message));
                     }
                     Err(e) => return Err(e),
                 }
