@@ -605,3 +605,28 @@ fn a_delete_that_answered_success_but_did_nothing_is_sent_again_until_the_pod_is
     assert!(deletes >= 2, "the first 204 did nothing; {deletes} deletes");
     kill9(&mut controller);
 }
+
+#[test]
+fn a_container_in_a_restart_loop_counts_as_lost_is_deleted_and_the_run_retried() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sleep 600",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.live()[0].id.clone();
+    w.server.restart_loop(&first);
+    w.until("the looping pod deleted and a second attempt", 90, || {
+        w.attempt() == 2
+            && w.server
+                .pods()
+                .iter()
+                .any(|p| p.id == first && p.deleted)
+    });
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}

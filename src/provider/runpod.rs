@@ -314,7 +314,13 @@ pub struct RunpodProvider {
     self_end_grace: Duration,
     boot_timeout: Duration,
     pod_env_file: String,
+    /// Per pod: the container's last `startedAt` seen and how often it changed. A
+    /// container that keeps restarting (a crash loop) never runs the job.
+    starts: std::sync::Mutex<BTreeMap<InstanceId, (String, u32)>>,
 }
+
+/// Restarts of a pod's container after which it counts as lost: a crash loop.
+const RESTART_LOOP: u32 = 3;
 
 /// How long a new pod may be missing from the listing.
 const LISTING_LAG: Duration = Duration::from_secs(300);
@@ -363,6 +369,7 @@ impl RunpodProvider {
             recent: std::sync::Mutex::new(BTreeMap::new()),
             self_end_grace: cloud::self_end_grace(GRACE_ENV),
             boot_timeout: cloud::boot_timeout(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
+            starts: std::sync::Mutex::new(BTreeMap::new()),
             pod_env_file: std::env::var(POD_ENV_FILE_ENV)
                 .ok()
                 .filter(|f| !f.trim().is_empty())
@@ -468,7 +475,21 @@ impl RunpodProvider {
             identity_file: Some(self.identity.clone()),
             root: format!("{REMOTE_ROOT}/{name}"),
         });
+        let restarts = match s("startedAt").filter(|t| !t.is_empty()) {
+            Some(started) => {
+                let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+                let seen = starts.entry(id.clone()).or_insert((started.to_string(), 0));
+                if seen.0 != started {
+                    *seen = (started.to_string(), seen.1 + 1);
+                    tracing::info!(pod = %id, restarts = seen.1, "the pod's container restarted");
+                }
+                seen.1
+            }
+            None => 0,
+        };
         let state = match s("status").unwrap_or("") {
+            // A crash loop: lost for this attempt (the planner deletes it and retries).
+            _ if restarts >= RESTART_LOOP => InstanceState::Stopped,
             "RUNNING" if endpoint.is_some() => InstanceState::Running,
             // Stopped or failed: it runs nothing; lost for this attempt.
             "EXITED" | "ERROR" => InstanceState::Stopped,
@@ -564,6 +585,11 @@ impl Provider for RunpodProvider {
             .and_then(Value::as_array)
             .ok_or_else(|| err(ErrorKind::Transient, step, "answer without pods"))?;
         let mut out: Vec<Instance> = pods.iter().filter_map(|p| self.instance(p)).collect();
+        // Pods no longer listed take their restart counts with them.
+        self.starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| out.iter().any(|i| &i.id == id));
         let missing: Vec<InstanceId> = {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             let now = tokio::time::Instant::now();

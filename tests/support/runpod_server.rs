@@ -147,6 +147,11 @@ pub struct PodRecord {
     frozen: bool,
     created: Instant,
     keys_written: bool,
+    /// The container keeps crashing: RUNNING a moment, then STARTING again.
+    looping: bool,
+    /// When the container last came up (`startedAt`), and last went down.
+    started_at: Option<SystemTime>,
+    went_down: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +302,15 @@ impl RunpodServer {
         }
     }
 
+    /// The pod's container crashes and restarts over and over (a bad image or
+    /// entrypoint): RUNNING a moment, STARTING, RUNNING with a new `startedAt`, ...
+    pub fn restart_loop(&self, id: &str) {
+        let mut st = self.lock();
+        if let Some(p) = st.pods.iter_mut().find(|p| p.id == id) {
+            p.looping = true;
+        }
+    }
+
     pub fn delete_behind_back(&self, id: &str) {
         let mut st = self.lock();
         if let Some(p) = st.pods.iter_mut().find(|p| p.id == id) {
@@ -397,6 +411,9 @@ fn new_pod(st: &mut State, body: &Value, gpu_id: &str, count: u64, cloud: &str) 
         frozen: false,
         created: Instant::now(),
         keys_written: false,
+        looping: false,
+        started_at: None,
+        went_down: None,
     });
     id
 }
@@ -408,7 +425,31 @@ fn tick(state: &Arc<Mutex<State>>) {
     let mut keys = Vec::new();
     for p in st.pods.iter_mut().filter(|p| !p.deleted && !p.frozen) {
         let age = p.created.elapsed();
+        if p.looping {
+            // Up for a second, down for a third of one, again and again.
+            match p.went_down {
+                Some(at) if at.elapsed() >= Duration::from_millis(300) => {
+                    p.status = "RUNNING".into();
+                    p.started_at = Some(SystemTime::now());
+                    p.went_down = None;
+                }
+                Some(_) => {}
+                None if p
+                    .started_at
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|e| e >= Duration::from_secs(1)) =>
+                {
+                    p.status = "STARTING".into();
+                    p.went_down = Some(Instant::now());
+                }
+                None => {}
+            }
+            continue;
+        }
         if age >= cfg.running_after {
+            if p.status != "RUNNING" {
+                p.started_at = Some(SystemTime::now());
+            }
             p.status = "RUNNING".into();
         } else if age >= cfg.starting_after {
             p.status = "STARTING".into();
@@ -560,6 +601,7 @@ fn pod_json(st: &State, p: &PodRecord) -> Value {
         "runtime": runtime,
         "cost": if p.status == "EXITED" || p.deleted { 0.0 } else { price },
         "locked": false,
+        "startedAt": p.started_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
     })
 }
 
