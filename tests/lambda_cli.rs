@@ -617,7 +617,10 @@ fn a_placement_naming_an_account_ssh_key_launches_with_it_and_logs_in_with_its_i
     let job = w.job_with("sh train.sh", "");
     let text = std::fs::read_to_string(&job).unwrap().replace(
         "ssh_user:",
-        &format!("ssh_key: aspen, identity_file: {}, ssh_user:", identity.display()),
+        &format!(
+            "ssh_key: aspen, identity_file: {}, ssh_user:",
+            identity.display()
+        ),
     );
     std::fs::write(&job, text).unwrap();
     let out = w
@@ -638,7 +641,10 @@ fn a_placement_naming_an_account_ssh_key_launches_with_it_and_logs_in_with_its_i
         .filter(|r| r.endpoint == Api::Launch && r.status == 200)
         .collect();
     assert_eq!(launches.len(), 1);
-    assert_eq!(launches[0].body["ssh_key_names"], serde_json::json!(["aspen"]));
+    assert_eq!(
+        launches[0].body["ssh_key_names"],
+        serde_json::json!(["aspen"])
+    );
     // asimov's own key was neither registered nor authorized: the login was aspen's.
     assert_eq!(w.server.key_names(), vec!["aspen".to_string()]);
     if let Ok(ours) = std::fs::read_to_string(w.a.home().join("ssh/id_ed25519.pub")) {
@@ -646,7 +652,9 @@ fn a_placement_naming_an_account_ssh_key_launches_with_it_and_logs_in_with_its_i
             std::fs::read_to_string(w.sshd.dir().join("authorized_keys")).unwrap_or_default();
         assert!(!authorized.contains(ours.trim()));
     }
-    w.until("the instance terminated", 60, || w.server.billing().is_empty());
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
 }
 
 #[test]
@@ -675,7 +683,13 @@ fn a_placement_key_without_its_identity_file_or_a_terminate_key_not_stored_is_re
 fn an_8_gpu_machine_booting_for_25_minutes_is_not_given_up_early() {
     // Time scaled 1:60 on both sides: the server boots the 8-GPU type in 25 s (its
     // 20-25 minutes), the controller's boot timeout is 30 s (its 30 minutes).
-    let mut eight = instance_type("gpu_8x_h100_sxm5", "H100 (80 GB SXM5)", 8, 2392, &["us-east-1"]);
+    let mut eight = instance_type(
+        "gpu_8x_h100_sxm5",
+        "H100 (80 GB SXM5)",
+        8,
+        2392,
+        &["us-east-1"],
+    );
     eight.boot = Some(Duration::from_secs(25));
     let Some(w) = world(vec![eight]) else { return };
     let job = w.a.manifest(
@@ -703,7 +717,9 @@ spec:
     assert!(booted_after >= Duration::from_secs(25), "{booted_after:?}");
     assert_eq!(w.attempt(), 1, "the booting machine was never given up");
     assert_eq!(w.server.instances().len(), 1, "one launch only");
-    w.until("the instance terminated", 60, || w.server.billing().is_empty());
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
     kill9(&mut controller);
 }
 
@@ -715,15 +731,21 @@ fn a_terminate_that_answered_success_but_did_nothing_is_sent_again_until_the_ins
     w.until("the run to run", 60, || {
         w.a.run_phase("gpu-0").as_deref() == Some("Running")
     });
-    w.server.inject(Some(Api::Terminate), Fault::EmptySuccess, 1);
+    w.server
+        .inject(Some(Api::Terminate), Fault::EmptySuccess, 1);
     w.a.ok(&["delete", "job", "gpu"]);
-    w.until("the instance terminated", 90, || w.server.billing().is_empty());
+    w.until("the instance terminated", 90, || {
+        w.server.billing().is_empty()
+    });
     let terminates = w
         .server
         .requests()
         .iter()
         .filter(|r| r.endpoint == Api::Terminate && r.status == 200)
         .count();
-    assert!(terminates >= 2, "the first 200 did nothing; {terminates} terminates");
+    assert!(
+        terminates >= 2,
+        "the first 200 did nothing; {terminates} terminates"
+    );
     kill9(&mut controller);
 }

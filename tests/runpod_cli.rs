@@ -553,7 +553,10 @@ fn a_pod_that_never_boots_is_deleted_by_the_boot_timeout() {
         c.ports_after = Duration::from_secs(24 * 3600);
     });
     let mut controller = w.spawn_controller_with(&[("ASIMOV_RUNPOD_BOOT_TIMEOUT", "5")]);
-    w.apply(&w.job_with("echo never", "  retry: {on: [preemption], max_restarts: 0}\n"));
+    w.apply(&w.job_with(
+        "echo never",
+        "  retry: {on: [preemption], max_restarts: 0}\n",
+    ));
     w.until("a pod created", 30, || !w.server.pods().is_empty());
     let first = w.server.pods()[0].clone();
     w.until("the stuck pod deleted", 60, || {
@@ -620,11 +623,7 @@ fn a_container_in_a_restart_loop_counts_as_lost_is_deleted_and_the_run_retried()
     let first = w.server.live()[0].id.clone();
     w.server.restart_loop(&first);
     w.until("the looping pod deleted and a second attempt", 90, || {
-        w.attempt() == 2
-            && w.server
-                .pods()
-                .iter()
-                .any(|p| p.id == first && p.deleted)
+        w.attempt() == 2 && w.server.pods().iter().any(|p| p.id == first && p.deleted)
     });
     w.a.ok(&["delete", "job", "gpu"]);
     w.until("every pod deleted", 60, || w.server.live().is_empty());

@@ -25,7 +25,12 @@
 //!   (`asimov-<8 hex of the key>`) through `/ssh-keys` unless the account already has
 //!   it, and named at launch; Lambda puts it in the VM. The VM is reached on port 22 of
 //!   its `ip` as `ubuntu` unless the placement's `ssh_user` says otherwise.
-//!   `ASIMOV_LAMBDA_SSH_PORT` replaces port 22 for tests that cannot bind it.
+//!   `ASIMOV_LAMBDA_SSH_PORT` replaces port 22 for tests that cannot bind it. A
+//!   placement's `ssh_key` (an account key) with its `identity_file` replaces asimov's.
+//! - **Self-termination**: Lambda has no instance-scoped key, so only a separate account
+//!   key the user names (`terminate_key`, a stored secret) is handed over, through the
+//!   shared end hook (`cloud::SelfEnd`); without one the controller terminates.
+//! - **Boot**: 30 minutes for every type (8-GPU types take 20-25).
 //!
 //! Must not know about the store or the planner.
 

@@ -16,7 +16,11 @@
 //! - **Bodies**: only fields of v2's `CreatePodRequest` are sent; the API refuses others.
 //! - **States**: `PROVISIONING`/`STARTING`, and `RUNNING` until `ssh.direct` appears, are
 //!   provisioning; `RUNNING` with `ssh.direct` is running; `EXITED` and `ERROR` count as
-//!   lost (the planner destroys the pod and retries), `TERMINATED` as going.
+//!   lost (the planner destroys the pod and retries), `TERMINATED` as going; so does a
+//!   container seen restarting `RESTART_LOOP` times (`startedAt` changing).
+//! - **Self-deletion**: the pod deletes itself with its own `RUNPOD_API_KEY` (read on
+//!   the pod) through the shared end hook (`cloud::SelfEnd`); a pod without one is
+//!   deleted by the controller.
 //! - **SSH**: the direct TCP endpoint (`ssh.direct`, public ip and mapped port), never
 //!   the `ssh.runpod.io` proxy, which offers no exec or file copy. asimov's own public key
 //!   goes in the pod's `PUBLIC_KEY`, which RunPod's images put in `authorized_keys`: the
