@@ -749,3 +749,31 @@ fn a_terminate_that_answered_success_but_did_nothing_is_sent_again_until_the_ins
     );
     kill9(&mut controller);
 }
+
+#[test]
+fn apply_dry_run_shows_which_machine_type_would_be_taken_and_launches_nothing() {
+    let Some(w) = world(two_types()) else { return };
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "--dry-run", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first type has no capacity: the second, where it has some, is what a launch
+    // would take now.
+    assert!(
+        text.contains("lambda would take gpu_1x_a10 (1x A10 (24 GB PCIe)) in us-east-1 at $0.75/h"),
+        "{text}"
+    );
+    assert!(
+        w.server.instances().is_empty(),
+        "a dry run launches nothing"
+    );
+    assert_eq!(w.server.launches_received(), 0);
+}

@@ -629,3 +629,27 @@ fn a_container_in_a_restart_loop_counts_as_lost_is_deleted_and_the_run_retried()
     w.until("every pod deleted", 60, || w.server.live().is_empty());
     kill9(&mut controller);
 }
+
+#[test]
+fn apply_dry_run_shows_which_gpu_type_would_be_taken_and_creates_nothing() {
+    let Some(w) = world() else { return };
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "--dry-run", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // H100 first, but none in stock: the RTX 4090 is what a create would take.
+    assert!(
+        text.contains("runpod would take NVIDIA GeForce RTX 4090 (1x RTX 4090) at $0.69/h"),
+        "{text}"
+    );
+    assert!(w.server.pods().is_empty(), "a dry run creates nothing");
+    assert_eq!(w.server.creates_received(), 0);
+}

@@ -73,6 +73,15 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
                     placement.join(" → ")
                 );
             }
+            // What the catalog clouds would rent now, in the order their create tries.
+            for p in &job.spec.placement {
+                match super::offers::would_take(home, &job.spec.resources, p) {
+                    None => {}
+                    Some(Ok(Some(what))) => println!("  {} would take {what}", p.provider),
+                    Some(Ok(None)) => println!("  {} has nothing that fits now", p.provider),
+                    Some(Err(e)) => println!("  {} cannot tell now: {e}", p.provider),
+                }
+            }
         }
     }
     // Valid, but it would wait for ever: say so now rather than leave `--wait` hanging.

@@ -189,6 +189,103 @@ pub fn run(home: &Home, q: Query, sort: OfferSort, output: Output) -> CliResult 
 
 /// `offers --provider lambda|runpod`: the cloud's catalog (instance types, GPU types)
 /// that fits, cheapest first, in the same JSON shape as Vast's offers.
+/// What a catalog cloud (Lambda, RunPod) would rent now for `resources` on
+/// `placement`, in the order its create tries them (the placement's types as written,
+/// else cheapest first): the line `apply --dry-run` shows. `None` for other providers.
+pub(super) fn would_take(
+    home: &Home,
+    resources: &Resources,
+    placement: &Placement,
+) -> Option<Result<Option<String>, super::CliError>> {
+    let kind = placement.provider;
+    if !matches!(kind, ProviderKind::Lambda | ProviderKind::Runpod) {
+        return None;
+    }
+    let look = || -> Result<Option<String>, super::CliError> {
+        let pool = crate::transport::ssh::SshPool::new(home.clone())?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (offers, order) = if kind == ProviderKind::Lambda {
+            let key = crate::provider::lambda::KEY_NAME;
+            let p = crate::provider::lambda::LambdaProvider::from_home(home, pool)?
+                .ok_or_else(|| fail(format!("no {key} stored")))?;
+            (
+                runtime.block_on(p.offers(resources, placement))?,
+                placement.instance_types.clone(),
+            )
+        } else {
+            let key = crate::provider::runpod::KEY_NAME;
+            let p = crate::provider::runpod::RunpodProvider::from_home(home, pool)?
+                .ok_or_else(|| fail(format!("no {key} stored")))?;
+            let names = if placement.instance_types.is_empty() {
+                resources
+                    .gpu
+                    .as_ref()
+                    .map(|g| g.names.clone())
+                    .unwrap_or_default()
+            } else {
+                placement.instance_types.clone()
+            };
+            let offers = runtime.block_on(p.offers(resources, placement))?;
+            // Names as users write them, resolved to the ids the catalog lists.
+            let ids = names
+                .iter()
+                .flat_map(|n| {
+                    offers
+                        .iter()
+                        .filter(|o| {
+                            crate::provider::runpod::gpu_matches(
+                                &crate::provider::runpod::GpuType {
+                                    id: o.id.clone(),
+                                    name: o.gpu.clone(),
+                                    memory_gb: 0.0,
+                                    secure_price: None,
+                                    community_price: None,
+                                    availability: String::new(),
+                                },
+                                n,
+                            )
+                        })
+                        .map(|o| o.id.clone())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            (offers, ids)
+        };
+        let usable = |o: &&crate::provider::cloud::CatalogOffer| {
+            o.available
+                && (kind != ProviderKind::Lambda
+                    || placement.regions.is_empty()
+                    || o.regions.iter().any(|r| placement.regions.contains(r)))
+        };
+        // `offers` is cheapest first: without an order that is the create's order too.
+        let first = if order.is_empty() {
+            offers.iter().find(usable)
+        } else {
+            order
+                .iter()
+                .find_map(|id| offers.iter().filter(usable).find(|o| &o.id == id))
+        };
+        Ok(first.map(|o| {
+            let regions: Vec<&String> = o
+                .regions
+                .iter()
+                .filter(|r| placement.regions.is_empty() || placement.regions.contains(r))
+                .collect();
+            let at = match regions.first() {
+                Some(r) => format!(" in {r}"),
+                None => String::new(),
+            };
+            format!(
+                "{} ({}x {}){at} at ${:.2}/h",
+                o.id, o.count, o.gpu, o.price_per_hour
+            )
+        }))
+    };
+    Some(look())
+}
+
 fn catalog(home: &Home, q: &Query, kind: ProviderKind, output: Output) -> CliResult {
     let (resources, placement) = resolve_for(home, q, kind)?;
     let pool = crate::transport::ssh::SshPool::new(home.clone())?;
