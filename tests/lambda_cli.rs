@@ -768,7 +768,7 @@ fn apply_dry_run_shows_which_machine_type_would_be_taken_and_launches_nothing() 
     // The first type has no capacity: the second, where it has some, is what a launch
     // would take now.
     assert!(
-        text.contains("lambda would take gpu_1x_a10 (1x A10 (24 GB PCIe)) in us-east-1 at $0.75/h"),
+        text.contains("would start on lambda: offer gpu_1x_a10 ") && text.contains("us-east-1"),
         "{text}"
     );
     assert!(

@@ -647,7 +647,7 @@ fn apply_dry_run_shows_which_gpu_type_would_be_taken_and_creates_nothing() {
     );
     // H100 first, but none in stock: the RTX 4090 is what a create would take.
     assert!(
-        text.contains("runpod would take NVIDIA GeForce RTX 4090 (1x RTX 4090) at $0.69/h"),
+        text.contains("would start on runpod: offer NVIDIA GeForce RTX 4090"),
         "{text}"
     );
     assert!(w.server.pods().is_empty(), "a dry run creates nothing");
