@@ -29,6 +29,25 @@ struct World {
     a: Asimov,
 }
 
+/// The separate API key the user made for instances to end themselves.
+const TERMINATE_KEY: &str = "lambda-terminate-key_abcdef987654";
+
+fn set_secret(a: &Asimov, name: &str, value: &str) {
+    let mut set = a
+        .command()
+        .args(["secret", "set", name])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    assert!(set.wait().unwrap().success());
+}
+
 fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
     let sshd = Sshd::start_on_port_22();
     let c = Config {
@@ -41,23 +60,12 @@ fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
         // jitter of a loaded machine.
         request_gap: Duration::from_secs_f64(1.0 * SCALE * SLACK),
         launch_gap: Duration::from_secs_f64(10.0 * SCALE * SLACK),
+        other_keys: vec![TERMINATE_KEY.to_string()],
         ..Config::default()
     };
     let server = LambdaServer::start(c, types);
     let a = Asimov::new();
-    let mut set = a
-        .command()
-        .args(["secret", "set", "LAMBDA_API_KEY"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    set.stdin
-        .take()
-        .unwrap()
-        .write_all(lambda_server::API_KEY.as_bytes())
-        .unwrap();
-    assert!(set.wait().unwrap().success());
+    set_secret(&a, "LAMBDA_API_KEY", lambda_server::API_KEY);
     Some(World { server, sshd, a })
 }
 
@@ -102,8 +110,13 @@ spec:
     }
 
     fn spawn_controller(&self) -> std::process::Child {
+        self.spawn_controller_with(&[])
+    }
+
+    fn spawn_controller_with(&self, env: &[(&str, &str)]) -> std::process::Child {
         let child = self
             .command()
+            .envs(env.iter().copied())
             .args(["controller"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -502,4 +515,265 @@ fn a_run_that_ends_while_the_controller_is_down_has_its_instance_terminated_once
     });
     assert_eq!(w.a.run_phase("gpu-0").as_deref(), Some("Succeeded"));
     kill9(&mut again);
+}
+
+/// Terminated through the API with the handed-over key, as the server records it.
+fn terminated_by_itself(w: &World, id: &str) -> bool {
+    w.server.requests().iter().any(|r| {
+        r.endpoint == Api::Terminate
+            && r.status == 200
+            && r.key == TERMINATE_KEY
+            && r.body["instance_ids"][0].as_str() == Some(id)
+    })
+}
+
+#[test]
+fn with_the_controller_dead_the_instance_terminates_itself_with_the_handed_over_key() {
+    for (run, extra) in [
+        // The job ends by itself.
+        ("sleep 4; echo done", ""),
+        // max_duration hits.
+        ("sleep 600", "  max_duration: 4s\n"),
+    ] {
+        let Some(w) = world(two_types()) else { return };
+        set_secret(&w.a, "LAMBDA_TERMINATE_KEY", TERMINATE_KEY);
+        let job = w.job_with(run, extra);
+        let text = std::fs::read_to_string(&job).unwrap().replace(
+            "ssh_user:",
+            "terminate_key: LAMBDA_TERMINATE_KEY, ssh_user:",
+        );
+        std::fs::write(&job, text).unwrap();
+        let mut controller = w.spawn_controller_with(&[("ASIMOV_LAMBDA_SELF_END_GRACE", "1")]);
+        w.apply(&job);
+        w.until("the run to run", 60, || {
+            w.a.run_phase("gpu-0").as_deref() == Some("Running")
+        });
+        kill9(&mut controller);
+        let id = w.server.billing()[0].id.clone();
+        w.until("the instance to terminate itself", 60, || {
+            terminated_by_itself(&w, &id)
+        });
+        w.until("the instance gone", 30, || w.server.billing().is_empty());
+        // The controller's own key never did it: it is dead.
+        assert!(
+            !w.server
+                .requests()
+                .iter()
+                .any(|r| r.endpoint == Api::Terminate && r.key == lambda_server::API_KEY),
+            "terminated by the controller, not by the instance"
+        );
+        // The key reached the instance in 0600 files, never a command line or a log.
+        let agent_dirs = w.sshd.home().join(".asimov-agent");
+        let root = std::fs::read_dir(&agent_dirs)
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        use std::os::unix::fs::PermissionsExt;
+        for secret in [".lambda_auth", ".lambda_wgetrc"] {
+            let mode = std::fs::metadata(root.join(secret))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{secret}");
+        }
+        // The server answered before the hook wrote its line: wait for it.
+        let hook_log = || std::fs::read_to_string(root.join("on_end.log")).unwrap_or_default();
+        w.until("the hook to say it ended the instance", 30, || {
+            hook_log().contains("ended (200)")
+        });
+        let hook_log = hook_log();
+        for text in [w.sshd.log(), hook_log] {
+            assert!(!text.contains(TERMINATE_KEY), "{text}");
+        }
+        // A controller back later finds the run done and nothing to terminate.
+        let mut again = w.spawn_controller();
+        w.until("the run recorded as ended", 60, || {
+            matches!(
+                w.a.run_phase("gpu-0").as_deref(),
+                Some("Succeeded" | "Failed")
+            )
+        });
+        kill9(&mut again);
+    }
+}
+
+#[test]
+fn a_placement_naming_an_account_ssh_key_launches_with_it_and_logs_in_with_its_identity_file() {
+    let Some(w) = world(two_types()) else { return };
+    // The note's `ssh_key: aspen`: a key already in the account, its private half here.
+    let identity = w.sshd.client_key();
+    let public = std::fs::read_to_string(identity.with_extension("pub"))
+        .or_else(|_| {
+            Command::new("ssh-keygen")
+                .args(["-y", "-f"])
+                .arg(&identity)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        })
+        .unwrap();
+    w.server.add_key("aspen", &public);
+    let job = w.job_with("sh train.sh", "");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "ssh_user:",
+        &format!(
+            "ssh_key: aspen, identity_file: {}, ssh_user:",
+            identity.display()
+        ),
+    );
+    std::fs::write(&job, text).unwrap();
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "apply --wait: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "gpu-0"])
+    );
+    let launches: Vec<_> = w
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Api::Launch && r.status == 200)
+        .collect();
+    assert_eq!(launches.len(), 1);
+    assert_eq!(
+        launches[0].body["ssh_key_names"],
+        serde_json::json!(["aspen"])
+    );
+    // asimov's own key was neither registered nor authorized: the login was aspen's.
+    assert_eq!(w.server.key_names(), vec!["aspen".to_string()]);
+    if let Ok(ours) = std::fs::read_to_string(w.a.home().join("ssh/id_ed25519.pub")) {
+        let authorized =
+            std::fs::read_to_string(w.sshd.dir().join("authorized_keys")).unwrap_or_default();
+        assert!(!authorized.contains(ours.trim()));
+    }
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+}
+
+#[test]
+fn a_placement_key_without_its_identity_file_or_a_terminate_key_not_stored_is_refused_at_apply() {
+    let Some(w) = world(two_types()) else { return };
+    let job = w.job_with("sh train.sh", "");
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "ssh_user:",
+        "ssh_key: aspen, terminate_key: NOT_STORED, ssh_user:",
+    );
+    std::fs::write(&job, text).unwrap();
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`ssh_key` needs `identity_file`"), "{err}");
+    assert!(err.contains("unknown secret `NOT_STORED`"), "{err}");
+    assert!(err.contains("gpu.yaml:"), "{err}");
+    assert!(w.server.requests().is_empty(), "nothing asked of Lambda");
+}
+
+#[test]
+fn an_8_gpu_machine_booting_for_25_minutes_is_not_given_up_early() {
+    // Time scaled 1:60 on both sides: the server boots the 8-GPU type in 25 s (its
+    // 20-25 minutes), the controller's boot timeout is 30 s (its 30 minutes).
+    let mut eight = instance_type(
+        "gpu_8x_h100_sxm5",
+        "H100 (80 GB SXM5)",
+        8,
+        2392,
+        &["us-east-1"],
+    );
+    eight.boot = Some(Duration::from_secs(25));
+    let Some(w) = world(vec![eight]) else { return };
+    let job = w.a.manifest(
+        "gpu.yaml",
+        &format!(
+            r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: gpu}}
+spec:
+  source: {{workdir: .}}
+  run: echo trained on eight
+  placement:
+    - {{provider: lambda, instance_types: [gpu_8x_h100_sxm5], ssh_user: {user}}}
+"#,
+            user = w.sshd.user()
+        ),
+    );
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_LAMBDA_BOOT_TIMEOUT", "30")]);
+    let start = Instant::now();
+    w.apply(&job);
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let booted_after = start.elapsed();
+    assert!(booted_after >= Duration::from_secs(25), "{booted_after:?}");
+    assert_eq!(w.attempt(), 1, "the booting machine was never given up");
+    assert_eq!(w.server.instances().len(), 1, "one launch only");
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_terminate_that_answered_success_but_did_nothing_is_sent_again_until_the_instance_is_gone() {
+    let Some(w) = world(two_types()) else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sleep 600", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    w.server
+        .inject(Some(Api::Terminate), Fault::EmptySuccess, 1);
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("the instance terminated", 90, || {
+        w.server.billing().is_empty()
+    });
+    let terminates = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Terminate && r.status == 200)
+        .count();
+    assert!(
+        terminates >= 2,
+        "the first 200 did nothing; {terminates} terminates"
+    );
+    kill9(&mut controller);
+}
+
+#[test]
+fn apply_dry_run_shows_which_machine_type_would_be_taken_and_launches_nothing() {
+    let Some(w) = world(two_types()) else { return };
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "--dry-run", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The first type has no capacity: the second, where it has some, is what a launch
+    // would take now.
+    assert!(
+        text.contains("would start on lambda: offer gpu_1x_a10 ") && text.contains("us-east-1"),
+        "{text}"
+    );
+    assert!(
+        w.server.instances().is_empty(),
+        "a dry run launches nothing"
+    );
+    assert_eq!(w.server.launches_received(), 0);
 }

@@ -167,3 +167,24 @@ async fn an_error_inside_http_200_is_not_a_listing() {
     assert_eq!(listed[0].state, InstanceState::Provisioning);
     p.destroy(&a.id).await.expect("cleanup");
 }
+
+#[tokio::test]
+async fn a_launch_refused_for_capacity_although_listed_names_where_there_is_capacity() {
+    let (server, p, _kept) = setup(5);
+    // The listing shows gh200 in us-west-1, yet Lambda refuses it there; a10 has
+    // capacity in us-east-1, which this placement excludes.
+    server.set_types(|ts| {
+        ts[0].regions = vec!["us-west-1".into()];
+        ts[0].refuse_launches = true;
+    });
+    let mut req = request("west-0");
+    req.placement.regions = vec!["us-west-1".into()];
+    let e = p.create(&req).await.expect_err("no capacity in us-west-1");
+    assert_eq!(e.kind, ErrorKind::NoCapacity, "{e}");
+    assert!(
+        e.to_string().contains("gpu_1x_gh200 in us-west-1")
+            && e.to_string().contains("gpu_1x_a10 (us-east-1)"),
+        "the error names the regions Lambda says have capacity: {e}"
+    );
+    assert!(server.instances().is_empty());
+}

@@ -517,7 +517,7 @@ fn manifest_loading_survives_mutated_input() {
     let ctx = Context {
         fleets: BTreeSet::from(["lab".to_string()]),
         budgets: BTreeSet::from(["team-a".to_string()]),
-        secrets: BTreeSet::from(["HF_TOKEN".to_string()]),
+        secrets: BTreeSet::from(["HF_TOKEN".to_string(), "LAMBDA_TERMINATE_KEY".to_string()]),
     };
     // Relative paths in the inputs (a matrix `runs.txt`) resolve inside the examples.
     let as_if = root.join("examples/fuzz.yaml");

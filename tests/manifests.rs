@@ -20,6 +20,13 @@ fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A home whose stored secrets include what the examples name.
+fn examples_ctx() -> Context {
+    let mut c = ctx();
+    c.secrets.insert("LAMBDA_TERMINATE_KEY".to_string());
+    c
+}
+
 fn ctx() -> Context {
     Context {
         secrets: BTreeSet::from(["HF_TOKEN".to_string()]),
@@ -66,7 +73,8 @@ fn schemas_are_checked_in_and_current() {
 #[test]
 fn every_example_loads_and_round_trips() {
     let examples = crate_dir().join("examples");
-    let all = load_paths(std::slice::from_ref(&examples), &ctx()).unwrap_or_else(|p| panic!("{p}"));
+    let all = load_paths(std::slice::from_ref(&examples), &examples_ctx())
+        .unwrap_or_else(|p| panic!("{p}"));
     let m = &all.manifests;
     let mut jobs: Vec<&str> = m.jobs.iter().map(|j| j.name.as_str()).collect();
     jobs.sort();
@@ -92,7 +100,7 @@ fn every_example_loads_and_round_trips() {
     let home = Context {
         fleets: m.fleets.iter().map(|f| f.name.clone()).collect(),
         budgets: m.budgets.iter().map(|b| b.name.clone()).collect(),
-        ..ctx()
+        ..examples_ctx()
     };
     let mut files: Vec<PathBuf> = std::fs::read_dir(&examples)
         .expect("examples/")
@@ -432,7 +440,7 @@ fn problems_carry_exact_positions() {
     assert_eq!(
         err.to_string(),
         "/manifests/job.yaml:7:17: expected a duration like 30m or 43h, found \"forever\"\n\
-         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_user`"
+         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `identity_file`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_key`, `ssh_user`, `terminate_key`"
     );
 
     let text = text.replace(", colour: red", "");

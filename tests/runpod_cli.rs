@@ -94,8 +94,13 @@ spec:
     }
 
     fn spawn_controller(&self) -> std::process::Child {
+        self.spawn_controller_with(&[])
+    }
+
+    fn spawn_controller_with(&self, env: &[(&str, &str)]) -> std::process::Child {
         let child = self
             .command()
+            .envs(env.iter().copied())
             .args(["controller"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -382,8 +387,9 @@ fn a_run_that_ends_while_the_controller_is_down_has_its_pod_deleted_once_it_is_b
         w.a.run_phase("gpu-0").as_deref() == Some("Running")
     });
     kill9(&mut controller);
-    // The job ends meanwhile; the test server's pods have no agent key to end
-    // themselves, so the controller is the backstop.
+    // The job ends meanwhile; these pods have no key of their own (the server exports
+    // none), so they cannot end themselves: the controller is the backstop, and ends
+    // the pod in its first pass once back.
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
         w.server.live().len(),
@@ -456,4 +462,194 @@ fn offers_lists_runpod_gpu_types_as_users_name_them() {
         "cheapest first"
     );
     assert!(w.server.pods().is_empty(), "offers rents nothing");
+}
+
+#[test]
+fn with_the_controller_dead_the_pod_deletes_itself_with_its_own_key() {
+    let Some(w) = world() else { return };
+    let env_dir = w.sshd.dir().join("pods");
+    w.server
+        .configure(|c| c.pod_env_dir = Some(env_dir.clone()));
+    let env_file = format!("{}/{{id}}/rp_environment", env_dir.display());
+    let mut controller = w.spawn_controller_with(&[
+        ("ASIMOV_RUNPOD_SELF_END_GRACE", "1"),
+        ("ASIMOV_RUNPOD_POD_ENV_FILE", &env_file),
+    ]);
+    w.apply(&w.job_with("sleep 4; echo done", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    kill9(&mut controller);
+    let id = w.server.live()[0].id.clone();
+    let agent_dirs = w.sshd.home().join(".asimov-agent");
+    let hook_logs = || {
+        std::fs::read_dir(&agent_dirs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|d| std::fs::read_to_string(d.path().join("on_end.log")).unwrap_or_default())
+            .collect::<String>()
+    };
+    let deleted_itself = || {
+        w.server.requests().iter().any(|r| {
+            r.endpoint == Api::Delete
+                && r.status == 204
+                && r.key == format!("pod:{id}")
+                && r.path.ends_with(&id)
+        })
+    };
+    let start = Instant::now();
+    while !deleted_itself() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the pod did not delete itself; its hook said: {}\n{:#?}",
+            hook_logs(),
+            w.server.requests().iter().rev().take(5).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(w.server.live().is_empty());
+    assert!(
+        !w.server
+            .requests()
+            .iter()
+            .any(|r| r.endpoint == Api::Delete && r.key == "account"),
+        "deleted by the controller, not by the pod"
+    );
+    let root = std::fs::read_dir(w.sshd.home().join(".asimov-agent"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(root.join(".runpod_auth"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let hook_log = || std::fs::read_to_string(root.join("on_end.log")).unwrap_or_default();
+    w.until("the hook to say it ended the pod", 30, || {
+        hook_log().contains("ended (204)")
+    });
+    assert!(!hook_log().contains(&runpod_server::pod_key(&id)));
+    // Back, the controller finds the run over and nothing left.
+    let mut again = w.spawn_controller();
+    w.until("the run recorded as ended", 60, || {
+        matches!(
+            w.a.run_phase("gpu-0").as_deref(),
+            Some("Succeeded" | "Failed")
+        )
+    });
+    kill9(&mut again);
+}
+
+#[test]
+fn a_pod_that_never_boots_is_deleted_by_the_boot_timeout() {
+    let Some(w) = world() else { return };
+    // Stuck in STARTING (an image that never comes up), billing from the create.
+    w.server.configure(|c| {
+        c.running_after = Duration::from_secs(24 * 3600);
+        c.ports_after = Duration::from_secs(24 * 3600);
+    });
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_RUNPOD_BOOT_TIMEOUT", "5")]);
+    w.apply(&w.job_with(
+        "echo never",
+        "  retry: {on: [preemption], max_restarts: 0}\n",
+    ));
+    w.until("a pod created", 30, || !w.server.pods().is_empty());
+    let first = w.server.pods()[0].clone();
+    w.until("the stuck pod deleted", 60, || {
+        w.server
+            .pods()
+            .iter()
+            .any(|p| p.id == first.id && p.deleted)
+    });
+    let pod = w
+        .server
+        .pods()
+        .into_iter()
+        .find(|p| p.id == first.id)
+        .unwrap();
+    let billed = pod
+        .billing_stopped
+        .unwrap()
+        .duration_since(pod.billing_started)
+        .unwrap();
+    assert!(
+        billed >= Duration::from_secs(4) && billed < Duration::from_secs(45),
+        "billed {billed:?}: deleted at the boot timeout, counted from the create"
+    );
+    assert_eq!(pod.status, "TERMINATED");
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    assert!(described.contains("boot"), "{described}");
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_delete_that_answered_success_but_did_nothing_is_sent_again_until_the_pod_is_gone() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sleep 600", ""));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    w.server.inject(Some(Api::Delete), Fault::EmptySuccess, 1);
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("the pod deleted", 90, || w.server.live().is_empty());
+    let deletes = w
+        .server
+        .requests()
+        .iter()
+        .filter(|r| r.endpoint == Api::Delete && r.status == 204)
+        .count();
+    assert!(deletes >= 2, "the first 204 did nothing; {deletes} deletes");
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_container_in_a_restart_loop_counts_as_lost_is_deleted_and_the_run_retried() {
+    let Some(w) = world() else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with(
+        "sleep 600",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    ));
+    w.until("the run to run", 60, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Running")
+    });
+    let first = w.server.live()[0].id.clone();
+    w.server.restart_loop(&first);
+    w.until("the looping pod deleted and a second attempt", 90, || {
+        w.attempt() == 2 && w.server.pods().iter().any(|p| p.id == first && p.deleted)
+    });
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn apply_dry_run_shows_which_gpu_type_would_be_taken_and_creates_nothing() {
+    let Some(w) = world() else { return };
+    let job = w.job_with("sh train.sh", "");
+    let out = w
+        .command()
+        .args(["apply", "--dry-run", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // H100 first, but none in stock: the RTX 4090 is what a create would take.
+    assert!(
+        text.contains("would start on runpod: offer NVIDIA GeForce RTX 4090"),
+        "{text}"
+    );
+    assert!(w.server.pods().is_empty(), "a dry run creates nothing");
+    assert_eq!(w.server.creates_received(), 0);
 }

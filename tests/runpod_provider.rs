@@ -10,7 +10,7 @@ use asimov::home::Home;
 use asimov::manifest::{GpuRequest, Placement, Resources};
 use asimov::model::{OwnerTag, ProviderKind, Secret};
 use asimov::provider::runpod::RunpodProvider;
-use asimov::provider::{CreateRequest, InstanceState, Provider};
+use asimov::provider::{CreateRequest, ErrorKind, InstanceState, Provider};
 use asimov::retry::Backoff;
 use asimov::transport::ssh::{SshOptions, SshPool};
 use runpod_server::{Config, Endpoint as Api, Fault, RunpodServer, SshTarget, gpu};
@@ -165,5 +165,38 @@ async fn a_running_pod_without_ports_is_not_yet_reachable_and_the_proxy_is_never
     let body = &server.pods()[0].body;
     assert_eq!(body["gpu"]["id"], "NVIDIA GeForce RTX 4090");
     assert_eq!(body["ports"][0], "22/tcp");
+    p.destroy(&a.id).await.expect("cleanup");
+}
+
+fn plain_request(run: &str) -> CreateRequest {
+    CreateRequest {
+        tag: OwnerTag::new("podtest", run, 1),
+        placement: Placement {
+            provider: ProviderKind::Runpod,
+            ..Placement::local()
+        },
+        resources: Resources {
+            gpu: Some(GpuRequest {
+                names: vec!["rtx_4090".into()],
+                count: 1,
+                min_vram_gb: None,
+            }),
+            ..Resources::default()
+        },
+        image: None,
+    }
+}
+
+#[tokio::test]
+async fn an_error_inside_http_200_is_not_a_listing() {
+    let (server, p, _kept) = setup(5);
+    let a = p.create(&plain_request("ok-0")).await.expect("create");
+    server.inject(Some(Api::List), Fault::ErrorInOk, 1);
+    let e = p
+        .list()
+        .await
+        .expect_err("a problem body is not an empty listing");
+    assert_ne!(e.kind, ErrorKind::NotFound, "{e}");
+    assert_eq!(p.list().await.expect("list").len(), 1);
     p.destroy(&a.id).await.expect("cleanup");
 }

@@ -4,8 +4,8 @@
 
 use super::desired::{
     Artifacts, Budget, BudgetAction, Checkpoint, FileCopy, Fleet, GpuRequest, Host, Job, JobSpec,
-    MetricMode, Origin, Placement, ProxyJump, Resources, RetryOn, RetryPolicy, RunSpec, Schedule,
-    Source, StopRule,
+    MetricMode, Origin, Placement, PlacementKeys, ProxyJump, Resources, RetryOn, RetryPolicy,
+    RunSpec, Schedule, Source, StopRule,
 };
 use super::raw;
 use super::schema;
@@ -748,6 +748,51 @@ fn convert_placement(
         }
         (None, _) => {}
     }
+    let lambda_only = |c: &mut Check<'_>, field: &str, set: bool| {
+        if set && provider != ProviderKind::Lambda {
+            c.key(
+                &format!("{at}/{field}"),
+                format!(
+                    "`{field}` is only used with provider lambda, not {provider} \
+                     (vast and runpod instances get asimov's key, and end themselves with their own)"
+                ),
+            );
+        }
+    };
+    lambda_only(c, "ssh_key", p.ssh_key.is_some());
+    lambda_only(c, "identity_file", p.identity_file.is_some());
+    lambda_only(c, "terminate_key", p.terminate_key.is_some());
+    if provider == ProviderKind::Lambda {
+        match (&p.ssh_key, &p.identity_file) {
+            (Some(_), None) => c.value(
+                &at,
+                "`ssh_key` needs `identity_file`: the local private key of that account key"
+                    .to_string(),
+            ),
+            (None, Some(_)) => c.key(
+                &format!("{at}/identity_file"),
+                "`identity_file` needs `ssh_key`: the name of its public key in the Lambda account"
+                    .to_string(),
+            ),
+            _ => {}
+        }
+        if let Some(key) = &p.terminate_key {
+            let pointer = format!("{at}/terminate_key");
+            if !is_env_name(key) {
+                c.value(
+                    &pointer,
+                    format!("expected the name of a stored secret (letters, digits and `_`), found {key:?}"),
+                );
+            } else if !ctx.secrets.contains(key) {
+                c.value(
+                    &pointer,
+                    format!(
+                        "unknown secret `{key}`: store the separate Lambda API key the instance ends itself with by `asimov secret set {key}`"
+                    ),
+                );
+            }
+        }
+    }
     Placement {
         provider,
         fleet: p.fleet,
@@ -758,6 +803,11 @@ fn convert_placement(
         filters: p.filters.into_iter().map(|(k, v)| (k, v.0)).collect(),
         spot: p.spot,
         ssh_user: p.ssh_user,
+        keys: PlacementKeys {
+            ssh_key: p.ssh_key,
+            identity_file: p.identity_file.map(PathBuf::from),
+            terminate_key: p.terminate_key,
+        },
     }
 }
 
@@ -1164,6 +1214,11 @@ fn absolutize(value: &mut Value, kind: Kind, base: &Path) {
             if let Some(Value::Array(files)) = value.pointer_mut("/spec/files") {
                 for f in files {
                     fix(f.get_mut("from"), false);
+                }
+            }
+            if let Some(Value::Array(placements)) = value.pointer_mut("/spec/placement") {
+                for p in placements {
+                    fix(p.get_mut("identity_file"), false);
                 }
             }
         }

@@ -177,6 +177,19 @@ pub struct Placement {
     pub spot: bool,
     /// Overrides the provider's login user.
     pub ssh_user: Option<String>,
+    /// Account keys the placement names (Lambda).
+    pub keys: PlacementKeys,
+}
+
+/// Keys of the user's account a placement names instead of asimov's own (Lambda).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PlacementKeys {
+    /// An SSH key already in the account, by name, launched with instead of asimov's.
+    pub ssh_key: Option<String>,
+    /// The local private key of `ssh_key`.
+    pub identity_file: Option<PathBuf>,
+    /// The stored secret holding the API key the instance terminates itself with.
+    pub terminate_key: Option<String>,
 }
 
 impl Placement {
@@ -191,6 +204,7 @@ impl Placement {
             filters: BTreeMap::new(),
             spot: false,
             ssh_user: None,
+            keys: PlacementKeys::default(),
         }
     }
 }

@@ -431,6 +431,19 @@ pub struct Placement {
     /// RunPod `root`, Lambda `ubuntu`): for custom images.
     #[serde(default)]
     pub ssh_user: Option<String>,
+    /// Lambda: launch with this SSH key of the account (its name in Lambda's console)
+    /// instead of asimov's own; needs `identity_file`.
+    #[serde(default)]
+    pub ssh_key: Option<String>,
+    /// Lambda: the local private key of `ssh_key`.
+    #[serde(default)]
+    pub identity_file: Option<String>,
+    /// Lambda: the name of a stored secret (`asimov secret set NAME`) holding a separate
+    /// Lambda API key, made for this and revocable on its own. It is handed to the
+    /// instance in a 0600 file so that the instance terminates itself after the final
+    /// sync, also when the controller is down.
+    #[serde(default)]
+    pub terminate_key: Option<String>,
 }
 
 /// A reason to start another attempt: `no-capacity` (no placement had capacity),

@@ -61,6 +61,24 @@ pub fn short_body(text: &str) -> String {
     }
 }
 
+/// How long an instance's end hook waits for the controller to collect the run before
+/// ending the instance anyway: `env` in seconds, else five minutes.
+pub fn self_end_grace(env: &str) -> Duration {
+    std::env::var(env)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(300), Duration::from_secs)
+}
+
+/// A boot timeout from `env` in seconds (for tests on a faster clock, or a slow image),
+/// else `default`.
+pub fn boot_timeout(env: &str, default: Duration) -> Duration {
+    std::env::var(env)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(default, Duration::from_secs)
+}
+
 /// `Retry-After` in seconds (the only form the clouds send), capped at an hour.
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     headers
@@ -424,6 +442,271 @@ pub fn refused(e: &super::ProviderError) -> Option<Option<Duration>> {
     }
 }
 
+/// How an instance ends itself through its cloud's API when its run is over: the one
+/// mechanism behind every cloud's self-termination. The agent runs `on_end.sh ROOT`
+/// detached when the job ends or `max_duration` hits (`agent.sh`); that hook waits until
+/// the controller collected the run (`collected`) or `grace` passed without it, then
+/// makes this call, retrying until the cloud confirms the instance gone.
+///
+/// The key is an `Authorization: Bearer ...` line in the 0600 file `.NAME_auth` of the
+/// instance folder: handed over by the controller through stdin ([`install_end_hook`]),
+/// or written on the machine by `find_key` from where the cloud puts the instance's own
+/// key. curl reads the header from that file (`-H @file`), wget from a 0600 `WGETRC`,
+/// python from the file: never a command line or an environment.
+#[derive(Debug, Clone)]
+pub struct SelfEnd {
+    /// Names the hook's files: `.NAME_auth`, `.NAME_wgetrc`, `.NAME_answer`.
+    pub name: &'static str,
+    pub method: &'static str,
+    pub url: String,
+    /// The JSON body sent (no secret: ids only).
+    pub body: String,
+    /// An extended regular expression: a 2xx answer whose body matches did not end it.
+    pub refused_in_ok: &'static str,
+    pub grace: Duration,
+    /// Shell run on the machine when no key was handed over: writes the header line to
+    /// `"$auth"` (umask 077 is in force) if the machine has a key of its own.
+    pub find_key: Option<String>,
+}
+
+impl SelfEnd {
+    /// The hook `on_end.sh`.
+    pub fn script(&self) -> String {
+        let q = crate::agent::sh_quote;
+        let (name, method, url, data, refused) = (
+            self.name,
+            q(self.method),
+            q(&self.url),
+            q(&self.body),
+            q(self.refused_in_ok),
+        );
+        let grace = self.grace.as_secs();
+        let find_key = self.find_key.as_deref().unwrap_or(":");
+        format!(
+            r#"#!/bin/sh
+# Written by asimov's {name} provider: ends this instance when its run is over.
+umask 077
+root=$1
+method={method}
+url={url}
+data={data}
+grace={grace}
+auth="$root/.{name}_auth"
+wgetrc="$root/.{name}_wgetrc"
+body="$root/.{name}_answer"
+t0=$(date +%s)
+while [ ! -e "$root/collected" ] && [ $(($(date +%s) - t0)) -lt "$grace" ]; do sleep 1; done
+if [ ! -s "$auth" ]; then
+	{find_key}
+fi
+if [ ! -s "$auth" ]; then
+	echo "no key to end this instance with: the controller ends it"
+	exit 0
+fi
+if [ ! -s "$wgetrc" ]; then
+	IFS= read -r line <"$auth"
+	printf 'header = %s\n' "$line" >"$wgetrc"
+fi
+call() {{
+	: >"$body"
+	if command -v curl >/dev/null 2>&1; then
+		curl -s -o "$body" -w '%{{http_code}}' -X "$method" -H @"$auth" \
+			-H 'Content-Type: application/json' --data "$data" --max-time 30 "$url"
+	elif command -v wget >/dev/null 2>&1; then
+		WGETRC="$wgetrc" wget -q -S -O "$body" --method="$method" \
+			--header='Content-Type: application/json' --body-data="$data" --timeout=30 "$url" 2>&1 |
+			awk '/^  HTTP\//{{c=$2}} END{{print c}}'
+	else
+		for py in python3 python; do
+			command -v "$py" >/dev/null 2>&1 || continue
+			"$py" - "$url" "$auth" "$body" "$method" "$data" <<'PY'
+import sys, urllib.request, urllib.error
+name, value = open(sys.argv[2]).read().strip().split(": ", 1)
+req = urllib.request.Request(sys.argv[1], data=sys.argv[5].encode(), method=sys.argv[4],
+                             headers={{name: value, "Content-Type": "application/json"}})
+try:
+    r = urllib.request.urlopen(req, timeout=30)
+    open(sys.argv[3], "wb").write(r.read())
+    print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+except Exception:
+    print(0)
+PY
+			return
+		done
+		echo none
+	fi
+}}
+i=0
+while [ "$i" -lt 720 ]; do
+	code=$(call)
+	case "$code" in
+	2??) grep -Eq {refused} "$body" 2>/dev/null || {{ echo "ended ($code)"; exit 0; }} ;;
+	404 | 410) echo "already gone ($code)"; exit 0 ;;
+	# The key of an ended instance stops working; a refused or revoked key never starts to.
+	401 | 403) echo "the key was refused ($code): gone, revoked, or not ours to end"; exit 0 ;;
+	none) echo "no curl, wget or python: cannot end this instance"; exit 1 ;;
+	esac
+	echo "{name} answered ${{code:-nothing}}; again in 5s"
+	i=$((i + 1))
+	sleep 5
+done
+exit 1
+"#
+        )
+    }
+}
+
+/// `root` (`~/...` or absolute) as a shell word that expands `~`.
+pub fn root_word(root: &str) -> String {
+    match root.strip_prefix("~/") {
+        Some(rest) => format!("\"$HOME\"/{}", crate::agent::sh_quote(rest)),
+        None => crate::agent::sh_quote(root),
+    }
+}
+
+async fn run_script(
+    transport: &dyn crate::transport::Transport,
+    step: &'static str,
+    script: &str,
+    stdin: &[u8],
+) -> Result<(), crate::agent::AgentError> {
+    let out = transport
+        .exec_with_stdin(script, stdin)
+        .await
+        .map_err(|source| crate::agent::AgentError::Transport {
+            machine: transport.machine().to_string(),
+            step,
+            source,
+        })?;
+    if out.status != 0 {
+        return Err(crate::agent::AgentError::Failed {
+            machine: transport.machine().to_string(),
+            step,
+            message: out.stderr.trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Puts `end`'s hook, and the key `auth` (a whole `Authorization: ...` line) when one
+/// is handed over, into the instance folder `root`, before the agent starts: through
+/// stdin, into 0600 files from the first byte.
+pub async fn install_end_hook(
+    transport: &dyn crate::transport::Transport,
+    root: &str,
+    end: &SelfEnd,
+    auth: Option<&Secret>,
+) -> Result<(), crate::agent::AgentError> {
+    let root = root_word(root);
+    let name = end.name;
+    let key = if auth.is_some() {
+        format!(
+            "IFS= read -r auth && printf '%s\\n' \"$auth\" > \"$root/.{name}_auth\" && \
+             printf 'header = %s\\n' \"$auth\" > \"$root/.{name}_wgetrc\" && "
+        )
+    } else {
+        String::new()
+    };
+    let script = format!(
+        "umask 077 && root={root} && mkdir -p \"$root\" && {key}\
+         cat > \"$root/on_end.sh.part\" && mv -f \"$root/on_end.sh.part\" \"$root/on_end.sh\""
+    );
+    let mut stdin = auth
+        .map(|a| format!("{}\n", a.expose()).into_bytes())
+        .unwrap_or_default();
+    stdin.extend_from_slice(end.script().as_bytes());
+    run_script(transport, "install self-termination", &script, &stdin).await
+}
+
+/// Tells the hook the controller has what it needs: it may end the instance now.
+pub async fn mark_collected(
+    transport: &dyn crate::transport::Transport,
+    root: &str,
+) -> Result<(), crate::agent::AgentError> {
+    let script = format!(": > {}/collected", root_word(root));
+    run_script(transport, "mark collected", &script, b"").await
+}
+
+/// The agent on a cloud instance plus its self-termination ([`SelfEnd`]): the hook and
+/// its key go in before the agent starts; `collect` marks the run collected.
+pub struct EndingMachine {
+    agent: crate::agent::AgentMachine,
+    transport: std::sync::Arc<dyn crate::transport::Transport>,
+    root: String,
+    end: SelfEnd,
+    auth: Option<Secret>,
+}
+
+impl EndingMachine {
+    pub fn new(
+        transport: std::sync::Arc<dyn crate::transport::Transport>,
+        root: String,
+        end: SelfEnd,
+        auth: Option<Secret>,
+    ) -> EndingMachine {
+        EndingMachine {
+            agent: crate::agent::AgentMachine::new(std::sync::Arc::clone(&transport), root.clone()),
+            transport,
+            root,
+            end,
+            auth,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::agent::Machine for EndingMachine {
+    async fn gpus(&self) -> Result<crate::agent::GpuProbe, crate::agent::AgentError> {
+        probe_gpus(self.transport.as_ref()).await
+    }
+
+    async fn start(&self, spec: &crate::agent::LaunchSpec) -> Result<(), crate::agent::AgentError> {
+        install_end_hook(&*self.transport, &self.root, &self.end, self.auth.as_ref()).await?;
+        self.agent.start(spec).await
+    }
+
+    async fn observe(&self) -> Result<Option<crate::agent::AgentStatus>, crate::agent::AgentError> {
+        self.agent.observe().await
+    }
+
+    async fn log_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
+        self.agent.log_tail(max_bytes).await
+    }
+
+    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), crate::agent::AgentError> {
+        self.agent.collect(log, outputs).await?;
+        mark_collected(&*self.transport, &self.root).await
+    }
+
+    async fn copy_log(&self, to: &Path) -> Result<bool, crate::agent::AgentError> {
+        self.agent.copy_log(to).await
+    }
+
+    async fn follow_log(
+        &self,
+    ) -> Result<crate::transport::ByteStream<'_>, crate::agent::AgentError> {
+        self.agent.follow_log().await
+    }
+
+    async fn sync_checkpoint(
+        &self,
+        path: &str,
+        into: &Path,
+    ) -> Result<bool, crate::agent::AgentError> {
+        self.agent.sync_checkpoint(path, into).await
+    }
+
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
+        self.agent.metrics_tail(max_bytes).await
+    }
+
+    async fn stop(&self) -> Result<(), crate::agent::AgentError> {
+        self.agent.stop().await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -436,6 +719,34 @@ mod tests {
         );
         let long = "x".repeat(300);
         assert_eq!(short_body(&long).len(), 203);
+    }
+
+    #[test]
+    fn end_hooks_are_valid_sh_and_carry_no_key() {
+        let end = SelfEnd {
+            name: "lambda",
+            method: "POST",
+            url: "https://cloud.lambda.ai/api/v1/instance-operations/terminate".into(),
+            body: r#"{"instance_ids":["0a51"]}"#.into(),
+            refused_in_ok: r#""error""#,
+            grace: Duration::from_secs(300),
+            find_key: Some("printf 'Authorization: Bearer %s\\n' \"$k\" >\"$auth\"".into()),
+        };
+        let script = end.script();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("on_end.sh");
+        std::fs::write(&path, &script).unwrap();
+        let out = std::process::Command::new("sh")
+            .arg("-n")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(script.contains(".lambda_auth") && !script.contains("Bearer sk"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,7 +25,12 @@
 //!   (`asimov-<8 hex of the key>`) through `/ssh-keys` unless the account already has
 //!   it, and named at launch; Lambda puts it in the VM. The VM is reached on port 22 of
 //!   its `ip` as `ubuntu` unless the placement's `ssh_user` says otherwise.
-//!   `ASIMOV_LAMBDA_SSH_PORT` replaces port 22 for tests that cannot bind it.
+//!   `ASIMOV_LAMBDA_SSH_PORT` replaces port 22 for tests that cannot bind it. A
+//!   placement's `ssh_key` (an account key) with its `identity_file` replaces asimov's.
+//! - **Self-termination**: Lambda has no instance-scoped key, so only a separate account
+//!   key the user names (`terminate_key`, a stored secret) is handed over, through the
+//!   shared end hook (`cloud::SelfEnd`); without one the controller terminates.
+//! - **Boot**: 30 minutes for every type (8-GPU types take 20-25).
 //!
 //! Must not know about the store or the planner.
 
@@ -53,6 +58,12 @@ pub const KEY_NAME: &str = "LAMBDA_API_KEY";
 pub const PACING_ENV: &str = "ASIMOV_LAMBDA_PACING";
 /// Test-only: the port to reach instances on instead of 22.
 pub const SSH_PORT_ENV: &str = "ASIMOV_LAMBDA_SSH_PORT";
+/// Seconds an instance waits for the controller to collect its run before it ends itself.
+pub const GRACE_ENV: &str = "ASIMOV_LAMBDA_SELF_END_GRACE";
+/// Seconds an instance may boot before its attempt ends (default 30 minutes).
+pub const BOOT_TIMEOUT_ENV: &str = "ASIMOV_LAMBDA_BOOT_TIMEOUT";
+/// The slowest types (8 GPUs) take 20-25 minutes to boot: never give up before 30.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Lambda's login user on its images.
 pub const DEFAULT_SSH_USER: &str = "ubuntu";
 /// Lambda's limit on an instance name.
@@ -119,6 +130,17 @@ fn classify(step: &'static str, raw: &Raw) -> ProviderResult<Value> {
             )),
         };
     }
+    // Lambda's suggestion says where there is capacity (for a type its listing shows
+    // yet refuses): worth keeping in what the user reads.
+    let msg = match error
+        .and_then(|e| e.get("suggestion"))
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        Some(suggestion) => format!("{msg} ({suggestion})"),
+        None => msg,
+    };
     let message = if code.is_empty() {
         format!("HTTP {}: {msg}", raw.status)
     } else {
@@ -326,9 +348,16 @@ impl Api {
 
 pub struct LambdaProvider {
     api: Api,
+    home: Home,
     pool: Arc<SshPool>,
     identity: PathBuf,
     users: LoginUsers,
+    /// Per tag: the local identity file of a placement's `ssh_key` (asimov's otherwise).
+    identities: LoginUsers,
+    /// Per tag: the stored secret holding the key the instance ends itself with.
+    terminate_keys: LoginUsers,
+    self_end_grace: Duration,
+    boot_timeout: Duration,
     ssh_port: u16,
     /// The account key name asimov's key is registered under, once known.
     key_name: tokio::sync::Mutex<Option<String>>,
@@ -373,12 +402,23 @@ impl LambdaProvider {
                 retry: Backoff::new(Duration::from_millis(500), Duration::from_secs(15), 2.0)
                     .with_max_elapsed(Some(Duration::from_secs(90))),
             },
+            home: home.clone(),
             pool,
             identity: home.ssh_identity(),
             users: LoginUsers::new(
                 home.provider_state("lambda").join("users"),
                 DEFAULT_SSH_USER,
             ),
+            identities: LoginUsers::new(
+                home.provider_state("lambda").join("identities"),
+                home.ssh_identity().to_string_lossy(),
+            ),
+            terminate_keys: LoginUsers::new(
+                home.provider_state("lambda").join("terminate-keys"),
+                "",
+            ),
+            self_end_grace: cloud::self_end_grace(GRACE_ENV),
+            boot_timeout: cloud::boot_timeout(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
             ssh_port,
             key_name: tokio::sync::Mutex::new(None),
         })
@@ -556,7 +596,7 @@ impl LambdaProvider {
             host: ip.to_string(),
             port: self.ssh_port,
             user: self.users.get(name),
-            identity_file: Some(self.identity.clone()),
+            identity_file: Some(PathBuf::from(self.identities.get(name))),
             root: format!("{REMOTE_ROOT}/{name}"),
         });
         let state = match s("status").unwrap_or("") {
@@ -653,8 +693,9 @@ impl Provider for LambdaProvider {
         Capabilities {
             // Whether Lambda lists a launch at once is unverified: the planner waits.
             listing_lag: Duration::from_secs(120),
-            // An 8-GPU machine can take 20-25 minutes to boot; give it 30.
-            boot_timeout: Duration::from_secs(30 * 60),
+            // One for every type, the slowest's: a 1-GPU type that hangs costs up to
+            // 30 minutes, an 8-GPU one booting in 25 is never given up early.
+            boot_timeout: self.boot_timeout,
             pacing: ProviderPacing {
                 // Launches queue 10 s apart in the pacer; more in flight only waits.
                 max_in_flight: 4,
@@ -731,14 +772,29 @@ impl Provider for LambdaProvider {
                 ),
             ));
         }
-        if let Some(user) = &req.placement.ssh_user {
-            self.users.remember(&tag, user).map_err(|e| {
-                err(
-                    ErrorKind::Transient,
-                    step,
-                    format!("{}: {e}", self.users.dir().display()),
-                )
-            })?;
+        // What the placement names is recorded by tag before the launch, so a
+        // controller restarted mid-create adopts with the same user, key and hand-over.
+        let keys = &req.placement.keys;
+        let remember = [
+            (&self.users, req.placement.ssh_user.clone()),
+            (
+                &self.identities,
+                keys.identity_file
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+            ),
+            (&self.terminate_keys, keys.terminate_key.clone()),
+        ];
+        for (store, value) in remember {
+            if let Some(value) = value {
+                store.remember(&tag, &value).map_err(|e| {
+                    err(
+                        ErrorKind::Transient,
+                        step,
+                        format!("{}: {e}", store.dir().display()),
+                    )
+                })?;
+            }
         }
         // A create retried after being cut off (timeout, crash) finds the first one.
         if let Some(existing) = self
@@ -750,7 +806,11 @@ impl Provider for LambdaProvider {
             tracing::info!(instance = %existing.id, %tag, "lambda instance with this tag exists; adopting it");
             return Ok(existing);
         }
-        let key = self.ensure_key().await?;
+        let key = match &keys.ssh_key {
+            // The account key the placement names; Lambda refuses the launch if unknown.
+            Some(name) => name.clone(),
+            None => self.ensure_key().await?,
+        };
         let listed = self.instance_types().await?;
         let types = candidates(&listed, &req.placement.instance_types, &req.resources);
         if types.is_empty() {
@@ -789,7 +849,7 @@ impl Provider for LambdaProvider {
                     }
                     Err(e) if e.kind == ErrorKind::NoCapacity => {
                         tracing::info!(instance_type = %t.name, %region, error = %e, "lambda launch refused for capacity; moving on");
-                        refused_at.push(format!("{} in {region}", t.name));
+                        refused_at.push(format!("{} in {region}: {}", t.name, e.message));
                     }
                     Err(e) => return Err(e),
                 }
@@ -839,8 +899,34 @@ impl Provider for LambdaProvider {
     fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>> {
         let (transport, root) =
             cloud::ssh_transport(&self.pool, instance, "reach instance", "has no ip yet")?;
-        // Its GPUs are checked before the job starts (`cloud::probe_gpus`).
-        Ok(cloud::agent_machine(transport, root))
+        let tag = instance.tag.render();
+        let secret = self.terminate_keys.get(&tag);
+        if secret.is_empty() {
+            // No key handed over: the controller terminates it (it bills until then).
+            return Ok(cloud::agent_machine(transport, root));
+        }
+        let Some(key) = cloud::api_key(&self.home, &secret) else {
+            tracing::warn!(instance = %instance.id, %secret, "the terminate key is not stored: this instance cannot end itself");
+            return Ok(cloud::agent_machine(transport, root));
+        };
+        let transport = Arc::new(transport) as Arc<dyn Transport>;
+        let end = cloud::SelfEnd {
+            name: "lambda",
+            method: "POST",
+            url: format!("{}/instance-operations/terminate", self.api.base),
+            body: json!({"instance_ids": [instance.id]}).to_string(),
+            // Lambda's errors come in an `error` envelope, also inside HTTP 200.
+            refused_in_ok: r#""error""#,
+            grace: self.self_end_grace,
+            find_key: None,
+        };
+        let auth = Secret::new(format!("Authorization: Bearer {}", key.expose()));
+        Ok(Arc::new(cloud::EndingMachine::new(
+            transport,
+            root,
+            end,
+            Some(auth),
+        )))
     }
 }
 

@@ -16,7 +16,11 @@
 //! - **Bodies**: only fields of v2's `CreatePodRequest` are sent; the API refuses others.
 //! - **States**: `PROVISIONING`/`STARTING`, and `RUNNING` until `ssh.direct` appears, are
 //!   provisioning; `RUNNING` with `ssh.direct` is running; `EXITED` and `ERROR` count as
-//!   lost (the planner destroys the pod and retries), `TERMINATED` as going.
+//!   lost (the planner destroys the pod and retries), `TERMINATED` as going; so does a
+//!   container seen restarting `RESTART_LOOP` times (`startedAt` changing).
+//! - **Self-deletion**: the pod deletes itself with its own `RUNPOD_API_KEY` (read on
+//!   the pod) through the shared end hook (`cloud::SelfEnd`); a pod without one is
+//!   deleted by the controller.
 //! - **SSH**: the direct TCP endpoint (`ssh.direct`, public ip and mapped port), never
 //!   the `ssh.runpod.io` proxy, which offers no exec or file copy. asimov's own public key
 //!   goes in the pod's `PUBLIC_KEY`, which RunPod's images put in `authorized_keys`: the
@@ -49,6 +53,17 @@ pub const URL_ENV: &str = "ASIMOV_RUNPOD_API_URL";
 pub const KEY_NAME: &str = "RUNPOD_API_KEY";
 pub const PACING_ENV: &str = "ASIMOV_RUNPOD_PACING";
 pub const DEFAULT_SSH_USER: &str = "root";
+/// Seconds a pod waits for the controller to collect its run before it ends itself.
+pub const GRACE_ENV: &str = "ASIMOV_RUNPOD_SELF_END_GRACE";
+/// Seconds a pod may take to boot before its attempt ends and it is deleted.
+pub const BOOT_TIMEOUT_ENV: &str = "ASIMOV_RUNPOD_BOOT_TIMEOUT";
+/// Pods bill from their create; image pulls take minutes, 20 is dstack's cut.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// Where RunPod's images export the container's environment (`RUNPOD_API_KEY`, the
+/// pod's own key, among it) for SSH sessions, which do not inherit it.
+const POD_ENV_FILE: &str = "/etc/rp_environment";
+/// Test-only: that file's path instead, `{id}` standing for the pod's id.
+pub const POD_ENV_FILE_ENV: &str = "ASIMOV_RUNPOD_POD_ENV_FILE";
 /// RunPod's PyTorch image: starts sshd with `PUBLIC_KEY`.
 pub const DEFAULT_IMAGE: &str = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04";
 const DEFAULT_DISK_GB: u32 = 20;
@@ -299,7 +314,16 @@ pub struct RunpodProvider {
     /// a while, so a missing one is looked up by id (bounded by `LISTING_LAG`) rather
     /// than read as gone, which would start a second pod.
     recent: std::sync::Mutex<BTreeMap<InstanceId, tokio::time::Instant>>,
+    self_end_grace: Duration,
+    boot_timeout: Duration,
+    pod_env_file: String,
+    /// Per pod: the container's last `startedAt` seen and how often it changed. A
+    /// container that keeps restarting (a crash loop) never runs the job.
+    starts: std::sync::Mutex<BTreeMap<InstanceId, (String, u32)>>,
 }
+
+/// Restarts of a pod's container after which it counts as lost: a crash loop.
+const RESTART_LOOP: u32 = 3;
 
 /// How long a new pod may be missing from the listing.
 const LISTING_LAG: Duration = Duration::from_secs(300);
@@ -346,6 +370,13 @@ impl RunpodProvider {
                 DEFAULT_SSH_USER,
             ),
             recent: std::sync::Mutex::new(BTreeMap::new()),
+            self_end_grace: cloud::self_end_grace(GRACE_ENV),
+            boot_timeout: cloud::boot_timeout(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
+            starts: std::sync::Mutex::new(BTreeMap::new()),
+            pod_env_file: std::env::var(POD_ENV_FILE_ENV)
+                .ok()
+                .filter(|f| !f.trim().is_empty())
+                .unwrap_or_else(|| POD_ENV_FILE.to_string()),
         })
     }
 
@@ -447,7 +478,21 @@ impl RunpodProvider {
             identity_file: Some(self.identity.clone()),
             root: format!("{REMOTE_ROOT}/{name}"),
         });
+        let restarts = match s("startedAt").filter(|t| !t.is_empty()) {
+            Some(started) => {
+                let mut starts = self.starts.lock().unwrap_or_else(|e| e.into_inner());
+                let seen = starts.entry(id.clone()).or_insert((started.to_string(), 0));
+                if seen.0 != started {
+                    *seen = (started.to_string(), seen.1 + 1);
+                    tracing::info!(pod = %id, restarts = seen.1, "the pod's container restarted");
+                }
+                seen.1
+            }
+            None => 0,
+        };
         let state = match s("status").unwrap_or("") {
+            // A crash loop: lost for this attempt (the planner deletes it and retries).
+            _ if restarts >= RESTART_LOOP => InstanceState::Stopped,
             "RUNNING" if endpoint.is_some() => InstanceState::Running,
             // Stopped or failed: it runs nothing; lost for this attempt.
             "EXITED" | "ERROR" => InstanceState::Stopped,
@@ -484,8 +529,9 @@ impl Provider for RunpodProvider {
             // A new pod can be missing from `GET /pods` for a while (looked up by id
             // here too); the planner waits as long.
             listing_lag: LISTING_LAG,
-            // Pods bill from their create; image pulls take minutes, 20 is dstack's cut.
-            boot_timeout: Duration::from_secs(20 * 60),
+            // Counted from the create (billing starts there): a pod that never boots
+            // is deleted, not polled forever.
+            boot_timeout: self.boot_timeout,
             pacing: ProviderPacing {
                 max_in_flight: 8,
                 min_resync: Duration::from_secs(30),
@@ -542,6 +588,11 @@ impl Provider for RunpodProvider {
             .and_then(Value::as_array)
             .ok_or_else(|| err(ErrorKind::Transient, step, "answer without pods"))?;
         let mut out: Vec<Instance> = pods.iter().filter_map(|p| self.instance(p)).collect();
+        // Pods no longer listed take their restart counts with them.
+        self.starts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|id, _| out.iter().any(|i| &i.id == id));
         let missing: Vec<InstanceId> = {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             let now = tokio::time::Instant::now();
@@ -766,8 +817,35 @@ impl Provider for RunpodProvider {
             "reach pod",
             "has no direct ssh port yet",
         )?;
-        // Its GPUs are checked before the job starts (`cloud::probe_gpus`).
-        Ok(cloud::agent_machine(transport, root))
+        // The pod ends itself with its own key, which RunPod gives every pod; a pod
+        // without one (an image that does not export it) is ended by the controller.
+        let env_file = crate::agent::sh_quote(&self.pod_env_file.replace("{id}", &instance.id));
+        let find_key = format!(
+            r#"key=${{RUNPOD_API_KEY:-}}
+	if [ -z "$key" ] && [ -r /proc/1/environ ]; then
+		key=$(tr '\000' '\n' 2>/dev/null </proc/1/environ | sed -n 's/^RUNPOD_API_KEY=//p' | head -n 1)
+	fi
+	if [ -z "$key" ] && [ -r {env_file} ]; then
+		key=$(sed -n 's/^\(export \)\{{0,1\}}RUNPOD_API_KEY=//p' {env_file} | tr -d '"' | head -n 1)
+	fi
+	[ -z "$key" ] || printf 'Authorization: Bearer %s\n' "$key" >"$auth""#
+        );
+        let end = cloud::SelfEnd {
+            name: "runpod",
+            method: "DELETE",
+            url: format!("{}/pods/{}", self.api.base, instance.id),
+            body: String::new(),
+            // RunPod's errors are problem bodies, also inside HTTP 200.
+            refused_in_ok: r#""detail""#,
+            grace: self.self_end_grace,
+            find_key: Some(find_key),
+        };
+        Ok(Arc::new(cloud::EndingMachine::new(
+            Arc::new(transport) as Arc<dyn Transport>,
+            root,
+            end,
+            None,
+        )))
     }
 }
 

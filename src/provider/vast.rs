@@ -1239,7 +1239,7 @@ impl Provider for VastProvider {
             agent,
             transport,
             root: root.clone(),
-            hook: self_destroy_script(
+            hook: self_destroy(
                 &format!("{}/api/v0/instances/{}/", self.api.base, instance.id),
                 self.self_destroy_grace,
             ),
@@ -1251,80 +1251,19 @@ impl Provider for VastProvider {
     }
 }
 
-/// `root` (`~/...` or absolute) as a shell word that expands `~`.
-fn root_word(root: &str) -> String {
-    match root.strip_prefix("~/") {
-        Some(rest) => format!("\"$HOME\"/{}", crate::agent::sh_quote(rest)),
-        None => crate::agent::sh_quote(root),
+/// The agent's end-of-run hook on a Vast instance (the shared [`super::cloud::SelfEnd`]):
+/// once the controller collected the run, or after `grace` without it, it destroys
+/// this instance with the instance's own key, retrying until Vast confirms it gone.
+fn self_destroy(url: &str, grace: Duration) -> super::cloud::SelfEnd {
+    super::cloud::SelfEnd {
+        name: "vast",
+        method: "DELETE",
+        url: url.to_string(),
+        body: "{}".to_string(),
+        refused_in_ok: r#""success": *false"#,
+        grace,
+        find_key: None,
     }
-}
-
-/// The agent's end-of-run hook on a Vast instance (`on_end.sh ROOT`, run detached by
-/// the agent when the job ends or `max_duration` hits): once the controller collected
-/// the run (`collected`), or after `grace` without it, it destroys this instance with
-/// the instance's own key, retrying until Vast confirms it gone. The key stays in a
-/// 0600 file: curl reads the header from it (`-H @file`), wget from a 0600 `WGETRC`,
-/// python from the file; never a command line or an environment.
-fn self_destroy_script(url: &str, grace: Duration) -> String {
-    let url = crate::agent::sh_quote(url);
-    let grace = grace.as_secs();
-    format!(
-        r#"#!/bin/sh
-# Written by asimov's vast provider.
-root=$1
-url={url}
-grace={grace}
-auth="$root/.vast_auth"
-t0=$(date +%s)
-while [ ! -e "$root/collected" ] && [ $(($(date +%s) - t0)) -lt "$grace" ]; do sleep 1; done
-body="$root/.vast_answer"
-call() {{
-	: >"$body"
-	if command -v curl >/dev/null 2>&1; then
-		curl -s -o "$body" -w '%{{http_code}}' -X DELETE -H @"$auth" \
-			-H 'Content-Type: application/json' --data '{{}}' --max-time 30 "$url"
-	elif command -v wget >/dev/null 2>&1; then
-		WGETRC="$root/.vast_wgetrc" wget -q -S -O "$body" --method=DELETE \
-			--body-data='{{}}' --timeout=30 "$url" 2>&1 | awk '/^  HTTP\//{{c=$2}} END{{print c}}'
-	else
-		for py in python3 python; do
-			command -v "$py" >/dev/null 2>&1 || continue
-			"$py" - "$url" "$auth" "$body" <<'PY'
-import sys, urllib.request, urllib.error
-name, value = open(sys.argv[2]).read().strip().split(": ", 1)
-req = urllib.request.Request(sys.argv[1], data=b"{{}}", method="DELETE",
-                             headers={{name: value, "Content-Type": "application/json"}})
-try:
-    r = urllib.request.urlopen(req, timeout=30)
-    open(sys.argv[3], "wb").write(r.read())
-    print(r.status)
-except urllib.error.HTTPError as e:
-    print(e.code)
-except Exception:
-    print(0)
-PY
-			return
-		done
-		echo none
-	fi
-}}
-i=0
-while [ "$i" -lt 720 ]; do
-	code=$(call)
-	case "$code" in
-	2??) grep -q '"success": *false' "$body" 2>/dev/null || {{ echo "destroyed ($code)"; exit 0; }} ;;
-	404 | 410) echo "already gone ($code)"; exit 0 ;;
-	# The key of a destroyed instance stops working; a refused key never starts to.
-	401 | 403) echo "the instance's key was refused ($code): gone, or not ours to end"; exit 0 ;;
-	none) echo "no curl, wget or python: cannot destroy this instance"; exit 1 ;;
-	esac
-	echo "destroy answered ${{code:-nothing}}; again in 5s"
-	i=$((i + 1))
-	sleep 5
-done
-exit 1
-"#
-    )
 }
 
 /// The agent on a Vast instance, plus what lets the instance end itself: the hook and
@@ -1334,7 +1273,7 @@ struct VastMachine {
     agent: AgentMachine,
     transport: Arc<SshTransport>,
     root: String,
-    hook: String,
+    hook: super::cloud::SelfEnd,
     auth: Secret,
     api: Arc<Api>,
     id: InstanceId,
@@ -1394,26 +1333,6 @@ impl VastMachine {
             .map_err(|e| fail(e.to_string()))?;
         Ok(())
     }
-
-    async fn run(&self, step: &'static str, script: &str, stdin: &[u8]) -> Result<(), AgentError> {
-        let out = self
-            .transport
-            .exec_with_stdin(script, stdin)
-            .await
-            .map_err(|source| AgentError::Transport {
-                machine: self.transport.machine().to_string(),
-                step,
-                source,
-            })?;
-        if out.status != 0 {
-            return Err(AgentError::Failed {
-                machine: self.transport.machine().to_string(),
-                step,
-                message: out.stderr.trim().to_string(),
-            });
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -1426,19 +1345,15 @@ impl crate::agent::Machine for VastMachine {
     }
 
     async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
-        let root = root_word(&self.root);
-        // stdin: the header line, then the hook; umask 077 from the first byte.
-        let script = format!(
-            "umask 077 && root={root} && mkdir -p \"$root\" && IFS= read -r auth && \
-             printf '%s\\n' \"$auth\" > \"$root/.vast_auth\" && \
-             printf 'header = %s\\n' \"$auth\" > \"$root/.vast_wgetrc\" && \
-             cat > \"$root/on_end.sh.part\" && mv -f \"$root/on_end.sh.part\" \"$root/on_end.sh\""
-        );
-        let mut stdin = format!("{}\n", self.auth.expose()).into_bytes();
-        stdin.extend_from_slice(self.hook.as_bytes());
         relogin!(
             self,
-            self.run("install self-destroy", &script, &stdin).await
+            super::cloud::install_end_hook(
+                &*self.transport,
+                &self.root,
+                &self.hook,
+                Some(&self.auth)
+            )
+            .await
         )?;
         self.agent.start(spec).await
     }
@@ -1453,8 +1368,23 @@ impl crate::agent::Machine for VastMachine {
 
     async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError> {
         relogin!(self, self.agent.collect(log, outputs).await)?;
-        let script = format!(": > {}/collected", root_word(&self.root));
-        self.run("mark collected", &script, b"").await
+        super::cloud::mark_collected(&*self.transport, &self.root).await
+    }
+
+    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {
+        relogin!(self, self.agent.copy_log(to).await)
+    }
+
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
+        self.agent.follow_log().await
+    }
+
+    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
+        relogin!(self, self.agent.sync_checkpoint(path, into).await)
+    }
+
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        relogin!(self, self.agent.metrics_tail(max_bytes).await)
     }
 
     async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {

@@ -54,7 +54,8 @@ pub enum Fault {
     Html(u16),
     /// HTTP 200 whose body is an error envelope.
     ErrorInOk,
-    /// Launch: 200 `{"data":{"instance_ids":[]}}`, and nothing launched.
+    /// Launch: 200 `{"data":{"instance_ids":[]}}`, and nothing launched; terminate: 200
+    /// `{"data":{"terminated_instances":[]}}`, and nothing terminated.
     EmptySuccess,
     /// Launch: the instance is made, then the answer waits this long.
     HoldAnswer(Duration),
@@ -78,6 +79,9 @@ pub struct TypeSpec {
     pub regions: Vec<String>,
     /// Listed with capacity, yet every launch is refused for capacity (the race).
     pub refuse_launches: bool,
+    /// This type's own boot time to `active` (8-GPU types take 20-25 minutes), in
+    /// place of the server's `active_after`.
+    pub boot: Option<Duration>,
 }
 
 pub fn instance_type(name: &str, gpu: &str, gpus: u64, cents: u64, regions: &[&str]) -> TypeSpec {
@@ -88,6 +92,7 @@ pub fn instance_type(name: &str, gpu: &str, gpus: u64, cents: u64, regions: &[&s
         price_cents_per_hour: cents,
         regions: regions.iter().map(|r| r.to_string()).collect(),
         refuse_launches: false,
+        boot: None,
     }
 }
 
@@ -102,6 +107,9 @@ pub struct SshTarget {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub api_key: String,
+    /// Further API keys of the account (one made for instances to end themselves), each
+    /// revocable on its own: remove it here.
+    pub other_keys: Vec<String>,
     /// Minimum gap between any two requests, and between two launches; closer → 429.
     pub request_gap: Duration,
     pub launch_gap: Duration,
@@ -119,6 +127,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             api_key: API_KEY.to_string(),
+            other_keys: Vec::new(),
             request_gap: Duration::ZERO,
             launch_gap: Duration::ZERO,
             ip_after: Duration::from_millis(300),
@@ -157,6 +166,8 @@ pub struct RequestRecord {
     pub status: u16,
     pub at: Instant,
     pub body: Value,
+    /// The API key the request carried (empty without a valid one).
+    pub key: String,
 }
 
 #[derive(Debug, Clone)]
@@ -300,6 +311,18 @@ impl LambdaServer {
         self.lock().keys.iter().map(|k| k.name.clone()).collect()
     }
 
+    /// An SSH key the user added to the account in the console.
+    pub fn add_key(&self, name: &str, public_key: &str) {
+        let mut st = self.lock();
+        let id = format!("{:032x}", 0x0c3e_0000_u64 + st.next);
+        st.next += 1;
+        st.keys.push(Key {
+            id,
+            name: name.to_string(),
+            public_key: public_key.trim().to_string(),
+        });
+    }
+
     /// Terminated from the console: terminating at once, gone soon after.
     pub fn terminate_behind_back(&self, id: &str) {
         let mut st = self.lock();
@@ -369,8 +392,17 @@ fn launch_record(st: &mut State, type_name: &str, region: &str, key: &str, name:
 fn tick(state: &Arc<Mutex<State>>) {
     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
     let cfg = st.config.clone();
+    let boots: Vec<(String, Duration)> = st
+        .types
+        .iter()
+        .filter_map(|t| t.boot.map(|b| (t.name.clone(), b)))
+        .collect();
     let mut newly_active = Vec::new();
     for i in st.instances.iter_mut().filter(|i| !i.gone) {
+        let active_after = boots
+            .iter()
+            .find(|(n, _)| *n == i.instance_type)
+            .map_or(cfg.active_after, |(_, b)| *b);
         if let Some(t) = i.terminated_at {
             if t.elapsed() >= cfg.gone_after {
                 i.status = "terminated".into();
@@ -389,7 +421,7 @@ fn tick(state: &Arc<Mutex<State>>) {
                     .map_or("192.0.2.10".to_string(), |s| s.host.clone()),
             );
         }
-        if age >= cfg.active_after && i.status == "booting" {
+        if age >= active_after && i.status == "booting" {
             i.status = "active".into();
             newly_active.push(i.ssh_key_name.clone());
         }
@@ -464,20 +496,23 @@ fn html(status: u16) -> Response {
         .into_response()
 }
 
-fn authorized(st: &State, headers: &HeaderMap) -> bool {
-    let Some(v) = headers
+/// The account key the request authenticates with, if any.
+fn authorized(st: &State, headers: &HeaderMap) -> Option<String> {
+    let v = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return false;
-    };
-    if let Some(b) = v.strip_prefix("Bearer ") {
-        return b == st.config.api_key;
-    }
-    if let Some(b) = v.strip_prefix("Basic ") {
-        return b.trim() == base64(format!("{}:", st.config.api_key).as_bytes());
-    }
-    false
+        .and_then(|v| v.to_str().ok())?;
+    std::iter::once(&st.config.api_key)
+        .chain(&st.config.other_keys)
+        .find(|key| {
+            if let Some(b) = v.strip_prefix("Bearer ") {
+                return b == key.as_str();
+            }
+            if let Some(b) = v.strip_prefix("Basic ") {
+                return b.trim() == base64(format!("{key}:").as_bytes());
+            }
+            false
+        })
+        .cloned()
 }
 
 /// Standard base64 with padding (HTTP Basic's encoding).
@@ -574,7 +609,9 @@ async fn handle(
         }
         let (response, hold) = answer(&mut st, &method, &path, endpoint, &headers, &body_json);
         let status = response.status().as_u16();
+        let key = authorized(&st, &headers).unwrap_or_default();
         st.requests.push(RequestRecord {
+            key,
             method: method.to_string(),
             path: path.clone(),
             endpoint,
@@ -598,7 +635,7 @@ fn answer(
     headers: &HeaderMap,
     body: &Value,
 ) -> (Response, Option<Duration>) {
-    if !authorized(st, headers) {
+    if authorized(st, headers).is_none() {
         return (
             error(
                 401,
@@ -658,6 +695,9 @@ fn answer(
             }
             Fault::EmptySuccess if endpoint == Endpoint::Launch => {
                 return (data(json!({"instance_ids": []})), None);
+            }
+            Fault::EmptySuccess if endpoint == Endpoint::Terminate => {
+                return (data(json!({"terminated_instances": []})), None);
             }
             Fault::EmptySuccess => {}
             Fault::HoldAnswer(d) => hold = Some(d),

@@ -53,6 +53,10 @@ pub enum Fault {
     HoldAnswer(Duration),
     /// Create: the GPU type's stock is gone just before this create.
     NoStock,
+    /// HTTP 200 whose body is a problem (an error inside a success).
+    ErrorInOk,
+    /// Delete: 204, and the pod is not deleted (a "success" that did nothing).
+    EmptySuccess,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +107,10 @@ pub struct Config {
     /// A new pod is missing from `GET /pods` (not from `GET /pods/{id}`) this long.
     pub list_lag: Duration,
     pub ssh: Option<SshTarget>,
+    /// Each pod gets a key of its own (`RUNPOD_API_KEY` inside it), good only for its
+    /// own pod, written once its ports are up into `<dir>/<pod id>/rp_environment` as
+    /// RunPod's images export the container's environment to `/etc/rp_environment`.
+    pub pod_env_dir: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -115,6 +123,7 @@ impl Default for Config {
             per_minute: 10_000,
             list_lag: Duration::ZERO,
             ssh: None,
+            pod_env_dir: None,
         }
     }
 }
@@ -138,6 +147,11 @@ pub struct PodRecord {
     frozen: bool,
     created: Instant,
     keys_written: bool,
+    /// The container keeps crashing: RUNNING a moment, then STARTING again.
+    looping: bool,
+    /// When the container last came up (`startedAt`), and last went down.
+    started_at: Option<SystemTime>,
+    went_down: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -147,6 +161,8 @@ pub struct RequestRecord {
     pub endpoint: Endpoint,
     pub status: u16,
     pub at: Instant,
+    /// `account`, `pod:<id>` (a pod's own key) or empty.
+    pub key: String,
 }
 
 struct State {
@@ -286,6 +302,15 @@ impl RunpodServer {
         }
     }
 
+    /// The pod's container crashes and restarts over and over (a bad image or
+    /// entrypoint): RUNNING a moment, STARTING, RUNNING with a new `startedAt`, ...
+    pub fn restart_loop(&self, id: &str) {
+        let mut st = self.lock();
+        if let Some(p) = st.pods.iter_mut().find(|p| p.id == id) {
+            p.looping = true;
+        }
+    }
+
     pub fn delete_behind_back(&self, id: &str) {
         let mut st = self.lock();
         if let Some(p) = st.pods.iter_mut().find(|p| p.id == id) {
@@ -309,6 +334,28 @@ impl Drop for RunpodServer {
             let _ = t.join();
         }
     }
+}
+
+/// The key a pod gets of its own.
+pub fn pod_key(id: &str) -> String {
+    format!("pod-key-{id}-7f3a9c")
+}
+
+/// Whose key authenticates the request: `account`, `pod:<id>`, or nobody.
+fn who(st: &State, headers: &HeaderMap) -> Option<String> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))?;
+    if bearer == st.config.api_key {
+        return Some("account".into());
+    }
+    // Pods have keys of their own only where the server exports them.
+    st.config.pod_env_dir.as_ref()?;
+    st.pods
+        .iter()
+        .find(|p| !p.deleted && bearer == pod_key(&p.id))
+        .map(|p| format!("pod:{}", p.id))
 }
 
 fn delete_record(p: &mut PodRecord) {
@@ -363,6 +410,9 @@ fn new_pod(st: &mut State, body: &Value, gpu_id: &str, count: u64, cloud: &str) 
         frozen: false,
         created: Instant::now(),
         keys_written: false,
+        looping: false,
+        started_at: None,
+        went_down: None,
     });
     id
 }
@@ -374,13 +424,49 @@ fn tick(state: &Arc<Mutex<State>>) {
     let mut keys = Vec::new();
     for p in st.pods.iter_mut().filter(|p| !p.deleted && !p.frozen) {
         let age = p.created.elapsed();
+        if p.looping {
+            // Up for a second, down for a third of one, again and again.
+            match p.went_down {
+                Some(at) if at.elapsed() >= Duration::from_millis(300) => {
+                    p.status = "RUNNING".into();
+                    p.started_at = Some(SystemTime::now());
+                    p.went_down = None;
+                }
+                Some(_) => {}
+                None if p
+                    .started_at
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|e| e >= Duration::from_secs(1)) =>
+                {
+                    p.status = "STARTING".into();
+                    p.went_down = Some(Instant::now());
+                }
+                None => {}
+            }
+            continue;
+        }
         if age >= cfg.running_after {
+            if p.status != "RUNNING" {
+                p.started_at = Some(SystemTime::now());
+            }
             p.status = "RUNNING".into();
         } else if age >= cfg.starting_after {
             p.status = "STARTING".into();
         }
         if age >= cfg.ports_after && !p.keys_written {
             p.keys_written = true;
+            if let Some(dir) = &cfg.pod_env_dir {
+                let dir = dir.join(&p.id);
+                let _ = std::fs::create_dir_all(&dir);
+                let _ = std::fs::write(
+                    dir.join("rp_environment"),
+                    format!(
+                        "export RUNPOD_POD_ID=\"{id}\"\nexport RUNPOD_API_KEY=\"{key}\"\n",
+                        id = p.id,
+                        key = pod_key(&p.id)
+                    ),
+                );
+            }
             if let Some(k) = p.env.get("PUBLIC_KEY").and_then(Value::as_str) {
                 keys.push(k.to_string());
             }
@@ -514,6 +600,7 @@ fn pod_json(st: &State, p: &PodRecord) -> Value {
         "runtime": runtime,
         "cost": if p.status == "EXITED" || p.deleted { 0.0 } else { price },
         "locked": false,
+        "startedAt": p.started_at.map(|t| humantime::format_rfc3339_millis(t).to_string()),
     })
 }
 
@@ -552,6 +639,8 @@ async fn handle(
         if endpoint == Endpoint::Create {
             st.creates_received += 1;
         }
+        // Before the answer: a pod's key stops working once its pod is deleted.
+        let key = who(&st, &headers).unwrap_or_default();
         let (mut response, hold, authed) =
             answer(&mut st, &method, &path, endpoint, &headers, &body_json);
         if authed {
@@ -571,6 +660,7 @@ async fn handle(
             }
         }
         st.requests.push(RequestRecord {
+            key,
             method: method.to_string(),
             path: path.clone(),
             endpoint,
@@ -596,16 +686,30 @@ fn answer(
     headers: &HeaderMap,
     body: &Value,
 ) -> (Response, Option<Duration>, bool) {
-    let bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if bearer != Some(st.config.api_key.as_str()) {
-        return (
-            problem(401, "invalid or missing api key", None),
-            None,
-            false,
-        );
+    let pod_of = |path: &str| -> String {
+        path.trim_start_matches("/v2/pods/")
+            .trim_end_matches("/action")
+            .to_string()
+    };
+    match who(st, headers).as_deref() {
+        None => {
+            return (
+                problem(401, "invalid or missing api key", None),
+                None,
+                false,
+            );
+        }
+        Some("account") => {}
+        // A pod's own key reaches that pod only.
+        Some(pod) => {
+            let own = matches!(
+                endpoint,
+                Endpoint::Get | Endpoint::Delete | Endpoint::Action
+            ) && pod.strip_prefix("pod:") == Some(pod_of(path).as_str());
+            if !own {
+                return (problem(403, "this key may not do that", None), None, true);
+            }
+        }
     }
     if st.window_start.elapsed() >= Duration::from_secs(60) {
         st.window_start = Instant::now();
@@ -642,6 +746,15 @@ fn answer(
             }
             Fault::Html(s) => return (html(s), None, false),
             Fault::HoldAnswer(d) => hold = Some(d),
+            Fault::ErrorInOk => {
+                let mut r = problem(500, "internal error", None);
+                *r.status_mut() = StatusCode::OK;
+                return (r, None, true);
+            }
+            Fault::EmptySuccess if endpoint == Endpoint::Delete => {
+                return (StatusCode::NO_CONTENT.into_response(), None, true);
+            }
+            Fault::EmptySuccess => {}
             Fault::NoStock => {
                 return (
                     problem(
@@ -655,11 +768,6 @@ fn answer(
             }
         }
     }
-    let pod_of = |path: &str| -> String {
-        path.trim_start_matches("/v2/pods/")
-            .trim_end_matches("/action")
-            .to_string()
-    };
     let response = match endpoint {
         Endpoint::Create => create(st, body),
         Endpoint::List => {
