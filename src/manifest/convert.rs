@@ -548,9 +548,19 @@ fn convert_job(
                 format!("expected s3://bucket/prefix or a local folder, found {to:?}"),
             );
         }
+        if let Some(endpoint) = &a.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            c.value(
+                "/spec/artifacts/endpoint",
+                format!("expected an http(s):// URL, found {endpoint:?}"),
+            );
+        }
         Artifacts {
             paths: a.paths,
             to: a.to,
+            endpoint: a.endpoint,
+            region: a.region,
         }
     });
 
