@@ -502,3 +502,191 @@ fn fleet_outputs_come_home_over_rsync_before_teardown_when_the_controller_return
     );
     support::cli::kill9(&mut ctl);
 }
+
+/// BENCHMARKS.md: time and bytes to sync a checkpoint folder (1 GB by default,
+/// `ASIMOV_BENCH_MB` to change) after a 1 % change, to the local S3 server (the agent's
+/// own `sync-checkpoint`, as on an instance) and over rsync from an SSH host (rsync
+/// with the transport's flags). Two layouts: 100 files of which one is rewritten, and
+/// one file of which 1 % is overwritten in place. Prints figures, asserts only that
+/// the second sync sent less than the first where it can.
+///
+/// `cargo test --test lifecycle_s3 bench_sync -- --ignored --nocapture` (the work is
+/// the agent's sh, curl and rsync: a debug build of the harness measures the same)
+#[test]
+#[ignore]
+fn bench_sync_checkpoint_after_one_percent_change() {
+    let (Some(s3), Some(sshd)) = (S3Server::start_or_skip(), Sshd::start_or_skip()) else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let total: u64 = std::env::var("ASIMOV_BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+        * 1_000_000;
+    let random = |path: &std::path::Path, bytes: u64| {
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c {bytes} /dev/urandom > '{}'",
+                path.display()
+            ))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    // Overwrites `bytes` in the middle of `path`, in place (as a partial rewrite does).
+    let patch = |path: &std::path::Path, bytes: u64| {
+        let size = std::fs::metadata(path).unwrap().len();
+        let ok = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c {bytes} /dev/urandom | dd of='{}' bs=1M seek={}c conv=notrunc iflag=fullblock oflag=seek_bytes status=none",
+                path.display(),
+                (size - bytes) / 2
+            ))
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    let layouts: [(&str, u64); 2] = [("100 files, 1 rewritten", 100), ("1 file, 1 % patched", 1)];
+    println!("| layout | target | first sync | after 1 % change: time | bytes sent |");
+    println!("|---|---|---|---|---|");
+    for (n, (layout, files)) in layouts.into_iter().enumerate() {
+        // The folder lives in the SSH host's home (this machine), read by both.
+        let ckpt = sshd.home().join(format!("bench{n}/ckpt"));
+        std::fs::create_dir_all(&ckpt).unwrap();
+        let each = total / files;
+        for i in 0..files {
+            random(&ckpt.join(format!("shard-{i:03}.bin")), each);
+        }
+        let change = |ckpt: &std::path::Path| {
+            if files > 1 {
+                random(&ckpt.join("shard-042.bin"), each);
+            } else {
+                patch(&ckpt.join("shard-000.bin"), total / 100);
+            }
+        };
+
+        // S3: an instance folder as the agent has it, syncing that checkpoint folder.
+        let root = tempfile::tempdir().unwrap();
+        let spec = root.path().join("spec");
+        std::fs::create_dir_all(&spec).unwrap();
+        std::fs::write(root.path().join("agent.sh"), asimov::agent::AGENT_SCRIPT).unwrap();
+        std::fs::write(
+            spec.join("s3"),
+            format!(
+                "S3_BASE='{}/{BUCKET}/bench/run{n}'\nS3_NEXT=1\nS3_ATTEMPT=1\nS3_CHECKPOINT='{}'\n",
+                s3.endpoint(),
+                ckpt.display()
+            ),
+        )
+        .unwrap();
+        let creds = asimov::artifacts::S3Credentials {
+            key_id: asimov::model::Secret::new(KEY_ID),
+            secret: asimov::model::Secret::new(SECRET_KEY),
+            token: None,
+        };
+        std::fs::write(
+            spec.join("s3.curl"),
+            asimov::artifacts::curl_config(&creds, "us-east-1").expose(),
+        )
+        .unwrap();
+        let s3_sync = || {
+            let start = std::time::Instant::now();
+            let out = std::process::Command::new("sh")
+                .arg(root.path().join("agent.sh"))
+                .arg("sync-checkpoint")
+                .arg(root.path())
+                .output()
+                .unwrap();
+            let took = start.elapsed();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success() && text.contains("result=done"),
+                "{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let bytes: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix("bytes="))
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(0);
+            (took, bytes)
+        };
+
+        // rsync: as the SSH transport runs it (`-a --protect-args`), into a staging
+        // folder that holds the previous sync, with --stats for the bytes.
+        let staging = tempfile::tempdir().unwrap();
+        let rsync = || {
+            let start = std::time::Instant::now();
+            let out = std::process::Command::new("rsync")
+                .args(["-a", "--protect-args", "--stats", "-e"])
+                .arg(format!(
+                    "ssh -i {} -p {} -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+                    sshd.client_key().display(),
+                    sshd.port()
+                ))
+                .arg(format!("{}@{}:{}/", sshd.user(), sshd.host(), ckpt.display()))
+                .arg(staging.path())
+                .output()
+                .unwrap();
+            let took = start.elapsed();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(
+                out.status.success(),
+                "{text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let field = |name: &str| -> u64 {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(|v| {
+                        v.trim()
+                            .split_whitespace()
+                            .next()
+                            .unwrap_or("0")
+                            .replace(',', "")
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0)
+            };
+            // What crossed the link both ways: data plus rsync's checksums.
+            (
+                took,
+                field("Total bytes received:") + field("Total bytes sent:"),
+            )
+        };
+
+        let (s3_first, s3_first_bytes) = s3_sync();
+        let (rs_first, rs_first_bytes) = rsync();
+        change(&ckpt);
+        let (s3_after, s3_bytes) = s3_sync();
+        let (rs_after, rs_bytes) = rsync();
+        let mb = |b: u64| format!("{:.1} MB", b as f64 / 1e6);
+        println!(
+            "| {layout} | S3 (moto_server, curl) | {:.1} s, {} | {:.2} s | {} |",
+            s3_first.as_secs_f64(),
+            mb(s3_first_bytes),
+            s3_after.as_secs_f64(),
+            mb(s3_bytes)
+        );
+        println!(
+            "| {layout} | rsync over SSH | {:.1} s, {} | {:.2} s | {} |",
+            rs_first.as_secs_f64(),
+            mb(rs_first_bytes),
+            rs_after.as_secs_f64(),
+            mb(rs_bytes)
+        );
+        assert!(
+            rs_bytes < rs_first_bytes / 10,
+            "rsync sent only what changed"
+        );
+        if files > 1 {
+            assert!(s3_bytes < s3_first_bytes / 10, "S3 sent only what changed");
+        }
+        std::fs::remove_dir_all(sshd.home().join(format!("bench{n}"))).unwrap();
+    }
+}

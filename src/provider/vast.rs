@@ -1531,6 +1531,10 @@ impl crate::agent::Machine for VastMachine {
         self.run("mark collected", &script, b"").await
     }
 
+    async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, AgentError> {
+        relogin!(self, self.agent.sync_s3(last).await)
+    }
+
     async fn stop(&self) -> Result<(), AgentError> {
         relogin!(self, self.agent.stop().await)
     }
