@@ -27,6 +27,16 @@ fn ctx() -> Context {
     }
 }
 
+/// What the examples need stored: the HF token and S3's keys.
+fn examples_ctx() -> Context {
+    Context {
+        secrets: BTreeSet::from(
+            ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"].map(String::from),
+        ),
+        ..Context::default()
+    }
+}
+
 fn load(text: &str) -> Result<Loaded, Problems> {
     load_str(Path::new("/manifests/job.yaml"), text, &ctx())
 }
@@ -66,7 +76,8 @@ fn schemas_are_checked_in_and_current() {
 #[test]
 fn every_example_loads_and_round_trips() {
     let examples = crate_dir().join("examples");
-    let all = load_paths(std::slice::from_ref(&examples), &ctx()).unwrap_or_else(|p| panic!("{p}"));
+    let all = load_paths(std::slice::from_ref(&examples), &examples_ctx())
+        .unwrap_or_else(|p| panic!("{p}"));
     let m = &all.manifests;
     let mut jobs: Vec<&str> = m.jobs.iter().map(|j| j.name.as_str()).collect();
     jobs.sort();
@@ -93,7 +104,7 @@ fn every_example_loads_and_round_trips() {
     let home = Context {
         fleets: m.fleets.iter().map(|f| f.name.clone()).collect(),
         budgets: m.budgets.iter().map(|b| b.name.clone()).collect(),
-        ..ctx()
+        ..examples_ctx()
     };
     let mut files: Vec<PathBuf> = std::fs::read_dir(&examples)
         .expect("examples/")
@@ -149,7 +160,7 @@ fn swag_train_has_every_field() {
     let dir = crate_dir().join("examples");
     let loaded = load_paths(
         &[dir.join("budget.yaml"), dir.join("swag-train.yaml")],
-        &ctx(),
+        &examples_ctx(),
     )
     .unwrap_or_else(|p| panic!("{p}"));
     let job = &loaded.manifests.jobs[0];
@@ -802,4 +813,27 @@ fn cli_says_when_there_is_nothing_to_apply() {
         "{stderr}"
     );
     assert_untouched(&a);
+}
+
+#[test]
+fn s3_artifacts_need_the_stored_keys_and_an_http_endpoint() {
+    let text = "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: s}\nspec:\n  run: x\n  \
+                artifacts: {paths: [out], to: s3://b/p, endpoint: ftp://x}\n";
+    let none = Context::default();
+    let problems = load_str(Path::new("/manifests/job.yaml"), text, &none)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        problems.contains("AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("expected an http(s):// URL"),
+        "{problems}"
+    );
+    assert!(problems.contains("job.yaml:6:"), "{problems}");
+    let fixed = text.replace("ftp://x", "http://127.0.0.1:9000");
+    load_str(Path::new("/manifests/job.yaml"), &fixed, &examples_ctx())
+        .unwrap_or_else(|p| panic!("{p}"));
 }
