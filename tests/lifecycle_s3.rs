@@ -643,13 +643,7 @@ fn bench_sync_checkpoint_after_one_percent_change() {
             let field = |name: &str| -> u64 {
                 text.lines()
                     .find_map(|l| l.strip_prefix(name))
-                    .map(|v| {
-                        v.trim()
-                            .split_whitespace()
-                            .next()
-                            .unwrap_or("0")
-                            .replace(',', "")
-                    })
+                    .map(|v| v.split_whitespace().next().unwrap_or("0").replace(',', ""))
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0)
             };
