@@ -684,3 +684,182 @@ fn bench_sync_checkpoint_after_one_percent_change() {
         std::fs::remove_dir_all(sshd.home().join(format!("bench{n}"))).unwrap();
     }
 }
+
+/// The agent's S3 sync and restore by themselves, under the system's sh and under
+/// busybox (sh, find, awk, od... as on minimal images): names with spaces and
+/// non-ASCII characters, a second sync that sends only what changed and drops what was
+/// deleted, and a new instance folder restoring that checkpoint before its job runs.
+#[test]
+fn agent_sync_and_restore_round_trip_under_sh_and_busybox() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let busybox = std::process::Command::new("sh")
+        .args(["-c", "command -v busybox"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let mut shells = vec![("sh", None)];
+    match &busybox {
+        Some(b) => shells.push(("busybox", Some(b.clone()))),
+        None => eprintln!("busybox not installed: only the system sh tested"),
+    }
+    for (n, (name, busybox)) in shells.into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut path = std::env::var("PATH").unwrap_or_default();
+        if let Some(busybox) = &busybox {
+            let bin = dir.path().join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            for applet in [
+                "sh", "setsid", "date", "tail", "sleep", "mv", "cat", "sed", "tr", "mkdir", "od",
+                "awk", "find", "cmp", "readlink", "ln", "grep", "wc", "rm", "sort",
+            ] {
+                std::os::unix::fs::symlink(busybox, bin.join(applet)).unwrap();
+            }
+            path = format!("{}:{path}", bin.display());
+        }
+        let base = format!("{}/{BUCKET}/unit/{name}", s3.endpoint());
+        let creds = asimov::artifacts::S3Credentials {
+            key_id: asimov::model::Secret::new(KEY_ID),
+            secret: asimov::model::Secret::new(SECRET_KEY),
+            token: None,
+        };
+        let instance = |root: &std::path::Path, settings: &str| {
+            std::fs::create_dir_all(root.join("spec")).unwrap();
+            std::fs::write(root.join("agent.sh"), asimov::agent::AGENT_SCRIPT).unwrap();
+            std::fs::write(
+                root.join("spec/s3"),
+                format!("S3_BASE='{base}'\n{settings}"),
+            )
+            .unwrap();
+            std::fs::write(
+                root.join("spec/s3.curl"),
+                asimov::artifacts::curl_config(&creds, "us-east-1").expose(),
+            )
+            .unwrap();
+        };
+        let agent = |root: &std::path::Path, command: &str| {
+            let out = std::process::Command::new("sh")
+                .arg(root.join("agent.sh"))
+                .arg(command)
+                .arg(root)
+                .env("PATH", &path)
+                .env("ASIMOV_NO_TMUX", "1")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name} {command}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let field = |text: &str, key: &str| -> String {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{key}=")))
+                .unwrap_or_default()
+                .to_string()
+        };
+
+        // First instance: two syncs of its checkpoint folder.
+        let one = dir.path().join("one");
+        let ckpt = dir.path().join("ckpt");
+        std::fs::create_dir_all(ckpt.join("dir")).unwrap();
+        std::fs::write(ckpt.join("a.txt"), "a1").unwrap();
+        std::fs::write(ckpt.join("dir/b c.bin"), "b").unwrap();
+        std::fs::write(ckpt.join("ünï 100%.txt"), "u").unwrap();
+        instance(
+            &one,
+            &format!(
+                "S3_NEXT=1\nS3_ATTEMPT=1\nS3_CHECKPOINT='{}'\n",
+                ckpt.display()
+            ),
+        );
+        let first = agent(&one, "sync-checkpoint");
+        assert_eq!(
+            field(&first, "checkpoint"),
+            "00000001-a1",
+            "{name}: {first}"
+        );
+        assert_eq!(field(&first, "files"), "3", "{name}: {first}");
+        std::fs::write(ckpt.join("a.txt"), "a2").unwrap();
+        std::fs::write(ckpt.join("new.txt"), "n").unwrap();
+        std::fs::remove_file(ckpt.join("dir/b c.bin")).unwrap();
+        let second = agent(&one, "sync-checkpoint");
+        assert_eq!(
+            field(&second, "checkpoint"),
+            "00000002-a1",
+            "{name}: {second}"
+        );
+        assert_eq!(
+            field(&second, "files"),
+            "2",
+            "{name}: only what changed: {second}"
+        );
+        // Unchanged since: no new checkpoint, nothing sent.
+        let third = agent(&one, "sync-checkpoint");
+        assert_eq!(
+            field(&third, "checkpoint"),
+            "00000002-a1",
+            "{name}: {third}"
+        );
+        assert_eq!(field(&third, "files"), "0", "{name}: {third}");
+        let manifest = s3
+            .get(
+                BUCKET,
+                &format!("unit/{name}/_checkpoints/manifests/00000002-a1"),
+            )
+            .expect("manifest");
+        let mut lines: Vec<String> = String::from_utf8(manifest)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "00000001-a1\tünï 100%.txt",
+                "00000002-a1\ta.txt",
+                "00000002-a1\tnew.txt"
+            ],
+            "{name}"
+        );
+
+        // Second instance: restores that checkpoint (relative path, inside work/),
+        // runs a job that reads it, and syncs its outputs at the end by itself.
+        let two = dir.path().join("two");
+        instance(
+            &two,
+            "S3_NEXT=3\nS3_ATTEMPT=2\nS3_CHECKPOINT='ckpt'\nS3_RESTORE='00000002-a1'\n",
+        );
+        std::fs::write(two.join("spec/tag"), format!("asimov.t.s3unit{n}-0.2\n")).unwrap();
+        std::fs::write(
+            two.join("spec/run.sh"),
+            "mkdir -p out && cat ckpt/a.txt ckpt/new.txt 'ckpt/ünï 100%.txt' > out/seen \
+             && test ! -e 'ckpt/dir/b c.bin'\n",
+        )
+        .unwrap();
+        std::fs::write(two.join("spec/s3_outputs"), "out\tout\n").unwrap();
+        agent(&two, "start");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let status = agent(&two, "status");
+            if status.contains("status=succeeded") {
+                break;
+            }
+            assert!(
+                !status.contains("status=failed") && std::time::Instant::now() < deadline,
+                "{name}: {status}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let last = agent(&two, "sync-final");
+        assert_eq!(field(&last, "result"), "done", "{name}: {last}");
+        assert_eq!(
+            s3.get(BUCKET, &format!("unit/{name}/out/seen")).as_deref(),
+            Some(&b"a2nu"[..]),
+            "{name}"
+        );
+        // The restore sent nothing back: the final checkpoint names the old objects.
+        assert_eq!(field(&last, "checkpoint"), "00000002-a1", "{name}: {last}");
+    }
+}

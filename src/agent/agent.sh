@@ -165,7 +165,9 @@ upload_changed() {
 		FILENAME == ARGV[2] { changed[substr($0, 3)] = 1; next }
 		{ p = substr($0, 3)
 		  if ((p in changed) || !(p in prev)) print gen "\t" p; else print prev[p] "\t" p }' \
-		"$state.list" "$state.changed" "$state.files" >"$state.next" || return 1
+		"$state.list" "$state.changed" "$state.files" >"$state.unsorted" || return 1
+	# Sorted, so that an unchanged folder gives the same listing whatever find's order.
+	LC_ALL=C sort "$state.unsorted" >"$state.next" || return 1
 	: >"$state.vanished"
 	while IFS=$TAB read -r g p; do
 		[ "$g" = "$gen" ] || continue
