@@ -305,6 +305,16 @@ fn checkpoints_round_trip_through_s3_and_outputs_arrive() {
     support::cli::kill9(&mut ctl);
 }
 
+/// `describe run ckpt-0` once its events show `reason` (the instance can be gone a
+/// moment before its Destroyed event is written).
+fn describe_with(a: &Asimov, reason: &str) -> String {
+    let has = |d: &str| d.find("Events:").is_some_and(|i| d[i..].contains(reason));
+    wait(a, &format!("a {reason} event"), 60, || {
+        has(&a.ok(&["describe", "run", "ckpt-0"]))
+    });
+    a.ok(&["describe", "run", "ckpt-0"])
+}
+
 /// Index of `reason` among the run's events in `describe` (its first occurrence).
 fn event_at(describe: &str, reason: &str) -> usize {
     let events = describe
@@ -370,7 +380,7 @@ fn agent_syncs_to_s3_itself_when_the_controller_is_killed_as_the_job_ends() {
         a.run_phase("ckpt-0").as_deref() == Some("Succeeded")
     });
     wait(&a, "the teardown", 60, || a.local_instances().is_empty());
-    let describe = a.ok(&["describe", "run", "ckpt-0"]);
+    let describe = describe_with(&a, "Destroyed");
     assert!(
         event_at(&describe, "Synced") < event_at(&describe, "Destroyed"),
         "{describe}"
@@ -405,7 +415,7 @@ fn a_final_sync_that_fails_for_good_is_said_and_the_instance_still_goes() {
         a.run_phase("ckpt-0").as_deref() == Some("Succeeded")
     });
     wait(&a, "the teardown", 120, || a.local_instances().is_empty());
-    let describe = a.ok(&["describe", "run", "ckpt-0"]);
+    let describe = describe_with(&a, "Destroyed");
     assert!(
         event_at(&describe, "SyncFailed") < event_at(&describe, "Destroyed"),
         "{describe}"
@@ -495,7 +505,7 @@ fn fleet_outputs_come_home_over_rsync_before_teardown_when_the_controller_return
         std::fs::read_to_string(a.home().join("artifacts/ckpt-0/out/result.txt")).unwrap(),
         "done at 3\n"
     );
-    let describe = a.ok(&["describe", "run", "ckpt-0"]);
+    let describe = describe_with(&a, "Destroyed");
     assert!(
         event_at(&describe, "Collected") < event_at(&describe, "Destroyed"),
         "{describe}"
