@@ -1,10 +1,13 @@
 #!/bin/sh
 # Installs what the test suite needs to start real servers: OpenSSH server and client
 # (the ssh transport and fleet tests), rsync (file transfer), tmux (the agent), git, and
-# busybox (the agent is also tested under a minimal POSIX sh).
+# busybox (the agent is also tested under a minimal POSIX sh), and moto_server (S3).
 # Idempotent: only packages that are missing are installed. Works as root, or through
 # sudo otherwise. Debian/Ubuntu (apt-get) only.
 set -eu
+
+# The local S3-compatible server (moto_server in its own venv) for the S3 tests.
+"$(dirname "$0")/install-s3-server.sh"
 
 # package:command-that-proves-it-is-installed
 wanted="openssh-server:/usr/sbin/sshd openssh-client:ssh rsync:rsync tmux:tmux git:git busybox:busybox"

@@ -4,6 +4,7 @@
 //! agent} → model. See ARCHITECTURE.md.
 
 pub mod agent;
+pub mod artifacts;
 pub mod cli;
 pub mod failpoint;
 pub mod home;

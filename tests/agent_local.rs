@@ -29,6 +29,7 @@ fn spec(tag: &str, command: &str) -> LaunchSpec {
         source: LaunchSource::None,
         files: Vec::new(),
         exclude: Vec::new(),
+        s3: None,
         outputs: Vec::new(),
     }
 }

@@ -34,6 +34,16 @@ fn ctx() -> Context {
     }
 }
 
+/// What the examples need stored: the HF token and S3's keys.
+fn examples_ctx() -> Context {
+    Context {
+        secrets: BTreeSet::from(
+            ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"].map(String::from),
+        ),
+        ..Context::default()
+    }
+}
+
 fn load(text: &str) -> Result<Loaded, Problems> {
     load_str(Path::new("/manifests/job.yaml"), text, &ctx())
 }
@@ -87,6 +97,7 @@ fn every_example_loads_and_round_trips() {
             "lab-train",
             "pod-finetune",
             "resumable",
+            "s3-train",
             "swag-sweep",
             "swag-train",
             "sweep"
@@ -94,7 +105,7 @@ fn every_example_loads_and_round_trips() {
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 11);
+    assert_eq!(all.documents.len(), 12);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
@@ -108,7 +119,7 @@ fn every_example_loads_and_round_trips() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 10);
+    assert_eq!(files.len(), 11);
     for file in &files {
         let one = load_paths(std::slice::from_ref(file), &home)
             .unwrap_or_else(|p| panic!("{}: {p}", file.display()));
@@ -156,7 +167,7 @@ fn swag_train_has_every_field() {
     let dir = crate_dir().join("examples");
     let loaded = load_paths(
         &[dir.join("budget.yaml"), dir.join("swag-train.yaml")],
-        &ctx(),
+        &examples_ctx(),
     )
     .unwrap_or_else(|p| panic!("{p}"));
     let job = &loaded.manifests.jobs[0];
@@ -811,4 +822,27 @@ fn cli_says_when_there_is_nothing_to_apply() {
         "{stderr}"
     );
     assert_untouched(&a);
+}
+
+#[test]
+fn s3_artifacts_need_the_stored_keys_and_an_http_endpoint() {
+    let text = "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: s}\nspec:\n  run: x\n  \
+                artifacts: {paths: [out], to: s3://b/p, endpoint: ftp://x}\n";
+    let none = Context::default();
+    let problems = load_str(Path::new("/manifests/job.yaml"), text, &none)
+        .map(|_| ())
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        problems.contains("AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"),
+        "{problems}"
+    );
+    assert!(
+        problems.contains("expected an http(s):// URL"),
+        "{problems}"
+    );
+    assert!(problems.contains("job.yaml:6:"), "{problems}");
+    let fixed = text.replace("ftp://x", "http://127.0.0.1:9000");
+    load_str(Path::new("/manifests/job.yaml"), &fixed, &examples_ctx())
+        .unwrap_or_else(|p| panic!("{p}"));
 }

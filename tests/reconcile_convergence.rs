@@ -317,6 +317,8 @@ async fn cost_so_far_while_running_and_outputs_land_in_artifacts_to() {
     j.spec.artifacts = Some(asimov::manifest::Artifacts {
         paths: vec!["out/".into()],
         to: Some(out.path().display().to_string()),
+        endpoint: None,
+        region: None,
     });
     let config = FakeConfig {
         price_per_hour: Usd::from_dollars(3.6),

@@ -318,7 +318,7 @@ fn spec_archive(spec: &LaunchSpec, env: &str, secrets: &str) -> std::io::Result<
         .map(|d| d.as_secs().max(1).to_string())
         .unwrap_or_default();
     let outputs: String = spec.outputs.iter().map(|o| format!("{o}\n")).collect();
-    let entries: [(&str, String, u32); 9] = [
+    let mut entries: Vec<(&str, String, u32)> = vec![
         ("spec/secrets", secrets.to_string(), 0o600),
         ("spec/tag", format!("{}\n", spec.tag), 0o600),
         ("spec/run", format!("{}\n", spec.run), 0o600),
@@ -329,6 +329,20 @@ fn spec_archive(spec: &LaunchSpec, env: &str, secrets: &str) -> std::io::Result<
         ("spec/outputs", outputs, 0o600),
         ("agent.sh", AGENT_SCRIPT.to_string(), 0o600),
     ];
+    if let Some(s3) = &spec.s3 {
+        // The keys first of the S3 files, 0600 as every file here.
+        entries.insert(
+            1,
+            ("spec/s3.curl", s3.curl_config.expose().to_string(), 0o600),
+        );
+        entries.push(("spec/s3", s3_settings(s3), 0o600));
+        let outputs: String = s3
+            .outputs
+            .iter()
+            .map(|(path, name)| format!("{path}\t{name}\n"))
+            .collect();
+        entries.push(("spec/s3_outputs", outputs, 0o600));
+    }
     let mut archive = tar::Builder::new(Vec::new());
     for (path, data, mode) in entries {
         let mut header = tar::Header::new_ustar();
@@ -339,6 +353,56 @@ fn spec_archive(spec: &LaunchSpec, env: &str, secrets: &str) -> std::io::Result<
         archive.append_data(&mut header, path, data.as_bytes())?;
     }
     archive.into_inner()
+}
+
+/// `spec/s3`, sourced by the agent: where the run's objects go and which checkpoint
+/// to restore (no secret: the keys are in `spec/s3.curl`).
+fn s3_settings(s3: &super::S3Launch) -> String {
+    let mut text = format!(
+        "S3_BASE={}\nS3_NEXT={}\nS3_ATTEMPT={}\n",
+        sh_quote(&s3.url),
+        s3.next_seq,
+        s3.attempt
+    );
+    if let Some(path) = &s3.checkpoint {
+        text.push_str(&format!("S3_CHECKPOINT={}\n", sh_quote(path)));
+    }
+    if let Some(generation) = &s3.restore {
+        text.push_str(&format!("S3_RESTORE={}\n", sh_quote(generation)));
+    }
+    text
+}
+
+/// What `agent.sh sync` printed: `key=value` lines.
+fn parse_synced(text: &str) -> Result<super::S3Synced, String> {
+    let mut synced = super::S3Synced::default();
+    let mut result = None;
+    for line in text.lines() {
+        let Some((key, value)) = line.split_once('=') else {
+            continue;
+        };
+        match key {
+            "result" => result = Some(value.to_string()),
+            "checkpoint" if !value.is_empty() && value != "-" => {
+                synced.checkpoint = Some(value.to_string())
+            }
+            "files" => synced.files = value.parse().unwrap_or(0),
+            "bytes" => synced.bytes = value.parse().unwrap_or(0),
+            "error" => synced.failed = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    match result.as_deref() {
+        Some("done") => {
+            synced.failed = None;
+            Ok(synced)
+        }
+        Some("failed") => {
+            synced.failed.get_or_insert_with(|| "unknown error".into());
+            Ok(synced)
+        }
+        _ => Err(format!("no result in the agent's answer: {}", text.trim())),
+    }
 }
 
 fn setup_script(commands: &[String]) -> String {
@@ -374,7 +438,7 @@ impl Machine for AgentMachine {
         let q = sh_quote(&root);
         let script = format!(
             "if [ -e {q}/status ]; then echo {STARTED}; exit 0; fi\n\
-             mkdir -p {q} && rm -rf {q}/spec {q}/work && mkdir -p {q}/work && \
+             mkdir -p {q} && rm -rf {q}/spec {q}/work {q}/sync && mkdir -p {q}/work && \
              umask 077 && tar -x -f - -C {q}"
         );
         let out = self
@@ -539,6 +603,15 @@ impl Machine for AgentMachine {
                 source,
             })?;
         Ok(true)
+    }
+
+    async fn sync_s3(&self, last: bool) -> Result<super::S3Synced, AgentError> {
+        let root = self.root_path().await?;
+        let what = if last { "final" } else { "checkpoint" };
+        let text = self
+            .run_ok("sync to s3", &self.agent(&root, &format!("sync-{what}")))
+            .await?;
+        parse_synced(&text).map_err(|m| self.fail("sync to s3", m))
     }
 
     async fn stop(&self) -> Result<(), AgentError> {

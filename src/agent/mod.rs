@@ -80,6 +80,39 @@ pub struct LaunchSpec {
     /// Local folders a workdir upload never sends, wherever they are: `$ASIMOV_HOME`
     /// and local outputs folders (what asimov itself writes).
     pub exclude: Vec<PathBuf>,
+    /// Set when `artifacts.to` is S3: the agent syncs outputs and checkpoints there
+    /// itself (`agent.sh sync`), and restores a checkpoint from there.
+    pub s3: Option<S3Launch>,
+}
+
+/// What the agent needs to sync a run with S3 (see `crate::artifacts::s3`).
+#[derive(Debug, Clone)]
+pub struct S3Launch {
+    /// The URL of the run's objects, `.../bucket/prefix/<run>` (path style).
+    pub url: String,
+    /// The curl config (`-K`) signing every request: holds the keys, so 0600.
+    pub curl_config: Secret,
+    /// Outputs: (path on the instance, name under the run's prefix).
+    pub outputs: Vec<(String, String)>,
+    /// The job's checkpoint folder (relative: inside `work/`).
+    pub checkpoint: Option<String>,
+    /// The checkpoint generation to restore before the job starts.
+    pub restore: Option<String>,
+    /// The seq of this attempt's first checkpoint.
+    pub next_seq: u64,
+    pub attempt: u32,
+}
+
+/// What one `agent.sh sync` did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct S3Synced {
+    /// The generation of the checkpoint it made complete (or found unchanged).
+    pub checkpoint: Option<String>,
+    /// Files and bytes uploaded.
+    pub files: u64,
+    pub bytes: u64,
+    /// A final sync that failed for good (after the agent's retries): why.
+    pub failed: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -226,6 +259,16 @@ pub trait Machine: Send + Sync {
     /// empty when there is none. Machines that keep no files have none.
     async fn metrics_tail(&self, _max_bytes: usize) -> Result<String, AgentError> {
         Ok(String::new())
+    }
+
+    /// Syncs the run's checkpoint folder to S3 (`last`: and its outputs, once; the
+    /// final sync, which the agent also makes by itself when the job ends: this waits
+    /// for it). Machines that keep no files refuse.
+    async fn sync_s3(&self, _last: bool) -> Result<S3Synced, AgentError> {
+        Err(AgentError::Rejected {
+            step: "sync to s3",
+            message: "this machine keeps no files".into(),
+        })
     }
 
     /// Stops the run (its whole process group); idempotent.

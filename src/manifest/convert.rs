@@ -548,9 +548,37 @@ fn convert_job(
                 format!("expected s3://bucket/prefix or a local folder, found {to:?}"),
             );
         }
+        // The keys S3 needs are stored secrets, checked like the job's own.
+        if let Some(to) = &a.to
+            && is_s3_url(to)
+        {
+            let missing: Vec<&str> = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+                .into_iter()
+                .filter(|k| !ctx.secrets.contains(*k))
+                .collect();
+            if !missing.is_empty() {
+                c.value(
+                    "/spec/artifacts/to",
+                    format!(
+                        "s3:// needs the stored secret(s) {}: store them with `asimov secret set NAME`",
+                        missing.join(", ")
+                    ),
+                );
+            }
+        }
+        if let Some(endpoint) = &a.endpoint
+            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        {
+            c.value(
+                "/spec/artifacts/endpoint",
+                format!("expected an http(s):// URL, found {endpoint:?}"),
+            );
+        }
         Artifacts {
             paths: a.paths,
             to: a.to,
+            endpoint: a.endpoint,
+            region: a.region,
         }
     });
 

@@ -252,6 +252,9 @@ pub struct Artifacts {
     pub paths: Vec<String>,
     /// `s3://bucket/prefix`, or a local folder; default `$ASIMOV_HOME/artifacts/<run>/`.
     pub to: Option<String>,
+    /// The S3 endpoint and region, when the job names them.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

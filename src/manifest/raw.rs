@@ -489,9 +489,18 @@ pub struct Artifacts {
     #[schemars(length(min = 1))]
     pub paths: Vec<String>,
     /// `s3://bucket/prefix` or a local folder (relative to the manifest's folder; `~`
-    /// expanded); default `$ASIMOV_HOME/artifacts/<run>/`.
+    /// expanded); default `$ASIMOV_HOME/artifacts/<run>/`. With S3, outputs go to
+    /// `s3://bucket/prefix/<run>/` and checkpoints under its `_checkpoints/`; the keys
+    /// are the secrets `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
     #[serde(default)]
     pub to: Option<String>,
+    /// S3 endpoint URL for an S3-compatible store (`http://127.0.0.1:9000`); default
+    /// `ASIMOV_S3_ENDPOINT_URL`, else AWS's endpoint of the region.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// S3 region; default `ASIMOV_S3_REGION`, else `us-east-1`.
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 /// Whether larger or smaller metric values are better.

@@ -1403,6 +1403,10 @@ impl crate::agent::Machine for VastMachine {
         relogin!(self, self.agent.metrics_tail(max_bytes).await)
     }
 
+    async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, AgentError> {
+        relogin!(self, self.agent.sync_s3(last).await)
+    }
+
     async fn stop(&self) -> Result<(), AgentError> {
         relogin!(self, self.agent.stop().await)
     }

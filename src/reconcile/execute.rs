@@ -4,7 +4,10 @@
 //! providers only as `dyn Provider` and reads what they are from their capabilities.
 
 use super::plan::{Desired, Op, StatusUpdate, spec_changed};
-use crate::agent::{AgentError, LaunchSource, LaunchSpec};
+use crate::agent::{AgentError, LaunchSource, LaunchSpec, S3Launch};
+use crate::artifacts::{
+    Generation, S3Client, S3Config, S3Credentials, S3Error, S3Location, S3Target, curl_config,
+};
 use crate::failpoint;
 use crate::home::Home;
 use crate::manifest::{Job, RunSpec, Source};
@@ -63,6 +66,12 @@ pub enum ExecError {
         #[source]
         source: Box<super::checkpoint::SyncError>,
     },
+    #[error("{op}")]
+    S3 {
+        op: String,
+        #[source]
+        source: Box<crate::artifacts::S3Error>,
+    },
     #[error("{op}: {attempts} attempt(s) of {run} are not released yet")]
     Unreleased {
         op: String,
@@ -85,6 +94,8 @@ impl ExecError {
             ExecError::Local { .. } => ErrorKind::Transient,
             ExecError::Checkpoint { source, .. } if source.is_permanent() => ErrorKind::Permanent,
             ExecError::Checkpoint { .. } => ErrorKind::Transient,
+            ExecError::S3 { source, .. } if source.is_permanent() => ErrorKind::Permanent,
+            ExecError::S3 { .. } => ErrorKind::Transient,
         }
     }
 }
@@ -473,7 +484,11 @@ impl Executor {
                 let mut launch = self.launch_spec(op, job, spec, &rec, &instance.tag.render())?;
                 // What asimov writes is never uploaded, even inside the working folder.
                 launch.exclude = self.written_by_asimov(desired, run);
-                let restored = self.restore_point(op, job, run, &mut launch)?;
+                let restored = if s3_url(job).is_some() {
+                    self.s3_launch(op, job, run, *attempt, &mut launch).await?
+                } else {
+                    self.restore_point(op, job, run, &mut launch)?
+                };
                 let backend = self.provider(op, instance.provider)?;
                 let machine = backend
                     .machine(instance)
@@ -531,6 +546,11 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
+                if find_run(desired, run).is_some_and(|(job, _)| s3_url(job).is_some()) {
+                    return self
+                        .sync_s3(op, machine.as_ref(), run, *attempt, false, now)
+                        .await;
+                }
                 self.sync_checkpoint(op, desired, machine.as_ref(), run, *attempt, false, now)
                     .await
             }
@@ -548,11 +568,13 @@ impl Executor {
                     })?;
                 let outputs = self.outputs_dir(desired, run);
                 let log = self.home.run_log(run);
-                // An outputs folder only for a job that declares outputs: nothing is
-                // left in artifacts/ for the rest.
-                let has_outputs = find_run(desired, run)
-                    .and_then(|(job, _)| job.spec.artifacts.as_ref())
-                    .is_some_and(|a| !a.paths.is_empty());
+                let to_s3 = find_run(desired, run).is_some_and(|(job, _)| s3_url(job).is_some());
+                // An outputs folder only for a job that declares outputs kept at home:
+                // nothing is left in artifacts/ for the rest.
+                let has_outputs = !to_s3
+                    && find_run(desired, run)
+                        .and_then(|(job, _)| job.spec.artifacts.as_ref())
+                        .is_some_and(|a| !a.paths.is_empty());
                 let outputs_dir = has_outputs.then_some(outputs.as_path());
                 for dir in [log.parent(), outputs_dir].into_iter().flatten() {
                     std::fs::create_dir_all(dir).map_err(|source| ExecError::Local {
@@ -570,9 +592,15 @@ impl Executor {
                         source: Box::new(source),
                     })?;
                 self.note_setup_failure(run, &log, now);
-                // The last sync before the teardown that follows this op.
-                self.sync_checkpoint(op, desired, machine.as_ref(), run, *attempt, true, now)
-                    .await?;
+                // The last sync before the teardown that follows this op (to S3: the
+                // agent's own final sync, waited for, or made here if it has not been).
+                if to_s3 {
+                    self.sync_s3(op, machine.as_ref(), run, *attempt, true, now)
+                        .await?;
+                } else {
+                    self.sync_checkpoint(op, desired, machine.as_ref(), run, *attempt, true, now)
+                        .await?;
+                }
                 let what = if has_outputs {
                     format!("log and outputs to {}", outputs.display())
                 } else {
@@ -795,6 +823,162 @@ impl Executor {
         }
     }
 
+    /// The job's S3 target: where, and the keys from the credential store.
+    fn s3_target(&self, op: &Op, job: &Job) -> Result<Option<S3Target>, ExecError> {
+        let Some(to) = s3_url(job) else {
+            return Ok(None);
+        };
+        let artifacts = job.spec.artifacts.as_ref();
+        let target = (|| {
+            Ok::<_, S3Error>(S3Target {
+                config: S3Config::resolve(
+                    artifacts.and_then(|a| a.endpoint.as_deref()),
+                    artifacts.and_then(|a| a.region.as_deref()),
+                )?,
+                location: S3Location::parse(to)?,
+                credentials: S3Credentials::read(&self.home.credentials())?,
+            })
+        })();
+        target.map(Some).map_err(|source| ExecError::S3 {
+            op: op.to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Makes `launch` sync with S3: the agent gets the run's URL, a curl config with
+    /// the keys (0600 on the instance), its outputs by name, and the newest complete
+    /// checkpoint in S3 to restore (named in `ASIMOV_RESUME_FROM`), whose number it
+    /// returns.
+    async fn s3_launch(
+        &self,
+        op: &Op,
+        job: &Job,
+        run: &str,
+        attempt: u32,
+        launch: &mut LaunchSpec,
+    ) -> Result<Option<u64>, ExecError> {
+        let Some(target) = self.s3_target(op, job)? else {
+            return Ok(None);
+        };
+        let s3 = |source| ExecError::S3 {
+            op: op.to_string(),
+            source: Box::new(source),
+        };
+        let url = target.run_url(run).map_err(s3)?;
+        let curl = curl_config(&target.credentials, &target.config.region);
+        let cp = job.spec.checkpoint.as_ref();
+        let latest = match cp {
+            Some(_) => {
+                let client = S3Client::new(target).map_err(s3)?;
+                client.latest_checkpoint(run).await.map_err(s3)?
+            }
+            None => None,
+        };
+        if let (Some(cp), Some(_)) = (cp, latest) {
+            // The agent makes a relative or `~` path absolute for the job.
+            launch
+                .env
+                .insert("ASIMOV_RESUME_FROM".into(), cp.path.clone());
+        }
+        // Outputs go to S3, not home: `collect` brings only the log.
+        let outputs = std::mem::take(&mut launch.outputs)
+            .into_iter()
+            .map(|o| {
+                let name = crate::agent::output_name(&o).to_string_lossy().into_owned();
+                (o, name)
+            })
+            .collect();
+        launch.s3 = Some(S3Launch {
+            url,
+            curl_config: curl,
+            outputs,
+            checkpoint: cp.map(|c| c.path.clone()),
+            restore: latest.map(|g| g.to_string()),
+            next_seq: latest.map_or(1, |g| g.seq + 1),
+            attempt,
+        });
+        Ok(latest.map(|g| g.seq))
+    }
+
+    /// Has the agent sync the run with S3 (`last`: the final sync, checkpoint and
+    /// outputs) and records the checkpoint it made complete. A final sync that failed
+    /// for good is said in the run's events and does not hold back the teardown; a
+    /// transient failure (the machine unreachable) fails the op, and so holds it back.
+    async fn sync_s3(
+        &self,
+        op: &Op,
+        machine: &dyn crate::agent::Machine,
+        run: &str,
+        attempt: u32,
+        last: bool,
+        now: Timestamp,
+    ) -> Result<(), ExecError> {
+        let synced = {
+            let synced = machine.sync_s3(last).await;
+            match synced {
+                Ok(s) => s,
+                Err(e) if e.is_permanent() => {
+                    let message = format!("not synced to S3: {}", error_text(&e));
+                    self.event(op, run, "SyncFailed", message, now);
+                    return Ok(());
+                }
+                Err(source) => {
+                    return Err(ExecError::Agent {
+                        op: op.to_string(),
+                        source: Box::new(source),
+                    });
+                }
+            }
+        };
+        if let Some(why) = &synced.failed {
+            let message = format!("final sync to S3 failed: {why}");
+            self.event(op, run, "SyncFailed", message, now);
+            return Ok(());
+        }
+        let generation = synced
+            .checkpoint
+            .as_deref()
+            .and_then(|g| g.parse::<Generation>().ok());
+        if let Some(g) = generation {
+            let record = crate::store::CheckpointSync {
+                run: run.to_string(),
+                attempt,
+                seq: g.seq,
+                at: now,
+                last,
+            };
+            self.store(op, |s| s.add_checkpoint_sync(&record))?;
+            if synced.files > 0 || last {
+                let what = if last {
+                    "final checkpoint"
+                } else {
+                    "checkpoint"
+                };
+                self.event(
+                    op,
+                    run,
+                    "Checkpointed",
+                    format!("{what} {} in S3 ({g})", g.seq),
+                    now,
+                );
+            }
+        }
+        if last {
+            self.event(
+                op,
+                run,
+                "Synced",
+                format!(
+                    "to S3: {} files, {} uploaded",
+                    synced.files,
+                    crate::source::human(synced.bytes)
+                ),
+                now,
+            );
+        }
+        Ok(())
+    }
+
     /// Adds the run's newest complete checkpoint to what `launch` copies to the
     /// instance, at the job's checkpoint path, and names it in `ASIMOV_RESUME_FROM`;
     /// returns its number.
@@ -960,6 +1144,7 @@ impl Executor {
                 .map(|a| a.paths.clone())
                 .unwrap_or_default(),
             exclude: Vec::new(),
+            s3: None,
         })
     }
 }
@@ -968,6 +1153,16 @@ fn limit_of(provider: &dyn Provider) -> Arc<Semaphore> {
     Arc::new(Semaphore::new(
         provider.capabilities().pacing.max_in_flight.max(1),
     ))
+}
+
+/// The job's `artifacts.to` when it is an S3 URL.
+fn s3_url(job: &Job) -> Option<&str> {
+    job.spec
+        .artifacts
+        .as_ref()?
+        .to
+        .as_deref()
+        .filter(|to| to.starts_with("s3://"))
 }
 
 /// The job and run spec of a desired run.

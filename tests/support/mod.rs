@@ -1,7 +1,9 @@
-//! Real servers the integration tests start: OpenSSH servers on free localhost ports.
+//! Real servers the integration tests start: OpenSSH servers on free localhost ports,
+//! a local S3-compatible server.
 //! Each test binary uses a different subset, hence the allow.
 #![allow(dead_code)]
 
 pub mod cli;
 pub mod conformance;
+pub mod s3_server;
 pub mod sshd;
