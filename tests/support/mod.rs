@@ -5,3 +5,4 @@
 pub mod cli;
 pub mod conformance;
 pub mod sshd;
+pub mod hub_server;
