@@ -39,7 +39,10 @@ fn venv_python() -> Option<PathBuf> {
         return Some(python);
     }
     if std::env::var_os("ASIMOV_SKIP_HF_VENV").is_some_and(|v| v == "1") {
-        eprintln!("skipped: no hf venv at {} (ASIMOV_SKIP_HF_VENV=1)", venv.display());
+        eprintln!(
+            "skipped: no hf venv at {} (ASIMOV_SKIP_HF_VENV=1)",
+            venv.display()
+        );
         return None;
     }
     panic!(
@@ -97,7 +100,13 @@ fn train_script() -> PathBuf {
 
 /// The script with only the environment given here (no network variables, caches in
 /// the test's folder), in `workdir` as the agent runs it.
-fn train(python: &Path, tmp: &Path, workdir: &Path, hub: &HubServer, vars: &[(&str, String)]) -> Output {
+fn train(
+    python: &Path,
+    tmp: &Path,
+    workdir: &Path,
+    hub: &HubServer,
+    vars: &[(&str, String)],
+) -> Output {
     std::fs::create_dir_all(workdir).unwrap();
     let mut cmd = Command::new(python);
     cmd.arg("-u")
@@ -120,7 +129,11 @@ fn train(python: &Path, tmp: &Path, workdir: &Path, hub: &HubServer, vars: &[(&s
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "train.py failed: {}\n{text}", out.status);
+    assert!(
+        out.status.success(),
+        "train.py failed: {}\n{text}",
+        out.status
+    );
     out
 }
 
@@ -149,7 +162,10 @@ fn tensors(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
         .filter(|(name, _)| *name != "__metadata__")
         .map(|(name, t)| {
             let at = t["data_offsets"].as_array().unwrap();
-            let (a, b) = (at[0].as_u64().unwrap() as usize, at[1].as_u64().unwrap() as usize);
+            let (a, b) = (
+                at[0].as_u64().unwrap() as usize,
+                at[1].as_u64().unwrap() as usize,
+            );
             (name.clone(), data[a..b].to_vec())
         })
         .collect()
@@ -192,7 +208,11 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
         .env("HF_HOME", tmp.path().join("hf-home"))
         .output()
         .unwrap();
-    assert!(made.status.success(), "fixtures: {}", String::from_utf8_lossy(&made.stderr));
+    assert!(
+        made.status.success(),
+        "fixtures: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
     let model = tmp.path().join("model");
     let common = |extra: &[(&'static str, String)]| {
         let mut vars = vec![
@@ -210,15 +230,30 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
 
     // First attempt: 4 steps, checkpoints at 2 and 4, no push.
     let first = tmp.path().join("attempt-1");
-    let out = train(&python, tmp.path(), &first, &hub, &common(&[
-        ("MAX_STEPS", "4".into()),
-        ("ASIMOV_METRICS", first.join("metrics.jsonl").display().to_string()),
-    ]));
+    let out = train(
+        &python,
+        tmp.path(),
+        &first,
+        &hub,
+        &common(&[
+            ("MAX_STEPS", "4".into()),
+            (
+                "ASIMOV_METRICS",
+                first.join("metrics.jsonl").display().to_string(),
+            ),
+        ]),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("dataset: 5 examples"), "the `long` subset: {stdout}");
+    assert!(
+        stdout.contains("dataset: 5 examples"),
+        "the `long` subset: {stdout}"
+    );
     assert_eq!(
         parse_progress(&stdout),
-        Some(Progress { done: 4, total: Some(4) }),
+        Some(Progress {
+            done: 4,
+            total: Some(4)
+        }),
         "asimov reads the tqdm bar: {stdout}"
     );
     assert_eq!(metrics_steps(&first.join("metrics.jsonl")), [1, 2, 3, 4]);
@@ -229,29 +264,61 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
             .unwrap();
     assert_eq!(state["step"], 4);
     assert_eq!(state["base_model"], model.display().to_string());
-    for file in ["adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "tokenizer.json"] {
-        assert!(ckpt.join("step-4").join(file).is_file(), "{file} in the checkpoint");
+    for file in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "optimizer.pt",
+        "tokenizer.json",
+    ] {
+        assert!(
+            ckpt.join("step-4").join(file).is_file(),
+            "{file} in the checkpoint"
+        );
     }
-    assert!(hub.commits().is_empty(), "nothing pushed without HF_HUB_REPO");
+    assert!(
+        hub.commits().is_empty(),
+        "nothing pushed without HF_HUB_REPO"
+    );
 
     // Second attempt, on a fresh folder, as after a lost instance: the checkpoint
     // restored elsewhere and named by ASIMOV_RESUME_FROM; it trains on to 8, then pushes.
     let restored = tmp.path().join("restored/ckpt");
     copy_dir(&ckpt, &restored);
     let second = tmp.path().join("attempt-2");
-    let out = train(&python, tmp.path(), &second, &hub, &common(&[
-        ("MAX_STEPS", "8".into()),
-        ("ASIMOV_METRICS", second.join("metrics.jsonl").display().to_string()),
-        ("ASIMOV_RESUME_FROM", restored.display().to_string()),
-        ("HF_HUB_REPO", REPO.into()),
-        ("HF_TOKEN", TOKEN.into()),
-    ]));
+    let out = train(
+        &python,
+        tmp.path(),
+        &second,
+        &hub,
+        &common(&[
+            ("MAX_STEPS", "8".into()),
+            (
+                "ASIMOV_METRICS",
+                second.join("metrics.jsonl").display().to_string(),
+            ),
+            ("ASIMOV_RESUME_FROM", restored.display().to_string()),
+            ("HF_HUB_REPO", REPO.into()),
+            ("HF_TOKEN", TOKEN.into()),
+        ]),
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let resumed_from = format!("resuming from {} at step 4", restored.join("step-4").display());
+    let resumed_from = format!(
+        "resuming from {} at step 4",
+        restored.join("step-4").display()
+    );
     assert!(stdout.contains(&resumed_from), "{stdout}");
     assert_eq!(metrics_steps(&second.join("metrics.jsonl")), [5, 6, 7, 8]);
-    assert_eq!(parse_progress(&stdout), Some(Progress { done: 8, total: Some(8) }));
-    assert_eq!(step_checkpoints(&second.join("output/ckpt")), ["step-6", "step-8"]);
+    assert_eq!(
+        parse_progress(&stdout),
+        Some(Progress {
+            done: 8,
+            total: Some(8)
+        })
+    );
+    assert_eq!(
+        step_checkpoints(&second.join("output/ckpt")),
+        ["step-6", "step-8"]
+    );
     assert!(stdout.contains(&format!("pushed to {REPO}")), "{stdout}");
 
     // The push: the repo created private, one commit carrying the merged model.
@@ -265,8 +332,17 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
     assert_eq!(commit.repo, REPO);
     assert_eq!(commit.revision, "main");
     assert!(commit.summary.contains("8 steps"), "{}", commit.summary);
-    for file in ["config.json", "model.safetensors", "tokenizer.json", "README.md"] {
-        assert!(commit.files.contains_key(file), "{file} pushed: {:?}", commit.files.keys());
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "README.md",
+    ] {
+        assert!(
+            commit.files.contains_key(file),
+            "{file} pushed: {:?}",
+            commit.files.keys()
+        );
     }
     let config: serde_json::Value = serde_json::from_slice(&commit.files["config.json"]).unwrap();
     assert_eq!(config["n_layer"], 2);
@@ -276,7 +352,11 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
     // Merged: the base model's tensors, no adapter left, and trained (not the base).
     let pushed = tensors(&commit.files["model.safetensors"]);
     let base = tensors(&std::fs::read(model.join("model.safetensors")).unwrap());
-    assert!(pushed.keys().all(|k| !k.contains("lora")), "{:?}", pushed.keys());
+    assert!(
+        pushed.keys().all(|k| !k.contains("lora")),
+        "{:?}",
+        pushed.keys()
+    );
     let changed: Vec<&String> = base
         .iter()
         .filter(|(name, bytes)| pushed.get(*name).is_some_and(|p| p != *bytes))
@@ -286,7 +366,10 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
         changed.iter().any(|n| n.contains("attn")),
         "the LoRA update is merged into the attention weights: changed {changed:?}"
     );
-    assert!(pushed.keys().any(|k| k.contains("h.1.")), "both layers pushed");
+    assert!(
+        pushed.keys().any(|k| k.contains("h.1.")),
+        "both layers pushed"
+    );
 
     // Nothing was downloaded: the stand-in saw only the push.
     for request in hub.requests() {

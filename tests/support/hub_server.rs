@@ -214,7 +214,10 @@ async fn preupload(
 ) -> Response {
     let repo = format!("{ns}/{name}");
     if !known_repo(&hub, &repo) {
-        return error(StatusCode::NOT_FOUND, format!("repository {repo} not found"));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("repository {repo} not found"),
+        );
     }
     let Some(files) = body.get("files").and_then(Value::as_array) else {
         return error(StatusCode::BAD_REQUEST, "files is required");
@@ -235,11 +238,17 @@ async fn commit(
 ) -> Response {
     let repo = format!("{ns}/{name}");
     if !known_repo(&hub, &repo) {
-        return error(StatusCode::NOT_FOUND, format!("repository {repo} not found"));
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("repository {repo} not found"),
+        );
     }
     // The client sends the NDJSON plain; a compressed body would be a change to learn of.
     if headers.contains_key("content-encoding") {
-        return error(StatusCode::BAD_REQUEST, "compressed commit bodies are not served");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "compressed commit bodies are not served",
+        );
     }
     let body = body.to_vec();
     let text = match String::from_utf8(body) {
@@ -250,7 +259,10 @@ async fn commit(
     let mut files = BTreeMap::new();
     for (n, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         let Ok(item) = serde_json::from_str::<Value>(line) else {
-            return error(StatusCode::BAD_REQUEST, format!("line {} is not JSON", n + 1));
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("line {} is not JSON", n + 1),
+            );
         };
         let value = &item["value"];
         match item["key"].as_str() {

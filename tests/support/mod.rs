@@ -4,5 +4,5 @@
 
 pub mod cli;
 pub mod conformance;
-pub mod sshd;
 pub mod hub_server;
+pub mod sshd;
