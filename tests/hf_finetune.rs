@@ -17,7 +17,8 @@ use asimov::agent::parse_progress;
 use asimov::model::Progress;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 use support::hub_server::HubServer;
 
 const TOKEN: &str = "hf_TinyTokenForTheHubStandIn0123456789";
@@ -107,6 +108,29 @@ fn train(
     hub: &HubServer,
     vars: &[(&str, String)],
 ) -> Output {
+    let out = train_command(python, tmp, workdir, hub, vars)
+        .output()
+        .expect("python runs");
+    let text = format!(
+        "--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "train.py failed: {}\n{text}",
+        out.status
+    );
+    out
+}
+
+fn train_command(
+    python: &Path,
+    tmp: &Path,
+    workdir: &Path,
+    hub: &HubServer,
+    vars: &[(&str, String)],
+) -> Command {
     std::fs::create_dir_all(workdir).unwrap();
     let mut cmd = Command::new(python);
     cmd.arg("-u")
@@ -123,18 +147,7 @@ fn train(
     for (k, v) in vars {
         cmd.env(k, v);
     }
-    let out = cmd.output().expect("python runs");
-    let text = format!(
-        "--- stdout\n{}\n--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "train.py failed: {}\n{text}",
-        out.status
-    );
-    out
+    cmd
 }
 
 fn metrics_steps(path: &Path) -> Vec<u64> {
@@ -369,6 +382,51 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
     assert!(
         pushed.keys().any(|k| k.contains("h.1.")),
         "both layers pushed"
+    );
+
+    // A stop (asimov's pause, delete, budget: SIGTERM to the job) saves the step it was
+    // at before the job leaves, so the next attempt loses nothing.
+    let third = tmp.path().join("attempt-3");
+    let metrics = third.join("metrics.jsonl");
+    let vars = common(&[
+        ("MAX_STEPS", "1000000".into()),
+        ("SAVE_EVERY", "1000000".into()),
+        ("ASIMOV_METRICS", metrics.display().to_string()),
+    ]);
+    let mut child = train_command(&python, tmp.path(), &third, &hub, &vars)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while std::fs::read_to_string(&metrics).map_or(true, |m| m.lines().count() < 3) {
+        assert!(
+            Instant::now() < deadline,
+            "no training steps within 5 minutes"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "train.py ended early");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = *metrics_steps(&metrics).last().unwrap();
+    let saved = step_checkpoints(&third.join("output/ckpt"));
+    assert_eq!(
+        saved,
+        [format!("step-{last}")],
+        "the step it stopped at is saved"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("stopped at step {last}")),
+        "{stdout}"
     );
 
     // Nothing was downloaded: the stand-in saw only the push.
