@@ -17,7 +17,7 @@ use asimov::agent::parse_progress;
 use asimov::model::Progress;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::hub_server::HubServer;
 
@@ -101,27 +101,26 @@ fn train_script() -> PathBuf {
 
 /// The script with only the environment given here (no network variables, caches in
 /// the test's folder), in `workdir` as the agent runs it.
+/// Runs the script to success; returns its output, stdout and stderr in one file as
+/// the agent's log has them (in the order they were written).
 fn train(
     python: &Path,
     tmp: &Path,
     workdir: &Path,
     hub: &HubServer,
     vars: &[(&str, String)],
-) -> Output {
-    let out = train_command(python, tmp, workdir, hub, vars)
-        .output()
+) -> String {
+    let mut cmd = train_command(python, tmp, workdir, hub, vars);
+    let log_path = workdir.join("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let status = cmd
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
         .expect("python runs");
-    let text = format!(
-        "--- stdout\n{}\n--- stderr\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "train.py failed: {}\n{text}",
-        out.status
-    );
-    out
+    let output = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "train.py failed: {status}\n{output}");
+    output
 }
 
 fn train_command(
@@ -206,19 +205,14 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-#[test]
-fn trains_checkpoints_resumes_and_pushes_on_cpu() {
-    let Some(python) = venv_python() else {
-        return;
-    };
-    let tmp = tempfile::tempdir().unwrap();
-    let hub = HubServer::start(TOKEN);
-    let made = Command::new(&python)
+/// Writes the fixtures into `dir` (`model/`, `data/`).
+fn make_fixtures(python: &Path, dir: &Path) {
+    let made = Command::new(python)
         .arg("-c")
         .arg(FIXTURES)
-        .arg(tmp.path())
+        .arg(dir)
         .env("HF_HUB_OFFLINE", "1")
-        .env("HF_HOME", tmp.path().join("hf-home"))
+        .env("HF_HOME", dir.join("hf-home"))
         .output()
         .unwrap();
     assert!(
@@ -226,6 +220,16 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
         "fixtures: {}",
         String::from_utf8_lossy(&made.stderr)
     );
+}
+
+#[test]
+fn trains_checkpoints_resumes_and_pushes_on_cpu() {
+    let Some(python) = venv_python() else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = HubServer::start(TOKEN);
+    make_fixtures(&python, tmp.path());
     let model = tmp.path().join("model");
     let common = |extra: &[(&'static str, String)]| {
         let mut vars = vec![
@@ -243,7 +247,7 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
 
     // First attempt: 4 steps, checkpoints at 2 and 4, no push.
     let first = tmp.path().join("attempt-1");
-    let out = train(
+    let output = train(
         &python,
         tmp.path(),
         &first,
@@ -256,18 +260,18 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
             ),
         ]),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = &output;
     assert!(
         stdout.contains("dataset: 5 examples"),
         "the `long` subset: {stdout}"
     );
     assert_eq!(
-        parse_progress(&stdout),
+        parse_progress(&output),
         Some(Progress {
             done: 4,
             total: Some(4)
         }),
-        "asimov reads the tqdm bar: {stdout}"
+        "asimov reads the tqdm bar: {output}"
     );
     assert_eq!(metrics_steps(&first.join("metrics.jsonl")), [1, 2, 3, 4]);
     let ckpt = first.join("output/ckpt");
@@ -298,7 +302,7 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
     let restored = tmp.path().join("restored/ckpt");
     copy_dir(&ckpt, &restored);
     let second = tmp.path().join("attempt-2");
-    let out = train(
+    let output = train(
         &python,
         tmp.path(),
         &second,
@@ -314,7 +318,7 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
             ("HF_TOKEN", TOKEN.into()),
         ]),
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = &output;
     let resumed_from = format!(
         "resuming from {} at step 4",
         restored.join("step-4").display()
@@ -322,7 +326,7 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
     assert!(stdout.contains(&resumed_from), "{stdout}");
     assert_eq!(metrics_steps(&second.join("metrics.jsonl")), [5, 6, 7, 8]);
     assert_eq!(
-        parse_progress(&stdout),
+        parse_progress(&output),
         Some(Progress {
             done: 8,
             total: Some(8)
@@ -443,4 +447,113 @@ fn trains_checkpoints_resumes_and_pushes_on_cpu() {
             hub.requests()
         );
     }
+}
+
+/// The template as asimov runs it: the job applied on the `local` provider with the
+/// template's own setup.sh (linking the shared venv) and run.sh, the token as a stored
+/// secret; the run succeeds, its progress is the tqdm bar, its checkpoint is synced home,
+/// and the merged model reaches the hub stand-in.
+#[test]
+fn the_template_runs_through_asimov_on_the_local_provider() {
+    let Some(python) = venv_python() else {
+        return;
+    };
+    let venv = python
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    let a = support::cli::Asimov::new();
+    let hub = HubServer::start(TOKEN);
+    let fixtures = a.repo.path().join("fixtures");
+    make_fixtures(&python, &fixtures);
+    let job_dir = a.repo.path().join("ft");
+    std::fs::create_dir_all(&job_dir).unwrap();
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hf-finetune");
+    for file in ["train.py", "setup.sh", "run.sh", "requirements.txt"] {
+        std::fs::copy(template.join(file), job_dir.join(file)).unwrap();
+    }
+    let manifest = job_dir.join("job.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: asimov/v1\nkind: Job\nmetadata: {{name: ft-tiny}}\nspec:\n  \
+             source: {{workdir: .}}\n  setup: [\"sh setup.sh\"]\n  run: sh run.sh\n  env:\n    \
+             HF_MODEL: {model}\n    HF_DATASET: {data}\n    HF_DATASET_SUBSET: short\n    \
+             HF_HUB_REPO: {REPO}\n    HF_ENDPOINT: {hub}\n    HF_HOME: {hf_home}\n    \
+             MAX_STEPS: \"6\"\n    SAVE_EVERY: \"3\"\n    BATCH_SIZE: \"2\"\n    \
+             SEQ_LEN: \"32\"\n    CHECKPOINT_DIR: output/ckpt\n  secrets: [HF_TOKEN]\n  \
+             placement: [{{provider: local}}]\n  checkpoint: {{path: output/ckpt, every: 30m}}\n",
+            model = fixtures.join("model").display(),
+            data = fixtures.join("data").display(),
+            hub = hub.url(),
+            hf_home = fixtures.join("hf-home").display(),
+        ),
+    )
+    .unwrap();
+    let mut set = a
+        .command()
+        .args(["secret", "set", "HF_TOKEN"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        set.stdin
+            .take()
+            .unwrap()
+            .write_all(TOKEN.as_bytes())
+            .unwrap();
+    }
+    assert!(set.wait().unwrap().success());
+    let out = a
+        .command()
+        .env("ASIMOV_HF_VENV", &venv)
+        .args(["apply", "-f", manifest.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    let log = a.run(&["logs", "ft-tiny-0"]);
+    let log = String::from_utf8_lossy(&log.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "apply --wait: {}\n--- log\n{log}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(a.run_phase("ft-tiny-0").as_deref(), Some("Succeeded"));
+    assert!(
+        log.contains(&format!("in {}", venv.display())),
+        "the shared venv: {log}"
+    );
+    assert!(
+        log.contains("dataset: 3 examples"),
+        "the `short` subset: {log}"
+    );
+    assert_eq!(
+        parse_progress(&log),
+        Some(Progress {
+            done: 6,
+            total: Some(6)
+        })
+    );
+    let run = &a.runs_json()["items"][0];
+    assert_eq!(run["progress"]["total"], 6, "{run}");
+    // The checkpoint came home complete.
+    let home_ckpts = a.home().join("checkpoints/ft-tiny-0");
+    let synced: Vec<PathBuf> = std::fs::read_dir(&home_ckpts)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("step-6").join("asimov_state.json"))
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(
+        !synced.is_empty(),
+        "step-6 synced under {}",
+        home_ckpts.display()
+    );
+    // The push, with the token from asimov's secret file.
+    let commits = hub.commits();
+    assert_eq!(commits.len(), 1, "{:?}", hub.requests());
+    assert!(commits[0].files.contains_key("model.safetensors"));
+    assert!(!log.contains(TOKEN), "the token is not in the log");
 }

@@ -33,6 +33,10 @@ import time
 
 STATE = "asimov_state.json"
 
+# asimov's progress is the last bar in the output: the hub's download and upload bars and
+# the datasets' ones would stand in for the training's (an upload's 1/1 after 200/200).
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
 
 def env(name, default=None):
     value = os.environ.get(name, "")
@@ -54,6 +58,7 @@ def load_data(name, subset):
     """The train split of a hub dataset, a local dataset folder or a data file."""
     import datasets
 
+    datasets.disable_progress_bars()
     if os.path.isfile(name):
         kind = "json" if name.endswith((".json", ".jsonl")) else "text"
         return datasets.load_dataset(kind, data_files=name, split="train")
@@ -98,6 +103,9 @@ def main():
     from peft import LoraConfig, PeftModel, get_peft_model
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
     model_name = env("HF_MODEL")
     dataset_name = env("HF_DATASET")
@@ -127,6 +135,7 @@ def main():
 
     signal.signal(signal.SIGTERM, on_term)
 
+    print(f"loading {model_name}", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(model_name, token=token)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -231,6 +240,7 @@ def push(merged, tokenizer, repo, token, base_model, dataset, subset, steps):
     """The merged model, its tokenizer and a model card, in one commit to `repo`."""
     from huggingface_hub import HfApi
 
+    print(f"pushing the merged model to {repo}", flush=True)
     api = HfApi(token=token)
     api.create_repo(repo, private=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
