@@ -5,6 +5,8 @@
 //! job's output live; exiting the shell and detaching (Ctrl-b d) leave the run running.
 
 mod support;
+#[path = "support/vast_server.rs"]
+mod vast_server;
 
 use rexpect::process::WaitStatus;
 use rexpect::reader::Options;
@@ -77,23 +79,53 @@ fn controller_with_tmux(a: &Asimov, tmux: &TmuxDir) -> Controller {
     Controller(child)
 }
 
-fn spawn(a: &Asimov, args: &[&str], tmux: Option<&TmuxDir>) -> PtySession {
-    let mut cmd = a.command();
-    cmd.args(args)
-        .env("TERM", "xterm")
-        .env("SHELL", "/bin/sh")
-        .env("COLUMNS", "100")
-        .env("LINES", "30");
-    if let Some(tmux) = tmux {
-        cmd.env("TMUX_TMPDIR", tmux.path());
+/// What every command of a test is run with: the home, the tmux server of a local run,
+/// a cloud test server's address.
+struct Ctx<'a> {
+    a: &'a Asimov,
+    tmux: Option<&'a TmuxDir>,
+    env: Vec<(&'static str, String)>,
+}
+
+impl Ctx<'_> {
+    fn command(&self) -> Command {
+        let mut cmd = self.a.command();
+        if let Some(tmux) = self.tmux {
+            cmd.env("TMUX_TMPDIR", tmux.path());
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd
     }
-    spawn_with_options(
-        cmd,
-        Options::new()
-            .timeout_ms(Some(60_000))
-            .strip_ansi_escape_codes(true),
-    )
-    .expect("asimov starts in a pty")
+
+    fn spawn(&self, args: &[&str]) -> PtySession {
+        let mut cmd = self.command();
+        cmd.args(args)
+            .env("TERM", "xterm")
+            .env("SHELL", "/bin/sh")
+            .env("COLUMNS", "100")
+            .env("LINES", "30");
+        spawn_with_options(
+            cmd,
+            Options::new()
+                .timeout_ms(Some(60_000))
+                .strip_ansi_escape_codes(true),
+        )
+        .expect("asimov starts in a pty")
+    }
+
+    /// The highest `tick-N` in the run's log so far.
+    fn last_tick(&self, run: &str) -> Option<u32> {
+        let out = self.command().args(["logs", run]).output().unwrap();
+        if !out.status.success() {
+            eprintln!("logs {run}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("tick-")?.trim().parse().ok())
+            .max()
+    }
 }
 
 fn keys(p: &mut PtySession, text: &str) {
@@ -131,22 +163,29 @@ fn detach(p: &mut PtySession) {
     panic!("Ctrl-b d did not detach; the screen: {seen}");
 }
 
-/// The highest `tick-N` in the run's log so far.
-fn last_tick(a: &Asimov, run: &str) -> Option<u32> {
-    let out = a.run(&["logs", run]);
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.strip_prefix("tick-")?.trim().parse().ok())
-        .max()
-}
-
 /// Shell, then attach, then the run still running and still writing.
-fn shell_and_attach(a: &Asimov, tmux: Option<&TmuxDir>, work_suffix: &str) {
-    a.wait_for("tick-0 to run", Duration::from_secs(90), || {
-        a.run_phase("tick-0").as_deref() == Some("Running") && last_tick(a, "tick-0").is_some()
-    });
+fn shell_and_attach(ctx: &Ctx, work_suffix: &str) {
+    let a = ctx.a;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !(a.run_phase("tick-0").as_deref() == Some("Running")
+        && ctx.last_tick("tick-0").is_some())
+    {
+        if Instant::now() > deadline {
+            let describe = ctx
+                .command()
+                .args(["describe", "run", "tick-0"])
+                .output()
+                .unwrap();
+            panic!(
+                "tick-0 did not run within 2 minutes:\n{}\n--- controller.log\n{}",
+                String::from_utf8_lossy(&describe.stdout),
+                std::fs::read_to_string(a.home().join("controller.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
-    let mut p = spawn(a, &["ssh", "tick-0"], tmux);
+    let mut p = ctx.spawn(&["ssh", "tick-0"]);
     p.exp_string("a shell on the machine of tick-0").unwrap();
     p.send_line("echo \"at $PWD with $GREETING run $ASIMOV_RUN $((6*7))\"")
         .unwrap();
@@ -157,12 +196,12 @@ fn shell_and_attach(a: &Asimov, tmux: Option<&TmuxDir>, work_suffix: &str) {
     assert_eq!(exit_code(&p), 0);
     assert_eq!(a.run_phase("tick-0").as_deref(), Some("Running"));
 
-    let mut p = spawn(a, &["attach", "tick-0"], tmux);
+    let mut p = ctx.spawn(&["attach", "tick-0"]);
     p.exp_string("attaching to the tmux session of tick-0")
         .unwrap();
     // The pane shows the job's output as it is written: a tick newer than any the log
     // had when we attached.
-    let before = last_tick(a, "tick-0").unwrap_or(0);
+    let before = ctx.last_tick("tick-0").unwrap_or(0);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (_, tick) = p.exp_regex(r"tick-[0-9]+").unwrap();
@@ -182,11 +221,11 @@ fn shell_and_attach(a: &Asimov, tmux: Option<&TmuxDir>, work_suffix: &str) {
     assert_eq!(exit_code(&p), 0);
 
     // The run goes on, still writing.
-    let at_detach = last_tick(a, "tick-0").unwrap_or(0);
+    let at_detach = ctx.last_tick("tick-0").unwrap_or(0);
     a.wait_for(
         "the run to tick on after detaching",
         Duration::from_secs(60),
-        || last_tick(a, "tick-0").is_some_and(|n| n > at_detach + 2),
+        || ctx.last_tick("tick-0").is_some_and(|n| n > at_detach + 2),
     );
     assert_eq!(a.run_phase("tick-0").as_deref(), Some("Running"));
 }
@@ -198,7 +237,12 @@ fn ssh_and_attach_on_the_local_provider() {
     let _controller = controller_with_tmux(&a, &tmux);
     let job = a.manifest("tick.yaml", &job_yaml("{provider: local}"));
     a.ok(&["apply", "-f", job.to_str().unwrap()]);
-    shell_and_attach(&a, Some(&tmux), "/work");
+    let ctx = Ctx {
+        a: &a,
+        tmux: Some(&tmux),
+        env: Vec::new(),
+    };
+    shell_and_attach(&ctx, "/work");
     a.ok(&["delete", "job", "tick"]);
     // Ended runs say so instead of opening anything.
     let out = a.run(&["attach", "tick-0"]);
@@ -230,12 +274,98 @@ fn ssh_and_attach_on_a_fleet_host() {
         job.to_str().unwrap(),
     ]);
     let logins_before = host.logins();
-    shell_and_attach(&a, None, "/work");
+    let ctx = Ctx {
+        a: &a,
+        tmux: None,
+        env: Vec::new(),
+    };
+    shell_and_attach(&ctx, "/work");
     assert!(
         host.logins() > logins_before,
         "the sessions went through the fleet's sshd"
     );
     a.ok(&["delete", "job", "tick"]);
+}
+
+/// A cloud instance: the Vast test server rents it, its SSH lands on a real sshd with
+/// the key asimov registered; `ssh` and `attach` ride asimov's own connection to it.
+#[test]
+fn ssh_and_attach_on_a_vast_instance() {
+    use vast_server::{Config, SshTarget, VastServer, offer};
+    let Some(sshd) = Sshd::start_or_skip() else {
+        return;
+    };
+    let server = VastServer::start(
+        Config {
+            ssh: Some(SshTarget {
+                host: sshd.host().to_string(),
+                port: sshd.port(),
+                authorized_keys: sshd.dir().join("authorized_keys"),
+            }),
+            ..Config::default()
+        },
+        vec![offer(301, "RTX 4090", 1, 24.0, 0.35)],
+    );
+    let a = Asimov::new();
+    let ctx = Ctx {
+        a: &a,
+        tmux: None,
+        env: vec![
+            ("ASIMOV_VAST_API_URL", server.url()),
+            ("ASIMOV_VAST_PACING", "0".to_string()),
+        ],
+    };
+    let mut set = ctx
+        .command()
+        .args(["secret", "set", "VAST_API_KEY"])
+        .env_remove("VAST_API_KEY")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        set.stdin
+            .take()
+            .unwrap()
+            .write_all(vast_server::API_KEY.as_bytes())
+            .unwrap();
+    }
+    assert!(set.wait().unwrap().success());
+    let job = a.manifest(
+        "tick.yaml",
+        &format!(
+            "{}  resources: {{gpu: {{name: RTX_4090, count: 1}}}}\n  \
+             image: pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime\n",
+            job_yaml(&format!("{{provider: vast, ssh_user: {}}}", sshd.user()))
+        ),
+    );
+    let out = ctx
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    shell_and_attach(&ctx, "/work");
+    let out = ctx
+        .command()
+        .args(["delete", "job", "tick"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        server.live_instances().iter().all(|i| i.destroyed),
+        "{:?}",
+        server.instances()
+    );
 }
 
 #[test]
