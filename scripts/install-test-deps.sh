@@ -27,6 +27,9 @@ for pair in $wanted; do
     missing="$missing $pkg"
 done
 
+# The Python venv of tests/hf_finetune.rs (cached: instant once installed).
+"$(dirname "$0")/install-hf-venv.sh"
+
 if [ -z "$missing" ]; then
     echo "install-test-deps: nothing to install"
     exit 0

@@ -422,6 +422,17 @@ cmd_supervise() {
 	: >>"$ROOT/log"
 	monitor $$ &
 	mon=$!
+	# Launched in tmux, the pane shows the job's output as it is written, for
+	# `asimov attach`; it ends with this supervisor (GNU tail's --pid, else killed below).
+	viewer=
+	if [ -t 1 ]; then
+		if tail --pid=$$ -n 0 /dev/null >/dev/null 2>&1; then
+			tail --pid=$$ -n +1 -f "$ROOT/log" 2>/dev/null &
+		else
+			tail -n +1 -f "$ROOT/log" 2>/dev/null &
+		fi
+		viewer=$!
+	fi
 
 	ASIMOV_RUN=$(get spec/run)
 	export ASIMOV_RUN
@@ -488,6 +499,7 @@ cmd_supervise() {
 		final_sync
 		sync_unlock
 	fi
+	if [ -n "$viewer" ]; then kill "$viewer" 2>/dev/null; fi
 	# A provider's end-of-run hook (a cloud instance that destroys itself with its own
 	# key), detached so that it outlives this supervisor.
 	if [ -f "$ROOT/on_end.sh" ]; then

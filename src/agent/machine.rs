@@ -614,11 +614,63 @@ impl Machine for AgentMachine {
         parse_synced(&text).map_err(|m| self.fail("sync to s3", m))
     }
 
+    async fn interactive(
+        &self,
+        session: super::Session,
+        run: &str,
+    ) -> Result<std::process::Command, AgentError> {
+        let root = self.root_path().await?;
+        let script = interactive_script(session, &root, run);
+        self.transport
+            .interactive(&script)
+            .await
+            .map_err(|source| AgentError::Transport {
+                machine: self.transport.machine().to_string(),
+                step: "open an interactive session",
+                source,
+            })
+    }
+
     async fn stop(&self) -> Result<(), AgentError> {
         let root = self.root_path().await?;
         self.run_ok("stop agent", &self.agent(&root, "stop"))
             .await?;
         Ok(())
+    }
+}
+
+/// The shell text of an interactive session in the instance folder `root` (see
+/// [`super::Session`]). Exit codes of its own: 3 when the run has already ended.
+fn interactive_script(session: super::Session, root: &str, run: &str) -> String {
+    let q_root = sh_quote(root);
+    let q_run = sh_quote(run);
+    let ended = format!(
+        "case $(cat {q_root}/status 2>/dev/null) in succeeded|failed|timeout|stopped) \
+         printf 'asimov: %s has ended (%s); its log: asimov logs %s\\n' {q_run} \
+         \"$(cat {q_root}/status)\" {q_run} >&2; exit 3;; esac; "
+    );
+    match session {
+        // The job's non-secret env (spec/env) and its ASIMOV_* names, in its working
+        // folder: what a user needs to look around or rerun a step by hand.
+        super::Session::Shell => format!(
+            "cd {q_root}/work 2>/dev/null || cd {q_root} || exit 1; \
+             if [ -f {q_root}/spec/env ]; then . {q_root}/spec/env; fi; \
+             ASIMOV_RUN={q_run}; ASIMOV_ROOT={q_root}; export ASIMOV_RUN ASIMOV_ROOT; \
+             printf 'asimov: a shell on the machine of %s, in %s (exit leaves; the run goes on)\\n' \
+             {q_run} \"$PWD\" >&2; \
+             exec \"${{SHELL:-/bin/sh}}\" -l"
+        ),
+        // Read-only: keys typed into the pane would reach the supervisor's terminal (a
+        // Ctrl-C there would end the agent's watch over the job); detaching needs none.
+        super::Session::Attach => format!(
+            "{ended}launcher=$(cat {q_root}/launcher 2>/dev/null); \
+             case $launcher in 'tmux '*) session=${{launcher#tmux }}; \
+             if tmux has-session -t \"=$session\" 2>/dev/null; then \
+             printf 'asimov: attaching to the tmux session of %s, read-only (Ctrl-b d detaches; the run goes on)\\n' {q_run} >&2; \
+             exec tmux attach-session -r -t \"=$session\"; fi;; esac; \
+             printf 'asimov: %s runs without tmux on its machine; following its log (Ctrl-C leaves; the run goes on)\\n' {q_run} >&2; \
+             exec tail -n +1 -f {q_root}/log"
+        ),
     }
 }
 

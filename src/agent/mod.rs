@@ -60,6 +60,16 @@ pub const AGENT_SCRIPT: &str = include_str!("agent.sh");
 /// How the agent marks a failed setup in the job's log (followed by the exit code).
 pub const SETUP_FAILED_MARKER: &str = "asimov: setup failed with exit code";
 
+/// What an interactive session on a run's machine is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Session {
+    /// A login shell in the job's working folder, with the job's (non-secret) env.
+    Shell,
+    /// The run's own tmux session, read-only (Ctrl-b d detaches); where the agent ran
+    /// the job without tmux, its log followed instead.
+    Attach,
+}
+
 /// Everything the agent needs to start one attempt of a run.
 #[derive(Debug, Clone)]
 pub struct LaunchSpec {
@@ -268,6 +278,20 @@ pub trait Machine: Send + Sync {
         Err(AgentError::Rejected {
             step: "sync to s3",
             message: "this machine keeps no files".into(),
+        })
+    }
+
+    /// The command for an interactive session on the machine (`asimov ssh`,
+    /// `asimov attach`), to spawn with the caller's terminal and wait for; ending it
+    /// leaves the run as it was. Machines without a terminal refuse.
+    async fn interactive(
+        &self,
+        _session: Session,
+        _run: &str,
+    ) -> Result<std::process::Command, AgentError> {
+        Err(AgentError::Rejected {
+            step: "open an interactive session",
+            message: "this machine has no terminal".into(),
         })
     }
 

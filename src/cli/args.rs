@@ -183,6 +183,18 @@ pub enum Command {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// Open a shell on the machine of a run's instance (in the job's working folder)
+    #[command(after_help = "Example:\n  asimov ssh swag-train-0")]
+    Ssh {
+        /// The run
+        run: String,
+    },
+    /// Attach to a run's own tmux session, read-only (Ctrl-b d detaches; the run goes on)
+    #[command(after_help = "Example:\n  asimov attach swag-train-0")]
+    Attach {
+        /// The run
+        run: String,
+    },
     /// Write a job manifest for the project in this folder (Python, requirements, CUDA, git)
     #[command(after_help = "Examples:\n  asimov init\n  asimov init --yes")]
     Init {

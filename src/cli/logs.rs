@@ -35,7 +35,7 @@ fn print_file(path: &std::path::Path) -> Result<(), CliError> {
     Ok(())
 }
 
-fn load(home: &Home, run: &str) -> Result<RunRecord, CliError> {
+pub(super) fn load(home: &Home, run: &str) -> Result<RunRecord, CliError> {
     let missing = || fail(format!("no run named {run:?}"));
     if !home.database().exists() {
         return Err(missing());
@@ -48,7 +48,7 @@ fn load(home: &Home, run: &str) -> Result<RunRecord, CliError> {
 
 /// The machine of the run's live instance, found in its provider's listing as the
 /// controller finds it.
-async fn locate(home: &Home, record: &RunRecord) -> Result<Arc<dyn Machine>, CliError> {
+pub(super) async fn locate(home: &Home, record: &RunRecord) -> Result<Arc<dyn Machine>, CliError> {
     let store = super::read_store(home)?.ok_or_else(|| fail("no state database yet"))?;
     let attempt = store
         .attempts(&record.name)?

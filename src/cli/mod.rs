@@ -23,6 +23,7 @@ mod prepare;
 mod prompt;
 pub mod render;
 mod secret;
+mod ssh;
 mod token;
 mod wait;
 
@@ -222,6 +223,14 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Destroy { run, yes } => {
             init_tracing("warn");
             destroy::run(&home, run.as_deref(), yes)
+        }
+        Command::Ssh { run } => {
+            init_tracing("warn");
+            ssh::run(&home, &run, crate::agent::Session::Shell)
+        }
+        Command::Attach { run } => {
+            init_tracing("warn");
+            ssh::run(&home, &run, crate::agent::Session::Attach)
         }
         Command::Init { yes } => {
             init_tracing("warn");

@@ -10,6 +10,8 @@ use crate::home::{Home, write_private};
 use inquire::validator::Validation;
 use std::io::IsTerminal;
 use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::Duration;
 
 /// The exit code of a prompt left by Ctrl-C or Esc (as a shell reports SIGINT).
 const CANCELLED: u8 = 130;
@@ -37,18 +39,104 @@ pub fn cancelled_or(err: CliError) -> CliResult {
 pub struct GpuChoice {
     pub name: String,
     pub vram_gb: u32,
-    /// USD per hour per GPU, when a provider quoted it.
+    /// USD per hour per GPU (the cheapest live offer's), when a provider quoted it.
     pub price_per_hour: Option<f64>,
+    /// Live offers of this GPU (0 for the built-in list).
+    pub offers: usize,
 }
 
 impl std::fmt::Display for GpuChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:<10} {:>3} GB", self.name, self.vram_gb)?;
         if let Some(p) = self.price_per_hour {
-            write!(f, "  ${p:.2}/h")?;
+            write!(f, "  from ${p:.2}/h per GPU")?;
+        }
+        if self.offers > 0 {
+            write!(
+                f,
+                "  ({} offer{})",
+                self.offers,
+                if self.offers == 1 { "" } else { "s" }
+            )?;
         }
         Ok(())
     }
+}
+
+/// How long the GPU question waits for live offers before it shows the built-in list.
+const LIVE_OFFERS_WAIT: Duration = Duration::from_secs(15);
+
+/// Live offers being fetched since the prompt started: by the GPU question (four
+/// answers later) the provider has usually answered, and the question waits only for
+/// whatever of its answer time is left.
+pub struct LiveOffers {
+    answer: mpsc::Receiver<Result<Vec<GpuChoice>, String>>,
+}
+
+/// Starts fetching live offers when the job will run on a cloud; `None` on `local`.
+pub fn fetch_live_offers(home: &Home, target: Target) -> Option<LiveOffers> {
+    if target != Target::Vast {
+        return None;
+    }
+    let home = home.clone();
+    let (tx, answer) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(vast_choices(&home));
+    });
+    Some(LiveOffers { answer })
+}
+
+/// Vast's offers of one GPU or more, one choice per GPU model at its cheapest price
+/// per GPU, cheapest first.
+fn vast_choices(home: &Home) -> Result<Vec<GpuChoice>, String> {
+    use crate::manifest::{GpuRequest, Placement, Resources};
+    let provider =
+        crate::provider::vast::VastProvider::searcher(home).map_err(|e| e.to_string())?;
+    let resources = Resources {
+        gpu: Some(GpuRequest {
+            names: Vec::new(),
+            count: 1,
+            min_vram_gb: None,
+        }),
+        ..Resources::default()
+    };
+    let placement = Placement {
+        provider: crate::model::ProviderKind::Vast,
+        ..Placement::local()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let offers = runtime
+        .block_on(provider.search(&resources, &placement))
+        .map_err(|e| e.to_string())?;
+    let mut by_gpu: Vec<GpuChoice> = Vec::new();
+    for offer in offers.iter().filter(|o| o.num_gpus > 0) {
+        let per_gpu = offer.price(&placement) / f64::from(offer.num_gpus);
+        let vram = offer.vram_gb.round().clamp(0.0, f64::from(u32::MAX)) as u32;
+        match by_gpu.iter_mut().find(|c| c.name == offer.gpu_name) {
+            Some(c) => {
+                c.offers += 1;
+                c.vram_gb = c.vram_gb.max(vram);
+                if c.price_per_hour.is_none_or(|p| per_gpu < p) {
+                    c.price_per_hour = Some(per_gpu);
+                }
+            }
+            None => by_gpu.push(GpuChoice {
+                name: offer.gpu_name.clone(),
+                vram_gb: vram,
+                price_per_hour: Some(per_gpu),
+                offers: 1,
+            }),
+        }
+    }
+    by_gpu.sort_by(|a, b| {
+        a.price_per_hour
+            .partial_cmp(&b.price_per_hour)
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Ok(by_gpu)
 }
 
 /// GPUs ML engineers commonly rent, largest first.
@@ -67,18 +155,27 @@ const BUILT_IN_GPUS: &[(&str, u32)] = &[
     ("T4", 16),
 ];
 
-/// The GPUs to offer. Today the built-in list, without prices.
-///
-/// The seam for live offers: when a cloud is configured and `Provider::offers()` exists,
-/// ask it here (bounded by the provider's own answer time) and return its GPUs with
-/// their cheapest price, falling back to this list when it fails.
-pub fn gpu_choices(_home: &Home) -> Vec<GpuChoice> {
+/// The GPUs to offer: the live offers when they were asked for and came within
+/// [`LIVE_OFFERS_WAIT`], else the built-in list (saying why on stderr).
+pub fn gpu_choices(live: Option<LiveOffers>) -> Vec<GpuChoice> {
+    if let Some(live) = live {
+        match live.answer.recv_timeout(LIVE_OFFERS_WAIT) {
+            Ok(Ok(choices)) if !choices.is_empty() => return choices,
+            Ok(Ok(_)) => eprintln!("No live offers right now; showing the usual GPUs."),
+            Ok(Err(why)) => eprintln!("Live offers unavailable ({why}); showing the usual GPUs."),
+            Err(_) => eprintln!(
+                "Live offers did not come within {}s; showing the usual GPUs.",
+                LIVE_OFFERS_WAIT.as_secs()
+            ),
+        }
+    }
     BUILT_IN_GPUS
         .iter()
         .map(|(name, vram_gb)| GpuChoice {
             name: (*name).to_string(),
             vram_gb: *vram_gb,
             price_per_hour: None,
+            offers: 0,
         })
         .collect()
 }
@@ -173,13 +270,14 @@ pub fn run(home: &Home) -> CliResult {
 fn ask_and_apply(home: &Home) -> CliResult {
     eprintln!("asimov: fine-tune a Hugging Face model (Ctrl-C leaves, changing nothing)");
     let last = remembered(home);
+    let target = target(home);
+    let live = fetch_live_offers(home, target);
     let user = if token::stored(home) {
         None
     } else {
         token::ask_and_save(home, "Hugging Face token:")?
     };
-    let answers = ask(home, &last, user.as_deref())?;
-    let target = target(home);
+    let (answers, gpu) = ask(&last, user.as_deref(), live)?;
     let manifest = finetune::render(&answers, target);
     eprintln!();
     eprintln!("This job will be created:");
@@ -195,9 +293,11 @@ fn ask_and_apply(home: &Home) -> CliResult {
         ),
         Target::Vast => eprintln!(
             "Placement: vast; price per hour: {}",
-            price_of(home, &answers)
+            gpu.price_per_hour
+                .map(|p| p * f64::from(answers.gpu_count))
                 .map_or("quoted when an offer is found".to_string(), |p| format!(
-                    "${p:.2}/h"
+                    "from ${p:.2}/h for {} x {}",
+                    answers.gpu_count, answers.gpu
                 ))
         ),
     }
@@ -215,16 +315,12 @@ fn ask_and_apply(home: &Home) -> CliResult {
     super::apply::run(home, &[path], false, true)
 }
 
-/// The price per hour of the chosen GPUs, when an offer quoted one.
-fn price_of(home: &Home, a: &Answers) -> Option<f64> {
-    gpu_choices(home)
-        .into_iter()
-        .find(|g| g.name == a.gpu)
-        .and_then(|g| g.price_per_hour)
-        .map(|p| p * f64::from(a.gpu_count))
-}
-
-fn ask(home: &Home, last: &Answers, user: Option<&str>) -> Result<Answers, CliError> {
+/// The six answers, and the GPU chosen as it was offered (with its price, if live).
+fn ask(
+    last: &Answers,
+    user: Option<&str>,
+    live: Option<LiveOffers>,
+) -> Result<(Answers, GpuChoice), CliError> {
     let model = inquire::Text::new("Model to fine-tune:")
         .with_default(&last.model)
         .with_autocomplete(suggest_models)
@@ -266,13 +362,13 @@ fn ask(home: &Home, last: &Answers, user: Option<&str>) -> Result<Answers, CliEr
         repo_question = repo_question.with_default(&suggested_repo);
     }
     let hub_repo = repo_question.prompt()?.trim().to_string();
-    let gpus = gpu_choices(home);
+    let gpus = gpu_choices(live);
     let start = gpus.iter().position(|g| g.name == last.gpu).unwrap_or(0);
-    let gpu = inquire::Select::new("GPU:", gpus)
+    let chosen = inquire::Select::new("GPU:", gpus)
         .with_starting_cursor(start)
         .with_help_message("type to filter, arrows to move, Enter to choose")
-        .prompt()?
-        .name;
+        .prompt()?;
+    let gpu = chosen.name.clone();
     let gpu_count = inquire::CustomType::<u32>::new("GPU count:")
         .with_default(last.gpu_count.clamp(1, 8))
         .with_error_message("a whole number from 1 to 8")
@@ -284,14 +380,15 @@ fn ask(home: &Home, last: &Answers, user: Option<&str>) -> Result<Answers, CliEr
             })
         })
         .prompt()?;
-    Ok(Answers {
+    let answers = Answers {
         model,
         dataset,
         subset: Some(subset).filter(|s| !s.is_empty()),
         hub_repo,
         gpu,
         gpu_count,
-    })
+    };
+    Ok((answers, chosen))
 }
 
 #[cfg(test)]

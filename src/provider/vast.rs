@@ -1407,6 +1407,30 @@ impl crate::agent::Machine for VastMachine {
         relogin!(self, self.agent.sync_s3(last).await)
     }
 
+    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {
+        relogin!(self, self.agent.copy_log(to).await)
+    }
+
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
+        self.agent.follow_log().await
+    }
+
+    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
+        relogin!(self, self.agent.sync_checkpoint(path, into).await)
+    }
+
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        relogin!(self, self.agent.metrics_tail(max_bytes).await)
+    }
+
+    async fn interactive(
+        &self,
+        session: crate::agent::Session,
+        run: &str,
+    ) -> Result<std::process::Command, AgentError> {
+        relogin!(self, self.agent.interactive(session, run).await)
+    }
+
     async fn stop(&self) -> Result<(), AgentError> {
         relogin!(self, self.agent.stop().await)
     }

@@ -99,6 +99,22 @@ impl Transport for LocalTransport {
         Ok(to_output(output.map_err(io_error("run command"))?))
     }
 
+    async fn interactive(&self, script: &str) -> Result<std::process::Command, TransportError> {
+        let mut cmd = std::process::Command::new("sh");
+        cmd.arg("-c").arg(script);
+        if let Some(mask) = crate::home::user_umask() {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: umask is async-signal-safe and touches no memory.
+            unsafe {
+                cmd.pre_exec(move || {
+                    libc::umask(mask);
+                    Ok(())
+                });
+            }
+        }
+        Ok(cmd)
+    }
+
     async fn upload(&self, local: &Path, remote: &str) -> Result<(), TransportError> {
         let (from, to) = (local.to_path_buf(), Path::new(remote).to_path_buf());
         tokio::task::spawn_blocking(move || copy_tree(&from, &to))

@@ -73,6 +73,18 @@ pub trait Transport: Send + Sync {
     /// Copies the remote file or folder `remote` into the local path `local`.
     async fn download(&self, remote: &str, local: &Path) -> Result<(), TransportError>;
 
+    /// A command that runs `script` on the machine with the caller's terminal as its
+    /// own (`asimov ssh`, `asimov attach`): the caller spawns it with inherited stdio
+    /// and waits. Over ssh it rides the machine's master connection (its pinned host
+    /// key and its key), with a pseudo-terminal on the far side.
+    async fn interactive(&self, _script: &str) -> Result<std::process::Command, TransportError> {
+        Err(TransportError::Failed {
+            machine: self.machine().to_string(),
+            step: "open an interactive session",
+            message: "this transport has no terminal sessions".into(),
+        })
+    }
+
     /// The content of `remote_file` from its start, then every byte appended to it, live
     /// (`logs -f`). A missing file is waited for. The default polls with `exec` every
     /// half second; the ssh transport overrides it with a `tail -F` over its master.

@@ -938,6 +938,20 @@ impl Transport for SshTransport {
         self.name()
     }
 
+    /// `ssh -tt` through the live master's control socket: the pinned host key and the
+    /// key that opened the master, never a second login, never a prompt.
+    async fn interactive(&self, script: &str) -> Result<std::process::Command, TransportError> {
+        let conn = self.conn().await?;
+        let mut cmd = std::process::Command::new("ssh");
+        cmd.arg("-F")
+            .arg(&self.pool.config_file)
+            .arg("-S")
+            .arg(conn.session.control_socket())
+            .args(["-o", "ControlMaster=no", "-tt", "asimov-master"])
+            .arg(script);
+        Ok(cmd)
+    }
+
     async fn exec(&self, script: &str) -> Result<CommandOutput, TransportError> {
         self.run(script, None, "exec").await
     }

@@ -6,4 +6,5 @@
 pub mod cli;
 pub mod conformance;
 pub mod s3_server;
+pub mod hub_server;
 pub mod sshd;

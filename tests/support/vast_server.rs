@@ -106,6 +106,8 @@ pub struct Config {
     pub oci_failure_offers: Vec<u64>,
     /// Where instances' SSH lands.
     pub ssh: Option<SshTarget>,
+    /// How long an offer search takes to answer (a real market's search takes a while).
+    pub search_delay: Duration,
 }
 
 /// The real sshd instances point at.
@@ -131,6 +133,7 @@ impl Default for Config {
             capacity_error_offers: Vec::new(),
             oci_failure_offers: Vec::new(),
             ssh: None,
+            search_delay: Duration::ZERO,
         }
     }
 }
@@ -701,7 +704,10 @@ async fn handle(
         if endpoint == Endpoint::Create {
             st.creates_received += 1;
         }
-        let (response, hold) = answer(&mut st, &method, &uri, &path, endpoint, who, &body);
+        let (response, mut hold) = answer(&mut st, &method, &uri, &path, endpoint, who, &body);
+        if endpoint == Endpoint::Search && !st.config.search_delay.is_zero() {
+            hold = Some(hold.unwrap_or_default() + st.config.search_delay);
+        }
         (response, hold, auth)
     };
     if let Some(hold) = hold {
