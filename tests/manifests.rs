@@ -186,7 +186,7 @@ fn swag_train_has_every_field() {
     );
     assert_eq!(s.stop_when[0].mode, MetricMode::Max);
     assert_eq!(s.stop_when[0].patience, Some(50));
-    assert_eq!(s.schedule.as_ref().map(|x| x.at), Some(1_795_411_380));
+    assert_eq!(s.schedule.as_ref().and_then(|x| x.at), Some(1_795_411_380));
     assert_eq!(s.budget.as_deref(), Some("team-a"));
     assert_eq!(loaded.manifests.budgets[0].action, BudgetAction::Block);
     assert_eq!(

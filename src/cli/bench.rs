@@ -382,7 +382,7 @@ fn bench_job(i: usize) -> Job {
         }],
         retry: RetryPolicy {
             on: vec![RetryOn::NoCapacity, RetryOn::Preemption, RetryOn::Error],
-            max_restarts: 3,
+            ..RetryPolicy::default()
         },
         ..JobSpec::with_run("python train.py")
     };

@@ -16,6 +16,7 @@ mod get;
 mod init;
 mod logs;
 mod offers;
+mod pause;
 mod prepare;
 mod prompt;
 pub mod render;
@@ -208,6 +209,14 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Destroy { run, yes } => {
             init_tracing("warn");
             destroy::run(&home, run.as_deref(), yes)
+        }
+        Command::Pause { name } => {
+            init_tracing("warn");
+            pause::pause(&home, &name)
+        }
+        Command::Resume { name } => {
+            init_tracing("warn");
+            pause::resume(&home, &name)
         }
         Command::Init { yes } => {
             init_tracing("warn");
