@@ -1944,12 +1944,19 @@ fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> (Next
                                 ("preemption", used.preemption)
                             }
                         };
-                        let max = retry.max_of(on);
+                        // The cause's own count when it has its own limit.
+                        let own = match on {
+                            RetryOn::Error => retry.max_errors,
+                            _ => retry.max_preemptions,
+                        }
+                        .map_or_else(String::new, |_| {
+                            format!(" ({cause} {n} of {})", retry.max_of(on))
+                        });
                         Next::Create {
                             placement_index: same,
                             not_before: i64::MIN,
                             reason: format!(
-                                "{what}; restart {} of {} ({cause} {n} of {max})",
+                                "{what}; restart {} of {}{own}",
                                 used.total(),
                                 retry.max_restarts,
                             ),
