@@ -6,9 +6,7 @@
 mod support;
 
 use asimov::agent::{AgentState, AgentStatus};
-use asimov::manifest::{
-    Context, Job, JobSpec, Placement, RetryOn, RetryPolicy, load_str,
-};
+use asimov::manifest::{Context, Job, JobSpec, Placement, RetryOn, RetryPolicy, load_str};
 use asimov::model::{HostStatus, Outcome, OwnerTag, Phase, ProviderKind, Timestamp, Usd};
 use asimov::provider::{Capabilities, Instance, InstanceState};
 use asimov::reconcile::plan::HEARTBEAT_STALE_SECS;
@@ -132,9 +130,18 @@ fn ending(d: &Desired, o: &Observed, h: &History) -> Option<(Phase, String, Outc
 }
 
 /// The attempt `n` failed with `code`: the run's phase and reason after it.
-fn after_failure(retry: &RetryPolicy, n: u32, before: &[&str], code: Option<i32>) -> (Phase, String) {
+fn after_failure(
+    retry: &RetryPolicy,
+    n: u32,
+    before: &[&str],
+    code: Option<i32>,
+) -> (Phase, String) {
     let d = desired(job(retry.clone()));
-    let o = observed(n, InstanceState::Running, Some(status(AgentState::Failed, code)));
+    let o = observed(
+        n,
+        InstanceState::Running,
+        Some(status(AgentState::Failed, code)),
+    );
     let (phase, reason, outcome) = ending(&d, &o, &history(n, before)).expect("the attempt ends");
     assert_eq!(outcome, Outcome::Failed { exit_code: code });
     (phase, reason)
@@ -198,7 +205,10 @@ fn exit_code_rules_each_decide_a_restart() {
         on_exit_codes: vec![137],
         ..policy(&[Error], 3)
     };
-    fails(after_failure(&with_error, 1, &[], Some(3)), "not in retry.on_exit_codes");
+    fails(
+        after_failure(&with_error, 1, &[], Some(3)),
+        "not in retry.on_exit_codes",
+    );
     restarts(after_failure(&with_error, 1, &[], Some(137)));
 
     // Both lists: never wins for its codes, the restart list for its own.
@@ -241,14 +251,16 @@ fn causes_are_counted_separately() {
     assert!(reason.contains("(error 1 of 2)"), "{reason}");
     let (phase, reason) = after_failure(&retry, 3, &["preempted", "failed:1"], Some(1));
     assert_eq!(phase, Phase::Pending, "{reason}");
-    assert!(reason.contains("restart 3 of 10 (error 2 of 2)"), "{reason}");
+    assert!(
+        reason.contains("restart 3 of 10 (error 2 of 2)"),
+        "{reason}"
+    );
     // ...a third does not,
     let (phase, reason) = after_failure(&retry, 4, &["preempted", "failed:1", "failed:1"], Some(1));
     assert_eq!(phase, Phase::Failed, "{reason}");
     assert!(reason.contains("all 2 max_errors used"), "{reason}");
     // and a second preemption does not either, whatever the errors did.
-    let (phase, reason, _) =
-        ending(&d, &gone(3), &history(3, &["preempted", "failed:1"])).unwrap();
+    let (phase, reason, _) = ending(&d, &gone(3), &history(3, &["preempted", "failed:1"])).unwrap();
     assert_eq!(phase, Phase::Failed, "{reason}");
     assert!(reason.contains("all 1 max_preemptions used"), "{reason}");
 
@@ -293,7 +305,9 @@ fn no_capacity_tries_have_their_own_limit() {
     set(&mut h, &["no-capacity", "no-capacity"]);
     let p = plan(&d, &o, &h, NOW + 3600);
     assert!(
-        p.ops.iter().any(|op| matches!(op, Op::Create { attempt: 3, .. })),
+        p.ops
+            .iter()
+            .any(|op| matches!(op, Op::Create { attempt: 3, .. })),
         "{}",
         p.render()
     );
@@ -326,15 +340,28 @@ fn a_failed_status_call_is_no_restart_until_silent_past_the_threshold() {
     h.seen.insert(RUN.into(), (1, NOW - 10));
     assert_eq!(ending(&d, &unreachable(), &h), None);
     let p = plan(&d, &unreachable(), &h, NOW);
-    assert!(p.requeue_after.is_some_and(|r| r <= Duration::from_secs(5)), "{}", p.render());
-    assert!(!p.ops.iter().any(|op| matches!(op, Op::Destroy { .. } | Op::Create { .. })));
+    assert!(
+        p.requeue_after.is_some_and(|r| r <= Duration::from_secs(5)),
+        "{}",
+        p.render()
+    );
+    assert!(
+        !p.ops
+            .iter()
+            .any(|op| matches!(op, Op::Destroy { .. } | Op::Create { .. }))
+    );
     // Just at the threshold: still waited for.
     h.seen.insert(RUN.into(), (1, NOW - HEARTBEAT_STALE_SECS));
     assert_eq!(ending(&d, &unreachable(), &h), None);
     // Past it: lost, a preemption restart.
-    h.seen.insert(RUN.into(), (1, NOW - HEARTBEAT_STALE_SECS - 1));
+    h.seen
+        .insert(RUN.into(), (1, NOW - HEARTBEAT_STALE_SECS - 1));
     let (phase, reason, outcome) = ending(&d, &unreachable(), &h).unwrap();
-    assert_eq!((phase, outcome), (Phase::Pending, Outcome::Lost), "{reason}");
+    assert_eq!(
+        (phase, outcome),
+        (Phase::Pending, Outcome::Lost),
+        "{reason}"
+    );
     // An answer seen for an older attempt says nothing of this one.
     h.seen.insert(RUN.into(), (0, NOW));
     assert_eq!(ending(&d, &unreachable(), &h), None);
@@ -367,8 +394,13 @@ fn a_silent_fleet_host_is_lost_only_past_the_threshold_a_confirmed_stop_at_once(
     };
     let mut h = history(1, &[]);
     h.seen.insert(RUN.into(), (1, NOW - 20));
-    assert_eq!(ending(&d, &on_silent_host(true), &h), None, "a blip restarts nothing");
-    h.seen.insert(RUN.into(), (1, NOW - HEARTBEAT_STALE_SECS - 5));
+    assert_eq!(
+        ending(&d, &on_silent_host(true), &h),
+        None,
+        "a blip restarts nothing"
+    );
+    h.seen
+        .insert(RUN.into(), (1, NOW - HEARTBEAT_STALE_SECS - 5));
     let (_, _, outcome) = ending(&d, &on_silent_host(true), &h).unwrap();
     assert_eq!(outcome, Outcome::Lost);
     // A provider that says the instance is stopped (answering; outbid, preempted) is
@@ -409,10 +441,18 @@ fn exit_code_lists_are_checked_with_their_positions() {
     let loaded = load_str(Path::new("/m/job.yaml"), ok, &Context::default()).unwrap();
     let r = &loaded.manifests.jobs[0].spec.retry;
     assert_eq!(
-        (r.max_restarts, r.max_preemptions, r.max_errors, r.max_no_capacity),
+        (
+            r.max_restarts,
+            r.max_preemptions,
+            r.max_errors,
+            r.max_no_capacity
+        ),
         (4, Some(3), Some(1), Some(10))
     );
-    assert_eq!((r.on_exit_codes.clone(), r.never_on_exit_codes.clone()), (vec![137], vec![2]));
+    assert_eq!(
+        (r.on_exit_codes.clone(), r.never_on_exit_codes.clone()),
+        (vec![137], vec![2])
+    );
 }
 
 // ---- Through the real binary. ----
@@ -431,14 +471,29 @@ fn exit_code_rules_through_the_binary_and_describe_says_why_each_attempt_ended()
     let a = Asimov::new();
     let never = a.manifest(
         "never.yaml",
-        &exit_job("never", 3, "{on: [error], max_restarts: 3, never_on_exit_codes: [3]}", ""),
+        &exit_job(
+            "never",
+            3,
+            "{on: [error], max_restarts: 3, never_on_exit_codes: [3]}",
+            "",
+        ),
     );
     let again = a.manifest(
         "again.yaml",
-        &exit_job("again", 75, "{on: [], max_restarts: 1, on_exit_codes: [75]}", ""),
+        &exit_job(
+            "again",
+            75,
+            "{on: [], max_restarts: 1, on_exit_codes: [75]}",
+            "",
+        ),
     );
     let mut controller = a.spawn_controller(None);
-    a.ok(&["apply", "-f", never.to_str().unwrap(), again.to_str().unwrap()]);
+    a.ok(&[
+        "apply",
+        "-f",
+        never.to_str().unwrap(),
+        again.to_str().unwrap(),
+    ]);
     a.wait_for("both runs to fail", Duration::from_secs(90), || {
         a.run_phase("never-0").as_deref() == Some("Failed")
             && a.run_phase("again-0").as_deref() == Some("Failed")
@@ -471,7 +526,10 @@ fn exit_code_rules_through_the_binary_and_describe_says_why_each_attempt_ended()
         describe.contains("failed with exit code 75; all 1 restarts used"),
         "attempt 2's row says why the run ended: {describe}"
     );
-    assert!(describe.contains("Restarts:   1 of 1 (preemption 0 of 1, error 1 of 1)"), "{describe}");
+    assert!(
+        describe.contains("Restarts:   1 of 1 (preemption 0 of 1, error 1 of 1)"),
+        "{describe}"
+    );
     assert!(describe.contains("Run id:"), "{describe}");
     support::cli::kill9(&mut controller);
 }
@@ -512,7 +570,12 @@ fn an_ssh_host_that_blips_causes_no_restart() {
             go = go.display()
         ),
     );
-    a.ok(&["apply", "-f", fleet.to_str().unwrap(), job.to_str().unwrap()]);
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
     a.wait_for("blip-0 to run", Duration::from_secs(60), || {
         a.run_phase("blip-0").as_deref() == Some("Running")
     });
@@ -524,12 +587,14 @@ fn an_ssh_host_that_blips_causes_no_restart() {
     h1.stop();
     let blip = std::time::Instant::now();
     a.wait_for("box-1 to show unreachable", Duration::from_secs(40), || {
-        a.ok(&["get", "fleets", "-o", "json"]).contains("\"reachable\": false")
+        a.ok(&["get", "fleets", "-o", "json"])
+            .contains("\"reachable\": false")
     });
     h1.restart();
     eprintln!("blip lasted {:?}", blip.elapsed());
     a.wait_for("box-1 to answer again", Duration::from_secs(60), || {
-        !a.ok(&["get", "fleets", "-o", "json"]).contains("\"reachable\": false")
+        !a.ok(&["get", "fleets", "-o", "json"])
+            .contains("\"reachable\": false")
     });
     std::fs::write(&go, "").unwrap();
     a.wait_for("blip-0 to succeed", Duration::from_secs(60), || {
