@@ -819,6 +819,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// A metrics record as `step=120 val_acc=0.71`, `step` first.
+fn render_metrics(record: &super::stop::Record) -> String {
+    let mut parts: Vec<String> = record
+        .get("step")
+        .map(|s| format!("step={s}"))
+        .into_iter()
+        .collect();
+    parts.extend(
+        record
+            .iter()
+            .filter(|(k, _)| k.as_str() != "step")
+            .map(|(k, v)| format!("{k}={v}")),
+    );
+    parts.join(" ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -865,20 +881,4 @@ mod tests {
             );
         }
     }
-}
-
-/// A metrics record as `step=120 val_acc=0.71`, `step` first.
-fn render_metrics(record: &super::stop::Record) -> String {
-    let mut parts: Vec<String> = record
-        .get("step")
-        .map(|s| format!("step={s}"))
-        .into_iter()
-        .collect();
-    parts.extend(
-        record
-            .iter()
-            .filter(|(k, _)| k.as_str() != "step")
-            .map(|(k, v)| format!("{k}={v}")),
-    );
-    parts.join(" ")
 }
