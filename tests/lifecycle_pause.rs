@@ -364,6 +364,44 @@ fn a_job_keeps_its_own_wandb_run_id() {
     support::cli::kill9(&mut controller);
 }
 
+#[test]
+fn wide_listing_and_describe_show_the_latest_metric_of_the_stop_rule() {
+    let a = Asimov::new();
+    let logs = tempfile::tempdir().unwrap();
+    let go = logs.path().join("go");
+    std::fs::write(
+        a.repo.path().join("met.sh"),
+        format!(
+            "for i in 1 2 3; do echo \"{{\\\"step\\\": $i, \\\"val_acc\\\": 0.$i}}\" >>\"$ASIMOV_METRICS\"; done\nwhile [ ! -e {go} ]; do sleep 0.2; done\n",
+            go = go.display()
+        ),
+    )
+    .unwrap();
+    let file = a.manifest(
+        "met.yaml",
+        "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: met}\nspec:\n  source: {workdir: .}\n  run: sh met.sh\n  stop_when: [{metric: val_acc, mode: max, patience: 50}]\n",
+    );
+    let mut controller = a.spawn_controller(None);
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    a.wait_for(
+        "the metric in get runs -o wide",
+        Duration::from_secs(60),
+        || a.ok(&["get", "runs", "-o", "wide"]).contains("val_acc=0.3"),
+    );
+    let wide = a.ok(&["get", "runs", "-o", "wide"]);
+    assert!(wide.lines().next().unwrap().contains("METRIC"), "{wide}");
+    let describe = a.ok(&["describe", "run", "met-0"]);
+    assert!(
+        describe.contains("Metrics:     step=3 val_acc=0.3 (attempt 1"),
+        "{describe}"
+    );
+    std::fs::write(&go, "").unwrap();
+    a.wait_for("met-0 to succeed", Duration::from_secs(60), || {
+        a.run_phase("met-0").as_deref() == Some("Succeeded")
+    });
+    support::cli::kill9(&mut controller);
+}
+
 // ---- The planner's side of scheduled pauses (pure). ----
 
 mod window {

@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 /// How much of a job's metrics file is read each pass for its `stop_when` rules: they
 /// see the records in its last 256 KiB (some thousands of lines).
-const METRICS_TAIL: usize = 256 * 1024;
+pub const METRICS_TAIL: usize = 256 * 1024;
 
 /// Where the desired state comes from: the manifests folder (the lead's loader and
 /// watcher) or memory (tests).
