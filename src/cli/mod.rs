@@ -11,12 +11,15 @@ mod delete;
 mod describe;
 mod desired;
 mod destroy;
+mod dry_run;
 mod finetune;
 mod get;
 mod init;
+mod login;
 mod logs;
 mod offers;
 mod pause;
+mod pick;
 mod prepare;
 mod prompt;
 pub mod render;
@@ -127,9 +130,10 @@ fn dispatch(cli: Cli) -> CliResult {
             files,
             dry_run,
             wait,
+            output,
         } => {
             init_tracing("warn");
-            apply::run(&home, &files, dry_run, wait)
+            apply::run_as(&home, &files, dry_run, wait, output)
         }
         Command::Delete {
             target,
@@ -158,6 +162,9 @@ fn dispatch(cli: Cli) -> CliResult {
             spot,
             sort,
             output,
+            pick,
+            premium,
+            write,
         } => {
             init_tracing("warn");
             offers::run(
@@ -171,10 +178,17 @@ fn dispatch(cli: Cli) -> CliResult {
                     max_price,
                     filters,
                     spot,
+                    pick,
+                    premium,
+                    write,
                 },
                 sort,
                 output,
             )
+        }
+        Command::Login { cloud } => {
+            init_tracing("warn");
+            login::run(&home, cloud)
         }
         Command::Secret { action } => {
             init_tracing("warn");
