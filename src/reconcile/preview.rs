@@ -240,6 +240,7 @@ mod tests {
                 artifacts: None,
                 stop_when: vec![],
                 schedule: None,
+                paused: false,
                 budget: None,
             },
             runs: (0..runs)
