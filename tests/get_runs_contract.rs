@@ -72,6 +72,19 @@ fn seeded() -> (Asimov, i64) {
     store
         .put_run(&full_run("sweep-0", "sweep", created))
         .unwrap();
+    // Its stop rule's metric, as the controller records it (`-o wide` shows it).
+    store
+        .put_metrics(&[(
+            "sweep-0".to_string(),
+            asimov::store::RunMetrics {
+                attempt: 2,
+                line: "step=120 val_acc=0.71".into(),
+                metric: Some("val_acc".into()),
+                value: Some(0.71),
+                at: created + 50,
+            },
+        )])
+        .unwrap();
     store
         .put_run(&bare_run("other-0", "other", created))
         .unwrap();

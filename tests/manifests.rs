@@ -20,13 +20,6 @@ fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A home whose stored secrets include what the examples name.
-fn examples_ctx() -> Context {
-    let mut c = ctx();
-    c.secrets.insert("LAMBDA_TERMINATE_KEY".to_string());
-    c
-}
-
 fn ctx() -> Context {
     Context {
         secrets: BTreeSet::from(["HF_TOKEN".to_string()]),
@@ -34,11 +27,17 @@ fn ctx() -> Context {
     }
 }
 
-/// What the examples need stored: the HF token and S3's keys.
+/// What the examples need stored: the HF token, S3's keys and Lambda's terminate key.
 fn examples_ctx() -> Context {
     Context {
         secrets: BTreeSet::from(
-            ["HF_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"].map(String::from),
+            [
+                "HF_TOKEN",
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+                "LAMBDA_TERMINATE_KEY",
+            ]
+            .map(String::from),
         ),
         ..Context::default()
     }
@@ -95,6 +94,7 @@ fn every_example_loads_and_round_trips() {
             "hello",
             "hf-finetune",
             "lab-train",
+            "nightly",
             "pod-finetune",
             "resumable",
             "s3-train",
@@ -205,7 +205,7 @@ fn swag_train_has_every_field() {
     );
     assert_eq!(s.stop_when[0].mode, MetricMode::Max);
     assert_eq!(s.stop_when[0].patience, Some(50));
-    assert_eq!(s.schedule.as_ref().map(|x| x.at), Some(1_795_411_380));
+    assert_eq!(s.schedule.as_ref().and_then(|x| x.at), Some(1_795_411_380));
     assert_eq!(s.budget.as_deref(), Some("team-a"));
     assert_eq!(loaded.manifests.budgets[0].action, BudgetAction::Block);
     assert_eq!(

@@ -30,6 +30,7 @@ fn job(name: &str, runs: u32) -> Job {
         retry: RetryPolicy {
             on: vec![RetryOn::NoCapacity, RetryOn::Preemption, RetryOn::Error],
             max_restarts: 3,
+            ..RetryPolicy::default()
         },
         ..JobSpec::with_run("python train.py")
     };

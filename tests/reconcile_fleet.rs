@@ -172,11 +172,12 @@ async fn unreachable_host_run_moves_and_old_slot_is_cleaned_when_it_returns() {
         },
     )
     .await;
-    // The stranded attempt stays open while its host is down.
+    // The stranded attempt stays open while its host is down; it ended as lost (its
+    // host silent past the threshold), not as confirmed preempted.
     {
         let store = lab.store.lock().unwrap();
         let atts = store.attempts("train-0").unwrap();
-        assert_eq!(atts[0].outcome, Some(asimov::model::Outcome::Preempted));
+        assert_eq!(atts[0].outcome, Some(asimov::model::Outcome::Lost));
         assert_eq!(
             atts[0].released_at, None,
             "released while its host was down"

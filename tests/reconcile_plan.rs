@@ -421,6 +421,7 @@ fn preemption_not_retried_fails() {
     j.spec.retry = RetryPolicy {
         on: vec![RetryOn::Error],
         max_restarts: 3,
+        ..RetryPolicy::default()
     };
     let h = history(
         vec![record("train-0", "train", Phase::Running, 1)],
@@ -441,6 +442,7 @@ fn failure_retried_then_exhausted() {
     j.spec.retry = RetryPolicy {
         on: vec![RetryOn::Error],
         max_restarts: 1,
+        ..RetryPolicy::default()
     };
     let d = desired(vec![j]);
     let o = |id: &str, n: u32| {
@@ -625,7 +627,10 @@ fn budget_stop_destroys_running() {
 #[test]
 fn scheduled_in_future_waits() {
     let mut j = job("train", 1, &[FAKE]);
-    j.spec.schedule = Some(Schedule { at: NOW + 3600 });
+    j.spec.schedule = Some(Schedule {
+        at: Some(NOW + 3600),
+        ..Schedule::default()
+    });
     let h = history(vec![record("train-0", "train", Phase::Pending, 0)], vec![]);
     check(
         &desired(vec![j]),
@@ -719,6 +724,7 @@ fn placement_failover_loops_back() {
     j.spec.retry = RetryPolicy {
         on: vec![RetryOn::NoCapacity],
         max_restarts: 0,
+        ..RetryPolicy::default()
     };
     let d = desired(vec![j]);
     let mut o = Observed::default();
@@ -756,6 +762,7 @@ fn no_capacity_not_retried_fails_after_every_placement() {
     j.spec.retry = RetryPolicy {
         on: vec![],
         max_restarts: 0,
+        ..RetryPolicy::default()
     };
     let mut o = Observed::default();
     for p in ps {
@@ -1037,6 +1044,7 @@ fn edited_job_after_exhausted_failure_gets_all_restarts() {
     j.spec.retry = RetryPolicy {
         on: vec![RetryOn::Error],
         max_restarts: 1,
+        ..RetryPolicy::default()
     };
     let d = desired(vec![j]);
     // Attempt 2 exhausted the restarts; the job was then edited (attempt 2 superseded)

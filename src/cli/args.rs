@@ -195,6 +195,18 @@ pub enum Command {
         /// The run
         run: String,
     },
+    /// Pause a run (or every run of a job): sync its checkpoint, destroy its instance
+    #[command(after_help = "Examples:\n  asimov pause swag-train-0\n  asimov pause swag-train")]
+    Pause {
+        /// A run, or a job (all its runs)
+        name: String,
+    },
+    /// Resume a paused run (or job): a new attempt from its latest checkpoint
+    #[command(after_help = "Examples:\n  asimov resume swag-train-0\n  asimov resume swag-train")]
+    Resume {
+        /// A run, or a job (all its paused runs)
+        name: String,
+    },
     /// Write a job manifest for the project in this folder (Python, requirements, CUDA, git)
     #[command(after_help = "Examples:\n  asimov init\n  asimov init --yes")]
     Init {

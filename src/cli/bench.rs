@@ -6,6 +6,9 @@
 //! 2. One reconcile pass over many jobs on the in-process FakeProvider with a real SQLite
 //!    store: wall time, provider calls per operation, and memory.
 //! 3. The CPU use and wake-ups of an idle `asimov controller` process.
+//! 4. The controller's cost of reading the metrics of many running runs (`stop_when`):
+//!    the tail of each run's metrics file through the real agent machine over the local
+//!    transport, parsed and judged by the rules, then recorded in one store write.
 //!
 //! This is a benchmark, not a test: it asserts nothing about speed, it reports. It owns
 //! its temp dirs and the child processes it starts, and must not know how the CLI prints.
@@ -58,6 +61,8 @@ pub struct BenchOptions {
 pub enum BenchError {
     #[error("benchmark: creating a temp dir")]
     TempDir(#[source] std::io::Error),
+    #[error("benchmark: reading metrics: {0}")]
+    Metrics(String),
     #[error("benchmark: preparing {}", path.display())]
     Home {
         path: PathBuf,
@@ -217,12 +222,13 @@ pub struct BenchReport {
     pub get_runs: Result<GetRunsFigures, BenchError>,
     pub reconcile: Result<ReconcileFigures, BenchError>,
     pub idle: Result<IdleFigures, BenchError>,
+    pub metrics: Result<MetricsFigures, BenchError>,
 }
 
 impl BenchReport {
     /// True when every figure was taken.
     pub fn complete(&self) -> bool {
-        self.get_runs.is_ok() && self.reconcile.is_ok() && self.idle.is_ok()
+        self.get_runs.is_ok() && self.reconcile.is_ok() && self.idle.is_ok() && self.metrics.is_ok()
     }
 }
 
@@ -232,10 +238,12 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let reconcile = reconcile_figures(opts.jobs);
     let get_runs = get_runs_figures(&opts.binary, opts.runs);
     let idle = idle_figures(&opts.binary, Duration::from_secs(opts.idle_seconds));
+    let metrics = metrics_figures(opts.jobs);
     Ok(BenchReport {
         get_runs,
         reconcile,
         idle,
+        metrics,
     })
 }
 
@@ -382,7 +390,7 @@ fn bench_job(i: usize) -> Job {
         }],
         retry: RetryPolicy {
             on: vec![RetryOn::NoCapacity, RetryOn::Preemption, RetryOn::Error],
-            max_restarts: 3,
+            ..RetryPolicy::default()
         },
         ..JobSpec::with_run("python train.py")
     };
@@ -836,8 +844,251 @@ impl fmt::Display for BenchReport {
             }
             Err(e) => not_measured(f, e)?,
         }
+        writeln!(f)?;
+        writeln!(
+            f,
+            "reading metrics of running runs (stop_when; local transport, real store)"
+        )?;
+        match &self.metrics {
+            Ok(m) => {
+                writeln!(
+                    f,
+                    "  {} runs; metrics files of {} lines ({} KiB), tails of {} KiB ({} lines) read",
+                    m.runs,
+                    m.file_lines,
+                    m.file_bytes / 1024,
+                    m.tail_bytes / 1024,
+                    m.tail_lines
+                )?;
+                writeln!(
+                    f,
+                    "  one pass (read, parse, rules, record): {}; {} measured passes after 1 warm-up",
+                    m.wall, m.wall.samples
+                )?;
+                writeln!(
+                    f,
+                    "  CPU per pass: controller {}, its children (sh, tail) {}; {:.1} MiB read",
+                    ms(m.cpu_self),
+                    ms(m.cpu_children),
+                    (m.tail_bytes * m.runs as u64) as f64 / (1024.0 * 1024.0)
+                )?;
+                writeln!(
+                    f,
+                    "  of which parse + rules {} (median), the store write {} (median)",
+                    ms(m.parse.median),
+                    ms(m.record.median)
+                )?;
+            }
+            Err(e) => not_measured(f, e)?,
+        }
         Ok(())
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Figure 4: reading metrics
+
+/// Lines in each run's metrics file: a job that logged 10,000 evaluations.
+const METRICS_LINES: usize = 10_000;
+/// Passes measured (after one warm-up).
+const METRICS_PASSES: usize = 5;
+/// Runs whose metrics are read at the same time (the controller's default concurrency).
+const METRICS_CONCURRENCY: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct MetricsFigures {
+    pub runs: usize,
+    pub file_lines: usize,
+    pub file_bytes: u64,
+    pub tail_bytes: u64,
+    pub tail_lines: usize,
+    pub wall: Spread,
+    /// Median CPU time per pass of this process, and of the processes it started.
+    pub cpu_self: Duration,
+    pub cpu_children: Duration,
+    pub parse: Spread,
+    pub record: Spread,
+}
+
+/// User + system CPU time of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`).
+fn cpu_time(who: libc::c_int) -> Duration {
+    // SAFETY: getrusage fills the struct it is given; a zeroed rusage is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid, writable rusage.
+    if unsafe { libc::getrusage(who, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(t.tv_sec.max(0) as u64) + Duration::from_micros(t.tv_usec.max(0) as u64)
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn metrics_figures(runs: usize) -> Result<MetricsFigures, BenchError> {
+    use crate::agent::{AgentMachine, Machine};
+    use crate::manifest::{MetricMode, StopRule};
+    use crate::reconcile::stop;
+    use crate::transport::local::LocalTransport;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(BenchError::Runtime)?;
+    let (dir, home) = temp_home()?;
+    let local = |source: std::io::Error| BenchError::Home {
+        path: dir.path().to_path_buf(),
+        source,
+    };
+    // One metrics file, hard-linked into every run's folder: the reads are the same as
+    // with a file each, without writing runs × its size to the disk.
+    let mut text = String::new();
+    for i in 0..METRICS_LINES {
+        let x = i as f64;
+        text.push_str(&format!(
+            "{{\"step\": {i}, \"epoch\": {}, \"loss\": {:.6}, \"val_acc\": {:.6}, \"lr\": 0.0003}}\n",
+            i / 100,
+            2.0 / (1.0 + x / 500.0),
+            0.9 - 0.4 / (1.0 + x / 800.0)
+        ));
+    }
+    let file = dir.path().join("metrics.jsonl");
+    std::fs::write(&file, &text).map_err(local)?;
+    let mut roots = Vec::with_capacity(runs);
+    for r in 0..runs {
+        let root = dir.path().join(format!("run-{r:05}"));
+        std::fs::create_dir_all(&root).map_err(local)?;
+        std::fs::hard_link(&file, root.join("metrics.jsonl")).map_err(local)?;
+        roots.push(root.display().to_string());
+    }
+    let store = Store::open(&home.database()).map_err(|source| BenchError::Store {
+        step: "opening the store",
+        source,
+    })?;
+    let mut seed = Vec::with_capacity(runs);
+    for r in 0..runs {
+        seed.push(crate::store::RunRecord::new_pending(
+            &format!("run-{r:05}"),
+            "bench",
+            r as u32,
+            "h",
+            &BTreeMap::new(),
+            "",
+            now(),
+        ));
+    }
+    store.put_runs(&seed).map_err(|source| BenchError::Store {
+        step: "seeding runs",
+        source,
+    })?;
+    let rules = vec![StopRule {
+        metric: "val_acc".into(),
+        mode: MetricMode::Max,
+        patience: Some(50),
+        threshold: None,
+        max_steps: None,
+    }];
+    let transport: Arc<dyn crate::transport::Transport> = Arc::new(LocalTransport::new());
+    let read_all = |roots: &[String]| -> Result<Vec<String>, BenchError> {
+        runtime.block_on(async {
+            let limit = Arc::new(tokio::sync::Semaphore::new(METRICS_CONCURRENCY));
+            let mut set = tokio::task::JoinSet::new();
+            for (i, root) in roots.iter().enumerate() {
+                let machine = AgentMachine::new(Arc::clone(&transport), root.clone());
+                let limit = Arc::clone(&limit);
+                set.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    (
+                        i,
+                        machine
+                            .metrics_tail(crate::reconcile::controller::METRICS_TAIL)
+                            .await,
+                    )
+                });
+            }
+            let mut out = vec![String::new(); roots.len()];
+            while let Some(joined) = set.join_next().await {
+                let Ok((i, read)) = joined else { continue };
+                out[i] = read.map_err(|e| BenchError::Metrics(e.to_string()))?;
+            }
+            Ok(out)
+        })
+    };
+    let judge = |tails: &[String]| -> Vec<(String, crate::store::RunMetrics)> {
+        tails
+            .iter()
+            .enumerate()
+            .map(|(r, tail)| {
+                let records = stop::parse_metrics(tail);
+                let _ = stop::evaluate(&rules, &records);
+                let last = records.last();
+                (
+                    format!("run-{r:05}"),
+                    crate::store::RunMetrics {
+                        attempt: 1,
+                        line: last.map_or_else(String::new, |l| format!("{l:?}")),
+                        metric: Some("val_acc".into()),
+                        value: last.and_then(|l| l.get("val_acc").copied()),
+                        at: now(),
+                    },
+                )
+            })
+            .collect()
+    };
+    let (mut walls, mut parses, mut records) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_self, mut cpu_children) = (Vec::new(), Vec::new());
+    let (mut tail_bytes, mut tail_lines) = (0u64, 0usize);
+    for pass in 0..=METRICS_PASSES {
+        let (self_before, children_before) =
+            (cpu_time(libc::RUSAGE_SELF), cpu_time(libc::RUSAGE_CHILDREN));
+        let started = Instant::now();
+        let tails = read_all(&roots)?;
+        let parsed_at = Instant::now();
+        let mut changed = judge(&tails);
+        let judged = parsed_at.elapsed();
+        // Every run's line changed, as when each job wrote a line since the last pass.
+        for (_, m) in &mut changed {
+            m.line.push_str(&format!(" pass={pass}"));
+        }
+        let write_at = Instant::now();
+        store
+            .put_metrics(&changed)
+            .map_err(|source| BenchError::Store {
+                step: "recording metrics",
+                source,
+            })?;
+        let written = write_at.elapsed();
+        let wall = started.elapsed();
+        if tails.iter().any(String::is_empty) {
+            return Err(BenchError::Metrics("a metrics tail came back empty".into()));
+        }
+        tail_bytes = tails.first().map_or(0, |t| t.len() as u64);
+        tail_lines = tails.first().map_or(0, |t| t.lines().count());
+        if pass == 0 {
+            continue;
+        }
+        walls.push(wall);
+        parses.push(judged);
+        records.push(written);
+        cpu_self.push(cpu_time(libc::RUSAGE_SELF).saturating_sub(self_before));
+        cpu_children.push(cpu_time(libc::RUSAGE_CHILDREN).saturating_sub(children_before));
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let spread =
+        |v: &[Duration]| Spread::of(v).ok_or_else(|| BenchError::Metrics("no pass".into()));
+    Ok(MetricsFigures {
+        runs,
+        file_lines: METRICS_LINES,
+        file_bytes: text.len() as u64,
+        tail_bytes,
+        tail_lines,
+        wall: spread(&walls)?,
+        cpu_self: median(cpu_self),
+        cpu_children: median(cpu_children),
+        parse: spread(&parses)?,
+        record: spread(&records)?,
+    })
 }
 
 #[cfg(test)]

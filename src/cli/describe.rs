@@ -195,24 +195,90 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
             println!("  {line}");
         }
     }
+    let attempts = store.attempts(name)?;
+    lifecycle(home, &store, &run, &attempts)?;
+    print_events(&store.events("run", name)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The story of the run across its attempts: its stable id, the pause that holds it,
+/// the restarts used by cause, each attempt (why it ended, which checkpoint it resumed
+/// from), the checkpoint syncs and the latest metrics.
+fn lifecycle(
+    home: &Home,
+    store: &Store,
+    run: &crate::store::RunRecord,
+    attempts: &[crate::store::AttemptRecord],
+) -> Result<(), super::CliError> {
+    let name = run.name.as_str();
+    let controller = attempts
+        .iter()
+        .find_map(|a| crate::model::OwnerTag::parse(&a.tag))
+        .map(|t| t.controller);
+    if let Some(controller) = controller {
+        let id = crate::reconcile::plan::run_id(&controller, name, run.created_at);
+        println!(
+            "{:<11} {id} (ASIMOV_RUN_ID; WANDB_RUN_ID unless the job sets it)",
+            "Run id:"
+        );
+    }
+    if let Some(p) = store.pauses()?.get(name) {
+        let what = if p.paused { "paused" } else { "resumed" };
+        println!("{:<11} {what} by the CLI at {}", "Pause:", rfc3339(p.at));
+    }
+    let view = desired::view(home, Some(store))?;
+    if let Some(job) = view
+        .loaded
+        .manifests
+        .jobs
+        .iter()
+        .find(|j| j.name == run.job)
+    {
+        let used = crate::reconcile::plan::restarts_used(job, attempts);
+        let r = &job.spec.retry;
+        let no_cap = r
+            .max_no_capacity
+            .map_or_else(|| "no limit".to_string(), |m| format!("of {m}"));
+        println!(
+            "{:<11} {} of {} (preemption {} of {}, error {} of {}); no capacity {} ({no_cap})",
+            "Restarts:",
+            used.total(),
+            r.max_restarts,
+            used.preemption,
+            r.max_of(crate::manifest::RetryOn::Preemption),
+            used.error,
+            r.max_of(crate::manifest::RetryOn::Error),
+            used.no_capacity,
+        );
+    }
     println!("Attempts:");
     let resumed = store.resumed_from(name)?;
+    let reasons = store.ended_reasons(name)?;
     let mut table = new_table(&[
         "#",
         "PROVIDER",
         "INSTANCE",
         "HOST",
+        "STARTED",
         "OUTCOME",
+        "WHY / WHAT FOLLOWED",
         "RELEASED",
         "RESUMED FROM",
     ]);
-    for a in store.attempts(name)? {
+    for a in attempts {
         table.add_row(vec![
             a.attempt.to_string(),
             a.provider.to_string(),
-            a.instance_id.unwrap_or_else(|| "-".into()),
-            a.host.unwrap_or_else(|| "-".into()),
-            a.outcome.map_or_else(|| "-".into(), |o| o.to_string()),
+            a.instance_id.clone().unwrap_or_else(|| "-".into()),
+            a.host.clone().unwrap_or_else(|| "-".into()),
+            rfc3339(a.intent_at),
+            a.outcome
+                .as_ref()
+                .map_or_else(|| "-".into(), |o| o.to_string()),
+            reasons
+                .get(&a.attempt)
+                .cloned()
+                .unwrap_or_else(|| "-".into()),
             a.released_at.map(rfc3339).unwrap_or_else(|| "no".into()),
             resumed
                 .get(&a.attempt)
@@ -223,16 +289,36 @@ fn run_detail(home: &Home, name: &str) -> CliResult {
         println!("  {line}");
     }
     let syncs = store.checkpoint_syncs(name)?;
-    if let Some(last) = syncs.last() {
-        println!(
-            "Checkpoints:    {} synced, newest {} (attempt {}, {}{})",
-            syncs.len(),
-            last.seq,
-            last.attempt,
-            rfc3339(last.at),
-            if last.last { ", final" } else { "" }
-        );
+    match syncs.last() {
+        Some(last) => {
+            println!(
+                "Checkpoints: {} synced, newest {} (attempt {}, {}{})",
+                syncs.len(),
+                last.seq,
+                last.attempt,
+                rfc3339(last.at),
+                if last.last { ", final" } else { "" }
+            );
+            for s in &syncs {
+                println!(
+                    "  checkpoint {} from attempt {} at {}{}",
+                    s.seq,
+                    s.attempt,
+                    rfc3339(s.at),
+                    if s.last { " (final)" } else { "" }
+                );
+            }
+        }
+        None => println!("Checkpoints: none synced"),
     }
-    print_events(&store.events("run", name)?);
-    Ok(ExitCode::SUCCESS)
+    match store.metrics(name)? {
+        Some(m) => println!(
+            "Metrics:     {} (attempt {}, {})",
+            m.line,
+            m.attempt,
+            rfc3339(m.at)
+        ),
+        None => println!("Metrics:     none read"),
+    }
+    Ok(())
 }

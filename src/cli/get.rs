@@ -94,6 +94,9 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
             // written; its cells go into one buffer.
             let wide = output == Output::Wide;
             let mut table = RunsTable::new(wide, now);
+            if wide {
+                table = table.with_metrics(store.metric_values()?);
+            }
             let fields = if wide { Fields::All } else { Fields::Table };
             store
                 .list_runs(which, fields, |run| {

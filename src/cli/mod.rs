@@ -18,6 +18,7 @@ mod init;
 mod login;
 mod logs;
 mod offers;
+mod pause;
 mod pick;
 mod prepare;
 mod prompt;
@@ -231,6 +232,14 @@ fn dispatch(cli: Cli) -> CliResult {
         Command::Attach { run } => {
             init_tracing("warn");
             ssh::run(&home, &run, crate::agent::Session::Attach)
+        }
+        Command::Pause { name } => {
+            init_tracing("warn");
+            pause::pause(&home, &name)
+        }
+        Command::Resume { name } => {
+            init_tracing("warn");
+            pause::resume(&home, &name)
         }
         Command::Init { yes } => {
             init_tracing("warn");

@@ -417,6 +417,8 @@ pub struct RunsTable {
     columns: Columns,
     wide: bool,
     now: Timestamp,
+    /// The latest value of each run's stop rule metric (wide only).
+    metrics: BTreeMap<String, (String, f64)>,
 }
 
 impl RunsTable {
@@ -424,14 +426,25 @@ impl RunsTable {
         let columns = if wide {
             Columns::new(&[
                 "NAME", "JOB", "PHASE", "PROGRESS", "ATTEMPT", "PROVIDER", "INSTANCE", "HOST",
-                "GPU", "$/H", "COST", "COMMIT", "MESSAGE", "EXIT", "AGE", "REASON",
+                "GPU", "$/H", "COST", "COMMIT", "MESSAGE", "EXIT", "METRIC", "AGE", "REASON",
             ])
         } else {
             Columns::new(&[
                 "NAME", "PHASE", "PROGRESS", "PROVIDER", "COST", "COMMIT", "AGE", "REASON",
             ])
         };
-        RunsTable { columns, wide, now }
+        RunsTable {
+            columns,
+            wide,
+            now,
+            metrics: BTreeMap::new(),
+        }
+    }
+
+    /// The wide table's METRIC column: run → (the stop rule's metric, its latest value).
+    pub fn with_metrics(mut self, metrics: BTreeMap<String, (String, f64)>) -> RunsTable {
+        self.metrics = metrics;
+        self
     }
 
     pub fn push(&mut self, run: &ListedRun<'_>, error: Option<&RunError>) {
@@ -458,6 +471,10 @@ impl RunsTable {
             t.cell(dash(run.commit_message));
             match run.exit_code {
                 Some(c) => t.cell(c),
+                None => t.cell("-"),
+            }
+            match self.metrics.get(run.name) {
+                Some((metric, value)) => t.cell(format_args!("{metric}={value}")),
                 None => t.cell("-"),
             }
         } else {

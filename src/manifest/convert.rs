@@ -5,7 +5,7 @@
 use super::desired::{
     Artifacts, Budget, BudgetAction, Checkpoint, FileCopy, Fleet, GpuRequest, Host, Job, JobSpec,
     MetricMode, Origin, Placement, PlacementKeys, ProxyJump, Resources, RetryOn, RetryPolicy,
-    RunSpec, Schedule, Source, StopRule,
+    RunSpec, Schedule, Source, StopRule, Window,
 };
 use super::raw;
 use super::schema;
@@ -511,27 +511,7 @@ fn convert_job(
 
     let max_duration = c.duration("/spec/max_duration", s.max_duration.as_deref());
 
-    let retry = match s.retry {
-        None => RetryPolicy::default(),
-        Some(r) => {
-            let default = RetryPolicy::default();
-            RetryPolicy {
-                on: r
-                    .on
-                    .map(|on| {
-                        on.into_iter()
-                            .map(|o| match o {
-                                raw::RetryOn::NoCapacity => RetryOn::NoCapacity,
-                                raw::RetryOn::Preemption => RetryOn::Preemption,
-                                raw::RetryOn::Error => RetryOn::Error,
-                            })
-                            .collect()
-                    })
-                    .unwrap_or(default.on),
-                max_restarts: r.max_restarts.unwrap_or(default.max_restarts),
-            }
-        }
-    };
+    let retry = convert_retry(c, s.retry);
 
     let checkpoint = s.checkpoint.map(|cp| Checkpoint {
         every: c.duration("/spec/checkpoint/every", cp.every.as_deref()),
@@ -597,22 +577,7 @@ fn convert_job(
         })
         .collect();
 
-    let schedule =
-        s.schedule.and_then(
-            |sch| match chrono::DateTime::parse_from_rfc3339(sch.at.trim()) {
-                Ok(t) => Some(Schedule { at: t.timestamp() }),
-                Err(_) => {
-                    c.value(
-                        "/spec/schedule/at",
-                        format!(
-                            "expected an RFC 3339 time like 2026-11-23T05:23:00Z, found {:?}",
-                            sch.at
-                        ),
-                    );
-                    None
-                }
-            },
-        );
+    let schedule = s.schedule.map(|sch| convert_schedule(c, sch));
 
     if let Some(budget) = &s.budget {
         let known = defined.get(&Kind::Budget);
@@ -672,7 +637,13 @@ fn convert_job(
 
     let spec_hash = {
         let mut hasher = Sha256::new();
-        hasher.update(canonical_json(value.get("spec").unwrap_or(&Value::Null)).as_bytes());
+        // `paused` says whether to run it, not what it is: toggling it neither re-runs
+        // a finished run nor lifts an `asimov destroy`.
+        let mut spec = value.get("spec").cloned().unwrap_or(Value::Null);
+        if let Some(m) = spec.as_object_mut() {
+            m.remove("paused");
+        }
+        hasher.update(canonical_json(&spec).as_bytes());
         // A matrix file is part of what the job means: editing it is editing the job.
         hasher.update(extra_hash.as_bytes());
         hex::encode(hasher.finalize())
@@ -697,12 +668,119 @@ fn convert_job(
             artifacts,
             stop_when,
             schedule,
+            paused: s.paused,
             budget: s.budget,
         },
         runs,
         spec_hash,
         origin,
     }
+}
+
+/// The retry policy, defaults filled in; exit codes are checked to be 1..=255 and in at
+/// most one of the two lists.
+fn convert_retry(c: &mut Check<'_>, r: Option<raw::Retry>) -> RetryPolicy {
+    let default = RetryPolicy::default();
+    let Some(r) = r else { return default };
+    let mut codes = |field: &str, list: &[i64]| -> Vec<i32> {
+        let mut out = Vec::new();
+        for (i, &code) in list.iter().enumerate() {
+            match i32::try_from(code) {
+                Ok(v) if (1..=255).contains(&v) => out.push(v),
+                _ => c.value(
+                    &format!("/spec/retry/{field}/{i}"),
+                    format!("expected an exit code from 1 to 255, found {code}"),
+                ),
+            }
+        }
+        out
+    };
+    let on_exit_codes = codes("on_exit_codes", &r.on_exit_codes);
+    let never_on_exit_codes = codes("never_on_exit_codes", &r.never_on_exit_codes);
+    for (i, code) in r.never_on_exit_codes.iter().enumerate() {
+        if r.on_exit_codes.contains(code) {
+            c.value(
+                &format!("/spec/retry/never_on_exit_codes/{i}"),
+                format!("exit code {code} is also in on_exit_codes: a code either restarts or never does"),
+            );
+        }
+    }
+    let max_restarts = r.max_restarts.unwrap_or(default.max_restarts);
+    RetryPolicy {
+        on: r
+            .on
+            .map(|on| {
+                on.into_iter()
+                    .map(|o| match o {
+                        raw::RetryOn::NoCapacity => RetryOn::NoCapacity,
+                        raw::RetryOn::Preemption => RetryOn::Preemption,
+                        raw::RetryOn::Error => RetryOn::Error,
+                    })
+                    .collect()
+            })
+            .unwrap_or(default.on),
+        max_restarts,
+        max_preemptions: r.max_preemptions,
+        max_errors: r.max_errors,
+        max_no_capacity: r.max_no_capacity,
+        on_exit_codes,
+        never_on_exit_codes,
+    }
+}
+
+/// `schedule`: RFC 3339 times and an `HH:MM` daily window.
+fn convert_schedule(c: &mut Check<'_>, sch: raw::Schedule) -> Schedule {
+    let mut time = |field: &str, text: Option<&String>| {
+        let text = text?;
+        match chrono::DateTime::parse_from_rfc3339(text.trim()) {
+            Ok(t) => Some(t.timestamp()),
+            Err(_) => {
+                c.value(
+                    &format!("/spec/schedule/{field}"),
+                    format!("expected an RFC 3339 time like 2026-11-23T05:23:00Z, found {text:?}"),
+                );
+                None
+            }
+        }
+    };
+    let at = time("at", sch.at.as_ref());
+    let pause_at = time("pause_at", sch.pause_at.as_ref());
+    let window = sch.window.and_then(|w| {
+        let start = hh_mm(c, "/spec/schedule/window/start", &w.start);
+        let end = hh_mm(c, "/spec/schedule/window/end", &w.end);
+        let (start, end) = (start?, end?);
+        if start == end {
+            c.value(
+                "/spec/schedule/window/end",
+                format!(
+                    "expected a window end other than its start, found {:?}",
+                    w.end
+                ),
+            );
+            return None;
+        }
+        Some(Window { start, end })
+    });
+    Schedule {
+        at,
+        pause_at,
+        window,
+    }
+}
+
+/// Minutes after midnight of `HH:MM`.
+fn hh_mm(c: &mut Check<'_>, pointer: &str, text: &str) -> Option<u32> {
+    let parsed = text.trim().split_once(':').and_then(|(h, m)| {
+        let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+        (h < 24 && m < 60 && text.trim().len() == 5).then_some(h * 60 + m)
+    });
+    if parsed.is_none() {
+        c.value(
+            pointer,
+            format!("expected a time of day in UTC like \"22:00\", found {text:?}"),
+        );
+    }
+    parsed
 }
 
 fn is_s3_url(s: &str) -> bool {

@@ -82,6 +82,7 @@ impl JobSpec {
             artifacts: None,
             stop_when: Vec::new(),
             schedule: None,
+            paused: false,
             budget: None,
         }
     }
@@ -121,6 +122,8 @@ pub struct JobSpec {
     pub artifacts: Option<Artifacts>,
     pub stop_when: Vec<StopRule>,
     pub schedule: Option<Schedule>,
+    /// `spec.paused`: the runs stay paused while true.
+    pub paused: bool,
     /// Name of the Budget this job's spending counts against.
     pub budget: Option<String>,
 }
@@ -220,8 +223,20 @@ pub enum RetryOn {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     pub on: Vec<RetryOn>,
-    /// Further attempts after the first; 0 means never restart.
+    /// Restarts after preemptions and errors together; 0 means never restart.
     pub max_restarts: u32,
+    /// Restarts after a preemption (or a lost host), within `max_restarts`; `None`:
+    /// only `max_restarts` bounds them.
+    pub max_preemptions: Option<u32>,
+    /// Restarts after the run command failed, within `max_restarts`; `None`: only
+    /// `max_restarts` bounds them.
+    pub max_errors: Option<u32>,
+    /// Tries after no placement had capacity; `None`: no limit.
+    pub max_no_capacity: Option<u32>,
+    /// Exit codes that restart (as an error); when not empty, no other code does.
+    pub on_exit_codes: Vec<i32>,
+    /// Exit codes that never restart.
+    pub never_on_exit_codes: Vec<i32>,
 }
 
 impl Default for RetryPolicy {
@@ -229,6 +244,11 @@ impl Default for RetryPolicy {
         RetryPolicy {
             on: vec![RetryOn::NoCapacity, RetryOn::Preemption],
             max_restarts: 3,
+            max_preemptions: None,
+            max_errors: None,
+            max_no_capacity: None,
+            on_exit_codes: Vec::new(),
+            never_on_exit_codes: Vec::new(),
         }
     }
 }
@@ -236,6 +256,37 @@ impl Default for RetryPolicy {
 impl RetryPolicy {
     pub fn retries(&self, on: RetryOn) -> bool {
         self.on.contains(&on)
+    }
+
+    /// The most restarts of cause `on` (preemption or error): its own limit within
+    /// `max_restarts`.
+    pub fn max_of(&self, on: RetryOn) -> u32 {
+        let own = match on {
+            RetryOn::Preemption => self.max_preemptions,
+            RetryOn::Error => self.max_errors,
+            RetryOn::NoCapacity => self.max_no_capacity,
+        };
+        own.map_or(self.max_restarts, |m| m.min(self.max_restarts))
+    }
+
+    /// Whether a run command that failed with `exit_code` (`None`: unknown) is restarted,
+    /// and why not when it is not: `never_on_exit_codes` wins, then `on_exit_codes`
+    /// (when given, only those), then `on: [error]`.
+    pub fn restarts_failure(&self, exit_code: Option<i32>) -> Result<(), String> {
+        match exit_code {
+            Some(c) if self.never_on_exit_codes.contains(&c) => {
+                Err(format!("exit code {c} is in retry.never_on_exit_codes"))
+            }
+            Some(c) if self.on_exit_codes.contains(&c) => Ok(()),
+            Some(c) if !self.on_exit_codes.is_empty() => {
+                Err(format!("exit code {c} is not in retry.on_exit_codes"))
+            }
+            None if !self.on_exit_codes.is_empty() => {
+                Err("no exit code, and retry.on_exit_codes is given".to_string())
+            }
+            _ if self.retries(RetryOn::Error) => Ok(()),
+            _ => Err("retry.on has no `error`".to_string()),
+        }
     }
 }
 
@@ -274,10 +325,58 @@ pub struct StopRule {
     pub max_steps: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Schedule {
     /// Start no earlier than this Unix time (seconds).
-    pub at: i64,
+    pub at: Option<i64>,
+    /// Pause at this Unix time (seconds), until resumed.
+    pub pause_at: Option<i64>,
+    /// Run only inside this daily window (UTC).
+    pub window: Option<Window>,
+}
+
+/// A daily window in UTC, as minutes after midnight; `start > end` spans midnight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Window {
+    const DAY: i64 = 24 * 60 * 60;
+
+    /// True when `now` (Unix seconds) is inside the window.
+    pub fn contains(&self, now: i64) -> bool {
+        let m = (now.rem_euclid(Self::DAY) / 60) as u32;
+        if self.start <= self.end {
+            self.start <= m && m < self.end
+        } else {
+            m >= self.start || m < self.end
+        }
+    }
+
+    /// The latest close of the window at or before `now` (Unix seconds).
+    pub fn last_close(&self, now: i64) -> i64 {
+        let day = now.div_euclid(Self::DAY) * Self::DAY;
+        let close = day + i64::from(self.end) * 60;
+        if close <= now {
+            close
+        } else {
+            close - Self::DAY
+        }
+    }
+
+    /// The next opening of the window after `now` (Unix seconds).
+    pub fn next_open(&self, now: i64) -> i64 {
+        let day = now.div_euclid(Self::DAY) * Self::DAY;
+        let open = day + i64::from(self.start) * 60;
+        if open > now { open } else { open + Self::DAY }
+    }
+
+    /// `HH:MM`.
+    pub fn render(minutes: u32) -> String {
+        format!("{:02}:{:02}", minutes / 60, minutes % 60)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

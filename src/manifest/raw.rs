@@ -145,9 +145,13 @@ pub struct JobSpec {
     /// Stop a run early when a metric stops improving.
     #[serde(default)]
     pub stop_when: Vec<StopRule>,
-    /// Start no earlier than a given time.
+    /// When to start, pause and run: a start time, a pause time, a daily window.
     #[serde(default)]
     pub schedule: Option<Schedule>,
+    /// Keep the job's runs paused (checkpoint synced, no instance) while true; removing
+    /// it (or `false`) resumes them from their checkpoint.
+    #[serde(default)]
+    pub paused: bool,
     /// Name of the Budget this job's spending counts against.
     #[serde(default)]
     pub budget: Option<String>,
@@ -464,9 +468,28 @@ pub struct Retry {
     /// Reasons that start another attempt; default `[no-capacity, preemption]`.
     #[serde(default)]
     pub on: Option<Vec<RetryOn>>,
-    /// Further attempts after the first; default 3, 0 never restarts.
+    /// Further attempts after the first for preemptions and errors together; default 3,
+    /// 0 never restarts.
     #[serde(default)]
     pub max_restarts: Option<u32>,
+    /// At most this many restarts after a preemption (or a lost host); default
+    /// `max_restarts`.
+    #[serde(default)]
+    pub max_preemptions: Option<u32>,
+    /// At most this many restarts after the run command failed; default `max_restarts`.
+    #[serde(default)]
+    pub max_errors: Option<u32>,
+    /// At most this many tries after no placement had capacity; default unlimited (with
+    /// backoff).
+    #[serde(default)]
+    pub max_no_capacity: Option<u32>,
+    /// Exit codes that restart the run (as an `error`), even when `on` lacks `error`;
+    /// when given, other codes do not restart.
+    #[serde(default)]
+    pub on_exit_codes: Vec<i64>,
+    /// Exit codes that never restart the run, whatever `on` says.
+    #[serde(default)]
+    pub never_on_exit_codes: Vec<i64>,
 }
 
 /// Checkpoints to keep across attempts.
@@ -535,13 +558,35 @@ pub struct StopRule {
     pub max_steps: Option<u64>,
 }
 
-/// A start time.
+/// When a job's runs start, pause and run.
 #[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Schedule {
-    /// RFC 3339 time, like `2026-11-23T05:23:00Z`.
+    /// Start no earlier than this RFC 3339 time, like `2026-11-23T05:23:00Z`.
+    #[serde(default)]
     #[schemars(length(min = 1))]
-    pub at: String,
+    pub at: Option<String>,
+    /// Pause the runs at this RFC 3339 time (checkpoint synced, instance released) until
+    /// `asimov resume`.
+    #[serde(default)]
+    #[schemars(length(min = 1))]
+    pub pause_at: Option<String>,
+    /// Run only inside this daily window (UTC), paused outside it and resumed from the
+    /// checkpoint when it opens again.
+    #[serde(default)]
+    pub window: Option<Window>,
+}
+
+/// A daily window in UTC, `start` to `end` (`22:00` to `06:00` spans midnight).
+#[derive(Debug, Clone, PartialEq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// `HH:MM`, UTC.
+    #[schemars(length(min = 1))]
+    pub start: String,
+    /// `HH:MM`, UTC.
+    #[schemars(length(min = 1))]
+    pub end: String,
 }
 
 /// The hosts of a fleet.

@@ -93,6 +93,9 @@ pub enum Phase {
     /// Ended by `asimov destroy`: its instance destroyed, not restarted until the job's
     /// spec changes.
     Stopped,
+    /// Paused (`asimov pause`, `spec.paused`, `schedule.pause_at` or outside its
+    /// `schedule.window`): checkpoint synced, no instance; resumes from it.
+    Paused,
 }
 
 impl Phase {
@@ -106,6 +109,7 @@ impl Phase {
             Phase::Failed => "Failed",
             Phase::Deleting => "Deleting",
             Phase::Stopped => "Stopped",
+            Phase::Paused => "Paused",
         }
     }
 
@@ -119,6 +123,7 @@ impl Phase {
             "Failed" => Phase::Failed,
             "Deleting" => Phase::Deleting,
             "Stopped" => Phase::Stopped,
+            "Paused" => Phase::Paused,
             _ => return None,
         })
     }

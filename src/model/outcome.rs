@@ -34,6 +34,8 @@ pub enum Outcome {
     Deleted,
     /// `asimov destroy` ended it; the run stays Stopped until its job's spec changes.
     Destroyed,
+    /// The run was paused: its checkpoint synced, its instance released.
+    Paused,
     /// A newer attempt of the same run took over.
     Superseded,
     /// The instance stayed provisioning past its provider's boot timeout.
@@ -71,6 +73,7 @@ impl Outcome {
             Outcome::Budget => "budget",
             Outcome::Deleted => "deleted",
             Outcome::Destroyed => "destroyed",
+            Outcome::Paused => "paused",
             Outcome::Superseded => "superseded",
             Outcome::BootTimeout => "boot-timeout",
             Outcome::SpecChanged(_) => "spec-changed",
@@ -105,6 +108,7 @@ impl Outcome {
             "budget" => Outcome::Budget,
             "deleted" => Outcome::Deleted,
             "destroyed" => Outcome::Destroyed,
+            "paused" => Outcome::Paused,
             "superseded" => Outcome::Superseded,
             "boot-timeout" => Outcome::BootTimeout,
             _ => return None,
@@ -128,6 +132,7 @@ impl Outcome {
             | Outcome::Budget
             | Outcome::Deleted
             | Outcome::Destroyed
+            | Outcome::Paused
             | Outcome::Superseded
             | Outcome::BootTimeout
             | Outcome::SpecChanged(_) => false,
@@ -170,6 +175,7 @@ mod tests {
             Outcome::Budget,
             Outcome::Deleted,
             Outcome::Destroyed,
+            Outcome::Paused,
             Outcome::Superseded,
             Outcome::BootTimeout,
             Outcome::SpecChanged(Box::new(Outcome::Failed { exit_code: Some(2) })),

@@ -418,6 +418,18 @@ impl crate::agent::Machine for CloudAgent {
         self.agent.metrics_tail(max_bytes).await
     }
 
+    async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, crate::agent::AgentError> {
+        self.agent.sync_s3(last).await
+    }
+
+    async fn interactive(
+        &self,
+        session: crate::agent::Session,
+        run: &str,
+    ) -> Result<std::process::Command, crate::agent::AgentError> {
+        self.agent.interactive(session, run).await
+    }
+
     async fn stop(&self) -> Result<(), crate::agent::AgentError> {
         self.agent.stop().await
     }
@@ -700,6 +712,18 @@ impl crate::agent::Machine for EndingMachine {
 
     async fn metrics_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
         self.agent.metrics_tail(max_bytes).await
+    }
+
+    async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, crate::agent::AgentError> {
+        self.agent.sync_s3(last).await
+    }
+
+    async fn interactive(
+        &self,
+        session: crate::agent::Session,
+        run: &str,
+    ) -> Result<std::process::Command, crate::agent::AgentError> {
+        self.agent.interactive(session, run).await
     }
 
     async fn stop(&self) -> Result<(), crate::agent::AgentError> {

@@ -44,6 +44,7 @@ use crate::provider::{
     Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
+use crate::transport::Transport;
 use crate::transport::ssh::SshPool;
 use async_trait::async_trait;
 use serde_json::{Value, json};

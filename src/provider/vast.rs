@@ -1387,40 +1387,8 @@ impl crate::agent::Machine for VastMachine {
         relogin!(self, self.agent.metrics_tail(max_bytes).await)
     }
 
-    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {
-        relogin!(self, self.agent.copy_log(to).await)
-    }
-
-    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
-        self.agent.follow_log().await
-    }
-
-    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
-        relogin!(self, self.agent.sync_checkpoint(path, into).await)
-    }
-
-    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
-        relogin!(self, self.agent.metrics_tail(max_bytes).await)
-    }
-
     async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, AgentError> {
         relogin!(self, self.agent.sync_s3(last).await)
-    }
-
-    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {
-        relogin!(self, self.agent.copy_log(to).await)
-    }
-
-    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
-        self.agent.follow_log().await
-    }
-
-    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
-        relogin!(self, self.agent.sync_checkpoint(path, into).await)
-    }
-
-    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
-        relogin!(self, self.agent.metrics_tail(max_bytes).await)
     }
 
     async fn interactive(

@@ -139,6 +139,7 @@ mod tests {
                 artifacts: None,
                 stop_when: vec![],
                 schedule: None,
+                paused: false,
                 budget: budget.map(str::to_string),
             },
             runs: vec![],

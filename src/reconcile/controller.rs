@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 /// How much of a job's metrics file is read each pass for its `stop_when` rules: they
 /// see the records in its last 256 KiB (some thousands of lines).
-const METRICS_TAIL: usize = 256 * 1024;
+pub const METRICS_TAIL: usize = 256 * 1024;
 
 /// Where the desired state comes from: the manifests folder (the lead's loader and
 /// watcher) or memory (tests).
@@ -216,6 +216,8 @@ pub struct Controller {
     concurrency: usize,
     stopping: Arc<AtomicBool>,
     failures: std::sync::Mutex<BTreeMap<QueueKey, u32>>,
+    /// The metrics line last recorded for each run: a steady run writes nothing.
+    metrics_written: std::sync::Mutex<BTreeMap<RunName, String>>,
 }
 
 impl Controller {
@@ -232,6 +234,7 @@ impl Controller {
             concurrency: 16,
             stopping: Arc::new(AtomicBool::new(false)),
             failures: std::sync::Mutex::new(BTreeMap::new()),
+            metrics_written: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -347,6 +350,9 @@ impl Controller {
             .collect();
         let (agents, metrics) = self.observe(&listed, &history, due, &stop_when).await;
         self.record_progress(&agents, &mut history);
+        let now = self.now();
+        self.record_seen(&agents, &mut history, now);
+        self.record_metrics(&desired, &metrics, now);
         let capabilities: BTreeMap<ProviderKind, Capabilities> = self
             .executor
             .providers
@@ -394,6 +400,95 @@ impl Controller {
             .unwrap_or_else(|e| e.into_inner());
         if let Err(e) = store.put_progress(&moved) {
             tracing::warn!(error = %error_chain(&e), "cannot record progress");
+        }
+    }
+
+    /// When each attempt's agent last answered, recorded at most every
+    /// `SEEN_RECORD_SECS` per attempt (the planner's silence threshold is far longer),
+    /// in one write. `history` is updated to match.
+    fn record_seen(
+        &self,
+        agents: &BTreeMap<String, AgentObservation>,
+        history: &mut History,
+        now: Timestamp,
+    ) {
+        const SEEN_RECORD_SECS: i64 = 10;
+        let mut seen = Vec::new();
+        for (tag, obs) in agents {
+            if matches!(obs, AgentObservation::Unreachable { .. }) {
+                continue;
+            }
+            let Some(tag) = OwnerTag::parse(tag) else {
+                continue;
+            };
+            let fresh = history
+                .seen
+                .get(&tag.run)
+                .is_some_and(|(n, at)| *n == tag.attempt && now - at < SEEN_RECORD_SECS);
+            if !fresh {
+                history.seen.insert(tag.run.clone(), (tag.attempt, now));
+                seen.push((tag.run, tag.attempt, now));
+            }
+        }
+        let store = self
+            .executor
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = store.put_seen(&seen) {
+            tracing::warn!(error = %error_chain(&e), "cannot record agents seen");
+        }
+    }
+
+    /// The latest metrics line of each observed run, with the value of its first stop
+    /// rule's metric (for `get runs -o wide` and `describe run`), written only when it
+    /// changed.
+    fn record_metrics(
+        &self,
+        desired: &Desired,
+        metrics: &BTreeMap<String, Vec<super::stop::Record>>,
+        now: Timestamp,
+    ) {
+        let mut written = self
+            .metrics_written
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut changed = Vec::new();
+        for (tag, records) in metrics {
+            let (Some(tag), Some(last)) = (OwnerTag::parse(tag), records.last()) else {
+                continue;
+            };
+            let line = render_metrics(last);
+            if written.get(&tag.run) == Some(&line) {
+                continue;
+            }
+            let metric = desired
+                .jobs
+                .iter()
+                .find(|j| j.runs.iter().any(|r| r.name == tag.run))
+                .and_then(|j| j.spec.stop_when.first())
+                .map(|r| r.metric.clone());
+            let value = metric.as_ref().and_then(|m| last.get(m).copied());
+            written.insert(tag.run.clone(), line.clone());
+            changed.push((
+                tag.run,
+                crate::store::RunMetrics {
+                    attempt: tag.attempt,
+                    line,
+                    metric,
+                    value,
+                    at: now,
+                },
+            ));
+        }
+        drop(written);
+        let store = self
+            .executor
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = store.put_metrics(&changed) {
+            tracing::warn!(error = %error_chain(&e), "cannot record metrics");
         }
     }
 
@@ -472,6 +567,8 @@ impl Controller {
             .unwrap_or_else(|e| e.into_inner());
         let mut h = History {
             stops: store.stops().map_err(ControllerError::Store)?,
+            pauses: store.pauses().map_err(ControllerError::Store)?,
+            seen: store.seen().map_err(ControllerError::Store)?,
             ..History::default()
         };
         for run in store.runs().map_err(ControllerError::Store)? {
@@ -720,6 +817,22 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+/// A metrics record as `step=120 val_acc=0.71`, `step` first.
+fn render_metrics(record: &super::stop::Record) -> String {
+    let mut parts: Vec<String> = record
+        .get("step")
+        .map(|s| format!("step={s}"))
+        .into_iter()
+        .collect();
+    parts.extend(
+        record
+            .iter()
+            .filter(|(k, _)| k.as_str() != "step")
+            .map(|(k, v)| format!("{k}={v}")),
+    );
+    parts.join(" ")
 }
 
 #[cfg(test)]

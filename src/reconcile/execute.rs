@@ -1037,6 +1037,9 @@ impl Executor {
         {
             a.outcome = Some(outcome.clone());
             self.store(op, |s| s.put_attempt(&a))?;
+            // Why it ended and what follows (restart n of m, paused, failed), for
+            // `describe run`.
+            self.store(op, |s| s.put_ended_reason(&u.run, *n, &u.reason))?;
         }
         if changed_phase {
             self.event(op, &u.run, u.phase.as_str(), u.reason.clone(), now);
@@ -1122,6 +1125,18 @@ impl Executor {
             env.entry(format!("ASIMOV_MATRIX_{}", k.to_uppercase()))
                 .or_insert_with(|| v.clone());
         }
+        // One id for the run's whole life, so experiment tracking (wandb) continues the
+        // same run after a restart or a resume; the job's own values win.
+        let controller = crate::model::OwnerTag::parse(tag).map(|t| t.controller);
+        let run_id = super::plan::run_id(
+            controller.as_deref().unwrap_or(""),
+            &rec.name,
+            rec.created_at,
+        );
+        env.insert("ASIMOV_RUN_ID".into(), run_id.clone());
+        env.entry("WANDB_RUN_ID".into()).or_insert(run_id);
+        env.entry("WANDB_RESUME".into())
+            .or_insert_with(|| "allow".into());
         Ok(LaunchSpec {
             run: spec.name.clone(),
             tag: tag.to_string(),

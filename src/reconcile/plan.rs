@@ -33,7 +33,7 @@ use crate::model::{
     Timestamp, Usd,
 };
 use crate::provider::{Capabilities, ErrorKind, Instance, InstanceState};
-use crate::store::{AttemptRecord, RunRecord};
+use crate::store::{AttemptRecord, Pause, RunRecord};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
@@ -56,7 +56,9 @@ pub const REQUEUE_LISTING_FAILED: Duration = Duration::from_secs(10);
 pub const REQUEUE_NEEDS_PERSON: Duration = Duration::from_secs(300);
 /// A run held back by a budget or a missing provider.
 pub const REQUEUE_BLOCKED: Duration = Duration::from_secs(60);
-/// An agent whose heartbeat is older than this is lost (treated like a preemption).
+/// An agent whose heartbeat is older than this is lost (treated like a preemption); so
+/// is an attempt whose agent (or fleet host) has not answered for this long. Shorter
+/// silences (a network blip, failed status calls) are waited out: never a restart.
 pub const HEARTBEAT_STALE_SECS: i64 = 60;
 
 /// The desired state this pass: validated jobs (with their runs) and budgets.
@@ -122,6 +124,10 @@ pub struct History {
     pub stops: BTreeMap<RunName, String>,
     /// The last complete checkpoint sync of each run: (attempt, when).
     pub checkpoints: BTreeMap<RunName, (u32, Timestamp)>,
+    /// The last `asimov pause` / `asimov resume` of each run that had one.
+    pub pauses: BTreeMap<RunName, Pause>,
+    /// When the agent of each run's newest seen attempt last answered: (attempt, when).
+    pub seen: BTreeMap<RunName, (u32, Timestamp)>,
 }
 
 /// A change of a run's status, with the outcome of its current attempt when it ends.
@@ -989,6 +995,9 @@ impl<'a> Planner<'a> {
         if self.history.stops.get(&spec.name) == Some(&job.spec_hash) {
             return self.stopped_run(&key, &rec, &attempts);
         }
+        if let Some(why) = self.paused(&key, job, &rec) {
+            return self.paused_run(&key, &rec, &attempts, why);
+        }
         // Older attempts still open (superseded): end them.
         for a in attempts
             .iter()
@@ -1079,6 +1088,130 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// Why the run is to be paused now, if it is: `spec.paused`, `asimov pause`, a
+    /// `schedule.pause_at` reached or outside its `schedule.window`. A resume lifts the
+    /// scheduled pauses that came before it (not `spec.paused`, which the manifest
+    /// lifts). Wakes the key when a scheduled pause or the window's opening is due.
+    fn paused(&mut self, key: &QueueKey, job: &Job, rec: &RunRecord) -> Option<String> {
+        // A finished run has nothing to pause.
+        if rec.phase.is_terminal() {
+            return None;
+        }
+        if job.spec.paused {
+            return Some("paused by spec.paused".into());
+        }
+        let pause = self.history.pauses.get(&rec.name);
+        if pause.is_some_and(|p| p.paused) {
+            return Some("paused by `asimov pause`".into());
+        }
+        let resumed_at = pause.map_or(i64::MIN, |p| p.at);
+        let schedule = job.spec.schedule.as_ref()?;
+        if let Some(at) = schedule.pause_at {
+            if at <= self.now && at > resumed_at {
+                return Some(format!(
+                    "paused at schedule.pause_at {}; `asimov resume` resumes it",
+                    render_time(at)
+                ));
+            }
+            if at > self.now {
+                self.wake_at(key, at);
+            }
+        }
+        let w = schedule.window?;
+        if w.contains(self.now) {
+            // Wake for the close: the pause is due then.
+            self.wake_at(key, w.last_close(self.now) + 24 * 60 * 60);
+            return None;
+        }
+        let open = w.next_open(self.now);
+        if w.last_close(self.now) <= resumed_at {
+            return None;
+        }
+        self.wake_at(key, open);
+        Some(format!(
+            "outside its daily window {}-{} UTC; resumes at {}",
+            crate::manifest::Window::render(w.start),
+            crate::manifest::Window::render(w.end),
+            render_time(open)
+        ))
+    }
+
+    /// Paused: the open attempt ends (its checkpoint and outputs synced once, after the
+    /// outcome is recorded, then its instance destroyed and released once the listing
+    /// confirms it gone) and the run stays Paused, across restarts, until resumed; the
+    /// next attempt then resumes from that checkpoint, counting no restart.
+    fn paused_run(
+        &mut self,
+        key: &QueueKey,
+        rec: &RunRecord,
+        attempts: &[&AttemptRecord],
+        reason: String,
+    ) {
+        let current = attempts
+            .iter()
+            .find(|a| a.attempt == rec.attempt && a.released_at.is_none() && a.outcome.is_none());
+        let outcome = current.map(|a| (a.attempt, Outcome::Paused));
+        if rec.phase != Phase::Paused || rec.reason != reason || outcome.is_some() {
+            self.set_status(
+                key,
+                rec,
+                Phase::Paused,
+                reason,
+                None,
+                rec.exit_code,
+                outcome,
+            );
+        }
+        if let Some(a) = current
+            && let Seen::Listed(i) = self.seen(a)
+            && i.state == InstanceState::Running
+            && !self.on_unreachable_host(i)
+        {
+            let instance = i.clone();
+            self.push(
+                key,
+                Op::Collect {
+                    run: rec.name.clone(),
+                    attempt: a.attempt,
+                    instance,
+                },
+            );
+        }
+        for a in attempts.iter().filter(|a| a.released_at.is_none()) {
+            self.finish_attempt(key, a, Outcome::Paused);
+        }
+    }
+
+    /// When the agent of attempt `a` last answered (or, never seen, when it was asked
+    /// for when `or_intent`).
+    fn last_seen(&self, a: &AttemptRecord, or_intent: bool) -> Option<Timestamp> {
+        match self.history.seen.get(&a.run) {
+            Some((n, at)) if *n == a.attempt => Some(*at),
+            _ => or_intent.then_some(a.intent_at),
+        }
+    }
+
+    /// An attempt whose machine does not answer (its agent, or its fleet host): lost
+    /// once it has been silent past `HEARTBEAT_STALE_SECS`, else waited for. True when
+    /// it is lost.
+    fn silent_past_threshold(
+        &mut self,
+        key: &QueueKey,
+        a: &AttemptRecord,
+        or_intent: bool,
+    ) -> bool {
+        let Some(seen) = self.last_seen(a, or_intent) else {
+            self.wake(key, REQUEUE_FAST);
+            return false;
+        };
+        if self.now.saturating_sub(seen) > HEARTBEAT_STALE_SECS {
+            return true;
+        }
+        self.wake(key, REQUEUE_FAST);
+        self.wake_at(key, seen + HEARTBEAT_STALE_SECS + 1);
+        false
+    }
+
     /// Absent + desired: make the next attempt, unless something holds it back.
     fn next_attempt(
         &mut self,
@@ -1099,7 +1232,7 @@ impl<'a> Planner<'a> {
                 reason,
             } => (placement_index, not_before, reason),
         };
-        if let Some(at) = job.spec.schedule.as_ref().map(|s| s.at)
+        if let Some(at) = job.spec.schedule.as_ref().and_then(|s| s.at)
             && at > self.now
         {
             let reason = format!("scheduled for {}", render_time(at));
@@ -1257,6 +1390,26 @@ impl<'a> Planner<'a> {
                 self.wake(key, REQUEUE_FAST);
                 self.wake_at(key, deadline);
             }
+            // A fleet host that does not answer lists its slots Stopped: that is no
+            // confirmation, only silence, lost once past the threshold.
+            InstanceState::Stopped | InstanceState::Terminating
+                if self.on_unreachable_host(instance)
+                    && !self.silent_past_threshold(key, a, true) => {}
+            InstanceState::Stopped | InstanceState::Terminating
+                if self.on_unreachable_host(instance) =>
+            {
+                self.end_attempt(
+                    key,
+                    job,
+                    rec,
+                    attempts,
+                    a,
+                    instance,
+                    Outcome::Lost,
+                    None,
+                    None,
+                );
+            }
             InstanceState::Stopped | InstanceState::Terminating => {
                 self.end_attempt(
                     key,
@@ -1290,8 +1443,23 @@ impl<'a> Planner<'a> {
                 return;
             }
             Some(AgentObservation::Unreachable { .. }) => {
-                if !self.backstop_max_duration(key, job, rec, attempts, a, instance) {
-                    self.wake(key, REQUEUE_FAST);
+                // Past its max_duration an unreachable instance is ended from outside
+                // (the backstop); before that a failed status call is no news: lost
+                // only once the agent, seen before, has been silent past the threshold.
+                if !self.backstop_max_duration(key, job, rec, attempts, a, instance)
+                    && self.silent_past_threshold(key, a, false)
+                {
+                    self.end_attempt(
+                        key,
+                        job,
+                        rec,
+                        attempts,
+                        a,
+                        instance,
+                        Outcome::Lost,
+                        None,
+                        None,
+                    );
                 }
                 return;
             }
@@ -1599,6 +1767,15 @@ fn new_record(job: &Job, spec: &RunSpec, now: Timestamp) -> RunRecord {
     )
 }
 
+/// A run's stable id across its attempts (`ASIMOV_RUN_ID`, and `WANDB_RUN_ID` unless the
+/// job sets one): its name and 8 hex of a hash of the controller, the name and when the
+/// run was first recorded, so a deleted and re-applied run is a new id.
+pub fn run_id(controller: &str, run: &str, created_at: Timestamp) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{controller}\n{run}\n{created_at}").as_bytes());
+    format!("{run}-{}", &hex::encode(digest)[..8])
+}
+
 /// `2026-11-23 05:23:00 UTC`.
 fn render_time(at: Timestamp) -> String {
     chrono::DateTime::from_timestamp(at, 0).map_or_else(
@@ -1663,18 +1840,56 @@ fn weigh(outcome: &Outcome, exit_code: Option<i32>) -> Weight {
         | Outcome::Budget
         | Outcome::Deleted
         | Outcome::Destroyed
+        | Outcome::Paused
         | Outcome::Superseded => Weight::Again,
         Outcome::SpecChanged(_) => Weight::Fresh,
     }
 }
 
+/// Restarts used so far in a run's generation, by cause.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Restarts {
+    pub preemption: u32,
+    pub error: u32,
+    /// Tries that found no capacity (or no machine that booted), in a row.
+    pub no_capacity: u32,
+}
+
+impl Restarts {
+    pub fn total(&self) -> u32 {
+        self.preemption + self.error
+    }
+}
+
+/// Why a restart of cause `on` is refused under `retry` with `used` restarts, if it is.
+fn restart_refused(
+    retry: &crate::manifest::RetryPolicy,
+    on: crate::manifest::RetryOn,
+    used: &Restarts,
+) -> Option<String> {
+    use crate::manifest::RetryOn;
+    let (count, field) = match on {
+        RetryOn::Preemption => (used.preemption, "max_preemptions"),
+        RetryOn::Error => (used.error, "max_errors"),
+        RetryOn::NoCapacity => return None,
+    };
+    if used.total() >= retry.max_restarts {
+        return Some(format!("all {} restarts used", retry.max_restarts));
+    }
+    let max = retry.max_of(on);
+    (count >= max).then(|| format!("all {max} {field} used"))
+}
+
 /// Folds the ended attempts in order: what follows the last one, and whether it closed
-/// a generation (the run finished). Restarts are counted within a generation, so an
-/// edited job's fresh attempt starts with all its restarts.
-fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next {
+/// a generation (the run finished). Restarts are counted within a generation, by cause
+/// (preemption, error, no capacity), so an edited job's fresh attempt starts with all
+/// its restarts.
+fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> (Next, Restarts) {
+    use crate::manifest::RetryOn;
     let retry = &job.spec.retry;
     let placements = job.spec.placement.len().max(1) as u32;
-    let mut restarts = 0u32;
+    let mut used = Restarts::default();
+    // No-capacity tries in a row, for the backoff and the walk through placements.
     let mut no_cap = 0u32;
     let mut next = Next::Create {
         placement_index: 0,
@@ -1691,7 +1906,7 @@ fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next 
         next = match weight {
             Weight::Fresh => {
                 // The job was edited after this attempt finished the run: a fresh start.
-                restarts = 0;
+                used = Restarts::default();
                 Next::Create {
                     placement_index: 0,
                     not_before: i64::MIN,
@@ -1707,19 +1922,33 @@ fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next 
             },
             Weight::NoMachine => {
                 no_cap += 1;
+                used.no_capacity += 1;
                 let next_index = (same + 1) % placements;
                 let wait = backoff_delay(no_cap).as_secs() as i64;
                 let at = a.released_at.unwrap_or(a.intent_at) + wait;
-                let gives_up = matches!(outcome, Outcome::NoCapacity | Outcome::BootTimeout)
-                    && !retry.retries(crate::manifest::RetryOn::NoCapacity)
-                    && no_cap >= placements;
+                let capacity = matches!(outcome, Outcome::NoCapacity | Outcome::BootTimeout);
+                let gives_up =
+                    capacity && !retry.retries(RetryOn::NoCapacity) && no_cap >= placements;
+                let exhausted = capacity
+                    && retry
+                        .max_no_capacity
+                        .is_some_and(|max| used.no_capacity > max);
+                let what = match outcome {
+                    Outcome::BootTimeout => "no placement booted in time",
+                    _ => "no capacity on any placement",
+                };
                 if gives_up {
                     Next::Finished {
                         phase: Phase::Failed,
-                        reason: match outcome {
-                            Outcome::BootTimeout => "no placement booted in time".into(),
-                            _ => "no capacity on any placement".into(),
-                        },
+                        reason: what.into(),
+                    }
+                } else if exhausted {
+                    Next::Finished {
+                        phase: Phase::Failed,
+                        reason: format!(
+                            "{what}; all {} max_no_capacity tries used",
+                            retry.max_no_capacity.unwrap_or(0)
+                        ),
                     }
                 } else {
                     let provider = job
@@ -1740,27 +1969,59 @@ fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next 
             }
             Weight::Finished(phase, reason) => Next::Finished { phase, reason },
             Weight::Restart(on, what) => {
-                if !retry.retries(on) {
-                    Next::Finished {
-                        phase: Phase::Failed,
-                        reason: what,
+                let allowed = match on {
+                    RetryOn::Error => {
+                        let code = match outcome {
+                            Outcome::Failed { exit_code: c } => c.or(exit_code),
+                            _ => exit_code,
+                        };
+                        retry.restarts_failure(code)
                     }
-                } else if restarts >= retry.max_restarts {
-                    Next::Finished {
+                    _ if retry.retries(on) => Ok(()),
+                    _ => Err("retry.on has no `preemption`".to_string()),
+                };
+                match allowed.map(|()| restart_refused(retry, on, &used)) {
+                    Err(why) => Next::Finished {
                         phase: Phase::Failed,
-                        reason: format!("{what}; all {} restarts used", retry.max_restarts),
-                    }
-                } else {
-                    restarts += 1;
-                    Next::Create {
-                        placement_index: same,
-                        not_before: i64::MIN,
-                        reason: format!("{what}; restart {restarts} of {}", retry.max_restarts),
+                        reason: format!("{what}; not restarted: {why}"),
+                    },
+                    Ok(Some(why)) => Next::Finished {
+                        phase: Phase::Failed,
+                        reason: format!("{what}; {why}"),
+                    },
+                    Ok(None) => {
+                        let (cause, n) = match on {
+                            RetryOn::Error => {
+                                used.error += 1;
+                                ("error", used.error)
+                            }
+                            _ => {
+                                used.preemption += 1;
+                                ("preemption", used.preemption)
+                            }
+                        };
+                        // The cause's own count when it has its own limit.
+                        let own = match on {
+                            RetryOn::Error => retry.max_errors,
+                            _ => retry.max_preemptions,
+                        }
+                        .map_or_else(String::new, |_| {
+                            format!(" ({cause} {n} of {})", retry.max_of(on))
+                        });
+                        Next::Create {
+                            placement_index: same,
+                            not_before: i64::MIN,
+                            reason: format!(
+                                "{what}; restart {} of {}{own}",
+                                used.total(),
+                                retry.max_restarts,
+                            ),
+                        }
                     }
                 }
             }
-            // Stopped by a budget, superseded, deleted then re-applied: go again,
-            // without counting a restart.
+            // Stopped by a budget, superseded, paused, deleted then re-applied: go
+            // again, without counting a restart.
             Weight::Again => Next::Create {
                 placement_index: same,
                 not_before: i64::MIN,
@@ -1768,12 +2029,19 @@ fn fold(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next 
             },
         };
     }
-    next
+    (next, used)
+}
+
+/// The restarts a run has used in its current generation, by cause (for `describe`).
+pub fn restarts_used(job: &Job, attempts: &[AttemptRecord]) -> Restarts {
+    let mut sorted: Vec<&AttemptRecord> = attempts.iter().collect();
+    sorted.sort_by_key(|a| a.attempt);
+    fold(job, &sorted, None).1
 }
 
 /// What follows the ended attempts of a run.
 fn next_step(job: &Job, attempts: &[&AttemptRecord], exit_code: Option<i32>) -> Next {
-    fold(job, attempts, exit_code)
+    fold(job, attempts, exit_code).0
 }
 
 /// The phase and reason a run takes when its live attempt `a` ends with `outcome`.
@@ -1793,7 +2061,7 @@ fn decide(
         .collect();
     hypothetical.push(&ended);
     hypothetical.sort_by_key(|x| x.attempt);
-    match fold(job, &hypothetical, exit_code) {
+    match fold(job, &hypothetical, exit_code).0 {
         Next::Finished { phase, reason } => (phase, reason),
         Next::Create { reason, .. } => (Phase::Pending, reason),
     }

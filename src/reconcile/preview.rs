@@ -156,7 +156,7 @@ pub fn preview_job(
                         .spec
                         .schedule
                         .as_ref()
-                        .map(|s| s.at)
+                        .and_then(|s| s.at)
                         .filter(|at| *at > now),
                     placed: place(job, quotes, claims),
                 },
@@ -240,6 +240,7 @@ mod tests {
                 artifacts: None,
                 stop_when: vec![],
                 schedule: None,
+                paused: false,
                 budget: None,
             },
             runs: (0..runs)

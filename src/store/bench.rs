@@ -100,6 +100,7 @@ fn synthetic(i: usize, now: Timestamp, mix: &mut Mix) -> (RunRecord, Vec<Attempt
         Phase::Failed => "run command exited 1",
         Phase::Deleting => "job deleted; destroying instance",
         Phase::Stopped => "destroyed by `asimov destroy`",
+        Phase::Paused => "paused by `asimov pause`",
     };
     let run = RunRecord {
         name: name.clone(),

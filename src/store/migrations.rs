@@ -191,6 +191,30 @@ const STEPS: &[&str] = &[
         PRIMARY KEY (run, attempt)
     );
     "#,
+    // 7: run lifecycle: pauses and resumes (desired state, like `stops`), when each
+    // attempt's agent last answered and why it ended, the latest metrics of each run.
+    r#"
+    CREATE TABLE IF NOT EXISTS run_pauses (
+        run    TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL,
+        at     INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS attempt_notes (
+        run          TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
+        attempt      INTEGER NOT NULL,
+        seen_at      INTEGER,
+        ended_reason TEXT,
+        PRIMARY KEY (run, attempt)
+    );
+    CREATE TABLE IF NOT EXISTS run_metrics (
+        run     TEXT PRIMARY KEY REFERENCES runs (name) ON DELETE CASCADE,
+        attempt INTEGER NOT NULL,
+        line    TEXT NOT NULL,
+        metric  TEXT,
+        value   REAL,
+        at      INTEGER NOT NULL
+    );
+    "#,
 ];
 
 /// The schema version this build writes and reads.

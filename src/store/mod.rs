@@ -18,6 +18,7 @@ mod checkpoints;
 mod desired;
 mod history;
 mod hosts;
+mod lifecycle;
 mod migrations;
 mod runs;
 
@@ -25,6 +26,7 @@ pub use checkpoints::CheckpointSync;
 pub use desired::{
     ControllerStatus, DesiredFolder, DesiredObject, DesiredProblem, DesiredRecord, RunError,
 };
+pub use lifecycle::{Pause, RunMetrics};
 pub use migrations::SCHEMA_VERSION;
 pub use runs::{Fields, ListError, ListedRun, Listing};
 

@@ -254,6 +254,7 @@ impl Store {
             "DELETE FROM run_errors WHERE run = ?1",
             "DELETE FROM runs WHERE name = ?1",
             "DELETE FROM stops WHERE run = ?1",
+            "DELETE FROM run_pauses WHERE run = ?1",
         ] {
             tx.prepare_cached(sql)
                 .and_then(|mut stmt| stmt.execute([name]))
