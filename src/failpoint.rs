@@ -52,11 +52,15 @@ pub fn delay(name: &str) -> std::time::Duration {
     static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
     let armed = ARMED.get_or_init(|| {
         let spec = std::env::var("ASIMOV_DELAYPOINT").ok()?;
-        let (n, ms) = spec.split_once(':')?;
+        let (n, ms) = spec.rsplit_once(':')?;
         Some((n.to_string(), ms.parse().ok()?))
     });
     match armed {
-        Some((n, ms)) if n == name => std::time::Duration::from_millis(*ms),
+        Some((n, ms)) if n == name => {
+            // Tests wait for this line to act inside the window.
+            tracing::info!(point = name, "delay point reached");
+            std::time::Duration::from_millis(*ms)
+        }
         _ => std::time::Duration::ZERO,
     }
 }

@@ -553,6 +553,7 @@ impl Controller {
                 let _paced = executor.permit(inst.provider).await;
                 let tag = inst.tag.render();
                 let mut metrics = None;
+                tokio::time::sleep(crate::failpoint::delay("observe:before-status")).await;
                 let obs = match provider.machine(&inst) {
                     Err(e) => AgentObservation::Unreachable {
                         message: e.to_string(),
