@@ -567,3 +567,55 @@ async fn a_change_during_a_timer_is_not_lost() {
         .expect("task");
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// Defect: a pass waited for all its ops, and machine work shared the API's calls in
+/// flight, so a run whose instance was ready waited behind other runs' paced creates
+/// (with a cloud's pacing, minutes of other launches). Here the fake paces creates one
+/// per 30 s with 2 calls in flight: the first run's create goes first and its instance
+/// boots in 5 s; its job must start long before the other eight creates are through
+/// (4 minutes), and those still go one per gap, never two at once.
+#[tokio::test(start_paused = true)]
+async fn a_ready_instance_starts_while_other_runs_creates_wait_their_turn() {
+    let mut capabilities = Capabilities::default();
+    capabilities.pacing.max_in_flight = 2;
+    let config = FakeConfig {
+        create_gap: Duration::from_secs(30),
+        job_duration: Duration::from_secs(3600),
+        capabilities,
+        ..FakeConfig::default()
+    };
+    let w = Arc::new(world(vec![job("a-ready", 1), job("b-crowd", 8)], config));
+    let (handle, shutdown) = Shutdown::new();
+    let runner = Arc::clone(&w);
+    let task = tokio::spawn(async move { runner.controller.run(shutdown).await });
+    let begun = tokio::time::Instant::now();
+    let running = |w: &World| {
+        phases(w)
+            .iter()
+            .any(|(r, p)| r == "a-ready-0" && *p == Phase::Running)
+    };
+    while !running(&w) && begun.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let waited = begun.elapsed();
+    let creates = w.fake.calls().create;
+    assert!(
+        running(&w) && waited < Duration::from_secs(60),
+        "a-ready-0 ran only after {waited:?} ({creates} creates made): {:?}",
+        phases(&w)
+    );
+    assert!(creates < 9, "all creates were through first: {creates}");
+    // The rest converge, one create per gap, none twice.
+    while phases(&w).iter().any(|(_, p)| *p != Phase::Running) {
+        assert!(begun.elapsed() < Duration::from_secs(1200), "{:?}", phases(&w));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_no_duplicates(&w.fake);
+    assert_eq!(w.fake.calls().create, 9);
+    handle.signal();
+    let result = tokio::time::timeout(Duration::from_secs(600), task)
+        .await
+        .expect("stops after the first signal")
+        .expect("task");
+    assert!(result.is_ok(), "{result:?}");
+}
