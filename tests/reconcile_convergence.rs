@@ -619,3 +619,37 @@ async fn a_ready_instance_starts_while_other_runs_creates_wait_their_turn() {
         .expect("task");
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// Defect: an instance that ended itself after its job finished, but before the
+/// controller collected the run (the collect kept failing past the self-destroy's
+/// grace), was taken for a preempted one and the job ran again. How the job ended is
+/// now recorded the first time the agent is seen saying so, before any collect.
+#[tokio::test(start_paused = true)]
+async fn a_finished_job_whose_instance_ends_itself_before_collection_never_runs_again() {
+    let config = FakeConfig {
+        job_duration: Duration::from_secs(30),
+        ..FakeConfig::default()
+    };
+    let w = world(vec![job("done", 1)], config);
+    // Collecting fails, again and again, as over a link that keeps dropping.
+    w.fake.inject(
+        Operation::Collect,
+        Fault::Error(ErrorKind::Transient),
+        1000,
+    );
+    let mut passes = 0;
+    while w.fake.calls().collect == 0 {
+        passes += 1;
+        assert!(passes < 500, "never tried to collect: {:?}", phases(&w));
+        let report = w.controller.run_once().await.expect("pass");
+        tokio::time::sleep(report.requeue_after.unwrap_or(Duration::from_secs(1))).await;
+    }
+    // The instance's self-destroy hook gives up waiting and ends it.
+    let ids: Vec<String> = w.fake.instances().into_iter().map(|i| i.id).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(w.fake.vanish(&ids[0]));
+    converge(&w, 200).await;
+    assert_eq!(phases(&w), vec![("done-0".to_string(), Phase::Succeeded)]);
+    assert_eq!(w.fake.calls().create, 1, "the finished job ran again");
+    assert_eq!(w.fake.calls().start, 1, "the finished job ran again");
+}

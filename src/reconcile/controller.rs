@@ -14,7 +14,7 @@ use super::plan::{
 };
 use crate::home::Home;
 use crate::manifest::{Fleet, Manifests};
-use crate::model::{HostStatus, OwnerTag, Progress, ProviderKind, RunName, Timestamp};
+use crate::model::{HostStatus, Outcome, OwnerTag, Progress, ProviderKind, RunName, Timestamp};
 use crate::provider::{Capabilities, Provider};
 use crate::provider::{ErrorKind, Instance, InstanceState};
 use crate::store::HostRecord;
@@ -539,10 +539,21 @@ impl Controller {
     /// plans nothing however many runs make progress). `history` is updated to match.
     fn record_progress(&self, agents: &BTreeMap<String, AgentObservation>, history: &mut History) {
         let mut moved: Vec<(RunName, Progress)> = Vec::new();
+        let mut ended: Vec<(RunName, u32, Outcome)> = Vec::new();
         for (tag, obs) in agents {
             let AgentObservation::Status(status) = obs else {
                 continue;
             };
+            // How the job ended, kept before anything is collected: the instance may
+            // end itself before the collect goes through (see `History::ends`).
+            if let (Some(outcome), Some(tag)) = (agent_end(status), OwnerTag::parse(tag))
+                && !history.ends.contains_key(&(tag.run.clone(), tag.attempt))
+            {
+                history
+                    .ends
+                    .insert((tag.run.clone(), tag.attempt), outcome.clone());
+                ended.push((tag.run, tag.attempt, outcome));
+            }
             let (Some(p), Some(tag)) = (status.progress, OwnerTag::parse(tag)) else {
                 continue;
             };
@@ -563,6 +574,9 @@ impl Controller {
             .unwrap_or_else(|e| e.into_inner());
         if let Err(e) = store.put_progress(&moved) {
             tracing::warn!(error = %error_chain(&e), "cannot record progress");
+        }
+        if let Err(e) = store.put_attempt_ends(&ended, self.now()) {
+            tracing::warn!(error = %error_chain(&e), "cannot record how jobs ended");
         }
     }
 
@@ -658,6 +672,7 @@ impl Controller {
         h.checkpoints = store
             .last_checkpoint_syncs()
             .map_err(ControllerError::Store)?;
+        h.ends = store.attempt_ends().map_err(ControllerError::Store)?;
         Ok(h)
     }
 
@@ -837,6 +852,20 @@ impl Controller {
             requeue: plan.requeue,
             ..PassReport::default()
         }
+    }
+}
+
+/// How the job ended, when the agent says it has (its own word, not a decision).
+fn agent_end(status: &crate::agent::AgentStatus) -> Option<Outcome> {
+    use crate::agent::AgentState;
+    match status.state {
+        AgentState::Succeeded => Some(Outcome::Succeeded),
+        AgentState::Failed => Some(Outcome::Failed {
+            exit_code: status.exit_code,
+        }),
+        AgentState::TimedOut => Some(Outcome::TimedOut),
+        AgentState::Stopped => Some(Outcome::Stopped),
+        AgentState::Starting | AgentState::Setup | AgentState::Running => None,
     }
 }
 
