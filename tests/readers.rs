@@ -467,16 +467,20 @@ fn apply_right_after_stopping_the_controller_waits_for_it_and_starts_another() {
     // SAFETY: signalling the controller by pid.
     unsafe { libc::kill(pid, libc::SIGTERM) };
     // Into the window: delivered (no longer pending), not yet recorded as stopping.
-    a.wait_for("the SIGTERM to be delivered", Duration::from_secs(10), || {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        !status.lines().any(|l| {
-            l.split_once(':').is_some_and(|(k, v)| {
-                matches!(k, "SigPnd" | "ShdPnd")
-                    && u64::from_str_radix(v.trim(), 16)
-                        .is_ok_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+    a.wait_for(
+        "the SIGTERM to be delivered",
+        Duration::from_secs(10),
+        || {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            !status.lines().any(|l| {
+                l.split_once(':').is_some_and(|(k, v)| {
+                    matches!(k, "SigPnd" | "ShdPnd")
+                        && u64::from_str_radix(v.trim(), 16)
+                            .is_ok_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+                })
             })
-        })
-    });
+        },
+    );
     let out = a.run(&["apply", "-f", file]);
     assert!(out.status.success(), "{}", text(&out).1);
     assert!(a.controller_running(), "no controller after apply");

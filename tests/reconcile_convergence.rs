@@ -607,7 +607,11 @@ async fn a_ready_instance_starts_while_other_runs_creates_wait_their_turn() {
     assert!(creates < 9, "all creates were through first: {creates}");
     // The rest converge, one create per gap, none twice.
     while phases(&w).iter().any(|(_, p)| *p != Phase::Running) {
-        assert!(begun.elapsed() < Duration::from_secs(1200), "{:?}", phases(&w));
+        assert!(
+            begun.elapsed() < Duration::from_secs(1200),
+            "{:?}",
+            phases(&w)
+        );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert_no_duplicates(&w.fake);
@@ -632,11 +636,8 @@ async fn a_finished_job_whose_instance_ends_itself_before_collection_never_runs_
     };
     let w = world(vec![job("done", 1)], config);
     // Collecting fails, again and again, as over a link that keeps dropping.
-    w.fake.inject(
-        Operation::Collect,
-        Fault::Error(ErrorKind::Transient),
-        1000,
-    );
+    w.fake
+        .inject(Operation::Collect, Fault::Error(ErrorKind::Transient), 1000);
     let mut passes = 0;
     while w.fake.calls().collect == 0 {
         passes += 1;

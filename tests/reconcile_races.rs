@@ -36,7 +36,10 @@ fn an_instance_folder_gone_between_listing_and_status_read_is_not_started_again(
     let manifest = format!(
         "apiVersion: asimov/v1\nkind: Job\nmetadata: {{name: vanish}}\nspec:\n  run: {:?}\n  \
          retry: {{on: [preemption], max_restarts: 3}}\n",
-        format!("echo \"$ASIMOV_INSTANCE\" >> {}; exec sleep 600", starts.display())
+        format!(
+            "echo \"$ASIMOV_INSTANCE\" >> {}; exec sleep 600",
+            starts.display()
+        )
     );
     let file = a.manifest("vanish.yaml", &manifest);
     let point = "observe:before-status";

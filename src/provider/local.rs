@@ -374,7 +374,8 @@ impl Provider for LocalProvider {
                         format!("instance folder {} is not UTF-8", root.display()),
                     )
                 })?;
-                let machine = AgentMachine::new(Arc::new(LocalTransport::new()), root).root_is_instance();
+                let machine =
+                    AgentMachine::new(Arc::new(LocalTransport::new()), root).root_is_instance();
                 let machine = if self.no_tmux {
                     machine.without_tmux()
                 } else {

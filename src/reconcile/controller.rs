@@ -359,7 +359,7 @@ impl Controller {
             enum Wake {
                 Timer,
                 Changed,
-                Ended(GroupDone),
+                Ended(Box<GroupDone>),
                 Stop,
             }
             let wake = tokio::select! {
@@ -374,7 +374,7 @@ impl Controller {
                     Wake::Changed
                 }
                 Some(joined) = inflight.set.join_next(), if !inflight.set.is_empty() => match joined {
-                    Ok(done) => Wake::Ended(done),
+                    Ok(done) => Wake::Ended(Box::new(done)),
                     // A group that panicked: its key is looked at again by its timer.
                     Err(_) => continue,
                 },
@@ -388,7 +388,7 @@ impl Controller {
                 }
                 Wake::Ended(done) => {
                     let mut report = PassReport::default();
-                    if let Some(r) = self.group_ended(done, &mut inflight, &mut report) {
+                    if let Some(r) = self.group_ended(*done, &mut inflight, &mut report) {
                         let at = Instant::now() + r.after;
                         let timer = timers.entry(r.key).or_insert(at);
                         if r.replace || at < *timer {

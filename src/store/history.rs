@@ -56,7 +56,11 @@ impl Store {
 
     /// Records how attempts' jobs ended, as their agents reported it: `(run, attempt,
     /// outcome)`. The first record of an attempt stays.
-    pub fn put_attempt_ends(&self, ends: &[(String, u32, Outcome)], now: Timestamp) -> StoreResult<()> {
+    pub fn put_attempt_ends(
+        &self,
+        ends: &[(String, u32, Outcome)],
+        now: Timestamp,
+    ) -> StoreResult<()> {
         const STEP: &str = "recording how jobs ended";
         if ends.is_empty() {
             return Ok(());
@@ -78,9 +82,7 @@ impl Store {
     }
 
     /// How each attempt's job ended as its agent reported it: (run, attempt) → outcome.
-    pub fn attempt_ends(
-        &self,
-    ) -> StoreResult<std::collections::BTreeMap<(String, u32), Outcome>> {
+    pub fn attempt_ends(&self) -> StoreResult<std::collections::BTreeMap<(String, u32), Outcome>> {
         const STEP: &str = "reading how jobs ended";
         let mut stmt = self
             .conn
