@@ -44,3 +44,23 @@ pub fn hit(name: &str) {
         }
     }
 }
+
+/// How long to wait at `name` when `ASIMOV_DELAYPOINT=name:MILLIS` names it (zero
+/// otherwise): tests widen a race window with it, so the race is met every time rather
+/// than once in a hundred runs.
+pub fn delay(name: &str) -> std::time::Duration {
+    static ARMED: OnceLock<Option<(String, u64)>> = OnceLock::new();
+    let armed = ARMED.get_or_init(|| {
+        let spec = std::env::var("ASIMOV_DELAYPOINT").ok()?;
+        let (n, ms) = spec.rsplit_once(':')?;
+        Some((n.to_string(), ms.parse().ok()?))
+    });
+    match armed {
+        Some((n, ms)) if n == name => {
+            // Tests wait for this line to act inside the window.
+            tracing::info!(point = name, "delay point reached");
+            std::time::Duration::from_millis(*ms)
+        }
+        _ => std::time::Duration::ZERO,
+    }
+}

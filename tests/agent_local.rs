@@ -607,7 +607,7 @@ async fn local_provider_lists_running_instances_whose_folder_is_gone() {
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0].id, a.id);
     assert_eq!(listed[0].tag, tag);
-    assert_eq!(listed[0].state, InstanceState::Terminating);
+    assert_eq!(listed[0].state, InstanceState::Stopped);
     // Another home's provider does not claim it.
     assert!(other.list().await.unwrap().is_empty());
 

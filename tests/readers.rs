@@ -429,13 +429,13 @@ fn a_start_that_keeps_failing_shows_its_error_in_the_reason_and_describe() {
 // Issue 7 item 13, the other way a controller leaves: asked to stop (SIGTERM), it
 // finishes its in-flight steps first and holds the lock meanwhile.
 //
-// Ignored in CI: it is flaky (seen failing once in a clean full run). A SIGTERM the
-// controller has already taken in, but whose `stopping` record it has not yet written,
-// looks like a working controller to `apply`, which then starts none; the old one
-// exits and no controller is left. Pending (undelivered) SIGTERMs now count as
-// leaving; the window after delivery remains. Run it with `--ignored`.
+// The race (once flaky): a SIGTERM the controller has taken in, but whose `stopping`
+// record its signal task has not written yet, looked like a working controller to
+// `apply`, which started none; the old one exited and no controller was left. The
+// delay point holds the signal task back for seconds, so the window is met every run:
+// the controller now records `stopping` before it records the folder `apply` wrote,
+// and `apply` looks again once its manifests were read.
 #[test]
-#[ignore = "race between SIGTERM delivery and the stopping record; see the comment"]
 fn apply_right_after_stopping_the_controller_waits_for_it_and_starts_another() {
     let a = Asimov::new();
     // Ignores SIGTERM: destroying it takes the agent's whole grace period.
@@ -444,7 +444,14 @@ fn apply_right_after_stopping_the_controller_waits_for_it_and_starts_another() {
         &job("slow", "trap '' TERM; while true; do sleep 1; done").replace("..", "."),
     );
     let file = file.to_str().unwrap();
-    a.ok(&["apply", "-f", file]);
+    // ASIMOV_* variables reach the background controller `apply` starts.
+    let out = a
+        .command()
+        .args(["apply", "-f", file])
+        .env("ASIMOV_DELAYPOINT", "signal:before-stopping:5000")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out).1);
     a.wait_for("slow-0 to run", Duration::from_secs(30), || {
         a.run_phase("slow-0").as_deref() == Some("Running")
     });
@@ -459,6 +466,21 @@ fn apply_right_after_stopping_the_controller_waits_for_it_and_starts_another() {
     });
     // SAFETY: signalling the controller by pid.
     unsafe { libc::kill(pid, libc::SIGTERM) };
+    // Into the window: delivered (no longer pending), not yet recorded as stopping.
+    a.wait_for(
+        "the SIGTERM to be delivered",
+        Duration::from_secs(10),
+        || {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            !status.lines().any(|l| {
+                l.split_once(':').is_some_and(|(k, v)| {
+                    matches!(k, "SigPnd" | "ShdPnd")
+                        && u64::from_str_radix(v.trim(), 16)
+                            .is_ok_and(|m| m & (1 << (libc::SIGTERM - 1)) != 0)
+                })
+            })
+        },
+    );
     let out = a.run(&["apply", "-f", file]);
     assert!(out.status.success(), "{}", text(&out).1);
     assert!(a.controller_running(), "no controller after apply");

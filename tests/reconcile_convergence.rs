@@ -570,3 +570,90 @@ async fn a_change_during_a_timer_is_not_lost() {
         .expect("task");
     assert!(result.is_ok(), "{result:?}");
 }
+
+/// Defect: a pass waited for all its ops, and machine work shared the API's calls in
+/// flight, so a run whose instance was ready waited behind other runs' paced creates
+/// (with a cloud's pacing, minutes of other launches). Here the fake paces creates one
+/// per 30 s with 2 calls in flight: the first run's create goes first and its instance
+/// boots in 5 s; its job must start long before the other eight creates are through
+/// (4 minutes), and those still go one per gap, never two at once.
+#[tokio::test(start_paused = true)]
+async fn a_ready_instance_starts_while_other_runs_creates_wait_their_turn() {
+    let mut capabilities = Capabilities::default();
+    capabilities.pacing.max_in_flight = 2;
+    let config = FakeConfig {
+        create_gap: Duration::from_secs(30),
+        job_duration: Duration::from_secs(3600),
+        capabilities,
+        ..FakeConfig::default()
+    };
+    let w = Arc::new(world(vec![job("a-ready", 1), job("b-crowd", 8)], config));
+    let (handle, shutdown) = Shutdown::new();
+    let runner = Arc::clone(&w);
+    let task = tokio::spawn(async move { runner.controller.run(shutdown).await });
+    let begun = tokio::time::Instant::now();
+    let running = |w: &World| {
+        phases(w)
+            .iter()
+            .any(|(r, p)| r == "a-ready-0" && *p == Phase::Running)
+    };
+    while !running(&w) && begun.elapsed() < Duration::from_secs(600) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let waited = begun.elapsed();
+    let creates = w.fake.calls().create;
+    assert!(
+        running(&w) && waited < Duration::from_secs(60),
+        "a-ready-0 ran only after {waited:?} ({creates} creates made): {:?}",
+        phases(&w)
+    );
+    assert!(creates < 9, "all creates were through first: {creates}");
+    // The rest converge, one create per gap, none twice.
+    while phases(&w).iter().any(|(_, p)| *p != Phase::Running) {
+        assert!(
+            begun.elapsed() < Duration::from_secs(1200),
+            "{:?}",
+            phases(&w)
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_no_duplicates(&w.fake);
+    assert_eq!(w.fake.calls().create, 9);
+    handle.signal();
+    let result = tokio::time::timeout(Duration::from_secs(600), task)
+        .await
+        .expect("stops after the first signal")
+        .expect("task");
+    assert!(result.is_ok(), "{result:?}");
+}
+
+/// Defect: an instance that ended itself after its job finished, but before the
+/// controller collected the run (the collect kept failing past the self-destroy's
+/// grace), was taken for a preempted one and the job ran again. How the job ended is
+/// now recorded the first time the agent is seen saying so, before any collect.
+#[tokio::test(start_paused = true)]
+async fn a_finished_job_whose_instance_ends_itself_before_collection_never_runs_again() {
+    let config = FakeConfig {
+        job_duration: Duration::from_secs(30),
+        ..FakeConfig::default()
+    };
+    let w = world(vec![job("done", 1)], config);
+    // Collecting fails, again and again, as over a link that keeps dropping.
+    w.fake
+        .inject(Operation::Collect, Fault::Error(ErrorKind::Transient), 1000);
+    let mut passes = 0;
+    while w.fake.calls().collect == 0 {
+        passes += 1;
+        assert!(passes < 500, "never tried to collect: {:?}", phases(&w));
+        let report = w.controller.run_once().await.expect("pass");
+        tokio::time::sleep(report.requeue_after.unwrap_or(Duration::from_secs(1))).await;
+    }
+    // The instance's self-destroy hook gives up waiting and ends it.
+    let ids: Vec<String> = w.fake.instances().into_iter().map(|i| i.id).collect();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert!(w.fake.vanish(&ids[0]));
+    converge(&w, 200).await;
+    assert_eq!(phases(&w), vec![("done-0".to_string(), Phase::Succeeded)]);
+    assert_eq!(w.fake.calls().create, 1, "the finished job ran again");
+    assert_eq!(w.fake.calls().start, 1, "the finished job ran again");
+}

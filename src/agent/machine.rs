@@ -18,6 +18,9 @@ pub struct AgentMachine {
     root: String,
     home: OnceCell<String>,
     no_tmux: bool,
+    /// The root came with the instance and goes with it (a local instance's folder):
+    /// its absence means the instance is gone, never "not started yet".
+    root_is_instance: bool,
 }
 
 /// Quotes `s` for `sh` as one word.
@@ -39,7 +42,16 @@ impl AgentMachine {
             root: root.into(),
             home: OnceCell::new(),
             no_tmux: false,
+            root_is_instance: false,
         }
+    }
+
+    /// The root is the instance itself (made by its create, removed by its destroy):
+    /// a status read that finds no root fails instead of answering "not started", so a
+    /// folder removed after the listing saw it is not started again.
+    pub fn root_is_instance(mut self) -> Self {
+        self.root_is_instance = true;
+        self
     }
 
     /// Launches the agent with `setsid` even where tmux exists (`ASIMOV_NO_TMUX=1`).
@@ -466,9 +478,14 @@ impl Machine for AgentMachine {
 
     async fn observe(&self) -> Result<Option<AgentStatus>, AgentError> {
         let root = self.root_path().await?;
-        let text = self
-            .run_ok("read agent status", &self.agent(&root, "status"))
-            .await?;
+        let mut script = self.agent(&root, "status");
+        if self.root_is_instance {
+            script = format!(
+                "if [ -d {0} ]; then {script}; else echo 'instance folder {0} is gone' >&2; exit 3; fi",
+                sh_quote(&root)
+            );
+        }
+        let text = self.run_ok("read agent status", &script).await?;
         Ok(parse_status(&text).map(|(status, _)| status))
     }
 

@@ -119,6 +119,15 @@ pub fn run_as(
     }
     let changed = changes.iter().any(|(c, _)| *c != Change::Unchanged);
     warn_if_unwatched(home, (changed || started).then_some(written_at_ms), started)?;
+    // The controller found working may have been signalled to stop just before: once it
+    // has read what we wrote it has recorded that too (`Folder::record`), so look again
+    // and start another if it is leaving, or nothing would act on what was applied.
+    if changed && !started && daemon::ensure_running(home)? {
+        eprintln!(
+            "started a background controller (log: {})",
+            home.controller_log().display()
+        );
+    }
     if wait_for_runs && !loaded.manifests.jobs.is_empty() {
         return wait::follow(home, &loaded.manifests.jobs);
     }

@@ -18,7 +18,8 @@ use crate::store::{DesiredFolder, DesiredObject, DesiredProblem, Store};
 use async_trait::async_trait;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -148,6 +149,15 @@ impl Folder {
             recorded_at: now,
         };
         let store = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        // A stop already signalled is recorded before what this read saw: an `apply`
+        // that waits for its manifests to be read then finds this controller leaving,
+        // however late the signal task gets to say so itself.
+        if stop_signalled()
+            && let Some(store) = store.as_ref()
+            && let Err(e) = store.controller_stopping(std::process::id(), now)
+        {
+            tracing::warn!(error = %e, "cannot record the controller's liveness");
+        }
         if let Some(store) = store.as_ref()
             && let Err(e) = store.record_desired(&source, &objects, &problems)
         {
@@ -359,6 +369,7 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         tracing::info!(home = %home.root().display(), manifests = %dir.display(), pid = std::process::id(), "controller started");
         let liveness = Liveness::start(home);
         let (handle, shutdown) = Shutdown::new();
+        watch_stop_flag();
         spawn_signal_handlers(handle.clone(), liveness.clone());
         if background {
             spawn_home_watchdog(home.clone(), handle);
@@ -374,6 +385,27 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
 }
 
 type Handle = crate::reconcile::controller::ShutdownHandle;
+
+/// Set by the signal handler itself (async-signal-safe), the moment SIGTERM or SIGINT
+/// is delivered: the tokio task that records `stopping` may run a while later.
+static STOP_FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+
+/// Installs the flag's handler (once; `--once` leaves SIGTERM's default alone).
+fn watch_stop_flag() {
+    STOP_FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+            if let Err(e) = signal_hook::flag::register(signal, Arc::clone(&flag)) {
+                tracing::warn!(error = %e, "cannot watch for shutdown signals");
+            }
+        }
+        flag
+    });
+}
+
+fn stop_signalled() -> bool {
+    STOP_FLAG.get().is_some_and(|f| f.load(Ordering::SeqCst))
+}
 
 /// SIGINT and SIGTERM: the first stops new ops and lets in-flight ones finish, the
 /// second aborts them.
@@ -393,6 +425,7 @@ fn spawn_signal_handlers(handle: Handle, liveness: Liveness) {
                 _ = term.recv() => {}
             }
             tracing::info!("shutdown signal received");
+            tokio::time::sleep(crate::failpoint::delay("signal:before-stopping")).await;
             // Before anything else: an `apply` from now on waits for this controller to
             // go and starts a new one, rather than trusting one that is leaving.
             liveness.stopping();

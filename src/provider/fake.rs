@@ -34,6 +34,9 @@ pub struct FakeConfig {
     pub price_per_hour: Usd,
     /// What the fake declares about itself (listing lag, boot timeout, resync, ...).
     pub capabilities: Capabilities,
+    /// Creates are paced as a cloud's launches are: one per gap, in turn, shared by
+    /// every caller (zero: unpaced).
+    pub create_gap: Duration,
 }
 
 impl Default for FakeConfig {
@@ -46,6 +49,7 @@ impl Default for FakeConfig {
             capacity: None,
             price_per_hour: Usd::from_dollars(1.0),
             capabilities: Capabilities::default(),
+            create_gap: Duration::ZERO,
         }
     }
 }
@@ -153,6 +157,8 @@ impl Default for FakeClock {
 /// The in-memory provider. Clone-free: share it as `Arc<FakeProvider>`.
 pub struct FakeProvider {
     config: Mutex<FakeConfig>,
+    /// When the next paced create may go (see `FakeConfig::create_gap`).
+    next_create: Mutex<Option<Instant>>,
     state: Arc<Mutex<State>>,
     clock: FakeClock,
 }
@@ -166,6 +172,7 @@ impl FakeProvider {
     pub fn new(config: FakeConfig) -> Self {
         FakeProvider {
             config: Mutex::new(config),
+            next_create: Mutex::new(None),
             state: Arc::new(Mutex::new(State::default())),
             clock: FakeClock::new(),
         }
@@ -381,6 +388,17 @@ impl Provider for FakeProvider {
 
     async fn create(&self, req: &CreateRequest) -> ProviderResult<Instance> {
         let config = self.config();
+        if !config.create_gap.is_zero() {
+            // Take the next turn, then wait for it (a pacer's queue).
+            let turn = {
+                let mut next = lock(&self.next_create);
+                let now = Instant::now();
+                let turn = next.map_or(now, |t| t.max(now));
+                *next = Some(turn + config.create_gap);
+                turn
+            };
+            tokio::time::sleep_until(turn).await;
+        }
         tokio::time::sleep(config.latency).await;
         self.count(Operation::Create);
         let fault = self.take_fault(Operation::Create);

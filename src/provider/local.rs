@@ -5,7 +5,8 @@
 //! Instances are listed from what exists, never from the store: the folders, and the
 //! process table (every process the agent starts carries `ASIMOV_INSTANCE=<tag>` and
 //! `ASIMOV_ROOT=<folder>` in its environment), so a job whose folder was removed while
-//! it still runs is listed (as `Terminating`) and destroyed like any other.
+//! it still runs is listed (as `Stopped`: nothing ends it but a destroy, which the planner
+//! sends for a stopped instance, unlike a `Terminating` one it waits for) and destroyed.
 //!
 //! A destroy sweeps wider than the environment, since a job can shed it (`setsid env -i
 //! cmd &`): a process is the instance's when its current folder or an open file is in
@@ -373,7 +374,8 @@ impl Provider for LocalProvider {
                         format!("instance folder {} is not UTF-8", root.display()),
                     )
                 })?;
-                let machine = AgentMachine::new(Arc::new(LocalTransport::new()), root);
+                let machine =
+                    AgentMachine::new(Arc::new(LocalTransport::new()), root).root_is_instance();
                 let machine = if self.no_tmux {
                     machine.without_tmux()
                 } else {
@@ -421,13 +423,14 @@ impl LocalProvider {
             Err(e) => return Err(io_error("list instances", e)),
         }
         // Processes whose folder is gone: a destroy cut off between removing the folder
-        // and the last process exiting, or a folder removed by hand.
+        // and the last process exiting, or a folder removed by hand. Stopped, not
+        // Terminating: they do not go on their own, so the planner must destroy them.
         for (id, root) in self.tagged_processes() {
             if instances.contains_key(&id) || self.root_of(&id) != Some(root.clone()) {
                 continue;
             }
             if let Some(tag) = OwnerTag::parse(&id) {
-                let instance = self.instance(tag, root, InstanceState::Terminating);
+                let instance = self.instance(tag, root, InstanceState::Stopped);
                 instances.insert(id, instance);
             }
         }

@@ -115,7 +115,9 @@ impl ErrorKind {
 /// How hard a provider's API may be driven.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pacing {
-    /// Calls (create, destroy, agent reads) in flight at once.
+    /// Calls in flight at once: API calls (create, destroy) and work on its machines
+    /// (agent start, reads, collect) each have this many, apart, so neither waits on the
+    /// other.
     pub max_in_flight: usize,
     /// The shortest time between two periodic resyncs of a key using it; the resync
     /// period never goes below it.

@@ -14,7 +14,7 @@ use super::plan::{
 };
 use crate::home::Home;
 use crate::manifest::{Fleet, Manifests};
-use crate::model::{HostStatus, OwnerTag, Progress, ProviderKind, RunName, Timestamp};
+use crate::model::{HostStatus, Outcome, OwnerTag, Progress, ProviderKind, RunName, Timestamp};
 use crate::provider::{Capabilities, Provider};
 use crate::provider::{ErrorKind, Instance, InstanceState};
 use crate::store::HostRecord;
@@ -214,10 +214,49 @@ pub struct Controller {
     clock: Clock,
     /// Op groups (runs) applied at the same time.
     concurrency: usize,
+    /// Shared by every pass's op groups: groups still running from an earlier pass
+    /// count against the same limit.
+    limit: Arc<Semaphore>,
     stopping: Arc<AtomicBool>,
     failures: std::sync::Mutex<BTreeMap<QueueKey, u32>>,
     /// The metrics line last recorded for each run: a steady run writes nothing.
     metrics_written: std::sync::Mutex<BTreeMap<RunName, String>>,
+}
+
+/// One op group: a run's ops (or an orphan's destroy) of one key, applied in order.
+type GroupId = (QueueKey, String);
+
+/// How an op group ended.
+struct GroupDone {
+    id: GroupId,
+    applied: usize,
+    failed: Option<(Op, ExecError)>,
+}
+
+/// Op groups still running, possibly from earlier passes. A pass never waits for
+/// them: a run whose instance is ready is started while other runs' paced creates are
+/// still waiting their turn, and a slow group holds up only its own run (a pass skips
+/// a group still in flight; its end requeues its key).
+#[derive(Default)]
+struct InFlight {
+    set: JoinSet<GroupDone>,
+    groups: BTreeSet<GroupId>,
+    /// Keys with a group that failed since their groups last all ended.
+    errored: BTreeSet<QueueKey>,
+}
+
+impl InFlight {
+    fn has_key(&self, key: &QueueKey) -> bool {
+        self.groups.iter().any(|(k, _)| k == key)
+    }
+}
+
+/// What the end of a group asks of the loop: look at its key again after this long;
+/// `replace` when the error policy decided (it overrides a sooner timer).
+struct GroupRequeue {
+    key: QueueKey,
+    after: Duration,
+    replace: bool,
 }
 
 impl Controller {
@@ -232,6 +271,7 @@ impl Controller {
             controller_id: controller_id.into(),
             clock: Clock::new(),
             concurrency: 16,
+            limit: Arc::new(Semaphore::new(16)),
             stopping: Arc::new(AtomicBool::new(false)),
             failures: std::sync::Mutex::new(BTreeMap::new()),
             metrics_written: std::sync::Mutex::new(BTreeMap::new()),
@@ -240,6 +280,7 @@ impl Controller {
 
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
+        self.limit = Arc::new(Semaphore::new(self.concurrency));
         self
     }
 
@@ -252,80 +293,208 @@ impl Controller {
         self.clock.now()
     }
 
-    /// One pass over everything; the `--once` CLI and tests use it.
+    /// One pass over everything, and its ops to their end; the `--once` CLI and tests
+    /// use it.
     pub async fn run_once(&self) -> Result<PassReport, ControllerError> {
         let (_handle, shutdown) = Shutdown::new();
-        self.pass(&Due::All, shutdown).await
+        let mut inflight = InFlight::default();
+        let mut report = self.pass(&Due::All, &shutdown, &mut inflight).await?;
+        while let Some(joined) = inflight.set.join_next().await {
+            let Ok(done) = joined else { continue };
+            if let Some(r) = self.group_ended(done, &mut inflight, &mut report) {
+                report.requeue.insert(r.key, r.after);
+            }
+        }
+        report.requeue_after = report.requeue.values().min().copied();
+        Ok(report)
     }
 
     /// Runs until shut down: passes when keys are due or the desired state changes,
-    /// sleeping in between (an idle controller sleeps until an event).
+    /// sleeping in between (an idle controller sleeps until an event). Op groups run
+    /// beside the loop; the end of one makes its key due again.
     pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), ControllerError> {
         let mut timers: BTreeMap<QueueKey, Instant> = BTreeMap::new();
-        let mut due = Due::All;
+        let mut inflight = InFlight::default();
+        let mut due = Some(Due::All);
+        // After a pass that could not read the world: when to try the whole pass again.
+        let mut retry_all: Option<Instant> = None;
         // Kept across turns of the loop: a change seen while a timer fired (during the
         // source's debounce, say) must not be dropped with its future, or the change
         // waits for the next resync.
         let mut changed = self.source.changed();
         loop {
             if shutdown.count() >= 1 {
-                return Ok(());
+                return self.drain(inflight, shutdown).await;
             }
-            let report = match self.pass(&due, shutdown.clone()).await {
-                Ok(r) => r,
-                Err(ControllerError::Aborted) => return Err(ControllerError::Aborted),
-                Err(e) => {
-                    // The world could not even be read: try the whole pass again soon.
-                    tracing::warn!(error = %e, "reconcile pass failed");
-                    timers.clear();
-                    due = Due::All;
-                    tokio::select! {
-                        _ = tokio::time::sleep(plan::REQUEUE_LISTING_FAILED) => {}
-                        _ = shutdown.reached(1) => return Ok(()),
+            if let Some(d) = due.take() {
+                match self.pass(&d, &shutdown, &mut inflight).await {
+                    Ok(report) => {
+                        let now = Instant::now();
+                        for (key, after) in &report.requeue {
+                            // A key with a group in flight is looked at again when the
+                            // group ends; its other runs still get a look, but not
+                            // at the pace of the in-flight ops (a pass each 200 ms
+                            // through a paced create wave would only re-list).
+                            let after = if inflight.has_key(key) {
+                                (*after).max(plan::REQUEUE_FAST)
+                            } else {
+                                *after
+                            };
+                            if d.contains(key) || !timers.contains_key(key) {
+                                timers.insert(key.clone(), now + after);
+                            }
+                        }
+                        // A due key the plan no longer wants to see is idle, unless a
+                        // group of it still runs (its end requeues it).
+                        timers.retain(|k, _| {
+                            report.requeue.contains_key(k) || !d.contains(k) || inflight.has_key(k)
+                        });
                     }
-                    continue;
-                }
-            };
-            let now = Instant::now();
-            for (key, after) in &report.requeue {
-                if due.contains(key) || !timers.contains_key(key) {
-                    timers.insert(key.clone(), now + *after);
+                    Err(e) => {
+                        // The world could not even be read: try the whole pass again soon.
+                        tracing::warn!(error = %e, "reconcile pass failed");
+                        timers.clear();
+                        retry_all = Some(Instant::now() + plan::REQUEUE_LISTING_FAILED);
+                    }
                 }
             }
-            // A due key the plan no longer wants to see is idle.
-            timers.retain(|k, _| report.requeue.contains_key(k) || !due.contains(k));
-            let next = timers.values().min().copied();
-            let event = tokio::select! {
+            let next = timers.values().copied().chain(retry_all).min();
+            enum Wake {
+                Timer,
+                Changed,
+                Ended(Box<GroupDone>),
+                Stop,
+            }
+            let wake = tokio::select! {
                 _ = async {
                     match next {
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
-                } => false,
+                } => Wake::Timer,
                 _ = &mut changed => {
                     changed = self.source.changed();
-                    true
+                    Wake::Changed
                 }
-                _ = shutdown.reached(1) => return Ok(()),
+                Some(joined) = inflight.set.join_next(), if !inflight.set.is_empty() => match joined {
+                    Ok(done) => Wake::Ended(Box::new(done)),
+                    // A group that panicked: its key is looked at again by its timer.
+                    Err(_) => continue,
+                },
+                _ = shutdown.reached(1) => Wake::Stop,
             };
-            if event {
-                due = Due::All;
-            } else {
-                let now = Instant::now();
-                let keys: BTreeSet<QueueKey> = timers
-                    .iter()
-                    .filter(|(_, at)| **at <= now)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                for k in &keys {
-                    timers.remove(k);
+            match wake {
+                Wake::Stop => return self.drain(inflight, shutdown).await,
+                Wake::Changed => {
+                    retry_all = None;
+                    due = Some(Due::All);
                 }
-                due = Due::Keys(keys);
+                Wake::Ended(done) => {
+                    let mut report = PassReport::default();
+                    if let Some(r) = self.group_ended(*done, &mut inflight, &mut report) {
+                        let at = Instant::now() + r.after;
+                        let timer = timers.entry(r.key).or_insert(at);
+                        if r.replace || at < *timer {
+                            *timer = at;
+                        }
+                    }
+                }
+                Wake::Timer => {
+                    let now = Instant::now();
+                    if retry_all.is_some_and(|at| at <= now) {
+                        retry_all = None;
+                        due = Some(Due::All);
+                        continue;
+                    }
+                    let keys: BTreeSet<QueueKey> = timers
+                        .iter()
+                        .filter(|(_, at)| **at <= now)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in &keys {
+                        timers.remove(k);
+                    }
+                    due = Some(Due::Keys(keys));
+                }
             }
         }
     }
 
-    async fn pass(&self, due: &Due, mut shutdown: Shutdown) -> Result<PassReport, ControllerError> {
+    /// The first shutdown signal: no new op starts, the ops in flight finish; a second
+    /// signal aborts them.
+    async fn drain(
+        &self,
+        mut inflight: InFlight,
+        mut shutdown: Shutdown,
+    ) -> Result<(), ControllerError> {
+        self.stopping.store(true, Ordering::SeqCst);
+        loop {
+            tokio::select! {
+                joined = inflight.set.join_next() => {
+                    if joined.is_none() {
+                        return Ok(());
+                    }
+                }
+                _ = shutdown.reached(2) => {
+                    inflight.set.abort_all();
+                    return Err(ControllerError::Aborted);
+                }
+            }
+        }
+    }
+
+    /// Folds an ended group into `report` and the failure counts; says when to look at
+    /// its key again.
+    fn group_ended(
+        &self,
+        done: GroupDone,
+        inflight: &mut InFlight,
+        report: &mut PassReport,
+    ) -> Option<GroupRequeue> {
+        inflight.groups.remove(&done.id);
+        let key = done.id.0;
+        report.applied += done.applied;
+        let last = !inflight.has_key(&key);
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        match done.failed {
+            Some((op, e)) => {
+                tracing::warn!(op = %op, error = %error_chain(&e), "op failed");
+                let n = failures.entry(key.clone()).or_insert(0);
+                *n += 1;
+                let after = requeue_after_error(&e.kind(), *n);
+                report.failed.push((op.to_string(), error_chain(&e)));
+                if last {
+                    inflight.errored.remove(&key);
+                } else {
+                    inflight.errored.insert(key.clone());
+                }
+                // The error policy decides: a failure is not "look again in 2 s".
+                Some(GroupRequeue {
+                    key,
+                    after,
+                    replace: true,
+                })
+            }
+            None => {
+                if last && !inflight.errored.remove(&key) {
+                    failures.remove(&key);
+                }
+                // What the ops changed is seen by the next look, soon.
+                Some(GroupRequeue {
+                    key,
+                    after: plan::REQUEUE_STEP,
+                    replace: false,
+                })
+            }
+        }
+    }
+
+    async fn pass(
+        &self,
+        due: &Due,
+        shutdown: &Shutdown,
+        inflight: &mut InFlight,
+    ) -> Result<PassReport, ControllerError> {
         let manifests = self.source.load().await.map_err(ControllerError::Source)?;
         // The fleets first: a fixed pool's listing walks the hosts they name.
         for provider in self.executor.providers.values() {
@@ -368,7 +537,7 @@ impl Controller {
         };
         let now = self.now();
         let plan = plan::plan(&desired, &observed, &history, now);
-        self.apply(plan, desired, due, &mut shutdown).await
+        Ok(self.dispatch(plan, desired, due, shutdown, inflight))
     }
 
     /// The agents' progress is an observation, not a decision: recorded here, in one
@@ -376,10 +545,21 @@ impl Controller {
     /// plans nothing however many runs make progress). `history` is updated to match.
     fn record_progress(&self, agents: &BTreeMap<String, AgentObservation>, history: &mut History) {
         let mut moved: Vec<(RunName, Progress)> = Vec::new();
+        let mut ended: Vec<(RunName, u32, Outcome)> = Vec::new();
         for (tag, obs) in agents {
             let AgentObservation::Status(status) = obs else {
                 continue;
             };
+            // How the job ended, kept before anything is collected: the instance may
+            // end itself before the collect goes through (see `History::ends`).
+            if let (Some(outcome), Some(tag)) = (agent_end(status), OwnerTag::parse(tag))
+                && !history.ends.contains_key(&(tag.run.clone(), tag.attempt))
+            {
+                history
+                    .ends
+                    .insert((tag.run.clone(), tag.attempt), outcome.clone());
+                ended.push((tag.run, tag.attempt, outcome));
+            }
             let (Some(p), Some(tag)) = (status.progress, OwnerTag::parse(tag)) else {
                 continue;
             };
@@ -400,6 +580,9 @@ impl Controller {
             .unwrap_or_else(|e| e.into_inner());
         if let Err(e) = store.put_progress(&moved) {
             tracing::warn!(error = %error_chain(&e), "cannot record progress");
+        }
+        if let Err(e) = store.put_attempt_ends(&ended, self.now()) {
+            tracing::warn!(error = %error_chain(&e), "cannot record how jobs ended");
         }
     }
 
@@ -586,6 +769,7 @@ impl Controller {
         h.checkpoints = store
             .last_checkpoint_syncs()
             .map_err(ControllerError::Store)?;
+        h.ends = store.attempt_ends().map_err(ControllerError::Store)?;
         Ok(h)
     }
 
@@ -647,9 +831,10 @@ impl Controller {
             let executor = Arc::clone(&self.executor);
             set.spawn(async move {
                 let _permit = limit.acquire_owned().await;
-                let _paced = executor.permit(inst.provider).await;
+                let _paced = executor.machine_permit(inst.provider).await;
                 let tag = inst.tag.render();
                 let mut metrics = None;
+                tokio::time::sleep(crate::failpoint::delay("observe:before-status")).await;
                 let obs = match provider.machine(&inst) {
                     Err(e) => AgentObservation::Unreachable {
                         message: e.to_string(),
@@ -688,16 +873,18 @@ impl Controller {
         (out, metrics)
     }
 
-    /// Applies the due keys' ops: one group per run (or per orphan), groups concurrently
-    /// up to the limit, a group's ops in order, stopping at its first failure.
-    async fn apply(
+    /// Starts the due keys' ops: one group per run (or per orphan), groups concurrently
+    /// up to the limit, a group's ops in order, stopping at its first failure. Returns
+    /// at once; a group still in flight from an earlier pass is not started again.
+    fn dispatch(
         &self,
         plan: Plan,
         desired: Arc<Desired>,
         due: &Due,
-        shutdown: &mut Shutdown,
-    ) -> Result<PassReport, ControllerError> {
-        let mut groups: BTreeMap<(QueueKey, String), Vec<Op>> = BTreeMap::new();
+        shutdown: &Shutdown,
+        inflight: &mut InFlight,
+    ) -> PassReport {
+        let mut groups: BTreeMap<GroupId, Vec<Op>> = BTreeMap::new();
         for op in &plan.ops {
             let key = plan.key_of(op);
             if !due.contains(&key) {
@@ -710,87 +897,72 @@ impl Controller {
             };
             groups.entry((key, group)).or_default().push(op.clone());
         }
-        let mut report = PassReport {
-            planned: plan.ops.clone(),
-            ..PassReport::default()
-        };
-        let limit = Arc::new(Semaphore::new(self.concurrency));
-        let mut set = JoinSet::new();
-        for ((key, _), ops) in groups {
-            let (executor, desired, limit) = (
-                Arc::clone(&self.executor),
-                Arc::clone(&desired),
-                Arc::clone(&limit),
-            );
-            let stopping = Arc::clone(&self.stopping);
-            let clock = self.clock;
-            set.spawn(async move {
-                let _permit = limit.acquire_owned().await;
-                let mut applied = 0;
-                let mut failed: Option<(Op, ExecError)> = None;
-                for op in ops {
-                    // First shutdown signal: finish the op in flight, start no other.
-                    if stopping.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match executor.apply(&op, &desired, clock.now()).await {
-                        Ok(()) => applied += 1,
-                        Err(e) => {
-                            failed = Some((op, e));
-                            break;
-                        }
-                    }
-                }
-                (key, applied, failed)
-            });
-        }
-        let mut requeue = plan.requeue.clone();
-        let mut errored: BTreeSet<QueueKey> = BTreeSet::new();
-        let mut signals_open = true;
-        loop {
-            let signals = shutdown.count();
-            if signals >= 2 {
-                set.abort_all();
-                return Err(ControllerError::Aborted);
-            }
-            if signals == 1 {
-                self.stopping.store(true, Ordering::SeqCst);
-            }
-            let joined = tokio::select! {
-                j = set.join_next() => j,
-                changed = shutdown.0.changed(), if signals_open => {
-                    // A dropped handle means no signal can come any more.
-                    signals_open = changed.is_ok();
+        let mut started: BTreeSet<QueueKey> = BTreeSet::new();
+        // First shutdown signal: start nothing more.
+        if shutdown.count() == 0 {
+            for (id, ops) in groups {
+                if inflight.groups.contains(&id) {
                     continue;
                 }
-            };
-            let Some(joined) = joined else { break };
-            let Ok((key, applied, failed)) = joined else {
-                continue;
-            };
-            report.applied += applied;
-            if let Some((op, e)) = failed {
-                tracing::warn!(op = %op, error = %error_chain(&e), "op failed");
-                let failures = {
-                    let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-                    let n = f.entry(key.clone()).or_insert(0);
-                    *n += 1;
-                    *n
-                };
-                let after = requeue_after_error(&e.kind(), failures);
-                // The error policy decides: a failure is not "look again in 2 s".
-                requeue.insert(key.clone(), after);
-                errored.insert(key);
-                report.failed.push((op.to_string(), error_chain(&e)));
+                started.insert(id.0.clone());
+                inflight.groups.insert(id.clone());
+                let (executor, desired, limit) = (
+                    Arc::clone(&self.executor),
+                    Arc::clone(&desired),
+                    Arc::clone(&self.limit),
+                );
+                let stopping = Arc::clone(&self.stopping);
+                let clock = self.clock;
+                inflight.set.spawn(async move {
+                    let _permit = limit.acquire_owned().await;
+                    let mut applied = 0;
+                    let mut failed: Option<(Op, ExecError)> = None;
+                    for op in ops {
+                        // First shutdown signal: finish the op in flight, start no other.
+                        if stopping.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        match executor.apply(&op, &desired, clock.now()).await {
+                            Ok(()) => applied += 1,
+                            Err(e) => {
+                                failed = Some((op, e));
+                                break;
+                            }
+                        }
+                    }
+                    GroupDone {
+                        id,
+                        applied,
+                        failed,
+                    }
+                });
             }
         }
         {
+            // A due key that started nothing and has nothing running passed cleanly.
             let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-            f.retain(|k, _| errored.contains(k) || !due.contains(k));
+            f.retain(|k, _| !due.contains(k) || started.contains(k) || inflight.has_key(k));
         }
-        report.requeue_after = requeue.values().min().copied();
-        report.requeue = requeue;
-        Ok(report)
+        PassReport {
+            planned: plan.ops.clone(),
+            requeue_after: plan.requeue.values().min().copied(),
+            requeue: plan.requeue,
+            ..PassReport::default()
+        }
+    }
+}
+
+/// How the job ended, when the agent says it has (its own word, not a decision).
+fn agent_end(status: &crate::agent::AgentStatus) -> Option<Outcome> {
+    use crate::agent::AgentState;
+    match status.state {
+        AgentState::Succeeded => Some(Outcome::Succeeded),
+        AgentState::Failed => Some(Outcome::Failed {
+            exit_code: status.exit_code,
+        }),
+        AgentState::TimedOut => Some(Outcome::TimedOut),
+        AgentState::Stopped => Some(Outcome::Stopped),
+        AgentState::Starting | AgentState::Setup | AgentState::Running => None,
     }
 }
 

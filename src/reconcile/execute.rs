@@ -105,8 +105,13 @@ pub struct Executor {
     pub providers: BTreeMap<ProviderKind, Arc<dyn Provider>>,
     pub store: Arc<Mutex<Store>>,
     pub home: Home,
-    /// Calls in flight per provider, as its pacing allows (agent reads included).
+    /// API calls (create, destroy) in flight per provider, as its pacing allows. A
+    /// paced create waits for its turn holding one of these.
     limits: BTreeMap<ProviderKind, Arc<Semaphore>>,
+    /// Work on a provider's machines (agent start, status reads, collect) in flight:
+    /// apart from the API calls, so a ready instance never waits behind other runs'
+    /// paced creates.
+    machine_limits: BTreeMap<ProviderKind, Arc<Semaphore>>,
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -124,11 +129,16 @@ impl Executor {
             .iter()
             .map(|(k, p)| (*k, limit_of(p.as_ref())))
             .collect();
+        let machine_limits = providers
+            .iter()
+            .map(|(k, p)| (*k, limit_of(p.as_ref())))
+            .collect();
         Executor {
             providers,
             store,
             home,
             limits,
+            machine_limits,
         }
     }
 
@@ -136,14 +146,22 @@ impl Executor {
     pub fn with_provider(mut self, provider: Arc<dyn Provider>) -> Self {
         let kind = provider.kind();
         self.limits.insert(kind, limit_of(provider.as_ref()));
+        self.machine_limits
+            .insert(kind, limit_of(provider.as_ref()));
         self.providers.insert(kind, provider);
         self
     }
 
-    /// Waits for room to call `kind` (its pacing's calls in flight); no limit for a
-    /// provider that is not registered (its call fails at once anyway).
+    /// Waits for room to call `kind`'s API (its pacing's calls in flight); no limit for
+    /// a provider that is not registered (its call fails at once anyway).
     pub async fn permit(&self, kind: ProviderKind) -> Option<OwnedSemaphorePermit> {
         let limit = Arc::clone(self.limits.get(&kind)?);
+        limit.acquire_owned().await.ok()
+    }
+
+    /// Waits for room to work on one of `kind`'s machines (agent start, status, collect).
+    pub async fn machine_permit(&self, kind: ProviderKind) -> Option<OwnedSemaphorePermit> {
+        let limit = Arc::clone(self.machine_limits.get(&kind)?);
         limit.acquire_owned().await.ok()
     }
 
@@ -496,7 +514,7 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
-                let _permit = self.permit(instance.provider).await;
+                let _permit = self.machine_permit(instance.provider).await;
                 self.check_gpus(op, job, machine.as_ref(), &mut launch, now)
                     .await?;
                 machine
@@ -583,7 +601,7 @@ impl Executor {
                         source,
                     })?;
                 }
-                let _permit = self.permit(instance.provider).await;
+                let _permit = self.machine_permit(instance.provider).await;
                 machine
                     .collect(&log, &outputs)
                     .await

@@ -128,6 +128,10 @@ pub struct History {
     pub pauses: BTreeMap<RunName, Pause>,
     /// When the agent of each run's newest seen attempt last answered: (attempt, when).
     pub seen: BTreeMap<RunName, (u32, Timestamp)>,
+    /// How attempts' jobs ended as their agents said, recorded when first seen:
+    /// (run, attempt) → outcome. An instance gone after that ended the job, not a
+    /// preemption.
+    pub ends: BTreeMap<(RunName, u32), Outcome>,
 }
 
 /// A change of a run's status, with the outcome of its current attempt when it ends.
@@ -1327,16 +1331,24 @@ impl<'a> Planner<'a> {
                 return;
             }
             (Seen::Absent, Some(_)) => {
-                // Gone while we held it: preempted (or destroyed behind our back).
-                let outcome = Outcome::Preempted;
-                let (phase, reason) = decide(job, attempts, a, &outcome, rec.exit_code);
+                // Gone while we held it: preempted (or destroyed behind our back),
+                // unless its agent was seen saying the job had ended (an instance that
+                // ended itself before its run was collected): then the job is done.
+                let seen_end = self.history.ends.get(&(rec.name.clone(), a.attempt));
+                let outcome = seen_end.cloned().unwrap_or(Outcome::Preempted);
+                let exit_code = match &outcome {
+                    Outcome::Succeeded => Some(0),
+                    Outcome::Failed { exit_code } => *exit_code,
+                    _ => rec.exit_code,
+                };
+                let (phase, reason) = decide(job, attempts, a, &outcome, exit_code);
                 self.set_status(
                     key,
                     rec,
                     phase,
                     reason,
                     None,
-                    rec.exit_code,
+                    exit_code,
                     Some((a.attempt, outcome.clone())),
                 );
                 self.push(

@@ -54,6 +54,60 @@ impl Store {
         rows.collect::<rusqlite::Result<_>>().map_err(query(STEP))
     }
 
+    /// Records how attempts' jobs ended, as their agents reported it: `(run, attempt,
+    /// outcome)`. The first record of an attempt stays.
+    pub fn put_attempt_ends(
+        &self,
+        ends: &[(String, u32, Outcome)],
+        now: Timestamp,
+    ) -> StoreResult<()> {
+        const STEP: &str = "recording how jobs ended";
+        if ends.is_empty() {
+            return Ok(());
+        }
+        let tx = self.write(STEP)?;
+        {
+            let mut stmt = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO attempt_ends (run, attempt, outcome, seen_at) \
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(query(STEP))?;
+            for (run, attempt, outcome) in ends {
+                stmt.execute((run, attempt, outcome.as_text(), now))
+                    .map_err(query(STEP))?;
+            }
+        }
+        tx.commit().map_err(query(STEP))
+    }
+
+    /// How each attempt's job ended as its agent reported it: (run, attempt) → outcome.
+    pub fn attempt_ends(&self) -> StoreResult<std::collections::BTreeMap<(String, u32), Outcome>> {
+        const STEP: &str = "reading how jobs ended";
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT run, attempt, outcome FROM attempt_ends")
+            .map_err(query(STEP))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, u32>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
+            })
+            .map_err(query(STEP))?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in rows {
+            let (run, attempt, text) = row.map_err(query(STEP))?;
+            // A form this build does not know is no record at all.
+            if let Some(outcome) = Outcome::parse(&text) {
+                out.insert((run, attempt), outcome);
+            }
+        }
+        Ok(out)
+    }
+
     /// Inserts or replaces the attempt `(run, attempt)`. Fails (`Query`) when the store
     /// has no run of that name: an attempt always belongs to a stored run.
     pub fn put_attempt(&self, attempt: &AttemptRecord) -> StoreResult<()> {

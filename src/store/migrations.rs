@@ -215,6 +215,18 @@ const STEPS: &[&str] = &[
         at      INTEGER NOT NULL
     );
     "#,
+    // 8: how each attempt's job ended, as its agent reported it the first time the
+    // controller saw it, before anything was collected. An instance that then ends
+    // itself is not taken for a preempted one.
+    r#"
+    CREATE TABLE IF NOT EXISTS attempt_ends (
+        run      TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
+        attempt  INTEGER NOT NULL,
+        outcome  TEXT NOT NULL,
+        seen_at  INTEGER NOT NULL,
+        PRIMARY KEY (run, attempt)
+    );
+    "#,
 ];
 
 /// The schema version this build writes and reads.
