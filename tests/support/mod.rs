@@ -4,4 +4,5 @@
 
 pub mod cli;
 pub mod conformance;
+pub mod faults;
 pub mod sshd;

@@ -21,6 +21,7 @@
 //! or is planted. Records: every pod with billing start (create) and stop (delete).
 #![allow(dead_code)]
 
+use crate::support::faults::{Chaos, cut};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -103,6 +104,8 @@ pub struct Config {
     /// A new pod is missing from `GET /pods` (not from `GET /pods/{id}`) this long.
     pub list_lag: Duration,
     pub ssh: Option<SshTarget>,
+    /// Faults at rates (`support/faults.rs`), drawn per request before anything else.
+    pub faults: Option<Arc<crate::support::faults::Faults>>,
 }
 
 impl Default for Config {
@@ -115,6 +118,7 @@ impl Default for Config {
             per_minute: 10_000,
             list_lag: Duration::ZERO,
             ssh: None,
+            faults: None,
         }
     }
 }
@@ -547,6 +551,32 @@ async fn handle(
     let path = uri.path().trim_end_matches('/').to_string();
     let endpoint = classify(&method, &path);
     let body_json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let faults = state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .config
+        .faults
+        .clone();
+    let chaos = crate::support::faults::draw(&faults, endpoint == Endpoint::Create);
+    match chaos {
+        Some(Chaos::Html(status)) => return html(status),
+        Some(Chaos::TooMany) => {
+            let mut r = problem(429, "rate limit exceeded for the minute window", None);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+        Some(Chaos::Capacity) => {
+            return problem(
+                400,
+                "There are no longer any instances available with the requested specifications. Please refresh and try again.",
+                None,
+            );
+        }
+        Some(Chaos::CutBefore) => return cut(ok(200, json!({}))),
+        Some(Chaos::Slow(d)) => tokio::time::sleep(d).await,
+        Some(Chaos::CutAfter) | None => {}
+    }
     let (mut response, hold) = {
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
         if endpoint == Endpoint::Create {
@@ -584,6 +614,9 @@ async fn handle(
         tokio::time::sleep(d).await;
     }
     let _ = &mut response;
+    if chaos == Some(Chaos::CutAfter) {
+        return cut(response);
+    }
     response
 }
 
