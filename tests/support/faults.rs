@@ -128,6 +128,10 @@ impl Faults {
     /// The fault for this request, if one is drawn.
     pub fn draw(&self, create: bool) -> Option<Chaos> {
         let mut st = self.lock();
+        if st.rates.total() <= 0.0 {
+            return None;
+        }
+        // Only requests while faults are on count: the rate printed is the rate hit.
         st.requests += 1;
         // SplitMix64, as the campaign's own generator.
         st.rng = st.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -159,7 +163,7 @@ impl Faults {
         None
     }
 
-    /// Faults injected so far, by kind, and the requests seen.
+    /// Faults injected so far, by kind, and the requests seen while faults were on.
     pub fn counts(&self) -> (BTreeMap<&'static str, u64>, u64) {
         let st = self.lock();
         (st.drawn.clone(), st.requests)
