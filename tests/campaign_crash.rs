@@ -1233,11 +1233,29 @@ fn campaign(sizes: Sizes) {
         RESTART_GRACE,
     );
     if sizes.faults.is_some() {
+        // What the controllers said of the full disk, from their logs.
+        let full_lines = (0..=spawned)
+            .filter_map(|n| {
+                std::fs::read_to_string(a.repo.path().join(format!("controller-{n}.log"))).ok()
+            })
+            .flat_map(|text| {
+                text.lines()
+                    .filter(|l| l.contains("No space left") || l.contains("disk is full"))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
         println!(
-            "  faults injected: {}\n  ssh connections cut {}\n  disk full: {}",
+            "  faults injected: {}\n  ssh connections cut {}\n  disk full: {} ({} log lines \
+             about it{})",
             fault_lines.join("; "),
             cuts.load(Ordering::Relaxed),
-            disk_full.map_or("skipped".to_string(), |d| format!("{d:?}"))
+            disk_full.map_or("skipped".to_string(), |d| format!("{d:?}")),
+            full_lines.len(),
+            full_lines
+                .first()
+                .map(|l| format!(", first: {}", l.chars().take(200).collect::<String>()))
+                .unwrap_or_default()
         );
     }
     let replay = format!("replay with ASIMOV_CAMPAIGN_SEED={seed}");
