@@ -1275,6 +1275,12 @@ fn campaign(sizes: Sizes) {
                 .unwrap_or_default()
         );
     }
+    for exit in &tally.exits {
+        println!("  a controller left on its own: {exit}");
+    }
+    for p in &pacing {
+        println!("  pacing: {p}");
+    }
     let replay = format!("replay with ASIMOV_CAMPAIGN_SEED={seed}");
     assert!(
         tally.duplicates.is_empty(),
