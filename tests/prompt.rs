@@ -230,8 +230,8 @@ fn the_prompt_asks_once_applies_follows_and_keeps_the_token_secret() {
             if !contains(&bytes, TOKEN) {
                 continue;
             }
-            let is_agent_secrets = path.ends_with("spec/secrets")
-                && path.starts_with(a.home().join("local"));
+            let is_agent_secrets =
+                path.ends_with("spec/secrets") && path.starts_with(a.home().join("local"));
             assert!(is_agent_secrets, "the token is in {}", path.display());
             let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
             assert!(

@@ -2,15 +2,27 @@
 //! problem at once, nothing written when any), store each object as its own file in the
 //! manifests folder, make sure a controller runs, and optionally follow the runs.
 
+use super::args::Output;
 use super::desired::{self, Change};
 use super::{CliResult, daemon, wait};
 use crate::home::Home;
-use crate::manifest::{self, Kind};
+use crate::manifest;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -> CliResult {
+    run_as(home, files, dry_run, wait_for_runs, Output::Table)
+}
+
+/// `run`, printing a dry run's plan as `output` says.
+pub fn run_as(
+    home: &Home,
+    files: &[PathBuf],
+    dry_run: bool,
+    wait_for_runs: bool,
+    output: Output,
+) -> CliResult {
     let current = desired::load_current(home).unwrap_or_else(|problems| {
         eprintln!(
             "warning: the stored manifests have problems; fix them in {}:",
@@ -38,7 +50,6 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
         .iter()
         .map(|doc| (desired::change_of(home, doc), doc))
         .collect();
-    let suffix = if dry_run { " (dry run)" } else { "" };
     let written_at_ms = chrono::Utc::now().timestamp_millis();
     if !dry_run {
         home.ensure()?;
@@ -48,31 +59,17 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
             }
         }
     }
-    for (change, doc) in &changes {
-        println!(
-            "{}/{} {}{suffix}",
-            doc.kind.as_str().to_lowercase(),
-            doc.name,
-            change.as_str()
-        );
-        if dry_run
-            && doc.kind == Kind::Job
-            && *change != Change::Unchanged
-            && let Some(job) = loaded.manifests.jobs.iter().find(|j| j.name == doc.name)
-        {
-            for run in &job.runs {
-                let placement: Vec<&str> = job
-                    .spec
-                    .placement
-                    .iter()
-                    .map(|p| p.provider.as_str())
-                    .collect();
-                println!(
-                    "  run/{} would start on {}",
-                    run.name,
-                    placement.join(" → ")
-                );
-            }
+    if dry_run {
+        let plan = super::dry_run::plan(home, &current, &loaded, &changes)?;
+        super::dry_run::print(&plan, output)?;
+    } else {
+        for (change, doc) in &changes {
+            println!(
+                "{}/{} {}",
+                doc.kind.as_str().to_lowercase(),
+                doc.name,
+                change.as_str()
+            );
         }
     }
     // Valid, but it would wait for ever: say so now rather than leave `--wait` hanging.
@@ -101,7 +98,9 @@ pub fn run(home: &Home, files: &[PathBuf], dry_run: bool, wait_for_runs: bool) -
             && crate::provider::vast::api_key(home).is_none()
         {
             eprintln!(
-                "warning: job/{} is placed only on vast, and no {} is stored                  (asimov secret set {}, then restart the controller); its runs will wait as Pending",
+                "warning: job/{} is placed only on vast, and no {} is stored \
+                 (asimov login vast, or asimov secret set {}; then restart the controller); \
+                 its runs will wait as Pending",
                 job.name,
                 crate::provider::vast::KEY_NAME,
                 crate::provider::vast::KEY_NAME,

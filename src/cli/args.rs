@@ -30,12 +30,16 @@ pub enum Command {
         /// Manifest files or folders of them (*.yaml, *.yml)
         #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
-        /// Print what would change, and change nothing
+        /// Print what would change, and change nothing: the spec diff, and for each run
+        /// the placement and offer it would take now, its price and its budget
         #[arg(long)]
         dry_run: bool,
         /// Show a progress bar per run until every run ends; exit non-zero if any fails
         #[arg(long)]
         wait: bool,
+        /// How `--dry-run` prints its plan
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table, requires = "dry_run")]
+        output: Output,
     },
     /// Delete a job (destroying its instances) or every object in manifest files
     #[command(
@@ -102,13 +106,13 @@ pub enum Command {
     },
     /// Search the providers' offers for what a job (or the flags) asks, cheapest first
     #[command(
-        after_help = "Examples:\n  asimov offers --gpu H100 --count 1 --max-price 3\n  asimov offers -f job.yaml -o json"
+        after_help = "Examples:\n  asimov offers --gpu H100 --count 1 --max-price 3\n  asimov offers -f job.yaml -o json\n  asimov offers --gpu RTX_4090 --pick --premium 10 -f job.yaml --write"
     )]
     Offers {
         /// Take the resources and placements of the (first) job in this manifest
         #[arg(short = 'f', long = "filename")]
         file: Option<PathBuf>,
-        /// Only this provider: vast, lambda or runpod
+        /// Only this provider: vast, lambda or runpod (default: every cloud with a key)
         #[arg(long)]
         provider: Option<String>,
         /// GPU name as you write it (`H100` matches every H100; `RTX_4090` = `RTX 4090`); repeatable
@@ -133,6 +137,22 @@ pub enum Command {
         sort: OfferSort,
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Choose one offer on a terminal and print the placement entry that rents it
+        #[arg(long)]
+        pick: bool,
+        /// With --pick: percent over the offer's price, as the price cap (or the bid with --spot)
+        #[arg(long, value_name = "PCT")]
+        premium: Option<f64>,
+        /// With --pick and -f: write the entry as the job's first placement
+        #[arg(long)]
+        write: bool,
+    },
+    /// Store a cloud's API key, asked without echo and checked with the cloud
+    #[command(after_help = "Examples:\n  asimov login vast\n  asimov login lambda")]
+    Login {
+        /// vast, lambda or runpod
+        #[arg(value_enum)]
+        cloud: Cloud,
     },
     /// Measure asimov's own speed and print the figures
     #[command(after_help = "Example:\n  asimov bench --runs 1000 --idle-seconds 5")]
@@ -203,6 +223,13 @@ pub enum Kind {
     Fleets,
     #[value(alias = "budget")]
     Budgets,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Cloud {
+    Vast,
+    Lambda,
+    Runpod,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

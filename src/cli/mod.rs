@@ -11,11 +11,14 @@ mod delete;
 mod describe;
 mod desired;
 mod destroy;
+mod dry_run;
 mod finetune;
 mod get;
 mod init;
+mod login;
 mod logs;
 mod offers;
+mod pick;
 mod prepare;
 mod prompt;
 pub mod render;
@@ -126,9 +129,10 @@ fn dispatch(cli: Cli) -> CliResult {
             files,
             dry_run,
             wait,
+            output,
         } => {
             init_tracing("warn");
-            apply::run(&home, &files, dry_run, wait)
+            apply::run_as(&home, &files, dry_run, wait, output)
         }
         Command::Delete {
             target,
@@ -157,6 +161,9 @@ fn dispatch(cli: Cli) -> CliResult {
             spot,
             sort,
             output,
+            pick,
+            premium,
+            write,
         } => {
             init_tracing("warn");
             offers::run(
@@ -170,10 +177,17 @@ fn dispatch(cli: Cli) -> CliResult {
                     max_price,
                     filters,
                     spot,
+                    pick,
+                    premium,
+                    write,
                 },
                 sort,
                 output,
             )
+        }
+        Command::Login { cloud } => {
+            init_tracing("warn");
+            login::run(&home, cloud)
         }
         Command::Secret { action } => {
             init_tracing("warn");

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod controller;
 pub mod execute;
 pub mod plan;
+pub mod preview;
 pub mod stop;
 
 pub use plan::{
