@@ -1377,7 +1377,8 @@ fn fault_campaign_short() {
         jobs: env_or("ASIMOV_CAMPAIGN_JOBS", 10) as usize,
         runs_per_job: 3,
         steps: env_or("ASIMOV_CAMPAIGN_STEPS", 30) as usize,
-        settle: Duration::from_secs(300),
+        // RunPod's listing lag (300 s) after an ambiguous create bounds this from below.
+        settle: Duration::from_secs(420),
         faults: Some(fault_plan(30, Duration::from_secs(5))),
     });
 }
@@ -1392,4 +1393,29 @@ fn fault_campaign_long() {
         settle: Duration::from_secs(900),
         faults: Some(fault_plan(30, Duration::from_secs(30))),
     });
+}
+
+/// Found by the fault campaign (seed 1796128932372942835): a controller whose SSH
+/// connection was cut mid-command died of SIGPIPE, since the CLI restores SIGPIPE's
+/// default for `get runs | head`. The controller must take a broken pipe as an error.
+/// Here the pipe is its own stderr, whose reader is gone before its first log line.
+#[test]
+fn a_controller_survives_a_broken_pipe() {
+    let a = Asimov::new();
+    let mut child = a
+        .command()
+        .arg("controller")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("controller starts");
+    drop(child.stderr.take());
+    a.wait_for("the controller's lock", Duration::from_secs(30), || {
+        a.controller_running()
+    });
+    // It logs "controller started" into the broken pipe, then more on each pass.
+    std::thread::sleep(Duration::from_secs(3));
+    let status = child.try_wait().expect("try_wait");
+    kill9(&mut child);
+    assert!(status.is_none(), "the controller died: {status:?}");
 }
