@@ -112,6 +112,10 @@ fn init_tracing(default: &str) {
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        // A log that cannot be written (a closed pipe, a full disk) must not take the
+        // process with it: tracing's own report of that goes to the same stderr and
+        // panics there.
+        .log_internal_errors(false)
         .try_init();
 }
 
@@ -255,6 +259,12 @@ fn dispatch(cli: Cli) -> CliResult {
             once,
             background,
         } => {
+            // The controller writes to pipes and sockets of ssh and rsync children: one
+            // cut mid-command is an error of that op, not the end of the controller.
+            // SAFETY: setting a signal's disposition before the controller's threads.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+            }
             init_tracing("info");
             controller::run(&home, manifests, once, background)
         }

@@ -294,10 +294,12 @@ impl Api {
         path: &str,
         body: Option<&Value>,
     ) -> ProviderResult<Raw> {
-        self.pacer.wait(Call::Any).await;
+        // The launch slot first: the overall slot must be the last wait before sending,
+        // or a launch leaves a launch gap after its overall slot, among later requests.
         if launch {
             self.pacer.wait(Call::Launch).await;
         }
+        self.pacer.wait(Call::Any).await;
         let mut req = self
             .http
             .request(method, format!("{}{path}", self.base))

@@ -23,6 +23,7 @@
 //! plant an instance. Records: every instance with billing start and stop, every request.
 #![allow(dead_code)]
 
+use crate::support::faults::{Chaos, cut};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -121,6 +122,8 @@ pub struct Config {
     /// At most this many live instances (`global/quota-exceeded` beyond).
     pub quota: usize,
     pub ssh: Option<SshTarget>,
+    /// Faults at rates (`support/faults.rs`), drawn per request before anything else.
+    pub faults: Option<Arc<crate::support::faults::Faults>>,
 }
 
 impl Default for Config {
@@ -135,6 +138,7 @@ impl Default for Config {
             gone_after: Duration::from_millis(500),
             quota: 50,
             ssh: None,
+            faults: None,
         }
     }
 }
@@ -602,6 +606,29 @@ async fn handle(
     let path = uri.path().trim_end_matches('/').to_string();
     let endpoint = classify(&method, &path);
     let body_json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let faults = state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .config
+        .faults
+        .clone();
+    let chaos = crate::support::faults::draw(&faults, endpoint == Endpoint::Launch);
+    match chaos {
+        Some(Chaos::Html(status)) => return html(status),
+        Some(Chaos::TooMany) => {
+            return error(429, "global/too-many-requests", "Too many requests.");
+        }
+        Some(Chaos::Capacity) => {
+            return error(
+                400,
+                "instance-operations/launch/insufficient-capacity",
+                "Not enough capacity to fulfill launch request.",
+            );
+        }
+        Some(Chaos::CutBefore) => return cut(data(json!({}))),
+        Some(Chaos::Slow(d)) => tokio::time::sleep(d).await,
+        Some(Chaos::CutAfter) | None => {}
+    }
     let (response, hold) = {
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
         if endpoint == Endpoint::Launch {
@@ -623,6 +650,9 @@ async fn handle(
     };
     if let Some(d) = hold {
         tokio::time::sleep(d).await;
+    }
+    if chaos == Some(Chaos::CutAfter) {
+        return cut(response);
     }
     response
 }

@@ -7,4 +7,5 @@ pub mod cli;
 pub mod conformance;
 pub mod s3_server;
 pub mod hub_server;
+pub mod faults;
 pub mod sshd;

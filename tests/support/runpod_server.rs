@@ -21,6 +21,7 @@
 //! or is planted. Records: every pod with billing start (create) and stop (delete).
 #![allow(dead_code)]
 
+use crate::support::faults::{Chaos, cut};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -111,6 +112,8 @@ pub struct Config {
     /// own pod, written once its ports are up into `<dir>/<pod id>/rp_environment` as
     /// RunPod's images export the container's environment to `/etc/rp_environment`.
     pub pod_env_dir: Option<PathBuf>,
+    /// Faults at rates (`support/faults.rs`), drawn per request before anything else.
+    pub faults: Option<Arc<crate::support::faults::Faults>>,
 }
 
 impl Default for Config {
@@ -124,6 +127,7 @@ impl Default for Config {
             list_lag: Duration::ZERO,
             ssh: None,
             pod_env_dir: None,
+            faults: None,
         }
     }
 }
@@ -634,6 +638,32 @@ async fn handle(
     let path = uri.path().trim_end_matches('/').to_string();
     let endpoint = classify(&method, &path);
     let body_json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let faults = state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .config
+        .faults
+        .clone();
+    let chaos = crate::support::faults::draw(&faults, endpoint == Endpoint::Create);
+    match chaos {
+        Some(Chaos::Html(status)) => return html(status),
+        Some(Chaos::TooMany) => {
+            let mut r = problem(429, "rate limit exceeded for the minute window", None);
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+        Some(Chaos::Capacity) => {
+            return problem(
+                400,
+                "There are no longer any instances available with the requested specifications. Please refresh and try again.",
+                None,
+            );
+        }
+        Some(Chaos::CutBefore) => return cut(ok(200, json!({}))),
+        Some(Chaos::Slow(d)) => tokio::time::sleep(d).await,
+        Some(Chaos::CutAfter) | None => {}
+    }
     let (mut response, hold) = {
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
         if endpoint == Endpoint::Create {
@@ -674,6 +704,9 @@ async fn handle(
         tokio::time::sleep(d).await;
     }
     let _ = &mut response;
+    if chaos == Some(Chaos::CutAfter) {
+        return cut(response);
+    }
     response
 }
 

@@ -26,6 +26,7 @@
 //! and stopped billing, and of every request, so tests assert against them.
 #![allow(dead_code)]
 
+use crate::support::faults::{Chaos, cut};
 use axum::body::Bytes;
 use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -108,6 +109,8 @@ pub struct Config {
     pub ssh: Option<SshTarget>,
     /// How long an offer search takes to answer (a real market's search takes a while).
     pub search_delay: Duration,
+    /// Faults at rates (`support/faults.rs`), drawn per request before anything else.
+    pub faults: Option<Arc<crate::support::faults::Faults>>,
 }
 
 /// The real sshd instances point at.
@@ -134,6 +137,7 @@ impl Default for Config {
             oci_failure_offers: Vec::new(),
             ssh: None,
             search_delay: Duration::ZERO,
+            faults: None,
         }
     }
 }
@@ -692,6 +696,29 @@ async fn handle(
     tick(&state);
     let path = uri.path().to_string();
     let endpoint = classify(&method, &path);
+    let faults = state
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .config
+        .faults
+        .clone();
+    let chaos = crate::support::faults::draw(&faults, endpoint == Endpoint::Create);
+    match chaos {
+        Some(Chaos::Html(status)) => return nginx_page(status),
+        Some(Chaos::TooMany) => {
+            return text_response(429, "text/plain", "API requests too frequent".into());
+        }
+        Some(Chaos::Capacity) => {
+            return error(
+                410,
+                "no_such_ask",
+                "error 410/3907: no_such_ask Instance type is no longer available.",
+            );
+        }
+        Some(Chaos::CutBefore) => return cut(json_response(200, json!({}))),
+        Some(Chaos::Slow(d)) => tokio::time::sleep(d).await,
+        Some(Chaos::CutAfter) | None => {}
+    }
     let (response, hold, auth) = {
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
         let who = caller(&st, &headers, &uri);
@@ -723,6 +750,9 @@ async fn handle(
         at: Instant::now(),
         auth,
     });
+    if chaos == Some(Chaos::CutAfter) {
+        return cut(response);
+    }
     response
 }
 
