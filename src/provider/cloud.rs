@@ -428,7 +428,10 @@ impl crate::agent::Machine for CloudAgent {
         self.agent.metrics_tail(max_bytes).await
     }
 
-    async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, crate::agent::AgentError> {
+    async fn sync_s3(
+        &self,
+        last: bool,
+    ) -> Result<crate::agent::S3Synced, crate::agent::AgentError> {
         self.agent.sync_s3(last).await
     }
 
@@ -724,7 +727,10 @@ impl crate::agent::Machine for EndingMachine {
         self.agent.metrics_tail(max_bytes).await
     }
 
-    async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, crate::agent::AgentError> {
+    async fn sync_s3(
+        &self,
+        last: bool,
+    ) -> Result<crate::agent::S3Synced, crate::agent::AgentError> {
         self.agent.sync_s3(last).await
     }
 

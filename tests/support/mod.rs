@@ -5,7 +5,7 @@
 
 pub mod cli;
 pub mod conformance;
-pub mod s3_server;
-pub mod hub_server;
 pub mod faults;
+pub mod hub_server;
+pub mod s3_server;
 pub mod sshd;
