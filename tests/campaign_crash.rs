@@ -1345,7 +1345,10 @@ fn crash_campaign_short() {
         jobs: env_or("ASIMOV_CAMPAIGN_JOBS", 10) as usize,
         runs_per_job: 3,
         steps: env_or("ASIMOV_CAMPAIGN_STEPS", 30) as usize,
-        settle: Duration::from_secs(240),
+        // A SIGKILL between a run's intent and the create's answer makes the next
+        // controller wait out the provider's listing lag before creating again: RunPod's
+        // is 300 s, so the settle time must exceed it (240 s did not, once).
+        settle: Duration::from_secs(420),
         faults: None,
     });
 }

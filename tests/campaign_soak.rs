@@ -280,11 +280,13 @@ async fn soak(work: Soak) {
         after.fds
     );
     // Threads: tokio's blocking pool keeps a few idle workers (for ten seconds of real
-    // time) after the store's blocking calls; what counts is no growth with the work.
+    // time) after the store's blocking calls, and starts one more when a blocking call
+    // lands while the others are busy; what counts is no growth with the work (a leak
+    // grows by one per job or pass, far past this slack of 2).
     let max_threads = |xs: &[&Sample]| xs.iter().map(|s| s.threads).max().unwrap_or(0);
     assert!(
-        max_threads(&steady[2 * third..]) <= max_threads(&steady[third..2 * third])
-            && after.threads <= max_threads(&steady),
+        max_threads(&steady[2 * third..]) <= max_threads(&steady[third..2 * third]) + 2
+            && after.threads <= max_threads(&steady) + 2,
         "threads grow with the work: {:?}, {} after",
         steady.iter().map(|s| s.threads).collect::<Vec<_>>(),
         after.threads
