@@ -105,7 +105,7 @@ fn every_example_loads_and_round_trips() {
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 12);
+    assert_eq!(all.documents.len(), 13);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
@@ -119,7 +119,7 @@ fn every_example_loads_and_round_trips() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 11);
+    assert_eq!(files.len(), 12);
     for file in &files {
         let one = load_paths(std::slice::from_ref(file), &home)
             .unwrap_or_else(|p| panic!("{}: {p}", file.display()));
