@@ -908,7 +908,12 @@ fn a_destroy_answering_5xx_for_long_is_retried_until_vast_confirms_the_instance_
     let released = |w: &World| {
         w.a.ok(&["describe", "run", "gpu-0"]).lines().any(|l| {
             let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.first() == Some(&"1") && cols.get(5).is_some_and(|c| c.contains('T'))
+            // Attempt 1's row holds two times once released: started and released.
+            let times = cols
+                .iter()
+                .filter(|c| c.contains('T') && c.ends_with('Z'))
+                .count();
+            cols.first() == Some(&"1") && times >= 2
         })
     };
     assert!(!released(&w), "{described}");

@@ -1458,8 +1458,9 @@ impl<'a> Planner<'a> {
                 // Past its max_duration an unreachable instance is ended from outside
                 // (the backstop); before that a failed status call is no news: lost
                 // only once the agent, seen before, has been silent past the threshold.
-                if !self.backstop_max_duration(key, job, rec, attempts, a, instance)
-                    && self.silent_past_threshold(key, a, false)
+                let silent = self.silent_past_threshold(key, a, false);
+                if !self.backstop_max_duration(key, job, rec, attempts, a, instance, silent)
+                    && silent
                 {
                     self.end_attempt(
                         key,
@@ -1572,6 +1573,7 @@ impl<'a> Planner<'a> {
     /// gone. The deadline counts from this attempt's start when known, else from its
     /// create plus the provider's boot timeout (an attempt starts by then or ends).
     /// True when it ended the attempt.
+    #[allow(clippy::too_many_arguments)]
     fn backstop_max_duration(
         &mut self,
         key: &QueueKey,
@@ -1580,6 +1582,10 @@ impl<'a> Planner<'a> {
         attempts: &[&AttemptRecord],
         a: &AttemptRecord,
         instance: &Instance,
+        // The agent has been silent past the threshold already: the deadline needs no
+        // further allowance (else a silent instance past its max_duration is taken
+        // for a lost one and its run started again).
+        silent: bool,
     ) -> bool {
         let Some(max) = job.spec.max_duration else {
             return false;
@@ -1591,9 +1597,8 @@ impl<'a> Planner<'a> {
                 .intent_at
                 .saturating_add(secs(self.caps(a.provider).boot_timeout)),
         };
-        let deadline = started
-            .saturating_add(secs(max))
-            .saturating_add(HEARTBEAT_STALE_SECS);
+        let allowance = if silent { 0 } else { HEARTBEAT_STALE_SECS };
+        let deadline = started.saturating_add(secs(max)).saturating_add(allowance);
         if self.now < deadline {
             self.wake_at(key, deadline);
             return false;
