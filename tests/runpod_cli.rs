@@ -881,3 +881,53 @@ fn the_test_server_refuses_a_data_center_id_runpod_does_not_know() {
     assert_eq!(status, 201, "{v}");
     assert_eq!(v["status"], "PROVISIONING", "{v}");
 }
+
+#[test]
+fn a_create_whose_answer_timed_out_is_adopted_within_the_listing_lag_not_sent_twice() {
+    let Some(w) = world() else { return };
+    // The pod is made, its answer held past the client's 2 s timeout: the client cannot
+    // know, waits the listing lag (10 s here, RunPod's 300 s otherwise), then adopts.
+    w.server.inject(
+        Some(Api::Create),
+        Fault::HoldAnswer(Duration::from_secs(30)),
+        1,
+    );
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_HTTP_TIMEOUT", "2")]);
+    let start = Instant::now();
+    w.apply(&w.job_with("sh train.sh", ""));
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    eprintln!("succeeded {:?} after apply", start.elapsed());
+    let pods = w.server.pods();
+    assert_eq!(pods.len(), 1, "adopted, not created twice: {pods:?}");
+    assert_eq!(w.attempt(), 1);
+    assert_eq!(w.server.creates_received(), 1);
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_create_answered_by_a_5xx_page_is_sent_again_once_the_listing_lag_is_over() {
+    let Some(w) = world() else { return };
+    // A proxy's 502: the pod may or may not exist, so asimov waits until the listing
+    // would show it (10 s here: `ASIMOV_RUNPOD_LISTING_LAG_SECS`), then creates again
+    // under the same tag.
+    w.server.inject(Some(Api::Create), Fault::Html(502), 1);
+    let mut controller = w.spawn_controller();
+    let start = Instant::now();
+    w.apply(&w.job_with("sh train.sh", ""));
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(LISTING_LAG),
+        "created again before the listing lag was over: {took:?}"
+    );
+    assert_eq!(w.server.creates_received(), 2);
+    assert_eq!(w.server.pods().len(), 1);
+    assert_eq!(w.attempt(), 1, "the same attempt, the same tag");
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}

@@ -666,7 +666,22 @@ const CREATE_FIELDS: &[&str] = &[
 ];
 const GPU_FIELDS: &[&str] = &["id", "count", "minCudaVersion", "allowedCudaVersions"];
 
+/// Each request is handled to its end in a task of its own: hyper drops a handler whose
+/// client hung up, and a real server that was slow to answer still acts (a create held
+/// past the client's timeout creates its pod).
 async fn handle(
+    state: Arc<Mutex<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    tokio::spawn(handle_to_the_end(state, method, uri, headers, body))
+        .await
+        .unwrap_or_else(|_| html(500))
+}
+
+async fn handle_to_the_end(
     state: Arc<Mutex<State>>,
     method: Method,
     uri: Uri,
