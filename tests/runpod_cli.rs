@@ -687,7 +687,11 @@ fn a_controller_restarted_while_its_new_pod_is_still_unlisted_finds_it_by_id() {
         "the run must succeed while its pod is unlisted, or the test proves nothing"
     );
     let pods = w.server.pods();
-    assert_eq!(pods.len(), 1, "the unlisted pod was not taken for gone: {pods:?}");
+    assert_eq!(
+        pods.len(),
+        1,
+        "the unlisted pod was not taken for gone: {pods:?}"
+    );
     assert_eq!(w.attempt(), 1);
     w.until("the pod deleted", 60, || w.server.live().is_empty());
     kill9(&mut again);
@@ -769,7 +773,7 @@ fn community_cloud_and_data_centers_reach_the_create_body_and_place_the_pod() {
 }
 
 #[test]
-fn secure_cloud_by_default_and_a_data_center_without_the_gpu_is_no_capacity() {
+fn on_secure_cloud_a_data_center_without_the_gpu_is_no_capacity_until_one_has_it() {
     let Some(w) = world() else { return };
     w.server.configure_gpus(|gs| {
         for g in gs {

@@ -353,8 +353,8 @@ impl Recent {
             .map_or(0, |d| d.as_secs());
         // Unrecorded, a restart would read the pod as gone while it is unlisted; the
         // create itself succeeded, so that is a warning, not a failure.
-        if let Err(e) = std::fs::create_dir_all(&self.dir)
-            .and_then(|()| std::fs::write(&file, now.to_string()))
+        if let Err(e) =
+            std::fs::create_dir_all(&self.dir).and_then(|()| std::fs::write(&file, now.to_string()))
         {
             tracing::warn!(pod = %id, file = %file.display(), error = %e, "cannot record a new pod");
         }
@@ -988,6 +988,27 @@ mod tests {
         assert_eq!(wait, Some(Duration::from_secs(12)));
         let (_, wait) = quota(None, Some(r#""minute";r=5;t=12"#));
         assert_eq!(wait, None);
+    }
+
+    #[test]
+    fn recent_pods_are_kept_on_disk_within_the_lag_and_only_by_plain_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let recent = Recent::new(dir.path().join("recent"));
+        assert!(recent.within(Duration::from_secs(300)).is_empty());
+        recent.add("7h9k2m4n6p");
+        recent.add("../escape");
+        recent.add("");
+        // Another process (a restarted controller) reads the same folder.
+        let again = Recent::new(dir.path().join("recent"));
+        assert_eq!(again.within(Duration::from_secs(300)), vec!["7h9k2m4n6p"]);
+        assert!(!dir.path().join("escape").exists());
+        // Past the lag (or unreadable), a record is dropped.
+        std::fs::write(dir.path().join("recent/old1"), "1000").unwrap();
+        std::fs::write(dir.path().join("recent/junk1"), "not a time").unwrap();
+        assert_eq!(again.within(Duration::from_secs(300)), vec!["7h9k2m4n6p"]);
+        assert!(!dir.path().join("recent/old1").exists());
+        again.forget("7h9k2m4n6p");
+        assert!(recent.within(Duration::from_secs(300)).is_empty());
     }
 
     #[test]
