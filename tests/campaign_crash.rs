@@ -20,8 +20,9 @@
 //! Everything random comes from one seed, printed first: a failure replays with
 //! `ASIMOV_CAMPAIGN_SEED=<seed> cargo test --test campaign_crash NAME -- --nocapture`.
 //!
-//! - Short (CI): `crash_campaign_short`, `fault_campaign_short`, each well under a minute
-//!   or two.
+//! - Short (CI): `crash_campaign_short`, `fault_campaign_short`, one at a time, each a
+//!   few minutes at most (bounded by Vast's and Lambda's 120 s listing lag after a kill
+//!   or a fault lands inside a create; RunPod's client is given 10 s).
 //! - Long: `cargo test --release --test campaign_crash -- --ignored --nocapture`
 //!   (`crash_campaign_long`, `fault_campaign_long`: a few hundred runs).
 //!   `ASIMOV_CAMPAIGN_JOBS`, `ASIMOV_CAMPAIGN_STEPS`, `ASIMOV_CAMPAIGN_SEED` and (faults)
