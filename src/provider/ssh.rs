@@ -42,6 +42,14 @@ use crate::transport::{Transport, TransportError};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long a create waits for a host whose claim was cut off (its outcome unknown)
+/// before it claims on another host: the claim may have placed the attempt there, and a
+/// second claim elsewhere would run it twice. Past this, the host is taken for gone (as a
+/// silent run is after `HEARTBEAT_STALE_SECS`) and a duplicate it still holds when it
+/// comes back is the planner's to destroy.
+const UNSURE_CLAIM_WAIT: Duration = Duration::from_secs(120);
 
 /// Where slots live on a host unless the provider is told otherwise.
 pub const DEFAULT_REMOTE_ROOT: &str = "~/.asimov-agent";
@@ -96,6 +104,18 @@ struct State {
     /// still be destroyed.
     known: BTreeMap<(String, String), Host>,
     views: BTreeMap<(String, String), HostView>,
+    /// Claims sent whose answer was lost, by tag: (fleet, host, when). Kept in memory
+    /// only: a restarted controller lists every host first, and what it cannot list
+    /// then is covered by the planner's duplicate rule.
+    unsure: BTreeMap<String, (String, String, Instant)>,
+}
+
+/// Why a claim has no slot to show.
+enum ClaimError {
+    /// Nothing ran on the host (no connection, or the claim lock was busy).
+    NotRun(TransportError),
+    /// The claim was sent and its answer lost: it may have placed the attempt.
+    Unsure(TransportError),
 }
 
 pub struct SshProvider {
@@ -437,14 +457,28 @@ true
     }
 
     /// Tries to take a slot on one host; `Ok(None)` when the host is full.
+    /// Records that `host` did not answer, as a listing would.
+    fn mark_unreachable(&self, fleet: &str, host: &str, e: &TransportError) {
+        let mut state = self.lock();
+        let view = state
+            .views
+            .entry((fleet.to_string(), host.to_string()))
+            .or_default();
+        view.reachable = false;
+        view.contacted = true;
+        view.message = Some(e.to_string());
+    }
+
     async fn claim(
         &self,
         fleet: &str,
         host: &Host,
         tag: &str,
         need: u32,
-    ) -> Result<Option<Slot>, TransportError> {
+    ) -> Result<Option<Slot>, ClaimError> {
         let t = self.transport(fleet, host);
+        // Connecting (the host key) first: a failure there means nothing ran.
+        let host_key = t.host_key().await.map_err(ClaimError::NotRun)?;
         let script = format!(
             r#"root={root}; tag={tag}; total={total}; need={need}
 {prelude}
@@ -491,20 +525,25 @@ printf '%s\n' "$tag" > "$d/tag.part" && mv -f "$d/tag.part" "$d/tag"
 printf 'slot\t%s\t%s\t%s\t%s\n' "$tag" "$need" "$ids" "$now"
 "#,
             root = root_word(&self.remote_root),
-            prelude = host_prelude(&t.host_key().await?),
+            prelude = host_prelude(&host_key),
             tag = quote(tag),
             total = host.gpus,
         );
-        let out = t.exec(&script).await?;
+        let out = t.exec(&script).await.map_err(ClaimError::Unsure)?;
+        let failed = |status: i32| TransportError::Failed {
+            machine: t.target().machine.clone(),
+            step: "claim slot",
+            message: format!("exit {status}: {}", out.stderr.trim()),
+        };
         match out.status {
             0 => Ok(parse_listing(&out.stdout).slots.into_iter().next()),
             // Full, or the attempt's slot is another host's.
             3 | 4 => Ok(None),
-            status => Err(TransportError::Failed {
-                machine: t.target().machine.clone(),
-                step: "claim slot",
-                message: format!("exit {status}: {}", out.stderr.trim()),
-            }),
+            // The claim lock stayed busy: the script stopped before it claimed.
+            5 => Err(ClaimError::NotRun(failed(5))),
+            // Anything else (ssh's 255 for a cut connection among them) may have come
+            // after the slot was written.
+            status => Err(ClaimError::Unsure(failed(status))),
         }
     }
 }
@@ -624,6 +663,11 @@ impl Provider for SshProvider {
             let previous = state.views.remove(&key).unwrap_or_default();
             let view = match result {
                 Ok(mut view) => {
+                    // Its slots are known again: a cut-off claim there is either among
+                    // them (and adopted) or never happened.
+                    state
+                        .unsure
+                        .retain(|_, (f, h, _)| !(f == fleet && *h == host.name));
                     if view.gpu_names.is_empty() {
                         view.gpu_names = previous.gpu_names;
                     }
@@ -670,7 +714,7 @@ impl Provider for SshProvider {
         let tag = req.tag.render();
         let need = req.resources.gpu.as_ref().map(|g| g.count).unwrap_or(0);
         let fleet = {
-            let state = self.lock();
+            let mut state = self.lock();
             let Some(fleet) = state.fleets.iter().find(|f| f.name == fleet_name).cloned() else {
                 return Err(err(
                     ErrorKind::Permanent,
@@ -686,6 +730,23 @@ impl Provider for SshProvider {
                 {
                     return Ok(instance);
                 }
+            }
+            if let Some((_, host, since)) = state.unsure.get(&tag) {
+                let waited = since.elapsed();
+                if waited < UNSURE_CLAIM_WAIT {
+                    return Err(err(
+                        ErrorKind::Transient,
+                        step,
+                        format!(
+                            "the claim on {host} was cut off and may have placed this run \
+                             there; waiting for {host} to answer ({}s of at most {}s) \
+                             before claiming elsewhere",
+                            waited.as_secs(),
+                            UNSURE_CLAIM_WAIT.as_secs()
+                        ),
+                    ));
+                }
+                state.unsure.remove(&tag);
             }
             fleet
         };
@@ -730,16 +791,26 @@ impl Provider for SshProvider {
                         });
                 }
                 Ok(None) => skipped.push(format!("{} busy", host.name)),
-                Err(e) => {
+                Err(ClaimError::NotRun(e)) => {
                     skipped.push(format!("{} unreachable", host.name));
-                    let mut state = self.lock();
-                    let view = state
-                        .views
-                        .entry((fleet.name.clone(), host.name.clone()))
-                        .or_default();
-                    view.reachable = false;
-                    view.contacted = true;
-                    view.message = Some(e.to_string());
+                    self.mark_unreachable(&fleet.name, &host.name, &e);
+                }
+                Err(ClaimError::Unsure(e)) => {
+                    // Claiming on the next host now could place the attempt twice.
+                    self.mark_unreachable(&fleet.name, &host.name, &e);
+                    self.lock().unsure.insert(
+                        tag.clone(),
+                        (fleet.name.clone(), host.name.clone(), Instant::now()),
+                    );
+                    return Err(err(
+                        ErrorKind::Transient,
+                        step,
+                        format!(
+                            "the claim on {} got no answer ({e}); it may have placed this \
+                             run there, so no other host is tried until {} answers",
+                            host.name, host.name
+                        ),
+                    ));
                 }
             }
         }
