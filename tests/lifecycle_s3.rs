@@ -93,6 +93,10 @@ fn keys(a: &Asimov) {
 
 /// A foreground controller that finds the S3 server through `ASIMOV_S3_ENDPOINT_URL`.
 fn controller(a: &Asimov, s3: Option<&S3Server>) -> Child {
+    controller_with(a, s3, &[])
+}
+
+fn controller_with(a: &Asimov, s3: Option<&S3Server>, env: &[(&str, &str)]) -> Child {
     use std::os::unix::fs::OpenOptionsExt;
     let stderr = std::fs::OpenOptions::new()
         .mode(0o600)
@@ -105,6 +109,7 @@ fn controller(a: &Asimov, s3: Option<&S3Server>) -> Child {
     if let Some(s3) = s3 {
         cmd.env("ASIMOV_S3_ENDPOINT_URL", s3.endpoint());
     }
+    cmd.envs(env.iter().copied());
     let child = cmd.spawn().expect("controller starts");
     wait(a, "the controller to hold its lock", 10, || {
         a.controller_running()
@@ -421,6 +426,100 @@ fn a_final_sync_that_fails_for_good_is_said_and_the_instance_still_goes() {
         "{describe}"
     );
     assert!(describe.contains("final sync to S3 failed"), "{describe}");
+    support::cli::kill9(&mut ctl);
+}
+
+/// The newest step the job logged.
+fn last_step(step_log: &std::path::Path) -> u64 {
+    read_log(step_log).0.last().map_or(0, |(n, _)| *n)
+}
+
+#[test]
+fn deleting_a_running_job_syncs_its_checkpoint_to_s3_before_teardown() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let a = Asimov::new();
+    keys(&a);
+    std::fs::write(a.repo.path().join("train_s3.sh"), TRAIN).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let step_log = logs.path().join("steps.log");
+    // Checkpoint syncs an hour apart: the one in S3 is the delete's.
+    let file = a.manifest(
+        "ckpt.yaml",
+        &job(
+            &step_log,
+            100_000,
+            "",
+            &format!(
+                "  checkpoint: {{path: ckpt, every: 1h}}\n  \
+                 artifacts: {{paths: [out], to: s3://{BUCKET}/runs}}\n"
+            ),
+        ),
+    );
+    let mut ctl = controller(&a, Some(&s3));
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    wait(&a, "10 steps", 90, || last_step(&step_log) >= 10);
+    assert!(manifests(&s3, "ckpt-0").is_empty(), "no sync before the delete");
+    let at_delete = last_step(&step_log);
+    a.ok(&["delete", "job", "ckpt"]);
+    assert!(a.local_instances().is_empty(), "{:?}", a.local_instances());
+    let complete = manifests(&s3, "ckpt-0");
+    assert_eq!(complete.len(), 1, "{complete:?}");
+    let step = checkpoint_step(&s3, "ckpt-0", &complete[0]);
+    // The job writes its checkpoint every CKPT_STEPS steps.
+    assert!(
+        step + CKPT_STEPS > at_delete,
+        "the final checkpoint is at step {step}, the job was at {at_delete} when deleted"
+    );
+    support::cli::kill9(&mut ctl);
+}
+
+#[test]
+fn deleting_a_job_whose_final_sync_hangs_tears_down_at_the_bound() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let a = Asimov::new();
+    keys(&a);
+    std::fs::write(a.repo.path().join("train_s3.sh"), TRAIN).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let step_log = logs.path().join("steps.log");
+    let file = a.manifest(
+        "ckpt.yaml",
+        &job(
+            &step_log,
+            100_000,
+            "",
+            &format!(
+                "  checkpoint: {{path: ckpt, every: 1h}}\n  \
+                 artifacts: {{paths: [out], to: s3://{BUCKET}/runs}}\n"
+            ),
+        ),
+    );
+    let mut ctl = controller_with(&a, Some(&s3), &[("ASIMOV_FINAL_SYNC_TIMEOUT", "3")]);
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    wait(&a, "5 steps", 90, || last_step(&step_log) >= 5);
+    // The endpoint hangs: the agent's uploads wait for an answer that never comes.
+    s3.freeze();
+    let started = std::time::Instant::now();
+    let deleted = a.run(&["delete", "job", "ckpt"]);
+    let took = started.elapsed();
+    s3.thaw();
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    assert!(a.local_instances().is_empty(), "{:?}", a.local_instances());
+    let stderr = std::fs::read_to_string(a.controller_stderr()).unwrap_or_default();
+    assert!(
+        stderr.contains("final sync did not finish within 3s; torn down without it"),
+        "{stderr}"
+    );
+    eprintln!("deleted in {took:?} with the final sync hanging");
     support::cli::kill9(&mut ctl);
 }
 

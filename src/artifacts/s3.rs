@@ -237,12 +237,14 @@ pub fn curl_config(creds: &S3Credentials, region: &str) -> Secret {
         ));
     }
     // S3 wants the payload hash header; an unsigned payload lets curl stream files.
-    // No `Expect: 100-continue` round trip before each upload.
+    // No `Expect: 100-continue` round trip before each upload. A transfer stalled for
+    // a minute (an endpoint that hangs) is abandoned and retried, never waited on.
     text.push_str(
         "header = \"x-amz-content-sha256: UNSIGNED-PAYLOAD\"\n\
          header = \"Expect:\"\n\
          fail\nsilent\nshow-error\n\
-         retry = 4\nretry-connrefused\nconnect-timeout = 30\n",
+         retry = 4\nretry-connrefused\nconnect-timeout = 30\n\
+         speed-limit = 1\nspeed-time = 60\n",
     );
     Secret::new(text)
 }
