@@ -283,6 +283,9 @@ fn checkpoints_round_trip_through_s3_and_outputs_arrive() {
         "the final checkpoint is the second attempt's: {all:?}"
     );
     assert_eq!(checkpoint_step(&s3, "ckpt-0", last), STEPS);
+    // Old checkpoints were pruned: the newest two stay, and the one the second attempt
+    // resumed from (protected while it runs).
+    assert!(all.len() <= 3, "{all:?}");
 
     // Outputs at s3://bucket/runs/<run>/out/..., names with spaces included.
     assert_eq!(
@@ -427,6 +430,80 @@ fn a_final_sync_that_fails_for_good_is_said_and_the_instance_still_goes() {
     );
     assert!(describe.contains("final sync to S3 failed"), "{describe}");
     support::cli::kill9(&mut ctl);
+}
+
+#[test]
+fn pruning_keeps_the_newest_complete_checkpoints_and_every_object_they_name() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let client = s3.client(BUCKET);
+    let run = "prune-0";
+    let base = format!("{run}/_checkpoints");
+    let put = |key: String, body: &str| {
+        s3.block_on(client.put(&key, body.as_bytes().to_vec()))
+            .expect("put");
+    };
+    let g = |seq: u64, attempt: u32| format!("{seq:08}-a{attempt}");
+    // weights.bin written once by generation 1 and named by every later checkpoint;
+    // step rewritten by each; gen 3 of attempt 1 never completed (its instance died);
+    // gen 6 is a sync under way (objects, no manifest yet).
+    put(format!("{base}/objects/{}/weights.bin", g(1, 1)), "w");
+    for (seq, attempt) in [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)] {
+        put(
+            format!("{base}/objects/{}/step", g(seq, attempt)),
+            &seq.to_string(),
+        );
+    }
+    for (seq, attempt) in [(1, 1), (2, 1), (4, 2), (5, 2)] {
+        let manifest = format!(
+            "{}\tweights.bin\n{}\tstep\n",
+            g(1, 1),
+            g(seq, attempt)
+        );
+        put(format!("{base}/manifests/{}", g(seq, attempt)), &manifest);
+    }
+    // Attempt 2 resumed from checkpoint 2: it stays while that attempt runs.
+    let pruned = s3
+        .block_on(client.prune_checkpoints(run, 2, &[2]))
+        .expect("prune");
+    assert_eq!((pruned.checkpoints, pruned.objects), (1, 2), "{pruned:?}");
+    let mut left = s3.keys(BUCKET, &format!("{base}/"));
+    left.sort();
+    let want: Vec<String> = [
+        format!("manifests/{}", g(2, 1)),
+        format!("manifests/{}", g(4, 2)),
+        format!("manifests/{}", g(5, 2)),
+        format!("objects/{}/step", g(2, 1)),
+        format!("objects/{}/weights.bin", g(1, 1)),
+        format!("objects/{}/step", g(4, 2)),
+        format!("objects/{}/step", g(5, 2)),
+        format!("objects/{}/step", g(6, 2)),
+    ]
+    .into_iter()
+    .map(|k| format!("{base}/{k}"))
+    .collect::<std::collections::BTreeSet<_>>()
+    .into_iter()
+    .collect();
+    assert_eq!(left, want);
+    // Unprotected, checkpoint 2 goes too; again, nothing more goes.
+    let pruned = s3
+        .block_on(client.prune_checkpoints(run, 2, &[]))
+        .expect("prune");
+    assert_eq!((pruned.checkpoints, pruned.objects), (1, 1), "{pruned:?}");
+    let again = s3
+        .block_on(client.prune_checkpoints(run, 2, &[]))
+        .expect("prune");
+    assert_eq!((again.checkpoints, again.objects), (0, 0));
+    let left = s3.keys(BUCKET, &format!("{base}/"));
+    assert_eq!(left.len(), 6, "{left:?}");
+    assert!(left.contains(&format!("{base}/objects/{}/weights.bin", g(1, 1))));
+    // Keep 0 still keeps the newest.
+    s3.block_on(client.prune_checkpoints(run, 0, &[]))
+        .expect("prune");
+    let complete: Vec<String> = s3.keys(BUCKET, &format!("{base}/manifests/"));
+    assert_eq!(complete, vec![format!("{base}/manifests/{}", g(5, 2))]);
 }
 
 /// The newest step the job logged.

@@ -15,6 +15,11 @@
 //! attempt starts after the newest complete one), the attempt keeps two instances of
 //! one run from ever writing the same objects.
 //!
+//! After each sync that made a checkpoint the controller keeps the newest
+//! `reconcile::checkpoint::KEEP` (2) complete ones and the one the current attempt
+//! resumed from, and removes the rest: their manifests first, then every object that
+//! no kept manifest names ([`S3Client::prune_checkpoints`]).
+//!
 //! # Clients
 //!
 //! The controller uses `rusty-s3` (the signing and the XML of S3, no I/O of its own)
@@ -247,6 +252,13 @@ pub fn curl_config(creds: &S3Credentials, region: &str) -> Secret {
          speed-limit = 1\nspeed-time = 60\n",
     );
     Secret::new(text)
+}
+
+/// What [`S3Client::prune_checkpoints`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub checkpoints: usize,
+    pub objects: usize,
 }
 
 /// One checkpoint's name in the store: `<seq:08>-a<attempt>`.
@@ -487,6 +499,75 @@ impl S3Client {
                 .map(|(g, p)| (g.to_string(), p.to_string()))
                 .collect(),
         ))
+    }
+
+    /// Removes the checkpoints of `run` older than its newest `keep` complete ones
+    /// (never fewer than one kept, never one whose seq is in `protect`: a checkpoint an
+    /// attempt restores from), and every object no kept checkpoint names. Manifests go
+    /// first, so no checkpoint is ever complete with an object missing; objects of a
+    /// generation newer than the newest complete one (a sync under way) are never
+    /// touched, and neither are the objects older generations hold for a kept one.
+    pub async fn prune_checkpoints(
+        &self,
+        run: &str,
+        keep: usize,
+        protect: &[u64],
+    ) -> Result<Pruned, S3Error> {
+        let base = format!("{}/{CHECKPOINTS}", self.target.location.run_prefix(run));
+        let manifests_at = format!("{base}/manifests/");
+        let objects_at = format!("{base}/objects/");
+        let listed = self.list(&format!("{base}/")).await?;
+        let mut complete: Vec<Generation> = listed
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(&manifests_at)?.parse().ok())
+            .collect();
+        complete.sort();
+        let Some(&newest) = complete.last() else {
+            return Ok(Pruned::default());
+        };
+        let first_kept = complete.len().saturating_sub(keep.max(1));
+        let (old, kept) = complete.split_at(first_kept);
+        let (gone, protected): (Vec<Generation>, Vec<Generation>) =
+            old.iter().partition(|g| !protect.contains(&g.seq));
+        if gone.is_empty() {
+            return Ok(Pruned::default());
+        }
+        // Every object a kept checkpoint names stays, in whichever generation it is.
+        let mut named = std::collections::BTreeSet::new();
+        for g in kept.iter().chain(&protected) {
+            let files = self.checkpoint_files(run, *g).await?.ok_or_else(|| {
+                S3Error::Parse {
+                    step: "prune checkpoints",
+                    message: format!("manifest {g} vanished while pruning"),
+                }
+            })?;
+            named.extend(
+                files
+                    .into_iter()
+                    .map(|(holder, path)| format!("{objects_at}{holder}/{path}")),
+            );
+        }
+        let mut pruned = Pruned::default();
+        for g in &gone {
+            self.delete(&format!("{manifests_at}{g}")).await?;
+            pruned.checkpoints += 1;
+        }
+        for (key, _) in &listed {
+            let Some(rest) = key.strip_prefix(&objects_at) else {
+                continue;
+            };
+            let Some(generation) = rest
+                .split_once('/')
+                .and_then(|(g, _)| g.parse::<Generation>().ok())
+            else {
+                continue;
+            };
+            if generation <= newest && !named.contains(key) {
+                self.delete(key).await?;
+                pruned.objects += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// The key of one file of a checkpoint.

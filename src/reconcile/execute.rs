@@ -583,7 +583,7 @@ impl Executor {
                 };
                 if s3_url(job).is_some() {
                     return self
-                        .sync_s3(op, machine.as_ref(), run, *attempt, false, now)
+                        .sync_s3(op, Some(job), machine.as_ref(), run, *attempt, false, now)
                         .await;
                 }
                 let path = job.spec.checkpoint.as_ref().map(|c| c.path.as_str());
@@ -603,10 +603,20 @@ impl Executor {
                         source: Box::new(source),
                     })?;
                 let teardown = self.teardown(desired, run);
+                let job = find_run(desired, run).map(|(job, _)| job);
                 let limit = final_sync_limit();
                 let collected = tokio::time::timeout(
                     limit,
-                    self.collect(op, instance.provider, &teardown, machine.as_ref(), run, *attempt, now),
+                    self.collect(
+                        op,
+                        instance.provider,
+                        job,
+                        &teardown,
+                        machine.as_ref(),
+                        run,
+                        *attempt,
+                        now,
+                    ),
                 )
                 .await;
                 match collected {
@@ -889,10 +899,12 @@ impl Executor {
     /// The final sync before a teardown: the log and the outputs home, then the
     /// checkpoint (to S3: the agent's own final sync, waited for, or made here if it
     /// has not been).
+    #[allow(clippy::too_many_arguments)]
     async fn collect(
         &self,
         op: &Op,
         provider: ProviderKind,
+        job: Option<&Job>,
         teardown: &Teardown,
         machine: &dyn crate::agent::Machine,
         run: &str,
@@ -927,7 +939,8 @@ impl Executor {
         }
         self.note_setup_failure(run, &log, now);
         if teardown.s3 {
-            self.sync_s3(op, machine, run, attempt, true, now).await?;
+            self.sync_s3(op, job, machine, run, attempt, true, now)
+                .await?;
         } else {
             let path = teardown.checkpoint.as_deref();
             self.sync_checkpoint(op, path, machine, run, attempt, true, now)
@@ -1022,9 +1035,11 @@ impl Executor {
     /// outputs) and records the checkpoint it made complete. A final sync that failed
     /// for good is said in the run's events and does not hold back the teardown; a
     /// transient failure (the machine unreachable) fails the op, and so holds it back.
+    #[allow(clippy::too_many_arguments)]
     async fn sync_s3(
         &self,
         op: &Op,
+        job: Option<&Job>,
         machine: &dyn crate::agent::Machine,
         run: &str,
         attempt: u32,
@@ -1066,6 +1081,9 @@ impl Executor {
                 last,
             };
             self.store(op, |s| s.add_checkpoint_sync(&record))?;
+            if let Some(job) = job {
+                self.prune_s3(op, job, run, attempt, now).await;
+            }
             if synced.files > 0 || last {
                 let what = if last {
                     "final checkpoint"
@@ -1095,6 +1113,40 @@ impl Executor {
             );
         }
         Ok(())
+    }
+
+    /// Removes the run's checkpoints in S3 past the newest [`KEEP`](super::checkpoint::KEEP)
+    /// (never the one this attempt resumed from). Pruning is housekeeping: a failure is
+    /// logged and tried again after the next sync, never the op's failure.
+    async fn prune_s3(&self, op: &Op, job: &Job, run: &str, attempt: u32, now: Timestamp) {
+        let protect: Vec<u64> = match self.store(op, |s| s.resumed_from(run)) {
+            Ok(resumed) => resumed.get(&attempt).copied().into_iter().collect(),
+            // Unknown: nothing older than the newest complete ones can be proven unused.
+            Err(_) => return,
+        };
+        let pruned = async {
+            let Some(target) = self.s3_target(op, job).map_err(|e| e.to_string())? else {
+                return Ok(Default::default());
+            };
+            let client = S3Client::new(target).map_err(|e| e.to_string())?;
+            client
+                .prune_checkpoints(run, super::checkpoint::KEEP, &protect)
+                .await
+                .map_err(|e| error_text(&e))
+        };
+        match pruned.await {
+            Ok(p) if p.checkpoints > 0 => {
+                let message = format!(
+                    "removed {} older checkpoint(s) from S3 ({} objects), keeping the newest {}",
+                    p.checkpoints,
+                    p.objects,
+                    super::checkpoint::KEEP
+                );
+                self.event(op, run, "Pruned", message, now);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(run = %run, error = %e, "cannot prune old checkpoints in S3"),
+        }
     }
 
     /// Adds the run's newest complete checkpoint to what `launch` copies to the
