@@ -506,6 +506,39 @@ fn pruning_keeps_the_newest_complete_checkpoints_and_every_object_they_name() {
     assert_eq!(complete, vec![format!("{base}/manifests/{}", g(5, 2))]);
 }
 
+#[test]
+fn an_object_past_the_single_put_limit_goes_up_in_parts() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    // The limit lowered from S3's 5 GiB so the test stays small; parts of 5 MiB, the
+    // least S3 (and moto) take for every part but the last: three parts.
+    let client = s3.client(BUCKET).with_multipart(6 << 20, 5 << 20);
+    let body: Vec<u8> = (0..(11u32 << 20) + 12345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    s3.block_on(client.put("big/weights.bin", body.clone()))
+        .expect("multipart put");
+    let listed = s3.block_on(client.list("big/")).expect("list");
+    assert_eq!(
+        listed,
+        vec![("big/weights.bin".to_string(), body.len() as u64)]
+    );
+    let back = s3.get(BUCKET, "big/weights.bin").expect("the object");
+    assert!(back == body, "the object came back different");
+    // Under the limit: one PUT, as before.
+    s3.block_on(client.put("big/small.txt", b"small".to_vec()))
+        .expect("put");
+    assert_eq!(s3.get(BUCKET, "big/small.txt").as_deref(), Some(&b"small"[..]));
+    // A bucket that is not there: a clear error, not a half-made object.
+    let missing = s3.client("no-such-bucket").with_multipart(6 << 20, 5 << 20);
+    let err = s3
+        .block_on(missing.put("big/weights.bin", body))
+        .expect_err("no bucket");
+    assert!(err.to_string().contains("multipart upload"), "{err}");
+}
+
 /// The newest step the job logged.
 fn last_step(step_log: &std::path::Path) -> u64 {
     read_log(step_log).0.last().map_or(0, |(n, _)| *n)
@@ -944,6 +977,39 @@ fn agent_sync_and_restore_round_trip_under_sh_and_busybox() {
                 .unwrap_or_default()
                 .to_string()
         };
+
+        // A file over the single-PUT limit (lowered to 1000 bytes here) is not sent:
+        // the sync fails, saying why, and nothing of it reaches the bucket.
+        let big = dir.path().join("big");
+        let big_ckpt = dir.path().join("big-ckpt");
+        std::fs::create_dir_all(&big_ckpt).unwrap();
+        std::fs::write(big_ckpt.join("weights.bin"), vec![7u8; 2000]).unwrap();
+        instance(
+            &big,
+            &format!(
+                "S3_NEXT=1\nS3_ATTEMPT=9\nS3_CHECKPOINT='{}'\n",
+                big_ckpt.display()
+            ),
+        );
+        let out = std::process::Command::new("sh")
+            .arg(big.join("agent.sh"))
+            .arg("sync-checkpoint")
+            .arg(&big)
+            .env("PATH", &path)
+            .env("ASIMOV_S3_PUT_MAX", "1000")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: {out:?}");
+        assert!(
+            said.contains("is 2000 bytes, over the 1000 bytes one S3 upload takes"),
+            "{name}: {said}"
+        );
+        assert!(
+            s3.keys(BUCKET, &format!("unit/{name}/_checkpoints/objects/00000001-a9/"))
+                .is_empty(),
+            "{name}"
+        );
 
         // First instance: two syncs of its checkpoint folder.
         let one = dir.path().join("one");

@@ -325,7 +325,19 @@ pub struct S3Client {
     bucket: Bucket,
     creds: Credentials,
     http: reqwest::Client,
+    /// Objects larger than this go up in parts.
+    put_limit: u64,
+    part_size: u64,
 }
+
+/// The largest object S3 takes in one PUT (5 GiB): past it, uploads go in parts.
+pub const SINGLE_PUT_LIMIT: u64 = 5 << 30;
+
+/// The part size of the controller's multipart uploads.
+pub const PART_SIZE: u64 = 64 << 20;
+
+/// The most parts S3 takes in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
 
 impl S3Client {
     pub fn new(target: S3Target) -> Result<Self, S3Error> {
@@ -344,6 +356,8 @@ impl S3Client {
             bucket,
             creds,
             http,
+            put_limit: SINGLE_PUT_LIMIT,
+            part_size: PART_SIZE,
         })
     }
 
@@ -445,7 +459,19 @@ impl S3Client {
         Ok(Some(bytes.to_vec()))
     }
 
+    /// Sets the size past which [`S3Client::put`] uploads in parts, and the part size
+    /// (tests use small ones; S3 itself wants parts of at least 5 MiB but the last).
+    pub fn with_multipart(mut self, put_limit: u64, part_size: u64) -> Self {
+        self.put_limit = put_limit;
+        self.part_size = part_size.max(1);
+        self
+    }
+
+    /// Writes an object: in one PUT up to S3's single-PUT limit, in parts past it.
     pub async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), S3Error> {
+        if body.len() as u64 > self.put_limit {
+            return self.put_multipart(key, &body).await;
+        }
         let url = self
             .bucket
             .put_object(Some(&self.creds), key)
@@ -453,6 +479,112 @@ impl S3Client {
         self.send("put object", self.http.put(url).body(body))
             .await
             .map(|_| ())
+    }
+
+    /// CreateMultipartUpload, UploadPart for each part (of `part_size`, larger when
+    /// S3's 10,000 parts would not hold the object), CompleteMultipartUpload; an upload
+    /// that fails on the way is aborted, so that no part is left billing storage.
+    async fn put_multipart(&self, key: &str, body: &[u8]) -> Result<(), S3Error> {
+        const STEP: &str = "multipart upload";
+        let url = self
+            .bucket
+            .create_multipart_upload(Some(&self.creds), key)
+            .sign(SIGNED_FOR);
+        let created = self.send(STEP, self.http.post(url)).await?;
+        let text = match created {
+            Some(r) => r
+                .text()
+                .await
+                .map_err(|source| S3Error::Http { step: STEP, source })?,
+            None => {
+                return Err(S3Error::Status {
+                    step: STEP,
+                    status: 404,
+                    body: format!("no bucket {}", self.target.location.bucket),
+                });
+            }
+        };
+        let upload = rusty_s3::actions::CreateMultipartUpload::parse_response(&text)
+            .map_err(|e| S3Error::Parse {
+                step: STEP,
+                message: e.to_string(),
+            })?;
+        let upload_id = upload.upload_id();
+        let sent = self.upload_parts(key, upload_id, body).await;
+        if sent.is_err() {
+            let url = self
+                .bucket
+                .abort_multipart_upload(Some(&self.creds), key, upload_id)
+                .sign(SIGNED_FOR);
+            if let Err(e) = self.send("abort multipart upload", self.http.delete(url)).await {
+                tracing::warn!(key, error = %e, "cannot abort a failed multipart upload");
+            }
+        }
+        sent
+    }
+
+    async fn upload_parts(&self, key: &str, upload_id: &str, body: &[u8]) -> Result<(), S3Error> {
+        const STEP: &str = "upload part";
+        let part_size = self
+            .part_size
+            .max((body.len() as u64).div_ceil(MAX_PARTS))
+            .max(1);
+        let mut etags = Vec::new();
+        for (i, chunk) in body.chunks(part_size as usize).enumerate() {
+            let number = u16::try_from(i + 1).map_err(|_| S3Error::Parse {
+                step: STEP,
+                message: format!("more than {MAX_PARTS} parts"),
+            })?;
+            let url = self
+                .bucket
+                .upload_part(Some(&self.creds), key, number, upload_id)
+                .sign(SIGNED_FOR);
+            let response = self
+                .send(STEP, self.http.put(url).body(chunk.to_vec()))
+                .await?
+                .ok_or_else(|| S3Error::Status {
+                    step: STEP,
+                    status: 404,
+                    body: format!("no upload {upload_id}"),
+                })?;
+            let etag = response
+                .headers()
+                .get(reqwest::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| S3Error::Parse {
+                    step: STEP,
+                    message: format!("no ETag for part {number}"),
+                })?;
+            etags.push(etag.to_string());
+        }
+        const COMPLETE: &str = "complete multipart upload";
+        let action = self.bucket.complete_multipart_upload(
+            Some(&self.creds),
+            key,
+            upload_id,
+            etags.iter().map(String::as_str),
+        );
+        let url = action.sign(SIGNED_FOR);
+        let response = self
+            .send(COMPLETE, self.http.post(url).body(action.body()))
+            .await?
+            .ok_or_else(|| S3Error::Status {
+                step: COMPLETE,
+                status: 404,
+                body: format!("no upload {upload_id}"),
+            })?;
+        let text = response.text().await.map_err(|source| S3Error::Http {
+            step: COMPLETE,
+            source,
+        })?;
+        // S3 may answer 200 with an error inside: only a parsed result is success.
+        rusty_s3::actions::CompleteMultipartUploadResponse::parse(&text).map_err(|e| {
+            S3Error::Parse {
+                step: COMPLETE,
+                message: format!("{e}: {}", text.chars().take(300).collect::<String>()),
+            }
+        })?;
+        Ok(())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
