@@ -125,6 +125,16 @@ pub struct S3Synced {
     pub failed: Option<String>,
 }
 
+/// A piece of a job's metrics file ([`Machine::metrics_since`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsRead {
+    /// The file's identity (its inode), `None` when not known (nothing resumes then).
+    pub file: Option<u64>,
+    /// The byte of the file `text` starts at.
+    pub start: u64,
+    pub text: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum LaunchSource {
     None,
@@ -269,6 +279,24 @@ pub trait Machine: Send + Sync {
     /// empty when there is none. Machines that keep no files have none.
     async fn metrics_tail(&self, _max_bytes: usize) -> Result<String, AgentError> {
         Ok(String::new())
+    }
+
+    /// The metrics file from byte `offset` on (from the newline before it, so that the
+    /// caller can tell the file is still the one it read), at most `max_bytes`; from
+    /// its last `max_bytes` when `offset` is 0, past its end, or `file` is not its
+    /// identity. Machines without the means read the tail every time.
+    async fn metrics_since(
+        &self,
+        _offset: u64,
+        _file: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<MetricsRead, AgentError> {
+        let text = self.metrics_tail(max_bytes).await?;
+        Ok(MetricsRead {
+            file: None,
+            start: 0,
+            text,
+        })
     }
 
     /// Syncs the run's checkpoint folder to S3 (`last`: and its outputs, once; the

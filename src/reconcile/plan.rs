@@ -109,7 +109,7 @@ pub struct Observed {
     pub agents: BTreeMap<String, AgentObservation>,
     /// The latest metrics of running jobs with `stop_when` rules, by rendered tag, in
     /// the order the job wrote them (see `reconcile::stop`).
-    pub metrics: BTreeMap<String, Vec<super::stop::Record>>,
+    pub metrics: BTreeMap<String, std::sync::Arc<Vec<super::stop::Record>>>,
 }
 
 /// What the store remembers.
