@@ -136,7 +136,9 @@ fn deleting_a_running_fleet_job_syncs_over_rsync_before_its_slot_goes() {
             .to_string()
     };
     delete_running_job(&a, &step_log);
-    a.wait_for("the job on the host to end", Duration::from_secs(30), || {
-        support::sshd::processes_with_env(&format!("ASIMOV_INSTANCE={tag}")).is_empty()
-    });
+    a.wait_for(
+        "the job on the host to end",
+        Duration::from_secs(30),
+        || support::sshd::processes_with_env(&format!("ASIMOV_INSTANCE={tag}")).is_empty(),
+    );
 }

@@ -457,11 +457,7 @@ fn pruning_keeps_the_newest_complete_checkpoints_and_every_object_they_name() {
         );
     }
     for (seq, attempt) in [(1, 1), (2, 1), (4, 2), (5, 2)] {
-        let manifest = format!(
-            "{}\tweights.bin\n{}\tstep\n",
-            g(1, 1),
-            g(seq, attempt)
-        );
+        let manifest = format!("{}\tweights.bin\n{}\tstep\n", g(1, 1), g(seq, attempt));
         put(format!("{base}/manifests/{}", g(seq, attempt)), &manifest);
     }
     // Attempt 2 resumed from checkpoint 2: it stays while that attempt runs.
@@ -530,7 +526,10 @@ fn an_object_past_the_single_put_limit_goes_up_in_parts() {
     // Under the limit: one PUT, as before.
     s3.block_on(client.put("big/small.txt", b"small".to_vec()))
         .expect("put");
-    assert_eq!(s3.get(BUCKET, "big/small.txt").as_deref(), Some(&b"small"[..]));
+    assert_eq!(
+        s3.get(BUCKET, "big/small.txt").as_deref(),
+        Some(&b"small"[..])
+    );
     // A bucket that is not there: a clear error, not a half-made object.
     let missing = s3.client("no-such-bucket").with_multipart(6 << 20, 5 << 20);
     let err = s3
@@ -571,7 +570,10 @@ fn deleting_a_running_job_syncs_its_checkpoint_to_s3_before_teardown() {
     let mut ctl = controller(&a, Some(&s3));
     a.ok(&["apply", "-f", file.to_str().unwrap()]);
     wait(&a, "10 steps", 90, || last_step(&step_log) >= 10);
-    assert!(manifests(&s3, "ckpt-0").is_empty(), "no sync before the delete");
+    assert!(
+        manifests(&s3, "ckpt-0").is_empty(),
+        "no sync before the delete"
+    );
     let at_delete = last_step(&step_log);
     a.ok(&["delete", "job", "ckpt"]);
     assert!(a.local_instances().is_empty(), "{:?}", a.local_instances());
@@ -1006,8 +1008,11 @@ fn agent_sync_and_restore_round_trip_under_sh_and_busybox() {
             "{name}: {said}"
         );
         assert!(
-            s3.keys(BUCKET, &format!("unit/{name}/_checkpoints/objects/00000001-a9/"))
-                .is_empty(),
+            s3.keys(
+                BUCKET,
+                &format!("unit/{name}/_checkpoints/objects/00000001-a9/")
+            )
+            .is_empty(),
             "{name}"
         );
 

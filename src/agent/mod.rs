@@ -267,20 +267,13 @@ pub trait Machine: Send + Sync {
     /// The metrics file from byte `offset` on (from the newline before it, so that the
     /// caller can tell the file is still the one it read), at most `max_bytes`; from
     /// its last `max_bytes` when `offset` is 0, past its end, or `file` is not its
-    /// identity. Machines without the means read the tail every time.
+    /// identity. Empty when there is none.
     async fn metrics_since(
         &self,
-        _offset: u64,
-        _file: Option<u64>,
+        offset: u64,
+        file: Option<u64>,
         max_bytes: usize,
-    ) -> Result<MetricsRead, AgentError> {
-        let text = self.metrics_tail(max_bytes).await?;
-        Ok(MetricsRead {
-            file: None,
-            start: 0,
-            text,
-        })
-    }
+    ) -> Result<MetricsRead, AgentError>;
 
     /// Syncs the run's checkpoint folder to S3 (`last`: and its outputs, once; the
     /// final sync, which the agent also makes by itself when the job ends: this waits

@@ -504,10 +504,12 @@ impl S3Client {
                 });
             }
         };
-        let upload = rusty_s3::actions::CreateMultipartUpload::parse_response(&text)
-            .map_err(|e| S3Error::Parse {
-                step: STEP,
-                message: e.to_string(),
+        let upload =
+            rusty_s3::actions::CreateMultipartUpload::parse_response(&text).map_err(|e| {
+                S3Error::Parse {
+                    step: STEP,
+                    message: e.to_string(),
+                }
             })?;
         let upload_id = upload.upload_id();
         let sent = self.upload_parts(key, upload_id, body).await;
@@ -516,7 +518,10 @@ impl S3Client {
                 .bucket
                 .abort_multipart_upload(Some(&self.creds), key, upload_id)
                 .sign(SIGNED_FOR);
-            if let Err(e) = self.send("abort multipart upload", self.http.delete(url)).await {
+            if let Err(e) = self
+                .send("abort multipart upload", self.http.delete(url))
+                .await
+            {
                 tracing::warn!(key, error = %e, "cannot abort a failed multipart upload");
             }
         }
@@ -667,12 +672,13 @@ impl S3Client {
         // Every object a kept checkpoint names stays, in whichever generation it is.
         let mut named = std::collections::BTreeSet::new();
         for g in kept.iter().chain(&protected) {
-            let files = self.checkpoint_files(run, *g).await?.ok_or_else(|| {
-                S3Error::Parse {
+            let files = self
+                .checkpoint_files(run, *g)
+                .await?
+                .ok_or_else(|| S3Error::Parse {
                     step: "prune checkpoints",
                     message: format!("manifest {g} vanished while pruning"),
-                }
-            })?;
+                })?;
             named.extend(
                 files
                     .into_iter()

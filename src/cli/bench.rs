@@ -859,42 +859,45 @@ impl fmt::Display for BenchReport {
             "reading metrics of running runs (stop_when; local transport, real store)"
         )?;
         for (how, figures) in [
-            ("read from each attempt's offset (the controller)", &self.metrics),
+            (
+                "read from each attempt's offset (the controller)",
+                &self.metrics,
+            ),
             ("the whole tail re-read (before)", &self.metrics_full_tail),
         ] {
-        writeln!(f, "  {how}:")?;
-        match figures {
-            Ok(m) => {
-                writeln!(
-                    f,
-                    "  {} runs; metrics files of {} lines ({} KiB), {} KiB ({} lines) read a run per pass",
-                    m.runs,
-                    m.file_lines,
-                    m.file_bytes / 1024,
-                    m.tail_bytes / 1024,
-                    m.tail_lines
-                )?;
-                writeln!(
-                    f,
-                    "  one pass (read, parse, rules, record): {}; {} measured passes after 1 warm-up",
-                    m.wall, m.wall.samples
-                )?;
-                writeln!(
-                    f,
-                    "  CPU per pass: controller {}, its children (sh, tail) {}; {:.1} MiB read",
-                    ms(m.cpu_self),
-                    ms(m.cpu_children),
-                    (m.tail_bytes * m.runs as u64) as f64 / (1024.0 * 1024.0)
-                )?;
-                writeln!(
-                    f,
-                    "  of which parse + rules {} (median), the store write {} (median)",
-                    ms(m.parse.median),
-                    ms(m.record.median)
-                )?;
+            writeln!(f, "  {how}:")?;
+            match figures {
+                Ok(m) => {
+                    writeln!(
+                        f,
+                        "  {} runs; metrics files of {} lines ({} KiB), {} KiB ({} lines) read a run per pass",
+                        m.runs,
+                        m.file_lines,
+                        m.file_bytes / 1024,
+                        m.tail_bytes / 1024,
+                        m.tail_lines
+                    )?;
+                    writeln!(
+                        f,
+                        "  one pass (read, parse, rules, record): {}; {} measured passes after 1 warm-up",
+                        m.wall, m.wall.samples
+                    )?;
+                    writeln!(
+                        f,
+                        "  CPU per pass: controller {}, its children (sh, tail) {}; {:.1} MiB read",
+                        ms(m.cpu_self),
+                        ms(m.cpu_children),
+                        (m.tail_bytes * m.runs as u64) as f64 / (1024.0 * 1024.0)
+                    )?;
+                    writeln!(
+                        f,
+                        "  of which parse + rules {} (median), the store write {} (median)",
+                        ms(m.parse.median),
+                        ms(m.record.median)
+                    )?;
+                }
+                Err(e) => not_measured(f, e)?,
             }
-            Err(e) => not_measured(f, e)?,
-        }
         }
         Ok(())
     }
@@ -1022,14 +1025,13 @@ fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, Ben
                     let read = if incremental {
                         machine.metrics_since(offset, file, METRICS_TAIL).await
                     } else {
-                        machine
-                            .metrics_tail(METRICS_TAIL)
-                            .await
-                            .map(|text| crate::agent::MetricsRead {
+                        machine.metrics_tail(METRICS_TAIL).await.map(|text| {
+                            crate::agent::MetricsRead {
                                 file: None,
                                 start: 0,
                                 text,
-                            })
+                            }
+                        })
                     };
                     (i, read)
                 });

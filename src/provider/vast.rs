@@ -1393,7 +1393,10 @@ impl crate::agent::Machine for VastMachine {
         file: Option<u64>,
         max_bytes: usize,
     ) -> Result<crate::agent::MetricsRead, AgentError> {
-        relogin!(self, self.agent.metrics_since(offset, file, max_bytes).await)
+        relogin!(
+            self,
+            self.agent.metrics_since(offset, file, max_bytes).await
+        )
     }
 
     async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, AgentError> {

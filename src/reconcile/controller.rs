@@ -873,9 +873,9 @@ impl Controller {
                                 // tail again when the file is not the one read then.
                                 let mut read = m.metrics_since(offset, file, METRICS_TAIL).await;
                                 if offset > 0
-                                    && read.as_ref().is_ok_and(|r| {
-                                        !super::metrics::resumes(file, offset, r)
-                                    })
+                                    && read
+                                        .as_ref()
+                                        .is_ok_and(|r| !super::metrics::resumes(file, offset, r))
                                 {
                                     read = m.metrics_since(0, None, METRICS_TAIL).await;
                                 }

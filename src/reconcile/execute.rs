@@ -872,7 +872,12 @@ impl Executor {
         let s3 = s3_url(job).is_some();
         // An outputs folder only for a job that declares outputs kept at home: nothing
         // is left in artifacts/ for the rest.
-        let has_outputs = !s3 && job.spec.artifacts.as_ref().is_some_and(|a| !a.paths.is_empty());
+        let has_outputs = !s3
+            && job
+                .spec
+                .artifacts
+                .as_ref()
+                .is_some_and(|a| !a.paths.is_empty());
         Teardown {
             s3,
             checkpoint: job.spec.checkpoint.as_ref().map(|c| c.path.clone()),
