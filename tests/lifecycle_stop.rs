@@ -19,7 +19,8 @@ while [ "$step" -lt 300 ]; do
   step=$((step + 1))
   val=$(sh -c "$CURVE" curve "$step")
   printf '{"step": %d, "val": %s}\n' "$step" "$val" >>"$ASIMOV_METRICS"
-  echo "$step" >ckpt/step
+  # Atomically: a sync that copies the file mid-write must never find it empty.
+  echo "$step" >ckpt/.step.tmp && mv ckpt/.step.tmp ckpt/step
   echo "step $step" >>"$STEP_LOG"
 done
 "#;
