@@ -93,6 +93,10 @@ fn keys(a: &Asimov) {
 
 /// A foreground controller that finds the S3 server through `ASIMOV_S3_ENDPOINT_URL`.
 fn controller(a: &Asimov, s3: Option<&S3Server>) -> Child {
+    controller_with(a, s3, &[])
+}
+
+fn controller_with(a: &Asimov, s3: Option<&S3Server>, env: &[(&str, &str)]) -> Child {
     use std::os::unix::fs::OpenOptionsExt;
     let stderr = std::fs::OpenOptions::new()
         .mode(0o600)
@@ -105,6 +109,7 @@ fn controller(a: &Asimov, s3: Option<&S3Server>) -> Child {
     if let Some(s3) = s3 {
         cmd.env("ASIMOV_S3_ENDPOINT_URL", s3.endpoint());
     }
+    cmd.envs(env.iter().copied());
     let child = cmd.spawn().expect("controller starts");
     wait(a, "the controller to hold its lock", 10, || {
         a.controller_running()
@@ -278,6 +283,9 @@ fn checkpoints_round_trip_through_s3_and_outputs_arrive() {
         "the final checkpoint is the second attempt's: {all:?}"
     );
     assert_eq!(checkpoint_step(&s3, "ckpt-0", last), STEPS);
+    // Old checkpoints were pruned: the newest two stay, and the one the second attempt
+    // resumed from (protected while it runs).
+    assert!(all.len() <= 3, "{all:?}");
 
     // Outputs at s3://bucket/runs/<run>/out/..., names with spaces included.
     assert_eq!(
@@ -421,6 +429,209 @@ fn a_final_sync_that_fails_for_good_is_said_and_the_instance_still_goes() {
         "{describe}"
     );
     assert!(describe.contains("final sync to S3 failed"), "{describe}");
+    support::cli::kill9(&mut ctl);
+}
+
+#[test]
+fn pruning_keeps_the_newest_complete_checkpoints_and_every_object_they_name() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let client = s3.client(BUCKET);
+    let run = "prune-0";
+    let base = format!("{run}/_checkpoints");
+    let put = |key: String, body: &str| {
+        s3.block_on(client.put(&key, body.as_bytes().to_vec()))
+            .expect("put");
+    };
+    let g = |seq: u64, attempt: u32| format!("{seq:08}-a{attempt}");
+    // weights.bin written once by generation 1 and named by every later checkpoint;
+    // step rewritten by each; gen 3 of attempt 1 never completed (its instance died);
+    // gen 6 is a sync under way (objects, no manifest yet).
+    put(format!("{base}/objects/{}/weights.bin", g(1, 1)), "w");
+    for (seq, attempt) in [(1, 1), (2, 1), (3, 1), (4, 2), (5, 2), (6, 2)] {
+        put(
+            format!("{base}/objects/{}/step", g(seq, attempt)),
+            &seq.to_string(),
+        );
+    }
+    for (seq, attempt) in [(1, 1), (2, 1), (4, 2), (5, 2)] {
+        let manifest = format!("{}\tweights.bin\n{}\tstep\n", g(1, 1), g(seq, attempt));
+        put(format!("{base}/manifests/{}", g(seq, attempt)), &manifest);
+    }
+    // Attempt 2 resumed from checkpoint 2: it stays while that attempt runs.
+    let pruned = s3
+        .block_on(client.prune_checkpoints(run, 2, &[2]))
+        .expect("prune");
+    assert_eq!((pruned.checkpoints, pruned.objects), (1, 2), "{pruned:?}");
+    let mut left = s3.keys(BUCKET, &format!("{base}/"));
+    left.sort();
+    let want: Vec<String> = [
+        format!("manifests/{}", g(2, 1)),
+        format!("manifests/{}", g(4, 2)),
+        format!("manifests/{}", g(5, 2)),
+        format!("objects/{}/step", g(2, 1)),
+        format!("objects/{}/weights.bin", g(1, 1)),
+        format!("objects/{}/step", g(4, 2)),
+        format!("objects/{}/step", g(5, 2)),
+        format!("objects/{}/step", g(6, 2)),
+    ]
+    .into_iter()
+    .map(|k| format!("{base}/{k}"))
+    .collect::<std::collections::BTreeSet<_>>()
+    .into_iter()
+    .collect();
+    assert_eq!(left, want);
+    // Unprotected, checkpoint 2 goes too; again, nothing more goes.
+    let pruned = s3
+        .block_on(client.prune_checkpoints(run, 2, &[]))
+        .expect("prune");
+    assert_eq!((pruned.checkpoints, pruned.objects), (1, 1), "{pruned:?}");
+    let again = s3
+        .block_on(client.prune_checkpoints(run, 2, &[]))
+        .expect("prune");
+    assert_eq!((again.checkpoints, again.objects), (0, 0));
+    let left = s3.keys(BUCKET, &format!("{base}/"));
+    assert_eq!(left.len(), 6, "{left:?}");
+    assert!(left.contains(&format!("{base}/objects/{}/weights.bin", g(1, 1))));
+    // Keep 0 still keeps the newest.
+    s3.block_on(client.prune_checkpoints(run, 0, &[]))
+        .expect("prune");
+    let complete: Vec<String> = s3.keys(BUCKET, &format!("{base}/manifests/"));
+    assert_eq!(complete, vec![format!("{base}/manifests/{}", g(5, 2))]);
+}
+
+#[test]
+fn an_object_past_the_single_put_limit_goes_up_in_parts() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    // The limit lowered from S3's 5 GiB so the test stays small; parts of 5 MiB, the
+    // least S3 (and moto) take for every part but the last: three parts.
+    let client = s3.client(BUCKET).with_multipart(6 << 20, 5 << 20);
+    let body: Vec<u8> = (0..(11u32 << 20) + 12345)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    s3.block_on(client.put("big/weights.bin", body.clone()))
+        .expect("multipart put");
+    let listed = s3.block_on(client.list("big/")).expect("list");
+    assert_eq!(
+        listed,
+        vec![("big/weights.bin".to_string(), body.len() as u64)]
+    );
+    let back = s3.get(BUCKET, "big/weights.bin").expect("the object");
+    assert!(back == body, "the object came back different");
+    // Under the limit: one PUT, as before.
+    s3.block_on(client.put("big/small.txt", b"small".to_vec()))
+        .expect("put");
+    assert_eq!(
+        s3.get(BUCKET, "big/small.txt").as_deref(),
+        Some(&b"small"[..])
+    );
+    // A bucket that is not there: a clear error, not a half-made object.
+    let missing = s3.client("no-such-bucket").with_multipart(6 << 20, 5 << 20);
+    let err = s3
+        .block_on(missing.put("big/weights.bin", body))
+        .expect_err("no bucket");
+    assert!(err.to_string().contains("multipart upload"), "{err}");
+}
+
+/// The newest step the job logged.
+fn last_step(step_log: &std::path::Path) -> u64 {
+    read_log(step_log).0.last().map_or(0, |(n, _)| *n)
+}
+
+#[test]
+fn deleting_a_running_job_syncs_its_checkpoint_to_s3_before_teardown() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let a = Asimov::new();
+    keys(&a);
+    std::fs::write(a.repo.path().join("train_s3.sh"), TRAIN).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let step_log = logs.path().join("steps.log");
+    // Checkpoint syncs an hour apart: the one in S3 is the delete's.
+    let file = a.manifest(
+        "ckpt.yaml",
+        &job(
+            &step_log,
+            100_000,
+            "",
+            &format!(
+                "  checkpoint: {{path: ckpt, every: 1h}}\n  \
+                 artifacts: {{paths: [out], to: s3://{BUCKET}/runs}}\n"
+            ),
+        ),
+    );
+    let mut ctl = controller(&a, Some(&s3));
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    wait(&a, "10 steps", 90, || last_step(&step_log) >= 10);
+    assert!(
+        manifests(&s3, "ckpt-0").is_empty(),
+        "no sync before the delete"
+    );
+    let at_delete = last_step(&step_log);
+    a.ok(&["delete", "job", "ckpt"]);
+    assert!(a.local_instances().is_empty(), "{:?}", a.local_instances());
+    let complete = manifests(&s3, "ckpt-0");
+    assert_eq!(complete.len(), 1, "{complete:?}");
+    let step = checkpoint_step(&s3, "ckpt-0", &complete[0]);
+    // The job writes its checkpoint every CKPT_STEPS steps.
+    assert!(
+        step + CKPT_STEPS > at_delete,
+        "the final checkpoint is at step {step}, the job was at {at_delete} when deleted"
+    );
+    support::cli::kill9(&mut ctl);
+}
+
+#[test]
+fn deleting_a_job_whose_final_sync_hangs_tears_down_at_the_bound() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    s3.create_bucket(BUCKET);
+    let a = Asimov::new();
+    keys(&a);
+    std::fs::write(a.repo.path().join("train_s3.sh"), TRAIN).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let step_log = logs.path().join("steps.log");
+    let file = a.manifest(
+        "ckpt.yaml",
+        &job(
+            &step_log,
+            100_000,
+            "",
+            &format!(
+                "  checkpoint: {{path: ckpt, every: 1h}}\n  \
+                 artifacts: {{paths: [out], to: s3://{BUCKET}/runs}}\n"
+            ),
+        ),
+    );
+    let mut ctl = controller_with(&a, Some(&s3), &[("ASIMOV_FINAL_SYNC_TIMEOUT", "3")]);
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    wait(&a, "5 steps", 90, || last_step(&step_log) >= 5);
+    // The endpoint hangs: the agent's uploads wait for an answer that never comes.
+    s3.freeze();
+    let started = std::time::Instant::now();
+    let deleted = a.run(&["delete", "job", "ckpt"]);
+    let took = started.elapsed();
+    s3.thaw();
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    assert!(a.local_instances().is_empty(), "{:?}", a.local_instances());
+    let stderr = std::fs::read_to_string(a.controller_stderr()).unwrap_or_default();
+    assert!(
+        stderr.contains("final sync did not finish within 3s; torn down without it"),
+        "{stderr}"
+    );
+    eprintln!("deleted in {took:?} with the final sync hanging");
     support::cli::kill9(&mut ctl);
 }
 
@@ -768,6 +979,42 @@ fn agent_sync_and_restore_round_trip_under_sh_and_busybox() {
                 .unwrap_or_default()
                 .to_string()
         };
+
+        // A file over the single-PUT limit (lowered to 1000 bytes here) is not sent:
+        // the sync fails, saying why, and nothing of it reaches the bucket.
+        let big = dir.path().join("big");
+        let big_ckpt = dir.path().join("big-ckpt");
+        std::fs::create_dir_all(&big_ckpt).unwrap();
+        std::fs::write(big_ckpt.join("weights.bin"), vec![7u8; 2000]).unwrap();
+        instance(
+            &big,
+            &format!(
+                "S3_NEXT=1\nS3_ATTEMPT=9\nS3_CHECKPOINT='{}'\n",
+                big_ckpt.display()
+            ),
+        );
+        let out = std::process::Command::new("sh")
+            .arg(big.join("agent.sh"))
+            .arg("sync-checkpoint")
+            .arg(&big)
+            .env("PATH", &path)
+            .env("ASIMOV_S3_PUT_MAX", "1000")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: {out:?}");
+        assert!(
+            said.contains("is 2000 bytes, over the 1000 bytes one S3 upload takes"),
+            "{name}: {said}"
+        );
+        assert!(
+            s3.keys(
+                BUCKET,
+                &format!("unit/{name}/_checkpoints/objects/00000001-a9/")
+            )
+            .is_empty(),
+            "{name}"
+        );
 
         // First instance: two syncs of its checkpoint folder.
         let one = dir.path().join("one");

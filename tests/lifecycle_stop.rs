@@ -1,6 +1,7 @@
 //! Early stopping through the real binary on the local provider: a job writes JSON-line
 //! metrics to `ASIMOV_METRICS`; a plateauing metric stops it early (after a final
-//! checkpoint sync), a NaN stops it as diverged, and nothing is left running.
+//! checkpoint sync), a NaN stops it as diverged, and nothing is left running; a metrics
+//! file rotated and truncated under a controller that restarts is still judged whole.
 
 mod support;
 
@@ -18,7 +19,8 @@ while [ "$step" -lt 300 ]; do
   step=$((step + 1))
   val=$(sh -c "$CURVE" curve "$step")
   printf '{"step": %d, "val": %s}\n' "$step" "$val" >>"$ASIMOV_METRICS"
-  echo "$step" >ckpt/step
+  # Atomically: a sync that copies the file mid-write must never find it empty.
+  echo "$step" >ckpt/.step.tmp && mv ckpt/.step.tmp ckpt/step
   echo "step $step" >>"$STEP_LOG"
 done
 "#;
@@ -143,4 +145,75 @@ fn a_nan_stops_the_run_as_failed() {
         a.local_instances().is_empty() && a.job_processes().is_empty()
     });
     assert!(last_step(&step_log) < 150, "{}", last_step(&step_log));
+}
+
+/// Improves every step to 100, then flat; its metrics file is rotated at step 40 and
+/// truncated at step 80 (as log rotation does), so the controller reading it from an
+/// offset must notice and start over from the new file.
+const ROTATING: &str = r#"#!/bin/sh
+set -eu
+step=0
+while [ "$step" -lt 400 ]; do
+  sleep 0.1
+  step=$((step + 1))
+  case $step in
+  40) mv "$ASIMOV_METRICS" "$ASIMOV_METRICS.1" ;;
+  80) : >"$ASIMOV_METRICS" ;;
+  esac
+  val=$step
+  [ "$step" -le 100 ] || val=100
+  printf '{"step": %d, "val": %d}\n' "$step" "$val" >>"$ASIMOV_METRICS"
+  echo "step $step" >>"$STEP_LOG"
+done
+"#;
+
+#[test]
+fn a_rotated_and_truncated_metrics_file_is_judged_whole_across_a_controller_restart() {
+    let a = Asimov::new();
+    std::fs::write(a.repo.path().join("train_rotate.sh"), ROTATING).unwrap();
+    let logs = tempfile::tempdir().unwrap();
+    let step_log = logs.path().join("steps.log");
+    let file = a.manifest(
+        "rotate.yaml",
+        &format!(
+            r#"
+apiVersion: asimov/v1
+kind: Job
+metadata: {{name: rotate}}
+spec:
+  source: {{workdir: .}}
+  run: sh train_rotate.sh
+  env: {{STEP_LOG: "{}"}}
+  stop_when: [{{metric: val, mode: max, patience: 20}}]
+"#,
+            step_log.display()
+        ),
+    );
+    let mut controller = a.spawn_controller(None);
+    a.ok(&["apply", "-f", file.to_str().unwrap()]);
+    // Past the rotation, the controller goes and comes back without its offsets.
+    a.wait_for("step 50", Duration::from_secs(60), || {
+        last_step(&step_log) >= 50
+    });
+    support::cli::kill9(&mut controller);
+    let mut controller = a.spawn_controller(None);
+    a.wait_for("the run to end", Duration::from_secs(90), || {
+        finished(&a, "rotate-0")
+    });
+    let run = run_json(&a, "rotate-0");
+    let reason = run["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("EarlyStopped: val did not improve for"),
+        "{run}"
+    );
+    assert!(reason.contains("best 100 at step 100"), "{reason}");
+    let stopped_at = last_step(&step_log);
+    assert!(
+        (120..300).contains(&stopped_at),
+        "stopped at step {stopped_at}"
+    );
+    // The METRIC column: the rule's metric as last read, from the truncated file.
+    let wide = a.ok(&["get", "runs", "-o", "wide"]);
+    assert!(wide.contains("val=100"), "{wide}");
+    support::cli::kill9(&mut controller);
 }

@@ -803,6 +803,10 @@ fn deleted_job_destroys_then_forgets() {
         )],
     );
     check(&d, &o, &h, NOW, "deleted_destroys");
+    // Its agent answered: the final sync comes first, in the same op group.
+    let mut seen = h.clone();
+    seen.seen.insert("old-0".into(), (1, NOW - 5));
+    check(&d, &o, &seen, NOW, "deleted_running_syncs_then_destroys");
     let mut rec = record("old-0", "old", Phase::Deleting, 1);
     rec.reason = "job deleted".into();
     let h = history(

@@ -104,6 +104,17 @@ TAB=$(printf '\t')
 # Tries of a final sync before it counts as failed (curl retries each request too).
 SYNC_TRIES=${ASIMOV_SYNC_TRIES:-3}
 
+# The largest file one S3 PUT takes (5 GiB). The agent's curl uploads are single PUTs
+# (no multipart from POSIX sh), so a bigger file fails the sync, saying why.
+S3_PUT_MAX=${ASIMOV_S3_PUT_MAX:-5368709120}
+
+# True (and the reason in sync/error) when file $1 is over S3_PUT_MAX.
+over_put_max() {
+	size=$(wc -c <"$1" | tr -d ' ')
+	[ "$size" -gt "$S3_PUT_MAX" ] || return 1
+	echo "asimov: $1 is $size bytes, over the $S3_PUT_MAX bytes one S3 upload takes (the agent does not upload in parts): keep files under 5 GiB or sync without S3" >>"$ROOT/sync/error"
+}
+
 # put, for the sync state in sync/.
 sput() {
 	printf '%s\n' "$2" >"$ROOT/sync/.$1.tmp" && mv -f "$ROOT/sync/.$1.tmp" "$ROOT/sync/$1"
@@ -177,6 +188,7 @@ upload_changed() {
 			printf '%s\n' "$g$TAB$p" >>"$state.vanished"
 			continue
 		fi
+		over_put_max "$dir/$p" && return 1
 		s3curl -o /dev/null -T "$dir/$p" "$url/$(urlenc "$p")" || return 1
 		UPLOADED=$((UPLOADED + 1))
 		BYTES=$((BYTES + $(wc -c <"$dir/$p")))
@@ -227,6 +239,7 @@ sync_outputs() {
 			upload_changed "$src" "$S3_BASE/$(urlenc "$name")" "$ROOT/sync/out.$i" out || return 1
 			commit_state "$ROOT/sync/out.$i"
 		elif [ -f "$src" ]; then
+			over_put_max "$src" && return 1
 			s3curl -o /dev/null -T "$src" "$S3_BASE/$(urlenc "$name")" || return 1
 			UPLOADED=$((UPLOADED + 1))
 			BYTES=$((BYTES + $(wc -c <"$src")))

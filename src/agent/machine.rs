@@ -609,6 +609,39 @@ impl Machine for AgentMachine {
         .await
     }
 
+    async fn metrics_since(
+        &self,
+        offset: u64,
+        file: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<super::MetricsRead, AgentError> {
+        let root = self.root_path().await?;
+        let path = sh_quote(&format!("{root}/metrics.jsonl"));
+        let file_id = file.map_or_else(|| "-".to_string(), |f| f.to_string());
+        // One exec: the inode and size (`ls -i`), then where the text starts and the
+        // text: from the newline before `offset` when the file is the same and long
+        // enough, else its tail.
+        let script = format!(
+            "f={path}; [ -f \"$f\" ] || exit 0; set -- $(ls -ilnd \"$f\"); i=$1; size=$6; \
+             if [ {offset} -gt 0 ] && [ \"$i\" = {file_id} ] && [ \"$size\" -ge {offset} ]; then \
+             start=$(({offset} - 1)); else start=$((size > {max_bytes} ? size - {max_bytes} : 0)); fi; \
+             echo \"$i $start\"; tail -c +$((start + 1)) \"$f\" | head -c {max_bytes}"
+        );
+        let out = self.run_ok("read metrics", &script).await?;
+        let Some((head, text)) = out.split_once('\n') else {
+            return Ok(super::MetricsRead::default());
+        };
+        let mut fields = head.split_whitespace().map(|f| f.parse::<u64>().ok());
+        let (Some(Some(inode)), Some(Some(start))) = (fields.next(), fields.next()) else {
+            return Err(self.fail("read metrics", format!("unexpected answer {head:?}")));
+        };
+        Ok(super::MetricsRead {
+            file: Some(inode),
+            start,
+            text: text.to_string(),
+        })
+    }
+
     async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
         let remote = self.resolve(path).await?;
         let found = self

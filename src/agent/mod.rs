@@ -125,6 +125,16 @@ pub struct S3Synced {
     pub failed: Option<String>,
 }
 
+/// A piece of a job's metrics file ([`Machine::metrics_since`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsRead {
+    /// The file's identity (its inode), `None` when not known (nothing resumes then).
+    pub file: Option<u64>,
+    /// The byte of the file `text` starts at.
+    pub start: u64,
+    pub text: String,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum LaunchSource {
     None,
@@ -253,6 +263,17 @@ pub trait Machine: Send + Sync {
     /// The last `max_bytes` of the metrics file the job writes (`ASIMOV_METRICS`),
     /// empty when there is none. Machines that keep no files have none.
     async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError>;
+
+    /// The metrics file from byte `offset` on (from the newline before it, so that the
+    /// caller can tell the file is still the one it read), at most `max_bytes`; from
+    /// its last `max_bytes` when `offset` is 0, past its end, or `file` is not its
+    /// identity. Empty when there is none.
+    async fn metrics_since(
+        &self,
+        offset: u64,
+        file: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<MetricsRead, AgentError>;
 
     /// Syncs the run's checkpoint folder to S3 (`last`: and its outputs, once; the
     /// final sync, which the agent also makes by itself when the job ends: this waits

@@ -15,6 +15,11 @@
 //! attempt starts after the newest complete one), the attempt keeps two instances of
 //! one run from ever writing the same objects.
 //!
+//! After each sync that made a checkpoint the controller keeps the newest
+//! `reconcile::checkpoint::KEEP` (2) complete ones and the one the current attempt
+//! resumed from, and removes the rest: their manifests first, then every object that
+//! no kept manifest names ([`S3Client::prune_checkpoints`]).
+//!
 //! # Clients
 //!
 //! The controller uses `rusty-s3` (the signing and the XML of S3, no I/O of its own)
@@ -237,14 +242,23 @@ pub fn curl_config(creds: &S3Credentials, region: &str) -> Secret {
         ));
     }
     // S3 wants the payload hash header; an unsigned payload lets curl stream files.
-    // No `Expect: 100-continue` round trip before each upload.
+    // No `Expect: 100-continue` round trip before each upload. A transfer stalled for
+    // a minute (an endpoint that hangs) is abandoned and retried, never waited on.
     text.push_str(
         "header = \"x-amz-content-sha256: UNSIGNED-PAYLOAD\"\n\
          header = \"Expect:\"\n\
          fail\nsilent\nshow-error\n\
-         retry = 4\nretry-connrefused\nconnect-timeout = 30\n",
+         retry = 4\nretry-connrefused\nconnect-timeout = 30\n\
+         speed-limit = 1\nspeed-time = 60\n",
     );
     Secret::new(text)
+}
+
+/// What [`S3Client::prune_checkpoints`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub checkpoints: usize,
+    pub objects: usize,
 }
 
 /// One checkpoint's name in the store: `<seq:08>-a<attempt>`.
@@ -311,7 +325,19 @@ pub struct S3Client {
     bucket: Bucket,
     creds: Credentials,
     http: reqwest::Client,
+    /// Objects larger than this go up in parts.
+    put_limit: u64,
+    part_size: u64,
 }
+
+/// The largest object S3 takes in one PUT (5 GiB): past it, uploads go in parts.
+pub const SINGLE_PUT_LIMIT: u64 = 5 << 30;
+
+/// The part size of the controller's multipart uploads.
+pub const PART_SIZE: u64 = 64 << 20;
+
+/// The most parts S3 takes in one multipart upload.
+const MAX_PARTS: u64 = 10_000;
 
 impl S3Client {
     pub fn new(target: S3Target) -> Result<Self, S3Error> {
@@ -330,6 +356,8 @@ impl S3Client {
             bucket,
             creds,
             http,
+            put_limit: SINGLE_PUT_LIMIT,
+            part_size: PART_SIZE,
         })
     }
 
@@ -431,7 +459,19 @@ impl S3Client {
         Ok(Some(bytes.to_vec()))
     }
 
+    /// Sets the size past which [`S3Client::put`] uploads in parts, and the part size
+    /// (tests use small ones; S3 itself wants parts of at least 5 MiB but the last).
+    pub fn with_multipart(mut self, put_limit: u64, part_size: u64) -> Self {
+        self.put_limit = put_limit;
+        self.part_size = part_size.max(1);
+        self
+    }
+
+    /// Writes an object: in one PUT up to S3's single-PUT limit, in parts past it.
     pub async fn put(&self, key: &str, body: Vec<u8>) -> Result<(), S3Error> {
+        if body.len() as u64 > self.put_limit {
+            return self.put_multipart(key, &body).await;
+        }
         let url = self
             .bucket
             .put_object(Some(&self.creds), key)
@@ -439,6 +479,117 @@ impl S3Client {
         self.send("put object", self.http.put(url).body(body))
             .await
             .map(|_| ())
+    }
+
+    /// CreateMultipartUpload, UploadPart for each part (of `part_size`, larger when
+    /// S3's 10,000 parts would not hold the object), CompleteMultipartUpload; an upload
+    /// that fails on the way is aborted, so that no part is left billing storage.
+    async fn put_multipart(&self, key: &str, body: &[u8]) -> Result<(), S3Error> {
+        const STEP: &str = "multipart upload";
+        let url = self
+            .bucket
+            .create_multipart_upload(Some(&self.creds), key)
+            .sign(SIGNED_FOR);
+        let created = self.send(STEP, self.http.post(url)).await?;
+        let text = match created {
+            Some(r) => r
+                .text()
+                .await
+                .map_err(|source| S3Error::Http { step: STEP, source })?,
+            None => {
+                return Err(S3Error::Status {
+                    step: STEP,
+                    status: 404,
+                    body: format!("no bucket {}", self.target.location.bucket),
+                });
+            }
+        };
+        let upload =
+            rusty_s3::actions::CreateMultipartUpload::parse_response(&text).map_err(|e| {
+                S3Error::Parse {
+                    step: STEP,
+                    message: e.to_string(),
+                }
+            })?;
+        let upload_id = upload.upload_id();
+        let sent = self.upload_parts(key, upload_id, body).await;
+        if sent.is_err() {
+            let url = self
+                .bucket
+                .abort_multipart_upload(Some(&self.creds), key, upload_id)
+                .sign(SIGNED_FOR);
+            if let Err(e) = self
+                .send("abort multipart upload", self.http.delete(url))
+                .await
+            {
+                tracing::warn!(key, error = %e, "cannot abort a failed multipart upload");
+            }
+        }
+        sent
+    }
+
+    async fn upload_parts(&self, key: &str, upload_id: &str, body: &[u8]) -> Result<(), S3Error> {
+        const STEP: &str = "upload part";
+        let part_size = self
+            .part_size
+            .max((body.len() as u64).div_ceil(MAX_PARTS))
+            .max(1);
+        let mut etags = Vec::new();
+        for (i, chunk) in body.chunks(part_size as usize).enumerate() {
+            let number = u16::try_from(i + 1).map_err(|_| S3Error::Parse {
+                step: STEP,
+                message: format!("more than {MAX_PARTS} parts"),
+            })?;
+            let url = self
+                .bucket
+                .upload_part(Some(&self.creds), key, number, upload_id)
+                .sign(SIGNED_FOR);
+            let response = self
+                .send(STEP, self.http.put(url).body(chunk.to_vec()))
+                .await?
+                .ok_or_else(|| S3Error::Status {
+                    step: STEP,
+                    status: 404,
+                    body: format!("no upload {upload_id}"),
+                })?;
+            let etag = response
+                .headers()
+                .get(reqwest::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| S3Error::Parse {
+                    step: STEP,
+                    message: format!("no ETag for part {number}"),
+                })?;
+            etags.push(etag.to_string());
+        }
+        const COMPLETE: &str = "complete multipart upload";
+        let action = self.bucket.complete_multipart_upload(
+            Some(&self.creds),
+            key,
+            upload_id,
+            etags.iter().map(String::as_str),
+        );
+        let url = action.sign(SIGNED_FOR);
+        let response = self
+            .send(COMPLETE, self.http.post(url).body(action.body()))
+            .await?
+            .ok_or_else(|| S3Error::Status {
+                step: COMPLETE,
+                status: 404,
+                body: format!("no upload {upload_id}"),
+            })?;
+        let text = response.text().await.map_err(|source| S3Error::Http {
+            step: COMPLETE,
+            source,
+        })?;
+        // S3 may answer 200 with an error inside: only a parsed result is success.
+        rusty_s3::actions::CompleteMultipartUploadResponse::parse(&text).map_err(|e| {
+            S3Error::Parse {
+                step: COMPLETE,
+                message: format!("{e}: {}", text.chars().take(300).collect::<String>()),
+            }
+        })?;
+        Ok(())
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
@@ -485,6 +636,76 @@ impl S3Client {
                 .map(|(g, p)| (g.to_string(), p.to_string()))
                 .collect(),
         ))
+    }
+
+    /// Removes the checkpoints of `run` older than its newest `keep` complete ones
+    /// (never fewer than one kept, never one whose seq is in `protect`: a checkpoint an
+    /// attempt restores from), and every object no kept checkpoint names. Manifests go
+    /// first, so no checkpoint is ever complete with an object missing; objects of a
+    /// generation newer than the newest complete one (a sync under way) are never
+    /// touched, and neither are the objects older generations hold for a kept one.
+    pub async fn prune_checkpoints(
+        &self,
+        run: &str,
+        keep: usize,
+        protect: &[u64],
+    ) -> Result<Pruned, S3Error> {
+        let base = format!("{}/{CHECKPOINTS}", self.target.location.run_prefix(run));
+        let manifests_at = format!("{base}/manifests/");
+        let objects_at = format!("{base}/objects/");
+        let listed = self.list(&format!("{base}/")).await?;
+        let mut complete: Vec<Generation> = listed
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(&manifests_at)?.parse().ok())
+            .collect();
+        complete.sort();
+        let Some(&newest) = complete.last() else {
+            return Ok(Pruned::default());
+        };
+        let first_kept = complete.len().saturating_sub(keep.max(1));
+        let (old, kept) = complete.split_at(first_kept);
+        let (gone, protected): (Vec<Generation>, Vec<Generation>) =
+            old.iter().partition(|g| !protect.contains(&g.seq));
+        if gone.is_empty() {
+            return Ok(Pruned::default());
+        }
+        // Every object a kept checkpoint names stays, in whichever generation it is.
+        let mut named = std::collections::BTreeSet::new();
+        for g in kept.iter().chain(&protected) {
+            let files = self
+                .checkpoint_files(run, *g)
+                .await?
+                .ok_or_else(|| S3Error::Parse {
+                    step: "prune checkpoints",
+                    message: format!("manifest {g} vanished while pruning"),
+                })?;
+            named.extend(
+                files
+                    .into_iter()
+                    .map(|(holder, path)| format!("{objects_at}{holder}/{path}")),
+            );
+        }
+        let mut pruned = Pruned::default();
+        for g in &gone {
+            self.delete(&format!("{manifests_at}{g}")).await?;
+            pruned.checkpoints += 1;
+        }
+        for (key, _) in &listed {
+            let Some(rest) = key.strip_prefix(&objects_at) else {
+                continue;
+            };
+            let Some(generation) = rest
+                .split_once('/')
+                .and_then(|(g, _)| g.parse::<Generation>().ok())
+            else {
+                continue;
+            };
+            if generation <= newest && !named.contains(key) {
+                self.delete(key).await?;
+                pruned.objects += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// The key of one file of a checkpoint.

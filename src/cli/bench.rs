@@ -222,13 +222,20 @@ pub struct BenchReport {
     pub get_runs: Result<GetRunsFigures, BenchError>,
     pub reconcile: Result<ReconcileFigures, BenchError>,
     pub idle: Result<IdleFigures, BenchError>,
+    /// The controller's way: each pass reads what was written since the last one.
     pub metrics: Result<MetricsFigures, BenchError>,
+    /// The way before it, for comparison: the whole tail re-read every pass.
+    pub metrics_full_tail: Result<MetricsFigures, BenchError>,
 }
 
 impl BenchReport {
     /// True when every figure was taken.
     pub fn complete(&self) -> bool {
-        self.get_runs.is_ok() && self.reconcile.is_ok() && self.idle.is_ok() && self.metrics.is_ok()
+        self.get_runs.is_ok()
+            && self.reconcile.is_ok()
+            && self.idle.is_ok()
+            && self.metrics.is_ok()
+            && self.metrics_full_tail.is_ok()
     }
 }
 
@@ -238,12 +245,14 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let reconcile = reconcile_figures(opts.jobs);
     let get_runs = get_runs_figures(&opts.binary, opts.runs);
     let idle = idle_figures(&opts.binary, Duration::from_secs(opts.idle_seconds));
-    let metrics = metrics_figures(opts.jobs);
+    let metrics = metrics_figures(opts.jobs, true);
+    let metrics_full_tail = metrics_figures(opts.jobs, false);
     Ok(BenchReport {
         get_runs,
         reconcile,
         idle,
         metrics,
+        metrics_full_tail,
     })
 }
 
@@ -849,37 +858,46 @@ impl fmt::Display for BenchReport {
             f,
             "reading metrics of running runs (stop_when; local transport, real store)"
         )?;
-        match &self.metrics {
-            Ok(m) => {
-                writeln!(
-                    f,
-                    "  {} runs; metrics files of {} lines ({} KiB), tails of {} KiB ({} lines) read",
-                    m.runs,
-                    m.file_lines,
-                    m.file_bytes / 1024,
-                    m.tail_bytes / 1024,
-                    m.tail_lines
-                )?;
-                writeln!(
-                    f,
-                    "  one pass (read, parse, rules, record): {}; {} measured passes after 1 warm-up",
-                    m.wall, m.wall.samples
-                )?;
-                writeln!(
-                    f,
-                    "  CPU per pass: controller {}, its children (sh, tail) {}; {:.1} MiB read",
-                    ms(m.cpu_self),
-                    ms(m.cpu_children),
-                    (m.tail_bytes * m.runs as u64) as f64 / (1024.0 * 1024.0)
-                )?;
-                writeln!(
-                    f,
-                    "  of which parse + rules {} (median), the store write {} (median)",
-                    ms(m.parse.median),
-                    ms(m.record.median)
-                )?;
+        for (how, figures) in [
+            (
+                "read from each attempt's offset (the controller)",
+                &self.metrics,
+            ),
+            ("the whole tail re-read (before)", &self.metrics_full_tail),
+        ] {
+            writeln!(f, "  {how}:")?;
+            match figures {
+                Ok(m) => {
+                    writeln!(
+                        f,
+                        "  {} runs; metrics files of {} lines ({} KiB), {} KiB ({} lines) read a run per pass",
+                        m.runs,
+                        m.file_lines,
+                        m.file_bytes / 1024,
+                        m.tail_bytes / 1024,
+                        m.tail_lines
+                    )?;
+                    writeln!(
+                        f,
+                        "  one pass (read, parse, rules, record): {}; {} measured passes after 1 warm-up",
+                        m.wall, m.wall.samples
+                    )?;
+                    writeln!(
+                        f,
+                        "  CPU per pass: controller {}, its children (sh, tail) {}; {:.1} MiB read",
+                        ms(m.cpu_self),
+                        ms(m.cpu_children),
+                        (m.tail_bytes * m.runs as u64) as f64 / (1024.0 * 1024.0)
+                    )?;
+                    writeln!(
+                        f,
+                        "  of which parse + rules {} (median), the store write {} (median)",
+                        ms(m.parse.median),
+                        ms(m.record.median)
+                    )?;
+                }
+                Err(e) => not_measured(f, e)?,
             }
-            Err(e) => not_measured(f, e)?,
         }
         Ok(())
     }
@@ -924,7 +942,10 @@ fn cpu_time(who: libc::c_int) -> Duration {
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-fn metrics_figures(runs: usize) -> Result<MetricsFigures, BenchError> {
+/// `incremental`: each run's file read from its cursor, as the controller does; else
+/// its whole tail every pass. Before every pass the file (one, hard-linked into every
+/// run's folder) gets one new line, as when each job wrote one since the last pass.
+fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, BenchError> {
     use crate::agent::{AgentMachine, Machine};
     use crate::manifest::{MetricMode, StopRule};
     use crate::reconcile::stop;
@@ -987,24 +1008,35 @@ fn metrics_figures(runs: usize) -> Result<MetricsFigures, BenchError> {
         max_steps: None,
     }];
     let transport: Arc<dyn crate::transport::Transport> = Arc::new(LocalTransport::new());
-    let read_all = |roots: &[String]| -> Result<Vec<String>, BenchError> {
+    use crate::reconcile::controller::METRICS_TAIL;
+    use crate::reconcile::metrics::MetricsCursor;
+    let mut cursors: Vec<MetricsCursor> = (0..runs).map(|_| MetricsCursor::default()).collect();
+    let read_all = |roots: &[String],
+                    at: Vec<(u64, Option<u64>)>|
+     -> Result<Vec<crate::agent::MetricsRead>, BenchError> {
         runtime.block_on(async {
             let limit = Arc::new(tokio::sync::Semaphore::new(METRICS_CONCURRENCY));
             let mut set = tokio::task::JoinSet::new();
-            for (i, root) in roots.iter().enumerate() {
+            for (i, (root, (offset, file))) in roots.iter().zip(at).enumerate() {
                 let machine = AgentMachine::new(Arc::clone(&transport), root.clone());
                 let limit = Arc::clone(&limit);
                 set.spawn(async move {
                     let _permit = limit.acquire_owned().await;
-                    (
-                        i,
-                        machine
-                            .metrics_tail(crate::reconcile::controller::METRICS_TAIL)
-                            .await,
-                    )
+                    let read = if incremental {
+                        machine.metrics_since(offset, file, METRICS_TAIL).await
+                    } else {
+                        machine.metrics_tail(METRICS_TAIL).await.map(|text| {
+                            crate::agent::MetricsRead {
+                                file: None,
+                                start: 0,
+                                text,
+                            }
+                        })
+                    };
+                    (i, read)
                 });
             }
-            let mut out = vec![String::new(); roots.len()];
+            let mut out = vec![crate::agent::MetricsRead::default(); roots.len()];
             while let Some(joined) = set.join_next().await {
                 let Ok((i, read)) = joined else { continue };
                 out[i] = read.map_err(|e| BenchError::Metrics(e.to_string()))?;
@@ -1012,12 +1044,20 @@ fn metrics_figures(runs: usize) -> Result<MetricsFigures, BenchError> {
             Ok(out)
         })
     };
-    let judge = |tails: &[String]| -> Vec<(String, crate::store::RunMetrics)> {
-        tails
+    let judge = |reads: &[crate::agent::MetricsRead],
+                 cursors: &mut [MetricsCursor]|
+     -> Vec<(String, crate::store::RunMetrics)> {
+        reads
             .iter()
+            .zip(cursors.iter_mut())
             .enumerate()
-            .map(|(r, tail)| {
-                let records = stop::parse_metrics(tail);
+            .map(|(r, (read, cursor))| {
+                let records = if incremental {
+                    cursor.advance(read, METRICS_TAIL);
+                    cursor.records()
+                } else {
+                    Arc::new(stop::parse_metrics(&read.text))
+                };
                 let _ = stop::evaluate(&rules, &records);
                 let last = records.last();
                 (
@@ -1039,10 +1079,26 @@ fn metrics_figures(runs: usize) -> Result<MetricsFigures, BenchError> {
     for pass in 0..=METRICS_PASSES {
         let (self_before, children_before) =
             (cpu_time(libc::RUSAGE_SELF), cpu_time(libc::RUSAGE_CHILDREN));
+        // One more line, as each job wrote one since the last pass.
+        {
+            use std::io::Write;
+            let i = METRICS_LINES + pass;
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&file)
+                .map_err(local)?;
+            writeln!(
+                f,
+                "{{\"step\": {i}, \"epoch\": {}, \"loss\": 0.5, \"val_acc\": 0.8, \"lr\": 0.0003}}",
+                i / 100
+            )
+            .map_err(local)?;
+        }
+        let at: Vec<(u64, Option<u64>)> = cursors.iter().map(|c| (c.offset(), c.file())).collect();
         let started = Instant::now();
-        let tails = read_all(&roots)?;
+        let tails = read_all(&roots, at)?;
         let parsed_at = Instant::now();
-        let mut changed = judge(&tails);
+        let mut changed = judge(&tails, &mut cursors);
         let judged = parsed_at.elapsed();
         // Every run's line changed, as when each job wrote a line since the last pass.
         for (_, m) in &mut changed {
@@ -1057,11 +1113,11 @@ fn metrics_figures(runs: usize) -> Result<MetricsFigures, BenchError> {
             })?;
         let written = write_at.elapsed();
         let wall = started.elapsed();
-        if tails.iter().any(String::is_empty) {
-            return Err(BenchError::Metrics("a metrics tail came back empty".into()));
+        if tails.iter().any(|t| t.text.is_empty()) {
+            return Err(BenchError::Metrics("a metrics read came back empty".into()));
         }
-        tail_bytes = tails.first().map_or(0, |t| t.len() as u64);
-        tail_lines = tails.first().map_or(0, |t| t.lines().count());
+        tail_bytes = tails.first().map_or(0, |t| t.text.len() as u64);
+        tail_lines = tails.first().map_or(0, |t| t.text.lines().count());
         if pass == 0 {
             continue;
         }

@@ -433,6 +433,15 @@ impl crate::agent::Machine for CloudAgent {
         self.agent.metrics_tail(max_bytes).await
     }
 
+    async fn metrics_since(
+        &self,
+        offset: u64,
+        file: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<crate::agent::MetricsRead, crate::agent::AgentError> {
+        self.agent.metrics_since(offset, file, max_bytes).await
+    }
+
     async fn sync_s3(
         &self,
         last: bool,
@@ -730,6 +739,15 @@ impl crate::agent::Machine for EndingMachine {
 
     async fn metrics_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
         self.agent.metrics_tail(max_bytes).await
+    }
+
+    async fn metrics_since(
+        &self,
+        offset: u64,
+        file: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<crate::agent::MetricsRead, crate::agent::AgentError> {
+        self.agent.metrics_since(offset, file, max_bytes).await
     }
 
     async fn sync_s3(

@@ -593,6 +593,15 @@ impl Machine for FakeMachine {
         Ok(String::new())
     }
 
+    async fn metrics_since(
+        &self,
+        _offset: u64,
+        _file: Option<u64>,
+        _max_bytes: usize,
+    ) -> Result<crate::agent::MetricsRead, AgentError> {
+        Ok(crate::agent::MetricsRead::default())
+    }
+
     async fn sync_s3(&self, _last: bool) -> Result<crate::agent::S3Synced, AgentError> {
         Err(keeps_no("sync to s3", "files"))
     }

@@ -1387,6 +1387,18 @@ impl crate::agent::Machine for VastMachine {
         relogin!(self, self.agent.metrics_tail(max_bytes).await)
     }
 
+    async fn metrics_since(
+        &self,
+        offset: u64,
+        file: Option<u64>,
+        max_bytes: usize,
+    ) -> Result<crate::agent::MetricsRead, AgentError> {
+        relogin!(
+            self,
+            self.agent.metrics_since(offset, file, max_bytes).await
+        )
+    }
+
     async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, AgentError> {
         relogin!(self, self.agent.sync_s3(last).await)
     }

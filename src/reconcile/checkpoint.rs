@@ -14,8 +14,24 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-/// How many complete checkpoints of a run are kept (the newest).
+/// How many complete checkpoints of a run are kept (the newest), at home and in S3.
 pub const KEEP: usize = 2;
+
+/// The file in a run's folder naming what its teardown syncs.
+const TEARDOWN: &str = "teardown.json";
+
+/// What the final sync before a run's teardown brings out, written when an attempt
+/// starts: a job deleted while it runs is gone from the desired state, yet its last
+/// sync must still know where its checkpoint and outputs go.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Teardown {
+    /// Outputs and checkpoints go to S3 (the agent's final sync).
+    pub s3: bool,
+    /// The checkpoint folder on the instance, brought home when not to S3.
+    pub checkpoint: Option<String>,
+    /// The run's outputs folder at home; `None` when it declares no outputs kept here.
+    pub outputs: Option<PathBuf>,
+}
 
 /// The checkpoint folders of one run.
 #[derive(Debug, Clone)]
@@ -89,6 +105,44 @@ impl CheckpointDir {
             std::fs::remove_dir_all(old)?;
         }
         Ok(seq)
+    }
+
+    /// Moves the newest complete checkpoint to `to` (replacing what is there), for a
+    /// run about to be forgotten: the last state of a deleted job stays the user's.
+    /// Returns its number, `None` when there is none.
+    pub fn keep_latest(&self, to: &Path) -> io::Result<Option<u64>> {
+        let Some((seq, folder)) = self.latest()? else {
+            return Ok(None);
+        };
+        if let Ok(meta) = std::fs::symlink_metadata(to) {
+            if meta.is_dir() {
+                std::fs::remove_dir_all(to)?;
+            } else {
+                std::fs::remove_file(to)?;
+            }
+        }
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        // Across file systems (an outputs folder elsewhere) a rename fails: copy.
+        if std::fs::rename(&folder, to).is_err() {
+            link_tree(&folder, to)?;
+        }
+        Ok(Some(seq))
+    }
+
+    /// What the run's teardown syncs, as recorded when its attempt started.
+    pub fn teardown(&self) -> Option<Teardown> {
+        let text = std::fs::read(self.root.join(TEARDOWN)).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    /// Records what the run's teardown syncs (0600, atomically).
+    pub fn record_teardown(&self, teardown: &Teardown) -> io::Result<()> {
+        std::fs::create_dir_all(&self.root)?;
+        crate::home::set_mode(&self.root, 0o700)?;
+        let text = serde_json::to_vec(teardown).map_err(io::Error::other)?;
+        crate::home::write_private(&self.root.join(TEARDOWN), &text)
     }
 
     /// Removes every checkpoint of the run.

@@ -221,6 +221,8 @@ pub struct Controller {
     failures: std::sync::Mutex<BTreeMap<QueueKey, u32>>,
     /// The metrics line last recorded for each run: a steady run writes nothing.
     metrics_written: std::sync::Mutex<BTreeMap<RunName, String>>,
+    /// Where each open attempt's metrics file was read up to, and its window.
+    metrics_cursors: std::sync::Mutex<BTreeMap<String, super::metrics::MetricsCursor>>,
 }
 
 /// One op group: a run's ops (or an orphan's destroy) of one key, applied in order.
@@ -275,6 +277,7 @@ impl Controller {
             stopping: Arc::new(AtomicBool::new(false)),
             failures: std::sync::Mutex::new(BTreeMap::new()),
             metrics_written: std::sync::Mutex::new(BTreeMap::new()),
+            metrics_cursors: std::sync::Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -629,7 +632,7 @@ impl Controller {
     fn record_metrics(
         &self,
         desired: &Desired,
-        metrics: &BTreeMap<String, Vec<super::stop::Record>>,
+        metrics: &BTreeMap<String, Arc<Vec<super::stop::Record>>>,
         now: Timestamp,
     ) {
         let mut written = self
@@ -784,7 +787,7 @@ impl Controller {
         stop_when: &BTreeSet<String>,
     ) -> (
         BTreeMap<String, AgentObservation>,
-        BTreeMap<String, Vec<super::stop::Record>>,
+        BTreeMap<String, Arc<Vec<super::stop::Record>>>,
     ) {
         let live: BTreeMap<String, &RunName> = history
             .attempts
@@ -820,6 +823,25 @@ impl Controller {
             .filter(|i| i.state == InstanceState::Running && live.contains_key(&i.tag.render()))
             .cloned()
             .collect();
+        // Cursors of attempts no longer open go; the rest say where to read from.
+        let cursors: BTreeMap<String, (u64, Option<u64>)> = {
+            let open: BTreeSet<String> = history
+                .attempts
+                .values()
+                .flatten()
+                .filter(|a| a.released_at.is_none() && a.outcome.is_none())
+                .map(|a| a.tag.clone())
+                .collect();
+            let mut cursors = self
+                .metrics_cursors
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            cursors.retain(|tag, _| open.contains(tag));
+            cursors
+                .iter()
+                .map(|(tag, c)| (tag.clone(), (c.offset(), c.file())))
+                .collect()
+        };
         let limit = Arc::new(Semaphore::new(self.concurrency));
         let mut set = JoinSet::new();
         for inst in targets {
@@ -828,6 +850,10 @@ impl Controller {
             };
             let limit = Arc::clone(&limit);
             let read_metrics = with_metrics.contains(&inst.tag.render());
+            let (offset, file) = cursors
+                .get(&inst.tag.render())
+                .copied()
+                .unwrap_or((0, None));
             let executor = Arc::clone(&self.executor);
             set.spawn(async move {
                 let _permit = limit.acquire_owned().await;
@@ -843,8 +869,18 @@ impl Controller {
                         Ok(None) => AgentObservation::NotStarted,
                         Ok(Some(s)) => {
                             if read_metrics {
-                                match m.metrics_tail(METRICS_TAIL).await {
-                                    Ok(text) => metrics = Some(super::stop::parse_metrics(&text)),
+                                // Only what the job wrote since the last pass; the
+                                // tail again when the file is not the one read then.
+                                let mut read = m.metrics_since(offset, file, METRICS_TAIL).await;
+                                if offset > 0
+                                    && read
+                                        .as_ref()
+                                        .is_ok_and(|r| !super::metrics::resumes(file, offset, r))
+                                {
+                                    read = m.metrics_since(0, None, METRICS_TAIL).await;
+                                }
+                                match read {
+                                    Ok(read) => metrics = Some(read),
                                     Err(e) => {
                                         tracing::warn!(error = %e, "cannot read metrics");
                                     }
@@ -864,8 +900,14 @@ impl Controller {
         let mut metrics = BTreeMap::new();
         while let Some(joined) = set.join_next().await {
             if let Ok((tag, obs, m)) = joined {
-                if let Some(m) = m {
-                    metrics.insert(tag.clone(), m);
+                if let Some(read) = m {
+                    let mut cursors = self
+                        .metrics_cursors
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let cursor = cursors.entry(tag.clone()).or_default();
+                    cursor.advance(&read, METRICS_TAIL);
+                    metrics.insert(tag.clone(), cursor.records());
                 }
                 out.insert(tag, obs);
             }

@@ -3,6 +3,7 @@
 //! controller's error policy can pick the requeue; nothing here retries inline. It holds
 //! providers only as `dyn Provider` and reads what they are from their capabilities.
 
+use super::checkpoint::Teardown;
 use super::plan::{Desired, Op, StatusUpdate, spec_changed};
 use crate::agent::{AgentError, LaunchSource, LaunchSpec, S3Launch};
 use crate::artifacts::{
@@ -99,6 +100,9 @@ impl ExecError {
         }
     }
 }
+
+/// The folder, inside a deleted run's outputs folder, its last checkpoint is kept in.
+pub const KEPT_CHECKPOINT: &str = "checkpoint";
 
 /// Applies ops. Shared by the controller's concurrent op groups.
 pub struct Executor {
@@ -514,6 +518,16 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
+                // Before the job can start: its teardown must find this even once the
+                // job is deleted.
+                let teardown = self.teardown_of(desired, job, run);
+                let dir = super::checkpoint::CheckpointDir::new(self.home.checkpoints().join(run));
+                dir.record_teardown(&teardown)
+                    .map_err(|source| ExecError::Local {
+                        op: op.to_string(),
+                        path: self.home.checkpoints().join(run),
+                        source,
+                    })?;
                 let _permit = self.machine_permit(instance.provider).await;
                 self.check_gpus(op, job, machine.as_ref(), &mut launch, now)
                     .await?;
@@ -564,12 +578,16 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
-                if find_run(desired, run).is_some_and(|(job, _)| s3_url(job).is_some()) {
+                let Some((job, _)) = find_run(desired, run) else {
+                    return Ok(());
+                };
+                if s3_url(job).is_some() {
                     return self
-                        .sync_s3(op, machine.as_ref(), run, *attempt, false, now)
+                        .sync_s3(op, Some(job), machine.as_ref(), run, *attempt, false, now)
                         .await;
                 }
-                self.sync_checkpoint(op, desired, machine.as_ref(), run, *attempt, false, now)
+                let path = job.spec.checkpoint.as_ref().map(|c| c.path.as_str());
+                self.sync_checkpoint(op, path, machine.as_ref(), run, *attempt, false, now)
                     .await
             }
             Op::Collect {
@@ -584,48 +602,37 @@ impl Executor {
                         op: op.to_string(),
                         source: Box::new(source),
                     })?;
-                let outputs = self.outputs_dir(desired, run);
-                let log = self.home.run_log(run);
-                let to_s3 = find_run(desired, run).is_some_and(|(job, _)| s3_url(job).is_some());
-                // An outputs folder only for a job that declares outputs kept at home:
-                // nothing is left in artifacts/ for the rest.
-                let has_outputs = !to_s3
-                    && find_run(desired, run)
-                        .and_then(|(job, _)| job.spec.artifacts.as_ref())
-                        .is_some_and(|a| !a.paths.is_empty());
-                let outputs_dir = has_outputs.then_some(outputs.as_path());
-                for dir in [log.parent(), outputs_dir].into_iter().flatten() {
-                    std::fs::create_dir_all(dir).map_err(|source| ExecError::Local {
-                        op: op.to_string(),
-                        path: dir.to_path_buf(),
-                        source,
-                    })?;
+                let teardown = self.teardown(desired, run);
+                let job = find_run(desired, run).map(|(job, _)| job);
+                let limit = final_sync_limit();
+                let collected = tokio::time::timeout(
+                    limit,
+                    self.collect(
+                        op,
+                        instance.provider,
+                        job,
+                        &teardown,
+                        machine.as_ref(),
+                        run,
+                        *attempt,
+                        now,
+                    ),
+                )
+                .await;
+                match collected {
+                    Ok(result) => result,
+                    // A sync that does not finish in time has failed for good: the
+                    // teardown goes on without it, and the run says so.
+                    Err(_) => {
+                        let message = format!(
+                            "final sync did not finish within {}s; torn down without it",
+                            limit.as_secs()
+                        );
+                        tracing::warn!(run = %run, attempt, "{message}");
+                        self.event(op, run, "SyncFailed", message, now);
+                        Ok(())
+                    }
                 }
-                let _permit = self.machine_permit(instance.provider).await;
-                machine
-                    .collect(&log, &outputs)
-                    .await
-                    .map_err(|source| ExecError::Agent {
-                        op: op.to_string(),
-                        source: Box::new(source),
-                    })?;
-                self.note_setup_failure(run, &log, now);
-                // The last sync before the teardown that follows this op (to S3: the
-                // agent's own final sync, waited for, or made here if it has not been).
-                if to_s3 {
-                    self.sync_s3(op, machine.as_ref(), run, *attempt, true, now)
-                        .await?;
-                } else {
-                    self.sync_checkpoint(op, desired, machine.as_ref(), run, *attempt, true, now)
-                        .await?;
-                }
-                let what = if has_outputs {
-                    format!("log and outputs to {}", outputs.display())
-                } else {
-                    "log".to_string()
-                };
-                self.event(op, run, "Collected", what, now);
-                Ok(())
             }
             Op::Destroy {
                 provider,
@@ -721,6 +728,26 @@ impl Executor {
                 failpoint::hit("forget:before");
                 let checkpoints =
                     super::checkpoint::CheckpointDir::new(self.home.checkpoints().join(run));
+                // The newest checkpoint brought home stays the user's, beside the
+                // outputs (a copy cut off by a crash is made again: Forget is retried).
+                let outputs = checkpoints
+                    .teardown()
+                    .and_then(|t| t.outputs)
+                    .unwrap_or_else(|| self.home.artifacts().join(run));
+                let kept = outputs.join(KEPT_CHECKPOINT);
+                match checkpoints.keep_latest(&kept) {
+                    Ok(Some(seq)) => {
+                        tracing::info!(run = %run, seq, to = %kept.display(), "kept the run's last checkpoint");
+                    }
+                    Ok(None) => {}
+                    Err(source) => {
+                        return Err(ExecError::Local {
+                            op: op.to_string(),
+                            path: kept,
+                            source,
+                        });
+                    }
+                }
                 if let Err(e) = checkpoints.remove() {
                     tracing::warn!(run = %run, error = %e, "cannot remove the run's checkpoints");
                 }
@@ -796,15 +823,14 @@ impl Executor {
     async fn sync_checkpoint(
         &self,
         op: &Op,
-        desired: &Desired,
+        path: Option<&str>,
         machine: &dyn crate::agent::Machine,
         run: &str,
         attempt: u32,
         last: bool,
         now: Timestamp,
     ) -> Result<(), ExecError> {
-        let Some(cp) = find_run(desired, run).and_then(|(job, _)| job.spec.checkpoint.as_ref())
-        else {
+        let Some(path) = path else {
             return Ok(());
         };
         let synced = super::checkpoint::sync(
@@ -813,7 +839,7 @@ impl Executor {
             machine,
             run,
             attempt,
-            &cp.path,
+            path,
             last,
             now,
         )
@@ -839,6 +865,98 @@ impl Executor {
                 source: Box::new(source),
             }),
         }
+    }
+
+    /// What the teardown of a desired run's attempt syncs, from its job.
+    fn teardown_of(&self, desired: &Desired, job: &Job, run: &str) -> Teardown {
+        let s3 = s3_url(job).is_some();
+        // An outputs folder only for a job that declares outputs kept at home: nothing
+        // is left in artifacts/ for the rest.
+        let has_outputs = !s3
+            && job
+                .spec
+                .artifacts
+                .as_ref()
+                .is_some_and(|a| !a.paths.is_empty());
+        Teardown {
+            s3,
+            checkpoint: job.spec.checkpoint.as_ref().map(|c| c.path.clone()),
+            outputs: has_outputs.then(|| self.outputs_dir(desired, run)),
+        }
+    }
+
+    /// What the teardown of `run`'s attempt syncs: from its job while desired, else (a
+    /// deleted job) as recorded when the attempt started; without a record (an attempt
+    /// started by an older asimov), the log and the outputs its agent lists.
+    fn teardown(&self, desired: &Desired, run: &str) -> Teardown {
+        if let Some((job, _)) = find_run(desired, run) {
+            return self.teardown_of(desired, job, run);
+        }
+        super::checkpoint::CheckpointDir::new(self.home.checkpoints().join(run))
+            .teardown()
+            .unwrap_or_else(|| Teardown {
+                s3: false,
+                checkpoint: None,
+                outputs: Some(self.home.artifacts().join(run)),
+            })
+    }
+
+    /// The final sync before a teardown: the log and the outputs home, then the
+    /// checkpoint (to S3: the agent's own final sync, waited for, or made here if it
+    /// has not been).
+    #[allow(clippy::too_many_arguments)]
+    async fn collect(
+        &self,
+        op: &Op,
+        provider: ProviderKind,
+        job: Option<&Job>,
+        teardown: &Teardown,
+        machine: &dyn crate::agent::Machine,
+        run: &str,
+        attempt: u32,
+        now: Timestamp,
+    ) -> Result<(), ExecError> {
+        let log = self.home.run_log(run);
+        // Where the agent puts outputs: nothing lands there without a folder for them.
+        let outputs = teardown
+            .outputs
+            .clone()
+            .unwrap_or_else(|| self.home.artifacts().join(run));
+        for dir in [log.parent(), teardown.outputs.as_deref()]
+            .into_iter()
+            .flatten()
+        {
+            std::fs::create_dir_all(dir).map_err(|source| ExecError::Local {
+                op: op.to_string(),
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        {
+            let _permit = self.machine_permit(provider).await;
+            machine
+                .collect(&log, &outputs)
+                .await
+                .map_err(|source| ExecError::Agent {
+                    op: op.to_string(),
+                    source: Box::new(source),
+                })?;
+        }
+        self.note_setup_failure(run, &log, now);
+        if teardown.s3 {
+            self.sync_s3(op, job, machine, run, attempt, true, now)
+                .await?;
+        } else {
+            let path = teardown.checkpoint.as_deref();
+            self.sync_checkpoint(op, path, machine, run, attempt, true, now)
+                .await?;
+        }
+        let what = match &teardown.outputs {
+            Some(dir) => format!("log and outputs to {}", dir.display()),
+            None => "log".to_string(),
+        };
+        self.event(op, run, "Collected", what, now);
+        Ok(())
     }
 
     /// The job's S3 target: where, and the keys from the credential store.
@@ -922,9 +1040,11 @@ impl Executor {
     /// outputs) and records the checkpoint it made complete. A final sync that failed
     /// for good is said in the run's events and does not hold back the teardown; a
     /// transient failure (the machine unreachable) fails the op, and so holds it back.
+    #[allow(clippy::too_many_arguments)]
     async fn sync_s3(
         &self,
         op: &Op,
+        job: Option<&Job>,
         machine: &dyn crate::agent::Machine,
         run: &str,
         attempt: u32,
@@ -966,6 +1086,9 @@ impl Executor {
                 last,
             };
             self.store(op, |s| s.add_checkpoint_sync(&record))?;
+            if let Some(job) = job {
+                self.prune_s3(op, job, run, attempt, now).await;
+            }
             if synced.files > 0 || last {
                 let what = if last {
                     "final checkpoint"
@@ -995,6 +1118,40 @@ impl Executor {
             );
         }
         Ok(())
+    }
+
+    /// Removes the run's checkpoints in S3 past the newest [`KEEP`](super::checkpoint::KEEP)
+    /// (never the one this attempt resumed from). Pruning is housekeeping: a failure is
+    /// logged and tried again after the next sync, never the op's failure.
+    async fn prune_s3(&self, op: &Op, job: &Job, run: &str, attempt: u32, now: Timestamp) {
+        let protect: Vec<u64> = match self.store(op, |s| s.resumed_from(run)) {
+            Ok(resumed) => resumed.get(&attempt).copied().into_iter().collect(),
+            // Unknown: nothing older than the newest complete ones can be proven unused.
+            Err(_) => return,
+        };
+        let pruned = async {
+            let Some(target) = self.s3_target(op, job).map_err(|e| e.to_string())? else {
+                return Ok(Default::default());
+            };
+            let client = S3Client::new(target).map_err(|e| e.to_string())?;
+            client
+                .prune_checkpoints(run, super::checkpoint::KEEP, &protect)
+                .await
+                .map_err(|e| error_text(&e))
+        };
+        match pruned.await {
+            Ok(p) if p.checkpoints > 0 => {
+                let message = format!(
+                    "removed {} older checkpoint(s) from S3 ({} objects), keeping the newest {}",
+                    p.checkpoints,
+                    p.objects,
+                    super::checkpoint::KEEP
+                );
+                self.event(op, run, "Pruned", message, now);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(run = %run, error = %e, "cannot prune old checkpoints in S3"),
+        }
     }
 
     /// Adds the run's newest complete checkpoint to what `launch` copies to the
@@ -1186,6 +1343,20 @@ fn limit_of(provider: &dyn Provider) -> Arc<Semaphore> {
     Arc::new(Semaphore::new(
         provider.capabilities().pacing.max_in_flight.max(1),
     ))
+}
+
+/// How long a teardown waits for its final sync (the log, outputs and checkpoint
+/// brought out) before it goes on without it: 30 minutes, or
+/// `ASIMOV_FINAL_SYNC_TIMEOUT` seconds. A machine that does not answer at all fails
+/// sooner, at the SSH connect timeout; either way the sync is tried once.
+pub const FINAL_SYNC_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// [`FINAL_SYNC_LIMIT`], or `ASIMOV_FINAL_SYNC_TIMEOUT` (seconds) when set.
+fn final_sync_limit() -> std::time::Duration {
+    std::env::var("ASIMOV_FINAL_SYNC_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(FINAL_SYNC_LIMIT, std::time::Duration::from_secs)
 }
 
 /// The job's `artifacts.to` when it is an S3 URL.

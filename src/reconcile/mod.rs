@@ -10,6 +10,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod controller;
 pub mod execute;
+pub mod metrics;
 pub mod plan;
 pub mod preview;
 pub mod stop;

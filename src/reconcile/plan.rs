@@ -109,7 +109,7 @@ pub struct Observed {
     pub agents: BTreeMap<String, AgentObservation>,
     /// The latest metrics of running jobs with `stop_when` rules, by rendered tag, in
     /// the order the job wrote them (see `reconcile::stop`).
-    pub metrics: BTreeMap<String, Vec<super::stop::Record>>,
+    pub metrics: BTreeMap<String, std::sync::Arc<Vec<super::stop::Record>>>,
 }
 
 /// What the store remembers.
@@ -895,7 +895,16 @@ impl<'a> Planner<'a> {
         for a in &attempts {
             self.resync_with(&key, a.provider);
         }
-        if rec.phase != Phase::Deleting {
+        // The attempt still running when its job went: it ends as deleted, recorded
+        // before its final sync so that a sync that fails (a dead machine) is tried
+        // once and never holds back the destroy on a later pass.
+        let live = attempts
+            .iter()
+            .copied()
+            .filter(|a| a.released_at.is_none() && a.outcome.is_none())
+            .max_by_key(|a| a.attempt);
+        let outcome = live.map(|a| (a.attempt, Outcome::Deleted));
+        if rec.phase != Phase::Deleting || outcome.is_some() {
             self.push(
                 &key,
                 Op::SetStatus(StatusUpdate {
@@ -904,8 +913,26 @@ impl<'a> Planner<'a> {
                     reason: "job deleted".into(),
                     progress: None,
                     exit_code: rec.exit_code,
-                    outcome: None,
+                    outcome,
                 }),
+            );
+        }
+        // The final sync (checkpoint, outputs, log) before the teardown below, in the
+        // same op group, as for a run that ends; only where its agent ever answered
+        // (nothing to sync on a machine the job never started on).
+        if let Some(a) = live
+            && self.last_seen(a, false).is_some()
+            && let Seen::Listed(i) = self.seen(a)
+            && i.state == InstanceState::Running
+            && !self.on_unreachable_host(i)
+        {
+            self.push(
+                &key,
+                Op::Collect {
+                    run: rec.name.clone(),
+                    attempt: a.attempt,
+                    instance: i.clone(),
+                },
             );
         }
         self.destroy_stray(&key, &rec.name, &attempts);

@@ -693,7 +693,11 @@ impl SshTransport {
             .output()
             .await
             .map_err(|e| self.io(step, e))?;
-        if !out.status.success() {
+        // 24: source files vanished while they were copied. The folder is a live job's
+        // (a checkpoint or outputs synced while it runs): a temporary file renamed
+        // away mid-copy is no failure, everything else was transferred.
+        const VANISHED: i32 = 24;
+        if !out.status.success() && out.status.code() != Some(VANISHED) {
             self.forget_if_dead().await;
             if conn.session.check().await.is_err() {
                 return Err(TransportError::Unreachable {

@@ -138,6 +138,19 @@ impl S3Server {
         self.block_on(client.get(key)).expect("get object")
     }
 
+    /// Stops the server's process (SIGSTOP): connections are still accepted by the
+    /// kernel but nothing answers, as an endpoint that hangs. [`S3Server::thaw`] ends it.
+    pub fn freeze(&self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+    }
+
+    /// Lets a frozen server go on (SIGCONT).
+    pub fn thaw(&self) {
+        // SAFETY: signalling our own child by pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+    }
+
     pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
         self.runtime.block_on(f)
     }
