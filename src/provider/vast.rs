@@ -1043,6 +1043,7 @@ impl Provider for VastProvider {
         Capabilities {
             listing_lag: Duration::from_secs(120),
             boot_timeout: Duration::from_secs(20 * 60),
+            boot_timeouts: Default::default(),
             pacing: ProviderPacing {
                 // Creates queue in the pacer 4.95 s apart; more in flight only holds
                 // a pass behind them.
