@@ -11,11 +11,10 @@ mod lambda_server;
 mod support;
 
 use lambda_server::{Config, Endpoint as Api, Fault, LambdaServer, SshTarget, instance_type};
-use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use support::cli::{Asimov, kill9};
+use support::cli::{Asimov, Cloud, kill9};
 use support::sshd::Sshd;
 
 /// Lambda's limits (1 request/s, 1 launch/10 s) scaled by this, on both sides: the
@@ -35,22 +34,6 @@ struct World {
 /// The separate API key the user made for instances to end themselves.
 const TERMINATE_KEY: &str = "lambda-terminate-key_abcdef987654";
 
-fn set_secret(a: &Asimov, name: &str, value: &str) {
-    let mut set = a
-        .command()
-        .args(["secret", "set", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    set.stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    assert!(set.wait().unwrap().success());
-}
-
 fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
     let sshd = Sshd::start_on_port_22();
     let c = Config {
@@ -68,7 +51,7 @@ fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
     };
     let server = LambdaServer::start(c, types);
     let a = Asimov::new();
-    set_secret(&a, "LAMBDA_API_KEY", lambda_server::API_KEY);
+    a.set_secret("LAMBDA_API_KEY", lambda_server::API_KEY);
     Some(World { server, sshd, a })
 }
 
@@ -80,7 +63,11 @@ fn two_types() -> Vec<lambda_server::TypeSpec> {
     ]
 }
 
-impl World {
+impl Cloud for World {
+    fn asimov(&self) -> &Asimov {
+        &self.a
+    }
+
     fn command(&self) -> Command {
         let mut cmd = self.a.command();
         cmd.env("ASIMOV_LAMBDA_API_URL", self.server.url())
@@ -93,6 +80,16 @@ impl World {
         cmd
     }
 
+    fn state(&self) -> String {
+        format!(
+            "{}\n{:#?}",
+            self.a.ok(&["get", "runs", "-o", "wide"]),
+            self.server.instances()
+        )
+    }
+}
+
+impl World {
     fn job_with(&self, run: &str, extra: &str) -> std::path::PathBuf {
         self.a.manifest(
             "gpu.yaml",
@@ -110,58 +107,6 @@ spec:
                 user = self.sshd.user()
             ),
         )
-    }
-
-    fn spawn_controller(&self) -> std::process::Child {
-        self.spawn_controller_with(&[])
-    }
-
-    fn spawn_controller_with(&self, env: &[(&str, &str)]) -> std::process::Child {
-        let child = self
-            .command()
-            .envs(env.iter().copied())
-            .args(["controller"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.a
-            .wait_for("the controller's lock", Duration::from_secs(10), || {
-                self.a.controller_running()
-            });
-        child
-    }
-
-    fn apply(&self, job: &std::path::Path) {
-        let out = self
-            .command()
-            .args(["apply", "-f", job.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "timed out waiting for {what}: {}\n{:#?}",
-                self.a.ok(&["get", "runs", "-o", "wide"]),
-                self.server.instances()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn attempt(&self) -> u64 {
-        self.a.runs_json()["items"][0]["attempt"]
-            .as_u64()
-            .unwrap_or(0)
     }
 }
 
@@ -539,7 +484,7 @@ fn with_the_controller_dead_the_instance_terminates_itself_with_the_handed_over_
         ("sleep 600", "  max_duration: 4s\n"),
     ] {
         let Some(w) = world(two_types()) else { return };
-        set_secret(&w.a, "LAMBDA_TERMINATE_KEY", TERMINATE_KEY);
+        w.a.set_secret("LAMBDA_TERMINATE_KEY", TERMINATE_KEY);
         let job = w.job_with(run, extra);
         let text = std::fs::read_to_string(&job).unwrap().replace(
             "ssh_user:",
