@@ -4,7 +4,10 @@
 //! capacity, and its instance is terminated; three `config,branch` lines launch three
 //! instances within the launch pacing; a 429 storm loses nothing; a controller killed by
 //! SIGKILL while its launch is at the server adopts it on restart; an instance
-//! terminated behind asimov's back is retried; an orphan is terminated.
+//! terminated behind asimov's back is retried; an orphan is terminated; boot timeouts go
+//! by the type's GPU count (a 1-GPU VM that never boots ends at its shorter one, an
+//! 8-GPU one booting for 25 minutes is kept); with no type listing capacity the run
+//! waits, saying why, and takes the first type once it has some.
 
 #[path = "support/lambda_server.rs"]
 mod lambda_server;
