@@ -4,18 +4,20 @@
 //! capacity, and its instance is terminated; three `config,branch` lines launch three
 //! instances within the launch pacing; a 429 storm loses nothing; a controller killed by
 //! SIGKILL while its launch is at the server adopts it on restart; an instance
-//! terminated behind asimov's back is retried; an orphan is terminated.
+//! terminated behind asimov's back is retried; an orphan is terminated; boot timeouts go
+//! by the type's GPU count (a 1-GPU VM that never boots ends at its shorter one, an
+//! 8-GPU one booting for 25 minutes is kept); with no type listing capacity the run
+//! waits, saying why, and takes the first type once it has some.
 
 #[path = "support/lambda_server.rs"]
 mod lambda_server;
 mod support;
 
 use lambda_server::{Config, Endpoint as Api, Fault, LambdaServer, SshTarget, instance_type};
-use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use support::cli::{Asimov, kill9};
+use support::cli::{Asimov, Cloud, kill9};
 use support::sshd::Sshd;
 
 /// Lambda's limits (1 request/s, 1 launch/10 s) scaled by this, on both sides: the
@@ -35,22 +37,6 @@ struct World {
 /// The separate API key the user made for instances to end themselves.
 const TERMINATE_KEY: &str = "lambda-terminate-key_abcdef987654";
 
-fn set_secret(a: &Asimov, name: &str, value: &str) {
-    let mut set = a
-        .command()
-        .args(["secret", "set", name])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    set.stdin
-        .take()
-        .unwrap()
-        .write_all(value.as_bytes())
-        .unwrap();
-    assert!(set.wait().unwrap().success());
-}
-
 fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
     let sshd = Sshd::start_on_port_22();
     let c = Config {
@@ -68,7 +54,7 @@ fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
     };
     let server = LambdaServer::start(c, types);
     let a = Asimov::new();
-    set_secret(&a, "LAMBDA_API_KEY", lambda_server::API_KEY);
+    a.set_secret("LAMBDA_API_KEY", lambda_server::API_KEY);
     Some(World { server, sshd, a })
 }
 
@@ -80,7 +66,11 @@ fn two_types() -> Vec<lambda_server::TypeSpec> {
     ]
 }
 
-impl World {
+impl Cloud for World {
+    fn asimov(&self) -> &Asimov {
+        &self.a
+    }
+
     fn command(&self) -> Command {
         let mut cmd = self.a.command();
         cmd.env("ASIMOV_LAMBDA_API_URL", self.server.url())
@@ -93,6 +83,16 @@ impl World {
         cmd
     }
 
+    fn state(&self) -> String {
+        format!(
+            "{}\n{:#?}",
+            self.a.ok(&["get", "runs", "-o", "wide"]),
+            self.server.instances()
+        )
+    }
+}
+
+impl World {
     fn job_with(&self, run: &str, extra: &str) -> std::path::PathBuf {
         self.a.manifest(
             "gpu.yaml",
@@ -110,58 +110,6 @@ spec:
                 user = self.sshd.user()
             ),
         )
-    }
-
-    fn spawn_controller(&self) -> std::process::Child {
-        self.spawn_controller_with(&[])
-    }
-
-    fn spawn_controller_with(&self, env: &[(&str, &str)]) -> std::process::Child {
-        let child = self
-            .command()
-            .envs(env.iter().copied())
-            .args(["controller"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.a
-            .wait_for("the controller's lock", Duration::from_secs(10), || {
-                self.a.controller_running()
-            });
-        child
-    }
-
-    fn apply(&self, job: &std::path::Path) {
-        let out = self
-            .command()
-            .args(["apply", "-f", job.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "timed out waiting for {what}: {}\n{:#?}",
-                self.a.ok(&["get", "runs", "-o", "wide"]),
-                self.server.instances()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn attempt(&self) -> u64 {
-        self.a.runs_json()["items"][0]["attempt"]
-            .as_u64()
-            .unwrap_or(0)
     }
 }
 
@@ -539,7 +487,7 @@ fn with_the_controller_dead_the_instance_terminates_itself_with_the_handed_over_
         ("sleep 600", "  max_duration: 4s\n"),
     ] {
         let Some(w) = world(two_types()) else { return };
-        set_secret(&w.a, "LAMBDA_TERMINATE_KEY", TERMINATE_KEY);
+        w.a.set_secret("LAMBDA_TERMINATE_KEY", TERMINATE_KEY);
         let job = w.job_with(run, extra);
         let text = std::fs::read_to_string(&job).unwrap().replace(
             "ssh_user:",
@@ -685,7 +633,7 @@ fn a_placement_key_without_its_identity_file_or_a_terminate_key_not_stored_is_re
 #[test]
 fn an_8_gpu_machine_booting_for_25_minutes_is_not_given_up_early() {
     // Time scaled 1:60 on both sides: the server boots the 8-GPU type in 25 s (its
-    // 20-25 minutes), the controller's boot timeout is 30 s (its 30 minutes).
+    // 20-25 minutes), the controller's boot timeout for it is 30 s (its 30 minutes).
     let mut eight = instance_type(
         "gpu_8x_h100_sxm5",
         "H100 (80 GB SXM5)",
@@ -710,7 +658,8 @@ spec:
             user = w.sshd.user()
         ),
     );
-    let mut controller = w.spawn_controller_with(&[("ASIMOV_LAMBDA_BOOT_TIMEOUT", "30")]);
+    // The 1-GPU types' timeout (5 s) is not the 8-GPU types'.
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_LAMBDA_BOOT_TIMEOUT", SCALED_BOOT)]);
     let start = Instant::now();
     w.apply(&job);
     w.until("the run to succeed", 120, || {
@@ -779,4 +728,111 @@ fn apply_dry_run_shows_which_machine_type_would_be_taken_and_launches_nothing() 
         "a dry run launches nothing"
     );
     assert_eq!(w.server.launches_received(), 0);
+}
+
+/// Lambda's boot timeouts scaled 1:60 on the 8-GPU side (30 s for its 30 minutes), and
+/// the 1-GPU side shorter still, so the two tests below tell them apart.
+const SCALED_BOOT: &str = "1x=5,8x=30";
+
+#[test]
+fn a_1_gpu_machine_that_never_boots_is_terminated_at_its_shorter_timeout() {
+    let mut one = instance_type("gpu_1x_a10", "A10 (24 GB PCIe)", 1, 75, &["us-east-1"]);
+    // Billed from the launch, never `active`.
+    one.boot = Some(Duration::from_secs(3600));
+    let Some(w) = world(vec![one]) else { return };
+    let job = w.a.manifest(
+        "gpu.yaml",
+        &format!(
+            r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: gpu}}
+spec:
+  source: {{workdir: .}}
+  run: echo never
+  placement:
+    - {{provider: lambda, instance_types: [gpu_1x_a10], ssh_user: {user}}}
+"#,
+            user = w.sshd.user()
+        ),
+    );
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_LAMBDA_BOOT_TIMEOUT", SCALED_BOOT)]);
+    w.apply(&job);
+    w.until("the hung instance terminated", 60, || {
+        w.server
+            .instances()
+            .first()
+            .is_some_and(|i| i.billing_stopped.is_some())
+    });
+    let first = w.server.instances()[0].clone();
+    let billed = first
+        .billing_stopped
+        .unwrap()
+        .duration_since(first.billing_started)
+        .unwrap();
+    // Its own 5 s, not the 8-GPU types' 30 s (nor the 30 minutes of before). Counted
+    // from the intent, in whole seconds, which comes before the paced launch: a little
+    // less of it is billed.
+    assert!(billed >= Duration::from_secs(3), "{billed:?}");
+    assert!(billed < Duration::from_secs(30), "{billed:?}");
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    assert!(described.contains("boot-timeout"), "{described}");
+    // Not failed: it tries again (no capacity and no boot are retried by default).
+    assert_ne!(w.a.run_phase("gpu-0").as_deref(), Some("Failed"));
+    w.a.ok(&["delete", "job", "gpu"]);
+    w.until("every instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    kill9(&mut controller);
+}
+
+#[test]
+fn with_no_type_listing_capacity_the_run_waits_and_takes_the_first_type_once_it_has_some() {
+    let mut types = two_types();
+    types[1].regions.clear();
+    let Some(w) = world(types) else { return };
+    let mut controller = w.spawn_controller();
+    w.apply(&w.job_with("sh train.sh", ""));
+    let looks = || {
+        w.server
+            .requests()
+            .iter()
+            .filter(|r| r.endpoint == Api::InstanceTypes)
+            .count()
+    };
+    // Every type looked at twice over: it loops back, it does not fail.
+    w.until("two tries through every type", 60, || looks() >= 2);
+    let runs = w.a.runs_json();
+    let run = &runs["items"][0];
+    assert_eq!(run["phase"], "Pending", "{run}");
+    let reason = run["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("no capacity on lambda"), "{reason}");
+    let described = w.a.ok(&["describe", "run", "gpu-0"]);
+    for why in ["gpu_1x_gh200 (none listed)", "gpu_1x_a10 (none listed)"] {
+        assert!(described.contains(why), "describe says why: {described}");
+    }
+    assert!(w.server.instances().is_empty());
+    assert_eq!(
+        w.server.launches_received(),
+        0,
+        "nothing listed, nothing launched"
+    );
+    // Capacity comes back for the first type (and the second, which must not be taken).
+    w.server.set_types(|t| {
+        t[0].regions = vec!["us-west-1".into()];
+        t[1].regions = vec!["us-east-1".into()];
+    });
+    w.until("the run to succeed", 90, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(
+        recs[0].instance_type, "gpu_1x_gh200",
+        "the first type first"
+    );
+    assert_eq!(recs[0].region, "us-west-1");
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    kill9(&mut controller);
 }

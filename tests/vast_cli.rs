@@ -7,11 +7,10 @@ mod support;
 #[path = "support/vast_server.rs"]
 mod vast_server;
 
-use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use support::cli::{Asimov, kill9};
+use support::cli::{Asimov, Cloud, kill9};
 use support::sshd::Sshd;
 use vast_server::{Config, Endpoint as Api, Fault, SshTarget, VastServer, offer};
 
@@ -47,23 +46,15 @@ fn world_with(offers: Vec<serde_json::Value>, config: impl FnOnce(&mut Config)) 
     config(&mut c);
     let server = VastServer::start(c, offers);
     let a = Asimov::new();
-    let mut set = a
-        .command()
-        .args(["secret", "set", "VAST_API_KEY"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    set.stdin
-        .take()
-        .unwrap()
-        .write_all(vast_server::API_KEY.as_bytes())
-        .unwrap();
-    assert!(set.wait().unwrap().success());
+    a.set_secret("VAST_API_KEY", vast_server::API_KEY);
     Some(World { server, sshd, a })
 }
 
-impl World {
+impl Cloud for World {
+    fn asimov(&self) -> &Asimov {
+        &self.a
+    }
+
     /// The binary pointed at the test server, unpaced (the server sets no gaps here).
     fn command(&self) -> Command {
         let mut cmd = self.a.command();
@@ -73,6 +64,16 @@ impl World {
         cmd
     }
 
+    fn state(&self) -> String {
+        format!(
+            "{}\n{:#?}",
+            self.a.ok(&["describe", "run", "gpu-0"]),
+            self.server.instances()
+        )
+    }
+}
+
+impl World {
     fn job(&self, run: &str) -> std::path::PathBuf {
         self.a.manifest(
             "gpu.yaml",
@@ -92,22 +93,6 @@ spec:
                 user = self.sshd.user()
             ),
         )
-    }
-
-    /// A foreground controller (it holds the lock, so `apply` starts none).
-    fn spawn_controller(&self) -> std::process::Child {
-        let child = self
-            .command()
-            .args(["controller"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.a
-            .wait_for("the controller's lock", Duration::from_secs(10), || {
-                self.a.controller_running()
-            });
-        child
     }
 
     fn wait_destroyed(&self) {
@@ -221,38 +206,6 @@ fn a_controller_killed_while_its_create_is_at_the_server_adopts_it_on_restart() 
 }
 
 impl World {
-    fn apply(&self, job: &std::path::Path) {
-        let out = self
-            .command()
-            .args(["apply", "-f", job.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "timed out waiting for {what}: {}\n{:#?}",
-                self.a.ok(&["describe", "run", "gpu-0"]),
-                self.server.instances()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn attempt(&self) -> u64 {
-        self.a.runs_json()["items"][0]["attempt"]
-            .as_u64()
-            .unwrap_or(0)
-    }
-
     fn retrying_job(&self, run: &str) -> std::path::PathBuf {
         let path = self.job(run);
         let text = std::fs::read_to_string(&path).unwrap()
@@ -382,20 +335,7 @@ fn a_429_and_5xx_storm_slows_parallel_launches_but_loses_nothing() {
         "spec:\n  matrix: {n: [a, b, c, d, e, f, g, h]}\n",
     );
     std::fs::write(&job, text).unwrap();
-    let mut controller = {
-        let child = w
-            .command()
-            .env("ASIMOV_VAST_PACING", "0.075")
-            .args(["controller"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        w.a.wait_for("the controller's lock", Duration::from_secs(10), || {
-            w.a.controller_running()
-        });
-        child
-    };
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_VAST_PACING", "0.075")]);
     let start = Instant::now();
     w.apply(&job);
     w.until("every run to succeed", 120, || {
@@ -479,20 +419,7 @@ fn with_the_controller_dead_the_instance_destroys_itself_when_the_job_ends_or_ti
         let job = w.job(run);
         let text = std::fs::read_to_string(&job).unwrap() + extra;
         std::fs::write(&job, text).unwrap();
-        let mut controller = {
-            let child = w
-                .command()
-                .env("ASIMOV_VAST_SELF_DESTROY_GRACE", "1")
-                .args(["controller"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            w.a.wait_for("the controller's lock", Duration::from_secs(10), || {
-                w.a.controller_running()
-            });
-            child
-        };
+        let mut controller = w.spawn_controller_with(&[("ASIMOV_VAST_SELF_DESTROY_GRACE", "1")]);
         w.apply(&job);
         w.until("the run to run", 60, || {
             w.a.run_phase("gpu-0").as_deref() == Some("Running")
@@ -595,18 +522,10 @@ fn bench_vast_overheads_and_runs_within_pacing() {
     );
     std::fs::write(&job, text).unwrap();
     let mut controller = {
-        let child = w
-            .command()
-            .env_remove("ASIMOV_VAST_PACING")
-            .args(["controller"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        w.a.wait_for("the controller's lock", Duration::from_secs(10), || {
-            w.a.controller_running()
-        });
-        child
+        // Vast's own gaps, unscaled.
+        let mut cmd = w.command();
+        cmd.env_remove("ASIMOV_VAST_PACING");
+        w.a.start_controller(cmd)
     };
     let start = Instant::now();
     w.apply(&job);
@@ -877,20 +796,7 @@ fn a_destroy_answering_5xx_for_long_is_retried_until_vast_confirms_the_instance_
     let Some(w) = world() else { return };
     // Each destroy gives up after 2 s of in-place retries, so the storm below outlasts
     // several of them: the controller must come back to it pass after pass.
-    let mut controller = {
-        let child = w
-            .command()
-            .env("ASIMOV_VAST_RETRY_SECS", "2")
-            .args(["controller"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        w.a.wait_for("the controller's lock", Duration::from_secs(10), || {
-            w.a.controller_running()
-        });
-        child
-    };
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_VAST_RETRY_SECS", "2")]);
     w.apply(&w.job("sleep 2; sh train.sh"));
     w.wait_phase("gpu-0", "Running", 60);
     let storm = Duration::from_secs(20);

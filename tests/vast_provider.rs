@@ -484,3 +484,54 @@ async fn a_create_repeated_with_the_same_tag_adopts_the_first_instance() {
     assert_eq!(again.id, first.id);
     assert_eq!(w.server.instances().len(), 1);
 }
+
+#[tokio::test]
+async fn a_stopped_instance_keeps_its_disk_billing_storage_and_starts_again() {
+    let Some(w) = world() else { return };
+    let p = w.provider();
+    let created = p
+        .create(&w.request("pause-0", &["RTX 4090"], 1))
+        .await
+        .unwrap();
+    let offer_id = w.server.instances()[0].offer_id;
+    wait_state(&p, &created.id, InstanceState::Running).await;
+    p.stop(&created.id).await.unwrap();
+    wait_state(&p, &created.id, InstanceState::Stopped).await;
+    let rec = w.server.instances()[0].clone();
+    assert!(rec.billing_stopped.is_none(), "its disk still bills");
+    assert_eq!(rec.stopped_periods.len(), 1);
+    assert!(rec.storage_per_hour > 0.0 && rec.storage_per_hour < rec.dph_total);
+    let started = p.start(&created.id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(started.state, InstanceState::Running);
+    assert_eq!(
+        started.id, created.id,
+        "the same instance, its disk with it"
+    );
+    let rec = w.server.instances()[0].clone();
+    assert!(
+        rec.stopped_periods[0].1.is_some(),
+        "storage-only billing ended"
+    );
+    assert_eq!(w.server.instances().len(), 1, "nothing new rented");
+    // Stopped again, its GPUs go back to the market; someone rents them.
+    p.stop(&created.id).await.unwrap();
+    wait_state(&p, &created.id, InstanceState::Stopped).await;
+    w.server.take_offer(offer_id);
+    let e = p
+        .start(&created.id, Duration::from_secs(3))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::NoCapacity, "{e}");
+    let rec = w.server.instances()[0].clone();
+    assert_eq!(
+        rec.status_msg.as_deref(),
+        Some("scheduling: waiting for the machine's GPUs")
+    );
+    assert!(rec.stopped_periods[1].1.is_none(), "it still bills storage");
+    // The caller gives it up: destroyed, nothing bills.
+    p.destroy(&created.id).await.unwrap();
+    let rec = w.server.instances()[0].clone();
+    assert!(rec.destroyed && rec.billing_stopped.is_some());
+    assert!(rec.stopped_periods.iter().all(|(_, to)| to.is_some()));
+    assert!(rec.stopped_secs() > 0.0);
+}

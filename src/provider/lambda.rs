@@ -30,7 +30,10 @@
 //! - **Self-termination**: Lambda has no instance-scoped key, so only a separate account
 //!   key the user names (`terminate_key`, a stored secret) is handed over, through the
 //!   shared end hook (`cloud::SelfEnd`); without one the controller terminates.
-//! - **Boot**: 30 minutes for every type (8-GPU types take 20-25).
+//! - **Boot**: by the type's GPU count, since billing runs from the launch: 1 GPU 10
+//!   minutes (measured boots take 4-6), 2 GPUs 15, 3-4 GPUs 20, more (8-GPU types take
+//!   20-25) or unknown 30. `ASIMOV_LAMBDA_BOOT_TIMEOUT` overrides: seconds for every
+//!   type (`1800`), or per GPU count (`1x=900,8x=2700`), or both (`1200,8x=2700`).
 //!
 //! Must not know about the store or the planner.
 
@@ -61,10 +64,9 @@ pub const PACING_ENV: &str = "ASIMOV_LAMBDA_PACING";
 pub const SSH_PORT_ENV: &str = "ASIMOV_LAMBDA_SSH_PORT";
 /// Seconds an instance waits for the controller to collect its run before it ends itself.
 pub const GRACE_ENV: &str = "ASIMOV_LAMBDA_SELF_END_GRACE";
-/// Seconds an instance may boot before its attempt ends (default 30 minutes).
+/// Seconds an instance may boot before its attempt ends: `SECS` for every type,
+/// `Nx=SECS` for types with N GPUs, comma-separated (see [`BootTimeouts`]).
 pub const BOOT_TIMEOUT_ENV: &str = "ASIMOV_LAMBDA_BOOT_TIMEOUT";
-/// The slowest types (8 GPUs) take 20-25 minutes to boot: never give up before 30.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Lambda's login user on its images.
 pub const DEFAULT_SSH_USER: &str = "ubuntu";
 /// Lambda's limit on an instance name.
@@ -87,6 +89,98 @@ pub fn pacing(factor: f64) -> BTreeMap<Call, Duration> {
         (Call::Any, Duration::from_secs_f64(1.0 * factor)),
         (Call::Launch, Duration::from_secs_f64(10.0 * factor)),
     ])
+}
+
+/// How long an instance may boot, by its type's GPU count: a hung 1-GPU VM stops
+/// billing after 10 minutes, an 8-GPU one booting for 25 is never given up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootTimeouts {
+    /// Replaces the defaults for every type (a bare `SECS` in the override).
+    every: Option<Duration>,
+    /// Per GPU count (`Nx=SECS`), before `every` and the defaults.
+    by_gpus: BTreeMap<u32, Duration>,
+}
+
+impl BootTimeouts {
+    /// Lambda's defaults. Third parties measured 4-6 minutes to `active` for 1-GPU
+    /// types, 10-15 (up to 25) for 8-GPU ones (`shared/providers.md` §2.8).
+    pub fn default_for(gpus: u32) -> Duration {
+        let minutes = match gpus {
+            1 => 10,
+            2 => 15,
+            3 | 4 => 20,
+            // 8 GPUs, or a type whose GPU count the listing did not say: the slowest.
+            _ => 30,
+        };
+        Duration::from_secs(minutes * 60)
+    }
+
+    /// The table with `ASIMOV_LAMBDA_BOOT_TIMEOUT` applied (`None`: the defaults).
+    /// Entries that do not parse are left out with a warning.
+    pub fn parse(text: Option<&str>) -> BootTimeouts {
+        let mut out = BootTimeouts {
+            every: None,
+            by_gpus: BTreeMap::new(),
+        };
+        for entry in text.unwrap_or("").split(',').map(str::trim) {
+            if entry.is_empty() {
+                continue;
+            }
+            let secs = |v: &str| v.trim().parse::<u64>().ok().map(Duration::from_secs);
+            let parsed = match entry.split_once('=') {
+                Some((gpus, v)) => gpus
+                    .trim()
+                    .strip_suffix('x')
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .zip(secs(v))
+                    .map(|(n, d)| {
+                        out.by_gpus.insert(n, d);
+                    }),
+                None => secs(entry).map(|d| out.every = Some(d)),
+            };
+            if parsed.is_none() {
+                tracing::warn!(%entry, "{BOOT_TIMEOUT_ENV}: not SECS or Nx=SECS; left out");
+            }
+        }
+        out
+    }
+
+    /// The boot timeout of a type with `gpus` GPUs (0: not known).
+    pub fn of(&self, gpus: u32) -> Duration {
+        self.by_gpus
+            .get(&gpus)
+            .copied()
+            .or(self.every)
+            .unwrap_or_else(|| BootTimeouts::default_for(gpus))
+    }
+
+    /// The longest of the table: for an instance whose type is not known.
+    pub fn longest(&self) -> Duration {
+        let defaults = [0, 1, 2, 4, 8].map(|n| self.of(n));
+        defaults
+            .into_iter()
+            .chain(self.by_gpus.values().copied())
+            .max()
+            .unwrap_or_else(|| BootTimeouts::default_for(0))
+    }
+}
+
+/// The GPU count of a listed type: its `specs.gpus`, else its name (`gpu_8x_h100_sxm5`).
+fn type_gpus(instance_type: Option<&Value>) -> u32 {
+    let specs = instance_type
+        .and_then(|t| t.get("specs"))
+        .and_then(|s| s.get("gpus"))
+        .and_then(Value::as_u64)
+        .and_then(|n| u32::try_from(n).ok());
+    specs.unwrap_or_else(|| {
+        instance_type
+            .and_then(|t| t.get("name"))
+            .and_then(Value::as_str)
+            .and_then(|n| n.strip_prefix("gpu_"))
+            .and_then(|n| n.split_once("x_"))
+            .and_then(|(n, _)| n.parse().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// The API key: the credential store first, then this process's environment.
@@ -360,7 +454,9 @@ pub struct LambdaProvider {
     /// Per tag: the stored secret holding the key the instance ends itself with.
     terminate_keys: LoginUsers,
     self_end_grace: Duration,
-    boot_timeout: Duration,
+    boot_timeouts: BootTimeouts,
+    /// The boot timeout of each instance still booting, by the last listing.
+    booting: std::sync::Mutex<BTreeMap<InstanceId, Duration>>,
     ssh_port: u16,
     /// The account key name asimov's key is registered under, once known.
     key_name: tokio::sync::Mutex<Option<String>>,
@@ -421,7 +517,8 @@ impl LambdaProvider {
                 "",
             ),
             self_end_grace: cloud::self_end_grace(GRACE_ENV),
-            boot_timeout: cloud::boot_timeout(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
+            boot_timeouts: BootTimeouts::parse(std::env::var(BOOT_TIMEOUT_ENV).ok().as_deref()),
+            booting: std::sync::Mutex::new(BTreeMap::new()),
             ssh_port,
             key_name: tokio::sync::Mutex::new(None),
         })
@@ -696,9 +793,14 @@ impl Provider for LambdaProvider {
         Capabilities {
             // Whether Lambda lists a launch at once is unverified: the planner waits.
             listing_lag: Duration::from_secs(120),
-            // One for every type, the slowest's: a 1-GPU type that hangs costs up to
-            // 30 minutes, an 8-GPU one booting in 25 is never given up early.
-            boot_timeout: self.boot_timeout,
+            // By type: a 1-GPU VM that hangs stops billing after 10 minutes, an 8-GPU
+            // one booting in 25 is never given up early.
+            boot_timeout: self.boot_timeouts.longest(),
+            boot_timeouts: self
+                .booting
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             pacing: ProviderPacing {
                 // Launches queue 10 s apart in the pacer; more in flight only waits.
                 max_in_flight: 4,
@@ -760,7 +862,21 @@ impl Provider for LambdaProvider {
         let items = data
             .as_array()
             .ok_or_else(|| err(ErrorKind::Transient, step, "answer without a list"))?;
-        Ok(items.iter().filter_map(|v| self.instance(v)).collect())
+        let mut booting = BTreeMap::new();
+        let instances: Vec<Instance> = items
+            .iter()
+            .filter_map(|v| {
+                let i = self.instance(v)?;
+                if i.state == InstanceState::Provisioning {
+                    let gpus = type_gpus(v.get("instance_type"));
+                    booting.insert(i.id.clone(), self.boot_timeouts.of(gpus));
+                }
+                Some(i)
+            })
+            .collect();
+        // A complete listing: what no longer boots drops out.
+        *self.booting.lock().unwrap_or_else(|e| e.into_inner()) = booting;
+        Ok(instances)
     }
 
     async fn create(&self, req: &CreateRequest) -> ProviderResult<Instance> {
@@ -996,6 +1112,33 @@ mod tests {
         for (status, text, want) in table {
             assert_eq!(kind(status, &text), want, "{status} {text}");
         }
+    }
+
+    #[test]
+    fn boot_timeouts_go_by_gpu_count_and_the_override_replaces_all_or_some() {
+        let min = |m: u64| Duration::from_secs(m * 60);
+        let d = BootTimeouts::parse(None);
+        assert_eq!(
+            [1, 2, 4, 8, 0].map(|n| d.of(n)),
+            [min(10), min(15), min(20), min(30), min(30)]
+        );
+        assert_eq!(d.longest(), min(30));
+        let every = BootTimeouts::parse(Some("1800"));
+        assert_eq!(every.of(1), min(30));
+        let some = BootTimeouts::parse(Some(" 1x=8, 8x=2700 ,bogus, 3x=q"));
+        assert_eq!(some.of(1), Duration::from_secs(8));
+        assert_eq!(some.of(8), min(45));
+        assert_eq!(some.of(2), min(15), "the default where none is given");
+        assert_eq!(some.longest(), min(45));
+        let both = BootTimeouts::parse(Some("20,8x=30"));
+        assert_eq!(both.of(1), Duration::from_secs(20));
+        assert_eq!(both.of(8), Duration::from_secs(30));
+        assert_eq!(both.longest(), Duration::from_secs(30));
+        let named = json!({"name": "gpu_8x_h100_sxm5"});
+        assert_eq!(type_gpus(Some(&named)), 8);
+        let specs = json!({"name": "odd", "specs": {"gpus": 2}});
+        assert_eq!(type_gpus(Some(&specs)), 2);
+        assert_eq!(type_gpus(None), 0);
     }
 
     #[test]

@@ -132,8 +132,13 @@ pub struct Capabilities {
     /// intent that is not listed is neither re-created nor released.
     pub listing_lag: Duration,
     /// How long an instance may stay `Provisioning`: past it the attempt ends
-    /// (`Outcome::BootTimeout`) and the instance is destroyed.
+    /// (`Outcome::BootTimeout`) and the instance is destroyed. Where types differ
+    /// (`boot_timeouts`), the longest.
     pub boot_timeout: Duration,
+    /// Listed instances with a boot timeout of their own: a provider whose types boot
+    /// at different speeds (Lambda's, by GPU count) says so per instance, as its last
+    /// listing saw them. Read through [`Capabilities::boot_timeout_of`].
+    pub boot_timeouts: BTreeMap<InstanceId, Duration>,
     pub pacing: Pacing,
     /// Every key using this provider is re-planned at least this often, even when
     /// nothing changed (an instance billing behind asimov's back, a silent agent).
@@ -157,6 +162,7 @@ impl Default for Capabilities {
         Capabilities {
             listing_lag: Duration::ZERO,
             boot_timeout: Duration::from_secs(600),
+            boot_timeouts: BTreeMap::new(),
             pacing: Pacing {
                 max_in_flight: 16,
                 min_resync: Duration::from_secs(30),
@@ -170,6 +176,14 @@ impl Default for Capabilities {
 }
 
 impl Capabilities {
+    /// How long instance `id` may stay `Provisioning`.
+    pub fn boot_timeout_of(&self, id: &InstanceId) -> Duration {
+        self.boot_timeouts
+            .get(id)
+            .copied()
+            .unwrap_or(self.boot_timeout)
+    }
+
     /// The periodic resync, never faster than the provider's pacing allows.
     pub fn resync_period(&self) -> Duration {
         self.resync.max(self.pacing.min_resync)

@@ -606,6 +606,7 @@ impl Provider for RunpodProvider {
             // Counted from the create (billing starts there): a pod that never boots
             // is deleted, not polled forever.
             boot_timeout: self.boot_timeout,
+            boot_timeouts: Default::default(),
             pacing: ProviderPacing {
                 max_in_flight: 8,
                 min_resync: Duration::from_secs(30),

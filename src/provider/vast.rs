@@ -24,6 +24,11 @@
 //! - **SSH**: asimov's own ed25519 key (`$ASIMOV_HOME/ssh/id_ed25519`) is registered as
 //!   an account key before the first create (Vast copies account keys into new
 //!   instances); login user `root` unless the placement's `ssh_user` says otherwise.
+//! - **Stop and start** (`stop`, `start`): `PUT /api/v0/instances/{id}/` with `state`.
+//!   A stopped instance keeps its disk and bills its storage, and its GPUs go back to
+//!   the market: a start is accepted even when someone rented them meanwhile, and the
+//!   instance then stays stopped ("scheduling") until they are free, maybe for ever, so
+//!   `start` answers whether it runs again within the caller's deadline.
 //!
 //! Must not know about the store or the planner.
 
@@ -682,6 +687,71 @@ impl std::fmt::Debug for VastProvider {
 }
 
 impl VastProvider {
+    /// Stops instance `id`, keeping its disk (which still bills) and releasing its GPUs.
+    pub async fn stop(&self, id: &InstanceId) -> ProviderResult<()> {
+        self.set_state("stop instance", id, "stopped").await
+    }
+
+    /// Asks instance `id` to run again and waits up to `within` for it to be listed
+    /// running; `NoCapacity` when it is still stopped then (its GPUs rented by someone
+    /// else: Vast keeps it "scheduling"), so the caller can destroy it and rent anew.
+    pub async fn start(&self, id: &InstanceId, within: Duration) -> ProviderResult<Instance> {
+        let step = "start instance";
+        self.set_state(step, id, "running").await?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let listed = self.list().await?;
+            let Some(i) = listed.into_iter().find(|i| &i.id == id) else {
+                return Err(err(ErrorKind::NotFound, step, format!("{id} is gone")));
+            };
+            match i.state {
+                InstanceState::Running => return Ok(i),
+                InstanceState::Terminating => {
+                    return Err(err(ErrorKind::NotFound, step, format!("{id} is going")));
+                }
+                InstanceState::Provisioning | InstanceState::Stopped => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(err(
+                    ErrorKind::NoCapacity,
+                    step,
+                    format!(
+                        "{id} did not run again within {}s (its GPUs are taken?)",
+                        within.as_secs()
+                    ),
+                ));
+            }
+            // Listing is paced per endpoint already; this only spaces the looks.
+            tokio::time::sleep(Duration::from_secs(2).min(within)).await;
+        }
+    }
+
+    async fn set_state(
+        &self,
+        step: &'static str,
+        id: &InstanceId,
+        state: &str,
+    ) -> ProviderResult<()> {
+        if id.parse::<u64>().is_err() {
+            return Err(err(
+                ErrorKind::NotFound,
+                step,
+                format!("{id:?} is not a vast instance id"),
+            ));
+        }
+        self.api
+            .call(
+                step,
+                Call::Manage,
+                reqwest::Method::PUT,
+                &format!("/api/v0/instances/{id}/"),
+                &[],
+                Some(&json!({ "state": state })),
+            )
+            .await
+            .map(|_| ())
+    }
+
     /// The provider for this home when a key is configured (`None` otherwise), at
     /// `ASIMOV_VAST_API_URL` or Vast's host, paced per `ASIMOV_VAST_PACING`.
     pub fn from_home(home: &Home, pool: Arc<SshPool>) -> std::io::Result<Option<VastProvider>> {
@@ -1043,6 +1113,7 @@ impl Provider for VastProvider {
         Capabilities {
             listing_lag: Duration::from_secs(120),
             boot_timeout: Duration::from_secs(20 * 60),
+            boot_timeouts: Default::default(),
             pacing: ProviderPacing {
                 // Creates queue in the pacer 4.95 s apart; more in flight only holds
                 // a pass behind them.

@@ -436,7 +436,9 @@ impl Executor {
                         rec.reason = if queued {
                             format!("no free host on {provider}: {}", e.message)
                         } else if no_capacity {
-                            format!("no capacity on {provider}")
+                            // What was tried and why each refused (Lambda names every
+                            // type and region): why the run waits, in its events.
+                            format!("no capacity on {provider}: {}", e.message)
                         } else {
                             format!("{provider} rejected the create: {}", e.message)
                         };

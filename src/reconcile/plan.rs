@@ -1406,7 +1406,7 @@ impl<'a> Planner<'a> {
         match instance.state {
             InstanceState::Provisioning => {
                 // Counted from the create request: a cloud bills from there.
-                let timeout = self.caps(a.provider).boot_timeout;
+                let timeout = self.caps(a.provider).boot_timeout_of(&instance.id);
                 let deadline = a
                     .intent_at
                     .saturating_add(i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX));

@@ -83,6 +83,15 @@ impl Asimov {
     /// A foreground controller (`asimov controller`) as a child process.
     pub fn spawn_controller(&self, failpoint: Option<&str>) -> Child {
         let mut cmd = self.command();
+        if let Some(fp) = failpoint {
+            cmd.env("ASIMOV_FAILPOINT", fp);
+        }
+        self.start_controller(cmd)
+    }
+
+    /// `cmd` (this home's `asimov`, with whatever a test set on it) run as a foreground
+    /// controller; returns once it holds the lock, so an `apply` starts no other.
+    pub fn start_controller(&self, mut cmd: Command) -> Child {
         // Its diagnostics go to a file, not a pipe: a pipe nobody reads fills after
         // 64 KiB and then blocks the controller in the middle of a pass.
         use std::os::unix::fs::OpenOptionsExt;
@@ -95,9 +104,6 @@ impl Asimov {
         cmd.args(["controller"])
             .stdout(Stdio::null())
             .stderr(stderr);
-        if let Some(fp) = failpoint {
-            cmd.env("ASIMOV_FAILPOINT", fp);
-        }
         let child = cmd.spawn().expect("controller starts");
         self.wait_for(
             "the controller to hold its lock",
@@ -208,4 +214,87 @@ impl Drop for Asimov {
 pub fn kill9(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
+}
+
+impl Asimov {
+    /// `asimov secret set NAME` with `value` on stdin (never on the command line).
+    pub fn set_secret(&self, name: &str, value: &str) {
+        use std::io::Write;
+        let mut set = self
+            .command()
+            .args(["secret", "set", name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("asimov secret set runs");
+        set.stdin
+            .take()
+            .expect("stdin piped")
+            .write_all(value.as_bytes())
+            .expect("secret written");
+        assert!(set.wait().expect("asimov secret set ends").success());
+    }
+
+    /// The first run's attempt number (0 before any).
+    pub fn attempt(&self) -> u64 {
+        self.runs_json()["items"][0]["attempt"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+/// A test world of one cloud's test server and this home: the binary pointed at the
+/// server, and what to show when a wait times out. The waits and commands the cloud
+/// tests share come with it.
+pub trait Cloud {
+    fn asimov(&self) -> &Asimov;
+
+    /// `asimov` with the server's URL, pacing and key set for this cloud.
+    fn command(&self) -> Command;
+
+    /// What the server and the runs look like, for a failed wait.
+    fn state(&self) -> String;
+
+    /// `apply -f JOB`, which must succeed.
+    fn apply(&self, job: &Path) {
+        let out = self
+            .command()
+            .args(["apply", "-f", &job.to_string_lossy()])
+            .output()
+            .expect("asimov apply runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A foreground controller with `env` added (it holds the lock, so `apply` starts
+    /// none).
+    fn spawn_controller_with(&self, env: &[(&str, &str)]) -> Child {
+        let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
+        self.asimov().start_controller(cmd)
+    }
+
+    fn spawn_controller(&self) -> Child {
+        self.spawn_controller_with(&[])
+    }
+
+    /// Waits up to `secs` for `done`, showing `state` when it never comes.
+    fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < Duration::from_secs(secs),
+                "timed out waiting for {what}: {}",
+                self.state()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn attempt(&self) -> u64 {
+        self.asimov().attempt()
+    }
 }

@@ -13,6 +13,9 @@
 //! one answering 410; show (`{"instances": null}` once destroyed); destroy (a second is
 //! 404 `no_such_instance`); state and label changes; account SSH keys and keys attached
 //! to an instance (written into the sshd's `authorized_keys` when an instance runs);
+//! stop and start (`PUT state`): a stopped instance bills its storage only
+//! (`stopped_periods`) and its GPUs go back to the market, so a start after someone
+//! rented them is accepted and stays stopped, "scheduling";
 //! per-endpoint minimum gaps (per caller: the account key, each instance's key) answered
 //! by 429 with a plain-text body and no Retry-After;
 //! 401 `auth_error`.
@@ -192,6 +195,13 @@ pub struct InstanceRecord {
     pub frozen_status: bool,
     /// Lost a parallel buy: `exited` instead of `running`.
     pub loser: bool,
+    /// What its disk bills an hour (`storage_cost` × `disk` / 720): all it bills while
+    /// stopped.
+    pub storage_per_hour: f64,
+    /// When it was stopped (`PUT state: stopped`) and started or destroyed again: the
+    /// stretches it billed storage only.
+    pub stopped_periods: Vec<(SystemTime, Option<SystemTime>)>,
+    /// Booted again from here (create, or a start that got its GPUs back).
     created: Instant,
     keys: Vec<String>,
 }
@@ -461,8 +471,30 @@ fn now_epoch(t: SystemTime) -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+impl InstanceRecord {
+    /// Seconds it billed storage only (stopped), up to now for a stretch still open.
+    pub fn stopped_secs(&self) -> f64 {
+        let now = SystemTime::now();
+        self.stopped_periods
+            .iter()
+            .map(|(from, to)| {
+                to.unwrap_or(now)
+                    .duration_since(*from)
+                    .map_or(0.0, |d| d.as_secs_f64())
+            })
+            .sum()
+    }
+
+    fn close_stopped_period(&mut self) {
+        if let Some((_, to @ None)) = self.stopped_periods.last_mut() {
+            *to = Some(SystemTime::now());
+        }
+    }
+}
+
 fn destroy_record(i: &mut InstanceRecord) {
     if !i.destroyed {
+        i.close_stopped_period();
         i.destroyed = true;
         i.billing_stopped = Some(SystemTime::now());
         i.cur_state = "unloaded".into();
@@ -953,22 +985,44 @@ fn answer(
                     None,
                 );
             }
+            let offer_id = i.offer_id;
             match value.get("state").and_then(Value::as_str) {
                 Some("stopped") => {
+                    let was_running = i.cur_state != "stopped";
                     i.actual_status = Some("stopped".into());
                     i.intended_status = "stopped".into();
                     i.cur_state = "stopped".into();
                     i.next_state = "stopped".into();
+                    i.status_msg = Some("stopped by user".into());
                     i.frozen_status = true;
+                    if was_running {
+                        // The disk stays and bills; the GPUs go back to the market.
+                        i.stopped_periods.push((SystemTime::now(), None));
+                        st.taken.retain(|t| *t != offer_id);
+                    }
                     (json_response(200, json!({"success": true})), None)
                 }
-                Some("running") => {
+                Some("running") if i.cur_state == "stopped" => {
                     i.intended_status = "running".into();
-                    i.cur_state = "running".into();
                     i.next_state = "running".into();
-                    i.actual_status = Some("running".into());
+                    if st.taken.contains(&offer_id) {
+                        // Rented by someone else meanwhile: accepted, and it waits for
+                        // the GPUs ("scheduling"), billing storage, maybe for ever.
+                        i.status_msg = Some("scheduling: waiting for the machine's GPUs".into());
+                        return (json_response(200, json!({"success": true})), None);
+                    }
+                    i.cur_state = "running".into();
+                    i.actual_status = Some("loading".into());
+                    i.status_msg = Some("starting container".into());
+                    i.frozen_status = false;
+                    i.created = Instant::now();
+                    i.running_at = None;
+                    i.close_stopped_period();
+                    st.taken.push(offer_id);
                     (json_response(200, json!({"success": true})), None)
                 }
+                // Already running (or asked to): nothing changes.
+                Some("running") => (json_response(200, json!({"success": true})), None),
                 _ => (error(400, "invalid_args", "nothing to change"), None),
             }
         }
@@ -1292,6 +1346,8 @@ fn create(st: &mut State, offer_id: u64, body: &Value, fails_yet_creates: bool) 
         status_msg: None,
         frozen_status: stopped,
         loser: false,
+        storage_per_hour,
+        stopped_periods: Vec::new(),
         created: Instant::now(),
         keys,
     });
