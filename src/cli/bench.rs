@@ -13,6 +13,7 @@
 //! This is a benchmark, not a test: it asserts nothing about speed, it reports. It owns
 //! its temp dirs and the child processes it starts, and must not know how the CLI prints.
 
+use super::args::BenchFigure;
 use crate::home::Home;
 use crate::manifest::{Job, JobSpec, Manifests, Placement, RetryOn, RetryPolicy};
 use crate::model::ProviderKind;
@@ -53,6 +54,8 @@ pub struct BenchOptions {
     pub jobs: usize,
     /// Seconds over which the idle controller's CPU use is sampled.
     pub idle_seconds: u64,
+    /// The figures to take; every figure when empty.
+    pub only: Vec<BenchFigure>,
     /// The asimov binary to run as a child (`std::env::current_exe()` from the CLI).
     pub binary: PathBuf,
 }
@@ -215,30 +218,37 @@ fn per_second(count: u64, over: Duration) -> f64 {
     }
 }
 
-/// Everything `asimov bench` measured. A figure that could not be taken keeps its error,
-/// so one broken figure does not hide the others.
+/// Everything `asimov bench` measured; `None` for a figure not asked for (`--only`). A
+/// figure that could not be taken keeps its error, so one broken figure does not hide
+/// the others.
 #[derive(Debug)]
 pub struct BenchReport {
-    pub get_runs: Result<GetRunsFigures, BenchError>,
-    pub reconcile: Result<ReconcileFigures, BenchError>,
-    pub idle: Result<IdleFigures, BenchError>,
-    pub metrics: Result<MetricsFigures, BenchError>,
+    pub get_runs: Option<Result<GetRunsFigures, BenchError>>,
+    pub reconcile: Option<Result<ReconcileFigures, BenchError>>,
+    pub idle: Option<Result<IdleFigures, BenchError>>,
+    pub metrics: Option<Result<MetricsFigures, BenchError>>,
 }
 
 impl BenchReport {
-    /// True when every figure was taken.
+    /// True when every figure asked for was taken.
     pub fn complete(&self) -> bool {
-        self.get_runs.is_ok() && self.reconcile.is_ok() && self.idle.is_ok() && self.metrics.is_ok()
+        self.get_runs.as_ref().is_none_or(Result::is_ok)
+            && self.reconcile.as_ref().is_none_or(Result::is_ok)
+            && self.idle.as_ref().is_none_or(Result::is_ok)
+            && self.metrics.as_ref().is_none_or(Result::is_ok)
     }
 }
 
-/// Takes every figure. Each figure uses its own temp `$ASIMOV_HOME`, removed afterwards.
+/// Takes the figures asked for. Each figure uses its own temp `$ASIMOV_HOME`, removed
+/// afterwards.
 pub fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
+    let wanted = |f: BenchFigure| opts.only.is_empty() || opts.only.contains(&f);
     // The reconcile figure runs first so that its memory peak is not the seeding's.
-    let reconcile = reconcile_figures(opts.jobs);
-    let get_runs = get_runs_figures(&opts.binary, opts.runs);
-    let idle = idle_figures(&opts.binary, Duration::from_secs(opts.idle_seconds));
-    let metrics = metrics_figures(opts.jobs);
+    let reconcile = wanted(BenchFigure::Reconcile).then(|| reconcile_figures(opts.jobs));
+    let get_runs = wanted(BenchFigure::GetRuns).then(|| get_runs_figures(&opts.binary, opts.runs));
+    let idle = wanted(BenchFigure::Idle)
+        .then(|| idle_figures(&opts.binary, Duration::from_secs(opts.idle_seconds)));
+    let metrics = wanted(BenchFigure::Metrics).then(|| metrics_figures(opts.jobs));
     Ok(BenchReport {
         get_runs,
         reconcile,
@@ -757,8 +767,10 @@ impl fmt::Display for Spread {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "asimov get runs (whole process, wall time)")?;
-        match &self.get_runs {
+        let mut sections = Sections::default();
+        if let Some(get_runs) = &self.get_runs {
+        sections.start(f, "asimov get runs (whole process, wall time)")?;
+        match get_runs {
             Ok(g) => {
                 writeln!(
                     f,
@@ -777,9 +789,10 @@ impl fmt::Display for BenchReport {
             }
             Err(e) => not_measured(f, e)?,
         }
-        writeln!(f)?;
-        writeln!(f, "reconcile pass (FakeProvider, real SQLite store)")?;
-        match &self.reconcile {
+        }
+        if let Some(reconcile) = &self.reconcile {
+        sections.start(f, "reconcile pass (FakeProvider, real SQLite store)")?;
+        match reconcile {
             Ok(r) => {
                 writeln!(
                     f,
@@ -820,9 +833,10 @@ impl fmt::Display for BenchReport {
             }
             Err(e) => not_measured(f, e)?,
         }
-        writeln!(f)?;
-        writeln!(f, "idle controller (asimov controller, empty manifests)")?;
-        match &self.idle {
+        }
+        if let Some(idle) = &self.idle {
+        sections.start(f, "idle controller (asimov controller, empty manifests)")?;
+        match idle {
             Ok(i) => {
                 writeln!(
                     f,
@@ -844,12 +858,10 @@ impl fmt::Display for BenchReport {
             }
             Err(e) => not_measured(f, e)?,
         }
-        writeln!(f)?;
-        writeln!(
-            f,
-            "reading metrics of running runs (stop_when; local transport, real store)"
-        )?;
-        match &self.metrics {
+        }
+        if let Some(metrics) = &self.metrics {
+        sections.start(f, "reading metrics of running runs (stop_when; local transport, real store)")?;
+        match metrics {
             Ok(m) => {
                 writeln!(
                     f,
@@ -881,7 +893,23 @@ impl fmt::Display for BenchReport {
             }
             Err(e) => not_measured(f, e)?,
         }
+        }
         Ok(())
+    }
+}
+
+/// The report's sections, a blank line between two.
+#[derive(Default)]
+struct Sections {
+    started: bool,
+}
+
+impl Sections {
+    fn start(&mut self, f: &mut fmt::Formatter<'_>, title: &str) -> fmt::Result {
+        if std::mem::replace(&mut self.started, true) {
+            writeln!(f)?;
+        }
+        writeln!(f, "{title}")
     }
 }
 

@@ -754,9 +754,11 @@ impl Controller {
             seen: store.seen().map_err(ControllerError::Store)?,
             ..History::default()
         };
+        // All attempts in one query, not one per run.
+        let mut attempts = store.all_attempts().map_err(ControllerError::Store)?;
         for run in store.runs().map_err(ControllerError::Store)? {
-            let attempts = store.attempts(&run.name).map_err(ControllerError::Store)?;
-            h.attempts.insert(run.name.clone(), attempts);
+            h.attempts
+                .insert(run.name.clone(), attempts.remove(&run.name).unwrap_or_default());
             h.runs.insert(run.name.clone(), run);
         }
         for b in &desired.budgets {
