@@ -769,130 +769,133 @@ impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut sections = Sections::default();
         if let Some(get_runs) = &self.get_runs {
-        sections.start(f, "asimov get runs (whole process, wall time)")?;
-        match get_runs {
-            Ok(g) => {
-                writeln!(
-                    f,
-                    "  store: {} runs, {:.1} MiB; {WARMUP_RUNS} warm-up runs discarded",
-                    g.runs,
-                    g.database_bytes as f64 / (1024.0 * 1024.0)
-                )?;
-                for (label, s) in [("table", &g.table), ("-o json", &g.json)] {
+            sections.start(f, "asimov get runs (whole process, wall time)")?;
+            match get_runs {
+                Ok(g) => {
                     writeln!(
                         f,
-                        "  {label:<8} {s}; target p95 < {}: {}",
-                        ms(GET_RUNS_TARGET),
-                        verdict(s.p95 < GET_RUNS_TARGET)
+                        "  store: {} runs, {:.1} MiB; {WARMUP_RUNS} warm-up runs discarded",
+                        g.runs,
+                        g.database_bytes as f64 / (1024.0 * 1024.0)
                     )?;
+                    for (label, s) in [("table", &g.table), ("-o json", &g.json)] {
+                        writeln!(
+                            f,
+                            "  {label:<8} {s}; target p95 < {}: {}",
+                            ms(GET_RUNS_TARGET),
+                            verdict(s.p95 < GET_RUNS_TARGET)
+                        )?;
+                    }
                 }
+                Err(e) => not_measured(f, e)?,
             }
-            Err(e) => not_measured(f, e)?,
-        }
         }
         if let Some(reconcile) = &self.reconcile {
-        sections.start(f, "reconcile pass (FakeProvider, real SQLite store)")?;
-        match reconcile {
-            Ok(r) => {
-                writeln!(
-                    f,
-                    "  {} jobs of one run; fake latency {} per call; {} tokio worker threads",
-                    r.jobs,
-                    ms(r.latency),
-                    r.worker_threads
-                )?;
-                for (label, p) in [("first pass", &r.first), ("steady pass", &r.steady)] {
+            sections.start(f, "reconcile pass (FakeProvider, real SQLite store)")?;
+            match reconcile {
+                Ok(r) => {
                     writeln!(
                         f,
-                        "  {label:<12} {} ({} ops planned, {} applied)",
-                        ms(p.wall),
-                        p.planned,
-                        p.applied
+                        "  {} jobs of one run; fake latency {} per call; {} tokio worker threads",
+                        r.jobs,
+                        ms(r.latency),
+                        r.worker_threads
                     )?;
+                    for (label, p) in [("first pass", &r.first), ("steady pass", &r.steady)] {
+                        writeln!(
+                            f,
+                            "  {label:<12} {} ({} ops planned, {} applied)",
+                            ms(p.wall),
+                            p.planned,
+                            p.applied
+                        )?;
+                        writeln!(
+                            f,
+                            "  {:<12} provider calls: {}; target 1 list per pass: {}",
+                            "",
+                            calls(&p.calls),
+                            verdict(p.calls.list == 1)
+                        )?;
+                    }
+                    writeln!(f, "  steady state after {} passes", r.passes_to_steady)?;
                     writeln!(
                         f,
-                        "  {:<12} provider calls: {}; target 1 list per pass: {}",
-                        "",
-                        calls(&p.calls),
-                        verdict(p.calls.list == 1)
+                        "  memory: RSS {} before, {} after, peak (VmHWM) {}{}",
+                        mib(r.rss_before_kib),
+                        mib(r.rss_after_kib),
+                        mib(r.peak_kib),
+                        if r.peak_reset {
+                            ""
+                        } else {
+                            " (peak not reset: covers the whole process)"
+                        }
                     )?;
                 }
-                writeln!(f, "  steady state after {} passes", r.passes_to_steady)?;
-                writeln!(
-                    f,
-                    "  memory: RSS {} before, {} after, peak (VmHWM) {}{}",
-                    mib(r.rss_before_kib),
-                    mib(r.rss_after_kib),
-                    mib(r.peak_kib),
-                    if r.peak_reset {
-                        ""
-                    } else {
-                        " (peak not reset: covers the whole process)"
-                    }
-                )?;
+                Err(e) => not_measured(f, e)?,
             }
-            Err(e) => not_measured(f, e)?,
-        }
         }
         if let Some(idle) = &self.idle {
-        sections.start(f, "idle controller (asimov controller, empty manifests)")?;
-        match idle {
-            Ok(i) => {
-                writeln!(
-                    f,
-                    "  over {:.1} s: CPU {:.3} %; target < {IDLE_CPU_TARGET_PERCENT} %: {}",
-                    i.sampled.as_secs_f64(),
-                    i.cpu_percent,
-                    verdict(i.cpu_percent < IDLE_CPU_TARGET_PERCENT)
-                )?;
-                writeln!(
-                    f,
-                    "  wake-ups {:.2}/s ({} voluntary, {} involuntary context switches \
+            sections.start(f, "idle controller (asimov controller, empty manifests)")?;
+            match idle {
+                Ok(i) => {
+                    writeln!(
+                        f,
+                        "  over {:.1} s: CPU {:.3} %; target < {IDLE_CPU_TARGET_PERCENT} %: {}",
+                        i.sampled.as_secs_f64(),
+                        i.cpu_percent,
+                        verdict(i.cpu_percent < IDLE_CPU_TARGET_PERCENT)
+                    )?;
+                    writeln!(
+                        f,
+                        "  wake-ups {:.2}/s ({} voluntary, {} involuntary context switches \
                      over {} threads); RSS {}",
-                    i.wakeups_per_second(),
-                    i.voluntary_switches,
-                    i.involuntary_switches,
-                    i.threads,
-                    mib(i.rss_kib)
-                )?;
+                        i.wakeups_per_second(),
+                        i.voluntary_switches,
+                        i.involuntary_switches,
+                        i.threads,
+                        mib(i.rss_kib)
+                    )?;
+                }
+                Err(e) => not_measured(f, e)?,
             }
-            Err(e) => not_measured(f, e)?,
-        }
         }
         if let Some(metrics) = &self.metrics {
-        sections.start(f, "reading metrics of running runs (stop_when; local transport, real store)")?;
-        match metrics {
-            Ok(m) => {
-                writeln!(
-                    f,
-                    "  {} runs; metrics files of {} lines ({} KiB), tails of {} KiB ({} lines) read",
-                    m.runs,
-                    m.file_lines,
-                    m.file_bytes / 1024,
-                    m.tail_bytes / 1024,
-                    m.tail_lines
-                )?;
-                writeln!(
-                    f,
-                    "  one pass (read, parse, rules, record): {}; {} measured passes after 1 warm-up",
-                    m.wall, m.wall.samples
-                )?;
-                writeln!(
-                    f,
-                    "  CPU per pass: controller {}, its children (sh, tail) {}; {:.1} MiB read",
-                    ms(m.cpu_self),
-                    ms(m.cpu_children),
-                    (m.tail_bytes * m.runs as u64) as f64 / (1024.0 * 1024.0)
-                )?;
-                writeln!(
-                    f,
-                    "  of which parse + rules {} (median), the store write {} (median)",
-                    ms(m.parse.median),
-                    ms(m.record.median)
-                )?;
+            sections.start(
+                f,
+                "reading metrics of running runs (stop_when; local transport, real store)",
+            )?;
+            match metrics {
+                Ok(m) => {
+                    writeln!(
+                        f,
+                        "  {} runs; metrics files of {} lines ({} KiB), tails of {} KiB ({} lines) read",
+                        m.runs,
+                        m.file_lines,
+                        m.file_bytes / 1024,
+                        m.tail_bytes / 1024,
+                        m.tail_lines
+                    )?;
+                    writeln!(
+                        f,
+                        "  one pass (read, parse, rules, record): {}; {} measured passes after 1 warm-up",
+                        m.wall, m.wall.samples
+                    )?;
+                    writeln!(
+                        f,
+                        "  CPU per pass: controller {}, its children (sh, tail) {}; {:.1} MiB read",
+                        ms(m.cpu_self),
+                        ms(m.cpu_children),
+                        (m.tail_bytes * m.runs as u64) as f64 / (1024.0 * 1024.0)
+                    )?;
+                    writeln!(
+                        f,
+                        "  of which parse + rules {} (median), the store write {} (median)",
+                        ms(m.parse.median),
+                        ms(m.record.median)
+                    )?;
+                }
+                Err(e) => not_measured(f, e)?,
             }
-            Err(e) => not_measured(f, e)?,
-        }
         }
         Ok(())
     }

@@ -158,13 +158,29 @@ impl<'w, W: std::io::Write> Object<'w, W> {
 
     /// Starts the next field: its key is a plain identifier, written as is.
     fn key(&mut self, key: &str) -> std::io::Result<&mut W> {
+        // Assembled first and written at once: a handful of tiny writes per field was
+        // a visible part of the cost.
+        let mut prefix = [b' '; 64];
         let sep: &[u8] = if self.empty { b"\n" } else { b",\n" };
         self.empty = false;
-        self.out.write_all(sep)?;
-        write_spaces(self.out, self.indent + 2)?;
-        self.out.write_all(b"\"")?;
-        self.out.write_all(key.as_bytes())?;
-        self.out.write_all(b"\": ")?;
+        let spaces = self.indent + 2;
+        let len = sep.len() + spaces + key.len() + 4;
+        if len > prefix.len() {
+            self.out.write_all(sep)?;
+            write_spaces(self.out, spaces)?;
+            self.out.write_all(b"\"")?;
+            self.out.write_all(key.as_bytes())?;
+            self.out.write_all(b"\": ")?;
+            return Ok(self.out);
+        }
+        prefix[..sep.len()].copy_from_slice(sep);
+        let mut at = sep.len() + spaces;
+        prefix[at] = b'"';
+        at += 1;
+        prefix[at..at + key.len()].copy_from_slice(key.as_bytes());
+        at += key.len();
+        prefix[at..at + 3].copy_from_slice(b"\": ");
+        self.out.write_all(&prefix[..len])?;
         Ok(self.out)
     }
 
@@ -263,10 +279,7 @@ impl RunView<'_> {
 
 impl MatrixView<'_> {
     /// Each key and value, keys sorted, as the matrix serializes.
-    fn each(
-        &self,
-        mut f: impl FnMut(&str, &str) -> std::io::Result<()>,
-    ) -> std::io::Result<()> {
+    fn each(&self, mut f: impl FnMut(&str, &str) -> std::io::Result<()>) -> std::io::Result<()> {
         let bad = |e: serde_json::Error| std::io::Error::other(e);
         match *self {
             MatrixView::Map(map) => map.iter().try_for_each(|(k, v)| f(k, v)),
@@ -665,6 +678,52 @@ pub fn runs_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn runs_written_field_by_field_are_what_serde_json_writes() {
+        let mut full = RunRecord::new_pending("a-0", "a", 0, "h", &BTreeMap::new(), "c", 5);
+        full.matrix
+            .insert("model".into(), "llama \"7b\"\t/ ü".into());
+        full.matrix.insert("lr".into(), "3e-4".into());
+        full.provider = Some(crate::model::ProviderKind::Lambda);
+        full.instance_id = Some("i-1".into());
+        full.gpu = Some("H100".into());
+        full.price_per_hour = Some(crate::model::Usd::from_dollars(2.49));
+        full.cost_usd = crate::model::Usd::from_dollars(12.345678);
+        full.progress_done = Some(7);
+        full.progress_total = Some(0);
+        full.exit_code = Some(-9);
+        full.commit = Some("0123456789".into());
+        full.commit_message = Some("line\nbreak \u{1} ünï".into());
+        full.started_at = Some(1_700_000_050);
+        let error = RunError {
+            step: "create".into(),
+            message: "no \"capacity\"".into(),
+            detail: String::new(),
+            at: 1_700_000_000,
+        };
+        let bare = RunRecord::new_pending("b-0", "b", 0, "", &BTreeMap::new(), "", 0);
+        let matrix_json = serde_json::to_string(&full.matrix).unwrap();
+        let mut listed_full = listed(&full);
+        listed_full.matrix_json = &matrix_json;
+        let views = [
+            RunView::of(&full, Some(&error), 1_700_000_100),
+            RunView::of(&bare, None, 0),
+            RunView::listed(&listed_full, None, 1_700_000_100),
+            RunView::listed(&listed(&bare), Some(&error), 9),
+        ];
+        for view in &views {
+            for indent in [0, 4] {
+                let mut ours = Vec::new();
+                view.write_json(&mut ours, indent).unwrap();
+                let theirs = serde_json::to_string_pretty(view).unwrap();
+                // serde_json's nesting, shifted `indent` spaces in.
+                let pad = " ".repeat(indent);
+                let shifted = theirs.replace('\n', &format!("\n{pad}"));
+                assert_eq!(String::from_utf8(ours).unwrap(), shifted);
+            }
+        }
+    }
 
     #[test]
     fn columns_align_and_trim() {

@@ -757,8 +757,10 @@ impl Controller {
         // All attempts in one query, not one per run.
         let mut attempts = store.all_attempts().map_err(ControllerError::Store)?;
         for run in store.runs().map_err(ControllerError::Store)? {
-            h.attempts
-                .insert(run.name.clone(), attempts.remove(&run.name).unwrap_or_default());
+            h.attempts.insert(
+                run.name.clone(),
+                attempts.remove(&run.name).unwrap_or_default(),
+            );
             h.runs.insert(run.name.clone(), run);
         }
         for b in &desired.budgets {
