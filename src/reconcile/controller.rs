@@ -926,7 +926,10 @@ impl Controller {
                         if stopping.load(Ordering::SeqCst) {
                             break;
                         }
-                        match executor.apply(&op, &desired, clock.now()).await {
+                        // Boxed: a group waiting for its permit then holds a pointer,
+                        // not the apply future's whole state (kilobytes), which with
+                        // 10,000 groups spawned at once was the pass's largest peak.
+                        match Box::pin(executor.apply(&op, &desired, clock.now())).await {
                             Ok(()) => applied += 1,
                             Err(e) => {
                                 failed = Some((op, e));
