@@ -275,6 +275,12 @@ fn attempts_round_trip_and_unreleased_ones_are_found() {
             attempt("b-0", 2, None)
         ]
     );
+    // All of them at once (the reconcile pass's one query), each run's by attempt
+    // number although attempt 2 of a-0 was written first.
+    let all = store.all_attempts().unwrap();
+    assert_eq!(all.keys().collect::<Vec<_>>(), ["a-0", "b-0"]);
+    assert_eq!(all["a-0"], store.attempts("a-0").unwrap());
+    assert_eq!(all["b-0"], store.attempts("b-0").unwrap());
 
     // Releasing replaces the row in place.
     let released = AttemptRecord {

@@ -166,6 +166,9 @@ pub enum Command {
         /// Seconds to sample an idle controller's CPU use
         #[arg(long, default_value_t = 10)]
         idle_seconds: u64,
+        /// Take only these figures (comma-separated); all of them when left out
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<BenchFigure>,
     },
     /// Set or replace the Hugging Face token (asked without echo, kept 0600 as HF_TOKEN)
     #[command(after_help = "Examples:\n  asimov token\n  asimov token --show-source")]
@@ -247,6 +250,15 @@ pub enum Kind {
     Fleets,
     #[value(alias = "budget")]
     Budgets,
+}
+
+/// One figure of `asimov bench`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchFigure {
+    GetRuns,
+    Reconcile,
+    Idle,
+    Metrics,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -13,6 +13,7 @@
 //! This is a benchmark, not a test: it asserts nothing about speed, it reports. It owns
 //! its temp dirs and the child processes it starts, and must not know how the CLI prints.
 
+use super::args::BenchFigure;
 use crate::home::Home;
 use crate::manifest::{Job, JobSpec, Manifests, Placement, RetryOn, RetryPolicy};
 use crate::model::ProviderKind;
@@ -53,6 +54,8 @@ pub struct BenchOptions {
     pub jobs: usize,
     /// Seconds over which the idle controller's CPU use is sampled.
     pub idle_seconds: u64,
+    /// The figures to take; every figure when empty.
+    pub only: Vec<BenchFigure>,
     /// The asimov binary to run as a child (`std::env::current_exe()` from the CLI).
     pub binary: PathBuf,
 }
@@ -215,38 +218,43 @@ fn per_second(count: u64, over: Duration) -> f64 {
     }
 }
 
-/// Everything `asimov bench` measured. A figure that could not be taken keeps its error,
-/// so one broken figure does not hide the others.
+/// Everything `asimov bench` measured; `None` for a figure not asked for (`--only`). A
+/// figure that could not be taken keeps its error, so one broken figure does not hide
+/// the others.
 #[derive(Debug)]
 pub struct BenchReport {
-    pub get_runs: Result<GetRunsFigures, BenchError>,
-    pub reconcile: Result<ReconcileFigures, BenchError>,
-    pub idle: Result<IdleFigures, BenchError>,
+    pub get_runs: Option<Result<GetRunsFigures, BenchError>>,
+    pub reconcile: Option<Result<ReconcileFigures, BenchError>>,
+    pub idle: Option<Result<IdleFigures, BenchError>>,
     /// The controller's way: each pass reads what was written since the last one.
-    pub metrics: Result<MetricsFigures, BenchError>,
+    pub metrics: Option<Result<MetricsFigures, BenchError>>,
     /// The way before it, for comparison: the whole tail re-read every pass.
-    pub metrics_full_tail: Result<MetricsFigures, BenchError>,
+    pub metrics_full_tail: Option<Result<MetricsFigures, BenchError>>,
 }
 
 impl BenchReport {
-    /// True when every figure was taken.
+    /// True when every figure asked for was taken.
     pub fn complete(&self) -> bool {
-        self.get_runs.is_ok()
-            && self.reconcile.is_ok()
-            && self.idle.is_ok()
-            && self.metrics.is_ok()
-            && self.metrics_full_tail.is_ok()
+        self.get_runs.as_ref().is_none_or(Result::is_ok)
+            && self.reconcile.as_ref().is_none_or(Result::is_ok)
+            && self.idle.as_ref().is_none_or(Result::is_ok)
+            && self.metrics.as_ref().is_none_or(Result::is_ok)
+            && self.metrics_full_tail.as_ref().is_none_or(Result::is_ok)
     }
 }
 
-/// Takes every figure. Each figure uses its own temp `$ASIMOV_HOME`, removed afterwards.
+/// Takes the figures asked for. Each figure uses its own temp `$ASIMOV_HOME`, removed
+/// afterwards.
 pub fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
+    let wanted = |f: BenchFigure| opts.only.is_empty() || opts.only.contains(&f);
     // The reconcile figure runs first so that its memory peak is not the seeding's.
-    let reconcile = reconcile_figures(opts.jobs);
-    let get_runs = get_runs_figures(&opts.binary, opts.runs);
-    let idle = idle_figures(&opts.binary, Duration::from_secs(opts.idle_seconds));
-    let metrics = metrics_figures(opts.jobs, true);
-    let metrics_full_tail = metrics_figures(opts.jobs, false);
+    let reconcile = wanted(BenchFigure::Reconcile).then(|| reconcile_figures(opts.jobs));
+    let get_runs = wanted(BenchFigure::GetRuns).then(|| get_runs_figures(&opts.binary, opts.runs));
+    let idle = wanted(BenchFigure::Idle)
+        .then(|| idle_figures(&opts.binary, Duration::from_secs(opts.idle_seconds)));
+    let metrics = wanted(BenchFigure::Metrics).then(|| metrics_figures(opts.jobs, true));
+    let metrics_full_tail =
+        wanted(BenchFigure::Metrics).then(|| metrics_figures(opts.jobs, false));
     Ok(BenchReport {
         get_runs,
         reconcile,
@@ -766,98 +774,104 @@ impl fmt::Display for Spread {
 
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "asimov get runs (whole process, wall time)")?;
-        match &self.get_runs {
-            Ok(g) => {
-                writeln!(
-                    f,
-                    "  store: {} runs, {:.1} MiB; {WARMUP_RUNS} warm-up runs discarded",
-                    g.runs,
-                    g.database_bytes as f64 / (1024.0 * 1024.0)
-                )?;
-                for (label, s) in [("table", &g.table), ("-o json", &g.json)] {
+        let mut sections = Sections::default();
+        if let Some(get_runs) = &self.get_runs {
+            sections.start(f, "asimov get runs (whole process, wall time)")?;
+            match get_runs {
+                Ok(g) => {
                     writeln!(
                         f,
-                        "  {label:<8} {s}; target p95 < {}: {}",
-                        ms(GET_RUNS_TARGET),
-                        verdict(s.p95 < GET_RUNS_TARGET)
+                        "  store: {} runs, {:.1} MiB; {WARMUP_RUNS} warm-up runs discarded",
+                        g.runs,
+                        g.database_bytes as f64 / (1024.0 * 1024.0)
                     )?;
-                }
-            }
-            Err(e) => not_measured(f, e)?,
-        }
-        writeln!(f)?;
-        writeln!(f, "reconcile pass (FakeProvider, real SQLite store)")?;
-        match &self.reconcile {
-            Ok(r) => {
-                writeln!(
-                    f,
-                    "  {} jobs of one run; fake latency {} per call; {} tokio worker threads",
-                    r.jobs,
-                    ms(r.latency),
-                    r.worker_threads
-                )?;
-                for (label, p) in [("first pass", &r.first), ("steady pass", &r.steady)] {
-                    writeln!(
-                        f,
-                        "  {label:<12} {} ({} ops planned, {} applied)",
-                        ms(p.wall),
-                        p.planned,
-                        p.applied
-                    )?;
-                    writeln!(
-                        f,
-                        "  {:<12} provider calls: {}; target 1 list per pass: {}",
-                        "",
-                        calls(&p.calls),
-                        verdict(p.calls.list == 1)
-                    )?;
-                }
-                writeln!(f, "  steady state after {} passes", r.passes_to_steady)?;
-                writeln!(
-                    f,
-                    "  memory: RSS {} before, {} after, peak (VmHWM) {}{}",
-                    mib(r.rss_before_kib),
-                    mib(r.rss_after_kib),
-                    mib(r.peak_kib),
-                    if r.peak_reset {
-                        ""
-                    } else {
-                        " (peak not reset: covers the whole process)"
+                    for (label, s) in [("table", &g.table), ("-o json", &g.json)] {
+                        writeln!(
+                            f,
+                            "  {label:<8} {s}; target p95 < {}: {}",
+                            ms(GET_RUNS_TARGET),
+                            verdict(s.p95 < GET_RUNS_TARGET)
+                        )?;
                     }
-                )?;
+                }
+                Err(e) => not_measured(f, e)?,
             }
-            Err(e) => not_measured(f, e)?,
         }
-        writeln!(f)?;
-        writeln!(f, "idle controller (asimov controller, empty manifests)")?;
-        match &self.idle {
-            Ok(i) => {
-                writeln!(
-                    f,
-                    "  over {:.1} s: CPU {:.3} %; target < {IDLE_CPU_TARGET_PERCENT} %: {}",
-                    i.sampled.as_secs_f64(),
-                    i.cpu_percent,
-                    verdict(i.cpu_percent < IDLE_CPU_TARGET_PERCENT)
-                )?;
-                writeln!(
-                    f,
-                    "  wake-ups {:.2}/s ({} voluntary, {} involuntary context switches \
+        if let Some(reconcile) = &self.reconcile {
+            sections.start(f, "reconcile pass (FakeProvider, real SQLite store)")?;
+            match reconcile {
+                Ok(r) => {
+                    writeln!(
+                        f,
+                        "  {} jobs of one run; fake latency {} per call; {} tokio worker threads",
+                        r.jobs,
+                        ms(r.latency),
+                        r.worker_threads
+                    )?;
+                    for (label, p) in [("first pass", &r.first), ("steady pass", &r.steady)] {
+                        writeln!(
+                            f,
+                            "  {label:<12} {} ({} ops planned, {} applied)",
+                            ms(p.wall),
+                            p.planned,
+                            p.applied
+                        )?;
+                        writeln!(
+                            f,
+                            "  {:<12} provider calls: {}; target 1 list per pass: {}",
+                            "",
+                            calls(&p.calls),
+                            verdict(p.calls.list == 1)
+                        )?;
+                    }
+                    writeln!(f, "  steady state after {} passes", r.passes_to_steady)?;
+                    writeln!(
+                        f,
+                        "  memory: RSS {} before, {} after, peak (VmHWM) {}{}",
+                        mib(r.rss_before_kib),
+                        mib(r.rss_after_kib),
+                        mib(r.peak_kib),
+                        if r.peak_reset {
+                            ""
+                        } else {
+                            " (peak not reset: covers the whole process)"
+                        }
+                    )?;
+                }
+                Err(e) => not_measured(f, e)?,
+            }
+        }
+        if let Some(idle) = &self.idle {
+            sections.start(f, "idle controller (asimov controller, empty manifests)")?;
+            match idle {
+                Ok(i) => {
+                    writeln!(
+                        f,
+                        "  over {:.1} s: CPU {:.3} %; target < {IDLE_CPU_TARGET_PERCENT} %: {}",
+                        i.sampled.as_secs_f64(),
+                        i.cpu_percent,
+                        verdict(i.cpu_percent < IDLE_CPU_TARGET_PERCENT)
+                    )?;
+                    writeln!(
+                        f,
+                        "  wake-ups {:.2}/s ({} voluntary, {} involuntary context switches \
                      over {} threads); RSS {}",
-                    i.wakeups_per_second(),
-                    i.voluntary_switches,
-                    i.involuntary_switches,
-                    i.threads,
-                    mib(i.rss_kib)
-                )?;
+                        i.wakeups_per_second(),
+                        i.voluntary_switches,
+                        i.involuntary_switches,
+                        i.threads,
+                        mib(i.rss_kib)
+                    )?;
+                }
+                Err(e) => not_measured(f, e)?,
             }
-            Err(e) => not_measured(f, e)?,
         }
-        writeln!(f)?;
-        writeln!(
-            f,
-            "reading metrics of running runs (stop_when; local transport, real store)"
-        )?;
+        if self.metrics.is_some() || self.metrics_full_tail.is_some() {
+            sections.start(
+                f,
+                "reading metrics of running runs (stop_when; local transport, real store)",
+            )?;
+        }
         for (how, figures) in [
             (
                 "read from each attempt's offset (the controller)",
@@ -865,6 +879,7 @@ impl fmt::Display for BenchReport {
             ),
             ("the whole tail re-read (before)", &self.metrics_full_tail),
         ] {
+            let Some(figures) = figures else { continue };
             writeln!(f, "  {how}:")?;
             match figures {
                 Ok(m) => {
@@ -900,6 +915,21 @@ impl fmt::Display for BenchReport {
             }
         }
         Ok(())
+    }
+}
+
+/// The report's sections, a blank line between two.
+#[derive(Default)]
+struct Sections {
+    started: bool,
+}
+
+impl Sections {
+    fn start(&mut self, f: &mut fmt::Formatter<'_>, title: &str) -> fmt::Result {
+        if std::mem::replace(&mut self.started, true) {
+            writeln!(f)?;
+        }
+        writeln!(f, "{title}")
     }
 }
 

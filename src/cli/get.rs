@@ -32,7 +32,8 @@ fn listing<'a>(store: &Store, name: Option<&'a str>) -> Result<Listing<'a>, supe
     Err(fail(format!("no run or job named {n:?}")))
 }
 
-/// `{"items": [...]}`, each run serialized as its row is read (no list in between).
+/// `{"items": [...]}` for YAML, each run serialized as its row is read (no list in
+/// between).
 #[derive(serde::Serialize)]
 struct RunList<'a> {
     items: StreamedRuns<'a>,
@@ -110,7 +111,27 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
                 table.write(&mut out)?;
             }
         }
-        Output::Json | Output::Yaml => {
+        Output::Json => {
+            // `{"items": [...]}` as serde_json's pretty printer lays it out, each run
+            // written as its row is read.
+            out.write_all(b"{\n  \"items\": [")?;
+            let mut first = true;
+            store
+                .list_runs(which, Fields::All, |run| {
+                    out.write_all(if first { b"\n    " } else { b",\n    " })?;
+                    first = false;
+                    RunView::listed(&run, errors.get(run.name), now).write_json(&mut out, 4)
+                })
+                .map_err(|e| match e {
+                    ListError::Store(e) => super::CliError::from(e),
+                    ListError::Callback(e) => super::CliError::from(e),
+                })?;
+            if !first {
+                out.write_all(b"\n  ")?;
+            }
+            out.write_all(b"]\n}\n")?;
+        }
+        Output::Yaml => {
             let list = RunList {
                 items: StreamedRuns {
                     store: &store,
@@ -120,18 +141,11 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
                     failed: RefCell::new(None),
                 },
             };
-            let written = if output == Output::Json {
-                serde_json::to_writer_pretty(&mut out, &list).map_err(super::CliError::from)
-            } else {
-                serde_yaml::to_writer(&mut out, &list).map_err(super::CliError::from)
-            };
+            let written = serde_yaml::to_writer(&mut out, &list).map_err(super::CliError::from);
             if let Some(e) = list.items.failed.take() {
                 return Err(e.into());
             }
             written?;
-            if output == Output::Json {
-                writeln!(out)?;
-            }
         }
     }
     out.flush()?;

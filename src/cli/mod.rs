@@ -207,12 +207,14 @@ fn dispatch(cli: Cli) -> CliResult {
             runs,
             jobs,
             idle_seconds,
+            only,
         } => {
             init_tracing("warn");
             let report = bench::run(bench::BenchOptions {
                 runs,
                 jobs,
                 idle_seconds,
+                only,
                 binary: std::env::current_exe()?,
             })?;
             println!("{report}");

@@ -757,9 +757,13 @@ impl Controller {
             seen: store.seen().map_err(ControllerError::Store)?,
             ..History::default()
         };
+        // All attempts in one query, not one per run.
+        let mut attempts = store.all_attempts().map_err(ControllerError::Store)?;
         for run in store.runs().map_err(ControllerError::Store)? {
-            let attempts = store.attempts(&run.name).map_err(ControllerError::Store)?;
-            h.attempts.insert(run.name.clone(), attempts);
+            h.attempts.insert(
+                run.name.clone(),
+                attempts.remove(&run.name).unwrap_or_default(),
+            );
             h.runs.insert(run.name.clone(), run);
         }
         for b in &desired.budgets {
@@ -964,7 +968,10 @@ impl Controller {
                         if stopping.load(Ordering::SeqCst) {
                             break;
                         }
-                        match executor.apply(&op, &desired, clock.now()).await {
+                        // Boxed: a group waiting for its permit then holds a pointer,
+                        // not the apply future's whole state (kilobytes), which with
+                        // 10,000 groups spawned at once was the pass's largest peak.
+                        match Box::pin(executor.apply(&op, &desired, clock.now())).await {
                             Ok(()) => applied += 1,
                             Err(e) => {
                                 failed = Some((op, e));
