@@ -166,6 +166,10 @@ pub enum Command {
         /// Seconds to sample an idle controller's CPU use
         #[arg(long, default_value_t = 10)]
         idle_seconds: u64,
+        /// Only seed the empty store of $ASIMOV_HOME with --runs synthetic runs, then exit
+        /// (for scripts/bench-compare.sh); a store that holds runs is refused
+        #[arg(long)]
+        seed_only: bool,
     },
     /// Set or replace the Hugging Face token (asked without echo, kept 0600 as HF_TOKEN)
     #[command(after_help = "Examples:\n  asimov token\n  asimov token --show-source")]
