@@ -113,11 +113,15 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Runs a tool of the venv $1 with a clean environment: no credentials, a temp HOME.
+# SkyPilot's usage reports are turned off and the GPU catalog that dstack's server
+# downloads points at a closed loopback port: neither host can be reached from here,
+# and the benchmark must send nothing off the machine.
 tool() {
 	local venv=$1
 	shift
 	env -i PATH="$venv/bin:/usr/local/bin:/usr/bin:/bin" HOME="$TOOL_HOME" LANG=C.UTF-8 \
-		TMPDIR="${TMPDIR:-/tmp}" "$@"
+		TMPDIR="${TMPDIR:-/tmp}" SKYPILOT_DISABLE_USAGE_COLLECTION=1 \
+		GPUHUNT_CATALOG_URL=http://127.0.0.1:9 "$@"
 }
 
 # install_venv VENV SPEC MODULE: makes VENV hold SPEC (a pip specifier), unless its stamp
@@ -153,33 +157,41 @@ install_venv() {
 version_of() { "$1/bin/python" -c "import importlib.metadata as m; print(m.version('$2'))"; }
 
 # The timer: runs a command WARMUP + RUNS times, appends one line to $RESULTS:
-# key, label, first run's ms, median, min, max, exit code of the last run, and the first
+# key, label, first run's ms, median, min, max, median CPU ms, exit code of the last run,
+# and the first
 # line it printed (stdout then stderr), and keeps its whole output in $TMP/out-KEY.txt.
 cat >"$TMP/timer.py" <<'EOF'
-import subprocess, sys, time
+import os, subprocess, sys, time
 
 key, label, runs, warmup, results, out_dir = sys.argv[1:7]
 cmd = sys.argv[7:]
 runs, warmup = int(runs), int(warmup)
-samples, rc = [], None
+samples, cpus, rc = [], [], None
 out_path = f"{out_dir}/out-{key}.txt"
 for i in range(warmup + runs):
     with open(out_path, "wb") as out:
         t0 = time.perf_counter()
-        rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                            stderr=subprocess.STDOUT).returncode
+        child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
+                                 stderr=subprocess.STDOUT)
+        # wait4 gives the child's own CPU time (user + sys, with its waited-for children),
+        # which a loaded machine inflates far less than the wall time.
+        _, status, usage = os.wait4(child.pid, 0)
         samples.append((time.perf_counter() - t0) * 1000)
+        child.returncode = rc = os.waitstatus_to_exitcode(status)
+        cpus.append((usage.ru_utime + usage.ru_stime) * 1000)
 first = samples[0]
 measured = sorted(samples[warmup:])
-median = measured[(len(measured) + 1) // 2 - 1]  # nearest rank: a time that was measured
+nearest = lambda v: v[(len(v) + 1) // 2 - 1]  # nearest-rank median: a measured value
+median = nearest(measured)
+cpu = nearest(sorted(cpus[warmup:]))
 with open(out_path, "rb") as f:
     text = f.read().decode("utf-8", "replace")
 line = next((l.strip() for l in text.splitlines() if l.strip()), "(nothing)")
 line = line.replace("\t", " ")[:100]
 with open(results, "a") as f:
     f.write("\t".join([key, label, f"{first:.1f}", f"{median:.1f}", f"{measured[0]:.1f}",
-                       f"{measured[-1]:.1f}", str(rc), line]) + "\n")
-print(f"  {label}: median {median:.1f} ms (exit {rc}; first run {first:.1f} ms)")
+                       f"{measured[-1]:.1f}", f"{cpu:.1f}", str(rc), line]) + "\n")
+print(f"  {label}: median {median:.1f} ms, CPU {cpu:.1f} ms (exit {rc}; first run {first:.1f} ms)")
 EOF
 # measure_asimov KEY LABEL HOME ARGS...: times the asimov binary with ASIMOV_HOME=HOME.
 measure_asimov() {
@@ -294,9 +306,9 @@ started, cores, load_before, load_after, v_asimov, v_sky, v_dstack, disk, runs, 
 rows = {}
 order = []
 for line in open(sys.argv[1]):
-    key, label, first, median, lo, hi, rc, out = line.rstrip("\n").split("\t")
+    key, label, first, median, lo, hi, cpu, rc, out = line.rstrip("\n").split("\t")
     rows[key] = dict(label=label, first=float(first), median=float(median), lo=float(lo),
-                     hi=float(hi), rc=rc, out=out)
+                     hi=float(hi), cpu=float(cpu), rc=rc, out=out)
     order.append(key)
 # Which asimov figure each figure is compared with.
 pair = {
@@ -312,17 +324,21 @@ print()
 print(f"asimov beside SkyPilot and dstack: {started}, {cores} cores, load average"
       f" {load_before} before, {load_after} after")
 print(f"versions: {v_asimov}; skypilot {v_sky}; dstack {v_dstack}; venvs {disk} on disk")
-print(f"wall clock, median of {runs} runs after {warmup} warm-up ones (nearest rank)")
+print(f"wall clock spawn to exit, and the process's own CPU time (user + sys, wait4), medians"
+      f" of {runs} runs after {warmup} warm-up ones (nearest rank); a server's CPU is not in it")
 print()
-print("| command | median | min – max | first run | exit | ratio to asimov | compared with |")
-print("|---|---|---|---|---|---|---|")
+print("| command | median wall | min – max | first run | CPU (median) | exit | wall ratio | CPU ratio"
+      " | compared with |")
+print("|---|---|---|---|---|---|---|---|---|")
 for key in order:
     r = rows[key]
     base = rows.get(pair.get(key, ""))
     ratio = f"{r['median'] / base['median']:.1f}×" if base else ""
-    against = base["label"] if base else ""
+    cpu_ratio = f"{r['cpu'] / base['cpu']:.1f}×" if base and base["cpu"] > 0 else ""
+    against = f"`{base['label']}`" if base else ""
     print(f"| `{r['label']}` | {r['median']:.1f} ms | {r['lo']:.1f} – {r['hi']:.1f} ms"
-          f" | {r['first']:.1f} ms | {r['rc']} | {ratio} | {against} |")
+          f" | {r['first']:.1f} ms | {r['cpu']:.1f} ms | {r['rc']} | {ratio} | {cpu_ratio}"
+          f" | {against} |")
 print()
 print("first line each printed (last run):")
 for key in order:
