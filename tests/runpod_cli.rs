@@ -20,6 +20,8 @@ use support::sshd::Sshd;
 
 /// The client's gap (seconds) until the server's quota headers say otherwise.
 const GAP: f64 = 0.02;
+/// The client's listing lag (seconds): longer than any the server is given below.
+const LISTING_LAG: u64 = 10;
 
 struct World {
     server: RunpodServer,
@@ -69,6 +71,9 @@ impl World {
         let mut cmd = self.a.command();
         cmd.env("ASIMOV_RUNPOD_API_URL", self.server.url())
             .env("ASIMOV_RUNPOD_PACING", GAP.to_string())
+            // RunPod's 300 s would make a lost create answer wait five minutes; the
+            // server's own listing lags at most a few seconds.
+            .env("ASIMOV_RUNPOD_LISTING_LAG_SECS", LISTING_LAG.to_string())
             .env_remove("RUNPOD_API_KEY");
         cmd
     }
@@ -652,4 +657,281 @@ fn apply_dry_run_shows_which_gpu_type_would_be_taken_and_creates_nothing() {
     );
     assert!(w.server.pods().is_empty(), "a dry run creates nothing");
     assert_eq!(w.server.creates_received(), 0);
+}
+
+#[test]
+fn a_controller_restarted_while_its_new_pod_is_still_unlisted_finds_it_by_id() {
+    let Some(w) = world() else { return };
+    // The pod is missing from `GET /pods` for 60 s (found by `GET /pods/{id}` only).
+    w.server.configure(|c| c.list_lag = Duration::from_secs(60));
+    let lag = [("ASIMOV_RUNPOD_LISTING_LAG_SECS", "120")];
+    let job = w.job_with(
+        "sh train.sh",
+        "  retry: {on: [preemption, error], max_restarts: 2}\n",
+    );
+    let mut controller = w.spawn_controller_with(&lag);
+    w.apply(&job);
+    // Killed once the create answered and the attempt holds the pod's id.
+    w.until("the pod's id recorded", 30, || {
+        w.a.runs_json()["items"][0]["instance_id"].is_string()
+    });
+    kill9(&mut controller);
+    assert_eq!(w.server.pods().len(), 1);
+    let created = w.server.pods()[0].clone();
+    let mut again = w.spawn_controller_with(&lag);
+    w.until("the run to succeed", 90, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    assert!(
+        created.billing_started.elapsed().unwrap() < Duration::from_secs(60),
+        "the run must succeed while its pod is unlisted, or the test proves nothing"
+    );
+    let pods = w.server.pods();
+    assert_eq!(
+        pods.len(),
+        1,
+        "the unlisted pod was not taken for gone: {pods:?}"
+    );
+    assert_eq!(w.attempt(), 1);
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut again);
+}
+
+/// The job of `world`, on `placement` (a placement entry's fields), asking for `gpus`.
+fn placed_job(w: &World, gpus: &str, placement: &str) -> std::path::PathBuf {
+    w.a.manifest(
+        "dc.yaml",
+        &format!(
+            r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: dc}}
+spec:
+  source: {{workdir: .}}
+  run: sh train.sh
+  resources: {{gpu: {{name: [{gpus}], count: 1}}, disk_gb: 20}}
+  placement:
+    - {{provider: runpod, ssh_user: {user}, {placement}}}
+"#,
+            user = w.sshd.user()
+        ),
+    )
+}
+
+#[test]
+fn community_cloud_and_data_centers_reach_the_create_body_and_place_the_pod() {
+    let Some(w) = world() else { return };
+    // The 4090 is in EU-RO-1 only; the 3090 in US-TX-3 only.
+    w.server.configure_gpus(|gs| {
+        for g in gs {
+            g.data_centers = match g.id.as_str() {
+                "NVIDIA GeForce RTX 4090" => vec!["EU-RO-1".into()],
+                _ => vec!["US-TX-3".into()],
+            };
+        }
+    });
+    let job = placed_job(
+        &w,
+        "RTX 4090",
+        "regions: [us-ks-2, eu-ro-1], filters: {cloud: community}",
+    );
+    let out = w
+        .command()
+        .args(["apply", "-f", job.to_str().unwrap(), "--wait"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        w.a.ok(&["describe", "run", "dc-0"])
+    );
+    let pods = w.server.pods();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    let body = &pods[0].body;
+    assert_eq!(body["cloud"], "COMMUNITY", "{body}");
+    // RunPod's ids are upper case; the preference order is the job's.
+    assert_eq!(
+        body["dataCenterIds"],
+        serde_json::json!(["US-KS-2", "EU-RO-1"]),
+        "{body}"
+    );
+    assert_eq!(pods[0].data_center.as_deref(), Some("EU-RO-1"));
+    // Priced as community cloud (0.69 secure, 0.41 community).
+    let run = &w.a.runs_json()["items"][0];
+    let price = run["price_per_hour"].as_f64().unwrap_or(0.0);
+    assert!((price - 0.41).abs() < 1e-6, "{run}");
+    // The catalog asked was the community cloud's.
+    assert!(
+        w.server
+            .requests()
+            .iter()
+            .any(|r| r.endpoint == Api::Catalog && r.query.contains("cloud=COMMUNITY")),
+        "{:?}",
+        w.server.requests()
+    );
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+}
+
+#[test]
+fn on_secure_cloud_a_data_center_without_the_gpu_is_no_capacity_until_one_has_it() {
+    let Some(w) = world() else { return };
+    w.server.configure_gpus(|gs| {
+        for g in gs {
+            g.data_centers = vec!["US-TX-3".into()];
+            // The 3090 rents on community cloud only.
+            g.secure = g.id != "NVIDIA GeForce RTX 3090";
+        }
+    });
+    // No 4090 in EU-RO-1; a 3090 there neither, nor on secure cloud anywhere: RunPod
+    // refuses each with its "no longer any instances" 400, and the run waits, no pod.
+    let job = placed_job(
+        &w,
+        "RTX 4090, RTX 3090",
+        "regions: [EU-RO-1], filters: {cloud: secure}",
+    );
+    let mut controller = w.spawn_controller();
+    w.apply(&job);
+    w.until("a create refused for capacity", 60, || {
+        w.server
+            .requests()
+            .iter()
+            .filter(|r| r.endpoint == Api::Create && r.status == 400)
+            .count()
+            >= 1
+    });
+    let creates: Vec<_> = w
+        .server
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Api::Create)
+        .collect();
+    assert!(w.server.pods().is_empty(), "{:?}", w.server.pods());
+    assert!(creates.iter().all(|r| r.status == 400), "{creates:?}");
+    let run = w.a.ok(&["describe", "run", "dc-0"]);
+    assert!(run.contains("no capacity"), "{run}");
+    // Secure: the 3090, which secure cloud does not rent, was not even tried.
+    let bodies = w.server.create_bodies();
+    assert!(!bodies.is_empty());
+    for b in &bodies {
+        assert_eq!(b["cloud"], "SECURE", "{b}");
+        assert_eq!(b["gpu"]["id"], "NVIDIA GeForce RTX 4090", "{b}");
+        assert_eq!(b["dataCenterIds"], serde_json::json!(["EU-RO-1"]), "{b}");
+    }
+
+    // The same job in US-TX-3 gets its 4090 there.
+    w.a.manifest(
+        "dc.yaml",
+        &std::fs::read_to_string(&job)
+            .unwrap()
+            .replace("regions: [EU-RO-1]", "regions: [US-TX-3]"),
+    );
+    w.apply(&job);
+    w.until("the run to succeed in US-TX-3", 90, || {
+        w.a.run_phase("dc-0").as_deref() == Some("Succeeded")
+    });
+    let pods = w.server.pods();
+    assert_eq!(pods.len(), 1, "{pods:?}");
+    assert_eq!(pods[0].data_center.as_deref(), Some("US-TX-3"));
+    assert_eq!(pods[0].cloud, "SECURE");
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn the_test_server_refuses_a_data_center_id_runpod_does_not_know() {
+    let Some(w) = world() else { return };
+    let addr = w
+        .server
+        .url()
+        .trim_start_matches("http://")
+        .trim_end_matches("/v2")
+        .to_string();
+    // One HTTP/1.1 create; its status and body.
+    let create = |dcs: serde_json::Value| -> (u16, serde_json::Value) {
+        let body = serde_json::json!({
+            "name": "x", "image": "ubuntu:22.04",
+            "gpu": {"id": "NVIDIA GeForce RTX 3090"}, "dataCenterIds": dcs,
+        })
+        .to_string();
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            s,
+            "POST /v2/pods HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            runpod_server::API_KEY,
+            body.len()
+        )
+        .unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut s, &mut answer).unwrap();
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let json = answer
+            .split_once("\r\n\r\n")
+            .and_then(|(_, b)| serde_json::from_str(b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        (status, json)
+    };
+    // Lower case and unknown ids are schema violations (422 with errors[]).
+    let (status, v) = create(serde_json::json!(["us-tx-3", "MARS-1"]));
+    assert_eq!(status, 422, "{v}");
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(2), "{v}");
+    assert!(w.server.pods().is_empty());
+    let (status, v) = create(serde_json::json!(["US-TX-3"]));
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["status"], "PROVISIONING", "{v}");
+}
+
+#[test]
+fn a_create_whose_answer_timed_out_is_adopted_within_the_listing_lag_not_sent_twice() {
+    let Some(w) = world() else { return };
+    // The pod is made, its answer held past the client's 2 s timeout: the client cannot
+    // know, waits the listing lag (10 s here, RunPod's 300 s otherwise), then adopts.
+    w.server.inject(
+        Some(Api::Create),
+        Fault::HoldAnswer(Duration::from_secs(30)),
+        1,
+    );
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_HTTP_TIMEOUT", "2")]);
+    let start = Instant::now();
+    w.apply(&w.job_with("sh train.sh", ""));
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    eprintln!("succeeded {:?} after apply", start.elapsed());
+    let pods = w.server.pods();
+    assert_eq!(pods.len(), 1, "adopted, not created twice: {pods:?}");
+    assert_eq!(w.attempt(), 1);
+    assert_eq!(w.server.creates_received(), 1);
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_create_answered_by_a_5xx_page_is_sent_again_once_the_listing_lag_is_over() {
+    let Some(w) = world() else { return };
+    // A proxy's 502: the pod may or may not exist, so asimov waits until the listing
+    // would show it (10 s here: `ASIMOV_RUNPOD_LISTING_LAG_SECS`), then creates again
+    // under the same tag.
+    w.server.inject(Some(Api::Create), Fault::Html(502), 1);
+    let mut controller = w.spawn_controller();
+    let start = Instant::now();
+    w.apply(&w.job_with("sh train.sh", ""));
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(LISTING_LAG),
+        "created again before the listing lag was over: {took:?}"
+    );
+    assert_eq!(w.server.creates_received(), 2);
+    assert_eq!(w.server.pods().len(), 1);
+    assert_eq!(w.attempt(), 1, "the same attempt, the same tag");
+    w.until("the pod deleted", 60, || w.server.live().is_empty());
+    kill9(&mut controller);
 }

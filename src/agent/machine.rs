@@ -436,6 +436,12 @@ fn setup_script(commands: &[String]) -> String {
 
 #[async_trait]
 impl Machine for AgentMachine {
+    /// A plain SSH host or the local machine: its GPUs are what the user says they are
+    /// (the clouds' machines probe `nvidia-smi` around this agent).
+    async fn gpus(&self) -> Result<crate::agent::GpuProbe, AgentError> {
+        Ok(crate::agent::GpuProbe::Unchecked)
+    }
+
     async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
         let root = self.root_path().await?;
         let env = export_lines(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

@@ -214,14 +214,14 @@ pub enum GpuProbe {
     Shows(u32),
 }
 
-/// One instance's agent, as the executor drives it.
+/// One instance's agent, as the executor drives it. Every method is required, so a
+/// wrapper (a provider's machine around the SSH agent) cannot silently lose one by
+/// falling back to a refusing default.
 #[async_trait]
 pub trait Machine: Send + Sync {
     /// The machine's GPUs as `nvidia-smi` shows them; `Unchecked` where they are not
     /// probed.
-    async fn gpus(&self) -> Result<GpuProbe, AgentError> {
-        Ok(GpuProbe::Unchecked)
-    }
+    async fn gpus(&self) -> Result<GpuProbe, AgentError>;
 
     /// Uploads the agent, source and files, then starts setup + run detached. A second
     /// call for the same run changes nothing.
@@ -238,62 +238,35 @@ pub trait Machine: Send + Sync {
 
     /// Copies the run's log, byte for byte and never whole in memory, to the local file
     /// `to`; false when there is no log yet. Machines that keep no log refuse.
-    async fn copy_log(&self, _to: &Path) -> Result<bool, AgentError> {
-        Err(AgentError::Rejected {
-            step: "read log",
-            message: "this machine keeps no log".into(),
-        })
-    }
+    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError>;
 
     /// The run's log from its start, then every byte appended to it, live (`logs -f`).
     /// Machines that keep no log refuse.
-    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
-        Err(AgentError::Rejected {
-            step: "follow log",
-            message: "this machine keeps no log".into(),
-        })
-    }
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError>;
 
     /// Copies the folder `path` on the machine (relative: inside the job's working
     /// folder) into the local folder `into`, sending only what changed where the
     /// transport can (rsync); false when the folder does not exist (yet). Machines that
     /// keep no files refuse.
-    async fn sync_checkpoint(&self, _path: &str, _into: &Path) -> Result<bool, AgentError> {
-        Err(AgentError::Rejected {
-            step: "sync checkpoint",
-            message: "this machine keeps no files".into(),
-        })
-    }
+    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError>;
 
     /// The last `max_bytes` of the metrics file the job writes (`ASIMOV_METRICS`),
     /// empty when there is none. Machines that keep no files have none.
-    async fn metrics_tail(&self, _max_bytes: usize) -> Result<String, AgentError> {
-        Ok(String::new())
-    }
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError>;
 
     /// Syncs the run's checkpoint folder to S3 (`last`: and its outputs, once; the
     /// final sync, which the agent also makes by itself when the job ends: this waits
     /// for it). Machines that keep no files refuse.
-    async fn sync_s3(&self, _last: bool) -> Result<S3Synced, AgentError> {
-        Err(AgentError::Rejected {
-            step: "sync to s3",
-            message: "this machine keeps no files".into(),
-        })
-    }
+    async fn sync_s3(&self, last: bool) -> Result<S3Synced, AgentError>;
 
     /// The command for an interactive session on the machine (`asimov ssh`,
     /// `asimov attach`), to spawn with the caller's terminal and wait for; ending it
     /// leaves the run as it was. Machines without a terminal refuse.
     async fn interactive(
         &self,
-        _session: Session,
-        _run: &str,
-    ) -> Result<std::process::Command, AgentError> {
-        Err(AgentError::Rejected {
-            step: "open an interactive session",
-            message: "this machine has no terminal".into(),
-        })
-    }
+        session: Session,
+        run: &str,
+    ) -> Result<std::process::Command, AgentError>;
 
     /// Stops the run (its whole process group); idempotent.
     async fn stop(&self) -> Result<(), AgentError>;

@@ -73,6 +73,11 @@ pub fn self_end_grace(env: &str) -> Duration {
 /// A boot timeout from `env` in seconds (for tests on a faster clock, or a slow image),
 /// else `default`.
 pub fn boot_timeout(env: &str, default: Duration) -> Duration {
+    seconds_env(env, default)
+}
+
+/// Whole seconds from `env`, else `default` (unset or not a number).
+pub fn seconds_env(env: &str, default: Duration) -> Duration {
     std::env::var(env)
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok())

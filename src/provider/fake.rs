@@ -571,6 +571,40 @@ impl FakeMachine {
 
 #[async_trait]
 impl Machine for FakeMachine {
+    // The fake keeps no files, no log and no terminal: it refuses what needs them, as
+    // the planner's tests expect of a machine without them.
+    async fn gpus(&self) -> Result<crate::agent::GpuProbe, AgentError> {
+        Ok(crate::agent::GpuProbe::Unchecked)
+    }
+
+    async fn copy_log(&self, _to: &Path) -> Result<bool, AgentError> {
+        Err(keeps_no("read log", "log"))
+    }
+
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
+        Err(keeps_no("follow log", "log"))
+    }
+
+    async fn sync_checkpoint(&self, _path: &str, _into: &Path) -> Result<bool, AgentError> {
+        Err(keeps_no("sync checkpoint", "files"))
+    }
+
+    async fn metrics_tail(&self, _max_bytes: usize) -> Result<String, AgentError> {
+        Ok(String::new())
+    }
+
+    async fn sync_s3(&self, _last: bool) -> Result<crate::agent::S3Synced, AgentError> {
+        Err(keeps_no("sync to s3", "files"))
+    }
+
+    async fn interactive(
+        &self,
+        _session: crate::agent::Session,
+        _run: &str,
+    ) -> Result<std::process::Command, AgentError> {
+        Err(keeps_no("open an interactive session", "terminal"))
+    }
+
     async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
         self.fault(Operation::Start, "start job")?;
         let mut job = lock(&self.job);
@@ -665,5 +699,13 @@ impl Machine for FakeMachine {
             j.stopped = Some(Instant::now());
         }
         Ok(())
+    }
+}
+
+/// The refusal of a fake machine asked for what it does not keep.
+fn keeps_no(step: &'static str, what: &str) -> AgentError {
+    AgentError::Rejected {
+        step,
+        message: format!("this machine keeps no {what}"),
     }
 }

@@ -58,6 +58,9 @@ pub const DEFAULT_SSH_USER: &str = "root";
 pub const GRACE_ENV: &str = "ASIMOV_RUNPOD_SELF_END_GRACE";
 /// Seconds a pod may take to boot before its attempt ends and it is deleted.
 pub const BOOT_TIMEOUT_ENV: &str = "ASIMOV_RUNPOD_BOOT_TIMEOUT";
+/// Test servers only: seconds a new pod may be missing from the listing instead of
+/// RunPod's `LISTING_LAG`, so that tests and campaigns need not wait five minutes.
+pub const LISTING_LAG_ENV: &str = "ASIMOV_RUNPOD_LISTING_LAG_SECS";
 /// Pods bill from their create; image pulls take minutes, 20 is dstack's cut.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// Where RunPod's images export the container's environment (`RUNPOD_API_KEY`, the
@@ -311,16 +314,85 @@ pub struct RunpodProvider {
     pool: Arc<SshPool>,
     identity: PathBuf,
     users: LoginUsers,
-    /// Pods this process created lately: a new pod can be missing from `GET /pods` for
-    /// a while, so a missing one is looked up by id (bounded by `LISTING_LAG`) rather
-    /// than read as gone, which would start a second pod.
-    recent: std::sync::Mutex<BTreeMap<InstanceId, tokio::time::Instant>>,
+    /// Pods created lately: a new pod can be missing from `GET /pods` for a while, so a
+    /// missing one is looked up by id (bounded by `listing_lag`) rather than read as
+    /// gone, which would start a second pod. Kept on disk: a controller started after
+    /// a crash must not take the pod its predecessor just created for gone.
+    recent: Recent,
+    /// `LISTING_LAG`, or `LISTING_LAG_ENV` seconds against a test server.
+    listing_lag: Duration,
     self_end_grace: Duration,
     boot_timeout: Duration,
     pod_env_file: String,
     /// Per pod: the container's last `startedAt` seen and how often it changed. A
     /// container that keeps restarting (a crash loop) never runs the job.
     starts: std::sync::Mutex<BTreeMap<InstanceId, (String, u32)>>,
+}
+
+/// The pods created within the listing lag, one file per pod (`<dir>/<id>`, holding
+/// the create's time in Unix seconds), so that they outlive the process.
+struct Recent {
+    dir: PathBuf,
+}
+
+impl Recent {
+    fn new(dir: PathBuf) -> Recent {
+        Recent { dir }
+    }
+
+    /// Only RunPod's short alphanumeric ids name files.
+    fn file(&self, id: &str) -> Option<PathBuf> {
+        (!id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric()))
+            .then(|| self.dir.join(id))
+    }
+
+    fn add(&self, id: &str) {
+        let Some(file) = self.file(id) else { return };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        // Unrecorded, a restart would read the pod as gone while it is unlisted; the
+        // create itself succeeded, so that is a warning, not a failure.
+        if let Err(e) =
+            std::fs::create_dir_all(&self.dir).and_then(|()| std::fs::write(&file, now.to_string()))
+        {
+            tracing::warn!(pod = %id, file = %file.display(), error = %e, "cannot record a new pod");
+        }
+    }
+
+    fn forget(&self, id: &str) {
+        if let Some(file) = self.file(id) {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
+    /// The pods created less than `lag` ago; older records are dropped.
+    fn within(&self, lag: Duration) -> Vec<InstanceId> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if self.file(&id).is_none() {
+                continue;
+            }
+            let at = std::fs::read_to_string(entry.path())
+                .ok()
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            match at {
+                Some(at) if now.saturating_sub(at) < lag.as_secs().max(1) => out.push(id),
+                _ => self.forget(&id),
+            }
+        }
+        out.sort();
+        out
+    }
 }
 
 /// Restarts of a pod's container after which it counts as lost: a crash loop.
@@ -370,9 +442,10 @@ impl RunpodProvider {
                 home.provider_state("runpod").join("users"),
                 DEFAULT_SSH_USER,
             ),
-            recent: std::sync::Mutex::new(BTreeMap::new()),
+            recent: Recent::new(home.provider_state("runpod").join("recent")),
             self_end_grace: cloud::self_end_grace(GRACE_ENV),
             boot_timeout: cloud::boot_timeout(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
+            listing_lag: cloud::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
             starts: std::sync::Mutex::new(BTreeMap::new()),
             pod_env_file: std::env::var(POD_ENV_FILE_ENV)
                 .ok()
@@ -529,7 +602,7 @@ impl Provider for RunpodProvider {
         Capabilities {
             // A new pod can be missing from `GET /pods` for a while (looked up by id
             // here too); the planner waits as long.
-            listing_lag: LISTING_LAG,
+            listing_lag: self.listing_lag,
             // Counted from the create (billing starts there): a pod that never boots
             // is deleted, not polled forever.
             boot_timeout: self.boot_timeout,
@@ -594,16 +667,15 @@ impl Provider for RunpodProvider {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|id, _| out.iter().any(|i| &i.id == id));
-        let missing: Vec<InstanceId> = {
-            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-            let now = tokio::time::Instant::now();
-            recent.retain(|_, at| now.duration_since(*at) < LISTING_LAG);
-            recent
-                .keys()
-                .filter(|id| !out.iter().any(|i| &i.id == *id))
-                .cloned()
-                .collect()
-        };
+        let mut missing = Vec::new();
+        for id in self.recent.within(self.listing_lag) {
+            if out.iter().any(|i| i.id == id) {
+                // Listed: the listing has caught up with it.
+                self.recent.forget(&id);
+            } else {
+                missing.push(id);
+            }
+        }
         for id in missing {
             match self
                 .api
@@ -615,12 +687,7 @@ impl Provider for RunpodProvider {
                     out.extend(self.instance(&pod));
                 }
                 // Deleted (while provisioning, say): absent it is.
-                Err(e) if e.kind == ErrorKind::NotFound => {
-                    self.recent
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
-                }
+                Err(e) if e.kind == ErrorKind::NotFound => self.recent.forget(&id),
                 Err(e) => return Err(e),
             }
         }
@@ -755,10 +822,7 @@ impl Provider for RunpodProvider {
                                 format!("answer without id: {pod}"),
                             )
                         })?;
-                    self.recent
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(id.clone(), tokio::time::Instant::now());
+                    self.recent.add(&id);
                     let price = if cloud == "COMMUNITY" {
                         g.community_price
                     } else {
@@ -924,6 +988,27 @@ mod tests {
         assert_eq!(wait, Some(Duration::from_secs(12)));
         let (_, wait) = quota(None, Some(r#""minute";r=5;t=12"#));
         assert_eq!(wait, None);
+    }
+
+    #[test]
+    fn recent_pods_are_kept_on_disk_within_the_lag_and_only_by_plain_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let recent = Recent::new(dir.path().join("recent"));
+        assert!(recent.within(Duration::from_secs(300)).is_empty());
+        recent.add("7h9k2m4n6p");
+        recent.add("../escape");
+        recent.add("");
+        // Another process (a restarted controller) reads the same folder.
+        let again = Recent::new(dir.path().join("recent"));
+        assert_eq!(again.within(Duration::from_secs(300)), vec!["7h9k2m4n6p"]);
+        assert!(!dir.path().join("escape").exists());
+        // Past the lag (or unreadable), a record is dropped.
+        std::fs::write(dir.path().join("recent/old1"), "1000").unwrap();
+        std::fs::write(dir.path().join("recent/junk1"), "not a time").unwrap();
+        assert_eq!(again.within(Duration::from_secs(300)), vec!["7h9k2m4n6p"]);
+        assert!(!dir.path().join("recent/old1").exists());
+        again.forget("7h9k2m4n6p");
+        assert!(recent.within(Duration::from_secs(300)).is_empty());
     }
 
     #[test]

@@ -26,7 +26,9 @@ pub enum Chaos {
     /// The server's own 429.
     TooMany,
     /// The request waits this long before the server handles it; longer than the
-    /// client's timeout, the client gives up while the server still acts.
+    /// client's timeout, the client gives up while the server still acts (a server must
+    /// handle its requests in tasks of their own for that: hyper drops the handler of a
+    /// client that hung up; `runpod_server.rs` does).
     Slow(Duration),
     /// A create only: the server's own "no capacity" answer.
     Capacity,

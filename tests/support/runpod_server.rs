@@ -11,6 +11,9 @@
 //! `GET /v2/pods` (`{"pods": [...]}`), `GET /v2/pods/{id}` (404 once gone),
 //! `DELETE /v2/pods/{id}` (204, then 404), `POST /v2/pods/{id}/action` enforcing the
 //! allowed-action table (409 otherwise); `GET /v2/catalog/gpus` with availability;
+//! per GPU type the clouds that rent it and the data centers that have it: a create's
+//! `cloud` and `dataCenterIds` (RunPod's upper-case ids, else 422) place the pod in the
+//! first listed data center with stock, or are refused as no capacity;
 //! account ssh keys (GET, PUT replacing the set); the pod's `PUBLIC_KEY` (or, with
 //! `startSsh`, the account keys) written into the sshd's `authorized_keys` once running;
 //! RFC 9457 problem bodies; a per-minute quota with `RateLimit` and `RateLimit-Policy`
@@ -76,6 +79,12 @@ pub struct Gpu {
     pub community_price: f64,
     /// Pods that may still be created of this type (per cloud alike).
     pub stock: u32,
+    /// The data centers where it has that stock, in the order the scheduler fills them
+    /// when a create names none.
+    pub data_centers: Vec<String>,
+    /// Which clouds rent it (RunPod's catalog `secure` / `community`).
+    pub secure: bool,
+    pub community: bool,
 }
 
 pub fn gpu(id: &str, name: &str, memory: u64, price: f64, stock: u32) -> Gpu {
@@ -86,8 +95,20 @@ pub fn gpu(id: &str, name: &str, memory: u64, price: f64, stock: u32) -> Gpu {
         secure_price: price,
         community_price: (price * 0.6 * 100.0).round() / 100.0,
         stock,
+        data_centers: vec!["US-TX-3".into()],
+        secure: true,
+        community: true,
     }
 }
+
+/// Data center ids RunPod's v2 schema accepts in `dataCenterIds` (an enum there: any
+/// other id, a lowercase one included, is a validation error).
+pub const DATA_CENTERS: &[&str] = &[
+    "AP-JP-1", "CA-MTL-1", "CA-MTL-2", "CA-MTL-3", "EU-CZ-1", "EU-FR-1", "EU-NL-1", "EU-RO-1",
+    "EU-SE-1", "EUR-IS-1", "EUR-IS-2", "EUR-NO-1", "OC-AU-1", "US-CA-2", "US-DE-1", "US-GA-1",
+    "US-GA-2", "US-IL-1", "US-KS-2", "US-KS-3", "US-NC-1", "US-TX-1", "US-TX-3", "US-TX-4",
+    "US-WA-1",
+];
 
 #[derive(Debug, Clone)]
 pub struct SshTarget {
@@ -167,6 +188,8 @@ pub struct RequestRecord {
     pub at: Instant,
     /// `account`, `pod:<id>` (a pod's own key) or empty.
     pub key: String,
+    /// The query string, as sent.
+    pub query: String,
 }
 
 struct State {
@@ -179,6 +202,8 @@ struct State {
     window_start: Instant,
     window_used: u32,
     creates_received: u64,
+    /// Every create body that reached the server's handler, refused ones included.
+    create_bodies: Vec<Value>,
     next: u64,
     proxy_port: u16,
 }
@@ -206,6 +231,7 @@ impl RunpodServer {
             window_start: Instant::now(),
             window_used: 0,
             creates_received: 0,
+            create_bodies: Vec::new(),
             next: 1,
             proxy_port,
         }));
@@ -261,6 +287,15 @@ impl RunpodServer {
 
     pub fn configure(&self, f: impl FnOnce(&mut Config)) {
         f(&mut self.lock().config);
+    }
+
+    /// Changes the GPU types' stock, data centers and clouds.
+    pub fn configure_gpus(&self, f: impl FnOnce(&mut [Gpu])) {
+        f(&mut self.lock().gpus);
+    }
+
+    pub fn create_bodies(&self) -> Vec<Value> {
+        self.lock().create_bodies.clone()
     }
 
     pub fn inject(&self, endpoint: Option<Endpoint>, fault: Fault, times: u32) {
@@ -325,7 +360,7 @@ impl RunpodServer {
     pub fn plant(&self, gpu_id: &str, name: &str) -> String {
         let mut st = self.lock();
         let body = json!({"name": name, "image": "ubuntu:22.04", "gpu": {"id": gpu_id}});
-        new_pod(&mut st, &body, gpu_id, 1, "SECURE")
+        new_pod(&mut st, &body, gpu_id, 1, "SECURE", "US-TX-3")
     }
 }
 
@@ -382,7 +417,14 @@ fn pod_id(n: u64) -> String {
         .collect()
 }
 
-fn new_pod(st: &mut State, body: &Value, gpu_id: &str, count: u64, cloud: &str) -> String {
+fn new_pod(
+    st: &mut State,
+    body: &Value,
+    gpu_id: &str,
+    count: u64,
+    cloud: &str,
+    data_center: &str,
+) -> String {
     let id = pod_id(st.next);
     st.next += 1;
     st.pods.push(PodRecord {
@@ -396,11 +438,7 @@ fn new_pod(st: &mut State, body: &Value, gpu_id: &str, count: u64, cloud: &str) 
         gpu_id: gpu_id.to_string(),
         gpu_count: count,
         cloud: cloud.to_string(),
-        data_center: body
-            .get("dataCenterIds")
-            .and_then(|d| d.get(0))
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        data_center: Some(data_center.to_string()),
         image: body
             .get("image")
             .and_then(Value::as_str)
@@ -628,7 +666,22 @@ const CREATE_FIELDS: &[&str] = &[
 ];
 const GPU_FIELDS: &[&str] = &["id", "count", "minCudaVersion", "allowedCudaVersions"];
 
+/// Each request is handled to its end in a task of its own: hyper drops a handler whose
+/// client hung up, and a real server that was slow to answer still acts (a create held
+/// past the client's timeout creates its pod).
 async fn handle(
+    state: Arc<Mutex<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    tokio::spawn(handle_to_the_end(state, method, uri, headers, body))
+        .await
+        .unwrap_or_else(|_| html(500))
+}
+
+async fn handle_to_the_end(
     state: Arc<Mutex<State>>,
     method: Method,
     uri: Uri,
@@ -672,7 +725,7 @@ async fn handle(
         // Before the answer: a pod's key stops working once its pod is deleted.
         let key = who(&st, &headers).unwrap_or_default();
         let (mut response, hold, authed) =
-            answer(&mut st, &method, &path, endpoint, &headers, &body_json);
+            answer(&mut st, &method, &uri, endpoint, &headers, &body_json);
         if authed {
             let left = st.config.per_minute.saturating_sub(st.window_used);
             let reset = 60u64.saturating_sub(st.window_start.elapsed().as_secs());
@@ -696,7 +749,11 @@ async fn handle(
             endpoint,
             status: response.status().as_u16(),
             at: Instant::now(),
+            query: uri.query().unwrap_or("").to_string(),
         });
+        if endpoint == Endpoint::Create {
+            st.create_bodies.push(body_json.clone());
+        }
         let _ = &mut response;
         (response, hold)
     };
@@ -714,11 +771,13 @@ async fn handle(
 fn answer(
     st: &mut State,
     method: &Method,
-    path: &str,
+    uri: &Uri,
     endpoint: Endpoint,
     headers: &HeaderMap,
     body: &Value,
 ) -> (Response, Option<Duration>, bool) {
+    let path = uri.path().trim_end_matches('/');
+    let query = uri.query().unwrap_or("");
     let pod_of = |path: &str| -> String {
         path.trim_start_matches("/v2/pods/")
             .trim_end_matches("/action")
@@ -869,17 +928,28 @@ fn answer(
                 .gpus
                 .iter()
                 .map(|g| {
-                    let availability = match g.stock {
-                        0 => "NONE",
-                        1..=2 => "LOW",
+                    // Availability in the cloud asked for (`cloud=` in the query).
+                    let offered = match query_param(query, "cloud").as_deref() {
+                        Some("COMMUNITY") => g.community,
+                        Some("SECURE") => g.secure,
+                        _ => g.secure || g.community,
+                    };
+                    let availability = match (offered, g.stock) {
+                        (false, _) | (_, 0) => "NONE",
+                        (_, 1..=2) => "LOW",
                         _ => "HIGH",
                     };
+                    let dcs: Vec<Value> = g
+                        .data_centers
+                        .iter()
+                        .map(|d| json!({"id": d, "name": d, "availability": availability}))
+                        .collect();
                     json!({
                         "id": g.id, "name": g.name, "manufacturer": "Nvidia", "memory": g.memory,
-                        "secure": true, "community": true,
+                        "secure": g.secure, "community": g.community,
                         "price": {"secure": g.secure_price, "community": g.community_price},
                         "availability": availability,
-                        "dataCenters": [{"id": "US-TX-3", "name": "US-TX-3", "availability": availability}],
+                        "dataCenters": dcs,
                     })
                 })
                 .collect();
@@ -906,6 +976,14 @@ fn answer(
         _ => problem(404, "not found", None),
     };
     (response, hold, true)
+}
+
+/// One parameter of a query string (the ones read here are plain words).
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| v.to_string())
+    })
 }
 
 fn create(st: &mut State, body: &Value) -> Response {
@@ -947,6 +1025,23 @@ fn create(st: &mut State, body: &Value) -> Response {
     if cloud != "SECURE" && cloud != "COMMUNITY" {
         errors.push(format!("cloud must be SECURE or COMMUNITY, not {cloud:?}"));
     }
+    let wanted_dcs: Vec<String> = match obj.get("dataCenterIds") {
+        None => Vec::new(),
+        Some(Value::Array(ids)) => ids
+            .iter()
+            .filter_map(|id| match id.as_str() {
+                Some(id) if DATA_CENTERS.contains(&id) => Some(id.to_string()),
+                _ => {
+                    errors.push(format!("dataCenterIds: {id} is not a data center id"));
+                    None
+                }
+            })
+            .collect(),
+        Some(other) => {
+            errors.push(format!("dataCenterIds must be an array, not {other}"));
+            Vec::new()
+        }
+    };
     if !errors.is_empty() {
         return problem(422, "validation failed", Some(errors));
     }
@@ -964,15 +1059,30 @@ fn create(st: &mut State, body: &Value) -> Response {
     let Some(g) = st.gpus.iter_mut().find(|g| g.id == gpu_id) else {
         return problem(400, &format!("gpu type {gpu_id:?} does not exist"), None);
     };
-    if g.stock == 0 {
+    // Exactly that GPU type in that cloud, in the first data center of the preference
+    // list that has it (any of its own when the list is empty), or none at all.
+    let in_cloud = if cloud == "COMMUNITY" {
+        g.community
+    } else {
+        g.secure
+    };
+    let placed = if wanted_dcs.is_empty() {
+        g.data_centers.first().cloned()
+    } else {
+        wanted_dcs
+            .iter()
+            .find(|d| g.data_centers.contains(d))
+            .cloned()
+    };
+    let (Some(dc), true, true) = (placed, in_cloud, g.stock > 0) else {
         return problem(
             400,
             "There are no longer any instances available with the requested specifications. Please refresh and try again.",
             None,
         );
-    }
+    };
     g.stock -= 1;
-    let id = new_pod(st, body, &gpu_id, count, cloud);
+    let id = new_pod(st, body, &gpu_id, count, cloud, &dc);
     let p = st.pods.iter().find(|p| p.id == id).cloned();
     match p {
         Some(p) => ok(201, pod_json(st, &p)),
