@@ -346,3 +346,7 @@ print("first line each printed (last run):")
 for key in order:
     print(f"  {rows[key]['label']}: {rows[key]['out']}")
 EOF
+if [ "$SKY_OK" != 1 ] || [ "$DSTACK_OK" != 1 ]; then
+	echo "bench-compare: some figures could not be taken (an install failed; see above)" >&2
+	exit 1
+fi
