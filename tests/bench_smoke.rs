@@ -101,7 +101,7 @@ fn listed_runs(home: &std::path::Path) -> usize {
         String::from_utf8_lossy(&out.stderr)
     );
     let runs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    runs.as_array().expect("a JSON list").len()
+    runs["items"].as_array().expect("an items list").len()
 }
 
 /// `asimov bench --seed-only`, which scripts/bench-compare.sh uses to time `get runs`
