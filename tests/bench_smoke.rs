@@ -87,3 +87,55 @@ fn small_benchmark_takes_its_figures() {
     );
     println!("{text}");
 }
+
+/// How many runs `asimov get runs -o json` lists in `home`.
+fn listed_runs(home: &std::path::Path) -> usize {
+    let out = Command::new(env!("CARGO_BIN_EXE_asimov"))
+        .args(["get", "runs", "-o", "json"])
+        .env("ASIMOV_HOME", home)
+        .output()
+        .expect("asimov get runs runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    runs["items"].as_array().expect("an items list").len()
+}
+
+/// `asimov bench --seed-only`, which scripts/bench-compare.sh uses to time `get runs`
+/// beside other tools: it seeds the store of $ASIMOV_HOME, and refuses a store that already
+/// holds runs without writing to it.
+#[test]
+fn seed_only_fills_an_empty_store_and_refuses_a_used_one() {
+    let home = tempfile::tempdir().expect("temp dir");
+    let seed = || {
+        Command::new(env!("CARGO_BIN_EXE_asimov"))
+            .args(["bench", "--seed-only", "--runs", "120"])
+            .env("ASIMOV_HOME", home.path())
+            .output()
+            .expect("asimov bench --seed-only runs")
+    };
+    let first = seed();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&first.stdout).contains("seeded 120 runs into"),
+        "{}",
+        String::from_utf8_lossy(&first.stdout)
+    );
+    assert_eq!(listed_runs(home.path()), 120);
+
+    let again = seed();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "a used store was seeded again");
+    assert!(
+        stderr.contains("already holds 120 runs") && stderr.contains("state.db"),
+        "{stderr}"
+    );
+    assert_eq!(listed_runs(home.path()), 120, "the refused seed wrote runs");
+}

@@ -169,6 +169,10 @@ pub enum Command {
         /// Take only these figures (comma-separated); all of them when left out
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<BenchFigure>,
+        /// Only seed the empty store of $ASIMOV_HOME with --runs synthetic runs, then exit
+        /// (for scripts/bench-compare.sh); a store that holds runs is refused
+        #[arg(long)]
+        seed_only: bool,
     },
     /// Set or replace the Hugging Face token (asked without echo, kept 0600 as HF_TOKEN)
     #[command(after_help = "Examples:\n  asimov token\n  asimov token --show-source")]

@@ -92,6 +92,12 @@ pub enum BenchError {
     },
     #[error("benchmark: `asimov {args}` printed unexpected output: {message}")]
     BadOutput { args: String, message: String },
+    #[error(
+        "benchmark: {} already holds {runs} runs; --seed-only seeds only an empty store \
+         (point ASIMOV_HOME at a new folder)",
+        path.display()
+    )]
+    StoreNotEmpty { path: PathBuf, runs: u64 },
     #[error("benchmark: building the tokio runtime")]
     Runtime(#[source] std::io::Error),
     #[error("benchmark: reconcile pass {pass}")]
@@ -262,6 +268,35 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
         metrics,
         metrics_full_tail,
     })
+}
+
+/// `asimov bench --seed-only`: seeds `home`'s store with `runs` of the synthetic runs the
+/// `get runs` figure lists, so that a script (scripts/bench-compare.sh) can time commands
+/// against the same store. Returns the database's path. An existing store that holds any
+/// run is refused before anything is written: synthetic runs must never mix with real
+/// ones.
+pub fn seed_home(home: &Home, runs: usize) -> Result<PathBuf, BenchError> {
+    let path = home.database();
+    let store = Store::open(&path).map_err(|source| BenchError::Store {
+        step: "opening the store",
+        source,
+    })?;
+    let held = store
+        .count_runs(crate::store::Listing::All)
+        .map_err(|source| BenchError::Store {
+            step: "counting the runs already stored",
+            source,
+        })?;
+    if held > 0 {
+        return Err(BenchError::StoreNotEmpty { path, runs: held });
+    }
+    store
+        .seed_runs_for_benchmark(runs, now())
+        .map_err(|source| BenchError::Store {
+            step: "seeding runs",
+            source,
+        })?;
+    Ok(path)
 }
 
 fn temp_home() -> Result<(tempfile::TempDir, Home), BenchError> {

@@ -208,8 +208,14 @@ fn dispatch(cli: Cli) -> CliResult {
             jobs,
             idle_seconds,
             only,
+            seed_only,
         } => {
             init_tracing("warn");
+            if seed_only {
+                let database = bench::seed_home(&home, runs)?;
+                println!("seeded {runs} runs into {}", database.display());
+                return Ok(ExitCode::SUCCESS);
+            }
             let report = bench::run(bench::BenchOptions {
                 runs,
                 jobs,
