@@ -397,12 +397,29 @@ impl Target for Cloud {
                 }
                 too_close
             }
-            Server::Lambda(s) => s
-                .requests()
-                .into_iter()
-                .filter(|r| r.status == 429)
-                .map(|r| (r.at, show(&r.method, &r.path)))
-                .collect(),
+            // Lambda's server refuses a single short gap (429), judged when it takes its
+            // lock; as for Vast, a violation is three requests within two gaps (of all
+            // requests, and of launches), which jitter alone does not make.
+            Server::Lambda(s) => {
+                let mut requests = s.requests();
+                requests.sort_by_key(|r| r.at);
+                let all: Vec<(Instant, String)> = requests
+                    .iter()
+                    .map(|r| (r.at, show(&r.method, &r.path)))
+                    .collect();
+                let launches: Vec<(Instant, String)> = requests
+                    .iter()
+                    .filter(|r| r.endpoint == lambda_server::Endpoint::Launch)
+                    .map(|r| (r.at, show(&r.method, &r.path)))
+                    .collect();
+                let mut too_close =
+                    within_two_gaps(&all, Duration::from_secs_f64(1.0 * PACING_SCALE * SLACK));
+                too_close.extend(within_two_gaps(
+                    &launches,
+                    Duration::from_secs_f64(10.0 * PACING_SCALE * SLACK),
+                ));
+                too_close
+            }
             Server::Runpod(s) => s
                 .requests()
                 .into_iter()
@@ -422,6 +439,16 @@ impl Target for Cloud {
             f.set(Rates::default());
         }
     }
+}
+
+/// The requests (in arrival order) that came less than two gaps after the one two
+/// before them.
+fn within_two_gaps(requests: &[(Instant, String)], gap: Duration) -> Vec<(Instant, String)> {
+    requests
+        .windows(3)
+        .filter(|w| w[2].0.duration_since(w[0].0) < gap * 2)
+        .map(|w| w[2].clone())
+        .collect()
 }
 
 /// A foreground controller whose stderr goes to `controller-N.log` in the test's repo

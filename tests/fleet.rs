@@ -86,13 +86,23 @@ fn a_fleet_of_two_queues_the_third_job_and_brings_every_output_back() {
                 .find(|r| r["name"] == n)
                 .map(|r| r["phase"].as_str().unwrap_or("").to_string())
         };
+        // Placed: on an instance (a slot a host gave it). A queued run's create is tried
+        // again now and then, and it shows Provisioning ("creating an instance") while
+        // the hosts answer that they are full: not placed.
+        let placed = |n: &str| {
+            items
+                .iter()
+                .find(|r| r["name"] == n)
+                .is_some_and(|r| !r["instance_id"].is_null())
+        };
         let busy = ["exp-0", "exp-1", "exp-2"]
             .iter()
             .filter(|n| {
-                matches!(
-                    phase(n).as_deref(),
-                    Some("Running" | "Starting" | "Provisioning")
-                )
+                placed(n)
+                    && matches!(
+                        phase(n).as_deref(),
+                        Some("Running" | "Starting" | "Provisioning")
+                    )
             })
             .count();
         assert!(busy <= 2, "never more runs than hosts: {items:?}");

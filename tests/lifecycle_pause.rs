@@ -315,7 +315,10 @@ fn schedule_pause_at_pauses_at_its_time_and_resume_lifts_it() {
     });
     // Pause in two seconds, by the manifest (the spec hash changes; a running run goes
     // on until the time comes).
+    // Whole seconds, as the manifest holds it: the pause is due at this instant, not at
+    // the sub-second one it was rounded from.
     let at = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let at = chrono::DateTime::from_timestamp(at.timestamp(), 0).expect("a time in range");
     let extra = format!(
         "  schedule: {{pause_at: \"{}\"}}\n",
         at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)

@@ -259,8 +259,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, BenchError> {
     let idle = wanted(BenchFigure::Idle)
         .then(|| idle_figures(&opts.binary, Duration::from_secs(opts.idle_seconds)));
     let metrics = wanted(BenchFigure::Metrics).then(|| metrics_figures(opts.jobs, true));
-    let metrics_full_tail =
-        wanted(BenchFigure::Metrics).then(|| metrics_figures(opts.jobs, false));
+    let metrics_full_tail = wanted(BenchFigure::Metrics).then(|| metrics_figures(opts.jobs, false));
     Ok(BenchReport {
         get_runs,
         reconcile,
