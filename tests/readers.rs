@@ -494,3 +494,50 @@ fn apply_right_after_stopping_the_controller_waits_for_it_and_starts_another() {
         a.run_phase("slow-0").as_deref() == Some("Running")
     });
 }
+
+/// A controller that has recorded itself stopped but not yet let go of its lock (the
+/// process still alive) is leaving: `apply` then waits for it and starts another, rather
+/// than trusting it and leaving no controller (once a CI failure of the test above).
+#[test]
+fn apply_while_a_stopped_controller_still_holds_the_lock_starts_another() {
+    let a = Asimov::new();
+    let file = a.manifest("quick.yaml", &job("quick", "sleep 60").replace("..", "."));
+    let file = file.to_str().unwrap();
+    let out = a
+        .command()
+        .args(["apply", "-f", file])
+        .env("ASIMOV_DELAYPOINT", "controller:after-stopped:5000")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out).1);
+    let pid: i32 = std::fs::read_to_string(a.home().join("controller.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // SAFETY: signalling the controller by pid.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    a.wait_for(
+        "the controller to say it stopped",
+        Duration::from_secs(30),
+        || {
+            std::fs::read_to_string(a.home().join("controller.log"))
+                .unwrap_or_default()
+                .contains("controller:after-stopped")
+        },
+    );
+    assert!(
+        a.controller_running(),
+        "the stopped controller still holds its lock in the window"
+    );
+    a.ok(&["delete", "job", "quick", "--no-wait"]);
+    let out = a.run(&["apply", "-f", file]);
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(a.controller_running(), "no controller after apply");
+    let now: i32 = std::fs::read_to_string(a.home().join("controller.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(now, pid, "apply trusted the controller that had stopped");
+}

@@ -378,6 +378,8 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
         let result = controller.run(shutdown).await;
         ssh_pool.close_all().await;
         liveness.stopped();
+        // Still holding the lock after saying so: tests widen this window.
+        tokio::time::sleep(crate::failpoint::delay("controller:after-stopped")).await;
         result?;
         tracing::info!("controller stopped");
         Ok(ExitCode::SUCCESS)

@@ -125,7 +125,10 @@ pub fn holder(home: &Home) -> io::Result<Holder> {
         .ok()
         .flatten()
         .and_then(|s| s.controller_status().ok().flatten())
-        .is_some_and(|c| c.pid == pid && c.stopping_at.is_some() && c.stopped_at.is_none());
+        // Stopped but still holding the lock counts too: between recording `stopped`
+        // and exiting, the process is alive and the lock taken, and trusting it then
+        // left no controller (seen in CI).
+        .is_some_and(|c| c.pid == pid && (c.stopping_at.is_some() || c.stopped_at.is_some()));
     Ok(if stopping {
         Holder::Leaving(pid)
     } else {
