@@ -1097,26 +1097,7 @@ impl<'a> Planner<'a> {
                 outcome,
             );
         }
-        // The final sync, once: after the outcome is recorded (so a sync that keeps
-        // failing never holds back the destroy below, on this pass or the next).
-        if let Some(a) = current
-            && let Seen::Listed(i) = self.seen(a)
-            && i.state == InstanceState::Running
-            && !self.on_unreachable_host(i)
-        {
-            let instance = i.clone();
-            self.push(
-                key,
-                Op::Collect {
-                    run: rec.name.clone(),
-                    attempt: a.attempt,
-                    instance,
-                },
-            );
-        }
-        for a in attempts.iter().filter(|a| a.released_at.is_none()) {
-            self.finish_attempt(key, a, Outcome::Destroyed);
-        }
+        self.sync_then_release(key, rec, current.copied(), attempts, Outcome::Destroyed);
     }
 
     /// Why the run is to be paused now, if it is: `spec.paused`, `asimov pause`, a
@@ -1193,6 +1174,20 @@ impl<'a> Planner<'a> {
                 outcome,
             );
         }
+        self.sync_then_release(key, rec, current.copied(), attempts, Outcome::Paused);
+    }
+
+    /// The end of a stopped or paused run's open attempts: the final sync, once, after
+    /// the outcome is recorded (so a sync that keeps failing never holds back the
+    /// destroy, on this pass or the next), then every open attempt finished as `outcome`.
+    fn sync_then_release(
+        &mut self,
+        key: &QueueKey,
+        rec: &RunRecord,
+        current: Option<&AttemptRecord>,
+        attempts: &[&AttemptRecord],
+        outcome: Outcome,
+    ) {
         if let Some(a) = current
             && let Seen::Listed(i) = self.seen(a)
             && i.state == InstanceState::Running
@@ -1209,7 +1204,7 @@ impl<'a> Planner<'a> {
             );
         }
         for a in attempts.iter().filter(|a| a.released_at.is_none()) {
-            self.finish_attempt(key, a, Outcome::Paused);
+            self.finish_attempt(key, a, outcome.clone());
         }
     }
 
