@@ -543,18 +543,23 @@ fn last_step(step_log: &std::path::Path) -> u64 {
     read_log(step_log).0.last().map_or(0, |(n, _)| *n)
 }
 
-#[test]
-fn deleting_a_running_job_syncs_its_checkpoint_to_s3_before_teardown() {
-    let Some(s3) = S3Server::start_or_skip() else {
-        return;
-    };
+/// A long job (100,000 steps) in a fresh bucket whose checkpoint syncs are an hour
+/// apart, so any sync seen is a final one: the home, the folder of its step log (kept
+/// while the test runs), the step log and the manifest.
+fn hourly_checkpoint_job(
+    s3: &S3Server,
+) -> (
+    Asimov,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     s3.create_bucket(BUCKET);
     let a = Asimov::new();
     keys(&a);
     std::fs::write(a.repo.path().join("train_s3.sh"), TRAIN).unwrap();
     let logs = tempfile::tempdir().unwrap();
     let step_log = logs.path().join("steps.log");
-    // Checkpoint syncs an hour apart: the one in S3 is the delete's.
     let file = a.manifest(
         "ckpt.yaml",
         &job(
@@ -567,6 +572,16 @@ fn deleting_a_running_job_syncs_its_checkpoint_to_s3_before_teardown() {
             ),
         ),
     );
+    (a, logs, step_log, file)
+}
+
+#[test]
+fn deleting_a_running_job_syncs_its_checkpoint_to_s3_before_teardown() {
+    let Some(s3) = S3Server::start_or_skip() else {
+        return;
+    };
+    // Checkpoint syncs an hour apart: the one in S3 is the delete's.
+    let (a, _logs, step_log, file) = hourly_checkpoint_job(&s3);
     let mut ctl = controller(&a, Some(&s3));
     a.ok(&["apply", "-f", file.to_str().unwrap()]);
     wait(&a, "10 steps", 90, || last_step(&step_log) >= 10);
@@ -593,24 +608,7 @@ fn deleting_a_job_whose_final_sync_hangs_tears_down_at_the_bound() {
     let Some(s3) = S3Server::start_or_skip() else {
         return;
     };
-    s3.create_bucket(BUCKET);
-    let a = Asimov::new();
-    keys(&a);
-    std::fs::write(a.repo.path().join("train_s3.sh"), TRAIN).unwrap();
-    let logs = tempfile::tempdir().unwrap();
-    let step_log = logs.path().join("steps.log");
-    let file = a.manifest(
-        "ckpt.yaml",
-        &job(
-            &step_log,
-            100_000,
-            "",
-            &format!(
-                "  checkpoint: {{path: ckpt, every: 1h}}\n  \
-                 artifacts: {{paths: [out], to: s3://{BUCKET}/runs}}\n"
-            ),
-        ),
-    );
+    let (a, _logs, step_log, file) = hourly_checkpoint_job(&s3);
     let mut ctl = controller_with(&a, Some(&s3), &[("ASIMOV_FINAL_SYNC_TIMEOUT", "3")]);
     a.ok(&["apply", "-f", file.to_str().unwrap()]);
     wait(&a, "5 steps", 90, || last_step(&step_log) >= 5);
