@@ -978,8 +978,9 @@ fn agent_sync_and_restore_round_trip_under_sh_and_busybox() {
                 .to_string()
         };
 
-        // A file over the single-PUT limit (lowered to 1000 bytes here) is not sent:
-        // the sync fails, saying why, and nothing of it reaches the bucket.
+        // A file over S3's largest object (lowered to 1000 bytes here) is not sent:
+        // the sync fails, saying why, and nothing of it reaches the bucket. (Files over
+        // the single-PUT limit go up in parts: tests/agent_multipart.rs.)
         let big = dir.path().join("big");
         let big_ckpt = dir.path().join("big-ckpt");
         std::fs::create_dir_all(&big_ckpt).unwrap();
@@ -996,13 +997,13 @@ fn agent_sync_and_restore_round_trip_under_sh_and_busybox() {
             .arg("sync-checkpoint")
             .arg(&big)
             .env("PATH", &path)
-            .env("ASIMOV_S3_PUT_MAX", "1000")
+            .env("ASIMOV_S3_OBJECT_MAX", "1000")
             .output()
             .unwrap();
         let said = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{name}: {out:?}");
         assert!(
-            said.contains("is 2000 bytes, over the 1000 bytes one S3 upload takes"),
+            said.contains("is 2000 bytes, over the 1000 bytes of S3's largest object"),
             "{name}: {said}"
         );
         assert!(

@@ -104,15 +104,144 @@ TAB=$(printf '\t')
 # Tries of a final sync before it counts as failed (curl retries each request too).
 SYNC_TRIES=${ASIMOV_SYNC_TRIES:-3}
 
-# The largest file one S3 PUT takes (5 GiB). The agent's curl uploads are single PUTs
-# (no multipart from POSIX sh), so a bigger file fails the sync, saying why.
+# The largest file one S3 PUT takes (5 GiB): a bigger one goes up in parts
+# (CreateMultipartUpload, UploadPart each, CompleteMultipartUpload), each request
+# signed by curl itself, so the agent needs nothing from the controller to send a
+# file of any size S3 takes, also when the controller is gone. Past S3's largest
+# object (5 TiB) the sync fails, saying why.
 S3_PUT_MAX=${ASIMOV_S3_PUT_MAX:-5368709120}
+S3_OBJECT_MAX=${ASIMOV_S3_OBJECT_MAX:-5497558138880}
+# The part size, in whole MiB (dd moves MiB blocks): 64 MiB, larger when S3's 10,000
+# parts would not hold the file. S3 takes parts of 5 MiB to 5 GiB (the last smaller).
+S3_PART_SIZE=${ASIMOV_S3_PART_SIZE:-67108864}
+S3_MAX_PARTS=10000
+MIB=1048576
+# Tries of one part (or one step of an upload) before the upload is aborted: curl's
+# own retries cover timeouts and 5xx, not a connection cut in the middle of a part.
+PART_TRIES=${ASIMOV_S3_PART_TRIES:-5}
 
-# True (and the reason in sync/error) when file $1 is over S3_PUT_MAX.
-over_put_max() {
-	size=$(wc -c <"$1" | tr -d ' ')
-	[ "$size" -gt "$S3_PUT_MAX" ] || return 1
-	echo "asimov: $1 is $size bytes, over the $S3_PUT_MAX bytes one S3 upload takes (the agent does not upload in parts): keep files under 5 GiB or sync without S3" >>"$ROOT/sync/error"
+# True (and the reason in sync/error) when file $1 is over S3_OBJECT_MAX.
+over_object_max() {
+	[ "$2" -gt "$S3_OBJECT_MAX" ] || return 1
+	echo "asimov: $1 is $2 bytes, over the $S3_OBJECT_MAX bytes of S3's largest object: keep files under 5 TiB or sync without S3" >>"$ROOT/sync/error"
+}
+
+# Percent-encodes a query value: as urlenc, '/' too.
+qenc() {
+	urlenc "$1" | sed 's:/:%2F:g'
+}
+
+# The text of the <$1> element of XML file $2 (one line or many; the last if many).
+xml_text() {
+	tr -d '\r\n' <"$2" | sed -n "s:.*<$1>\([^<]*\)</$1>.*:\1:p"
+}
+
+# Runs an s3curl request (its arguments) up to PART_TRIES times, waiting a little
+# longer after each failure.
+s3try() {
+	try_n=0
+	while :; do
+		s3curl "$@" && return 0
+		try_n=$((try_n + 1))
+		[ "$try_n" -lt "$PART_TRIES" ] || return 1
+		sleep "$try_n"
+	done
+}
+
+# Aborts the multipart upload recorded in sync/mp.open (a syncer that was killed in
+# the middle leaves it there: its parts would bill storage until aborted).
+abort_open_upload() {
+	[ -f "$ROOT/sync/mp.open" ] || return 0
+	s3try -o /dev/null -X DELETE "$(cat "$ROOT/sync/mp.open")" || return 1
+	rm -f "$ROOT/sync/mp.open"
+}
+
+# Uploads file $1 to URL $2: one PUT up to S3_PUT_MAX, in parts past it. Counts into
+# UPLOADED and BYTES.
+s3_upload() {
+	up_size=$(wc -c <"$1" | tr -d ' ')
+	over_object_max "$1" "$up_size" && return 1
+	if [ "$up_size" -le "$S3_PUT_MAX" ]; then
+		s3curl -o /dev/null -T "$1" "$2" || return 1
+	else
+		s3_multipart "$1" "$2" "$up_size" || return 1
+	fi
+	UPLOADED=$((UPLOADED + 1))
+	BYTES=$((BYTES + up_size))
+}
+
+# A multipart upload of file $1 ($3 bytes) to URL $2. The queries are written in
+# SigV4's canonical form (sorted, encoded, "uploads="), so that curls that sign the
+# query as given (before 8.1) sign what S3 checks. Any failure aborts the upload.
+s3_multipart() {
+	mp_file=$1 mp_url=$2 mp_size=$3 mp=$ROOT/sync/mp
+	abort_open_upload || return 1
+	mp_part=$S3_PART_SIZE
+	mp_least=$(((mp_size + S3_MAX_PARTS - 1) / S3_MAX_PARTS))
+	[ "$mp_part" -ge "$mp_least" ] || mp_part=$mp_least
+	mp_mib=$(((mp_part + MIB - 1) / MIB))
+	mp_part=$((mp_mib * MIB))
+	mp_parts=$(((mp_size + mp_part - 1) / mp_part))
+	if ! s3try -o "$mp.created" -X POST -H 'Content-Type:' --data-binary '' "$mp_url?uploads="; then
+		echo "asimov: S3 did not start a multipart upload of $mp_file" >>"$ROOT/sync/error"
+		return 1
+	fi
+	mp_id=$(xml_text UploadId "$mp.created")
+	if [ -z "$mp_id" ]; then
+		echo "asimov: no UploadId in S3's answer to CreateMultipartUpload for $mp_file" >>"$ROOT/sync/error"
+		return 1
+	fi
+	mp_upload="$mp_url?uploadId=$(qenc "$mp_id")"
+	sput mp.open "$mp_upload"
+	if send_parts && complete_upload; then
+		rm -f "$ROOT/sync/mp.open" "$mp.part" "$mp.xml"
+		return 0
+	fi
+	rm -f "$mp.part"
+	if ! abort_open_upload; then
+		echo "asimov: could not abort the failed multipart upload of $mp_file (the next sync tries again)" >>"$ROOT/sync/error"
+	fi
+	return 1
+}
+
+# UploadPart for each part of $mp_file, its ETag into $mp.xml (the Complete request).
+send_parts() {
+	printf '<CompleteMultipartUpload xmlns="http://s3.amazonaws.com/doc/2006-03-01/">' >"$mp.xml"
+	mp_i=0
+	while [ "$mp_i" -lt "$mp_parts" ]; do
+		dd if="$mp_file" of="$mp.part" bs="$MIB" skip=$((mp_i * mp_mib)) count="$mp_mib" 2>/dev/null || return 1
+		mp_want=$((mp_size - mp_i * mp_part))
+		[ "$mp_want" -le "$mp_part" ] || mp_want=$mp_part
+		mp_got=$(wc -c <"$mp.part" | tr -d ' ')
+		if [ "$mp_got" -ne "$mp_want" ]; then
+			echo "asimov: $mp_file changed size while it was uploaded" >>"$ROOT/sync/error"
+			return 1
+		fi
+		mp_i=$((mp_i + 1))
+		if ! s3try -o /dev/null -D "$mp.headers" -T "$mp.part" "$mp_url?partNumber=$mp_i&uploadId=$(qenc "$mp_id")"; then
+			echo "asimov: part $mp_i of $mp_parts of $mp_file failed $PART_TRIES times: its upload is aborted" >>"$ROOT/sync/error"
+			return 1
+		fi
+		mp_etag=$(tr -d '\r' <"$mp.headers" | sed -n 's/^[Ee][Tt][Aa][Gg]:[ ]*//p' | tail -n 1)
+		if [ -z "$mp_etag" ]; then
+			echo "asimov: no ETag in S3's answer to part $mp_i of $mp_file" >>"$ROOT/sync/error"
+			return 1
+		fi
+		printf '<Part><PartNumber>%s</PartNumber><ETag>%s</ETag></Part>' "$mp_i" "$mp_etag" >>"$mp.xml"
+	done
+	printf '</CompleteMultipartUpload>' >>"$mp.xml"
+}
+
+# CompleteMultipartUpload; S3 may answer 200 with an error inside: only a result counts.
+complete_upload() {
+	if ! s3try -o "$mp.done" -X POST -H 'Content-Type: application/xml' --data-binary "@$mp.xml" "$mp_upload"; then
+		echo "asimov: S3 did not complete the upload of $mp_file" >>"$ROOT/sync/error"
+		return 1
+	fi
+	if ! grep -q '<CompleteMultipartUploadResult' "$mp.done"; then
+		echo "asimov: S3 did not complete the upload of $mp_file: $(head -c 300 "$mp.done")" >>"$ROOT/sync/error"
+		return 1
+	fi
 }
 
 # put, for the sync state in sync/.
@@ -188,10 +317,7 @@ upload_changed() {
 			printf '%s\n' "$g$TAB$p" >>"$state.vanished"
 			continue
 		fi
-		over_put_max "$dir/$p" && return 1
-		s3curl -o /dev/null -T "$dir/$p" "$url/$(urlenc "$p")" || return 1
-		UPLOADED=$((UPLOADED + 1))
-		BYTES=$((BYTES + $(wc -c <"$dir/$p")))
+		s3_upload "$dir/$p" "$url/$(urlenc "$p")" || return 1
 	done <"$state.next"
 	if [ -s "$state.vanished" ]; then
 		grep -v -x -F -f "$state.vanished" "$state.next" >"$state.kept"
@@ -207,6 +333,9 @@ commit_state() {
 # files into a new generation's folder, then its manifest, last. Sets CHECKPOINT.
 sync_checkpoint() {
 	CHECKPOINT=$(get sync/ckpt_last)
+	# An upload a killed syncer left open goes first (a failure to abort is retried by
+	# the next multipart upload, which cannot start before it).
+	abort_open_upload || true
 	[ -n "${S3_CHECKPOINT:-}" ] || return 0
 	dir=$(abspath "$S3_CHECKPOINT")
 	[ -d "$dir" ] || return 0
@@ -239,10 +368,7 @@ sync_outputs() {
 			upload_changed "$src" "$S3_BASE/$(urlenc "$name")" "$ROOT/sync/out.$i" out || return 1
 			commit_state "$ROOT/sync/out.$i"
 		elif [ -f "$src" ]; then
-			over_put_max "$src" && return 1
-			s3curl -o /dev/null -T "$src" "$S3_BASE/$(urlenc "$name")" || return 1
-			UPLOADED=$((UPLOADED + 1))
-			BYTES=$((BYTES + $(wc -c <"$src")))
+			s3_upload "$src" "$S3_BASE/$(urlenc "$name")" || return 1
 		else
 			echo "asimov: output $path not found; not synced" >>"$ROOT/sync/error"
 		fi

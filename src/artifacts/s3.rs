@@ -592,6 +592,43 @@ impl S3Client {
         Ok(())
     }
 
+    /// The multipart uploads under `prefix` that are still open (created, neither
+    /// completed nor aborted: their parts bill storage), as (key, upload id), at most
+    /// the first 1,000 (one page of ListMultipartUploads). rusty-s3 has no action for
+    /// it: a bucket GET signed as ListObjectsV2 is, with its query swapped, the same
+    /// request.
+    pub async fn open_uploads(&self, prefix: &str) -> Result<Vec<(String, String)>, S3Error> {
+        const STEP: &str = "list multipart uploads";
+        let mut action = self.bucket.list_objects_v2(Some(&self.creds));
+        let query = action.query_mut();
+        query.remove("list-type");
+        query.remove("encoding-type");
+        query.insert("uploads", "");
+        query.insert("prefix", prefix.to_string());
+        let url = action.sign(SIGNED_FOR);
+        let Some(response) = self.send(STEP, self.http.get(url)).await? else {
+            return Err(S3Error::Status {
+                step: STEP,
+                status: 404,
+                body: format!("no bucket {}", self.target.location.bucket),
+            });
+        };
+        let text = response
+            .text()
+            .await
+            .map_err(|source| S3Error::Http { step: STEP, source })?;
+        let element = |block: &str, name: &str| -> Option<String> {
+            let start = block.find(&format!("<{name}>"))? + name.len() + 2;
+            let end = start + block[start..].find(&format!("</{name}>"))?;
+            Some(block[start..end].to_string())
+        };
+        Ok(text
+            .split("<Upload>")
+            .skip(1)
+            .filter_map(|block| Some((element(block, "Key")?, element(block, "UploadId")?)))
+            .collect())
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
         let url = self
             .bucket

@@ -103,6 +103,10 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// A client of `bucket` on this server.
     pub fn client(&self, bucket: &str) -> S3Client {
         S3Client::new(S3Target {
@@ -136,6 +140,14 @@ impl S3Server {
     pub fn get(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
         let client = self.client(bucket);
         self.block_on(client.get(key)).expect("get object")
+    }
+
+    /// The multipart uploads under `prefix` in `bucket` still open (ListMultipartUploads):
+    /// (key, upload id).
+    pub fn open_uploads(&self, bucket: &str, prefix: &str) -> Vec<(String, String)> {
+        let client = self.client(bucket);
+        self.block_on(client.open_uploads(prefix))
+            .expect("list multipart uploads")
     }
 
     /// Stops the server's process (SIGSTOP): connections are still accepted by the
