@@ -935,3 +935,38 @@ fn a_create_answered_by_a_5xx_page_is_sent_again_once_the_listing_lag_is_over() 
     w.until("the pod deleted", 60, || w.server.live().is_empty());
     kill9(&mut controller);
 }
+
+/// A RunPod placement asking for a cloud that does not exist, for interruptible pods
+/// (which asimov does not rent on RunPod) or with a filter RunPod has not: `apply` (and
+/// `apply --dry-run`) refuses it with every problem and its file:line:column at once,
+/// and changes nothing (no manifest stored, no controller started).
+#[test]
+fn apply_refuses_a_runpod_cloud_typo_and_spot_with_positions_and_changes_nothing() {
+    let a = Asimov::new();
+    let job = a.manifest(
+        "pods.yaml",
+        "apiVersion: asimov/v1\nkind: Job\nmetadata: {name: pods}\nspec:\n  run: python train.py\n  placement:\n    - {provider: runpod, filters: {cloud: typo}}\n    - {provider: runpod, spot: true}\n    - {provider: runpod, filters: {cloud: Community}}\n",
+    );
+    let job = job.to_str().expect("utf-8 path");
+    for args in [
+        vec!["apply", "--dry-run", "-f", job],
+        vec!["apply", "-f", job],
+    ] {
+        let out = a.run(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(
+            stderr,
+            format!(
+                "{job}:7:43: expected `secure` or `community` (RunPod's Secure or Community Cloud), found \"typo\"\n\
+                 {job}:8:32: `spot: true` is not supported with provider runpod: asimov rents on-demand pods through RunPod's REST API, which has no interruptible pods (only its GraphQL and deprecated v1 APIs do); remove it, or bid on vast\n\
+                 error: 2 problem(s) in the manifests; nothing was changed\n"
+            )
+        );
+        let stored = std::fs::read_dir(a.home().join("manifests"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        assert_eq!(stored, 0, "manifests were stored");
+        assert!(!a.controller_running(), "a controller was started");
+    }
+}

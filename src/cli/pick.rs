@@ -125,7 +125,16 @@ pub fn entry(found: &Found, premium_pct: f64) -> String {
                 filters.insert("gpu_name".into(), gpu.clone());
             }
         }
-        _ => fields.push(format!("instance_types: [{}]", scalar(&o.id))),
+        // Only the filters the provider has: the rest (a merged search's Vast filters)
+        // did not choose this offer, and apply refuses them for it.
+        ProviderKind::Runpod => {
+            filters.retain(|k, _| k == "cloud");
+            fields.push(format!("instance_types: [{}]", scalar(&o.id)));
+        }
+        _ => {
+            filters.clear();
+            fields.push(format!("instance_types: [{}]", scalar(&o.id)));
+        }
     }
     if !p.regions.is_empty() {
         let regions: Vec<String> = p.regions.iter().map(|r| scalar(r)).collect();
@@ -269,6 +278,36 @@ mod tests {
     use super::*;
 
     const E: &str = "{provider: vast, max_price_per_hour: 2}";
+
+    #[test]
+    fn an_entry_keeps_only_the_filters_its_provider_has() {
+        let found = |provider| {
+            let mut placement = crate::manifest::Placement::local();
+            placement.filters.insert("cloud".into(), "community".into());
+            placement
+                .filters
+                .insert("reliability".into(), ">=0.98".into());
+            Found {
+                offer: crate::model::Offer::new(
+                    provider,
+                    "NVIDIA GeForce RTX 4090",
+                    crate::model::Usd::from_dollars(0.5),
+                ),
+                available: true,
+                dlperf: None,
+                placement,
+                item: serde_json::Value::Null,
+            }
+        };
+        assert_eq!(
+            entry(&found(ProviderKind::Runpod), 0.0),
+            "{provider: runpod, instance_types: [\"NVIDIA GeForce RTX 4090\"], max_price_per_hour: 0.5, filters: {cloud: community}}"
+        );
+        assert_eq!(
+            entry(&found(ProviderKind::Lambda), 0.0),
+            "{provider: lambda, instance_types: [\"NVIDIA GeForce RTX 4090\"], max_price_per_hour: 0.5}"
+        );
+    }
 
     #[test]
     fn inserts_into_a_block_list_first() {

@@ -899,6 +899,7 @@ fn convert_placement(
             }
         }
     }
+    check_cloud_options(c, &at, provider, &p);
     Placement {
         provider,
         fleet: p.fleet,
@@ -914,6 +915,65 @@ fn convert_placement(
             identity_file: p.identity_file.map(PathBuf::from),
             terminate_key: p.terminate_key,
         },
+    }
+}
+
+/// `spot` and `filters` where a cloud has no such thing are refused, not ignored: a typo
+/// or a wish asimov cannot grant would otherwise rent something else than was asked
+/// (providers.md: RunPod's REST API knows `SECURE` and `COMMUNITY` clouds and no
+/// interruptible pods; Lambda has no spot and no offer filters).
+fn check_cloud_options(c: &mut Check<'_>, at: &str, provider: ProviderKind, p: &raw::Placement) {
+    match provider {
+        ProviderKind::Runpod => {
+            if p.spot {
+                c.value(
+                    &format!("{at}/spot"),
+                    "`spot: true` is not supported with provider runpod: asimov rents on-demand \
+                     pods through RunPod's REST API, which has no interruptible pods (only its \
+                     GraphQL and deprecated v1 APIs do); remove it, or bid on vast"
+                        .to_string(),
+                );
+            }
+            for (key, value) in &p.filters {
+                let pointer = format!("{at}/filters/{}", yaml::escape_pointer_segment(key));
+                if key != "cloud" {
+                    c.key(
+                        &pointer,
+                        format!("unknown filter `{key}` for provider runpod: expected `cloud`"),
+                    );
+                } else if !["secure", "community"]
+                    .iter()
+                    .any(|v| v.eq_ignore_ascii_case(&value.0))
+                {
+                    c.value(
+                        &pointer,
+                        format!(
+                            "expected `secure` or `community` (RunPod's Secure or Community Cloud), found {:?}",
+                            value.0
+                        ),
+                    );
+                }
+            }
+        }
+        ProviderKind::Lambda => {
+            if p.spot {
+                c.value(
+                    &format!("{at}/spot"),
+                    "`spot: true` is not supported with provider lambda: Lambda Cloud has no \
+                     spot or interruptible instances"
+                        .to_string(),
+                );
+            }
+            if !p.filters.is_empty() {
+                c.key(
+                    &format!("{at}/filters"),
+                    "`filters` are not used with provider lambda: choose with `instance_types` \
+                     and `regions`"
+                        .to_string(),
+                );
+            }
+        }
+        _ => {}
     }
 }
 
