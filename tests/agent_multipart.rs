@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::s3_server::{KEY_ID, S3Server, SECRET_KEY};
+use support::s3_server::S3Server;
 
 const BUCKET: &str = "asimov-mp";
 const MIB: usize = 1 << 20;
@@ -220,7 +220,7 @@ fn shells(dir: &Path) -> Vec<(&'static str, String)> {
 
 /// An instance folder whose S3 target is `endpoint` (the proxy), with a checkpoint
 /// folder and one output file.
-fn instance(root: &Path, endpoint: &str, run: &str, ckpt: &Path, output: &Path) {
+fn instance(root: &Path, s3: &S3Server, endpoint: &str, run: &str, ckpt: &Path, output: &Path) {
     std::fs::create_dir_all(root.join("spec")).unwrap();
     std::fs::write(root.join("agent.sh"), asimov::agent::AGENT_SCRIPT).unwrap();
     std::fs::write(
@@ -237,8 +237,8 @@ fn instance(root: &Path, endpoint: &str, run: &str, ckpt: &Path, output: &Path) 
     )
     .unwrap();
     let creds = asimov::artifacts::S3Credentials {
-        key_id: asimov::model::Secret::new(KEY_ID),
-        secret: asimov::model::Secret::new(SECRET_KEY),
+        key_id: asimov::model::Secret::new(s3.key_id()),
+        secret: asimov::model::Secret::new(s3.secret_key()),
         token: None,
     };
     std::fs::write(
@@ -276,7 +276,7 @@ struct Case {
     output: Vec<u8>,
 }
 
-fn case(name: &str, endpoint: &str, run: &str) -> Case {
+fn case(name: &str, s3: &S3Server, endpoint: &str, run: &str) -> Case {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join(format!("{name}-instance"));
     let ckpt = dir.path().join("ckpt");
@@ -287,7 +287,7 @@ fn case(name: &str, endpoint: &str, run: &str) -> Case {
     let output = content(BIG + 17, 2);
     let out = dir.path().join("model.bin");
     std::fs::write(&out, &output).unwrap();
-    instance(&root, endpoint, run, &ckpt, &out);
+    instance(&root, s3, endpoint, run, &ckpt, &out);
     Case {
         dir,
         root,
@@ -301,7 +301,7 @@ fn case(name: &str, endpoint: &str, run: &str) -> Case {
 /// again, and no upload is left open.
 #[test]
 fn agent_uploads_big_files_in_parts_and_retries_a_cut_part() {
-    let Some(s3) = S3Server::start_or_skip() else {
+    let Some(s3) = S3Server::start_verifying_or_skip() else {
         return;
     };
     s3.create_bucket(BUCKET);
@@ -309,7 +309,7 @@ fn agent_uploads_big_files_in_parts_and_retries_a_cut_part() {
     for (name, path) in shells(scratch.path()) {
         let proxy = Proxy::start(s3.port(), Part2::CutOnce);
         let run = format!("whole-{name}");
-        let c = case(name, &proxy.endpoint(), &run);
+        let c = case(name, &s3, &proxy.endpoint(), &run);
         let out = agent(&c.root, &path, "sync-final", "5").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         let error = std::fs::read_to_string(c.root.join("sync/error")).unwrap_or_default();
@@ -357,7 +357,7 @@ fn agent_uploads_big_files_in_parts_and_retries_a_cut_part() {
 /// fails saying which step, and nothing of the file is in the bucket.
 #[test]
 fn agent_aborts_a_multipart_upload_that_cannot_finish() {
-    let Some(s3) = S3Server::start_or_skip() else {
+    let Some(s3) = S3Server::start_verifying_or_skip() else {
         return;
     };
     s3.create_bucket(BUCKET);
@@ -365,7 +365,7 @@ fn agent_aborts_a_multipart_upload_that_cannot_finish() {
     for (name, path) in shells(scratch.path()) {
         let proxy = Proxy::start(s3.port(), Part2::CutAlways);
         let run = format!("fails-{name}");
-        let c = case(name, &proxy.endpoint(), &run);
+        let c = case(name, &s3, &proxy.endpoint(), &run);
         let out = agent(&c.root, &path, "sync-final", "2").output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert_eq!(field(&stdout, "result"), "failed", "{name}: {stdout}");
@@ -396,7 +396,7 @@ fn agent_aborts_a_multipart_upload_that_cannot_finish() {
 /// before anything else and then sends the file whole.
 #[test]
 fn agent_aborts_the_upload_a_killed_syncer_left_open() {
-    let Some(s3) = S3Server::start_or_skip() else {
+    let Some(s3) = S3Server::start_verifying_or_skip() else {
         return;
     };
     s3.create_bucket(BUCKET);
@@ -404,7 +404,7 @@ fn agent_aborts_the_upload_a_killed_syncer_left_open() {
     for (name, path) in shells(scratch.path()) {
         let proxy = Proxy::start(s3.port(), Part2::Hold);
         let run = format!("killed-{name}");
-        let c = case(name, &proxy.endpoint(), &run);
+        let c = case(name, &s3, &proxy.endpoint(), &run);
         let mut cmd = agent(&c.root, &path, "sync-checkpoint", "5");
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd

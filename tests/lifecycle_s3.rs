@@ -904,13 +904,14 @@ fn bench_sync_checkpoint_after_one_percent_change() {
     }
 }
 
-/// The agent's S3 sync and restore by themselves, under the system's sh and under
-/// busybox (sh, find, awk, od... as on minimal images): names with spaces and
+/// The agent's S3 sync and restore by themselves (every request's signature checked),
+/// under the system's sh and under busybox (sh, find, awk, od... as on minimal images): names with spaces and
 /// non-ASCII characters, a second sync that sends only what changed and drops what was
 /// deleted, and a new instance folder restoring that checkpoint before its job runs.
 #[test]
 fn agent_sync_and_restore_round_trip_under_sh_and_busybox() {
-    let Some(s3) = S3Server::start_or_skip() else {
+    // A server that checks signatures as S3 does: curl must sign every request right.
+    let Some(s3) = S3Server::start_verifying_or_skip() else {
         return;
     };
     s3.create_bucket(BUCKET);
@@ -941,8 +942,8 @@ fn agent_sync_and_restore_round_trip_under_sh_and_busybox() {
         }
         let base = format!("{}/{BUCKET}/unit/{name}", s3.endpoint());
         let creds = asimov::artifacts::S3Credentials {
-            key_id: asimov::model::Secret::new(KEY_ID),
-            secret: asimov::model::Secret::new(SECRET_KEY),
+            key_id: asimov::model::Secret::new(s3.key_id()),
+            secret: asimov::model::Secret::new(s3.secret_key()),
             token: None,
         };
         let instance = |root: &std::path::Path, settings: &str| {

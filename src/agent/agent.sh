@@ -172,7 +172,8 @@ s3_upload() {
 
 # A multipart upload of file $1 ($3 bytes) to URL $2. The queries are written in
 # SigV4's canonical form (sorted, encoded, "uploads="), so that curls that sign the
-# query as given (before 8.1) sign what S3 checks. Any failure aborts the upload.
+# query as given (before 8.1) sign what S3 checks; no header is removed with an empty
+# "Name:" (curl would sign it all the same). Any failure aborts the upload.
 s3_multipart() {
 	mp_file=$1 mp_url=$2 mp_size=$3 mp=$ROOT/sync/mp
 	abort_open_upload || return 1
@@ -182,7 +183,7 @@ s3_multipart() {
 	mp_mib=$(((mp_part + MIB - 1) / MIB))
 	mp_part=$((mp_mib * MIB))
 	mp_parts=$(((mp_size + mp_part - 1) / mp_part))
-	if ! s3try -o "$mp.created" -X POST -H 'Content-Type:' --data-binary '' "$mp_url?uploads="; then
+	if ! s3try -o "$mp.created" -X POST -H 'Content-Type: application/octet-stream' --data-binary '' "$mp_url?uploads="; then
 		echo "asimov: S3 did not start a multipart upload of $mp_file" >>"$ROOT/sync/error"
 		return 1
 	fi

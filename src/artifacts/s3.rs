@@ -242,11 +242,12 @@ pub fn curl_config(creds: &S3Credentials, region: &str) -> Secret {
         ));
     }
     // S3 wants the payload hash header; an unsigned payload lets curl stream files.
-    // No `Expect: 100-continue` round trip before each upload. A transfer stalled for
-    // a minute (an endpoint that hangs) is abandoned and retried, never waited on.
+    // No header is ever removed with an empty `Name:` (as `Expect:` was, to save the
+    // 100-continue round trip): curl (7.88) still lists a removed header in the signed
+    // ones, and S3 refuses the signature. A transfer stalled for a minute (an endpoint
+    // that hangs) is abandoned and retried, never waited on.
     text.push_str(
         "header = \"x-amz-content-sha256: UNSIGNED-PAYLOAD\"\n\
-         header = \"Expect:\"\n\
          fail\nsilent\nshow-error\n\
          retry = 4\nretry-connrefused\nconnect-timeout = 30\n\
          speed-limit = 1\nspeed-time = 60\n",
