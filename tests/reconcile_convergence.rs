@@ -696,3 +696,31 @@ async fn a_create_for_an_attempt_that_has_ended_is_refused_without_a_provider_ca
     assert!(w.fake.instances().is_empty(), "{:?}", w.fake.instances());
     assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
 }
+
+/// A job edited after its run was recorded but before the run started: the attempt
+/// that starts runs the edited spec, so when it succeeds the run is done. Before, the
+/// run row kept the spec it was recorded with, and the finished run was run again for
+/// an edit it had already run (found by the fault campaign as an instance launched
+/// right after every run had converged).
+#[tokio::test(start_paused = true)]
+async fn a_run_that_started_after_its_job_was_edited_is_not_run_again() {
+    let w = world(vec![job("train", 1)], FakeConfig::default());
+    // Recorded and created, not started yet.
+    w.controller.run_once().await.expect("first pass");
+    assert_eq!(w.fake.calls().create, 1);
+    assert_eq!(w.fake.calls().start, 0, "the first pass only creates");
+    let mut edited = job("train", 1);
+    edited.spec_hash = "h2".into();
+    w.source.set(Manifests {
+        jobs: vec![edited],
+        ..Manifests::default()
+    });
+    converge(&w, 200).await;
+    assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
+    assert_eq!(
+        w.fake.calls().create,
+        1,
+        "the run ran the edited spec once; nothing ran it again"
+    );
+    delete_everything_and_converge(&w).await;
+}

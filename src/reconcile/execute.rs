@@ -572,10 +572,14 @@ impl Executor {
                         now,
                     );
                 }
-                // When the run started, even if it ends before the next look.
+                // When the run started, even if it ends before the next look; and the
+                // spec it runs: the job may have been edited since the run was recorded,
+                // and a run that started with the edit has run it (re-running it once
+                // it ends would pay for the same spec twice).
                 let mut rec = self.run_record(op, run)?;
-                if rec.started_at.is_none() {
-                    rec.started_at = Some(now);
+                if rec.started_at.is_none() || rec.spec_hash != job.spec_hash {
+                    rec.started_at.get_or_insert(now);
+                    rec.spec_hash = job.spec_hash.clone();
                     self.store(op, |s| s.put_run(&rec))?;
                 }
                 self.event(
