@@ -811,6 +811,7 @@ impl Provider for LambdaProvider {
             bills_while_stopped: false,
             ssh_user: Some(DEFAULT_SSH_USER.to_string()),
             fixed_pool: false,
+            keep_disk: None,
         }
     }
 

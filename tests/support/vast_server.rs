@@ -1439,6 +1439,8 @@ fn instance_json(config: &Config, i: &InstanceRecord) -> Value {
         "is_bid": i.bid.is_some(),
         "min_bid": i.bid,
         "disk_space": i.disk,
+        // $/GB/month, as the offer priced the disk.
+        "storage_cost": if i.disk > 0.0 { i.storage_per_hour * 30.0 * 24.0 / i.disk } else { 0.0 },
         "start_date": start,
         // The proxy route exists from the start (sshN.vast.ai in reality); it is not
         // where the job should go before the container runs.
