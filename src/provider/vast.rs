@@ -1529,6 +1529,14 @@ impl crate::agent::Machine for VastMachine {
     async fn stop(&self) -> Result<(), AgentError> {
         relogin!(self, self.agent.stop().await)
     }
+
+    async fn pause(&self) -> Result<(), AgentError> {
+        relogin!(self, self.agent.pause().await)
+    }
+
+    async fn resume(&self, resume_from: Option<&str>) -> Result<(), AgentError> {
+        relogin!(self, self.agent.resume(resume_from).await)
+    }
 }
 
 #[cfg(test)]

@@ -777,6 +777,7 @@ impl Controller {
             .last_checkpoint_syncs()
             .map_err(ControllerError::Store)?;
         h.ends = store.attempt_ends().map_err(ControllerError::Store)?;
+        h.kept = store.kept_disks().map_err(ControllerError::Store)?;
         Ok(h)
     }
 
