@@ -805,6 +805,7 @@ impl Executor {
                     source: Box::new(source),
                 })?;
                 failpoint::hit("keep-disk:after-stop");
+                self.store(op, |s| s.stopped_kept_disk(run, *attempt, now))?;
                 if let Some(price) = storage {
                     self.reprice(op, run, *attempt, price, now)?;
                 }

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 pub struct KeptDisk {
     /// When the pause that keeps it was recorded (before the final sync and the stop).
     pub at: Timestamp,
+    /// When the provider confirmed the stop (the instance bills storage only).
+    pub stopped_at: Option<Timestamp>,
     /// Why a start of it on resume was refused for good: it will not run again, and
     /// the run goes on from its synced checkpoint on a new instance.
     pub refused: Option<String>,
@@ -28,6 +30,18 @@ impl Store {
                 "INSERT INTO attempt_disks (run, attempt, at) \
                  SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM runs WHERE name = ?1) \
                  ON CONFLICT (run, attempt) DO NOTHING",
+                params![run, attempt, at],
+            )
+            .map(|_| ())
+            .map_err(query(STEP))
+    }
+
+    /// Records that the provider stopped the kept attempt's instance at `at`.
+    pub fn stopped_kept_disk(&self, run: &str, attempt: u32, at: Timestamp) -> StoreResult<()> {
+        const STEP: &str = "recording a stopped instance";
+        self.conn
+            .execute(
+                "UPDATE attempt_disks SET stopped_at = ?3 WHERE run = ?1 AND attempt = ?2",
                 params![run, attempt, at],
             )
             .map(|_| ())
@@ -63,7 +77,7 @@ impl Store {
         const STEP: &str = "reading kept disks";
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT run, attempt, at, refused FROM attempt_disks")
+            .prepare_cached("SELECT run, attempt, at, stopped_at, refused FROM attempt_disks")
             .map_err(query(STEP))?;
         let rows = stmt
             .query_map([], |r| {
@@ -71,7 +85,8 @@ impl Store {
                     (r.get::<_, String>(0)?, r.get::<_, u32>(1)?),
                     KeptDisk {
                         at: r.get(2)?,
-                        refused: r.get(3)?,
+                        stopped_at: r.get(3)?,
+                        refused: r.get(4)?,
                     },
                 ))
             })

@@ -234,6 +234,7 @@ const STEPS: &[&str] = &[
         run      TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
         attempt  INTEGER NOT NULL,
         at       INTEGER NOT NULL,
+        stopped_at INTEGER,
         refused  TEXT,
         PRIMARY KEY (run, attempt)
     );
