@@ -595,8 +595,10 @@ cmd_resume() {
 			"$(quote "$(cat "$ROOT/resume_from")")" >>"$ROOT/spec/env" || die "cannot write spec/env"
 		rm -f "$ROOT/resume_from"
 	fi
+	# What the pause's final sync left says "collected": the run is not, so an
+	# end-of-run hook must wait for the controller again.
 	rm -f "$ROOT/stop_requested" "$ROOT/timed_out" "$ROOT/exit_code" "$ROOT/finished_at" \
-		"$ROOT/sync/final" "$ROOT/status"
+		"$ROOT/sync/final" "$ROOT/collected" "$ROOT/status"
 	rm -f "$ROOT/pause_requested"
 	cmd_start
 }

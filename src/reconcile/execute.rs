@@ -817,7 +817,7 @@ impl Executor {
                         "{}/{} stopped, its disk kept{}",
                         instance.provider,
                         instance.id,
-                        storage.map_or_else(String::new, |p| format!(" at {p}/h"))
+                        storage.map_or_else(String::new, |p| format!(" at ${:.4}/h", p.dollars()))
                     ),
                     now,
                 );
@@ -893,6 +893,9 @@ impl Executor {
                         })?;
                 }
                 failpoint::hit("resume-kept:after-agent");
+                // Billing at the running price again, if the start's own repricing was
+                // cut off by a crash.
+                self.reprice(op, run, *attempt, instance.price_per_hour, now)?;
                 self.store(op, |s| s.drop_kept_disk(run, *attempt))?;
                 self.event(
                     op,

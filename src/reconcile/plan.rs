@@ -1353,6 +1353,18 @@ impl<'a> Planner<'a> {
                     );
                 }
                 self.set_status(key, rec, Phase::Paused, kept_reason, None, None, None);
+                // The stop not recorded as confirmed (a crash right after it): once more,
+                // harmless on a stopped instance, to record it and its storage price.
+                if kept.is_none_or(|k| k.stopped_at.is_none()) {
+                    self.push(
+                        key,
+                        Op::StopKeepingDisk {
+                            run: rec.name.clone(),
+                            attempt: a.attempt,
+                            instance: instance.clone(),
+                        },
+                    );
+                }
                 true
             }
         }
