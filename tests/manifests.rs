@@ -93,6 +93,7 @@ fn every_example_loads_and_round_trips() {
             "from-file",
             "hello",
             "hf-finetune",
+            "imagenet",
             "lab-train",
             "nightly",
             "pod-finetune",
@@ -451,7 +452,7 @@ fn problems_carry_exact_positions() {
     assert_eq!(
         err.to_string(),
         "/manifests/job.yaml:7:17: expected a duration like 30m or 43h, found \"forever\"\n\
-         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `identity_file`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_key`, `ssh_user`, `terminate_key`"
+         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `identity_file`, `instance_types`, `keep_disk_on_pause`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_key`, `ssh_user`, `terminate_key`"
     );
 
     let text = text.replace(", colour: red", "");

@@ -875,8 +875,8 @@ fn convert_placement(
         c.key(
             &format!("{at}/keep_disk_on_pause"),
             format!(
-                "`keep_disk_on_pause` is only used with provider vast, not {provider} \
-                 ({provider} cannot stop an instance and keep its disk: a pause releases it)"
+                "`keep_disk_on_pause` is only used with provider vast, not {provider}: \
+                 asimov keeps no {provider} disk across a pause, it releases the instance"
             ),
         );
     }
