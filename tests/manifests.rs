@@ -106,7 +106,7 @@ fn every_example_loads_and_round_trips() {
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 13);
+    assert_eq!(all.documents.len(), 14);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
