@@ -120,7 +120,7 @@ fn every_example_loads_and_round_trips() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 12);
+    assert_eq!(files.len(), 13);
     for file in &files {
         let one = load_paths(std::slice::from_ref(file), &home)
             .unwrap_or_else(|p| panic!("{}: {p}", file.display()));
