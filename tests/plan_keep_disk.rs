@@ -145,7 +145,10 @@ fn a_pause_keeping_the_disk_syncs_once_then_stops_the_instance_instead_of_destro
     );
     assert!(text.contains("keep-disk train-0 attempt=1"), "{text}");
     assert!(text.contains("collect train-0"), "{text}");
-    assert!(text.contains("stop-keeping-disk train-0 attempt=1 vast/4242"), "{text}");
+    assert!(
+        text.contains("stop-keeping-disk train-0 attempt=1 vast/4242"),
+        "{text}"
+    );
     assert!(!text.contains("destroy"), "{text}");
     assert!(!text.contains("ended="), "the attempt stays open: {text}");
     // The op order: recorded kept, the final sync, then the stop.
@@ -177,13 +180,17 @@ fn a_pause_recorded_kept_whose_stop_did_not_happen_stops_again_without_syncing_a
         "pause_keep_stop_again",
     );
     assert!(text.contains("stop-keeping-disk train-0"), "{text}");
-    assert!(!text.contains("collect"), "the final sync is made once: {text}");
+    assert!(
+        !text.contains("collect"),
+        "the final sync is made once: {text}"
+    );
     assert!(!text.contains("keep-disk train-0"), "recorded once: {text}");
 }
 
 #[test]
 fn a_paused_run_whose_instance_is_stopped_holds_it_and_plans_nothing() {
-    let reason = "paused by `asimov pause`; vast/4242 stopped, its disk kept (storage billing only)";
+    let reason =
+        "paused by `asimov pause`; vast/4242 stopped, its disk kept (storage billing only)";
     let text = check(
         &desired(vec![job(1, true)]),
         &observed(vec![instance(InstanceState::Stopped, 0.03)]),
@@ -201,7 +208,10 @@ fn a_resume_starts_the_stopped_instance_again() {
         &history(record(Phase::Paused, "paused"), false, kept(true, None)),
         "resume_keep_start",
     );
-    assert!(text.contains("start-kept train-0 attempt=1 vast/4242"), "{text}");
+    assert!(
+        text.contains("start-kept train-0 attempt=1 vast/4242"),
+        "{text}"
+    );
     assert!(!text.contains("create"), "{text}");
     assert!(!text.contains("destroy"), "{text}");
 }
@@ -211,10 +221,17 @@ fn a_resume_whose_instance_runs_again_restarts_the_job_on_the_same_disk() {
     let text = check(
         &desired(vec![job(1, true)]),
         &observed(vec![instance(InstanceState::Running, 0.35)]),
-        &history(record(Phase::Provisioning, "starting"), false, kept(true, None)),
+        &history(
+            record(Phase::Provisioning, "starting"),
+            false,
+            kept(true, None),
+        ),
         "resume_keep_restart_job",
     );
-    assert!(text.contains("resume-kept train-0 attempt=1 vast/4242"), "{text}");
+    assert!(
+        text.contains("resume-kept train-0 attempt=1 vast/4242"),
+        "{text}"
+    );
     assert!(!text.contains("ended="), "{text}");
 }
 
@@ -224,7 +241,11 @@ fn a_start_refused_ends_the_attempt_destroys_the_instance_and_a_new_one_follows(
     let text = check(
         &desired(vec![job(1, true)]),
         &observed(vec![instance(InstanceState::Stopped, 0.03)]),
-        &history(record(Phase::Provisioning, "starting"), false, kept(true, Some(why))),
+        &history(
+            record(Phase::Provisioning, "starting"),
+            false,
+            kept(true, Some(why)),
+        ),
         "resume_keep_refused",
     );
     assert!(text.contains("attempt 1 ended=paused"), "{text}");
@@ -242,7 +263,10 @@ fn a_start_refused_ends_the_attempt_destroys_the_instance_and_a_new_one_follows(
         &h,
         "resume_keep_refused_released",
     );
-    assert!(text.contains("release train-0 attempt=1 outcome=paused"), "{text}");
+    assert!(
+        text.contains("release train-0 attempt=1 outcome=paused"),
+        "{text}"
+    );
     let mut a = attempt();
     a.outcome = Some(Outcome::Paused);
     a.released_at = Some(NOW - 5);
@@ -266,7 +290,10 @@ fn a_resume_whose_stopped_instance_is_gone_releases_the_attempt() {
     );
     assert!(text.contains("attempt 1 ended=paused"), "{text}");
     assert!(text.contains("its stopped instance is gone"), "{text}");
-    assert!(text.contains("release train-0 attempt=1 outcome=paused"), "{text}");
+    assert!(
+        text.contains("release train-0 attempt=1 outcome=paused"),
+        "{text}"
+    );
 }
 
 #[test]

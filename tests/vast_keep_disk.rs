@@ -319,10 +319,7 @@ fn a_pause_keeps_the_instance_stopped_on_storage_billing_and_resume_goes_on_on_i
     w.until_succeeded();
     assert_resumed_on_the_same_disk(&w, at_pause);
     let i = &w.server.instances()[0];
-    assert!(
-        i.stopped_periods[0].1.is_some(),
-        "started again: {i:#?}"
-    );
+    assert!(i.stopped_periods[0].1.is_some(), "started again: {i:#?}");
     assert!(i.stopped_secs() >= 2.0, "{i:#?}");
     let described = w.ok(&["describe", "run", RUN]);
     assert!(described.contains("DiskKept"), "{described}");

@@ -90,9 +90,9 @@ pub fn pause(home: &Home, name: &str) -> CliResult {
                 "run/{run} paused; its instance {instance} is stopped with its disk kept (it bills \
                  storage only); `asimov resume {run}` starts it again on that disk"
             ),
-            None => println!(
-                "run/{run} paused; no instance is left; `asimov resume {run}` resumes it"
-            ),
+            None => {
+                println!("run/{run} paused; no instance is left; `asimov resume {run}` resumes it")
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -170,13 +170,7 @@ fn kept_instance(store: &Store, run: &str) -> Option<String> {
             kept.get(&(run.to_string(), a.attempt))
                 .is_some_and(|k| k.stopped_at.is_some() && k.refused.is_none())
         })
-        .map(|a| {
-            format!(
-                "{}/{}",
-                a.provider,
-                a.instance_id.as_deref().unwrap_or("?")
-            )
-        })
+        .map(|a| format!("{}/{}", a.provider, a.instance_id.as_deref().unwrap_or("?")))
 }
 
 fn list(runs: &[String]) -> String {

@@ -839,7 +839,10 @@ impl Executor {
                             op,
                             run,
                             "Restarted",
-                            format!("{}/{} runs again on its kept disk", running.provider, running.id),
+                            format!(
+                                "{}/{} runs again on its kept disk",
+                                running.provider, running.id
+                            ),
                             now,
                         );
                         Ok(())

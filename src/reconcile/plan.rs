@@ -1287,7 +1287,15 @@ impl<'a> Planner<'a> {
         let kept = self.history.kept.get(&(rec.name.clone(), a.attempt));
         let instance = match self.seen(a) {
             Seen::Unknown => {
-                self.set_status(key, rec, Phase::Paused, reason.to_string(), None, None, None);
+                self.set_status(
+                    key,
+                    rec,
+                    Phase::Paused,
+                    reason.to_string(),
+                    None,
+                    None,
+                    None,
+                );
                 self.wake(key, self.listing_wait(a.provider));
                 return true;
             }
@@ -1406,7 +1414,10 @@ impl<'a> Planner<'a> {
             );
             match instance {
                 Some(i) => {
-                    let why = format!("attempt {} ended: resume on its kept disk failed", a.attempt);
+                    let why = format!(
+                        "attempt {} ended: resume on its kept disk failed",
+                        a.attempt
+                    );
                     self.destroy_orphan(key, Some(&rec.name), i, &why);
                 }
                 None => self.push(
