@@ -348,3 +348,33 @@ fn a_stopped_instance_counts_against_budgets_at_its_storage_price_since_it_stopp
     let text = budget_case(0.35, "budget_keep_gpu_price");
     assert!(text.contains("block train-1"), "{text}");
 }
+
+#[test]
+fn a_budget_that_blocks_new_attempts_keeps_a_resumed_instance_stopped() {
+    let mut j = job(1, true);
+    j.spec.budget = Some("team".into());
+    let mut d = desired(vec![j]);
+    d.budgets.push(Budget {
+        name: "team".into(),
+        labels: BTreeMap::new(),
+        limit_usd: 10.0,
+        period: None,
+        selector: BTreeMap::new(),
+        action: BudgetAction::Block,
+        origin: Origin {
+            file: "b.yaml".into(),
+            line: 1,
+        },
+    });
+    let mut h = history(record(Phase::Paused, "paused"), false, kept(true, None));
+    h.spent.insert("team".into(), Usd::from_dollars(10.5));
+    let text = check(
+        &d,
+        &observed(vec![instance(InstanceState::Stopped, 0.03)]),
+        &h,
+        "resume_keep_budget_blocked",
+    );
+    assert!(text.contains("block train-0"), "{text}");
+    assert!(!text.contains("start-kept"), "{text}");
+    assert!(!text.contains("destroy"), "{text}");
+}

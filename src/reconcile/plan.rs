@@ -1110,7 +1110,7 @@ impl<'a> Planner<'a> {
             && a.outcome.is_none()
             && let Some(kept) = self.history.kept.get(&(rec.name.clone(), a.attempt))
         {
-            return self.resume_kept(&key, &rec, a, kept);
+            return self.resume_kept(&key, job, &rec, a, kept);
         }
 
         match current {
@@ -1382,7 +1382,14 @@ impl<'a> Planner<'a> {
     /// the job runs again on that disk. A start refused for good, or an instance gone
     /// meanwhile, ends the attempt (`Paused`, with why) and destroys what is left: the
     /// next attempt resumes from the synced checkpoint on a new instance.
-    fn resume_kept(&mut self, key: &QueueKey, rec: &RunRecord, a: &AttemptRecord, kept: &KeptDisk) {
+    fn resume_kept(
+        &mut self,
+        key: &QueueKey,
+        job: &Job,
+        rec: &RunRecord,
+        a: &AttemptRecord,
+        kept: &KeptDisk,
+    ) {
         let instance = match self.seen(a) {
             Seen::Unknown => {
                 self.wake(key, self.listing_wait(a.provider));
@@ -1432,6 +1439,14 @@ impl<'a> Planner<'a> {
             return;
         }
         let Some(i) = instance else { return };
+        // A budget that blocks new attempts holds a stopped one too: starting it bills
+        // the GPU again. It stays stopped (storage only) until the budget allows.
+        if i.state != InstanceState::Running
+            && let Some(b) = budget::over_limit(job, &self.desired.budgets, &self.budgets).first()
+        {
+            self.block(key, rec, b.reason());
+            return;
+        }
         let op = if i.state == InstanceState::Running {
             let reason = format!("resuming the job on {}/{}'s kept disk", i.provider, i.id);
             self.set_status(key, rec, Phase::Starting, reason, None, None, None);
