@@ -18,6 +18,9 @@
 //!   a live instance until the host answers again;
 //! - every key is looked at again within its providers' resync period, so what changes
 //!   behind asimov's back (a billing instance, a silent agent) is noticed while idle;
+//! - a paused attempt that keeps its disk (`keep_disk_on_pause`) holds its stopped
+//!   instance, and nothing else: a delete, `asimov destroy` or a start refused on
+//!   resume destroys it, so no stopped disk bills on unowned;
 //! - what time alone changes (cost so far, progress between phases) is no op: readers
 //!   derive cost from the price and the billing start, and the controller records
 //!   observed progress; a steady pass plans nothing, however many runs there are.
