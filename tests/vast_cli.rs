@@ -938,3 +938,72 @@ fn each_attempts_dph_total_feeds_the_cost_ledger_and_budgets_as_vast_bills_it() 
     assert!(described.contains("budget"), "{described}");
     kill9(&mut controller);
 }
+
+/// Slow creates, as the fault campaign's `Slow`: each held 6 s before the server acts,
+/// past the controller's 2 s client timeout.
+fn slow_creates() -> std::sync::Arc<support::faults::Faults> {
+    support::faults::Faults::new(
+        11,
+        support::faults::Rates {
+            slow: 1.0,
+            slow_for: Duration::from_secs(6),
+            creates_only: true,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn a_create_that_lands_after_its_client_timed_out_is_adopted_not_bought_twice() {
+    // The server finishes the create its client hung up on (as Vast does), 4 s after
+    // the client gave up; the listing lag (20 s here) covers that, so asimov sees the
+    // late instance under its tag and adopts it instead of buying another.
+    let Some(w) = world_with(
+        vec![
+            offer(301, "RTX 4090", 1, 24.0, 0.41),
+            offer(302, "RTX 4090", 1, 24.0, 0.35),
+        ],
+        |c| c.faults = Some(slow_creates()),
+    ) else {
+        return;
+    };
+    let mut controller = w.spawn_controller_with(&[
+        ("ASIMOV_HTTP_TIMEOUT", "2"),
+        ("ASIMOV_VAST_LISTING_LAG_SECS", "20"),
+    ]);
+    w.apply(&w.job("sh train.sh; sleep 0.5"));
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    w.wait_destroyed();
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "adopted, not bought twice: {recs:?}");
+    assert_eq!(w.server.creates_received(), 1);
+    assert_eq!(w.attempt(), 1);
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_create_answered_by_a_5xx_page_is_sent_again_once_the_overridden_listing_lag_is_over() {
+    let Some(w) = world() else { return };
+    // A proxy's 502: the instance may or may not exist, so asimov waits until the
+    // listing would show it (5 s by `ASIMOV_VAST_LISTING_LAG_SECS`, not Vast's 120),
+    // then creates again under the same tag.
+    w.server.inject(Some(Api::Create), Fault::NginxHtml(502), 1);
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_VAST_LISTING_LAG_SECS", "5")]);
+    let start = Instant::now();
+    w.apply(&w.job("sh train.sh"));
+    w.until("the run to succeed", 100, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(5),
+        "created again before the listing lag was over: {took:?}"
+    );
+    assert_eq!(w.server.creates_received(), 2);
+    assert_eq!(w.server.instances().len(), 1);
+    assert_eq!(w.attempt(), 1, "the same attempt, the same tag");
+    w.wait_destroyed();
+    kill9(&mut controller);
+}

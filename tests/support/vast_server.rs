@@ -717,7 +717,22 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Each request is handled to its end in a task of its own: hyper drops a handler whose
+/// client hung up, and a real server that was slow to answer still acts (a create held
+/// past the client's timeout creates its instance).
 async fn handle(
+    state: Arc<Mutex<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    tokio::spawn(handle_to_the_end(state, method, uri, headers, body))
+        .await
+        .unwrap_or_else(|_| nginx_page(500))
+}
+
+async fn handle_to_the_end(
     state: Arc<Mutex<State>>,
     method: Method,
     uri: Uri,
