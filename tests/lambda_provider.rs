@@ -216,7 +216,10 @@ async fn a_launch_held_past_the_clients_timeout_still_lands_in_the_servers_recor
             &["us-east-1"],
         )],
     );
-    server.add_key("late-key", "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOlate late@test");
+    server.add_key(
+        "late-key",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOlate late@test",
+    );
     // reqwest is built without a crypto provider (asimov installs ring): so here.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let client = reqwest::Client::builder()
