@@ -586,12 +586,20 @@ const RESTART_GRACE: Duration = Duration::from_secs(1);
 struct FaultPlan {
     /// Share of requests each cloud server answers with a fault (at most 0.3).
     rate: f64,
-    /// The client's request timeout, and how long a "timeout" fault holds a request.
+    /// The client's request timeout (a "timeout" fault holds a request past it).
     client_timeout: Duration,
     /// Mean pause between two cut SSH connections.
     cut_every: Duration,
     /// How long `$ASIMOV_HOME`'s disk stays full (once, halfway through the steps).
     disk_full_for: Duration,
+}
+
+impl FaultPlan {
+    /// How long a "timeout" fault holds a request before the server acts on it: one
+    /// second past the client's timeout, so the client has given up.
+    fn slow_for(&self) -> Duration {
+        self.client_timeout + Duration::from_secs(1)
+    }
 }
 
 struct Sizes {
@@ -852,8 +860,7 @@ fn campaign(sizes: Sizes) {
     };
     let cloud_runs = sizes.jobs * sizes.runs_per_job * 4;
     let rates = sizes.faults.as_ref().map(|f| {
-        let slow_for = f.client_timeout + Duration::from_secs(1);
-        Rates::even(f.rate.min(0.3), slow_for)
+        Rates::even(f.rate.min(0.3), f.slow_for())
     });
     let faults_for = |n: u64| rates.clone().map(|r| Faults::new(seed ^ n, r));
     let targets: Vec<Box<dyn Target>> = vec![
@@ -1174,14 +1181,15 @@ fn campaign(sizes: Sizes) {
         .collect();
     let tick = asimov::reconcile::plan::REQUEUE_RUNNING;
     // What may bill after a run's end: one controller tick, plus the second the run's end
-    // is rounded to; under faults also one client timeout (a destroy the faults hold or
-    // cut is retried after it).
+    // is rounded to; under faults also one "timeout" hold: the servers finish what they
+    // are asked even once the client gave up, so a destroy the faults hold acts when its
+    // hold ends, one second past the client's timeout (the retry of one cut is sooner).
     let allowed = tick
         + Duration::from_secs(1)
         + sizes
             .faults
             .as_ref()
-            .map_or(Duration::ZERO, |f| f.client_timeout);
+            .map_or(Duration::ZERO, FaultPlan::slow_for);
     let now = SystemTime::now();
     let mut overbilled = Vec::new();
     let mut billed_lines = Vec::new();
