@@ -554,6 +554,52 @@ fn act(a: &Asimov, env: &[(String, String)], args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// What a failed assertion needs to be understood without a replay (a seed replays the
+/// rates, not the timing): for each named run, the store's account of it, every
+/// controller log line that names it, and what each target billed under its tags.
+fn history_of(targets: &[Box<dyn Target>], a: &Asimov, spawned: usize, runs: &[String]) -> String {
+    let mut out = String::new();
+    let now = SystemTime::now();
+    for run in runs {
+        out.push_str(&format!("==== {run}\n"));
+        out.push_str(&String::from_utf8_lossy(
+            &a.run(&["describe", "run", run]).stdout,
+        ));
+        for t in targets {
+            for b in t.billed().unwrap_or_default() {
+                if run_of(&b.tag) == *run {
+                    out.push_str(&format!(
+                        "  {} billed {}: started {:.1}s ago, stopped {}\n",
+                        t.name(),
+                        b.tag,
+                        seconds_between(b.started, now),
+                        b.stopped.map_or("never".to_string(), |s| format!(
+                            "{:.1}s ago",
+                            seconds_between(s, now)
+                        ))
+                    ));
+                }
+            }
+        }
+        let word = format!("{run}.");
+        let named = format!(" {run} ");
+        let mut lines = Vec::new();
+        for n in 0..=spawned {
+            let text = std::fs::read_to_string(a.repo.path().join(format!("controller-{n}.log")))
+                .unwrap_or_default();
+            for l in text.lines() {
+                if l.contains(&word) || l.contains(&named) || l.ends_with(&format!(" {run}")) {
+                    lines.push(format!("  [controller {n}] {l}"));
+                }
+            }
+        }
+        let from = lines.len().saturating_sub(40);
+        out.push_str(&lines[from..].join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
 /// The last lines of a controller's log, for a failure message.
 fn log_tail(a: &Asimov, n: usize) -> String {
     let text = std::fs::read_to_string(a.repo.path().join(format!("controller-{n}.log")))
@@ -1348,8 +1394,18 @@ fn campaign(sizes: Sizes) {
     let replay = format!("replay with ASIMOV_CAMPAIGN_SEED={seed}");
     assert!(
         tally.duplicates.is_empty(),
-        "duplicate instances ({replay}): {:#?}",
-        tally.duplicates
+        "duplicate instances ({replay}): {:#?}\n{}",
+        tally.duplicates,
+        history_of(
+            &targets,
+            &a,
+            spawned,
+            &tally
+                .duplicates
+                .iter()
+                .filter_map(|d| d.split(':').next().map(str::to_string))
+                .collect::<Vec<_>>()
+        )
     );
     assert_eq!(lost, 0, "runs lost ({replay}): {waiting:#?}");
     if !waiting.is_empty() {
@@ -1362,17 +1418,32 @@ fn campaign(sizes: Sizes) {
                 String::from_utf8_lossy(&a.run(&["describe", "run", run]).stdout).into_owned()
             })
             .collect();
+        let first: Vec<String> = waiting
+            .iter()
+            .take(2)
+            .filter_map(|w| w.split(':').next().map(str::to_string))
+            .collect();
         panic!(
-            "not converged after {:?} ({replay}): {waiting:#?}\n{}\ninstances: {:?}\nlog:\n{}",
+            "not converged after {:?} ({replay}): {waiting:#?}\n{}\ninstances: {:?}\nlog:\n{}\n{}",
             sizes.settle,
             described.join("\n"),
             instances_by_run(&targets, &a),
-            log_tail(&a, spawned)
+            log_tail(&a, spawned),
+            history_of(&targets, &a, spawned, &first)
         );
     }
     assert!(
         orphans.is_empty(),
-        "orphaned instances ({replay}): {orphans:?}"
+        "orphaned instances ({replay}): {orphans:?}\n{}",
+        history_of(
+            &targets,
+            &a,
+            spawned,
+            &orphans
+                .iter()
+                .map(|o| run_of(o.split_once(':').map_or(o.as_str(), |(_, t)| t)))
+                .collect::<Vec<_>>()
+        )
     );
     assert!(
         overbilled.is_empty(),
