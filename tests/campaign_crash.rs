@@ -905,9 +905,10 @@ fn campaign(sizes: Sizes) {
         None => None,
     };
     let cloud_runs = sizes.jobs * sizes.runs_per_job * 4;
-    let rates = sizes.faults.as_ref().map(|f| {
-        Rates::even(f.rate.min(0.3), f.slow_for())
-    });
+    let rates = sizes
+        .faults
+        .as_ref()
+        .map(|f| Rates::even(f.rate.min(0.3), f.slow_for()));
     let faults_for = |n: u64| rates.clone().map(|r| Faults::new(seed ^ n, r));
     let targets: Vec<Box<dyn Target>> = vec![
         Box::new(Local),
