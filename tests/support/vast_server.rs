@@ -727,7 +727,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    tokio::spawn(handle_to_the_end(state, method, uri, headers, body))
+    // Its arrival is when hyper hands it over, not when its task first runs.
+    let arrived = Instant::now();
+    tokio::spawn(handle_to_the_end(state, method, uri, headers, body, arrived))
         .await
         .unwrap_or_else(|_| nginx_page(500))
 }
@@ -738,8 +740,8 @@ async fn handle_to_the_end(
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
+    arrived: Instant,
 ) -> Response {
-    let arrived = Instant::now();
     tick(&state);
     let path = uri.path().to_string();
     let endpoint = classify(&method, &path);
