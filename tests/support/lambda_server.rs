@@ -168,6 +168,8 @@ pub struct RequestRecord {
     pub path: String,
     pub endpoint: Endpoint,
     pub status: u16,
+    /// When the rate limits judged it: on arrival for a request the server was slow to
+    /// act on, else when it was answered.
     pub at: Instant,
     pub body: Value,
     /// The API key the request carried (empty without a valid one).
@@ -646,9 +648,11 @@ async fn handle_to_the_end(
     // A slow request passes the rate limits on arrival (if its key is valid), then
     // waits before it is acted on.
     let mut refused = None;
+    let mut judged = None;
     if let Some(Chaos::Slow(d)) = chaos {
         refused = {
             let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            judged = Some(Instant::now());
             if authorized(&st, &headers).is_some() {
                 rate_limit(&mut st, endpoint)
             } else {
@@ -683,7 +687,7 @@ async fn handle_to_the_end(
             path: path.clone(),
             endpoint,
             status,
-            at: Instant::now(),
+            at: judged.unwrap_or_else(Instant::now),
             body: body_json,
         });
         (response, hold)

@@ -729,9 +729,11 @@ async fn handle(
 ) -> Response {
     // Its arrival is when hyper hands it over, not when its task first runs.
     let arrived = Instant::now();
-    tokio::spawn(handle_to_the_end(state, method, uri, headers, body, arrived))
-        .await
-        .unwrap_or_else(|_| nginx_page(500))
+    tokio::spawn(handle_to_the_end(
+        state, method, uri, headers, body, arrived,
+    ))
+    .await
+    .unwrap_or_else(|_| nginx_page(500))
 }
 
 async fn handle_to_the_end(
