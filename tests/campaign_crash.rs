@@ -380,10 +380,11 @@ impl Target for Cloud {
             // Vast's records say when each request arrived, before the server's lock:
             // judged by arrivals, the server's own 429s (decided under its lock, which a
             // loaded machine's scheduler may hold up so that requests sent a gap apart
-            // are answered in one burst) are not the client's doing. Judged over two
-            // gaps: one request held up on its way (a loaded machine's scheduler) arrives
-            // close to the next, which a pacing client then makes up for; a client that
-            // does not pace sends three in a row too close.
+            // are answered in one burst) are not the client's doing. Judged over
+            // `JUDGED_GAPS` gaps: requests held up on their way (a loaded machine's
+            // scheduler, a new connection's handshake) arrive close to the next ones,
+            // which a pacing client then makes up for; a client that does not pace (or
+            // paces each task alone) sends many in a row too close.
             Server::Vast(s) => {
                 let gaps = vast_server::Config::documented_gaps(PACING_SCALE * SLACK);
                 let mut last: BTreeMap<(vast_server::Endpoint, String), VecDeque<Instant>> =
@@ -396,8 +397,8 @@ impl Target for Cloud {
                         continue;
                     };
                     let recent = last.entry((r.endpoint, r.auth.clone())).or_default();
-                    if recent.len() == 2 {
-                        if r.arrived.duration_since(recent[0]) < *gap * 2 {
+                    if recent.len() == JUDGED_GAPS as usize {
+                        if r.arrived.duration_since(recent[0]) < *gap * JUDGED_GAPS {
                             too_close.push((r.arrived, show(&r.method, &r.path)));
                         }
                         recent.pop_front();
@@ -407,7 +408,8 @@ impl Target for Cloud {
                 too_close
             }
             // Lambda's server refuses a single short gap (429), judged when it takes its
-            // lock; as for Vast, a violation is three requests within two gaps (of all
+            // lock; as for Vast, a violation is `JUDGED_GAPS` + 1 requests within
+            // `JUDGED_GAPS` gaps (of all
             // requests, and of launches), which jitter alone does not make.
             Server::Lambda(s) => {
                 let mut requests = s.requests();
@@ -422,8 +424,8 @@ impl Target for Cloud {
                     .map(|r| (r.at, show(&r.method, &r.path)))
                     .collect();
                 let mut too_close =
-                    within_two_gaps(&all, Duration::from_secs_f64(1.0 * PACING_SCALE * SLACK));
-                too_close.extend(within_two_gaps(
+                    within_gaps(&all, Duration::from_secs_f64(1.0 * PACING_SCALE * SLACK));
+                too_close.extend(within_gaps(
                     &launches,
                     Duration::from_secs_f64(10.0 * PACING_SCALE * SLACK),
                 ));
@@ -450,13 +452,21 @@ impl Target for Cloud {
     }
 }
 
-/// The requests (in arrival order) that came less than two gaps after the one two
-/// before them.
-fn within_two_gaps(requests: &[(Instant, String)], gap: Duration) -> Vec<(Instant, String)> {
+/// How many gaps a window of requests is judged over: `JUDGED_GAPS` + 1 requests in a
+/// row closer than that many gaps is a pacing violation. Three within two gaps was
+/// met by jitter alone on a loaded machine (two list calls held up ~100 ms at a 50 ms
+/// judged gap, 6.7 s after a controller's start); a client that does not pace, or
+/// paces its tasks apart, sends five within far less.
+const JUDGED_GAPS: u32 = 4;
+
+/// The requests (in arrival order) that came less than `JUDGED_GAPS` gaps after the
+/// one `JUDGED_GAPS` before them.
+fn within_gaps(requests: &[(Instant, String)], gap: Duration) -> Vec<(Instant, String)> {
+    let n = JUDGED_GAPS as usize;
     requests
-        .windows(3)
-        .filter(|w| w[2].0.duration_since(w[0].0) < gap * 2)
-        .map(|w| w[2].clone())
+        .windows(n + 1)
+        .filter(|w| w[n].0.duration_since(w[0].0) < gap * JUDGED_GAPS)
+        .map(|w| w[n].clone())
         .collect()
 }
 
