@@ -72,6 +72,11 @@ const DEFAULT_SELF_DESTROY_GRACE: Duration = Duration::from_secs(300);
 /// controller tries again on a later pass).
 pub const RETRY_ENV: &str = "ASIMOV_VAST_RETRY_SECS";
 const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(90);
+/// Test servers only: seconds a new instance may be missing from the listing instead
+/// of `LISTING_LAG`, so that tests and campaigns need not wait two minutes.
+pub const LISTING_LAG_ENV: &str = "ASIMOV_VAST_LISTING_LAG_SECS";
+/// How long a new instance may be missing from the listing (unverified: taken long).
+const LISTING_LAG: Duration = Duration::from_secs(120);
 
 fn retry_budget() -> Duration {
     std::env::var(RETRY_ENV)
@@ -682,6 +687,8 @@ pub struct VastProvider {
     /// them again: parallel creates skip them instead of all racing for the cheapest
     /// one (each loser would pay a paced create).
     claimed: Mutex<BTreeMap<u64, tokio::time::Instant>>,
+    /// `LISTING_LAG`, or `LISTING_LAG_ENV` seconds against a test server.
+    listing_lag: Duration,
 }
 
 /// How long an offer being bought (or bought) is skipped; bought offers leave the
@@ -814,6 +821,7 @@ impl VastProvider {
             instance_keys: Mutex::new(BTreeMap::new()),
             key_registered: tokio::sync::Mutex::new(false),
             claimed: Mutex::new(BTreeMap::new()),
+            listing_lag: super::cloud::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
         })
     }
 
@@ -1139,7 +1147,7 @@ impl Provider for VastProvider {
     /// bills its disk; login as `root`.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            listing_lag: Duration::from_secs(120),
+            listing_lag: self.listing_lag,
             boot_timeout: Duration::from_secs(20 * 60),
             boot_timeouts: Default::default(),
             pacing: ProviderPacing {

@@ -167,6 +167,21 @@ impl Executor {
         self
     }
 
+    /// At a controller's start: a create a predecessor left in flight when it died
+    /// (an intent without an instance) may have waited in the pacer or retried in
+    /// place for longer than the listing lag before it was sent, and may still land:
+    /// its lag counts from now, or it would be bought twice.
+    pub fn creates_in_flight_until(&self, now: Timestamp) -> Result<(), StoreError> {
+        let store = lock(&self.store);
+        for mut a in store.unreleased_attempts()? {
+            if a.instance_id.is_none() && a.intent_at < now {
+                a.intent_at = now;
+                store.put_attempt(&a)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for room to call `kind`'s API (its pacing's calls in flight); no limit for
     /// a provider that is not registered (its call fails at once anyway).
     pub async fn permit(&self, kind: ProviderKind) -> Option<OwnedSemaphorePermit> {
@@ -393,6 +408,10 @@ impl Executor {
                     released_at: None,
                     outcome: None,
                 });
+                // A create sent again for the same attempt: the listing lag counts from
+                // this one (a controller killed during it must not buy a third).
+                a.intent_at = a.intent_at.max(now);
+                let asked = tokio::time::Instant::now();
                 rec.attempt = *attempt;
                 rec.placement_index = *placement_index;
                 rec.provider = Some(*provider);
@@ -474,11 +493,21 @@ impl Executor {
                         }
                     }
                     // Ambiguous (timeout, 5xx, rate limit): the intent stays; the next
-                    // pass adopts the instance if the listing shows the tag.
-                    Err(e) => Err(ExecError::Provider {
-                        op: op.to_string(),
-                        source: Box::new(e),
-                    }),
+                    // pass adopts the instance if the listing shows the tag. The create
+                    // was in flight until now, after waits in the pacer and retries in
+                    // place that can outlast the listing lag: the lag counts from here,
+                    // or a create that lands late is bought twice.
+                    Err(e) => {
+                        let secs = asked.elapsed().as_secs_f64().ceil() as Timestamp;
+                        a.intent_at = a.intent_at.max(now.saturating_add(secs));
+                        if let Err(store) = self.store(op, |s| s.put_attempt(&a)) {
+                            tracing::warn!(error = %store, "cannot record when the create ended");
+                        }
+                        Err(ExecError::Provider {
+                            op: op.to_string(),
+                            source: Box::new(e),
+                        })
+                    }
                 }
             }
             Op::Adopt {
