@@ -21,8 +21,8 @@
 //! `ASIMOV_CAMPAIGN_SEED=<seed> cargo test --test campaign_crash NAME -- --nocapture`.
 //!
 //! - Short (CI): `crash_campaign_short`, `fault_campaign_short`, one at a time, each a
-//!   few minutes at most (bounded by Vast's and Lambda's 120 s listing lag after a kill
-//!   or a fault lands inside a create; RunPod's client is given 10 s).
+//!   few minutes at most (the clouds' clients are given a 10 s listing lag, so a kill
+//!   or a fault inside a create waits 10 s, not Vast's and Lambda's 120 or RunPod's 300).
 //! - Long: `cargo test --release --test campaign_crash -- --ignored --nocapture`
 //!   (`crash_campaign_long`, `fault_campaign_long`: a few hundred runs).
 //!   `ASIMOV_CAMPAIGN_JOBS`, `ASIMOV_CAMPAIGN_STEPS`, `ASIMOV_CAMPAIGN_SEED` and (faults)
@@ -295,11 +295,20 @@ impl Target for Cloud {
             Server::Vast(s) => vec![
                 pair("ASIMOV_VAST_API_URL", s.url()),
                 pair("ASIMOV_VAST_PACING", PACING_SCALE.to_string()),
+                // Vast's 120 s would make every lost create answer wait two minutes.
+                pair(
+                    "ASIMOV_VAST_LISTING_LAG_SECS",
+                    listing_lag("ASIMOV_VAST_LISTING_LAG_SECS").to_string(),
+                ),
             ],
             Server::Lambda(s) => {
                 let mut env = vec![
                     pair("ASIMOV_LAMBDA_API_URL", s.url()),
                     pair("ASIMOV_LAMBDA_PACING", PACING_SCALE.to_string()),
+                    pair(
+                        "ASIMOV_LAMBDA_LISTING_LAG_SECS",
+                        listing_lag("ASIMOV_LAMBDA_LISTING_LAG_SECS").to_string(),
+                    ),
                 ];
                 // Only where port 22 could not be bound (not root): say where sshd is.
                 if self.sshd.port() != 22 {
@@ -633,12 +642,20 @@ const RESTART_GRACE: Duration = Duration::from_secs(1);
 struct FaultPlan {
     /// Share of requests each cloud server answers with a fault (at most 0.3).
     rate: f64,
-    /// The client's request timeout, and how long a "timeout" fault holds a request.
+    /// The client's request timeout (a "timeout" fault holds a request past it).
     client_timeout: Duration,
     /// Mean pause between two cut SSH connections.
     cut_every: Duration,
     /// How long `$ASIMOV_HOME`'s disk stays full (once, halfway through the steps).
     disk_full_for: Duration,
+}
+
+impl FaultPlan {
+    /// How long a "timeout" fault holds a request before the server acts on it: one
+    /// second past the client's timeout, so the client has given up.
+    fn slow_for(&self) -> Duration {
+        self.client_timeout + Duration::from_secs(1)
+    }
 }
 
 struct Sizes {
@@ -898,10 +915,10 @@ fn campaign(sizes: Sizes) {
         None => None,
     };
     let cloud_runs = sizes.jobs * sizes.runs_per_job * 4;
-    let rates = sizes.faults.as_ref().map(|f| {
-        let slow_for = f.client_timeout + Duration::from_secs(1);
-        Rates::even(f.rate.min(0.3), slow_for)
-    });
+    let rates = sizes
+        .faults
+        .as_ref()
+        .map(|f| Rates::even(f.rate.min(0.3), f.slow_for()));
     let faults_for = |n: u64| rates.clone().map(|r| Faults::new(seed ^ n, r));
     let targets: Vec<Box<dyn Target>> = vec![
         Box::new(Local),
@@ -1221,14 +1238,15 @@ fn campaign(sizes: Sizes) {
         .collect();
     let tick = asimov::reconcile::plan::REQUEUE_RUNNING;
     // What may bill after a run's end: one controller tick, plus the second the run's end
-    // is rounded to; under faults also one client timeout (a destroy the faults hold or
-    // cut is retried after it).
+    // is rounded to; under faults also one "timeout" hold: the servers finish what they
+    // are asked even once the client gave up, so a destroy the faults hold acts when its
+    // hold ends, one second past the client's timeout (the retry of one cut is sooner).
     let allowed = tick
         + Duration::from_secs(1)
         + sizes
             .faults
             .as_ref()
-            .map_or(Duration::ZERO, |f| f.client_timeout);
+            .map_or(Duration::ZERO, FaultPlan::slow_for);
     let now = SystemTime::now();
     let mut overbilled = Vec::new();
     let mut billed_lines = Vec::new();
@@ -1467,16 +1485,27 @@ fn campaign(sizes: Sizes) {
     kill9(&mut controller);
 }
 
-/// The RunPod client's listing lag in the campaigns: 10 s (longer than a create held
-/// past the client's timeout takes to land), or what `ASIMOV_RUNPOD_LISTING_LAG_SECS`
-/// says (300, RunPod's own, to compare).
+/// The campaigns' listing lag for the three clouds' clients, unless
+/// `ASIMOV_{VAST,LAMBDA,RUNPOD}_LISTING_LAG_SECS` says otherwise (120 or 300, the real
+/// ones, to compare). 10 s is safe: the test servers list an instance the moment they
+/// make it (no lag of their own), and the latest a create lands after its client gave
+/// up is the fault plan's slow hold, one second past the 3 s client timeout (4 s from
+/// its sending); a create cut after the server acted has landed before its answer
+/// is cut. 10 s covers both with room for a loaded machine.
+const CLOUD_LISTING_LAG: u64 = 10;
+
+/// Seconds of listing lag for the cloud whose override `env` names.
+fn listing_lag(env: &str) -> u64 {
+    env_or(env, CLOUD_LISTING_LAG)
+}
+
 fn runpod_listing_lag() -> Duration {
-    Duration::from_secs(env_or("ASIMOV_RUNPOD_LISTING_LAG_SECS", 10))
+    Duration::from_secs(listing_lag("ASIMOV_RUNPOD_LISTING_LAG_SECS"))
 }
 
 /// A short campaign's settle time: a SIGKILL between a run's intent and the create's
 /// answer makes the next controller wait out the provider's listing lag before creating
-/// again (Vast and Lambda 120 s, RunPod's as set above), then backoffs after faults.
+/// again (as set above), then backoffs after faults.
 fn short_settle() -> Duration {
     Duration::from_secs(240).max(runpod_listing_lag() + Duration::from_secs(120))
 }
@@ -1520,7 +1549,7 @@ fn fault_campaign_short() {
         runs_per_job: 3,
         steps: env_or("ASIMOV_CAMPAIGN_STEPS", 30) as usize,
         // Under faults an ambiguous create can land late in the settling (a changed spec
-        // taken up after backoffs), then wait a 120 s listing lag, then back off again.
+        // taken up after backoffs), then wait the listing lag, then back off again.
         settle: short_settle() + Duration::from_secs(180),
         faults: Some(fault_plan(30, Duration::from_secs(5))),
     });

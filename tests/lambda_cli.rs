@@ -38,8 +38,15 @@ struct World {
 const TERMINATE_KEY: &str = "lambda-terminate-key_abcdef987654";
 
 fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
+    world_with(types, |_| {})
+}
+
+fn world_with(
+    types: Vec<lambda_server::TypeSpec>,
+    config: impl FnOnce(&mut Config),
+) -> Option<World> {
     let sshd = Sshd::start_on_port_22();
-    let c = Config {
+    let mut c = Config {
         ssh: Some(SshTarget {
             host: sshd.host().to_string(),
             port: sshd.port(),
@@ -52,6 +59,7 @@ fn world(types: Vec<lambda_server::TypeSpec>) -> Option<World> {
         other_keys: vec![TERMINATE_KEY.to_string()],
         ..Config::default()
     };
+    config(&mut c);
     let server = LambdaServer::start(c, types);
     let a = Asimov::new();
     a.set_secret("LAMBDA_API_KEY", lambda_server::API_KEY);
@@ -831,6 +839,68 @@ fn with_no_type_listing_capacity_the_run_waits_and_takes_the_first_type_once_it_
         "the first type first"
     );
     assert_eq!(recs[0].region, "us-west-1");
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_launch_that_lands_after_its_client_timed_out_is_adopted_not_launched_twice() {
+    // The server finishes the launch its client hung up on (as a real API does), held
+    // 6 s, 4 s after the client's 2 s timeout; the listing lag (20 s here) covers that,
+    // so asimov sees the late instance under its name and adopts it.
+    let slow = support::faults::Faults::new(
+        11,
+        support::faults::Rates {
+            slow: 1.0,
+            slow_for: Duration::from_secs(6),
+            creates_only: true,
+            ..Default::default()
+        },
+    );
+    let Some(w) = world_with(two_types(), |c| c.faults = Some(slow)) else {
+        return;
+    };
+    let mut controller = w.spawn_controller_with(&[
+        ("ASIMOV_HTTP_TIMEOUT", "2"),
+        ("ASIMOV_LAMBDA_LISTING_LAG_SECS", "20"),
+    ]);
+    w.apply(&w.job_with("sh train.sh; sleep 0.5", ""));
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    w.until("the instance terminated", 60, || {
+        w.server.billing().is_empty()
+    });
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "adopted, not launched twice: {recs:?}");
+    assert_eq!(w.server.launches_received(), 1);
+    assert_eq!(w.attempt(), 1);
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_launch_answered_by_a_5xx_page_is_sent_again_once_the_overridden_listing_lag_is_over() {
+    let Some(w) = world(two_types()) else { return };
+    // A proxy's 502: the instance may or may not exist, so asimov waits until the
+    // listing would show it (5 s by `ASIMOV_LAMBDA_LISTING_LAG_SECS`, not 120), then
+    // launches again under the same name.
+    w.server.inject(Some(Api::Launch), Fault::Html(502), 1);
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_LAMBDA_LISTING_LAG_SECS", "5")]);
+    let start = Instant::now();
+    w.apply(&w.job_with("sh train.sh", ""));
+    w.until("the run to succeed", 100, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(5),
+        "launched again before the listing lag was over: {took:?}"
+    );
+    assert_eq!(w.server.launches_received(), 2);
+    assert_eq!(w.server.instances().len(), 1);
+    assert_eq!(w.attempt(), 1, "the same attempt, the same name");
     w.until("the instance terminated", 60, || {
         w.server.billing().is_empty()
     });

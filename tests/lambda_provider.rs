@@ -188,3 +188,131 @@ async fn a_launch_refused_for_capacity_although_listed_names_where_there_is_capa
     );
     assert!(server.instances().is_empty());
 }
+
+/// The server finishes a launch whose client hung up, as a real API does: the fault
+/// campaign's `Slow` holds the launch past the client's timeout, and the instance
+/// lands all the same.
+#[tokio::test]
+async fn a_launch_held_past_the_clients_timeout_still_lands_in_the_servers_records() {
+    let faults = support::faults::Faults::new(
+        7,
+        support::faults::Rates {
+            slow: 1.0,
+            slow_for: Duration::from_secs(8),
+            creates_only: true,
+            ..Default::default()
+        },
+    );
+    let server = LambdaServer::start(
+        Config {
+            faults: Some(faults),
+            ..Config::default()
+        },
+        vec![instance_type(
+            "gpu_1x_a10",
+            "A10 (24 GB PCIe)",
+            1,
+            75,
+            &["us-east-1"],
+        )],
+    );
+    server.add_key(
+        "late-key",
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOlate late@test",
+    );
+    // reqwest is built without a crypto provider (asimov installs ring): so here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let err = client
+        .post(format!("{}/instance-operations/launch", server.url()))
+        .bearer_auth(lambda_server::API_KEY)
+        .json(&serde_json::json!({
+            "region_name": "us-east-1",
+            "instance_type_name": "gpu_1x_a10",
+            "ssh_key_names": ["late-key"],
+            "name": "late",
+        }))
+        .send()
+        .await
+        .expect_err("the launch is held past the client's timeout");
+    assert!(err.is_timeout(), "{err}");
+    // The hold is 8 s, the client gave up after 1: nothing is launched yet.
+    assert!(server.instances().is_empty(), "{:?}", server.instances());
+    let start = std::time::Instant::now();
+    while server.instances().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the launch whose client hung up never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recs = server.instances();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].name, "late");
+    assert_eq!(server.launches_received(), 1);
+}
+
+/// Found by the fault campaign once the server finished requests whose client hung up
+/// (seed 1796149630520658100): a listing held 4 s was recorded when it was answered,
+/// among the client's later, well-paced requests, and the campaign read three requests
+/// within two gaps as asimov's pacing violation. A slow request is judged, and
+/// recorded, on its arrival.
+#[tokio::test]
+async fn a_slow_request_is_recorded_when_the_rate_limits_judged_it_on_arrival() {
+    let faults = support::faults::Faults::new(
+        7,
+        support::faults::Rates {
+            slow: 1.0,
+            slow_for: Duration::from_secs(6),
+            ..Default::default()
+        },
+    );
+    let server = Arc::new(LambdaServer::start(
+        Config {
+            faults: Some(Arc::clone(&faults)),
+            request_gap: Duration::from_secs(2),
+            ..Config::default()
+        },
+        vec![instance_type(
+            "gpu_1x_a10",
+            "A10 (24 GB PCIe)",
+            1,
+            75,
+            &["us-east-1"],
+        )],
+    ));
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let url = format!("{}/instances", server.url());
+    let list = || client.get(&url).bearer_auth(lambda_server::API_KEY).send();
+    let first = tokio::spawn(list());
+    let start = std::time::Instant::now();
+    while faults.counts().0.get("timeout").copied().unwrap_or(0) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the first never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    faults.set(support::faults::Rates::default());
+    // 3 s after the first arrived: past the 2 s gap, before the first is acted on.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(start.elapsed())).await;
+    let second = list().await.expect("the second listing");
+    let first = first.await.unwrap().expect("the first listing");
+    assert_eq!(first.status().as_u16(), 200);
+    assert_eq!(second.status().as_u16(), 200);
+    // Pushed as answered: the second first, then the slow one.
+    let recs = server.requests();
+    assert_eq!(recs.len(), 2, "{recs:#?}");
+    assert!(
+        recs[1].at < recs[0].at,
+        "the slow one is recorded at its arrival, before the second: {recs:#?}"
+    );
+    assert_eq!(server.rate_limited(), 0);
+}

@@ -93,6 +93,7 @@ fn every_example_loads_and_round_trips() {
             "from-file",
             "hello",
             "hf-finetune",
+            "imagenet",
             "lab-train",
             "nightly",
             "pod-finetune",
@@ -105,7 +106,7 @@ fn every_example_loads_and_round_trips() {
     );
     assert_eq!(m.fleets.len(), 1);
     assert_eq!(m.budgets.len(), 1);
-    assert_eq!(all.documents.len(), 13);
+    assert_eq!(all.documents.len(), 14);
 
     // Each file alone, in a home that already has the folder's fleets and budgets.
     let home = Context {
@@ -119,7 +120,7 @@ fn every_example_loads_and_round_trips() {
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         .collect();
     files.sort();
-    assert_eq!(files.len(), 12);
+    assert_eq!(files.len(), 13);
     for file in &files {
         let one = load_paths(std::slice::from_ref(file), &home)
             .unwrap_or_else(|p| panic!("{}: {p}", file.display()));
@@ -451,7 +452,7 @@ fn problems_carry_exact_positions() {
     assert_eq!(
         err.to_string(),
         "/manifests/job.yaml:7:17: expected a duration like 30m or 43h, found \"forever\"\n\
-         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `identity_file`, `instance_types`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_key`, `ssh_user`, `terminate_key`"
+         /manifests/job.yaml:9:24: unknown field `colour`, expected one of `filters`, `fleet`, `identity_file`, `instance_types`, `keep_disk_on_pause`, `max_price_per_hour`, `premium_pct`, `provider`, `regions`, `spot`, `ssh_key`, `ssh_user`, `terminate_key`"
     );
 
     let text = text.replace(", colour: red", "");

@@ -938,3 +938,190 @@ fn each_attempts_dph_total_feeds_the_cost_ledger_and_budgets_as_vast_bills_it() 
     assert!(described.contains("budget"), "{described}");
     kill9(&mut controller);
 }
+
+/// Slow creates, as the fault campaign's `Slow`: each held 6 s before the server acts,
+/// past the controller's 2 s client timeout.
+fn slow_creates() -> std::sync::Arc<support::faults::Faults> {
+    support::faults::Faults::new(
+        11,
+        support::faults::Rates {
+            slow: 1.0,
+            slow_for: Duration::from_secs(6),
+            creates_only: true,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn a_create_that_lands_after_its_client_timed_out_is_adopted_not_bought_twice() {
+    // The server finishes the create its client hung up on (as Vast does), 4 s after
+    // the client gave up; the listing lag (20 s here) covers that, so asimov sees the
+    // late instance under its tag and adopts it instead of buying another.
+    let Some(w) = world_with(
+        vec![
+            offer(301, "RTX 4090", 1, 24.0, 0.41),
+            offer(302, "RTX 4090", 1, 24.0, 0.35),
+        ],
+        |c| c.faults = Some(slow_creates()),
+    ) else {
+        return;
+    };
+    let mut controller = w.spawn_controller_with(&[
+        ("ASIMOV_HTTP_TIMEOUT", "2"),
+        ("ASIMOV_VAST_LISTING_LAG_SECS", "20"),
+    ]);
+    w.apply(&w.job("sh train.sh; sleep 0.5"));
+    w.until("the run to succeed", 120, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    w.wait_destroyed();
+    let recs = w.server.instances();
+    assert_eq!(recs.len(), 1, "adopted, not bought twice: {recs:?}");
+    assert_eq!(w.server.creates_received(), 1);
+    assert_eq!(w.attempt(), 1);
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_create_answered_by_a_5xx_page_is_sent_again_once_the_overridden_listing_lag_is_over() {
+    let Some(w) = world() else { return };
+    // A proxy's 502: the instance may or may not exist, so asimov waits until the
+    // listing would show it (5 s by `ASIMOV_VAST_LISTING_LAG_SECS`, not Vast's 120),
+    // then creates again under the same tag.
+    w.server.inject(Some(Api::Create), Fault::NginxHtml(502), 1);
+    let mut controller = w.spawn_controller_with(&[("ASIMOV_VAST_LISTING_LAG_SECS", "5")]);
+    let start = Instant::now();
+    w.apply(&w.job("sh train.sh"));
+    w.until("the run to succeed", 100, || {
+        w.a.run_phase("gpu-0").as_deref() == Some("Succeeded")
+    });
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(5),
+        "created again before the listing lag was over: {took:?}"
+    );
+    assert_eq!(w.server.creates_received(), 2);
+    assert_eq!(w.server.instances().len(), 1);
+    assert_eq!(w.attempt(), 1, "the same attempt, the same tag");
+    w.wait_destroyed();
+    kill9(&mut controller);
+}
+
+#[test]
+fn a_create_that_queued_in_the_pacer_and_landed_late_is_not_bought_twice() {
+    // Four runs' creates queue in the create pacing (3 s apart here) and each is held
+    // 9 s by the server, past the controller's 2 s client timeout, before it acts. The
+    // listing lag (12 s) covers a create's whole time at the server, but the last ones
+    // are sent 6 and 9 s after their intents: counted from the intent, their lag is over
+    // when their timeout's backoff (5 s) ends, and asimov bought again while the first
+    // create was still to land. The lag counts from when the create was last in flight.
+    let offers = (0..8)
+        .map(|i| offer(301 + i, "RTX 4090", 1, 24.0, 0.30 + i as f64 / 100.0))
+        .collect();
+    let Some(w) = world_with(offers, |c| c.faults = Some(creates_held(9))) else {
+        return;
+    };
+    let jobs = w.four_jobs();
+    let mut controller = w.spawn_controller_with(&[
+        ("ASIMOV_HTTP_TIMEOUT", "2"),
+        ("ASIMOV_VAST_PACING", "0.6"),
+        ("ASIMOV_VAST_LISTING_LAG_SECS", "12"),
+    ]);
+    w.apply(&jobs);
+    w.until("the four runs to succeed", 180, || {
+        FOUR.iter()
+            .all(|n| w.a.run_phase(&format!("{n}-0")).as_deref() == Some("Succeeded"))
+    });
+    w.wait_destroyed();
+    let recs = w.server.instances();
+    assert_eq!(
+        w.server.creates_received(),
+        4,
+        "one create per run, none bought twice: {recs:#?}"
+    );
+    assert_eq!(recs.len(), 4, "{recs:#?}");
+    kill9(&mut controller);
+}
+
+const FOUR: [&str; 4] = ["gpu-a", "gpu-b", "gpu-c", "gpu-d"];
+
+impl World {
+    /// Four one-run jobs in one file, each wanting one RTX 4090.
+    fn four_jobs(&self) -> std::path::PathBuf {
+        let docs: Vec<String> = FOUR
+            .iter()
+            .map(|name| {
+                format!(
+                    r#"apiVersion: asimov/v1
+kind: Job
+metadata: {{name: {name}}}
+spec:
+  source: {{workdir: .}}
+  run: |
+    sh train.sh
+  resources: {{gpu: {{name: RTX_4090, count: 1}}, disk_gb: 20}}
+  image: pytorch/pytorch:2.4.0-cuda12.1-cudnn9-runtime
+  placement:
+    - {{provider: vast, ssh_user: {user}}}
+"#,
+                    user = self.sshd.user()
+                )
+            })
+            .collect();
+        self.a.manifest("four.yaml", &docs.join("---\n"))
+    }
+}
+
+/// Creates held `secs` before the server acts, as the fault campaign's `Slow`.
+fn creates_held(secs: u64) -> std::sync::Arc<support::faults::Faults> {
+    support::faults::Faults::new(
+        13,
+        support::faults::Rates {
+            slow: 1.0,
+            slow_for: Duration::from_secs(secs),
+            creates_only: true,
+            ..Default::default()
+        },
+    )
+}
+
+#[test]
+fn a_create_a_killed_controller_left_queued_and_in_flight_is_adopted_after_restart_not_bought_twice()
+ {
+    // Four creates queue in the create pacing (3 s apart), each held 9 s at the server
+    // before it acts. The controller is killed once the third has landed: the fourth
+    // was sent 9 s after its intent and lands 18 s after it. The listing lag (12 s)
+    // counted from the intent would be over at the restart, and the new controller
+    // would buy it again; it counts from the restart for creates left in flight.
+    let offers = (0..8)
+        .map(|i| offer(301 + i, "RTX 4090", 1, 24.0, 0.30 + i as f64 / 100.0))
+        .collect();
+    let Some(w) = world_with(offers, |c| c.faults = Some(creates_held(9))) else {
+        return;
+    };
+    let env = [
+        ("ASIMOV_VAST_PACING", "0.6"),
+        ("ASIMOV_VAST_LISTING_LAG_SECS", "12"),
+    ];
+    let mut controller = w.spawn_controller_with(&env);
+    w.apply(&w.four_jobs());
+    w.until("three creates landed", 90, || {
+        w.server.creates_received() >= 3
+    });
+    kill9(&mut controller);
+    let mut again = w.spawn_controller_with(&env);
+    w.until("the four runs to succeed", 180, || {
+        FOUR.iter()
+            .all(|n| w.a.run_phase(&format!("{n}-0")).as_deref() == Some("Succeeded"))
+    });
+    w.wait_destroyed();
+    let recs = w.server.instances();
+    assert_eq!(
+        w.server.creates_received(),
+        4,
+        "one create per run, none bought twice: {recs:#?}"
+    );
+    assert_eq!(recs.len(), 4, "{recs:#?}");
+    kill9(&mut again);
+}

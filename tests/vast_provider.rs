@@ -535,3 +535,107 @@ async fn a_stopped_instance_keeps_its_disk_billing_storage_and_starts_again() {
     assert!(rec.stopped_periods.iter().all(|(_, to)| to.is_some()));
     assert!(rec.stopped_secs() > 0.0);
 }
+
+/// The server finishes a create whose client hung up, as Vast does (a create that
+/// "failed" yet made an instance, `shared/providers.md`): the fault campaign's `Slow`
+/// holds the create past the client's timeout, and the instance lands all the same.
+#[tokio::test]
+async fn a_create_held_past_the_clients_timeout_still_lands_in_the_servers_records() {
+    let faults = support::faults::Faults::new(
+        7,
+        support::faults::Rates {
+            slow: 1.0,
+            slow_for: Duration::from_secs(8),
+            creates_only: true,
+            ..Default::default()
+        },
+    );
+    let server = VastServer::start(
+        Config {
+            faults: Some(faults),
+            ..Config::default()
+        },
+        offers(),
+    );
+    // reqwest is built without a crypto provider (asimov installs ring): so here.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let err = client
+        .put(format!("{}/api/v0/asks/101/", server.url()))
+        .bearer_auth(vast_server::API_KEY)
+        .json(&serde_json::json!({"image": "pytorch/pytorch", "label": "late", "disk": 20}))
+        .send()
+        .await
+        .expect_err("the create is held past the client's timeout");
+    assert!(err.is_timeout(), "{err}");
+    // The hold is 8 s, the client gave up after 1: nothing is made yet.
+    assert!(server.instances().is_empty(), "{:?}", server.instances());
+    let start = Instant::now();
+    while server.instances().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the create whose client hung up never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recs = server.instances();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert_eq!(recs[0].label, "late");
+    assert_eq!(server.creates_received(), 1);
+}
+
+/// Found by the fault campaign once the server finished requests whose client hung up
+/// (seed 1796147864405619051): a listing held 8 s was judged against the rate limit
+/// when it was acted on, so a later listing, itself well paced, made it a 429 that the
+/// campaign read as asimov's pacing violation. Vast's front judges a request on its
+/// arrival; the hold comes after.
+#[tokio::test]
+async fn a_slow_request_is_judged_by_the_rate_limit_on_arrival_not_when_acted_on() {
+    let faults = support::faults::Faults::new(
+        7,
+        support::faults::Rates {
+            slow: 1.0,
+            slow_for: Duration::from_secs(8),
+            ..Default::default()
+        },
+    );
+    let server = VastServer::start(
+        Config {
+            faults: Some(Arc::clone(&faults)),
+            gaps: [(Api::List, Duration::from_secs(5))].into_iter().collect(),
+            ..Config::default()
+        },
+        offers(),
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let list = || {
+        client
+            .get(format!("{}/api/v1/instances/", server.url()))
+            .bearer_auth(vast_server::API_KEY)
+            .send()
+    };
+    let first = tokio::spawn(list());
+    let start = Instant::now();
+    while faults.counts().0.get("timeout").copied().unwrap_or(0) == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the first never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    faults.set(support::faults::Rates::default());
+    // 6.5 s after the first arrived: past the 5 s gap, before the first is acted on.
+    tokio::time::sleep(Duration::from_millis(6500).saturating_sub(start.elapsed())).await;
+    let second = list().await.expect("the second listing");
+    let first = first.await.unwrap().expect("the first listing");
+    assert_eq!(second.status(), 200);
+    assert_eq!(first.status(), 200);
+    assert_eq!(server.rate_limited(), 0, "{:#?}", server.requests());
+}

@@ -4,6 +4,10 @@
 #   agent.sh start ROOT      claim the folder and launch the supervisor detached
 #   agent.sh supervise ROOT  (internal) setup, then run, heartbeat, max_duration
 #   agent.sh stop ROOT       stop the job's process group; idempotent
+#   agent.sh pause ROOT      stop the job for a pause that keeps this disk: the run is
+#                            not over (no final status, no end-of-run hook); idempotent
+#   agent.sh resume ROOT     run a paused job again in the same work/ (ASIMOV_RESUME_FROM
+#                            from ROOT/resume_from when there); idempotent
 #   agent.sh status ROOT     print every state file and the log tail in one block
 #   agent.sh sync-checkpoint ROOT  sync the checkpoint folder to S3 now
 #   agent.sh sync-final ROOT       the final S3 sync (checkpoint and outputs), once:
@@ -616,6 +620,14 @@ cmd_supervise() {
 	killgroup TERM "$(get run_pid)"
 	cap_log
 
+	# Paused keeping this disk: the run is not over, it runs again here on resume; so
+	# no final status, no final sync and above all no end-of-run hook (a self-destroy).
+	if [ -e "$ROOT/pause_requested" ]; then
+		kill "$mon" 2>/dev/null
+		if [ -n "$viewer" ]; then kill "$viewer" 2>/dev/null; fi
+		exit 0
+	fi
+
 	if [ -e "$ROOT/timed_out" ]; then
 		state=timeout
 		rc=124
@@ -680,6 +692,44 @@ cmd_stop() {
 	exit 0
 }
 
+# Waits up to $1 seconds for the supervisor to be gone.
+await_gone() {
+	deadline=$(($(now) + $1))
+	while alive "$(get pid)" && [ "$(now)" -lt "$deadline" ]; do nap; done
+	! alive "$(get pid)"
+}
+
+cmd_pause() {
+	[ -e "$ROOT/status" ] || exit 0
+	finished && exit 0
+	: >"$ROOT/pause_requested"
+	: >"$ROOT/stop_requested"
+	killgroup TERM "$(get run_pid)"
+	if await_gone "$GRACE"; then exit 0; fi
+	killgroup KILL "$(get run_pid)"
+	if await_gone 2; then exit 0; fi
+	killgroup KILL "$(get pid)"
+	exit 0
+}
+
+cmd_resume() {
+	# Not paused (never, or resumed already): nothing to do.
+	[ -e "$ROOT/pause_requested" ] || exit 0
+	alive "$(get pid)" && die "the paused job is still stopping"
+	if [ -f "$ROOT/resume_from" ]; then
+		# Later lines of spec/env win: the checkpoint on this disk.
+		printf 'ASIMOV_RESUME_FROM=%s\nexport ASIMOV_RESUME_FROM\n' \
+			"$(quote "$(cat "$ROOT/resume_from")")" >>"$ROOT/spec/env" || die "cannot write spec/env"
+		rm -f "$ROOT/resume_from"
+	fi
+	# What the pause's final sync left says "collected": the run is not, so an
+	# end-of-run hook must wait for the controller again.
+	rm -f "$ROOT/stop_requested" "$ROOT/timed_out" "$ROOT/exit_code" "$ROOT/finished_at" \
+		"$ROOT/sync/final" "$ROOT/collected" "$ROOT/status"
+	rm -f "$ROOT/pause_requested"
+	cmd_start
+}
+
 cmd_status() {
 	[ -e "$ROOT/status" ] || exit 0
 	for key in status exit_code pid run_pid heartbeat started_at finished_at; do
@@ -694,7 +744,7 @@ cmd_status() {
 	exit 0
 }
 
-[ $# -eq 2 ] || die "usage: agent.sh start|supervise|stop|status|sync-checkpoint|sync-final ROOT"
+[ $# -eq 2 ] || die "usage: agent.sh start|supervise|stop|pause|resume|status|sync-checkpoint|sync-final ROOT"
 ROOT=$2
 case $ROOT in
 /*) ;;
@@ -705,6 +755,8 @@ case $1 in
 start) cmd_start ;;
 supervise) cmd_supervise ;;
 stop) cmd_stop ;;
+pause) cmd_pause ;;
+resume) cmd_resume ;;
 status) cmd_status ;;
 sync-checkpoint) cmd_sync checkpoint ;;
 sync-final) cmd_sync final ;;

@@ -268,7 +268,7 @@ impl AgentMachine {
     fn agent(&self, root: &str, command: &str) -> String {
         let q = sh_quote(root);
         let script = sh_quote(&format!("{root}/agent.sh"));
-        let env = if self.no_tmux && command == "start" {
+        let env = if self.no_tmux && matches!(command, "start" | "resume") {
             "ASIMOV_NO_TMUX=1 "
         } else {
             ""
@@ -691,6 +691,28 @@ impl Machine for AgentMachine {
         let root = self.root_path().await?;
         self.run_ok("stop agent", &self.agent(&root, "stop"))
             .await?;
+        Ok(())
+    }
+
+    async fn pause(&self) -> Result<(), AgentError> {
+        let root = self.root_path().await?;
+        self.run_ok("pause agent", &self.agent(&root, "pause"))
+            .await?;
+        Ok(())
+    }
+
+    async fn resume(&self, resume_from: Option<&str>) -> Result<(), AgentError> {
+        let root = self.root_path().await?;
+        // The path is the job's own (not a secret); the agent adds it to spec/env.
+        let write = resume_from.map_or_else(String::new, |p| {
+            format!(
+                "printf '%s' {} >{}/resume_from && ",
+                sh_quote(p),
+                sh_quote(&root)
+            )
+        });
+        let script = format!("{write}{}", self.agent(&root, "resume"));
+        self.run_ok("resume agent", &script).await?;
         Ok(())
     }
 }

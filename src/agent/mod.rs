@@ -295,4 +295,12 @@ pub trait Machine: Send + Sync {
 
     /// Stops the run (its whole process group); idempotent.
     async fn stop(&self) -> Result<(), AgentError>;
+
+    /// Stops the job for a pause that keeps this machine's disk: the run is not over
+    /// (no final status, no end-of-run hook); idempotent.
+    async fn pause(&self) -> Result<(), AgentError>;
+
+    /// Runs a paused job again in the same working folder, `ASIMOV_RESUME_FROM` set to
+    /// `resume_from` (the checkpoint on this disk) when given; idempotent.
+    async fn resume(&self, resume_from: Option<&str>) -> Result<(), AgentError>;
 }

@@ -64,20 +64,36 @@ pub fn pause(home: &Home, name: &str) -> CliResult {
     drop(writer);
     wake(home, &runs);
     eprintln!(
-        "pausing {}; syncing the checkpoint, then destroying the instance…",
+        "pausing {}; syncing the checkpoint, then releasing the instance (or stopping it, its disk kept)…",
         list(&chosen)
     );
+    // Done once no instance is left, or the one left is stopped with its disk kept
+    // (`keep_disk_on_pause`).
     wait_for(home, &chosen, "paused", |store, run| {
         let phase = store.run(run)?.map(|r| r.phase);
+        let kept = store.kept_disks()?;
         let open = store
             .attempts(run)?
             .iter()
             .filter(|a| a.released_at.is_none())
+            .filter(|a| {
+                kept.get(&(run.to_string(), a.attempt))
+                    .is_none_or(|k| k.stopped_at.is_none())
+            })
             .count();
         Ok(phase.is_none_or(|p| p == Phase::Paused) && open == 0)
     })?;
+    let store = super::read_store(home)?;
     for run in &chosen {
-        println!("run/{run} paused; no instance is left; `asimov resume {run}` resumes it");
+        match store.as_ref().and_then(|s| kept_instance(s, run)) {
+            Some(instance) => println!(
+                "run/{run} paused; its instance {instance} is stopped with its disk kept (it bills \
+                 storage only); `asimov resume {run}` starts it again on that disk"
+            ),
+            None => {
+                println!("run/{run} paused; no instance is left; `asimov resume {run}` resumes it")
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -123,13 +139,38 @@ pub fn resume(home: &Home, name: &str) -> CliResult {
     }
     drop(writer);
     wake(home, &runs);
+    let kept: Vec<Option<String>> = match super::read_store(home)? {
+        Some(store) => chosen.iter().map(|r| kept_instance(&store, r)).collect(),
+        None => vec![None; chosen.len()],
+    };
     wait_for(home, &chosen, "resumed", |store, run| {
         Ok(store.run(run)?.is_none_or(|r| r.phase != Phase::Paused))
     })?;
-    for run in &chosen {
-        println!("run/{run} resumed; a new attempt starts from its latest checkpoint");
+    for (run, kept) in chosen.iter().zip(kept) {
+        match kept {
+            Some(instance) => println!(
+                "run/{run} resumed; its stopped instance {instance} starts again on its kept disk \
+                 (or, if it cannot, a new attempt starts from its latest checkpoint)"
+            ),
+            None => println!("run/{run} resumed; a new attempt starts from its latest checkpoint"),
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The stopped instance (`provider/id`) the run's open attempt keeps its disk on, if any.
+fn kept_instance(store: &Store, run: &str) -> Option<String> {
+    let kept = store.kept_disks().ok()?;
+    store
+        .attempts(run)
+        .ok()?
+        .into_iter()
+        .filter(|a| a.released_at.is_none() && a.outcome.is_none())
+        .find(|a| {
+            kept.get(&(run.to_string(), a.attempt))
+                .is_some_and(|k| k.stopped_at.is_some() && k.refused.is_none())
+        })
+        .map(|a| format!("{}/{}", a.provider, a.instance_id.as_deref().unwrap_or("?")))
 }
 
 fn list(runs: &[String]) -> String {

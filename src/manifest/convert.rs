@@ -868,6 +868,18 @@ fn convert_placement(
     lambda_only(c, "ssh_key", p.ssh_key.is_some());
     lambda_only(c, "identity_file", p.identity_file.is_some());
     lambda_only(c, "terminate_key", p.terminate_key.is_some());
+    // Only Vast stops an instance with its disk kept and starts it again later; elsewhere
+    // a pause can only release the instance (Lambda has no stop; a fleet host and this
+    // machine hold nothing that bills).
+    if p.keep_disk_on_pause && provider != ProviderKind::Vast {
+        c.key(
+            &format!("{at}/keep_disk_on_pause"),
+            format!(
+                "`keep_disk_on_pause` is only used with provider vast, not {provider}: \
+                 asimov keeps no {provider} disk across a pause, it releases the instance"
+            ),
+        );
+    }
     if provider == ProviderKind::Lambda {
         match (&p.ssh_key, &p.identity_file) {
             (Some(_), None) => c.value(
@@ -915,6 +927,7 @@ fn convert_placement(
             identity_file: p.identity_file.map(PathBuf::from),
             terminate_key: p.terminate_key,
         },
+        keep_disk_on_pause: p.keep_disk_on_pause,
     }
 }
 

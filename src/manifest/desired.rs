@@ -182,6 +182,8 @@ pub struct Placement {
     pub ssh_user: Option<String>,
     /// Account keys the placement names (Lambda).
     pub keys: PlacementKeys,
+    /// On pause, stop the instance keeping its disk instead of destroying it (Vast).
+    pub keep_disk_on_pause: bool,
 }
 
 /// Keys of the user's account a placement names instead of asimov's own (Lambda).
@@ -208,6 +210,7 @@ impl Placement {
             spot: false,
             ssh_user: None,
             keys: PlacementKeys::default(),
+            keep_disk_on_pause: false,
         }
     }
 }

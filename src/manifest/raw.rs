@@ -448,6 +448,13 @@ pub struct Placement {
     /// sync, also when the controller is down.
     #[serde(default)]
     pub terminate_key: Option<String>,
+    /// Vast: on pause, stop the instance and keep its disk (it bills storage only, at the
+    /// offer's `storage_cost`) instead of destroying it, so `asimov resume` restarts the
+    /// job on the same disk without copying its data again. When the stopped instance
+    /// cannot start again (its GPUs rented meanwhile) it is destroyed and the run
+    /// resumes on a new instance from its synced checkpoint.
+    #[serde(default)]
+    pub keep_disk_on_pause: bool,
 }
 
 /// A reason to start another attempt: `no-capacity` (no placement had capacity),

@@ -460,6 +460,14 @@ impl crate::agent::Machine for CloudAgent {
     async fn stop(&self) -> Result<(), crate::agent::AgentError> {
         self.agent.stop().await
     }
+
+    async fn pause(&self) -> Result<(), crate::agent::AgentError> {
+        self.agent.pause().await
+    }
+
+    async fn resume(&self, resume_from: Option<&str>) -> Result<(), crate::agent::AgentError> {
+        self.agent.resume(resume_from).await
+    }
 }
 
 /// Which errors a cloud call may retry in place (through `retry::retry_transient`),
@@ -767,6 +775,14 @@ impl crate::agent::Machine for EndingMachine {
 
     async fn stop(&self) -> Result<(), crate::agent::AgentError> {
         self.agent.stop().await
+    }
+
+    async fn pause(&self) -> Result<(), crate::agent::AgentError> {
+        self.agent.pause().await
+    }
+
+    async fn resume(&self, resume_from: Option<&str>) -> Result<(), crate::agent::AgentError> {
+        self.agent.resume(resume_from).await
     }
 }
 

@@ -710,6 +710,15 @@ impl Machine for FakeMachine {
         }
         Ok(())
     }
+
+    /// The fake keeps no disk across a stop (`Capabilities::keep_disk` is `None`).
+    async fn pause(&self) -> Result<(), AgentError> {
+        Err(keeps_no("pause agent", "disk across a stop"))
+    }
+
+    async fn resume(&self, _resume_from: Option<&str>) -> Result<(), AgentError> {
+        Err(keeps_no("resume agent", "disk across a stop"))
+    }
 }
 
 /// The refusal of a fake machine asked for what it does not keep.

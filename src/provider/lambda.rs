@@ -67,6 +67,11 @@ pub const GRACE_ENV: &str = "ASIMOV_LAMBDA_SELF_END_GRACE";
 /// Seconds an instance may boot before its attempt ends: `SECS` for every type,
 /// `Nx=SECS` for types with N GPUs, comma-separated (see [`BootTimeouts`]).
 pub const BOOT_TIMEOUT_ENV: &str = "ASIMOV_LAMBDA_BOOT_TIMEOUT";
+/// Test servers only: seconds a new instance may be missing from the listing instead
+/// of `LISTING_LAG`, so that tests and campaigns need not wait two minutes.
+pub const LISTING_LAG_ENV: &str = "ASIMOV_LAMBDA_LISTING_LAG_SECS";
+/// Whether Lambda lists a launch at once is unverified: the planner waits this long.
+const LISTING_LAG: Duration = Duration::from_secs(120);
 /// Lambda's login user on its images.
 pub const DEFAULT_SSH_USER: &str = "ubuntu";
 /// Lambda's limit on an instance name.
@@ -460,6 +465,8 @@ pub struct LambdaProvider {
     ssh_port: u16,
     /// The account key name asimov's key is registered under, once known.
     key_name: tokio::sync::Mutex<Option<String>>,
+    /// `LISTING_LAG`, or `LISTING_LAG_ENV` seconds against a test server.
+    listing_lag: Duration,
 }
 
 impl std::fmt::Debug for LambdaProvider {
@@ -521,6 +528,7 @@ impl LambdaProvider {
             booting: std::sync::Mutex::new(BTreeMap::new()),
             ssh_port,
             key_name: tokio::sync::Mutex::new(None),
+            listing_lag: cloud::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
         })
     }
 
@@ -791,8 +799,7 @@ impl Provider for LambdaProvider {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            // Whether Lambda lists a launch at once is unverified: the planner waits.
-            listing_lag: Duration::from_secs(120),
+            listing_lag: self.listing_lag,
             // By type: a 1-GPU VM that hangs stops billing after 10 minutes, an 8-GPU
             // one booting in 25 is never given up early.
             boot_timeout: self.boot_timeouts.longest(),
@@ -811,6 +818,7 @@ impl Provider for LambdaProvider {
             bills_while_stopped: false,
             ssh_user: Some(DEFAULT_SSH_USER.to_string()),
             fixed_pool: false,
+            keep_disk: None,
         }
     }
 

@@ -153,6 +153,10 @@ pub struct Capabilities {
     /// runs wait in a queue for a free one, and a create finding none goes back to the
     /// queue instead of backing off and failing over.
     pub fixed_pool: bool,
+    /// An instance can be stopped with its disk kept and started again later
+    /// ([`Provider::stop_keeping_disk`], [`Provider::start_kept`]): how long a start may
+    /// take to run again before the instance is given up. `None`: it cannot.
+    pub keep_disk: Option<Duration>,
 }
 
 impl Default for Capabilities {
@@ -171,6 +175,7 @@ impl Default for Capabilities {
             bills_while_stopped: false,
             ssh_user: None,
             fixed_pool: false,
+            keep_disk: None,
         }
     }
 }
@@ -315,6 +320,31 @@ pub trait Provider: Send + Sync {
     /// transport built from the endpoint (reusing one connection per machine); the fake
     /// simulates the machine. `Transient` while the instance is not reachable yet.
     fn machine(&self, instance: &Instance) -> ProviderResult<Arc<dyn crate::agent::Machine>>;
+
+    /// Stops instance `id` keeping its disk, for a pause that resumes on the same disk
+    /// (where `Capabilities::keep_disk` says it can); what it bills an hour stopped,
+    /// when the provider says. `Permanent` where a provider cannot.
+    async fn stop_keeping_disk(&self, id: &InstanceId) -> ProviderResult<Option<Usd>> {
+        Err(ProviderError::new(
+            self.kind(),
+            ErrorKind::Permanent,
+            "stop instance",
+            format!("{} cannot stop {id} and keep its disk", self.kind()),
+        ))
+    }
+
+    /// Starts instance `id`, stopped by `stop_keeping_disk`, again and waits up to
+    /// `Capabilities::keep_disk` for it to run: the instance as listed running then.
+    /// `NoCapacity` when it did not run again in time (its GPUs taken), `NotFound` when
+    /// it is gone: it will not come back, and the caller rents anew.
+    async fn start_kept(&self, id: &InstanceId) -> ProviderResult<Instance> {
+        Err(ProviderError::new(
+            self.kind(),
+            ErrorKind::Permanent,
+            "start instance",
+            format!("{} cannot start {id} again", self.kind()),
+        ))
+    }
 
     /// The fleets of the desired state, before each pass's listing: a fixed pool lists
     /// and places on their hosts. Others ignore it.

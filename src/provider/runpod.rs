@@ -616,6 +616,7 @@ impl Provider for RunpodProvider {
             bills_while_stopped: true,
             ssh_user: Some(DEFAULT_SSH_USER.to_string()),
             fixed_pool: false,
+            keep_disk: None,
         }
     }
 

@@ -609,6 +609,7 @@ impl Provider for SshProvider {
         Capabilities {
             listing_lag: std::time::Duration::ZERO,
             fixed_pool: true,
+            keep_disk: None,
             ..Capabilities::default()
         }
     }

@@ -57,11 +57,26 @@ pub const KEY_NAME: &str = "VAST_API_KEY";
 pub const PACING_ENV: &str = "ASIMOV_VAST_PACING";
 /// Seconds an ended run's instance waits for the controller before destroying itself.
 pub const GRACE_ENV: &str = "ASIMOV_VAST_SELF_DESTROY_GRACE";
+/// Seconds a stopped instance, started again on resume, may take to run before it is
+/// given up (its GPUs rented meanwhile) and the run rents anew; default
+/// [`DEFAULT_START_WITHIN`].
+pub const START_WITHIN_ENV: &str = "ASIMOV_VAST_START_WITHIN";
+/// A start that gets its GPUs back runs again within a minute or two (the image is on
+/// the disk already); one "scheduling" for five minutes is waiting for someone else's
+/// rental to end, which may never happen.
+pub const DEFAULT_START_WITHIN: Duration = Duration::from_secs(300);
+/// Hours in the month Vast's `storage_cost` ($/GB/month) is priced over.
+const STORAGE_HOURS_PER_MONTH: f64 = 30.0 * 24.0;
 const DEFAULT_SELF_DESTROY_GRACE: Duration = Duration::from_secs(300);
 /// Seconds one call keeps retrying 429s and 5xx in place before the op fails (and the
 /// controller tries again on a later pass).
 pub const RETRY_ENV: &str = "ASIMOV_VAST_RETRY_SECS";
 const DEFAULT_RETRY_BUDGET: Duration = Duration::from_secs(90);
+/// Test servers only: seconds a new instance may be missing from the listing instead
+/// of `LISTING_LAG`, so that tests and campaigns need not wait two minutes.
+pub const LISTING_LAG_ENV: &str = "ASIMOV_VAST_LISTING_LAG_SECS";
+/// How long a new instance may be missing from the listing (unverified: taken long).
+const LISTING_LAG: Duration = Duration::from_secs(120);
 
 fn retry_budget() -> Duration {
     std::env::var(RETRY_ENV)
@@ -663,6 +678,8 @@ pub struct VastProvider {
     /// How long an ended run's agent waits for the controller before it destroys its
     /// own instance.
     self_destroy_grace: Duration,
+    /// How long a start of a stopped instance may take (`START_WITHIN_ENV`).
+    start_within: Duration,
     /// Per-instance keys from create answers, by instance id.
     instance_keys: Mutex<BTreeMap<InstanceId, Secret>>,
     key_registered: tokio::sync::Mutex<bool>,
@@ -670,6 +687,8 @@ pub struct VastProvider {
     /// them again: parallel creates skip them instead of all racing for the cheapest
     /// one (each loser would pay a paced create).
     claimed: Mutex<BTreeMap<u64, tokio::time::Instant>>,
+    /// `LISTING_LAG`, or `LISTING_LAG_ENV` seconds against a test server.
+    listing_lag: Duration,
 }
 
 /// How long an offer being bought (or bought) is skipped; bought offers leave the
@@ -793,11 +812,16 @@ impl VastProvider {
                 .ok()
                 .and_then(|v| v.trim().parse().ok())
                 .map_or(DEFAULT_SELF_DESTROY_GRACE, Duration::from_secs),
+            start_within: std::env::var(START_WITHIN_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .map_or(DEFAULT_START_WITHIN, Duration::from_secs),
             default_user: DEFAULT_SSH_USER.to_string(),
             users: LoginUsers::new(home.provider_state("vast").join("users"), DEFAULT_SSH_USER),
             instance_keys: Mutex::new(BTreeMap::new()),
             key_registered: tokio::sync::Mutex::new(false),
             claimed: Mutex::new(BTreeMap::new()),
+            listing_lag: super::cloud::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
         })
     }
 
@@ -1088,9 +1112,12 @@ impl VastProvider {
             state,
             endpoint,
             gpu,
-            price_per_hour: Usd::from_dollars(
-                v.get("dph_total").and_then(Value::as_f64).unwrap_or(0.0),
-            ),
+            // What it bills now: a stopped instance only its disk, where the listing
+            // says what that costs.
+            price_per_hour: match (state, storage_price(v)) {
+                (InstanceState::Stopped, Some(storage)) => storage,
+                _ => Usd::from_dollars(v.get("dph_total").and_then(Value::as_f64).unwrap_or(0.0)),
+            },
             created_at: v
                 .get("start_date")
                 .and_then(Value::as_f64)
@@ -1098,6 +1125,15 @@ impl VastProvider {
             host: None,
         })
     }
+}
+
+/// What instance `v`'s disk bills an hour: `storage_cost` ($/GB/month) for its
+/// `disk_space` GB; `None` when the listing lacks either.
+fn storage_price(v: &Value) -> Option<Usd> {
+    let per_gb_month = v.get("storage_cost").and_then(Value::as_f64)?;
+    let gb = v.get("disk_space").and_then(Value::as_f64)?;
+    (per_gb_month.is_finite() && gb.is_finite() && per_gb_month >= 0.0 && gb >= 0.0)
+        .then(|| Usd::from_dollars(per_gb_month * gb / STORAGE_HOURS_PER_MONTH))
 }
 
 #[async_trait]
@@ -1111,7 +1147,7 @@ impl Provider for VastProvider {
     /// bills its disk; login as `root`.
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            listing_lag: Duration::from_secs(120),
+            listing_lag: self.listing_lag,
             boot_timeout: Duration::from_secs(20 * 60),
             boot_timeouts: Default::default(),
             pacing: ProviderPacing {
@@ -1124,7 +1160,23 @@ impl Provider for VastProvider {
             bills_while_stopped: true,
             ssh_user: Some(self.default_user.clone()),
             fixed_pool: false,
+            keep_disk: Some(self.start_within),
         }
+    }
+
+    /// `PUT state: stopped`, then the listing's word on what the stopped instance bills
+    /// (its disk at `storage_cost`); `None` when the listing does not show it stopped yet.
+    async fn stop_keeping_disk(&self, id: &InstanceId) -> ProviderResult<Option<Usd>> {
+        self.stop(id).await?;
+        let listed = self.list().await?;
+        Ok(listed
+            .into_iter()
+            .find(|i| &i.id == id && i.state == InstanceState::Stopped)
+            .map(|i| i.price_per_hour))
+    }
+
+    async fn start_kept(&self, id: &InstanceId) -> ProviderResult<Instance> {
+        self.start(id, self.start_within).await
     }
 
     /// The offers that fit `query` now, as the search reports them.
@@ -1484,6 +1536,14 @@ impl crate::agent::Machine for VastMachine {
 
     async fn stop(&self) -> Result<(), AgentError> {
         relogin!(self, self.agent.stop().await)
+    }
+
+    async fn pause(&self) -> Result<(), AgentError> {
+        relogin!(self, self.agent.pause().await)
+    }
+
+    async fn resume(&self, resume_from: Option<&str>) -> Result<(), AgentError> {
+        relogin!(self, self.agent.resume(resume_from).await)
     }
 }
 

@@ -316,6 +316,9 @@ impl Controller {
     /// sleeping in between (an idle controller sleeps until an event). Op groups run
     /// beside the loop; the end of one makes its key due again.
     pub async fn run(&self, mut shutdown: Shutdown) -> Result<(), ControllerError> {
+        if let Err(e) = self.executor.creates_in_flight_until(self.now()) {
+            tracing::warn!(error = %e, "cannot hold back the creates a predecessor left in flight");
+        }
         let mut timers: BTreeMap<QueueKey, Instant> = BTreeMap::new();
         let mut inflight = InFlight::default();
         let mut due = Some(Due::All);
@@ -777,6 +780,7 @@ impl Controller {
             .last_checkpoint_syncs()
             .map_err(ControllerError::Store)?;
         h.ends = store.attempt_ends().map_err(ControllerError::Store)?;
+        h.kept = store.kept_disks().map_err(ControllerError::Store)?;
         Ok(h)
     }
 

@@ -13,7 +13,7 @@ use crate::failpoint;
 use crate::home::Home;
 use crate::manifest::{Job, RunSpec, Source};
 use crate::model::{Outcome, Phase, ProviderKind, RunName, Secret, Timestamp, Usd};
-use crate::provider::{CreateRequest, ErrorKind, Provider, ProviderError};
+use crate::provider::{CreateRequest, ErrorKind, InstanceState, Provider, ProviderError};
 use crate::store::{AttemptRecord, CostEntry, Event, RunError, RunRecord, Store, StoreError};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -165,6 +165,21 @@ impl Executor {
             .insert(kind, limit_of(provider.as_ref()));
         self.providers.insert(kind, provider);
         self
+    }
+
+    /// At a controller's start: a create a predecessor left in flight when it died
+    /// (an intent without an instance) may have waited in the pacer or retried in
+    /// place for longer than the listing lag before it was sent, and may still land:
+    /// its lag counts from now, or it would be bought twice.
+    pub fn creates_in_flight_until(&self, now: Timestamp) -> Result<(), StoreError> {
+        let store = lock(&self.store);
+        for mut a in store.unreleased_attempts()? {
+            if a.instance_id.is_none() && a.intent_at < now {
+                a.intent_at = now;
+                store.put_attempt(&a)?;
+            }
+        }
+        Ok(())
     }
 
     /// Waits for room to call `kind`'s API (its pacing's calls in flight); no limit for
@@ -393,6 +408,10 @@ impl Executor {
                     released_at: None,
                     outcome: None,
                 });
+                // A create sent again for the same attempt: the listing lag counts from
+                // this one (a controller killed during it must not buy a third).
+                a.intent_at = a.intent_at.max(now);
+                let asked = tokio::time::Instant::now();
                 rec.attempt = *attempt;
                 rec.placement_index = *placement_index;
                 rec.provider = Some(*provider);
@@ -474,11 +493,21 @@ impl Executor {
                         }
                     }
                     // Ambiguous (timeout, 5xx, rate limit): the intent stays; the next
-                    // pass adopts the instance if the listing shows the tag.
-                    Err(e) => Err(ExecError::Provider {
-                        op: op.to_string(),
-                        source: Box::new(e),
-                    }),
+                    // pass adopts the instance if the listing shows the tag. The create
+                    // was in flight until now, after waits in the pacer and retries in
+                    // place that can outlast the listing lag: the lag counts from here,
+                    // or a create that lands late is bought twice.
+                    Err(e) => {
+                        let secs = asked.elapsed().as_secs_f64().ceil() as Timestamp;
+                        a.intent_at = a.intent_at.max(now.saturating_add(secs));
+                        if let Err(store) = self.store(op, |s| s.put_attempt(&a)) {
+                            tracing::warn!(error = %store, "cannot record when the create ended");
+                        }
+                        Err(ExecError::Provider {
+                            op: op.to_string(),
+                            source: Box::new(e),
+                        })
+                    }
                 }
             }
             Op::Adopt {
@@ -713,14 +742,17 @@ impl Executor {
                     && a.instance_id.is_some()
                     && let Some(price) = rec.price_per_hour.filter(|_| rec.attempt == *attempt)
                 {
-                    // The ledger entry lands with the release, once per attempt.
+                    // The ledger entry lands with the release, once per attempt: from
+                    // the request, or from where its price last changed (a disk kept on
+                    // pause bills storage only; its slices are in the ledger already).
+                    let from = rec.billing_since.unwrap_or(a.intent_at).max(a.intent_at);
                     let entry = CostEntry {
                         run: run.clone(),
                         job: rec.job.clone(),
                         attempt: *attempt,
-                        from: a.intent_at,
+                        from,
                         to: now,
-                        usd: super::budget::accrued(price, a.intent_at, now),
+                        usd: super::budget::accrued(price, from, now),
                     };
                     self.store(op, |s| s.add_cost(&entry))?;
                     // The ledger now holds what the instance cost: nothing bills on.
@@ -786,6 +818,152 @@ impl Executor {
                     _ => {}
                 }
                 self.store(op, |s| s.forget_run(run))
+            }
+            Op::KeepDisk { run, attempt } => {
+                self.store(op, |s| s.put_kept_disk(run, *attempt, now))?;
+                failpoint::hit("keep-disk:after-record");
+                Ok(())
+            }
+            Op::StopKeepingDisk {
+                run,
+                attempt,
+                instance,
+            } => {
+                let backend = self.provider(op, instance.provider)?;
+                if instance.state == InstanceState::Running {
+                    // The job stops first, its run not over (no end-of-run hook: that
+                    // would destroy the instance), so the disk is still when stopped.
+                    // A machine that does not answer is stopped all the same: the
+                    // provider's stop ends its container, and a pause never leaves a
+                    // GPU billing.
+                    let paused = match backend.machine(instance) {
+                        Ok(machine) => {
+                            let _permit = self.machine_permit(instance.provider).await;
+                            machine.pause().await.map_err(|e| e.to_string())
+                        }
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(message) = paused {
+                        tracing::warn!(run = %run, attempt, "{message}");
+                        self.event(op, run, "PauseUnconfirmed", message, now);
+                    }
+                }
+                failpoint::hit("keep-disk:after-agent");
+                let storage = {
+                    let _permit = self.permit(instance.provider).await;
+                    backend.stop_keeping_disk(&instance.id).await
+                }
+                .map_err(|source| ExecError::Provider {
+                    op: op.to_string(),
+                    source: Box::new(source),
+                })?;
+                failpoint::hit("keep-disk:after-stop");
+                self.store(op, |s| s.stopped_kept_disk(run, *attempt, now))?;
+                if let Some(price) = storage {
+                    self.reprice(op, run, *attempt, price, now)?;
+                }
+                self.event(
+                    op,
+                    run,
+                    "DiskKept",
+                    format!(
+                        "{}/{} stopped, its disk kept{}",
+                        instance.provider,
+                        instance.id,
+                        storage.map_or_else(String::new, |p| format!(" at ${:.4}/h", p.dollars()))
+                    ),
+                    now,
+                );
+                Ok(())
+            }
+            Op::StartKept {
+                run,
+                attempt,
+                instance,
+            } => {
+                let backend = self.provider(op, instance.provider)?;
+                // No API permit held: the start waits for the instance to run, and the
+                // provider's pacing spaces its calls anyway.
+                match backend.start_kept(&instance.id).await {
+                    Ok(running) => {
+                        failpoint::hit("start-kept:after-provider");
+                        self.reprice(op, run, *attempt, running.price_per_hour, now)?;
+                        self.event(
+                            op,
+                            run,
+                            "Restarted",
+                            format!(
+                                "{}/{} runs again on its kept disk",
+                                running.provider, running.id
+                            ),
+                            now,
+                        );
+                        Ok(())
+                    }
+                    // It will not run again (its GPUs taken, or it is gone): the planner
+                    // destroys it and resumes from the synced checkpoint elsewhere.
+                    Err(e)
+                        if matches!(
+                            e.kind,
+                            ErrorKind::NoCapacity | ErrorKind::NotFound | ErrorKind::Permanent
+                        ) =>
+                    {
+                        let why = e.to_string();
+                        self.store(op, |s| s.refuse_kept_disk(run, *attempt, &why))?;
+                        self.event(op, run, "StartRefused", why, now);
+                        Ok(())
+                    }
+                    Err(source) => Err(ExecError::Provider {
+                        op: op.to_string(),
+                        source: Box::new(source),
+                    }),
+                }
+            }
+            Op::ResumeKept {
+                run,
+                attempt,
+                instance,
+            } => {
+                let (job, _) = find_run(desired, run).ok_or_else(|| ExecError::NotDesired {
+                    op: op.to_string(),
+                    run: run.clone(),
+                })?;
+                let backend = self.provider(op, instance.provider)?;
+                let machine = backend
+                    .machine(instance)
+                    .map_err(|source| ExecError::Provider {
+                        op: op.to_string(),
+                        source: Box::new(source),
+                    })?;
+                // The checkpoint the job wrote on this disk (relative: in its working
+                // folder, as the agent resolves it).
+                let resume_from = job.spec.checkpoint.as_ref().map(|c| c.path.as_str());
+                {
+                    let _permit = self.machine_permit(instance.provider).await;
+                    machine
+                        .resume(resume_from)
+                        .await
+                        .map_err(|source| ExecError::Agent {
+                            op: op.to_string(),
+                            source: Box::new(source),
+                        })?;
+                }
+                failpoint::hit("resume-kept:after-agent");
+                // Billing at the running price again, if the start's own repricing was
+                // cut off by a crash.
+                self.reprice(op, run, *attempt, instance.price_per_hour, now)?;
+                self.store(op, |s| s.drop_kept_disk(run, *attempt))?;
+                self.event(
+                    op,
+                    run,
+                    "Resumed",
+                    format!(
+                        "attempt {attempt} on its kept disk{}",
+                        resume_from.map_or_else(String::new, |p| format!(" from {p}"))
+                    ),
+                    now,
+                );
+                Ok(())
             }
             Op::Block { run, reason } => {
                 let mut rec = self.run_record(op, run)?;
@@ -1249,6 +1427,41 @@ impl Executor {
     }
 
     /// Sum of the run's ledger entries (released attempts).
+    /// Attempt `attempt` of `run` bills `price` an hour from `now` (its disk kept on
+    /// pause, or running again): what it billed at the old price since it last changed
+    /// goes to the ledger as one slice. Nothing when the price is the same (done
+    /// already) or the run holds another attempt.
+    fn reprice(
+        &self,
+        op: &Op,
+        run: &str,
+        attempt: u32,
+        price: Usd,
+        now: Timestamp,
+    ) -> Result<(), ExecError> {
+        let mut rec = self.run_record(op, run)?;
+        if rec.attempt != attempt || rec.price_per_hour == Some(price) {
+            return Ok(());
+        }
+        if let (Some(old), Some(since)) = (rec.price_per_hour, rec.billing_since)
+            && now > since
+        {
+            let entry = CostEntry {
+                run: run.to_string(),
+                job: rec.job.clone(),
+                attempt,
+                from: since,
+                to: now,
+                usd: super::budget::accrued(old, since, now),
+            };
+            self.store(op, |s| s.add_cost(&entry))?;
+            rec.cost_usd = self.ledger_cost(op, run)?;
+        }
+        rec.price_per_hour = Some(price);
+        rec.billing_since = Some(now);
+        self.store(op, |s| s.put_run(&rec))
+    }
+
     fn ledger_cost(&self, op: &Op, run: &str) -> Result<Usd, ExecError> {
         Ok(self
             .store(op, |s| s.costs(run))?

@@ -18,6 +18,9 @@
 //!   a live instance until the host answers again;
 //! - every key is looked at again within its providers' resync period, so what changes
 //!   behind asimov's back (a billing instance, a silent agent) is noticed while idle;
+//! - a paused attempt that keeps its disk (`keep_disk_on_pause`) holds its stopped
+//!   instance, and nothing else: a delete, `asimov destroy` or a start refused on
+//!   resume destroys it, so no stopped disk bills on unowned;
 //! - what time alone changes (cost so far, progress between phases) is no op: readers
 //!   derive cost from the price and the billing start, and the controller records
 //!   observed progress; a steady pass plans nothing, however many runs there are.
@@ -33,7 +36,7 @@ use crate::model::{
     Timestamp, Usd,
 };
 use crate::provider::{Capabilities, ErrorKind, Instance, InstanceState};
-use crate::store::{AttemptRecord, Pause, RunRecord};
+use crate::store::{AttemptRecord, KeptDisk, Pause, RunRecord};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
@@ -132,6 +135,9 @@ pub struct History {
     /// (run, attempt) → outcome. An instance gone after that ended the job, not a
     /// preemption.
     pub ends: BTreeMap<(RunName, u32), Outcome>,
+    /// Attempts whose instance is (being) stopped with its disk kept on pause:
+    /// (run, attempt) → record. Such an attempt stays open while paused.
+    pub kept: BTreeMap<(RunName, u32), KeptDisk>,
 }
 
 /// A change of a run's status, with the outcome of its current attempt when it ends.
@@ -219,6 +225,33 @@ pub enum Op {
         run: RunName,
         reason: String,
     },
+    /// Record that the paused attempt keeps its disk, before its final sync and the
+    /// stop: the attempt stays open, its stopped instance is started again on resume.
+    KeepDisk {
+        run: RunName,
+        attempt: u32,
+    },
+    /// Stop the job on the machine (its run not ended: no end-of-run hook), then stop
+    /// the instance keeping its disk; from then it bills storage only.
+    StopKeepingDisk {
+        run: RunName,
+        attempt: u32,
+        instance: Instance,
+    },
+    /// Start the kept attempt's stopped instance again (waiting, within the provider's
+    /// `keep_disk` time, for it to run); a refusal for good is recorded for the planner.
+    StartKept {
+        run: RunName,
+        attempt: u32,
+        instance: Instance,
+    },
+    /// Run the job again on the kept disk, in the same working folder, resuming from
+    /// the checkpoint there (`ASIMOV_RESUME_FROM`); the attempt is no longer kept.
+    ResumeKept {
+        run: RunName,
+        attempt: u32,
+        instance: Instance,
+    },
 }
 
 impl Op {
@@ -233,7 +266,11 @@ impl Op {
             | Op::SyncCheckpoint { run, .. }
             | Op::Release { run, .. }
             | Op::Forget { run }
-            | Op::Block { run, .. } => Some(run),
+            | Op::Block { run, .. }
+            | Op::KeepDisk { run, .. }
+            | Op::StopKeepingDisk { run, .. }
+            | Op::StartKept { run, .. }
+            | Op::ResumeKept { run, .. } => Some(run),
             Op::SetStatus(s) => Some(&s.run),
             Op::Destroy { run, .. } => run.as_deref(),
         }
@@ -253,6 +290,10 @@ impl Op {
             Op::Release { .. } => "release",
             Op::Forget { .. } => "forget",
             Op::Block { .. } => "block",
+            Op::KeepDisk { .. } => "keep-disk",
+            Op::StopKeepingDisk { .. } => "stop-keeping-disk",
+            Op::StartKept { .. } => "start-kept",
+            Op::ResumeKept { .. } => "resume-kept",
         }
     }
 }
@@ -356,6 +397,28 @@ impl fmt::Display for Op {
             } => write!(f, "release {run} attempt={attempt} outcome={outcome}"),
             Op::Forget { run } => write!(f, "forget {run}"),
             Op::Block { run, reason } => write!(f, "block {run} {reason:?}"),
+            Op::KeepDisk { run, attempt } => write!(f, "keep-disk {run} attempt={attempt}"),
+            Op::StopKeepingDisk {
+                run,
+                attempt,
+                instance,
+            }
+            | Op::StartKept {
+                run,
+                attempt,
+                instance,
+            }
+            | Op::ResumeKept {
+                run,
+                attempt,
+                instance,
+            } => write!(
+                f,
+                "{} {run} attempt={attempt} {}/{}",
+                self.kind(),
+                instance.provider,
+                instance.id
+            ),
         }
     }
 }
@@ -528,10 +591,10 @@ impl<'a> Planner<'a> {
                 }
             }
         }
-        let job_of_run: BTreeMap<&str, &str> = history
+        let job_of_run: BTreeMap<&str, &RunRecord> = history
             .runs
             .values()
-            .map(|r| (r.name.as_str(), r.job.as_str()))
+            .map(|r| (r.name.as_str(), r))
             .collect();
         let bills = |i: &Instance| {
             i.state != InstanceState::Stopped
@@ -545,12 +608,16 @@ impl<'a> Planner<'a> {
             .flat_map(|(run, insts)| insts.iter().map(move |i| (*run, *i)))
             .filter(|(_, i)| bills(i))
             .filter_map(|(run, i)| {
-                let job = job_of_run.get(run)?;
-                Some((
-                    job.to_string(),
-                    i.price_per_hour,
-                    i.created_at.unwrap_or(now),
-                ))
+                let rec = job_of_run.get(run)?;
+                // At the price it bills now (a stopped instance whose disk is kept: its
+                // storage), since its price last changed: what it billed before that is
+                // in the ledger already.
+                let created = i.created_at.unwrap_or(now);
+                let since = match rec.billing_since {
+                    Some(b) if rec.attempt == i.tag.attempt => created.max(b),
+                    _ => created,
+                };
+                Some((rec.job.to_string(), i.price_per_hour, since))
             })
             .collect();
         let budgets = budget::states(&desired.budgets, &desired.jobs, &history.spent, &live, now);
@@ -1027,7 +1094,7 @@ impl<'a> Planner<'a> {
             return self.stopped_run(&key, &rec, &attempts);
         }
         if let Some(why) = self.paused(&key, job, &rec) {
-            return self.paused_run(&key, &rec, &attempts, why);
+            return self.paused_run(&key, job, &rec, &attempts, why);
         }
         // Older attempts still open (superseded): end them.
         for a in attempts
@@ -1040,6 +1107,14 @@ impl<'a> Planner<'a> {
             .iter()
             .copied()
             .find(|a| a.attempt == rec.attempt && rec.attempt > 0);
+        // Resumed with its disk kept: its stopped instance runs the job again.
+        if let Some(a) = current
+            && a.released_at.is_none()
+            && a.outcome.is_none()
+            && let Some(kept) = self.history.kept.get(&(rec.name.clone(), a.attempt))
+        {
+            return self.resume_kept(&key, job, &rec, a, kept);
+        }
 
         match current {
             Some(a) if a.released_at.is_none() => {
@@ -1155,6 +1230,7 @@ impl<'a> Planner<'a> {
     fn paused_run(
         &mut self,
         key: &QueueKey,
+        job: &Job,
         rec: &RunRecord,
         attempts: &[&AttemptRecord],
         reason: String,
@@ -1162,6 +1238,11 @@ impl<'a> Planner<'a> {
         let current = attempts
             .iter()
             .find(|a| a.attempt == rec.attempt && a.released_at.is_none() && a.outcome.is_none());
+        if let Some(a) = current
+            && self.paused_keeping_disk(key, job, rec, a, &reason)
+        {
+            return;
+        }
         let outcome = current.map(|a| (a.attempt, Outcome::Paused));
         if rec.phase != Phase::Paused || rec.reason != reason || outcome.is_some() {
             self.set_status(
@@ -1175,6 +1256,218 @@ impl<'a> Planner<'a> {
             );
         }
         self.sync_then_release(key, rec, current.copied(), attempts, Outcome::Paused);
+    }
+
+    /// True when attempt `a` of a paused run keeps its disk: it was recorded so, or its
+    /// placement asks for it on a provider that can.
+    fn keeps_disk(&self, job: &Job, a: &AttemptRecord) -> bool {
+        self.history.kept.contains_key(&(a.run.clone(), a.attempt))
+            || (self.caps(a.provider).keep_disk.is_some()
+                && job
+                    .spec
+                    .placement
+                    .get(a.placement_index as usize)
+                    .is_some_and(|p| p.keep_disk_on_pause && p.provider == a.provider))
+    }
+
+    /// A pause that keeps the open attempt `a`'s disk: the pause is recorded on the
+    /// attempt first, then (once) the final sync as for any pause, then the job stopped
+    /// and the instance stopped, not destroyed; the attempt stays open, holding its
+    /// stopped instance, until resumed. False when there is nothing to keep (no
+    /// instance, or one that is booting, going or gone): the pause then releases it as
+    /// any other.
+    fn paused_keeping_disk(
+        &mut self,
+        key: &QueueKey,
+        job: &Job,
+        rec: &RunRecord,
+        a: &AttemptRecord,
+        reason: &str,
+    ) -> bool {
+        if !self.keeps_disk(job, a) {
+            return false;
+        }
+        let kept = self.history.kept.get(&(rec.name.clone(), a.attempt));
+        let instance = match self.seen(a) {
+            Seen::Unknown => {
+                self.set_status(
+                    key,
+                    rec,
+                    Phase::Paused,
+                    reason.to_string(),
+                    None,
+                    None,
+                    None,
+                );
+                self.wake(key, self.listing_wait(a.provider));
+                return true;
+            }
+            Seen::Absent => return false,
+            Seen::Listed(i) => i,
+        };
+        let kept_reason = format!(
+            "{reason}; {}/{} stopped, its disk kept (storage billing only)",
+            instance.provider, instance.id
+        );
+        match instance.state {
+            // Booting before its first start, or going: nothing to resume on.
+            InstanceState::Provisioning if kept.is_none() => false,
+            InstanceState::Terminating => false,
+            InstanceState::Running | InstanceState::Provisioning => {
+                let stopping = format!(
+                    "{reason}; stopping {}/{}, keeping its disk",
+                    instance.provider, instance.id
+                );
+                self.set_status(key, rec, Phase::Paused, stopping, None, None, None);
+                if kept.is_none() {
+                    self.push(
+                        key,
+                        Op::KeepDisk {
+                            run: rec.name.clone(),
+                            attempt: a.attempt,
+                        },
+                    );
+                    // The final sync, once: recorded kept before it, a sync that fails
+                    // never holds back the stop.
+                    if instance.state == InstanceState::Running
+                        && self.last_seen(a, false).is_some()
+                    {
+                        self.push(
+                            key,
+                            Op::Collect {
+                                run: rec.name.clone(),
+                                attempt: a.attempt,
+                                instance: instance.clone(),
+                            },
+                        );
+                    }
+                }
+                self.push(
+                    key,
+                    Op::StopKeepingDisk {
+                        run: rec.name.clone(),
+                        attempt: a.attempt,
+                        instance: instance.clone(),
+                    },
+                );
+                true
+            }
+            InstanceState::Stopped => {
+                // Stopped already (by us, or outbid while paused): its disk is kept.
+                if kept.is_none() {
+                    self.push(
+                        key,
+                        Op::KeepDisk {
+                            run: rec.name.clone(),
+                            attempt: a.attempt,
+                        },
+                    );
+                }
+                self.set_status(key, rec, Phase::Paused, kept_reason, None, None, None);
+                // The stop not recorded as confirmed (a crash right after it): once more,
+                // harmless on a stopped instance, to record it and its storage price.
+                if kept.is_none_or(|k| k.stopped_at.is_none()) {
+                    self.push(
+                        key,
+                        Op::StopKeepingDisk {
+                            run: rec.name.clone(),
+                            attempt: a.attempt,
+                            instance: instance.clone(),
+                        },
+                    );
+                }
+                true
+            }
+        }
+    }
+
+    /// Resumed, attempt `a` kept its disk: its stopped instance is started again, then
+    /// the job runs again on that disk. A start refused for good, or an instance gone
+    /// meanwhile, ends the attempt (`Paused`, with why) and destroys what is left: the
+    /// next attempt resumes from the synced checkpoint on a new instance.
+    fn resume_kept(
+        &mut self,
+        key: &QueueKey,
+        job: &Job,
+        rec: &RunRecord,
+        a: &AttemptRecord,
+        kept: &KeptDisk,
+    ) {
+        let instance = match self.seen(a) {
+            Seen::Unknown => {
+                self.wake(key, self.listing_wait(a.provider));
+                return;
+            }
+            Seen::Absent => None,
+            Seen::Listed(i) => Some(i),
+        };
+        let gone = match (instance, &kept.refused) {
+            (_, Some(why)) => Some(why.clone()),
+            (None, None) => Some("its stopped instance is gone".to_string()),
+            (Some(i), None) if i.state == InstanceState::Terminating => {
+                Some(format!("{}/{} is going", i.provider, i.id))
+            }
+            _ => None,
+        };
+        if let Some(why) = gone {
+            let reason = format!(
+                "resume on the kept disk failed: {why}; a new attempt resumes from the synced checkpoint"
+            );
+            self.set_status(
+                key,
+                rec,
+                Phase::Pending,
+                reason,
+                None,
+                rec.exit_code,
+                Some((a.attempt, Outcome::Paused)),
+            );
+            match instance {
+                Some(i) => {
+                    let why = format!(
+                        "attempt {} ended: resume on its kept disk failed",
+                        a.attempt
+                    );
+                    self.destroy_orphan(key, Some(&rec.name), i, &why);
+                }
+                None => self.push(
+                    key,
+                    Op::Release {
+                        run: rec.name.clone(),
+                        attempt: a.attempt,
+                        outcome: Outcome::Paused,
+                    },
+                ),
+            }
+            return;
+        }
+        let Some(i) = instance else { return };
+        // A budget that blocks new attempts holds a stopped one too: starting it bills
+        // the GPU again. It stays stopped (storage only) until the budget allows.
+        if i.state != InstanceState::Running
+            && let Some(b) = budget::over_limit(job, &self.desired.budgets, &self.budgets).first()
+        {
+            self.block(key, rec, b.reason());
+            return;
+        }
+        let op = if i.state == InstanceState::Running {
+            let reason = format!("resuming the job on {}/{}'s kept disk", i.provider, i.id);
+            self.set_status(key, rec, Phase::Starting, reason, None, None, None);
+            Op::ResumeKept {
+                run: rec.name.clone(),
+                attempt: a.attempt,
+                instance: i.clone(),
+            }
+        } else {
+            let reason = format!("starting the stopped {}/{} again", i.provider, i.id);
+            self.set_status(key, rec, Phase::Provisioning, reason, None, None, None);
+            Op::StartKept {
+                run: rec.name.clone(),
+                attempt: a.attempt,
+                instance: i.clone(),
+            }
+        };
+        self.push(key, op);
     }
 
     /// The end of a stopped or paused run's open attempts: the final sync, once, after

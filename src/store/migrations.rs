@@ -227,6 +227,18 @@ const STEPS: &[&str] = &[
         PRIMARY KEY (run, attempt)
     );
     "#,
+    // 9: attempts whose instance was stopped with its disk kept on pause (and a start
+    // of it refused for good), gone with the run.
+    r#"
+    CREATE TABLE IF NOT EXISTS attempt_disks (
+        run      TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
+        attempt  INTEGER NOT NULL,
+        at       INTEGER NOT NULL,
+        stopped_at INTEGER,
+        refused  TEXT,
+        PRIMARY KEY (run, attempt)
+    );
+    "#,
 ];
 
 /// The schema version this build writes and reads.

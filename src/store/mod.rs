@@ -16,6 +16,7 @@ use std::time::Duration;
 mod bench;
 mod checkpoints;
 mod desired;
+mod disks;
 mod history;
 mod hosts;
 mod lifecycle;
@@ -26,6 +27,7 @@ pub use checkpoints::CheckpointSync;
 pub use desired::{
     ControllerStatus, DesiredFolder, DesiredObject, DesiredProblem, DesiredRecord, RunError,
 };
+pub use disks::KeptDisk;
 pub use lifecycle::{Pause, RunMetrics};
 pub use migrations::SCHEMA_VERSION;
 pub use runs::{Fields, ListError, ListedRun, Listing};

@@ -26,9 +26,9 @@ pub enum Chaos {
     /// The server's own 429.
     TooMany,
     /// The request waits this long before the server handles it; longer than the
-    /// client's timeout, the client gives up while the server still acts (a server must
-    /// handle its requests in tasks of their own for that: hyper drops the handler of a
-    /// client that hung up; `runpod_server.rs` does).
+    /// client's timeout, the client gives up while the server still acts (each server
+    /// handles its requests in tasks of their own for that: hyper drops the handler of a
+    /// client that hung up, a real API finishes what it was asked).
     Slow(Duration),
     /// A create only: the server's own "no capacity" answer.
     Capacity,
@@ -64,6 +64,8 @@ pub struct Rates {
     pub cut_after: f64,
     /// How long a `Slow` request waits.
     pub slow_for: Duration,
+    /// Faults are drawn for creates only (a test aiming at one create's fate).
+    pub creates_only: bool,
 }
 
 impl Rates {
@@ -78,6 +80,7 @@ impl Rates {
             cut_before: each,
             cut_after: each,
             slow_for,
+            creates_only: false,
         }
     }
 
@@ -130,7 +133,7 @@ impl Faults {
     /// The fault for this request, if one is drawn.
     pub fn draw(&self, create: bool) -> Option<Chaos> {
         let mut st = self.lock();
-        if st.rates.total() <= 0.0 {
+        if st.rates.total() <= 0.0 || (st.rates.creates_only && !create) {
             return None;
         }
         // Only requests while faults are on count: the rate printed is the rate hit.

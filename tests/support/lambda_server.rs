@@ -168,6 +168,8 @@ pub struct RequestRecord {
     pub path: String,
     pub endpoint: Endpoint,
     pub status: u16,
+    /// When the rate limits judged it: on arrival for a request the server was slow to
+    /// act on, else when it was answered.
     pub at: Instant,
     pub body: Value,
     /// The API key the request carried (empty without a valid one).
@@ -596,7 +598,22 @@ const REGIONS: &[&str] = &[
     "me-west-1",
 ];
 
+/// Each request is handled to its end in a task of its own: hyper drops a handler whose
+/// client hung up, and a real server that was slow to answer still acts (a create held
+/// past the client's timeout creates its instance).
 async fn handle(
+    state: Arc<Mutex<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    tokio::spawn(handle_to_the_end(state, method, uri, headers, body))
+        .await
+        .unwrap_or_else(|_| html(500))
+}
+
+async fn handle_to_the_end(
     state: Arc<Mutex<State>>,
     method: Method,
     uri: Uri,
@@ -626,15 +643,42 @@ async fn handle(
             );
         }
         Some(Chaos::CutBefore) => return cut(data(json!({}))),
-        Some(Chaos::Slow(d)) => tokio::time::sleep(d).await,
-        Some(Chaos::CutAfter) | None => {}
+        Some(Chaos::Slow(_)) | Some(Chaos::CutAfter) | None => {}
+    }
+    // A slow request passes the rate limits on arrival (if its key is valid), then
+    // waits before it is acted on.
+    let mut refused = None;
+    let mut judged = None;
+    if let Some(Chaos::Slow(d)) = chaos {
+        refused = {
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            judged = Some(Instant::now());
+            if authorized(&st, &headers).is_some() {
+                rate_limit(&mut st, endpoint)
+            } else {
+                None
+            }
+        };
+        if refused.is_none() {
+            tokio::time::sleep(d).await;
+        }
     }
     let (response, hold) = {
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
         if endpoint == Endpoint::Launch {
             st.launches_received += 1;
         }
-        let (response, hold) = answer(&mut st, &method, &path, endpoint, &headers, &body_json);
+        let (response, hold) = match refused {
+            Some(r) => (r, None),
+            None if matches!(chaos, Some(Chaos::Slow(_))) => {
+                if authorized(&st, &headers).is_none() {
+                    answer(&mut st, &method, &path, endpoint, &headers, &body_json)
+                } else {
+                    answer_paced(&mut st, &method, &path, endpoint, &body_json)
+                }
+            }
+            None => answer(&mut st, &method, &path, endpoint, &headers, &body_json),
+        };
         let status = response.status().as_u16();
         let key = authorized(&st, &headers).unwrap_or_default();
         st.requests.push(RequestRecord {
@@ -643,7 +687,7 @@ async fn handle(
             path: path.clone(),
             endpoint,
             status,
-            at: Instant::now(),
+            at: judged.unwrap_or_else(Instant::now),
             body: body_json,
         });
         (response, hold)
@@ -675,8 +719,16 @@ fn answer(
             None,
         );
     }
+    if let Some(refused) = rate_limit(st, endpoint) {
+        return (refused, None);
+    }
+    answer_paced(st, method, path, endpoint, body)
+}
+
+/// Lambda's rate limits, judged when a request arrives (a request the server is slow
+/// to act on was let in on its arrival): a refused call does nothing.
+fn rate_limit(st: &mut State, endpoint: Endpoint) -> Option<Response> {
     let now = Instant::now();
-    // Rate limits first: a refused call does nothing.
     let too_soon = st
         .last_request
         .is_some_and(|t| now.duration_since(t) < st.config.request_gap)
@@ -685,19 +737,27 @@ fn answer(
                 .last_launch
                 .is_some_and(|t| now.duration_since(t) < st.config.launch_gap));
     if too_soon {
-        return (
-            error(
-                429,
-                "global/too-many-requests",
-                "Too many requests. Slow down.",
-            ),
-            None,
-        );
+        return Some(error(
+            429,
+            "global/too-many-requests",
+            "Too many requests. Slow down.",
+        ));
     }
     st.last_request = Some(now);
     if endpoint == Endpoint::Launch {
         st.last_launch = Some(now);
     }
+    None
+}
+
+/// The answer of a request the rate limits let in.
+fn answer_paced(
+    st: &mut State,
+    method: &Method,
+    path: &str,
+    endpoint: Endpoint,
+    body: &Value,
+) -> (Response, Option<Duration>) {
     let mut hold = None;
     if let Some(pos) = st
         .faults

@@ -717,6 +717,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Each request is handled to its end in a task of its own: hyper drops a handler whose
+/// client hung up, and a real server that was slow to answer still acts (a create held
+/// past the client's timeout creates its instance).
 async fn handle(
     state: Arc<Mutex<State>>,
     method: Method,
@@ -724,7 +727,23 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    // Its arrival is when hyper hands it over, not when its task first runs.
     let arrived = Instant::now();
+    tokio::spawn(handle_to_the_end(
+        state, method, uri, headers, body, arrived,
+    ))
+    .await
+    .unwrap_or_else(|_| nginx_page(500))
+}
+
+async fn handle_to_the_end(
+    state: Arc<Mutex<State>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+    arrived: Instant,
+) -> Response {
     tick(&state);
     let path = uri.path().to_string();
     let endpoint = classify(&method, &path);
@@ -748,8 +767,19 @@ async fn handle(
             );
         }
         Some(Chaos::CutBefore) => return cut(json_response(200, json!({}))),
-        Some(Chaos::Slow(d)) => tokio::time::sleep(d).await,
-        Some(Chaos::CutAfter) | None => {}
+        Some(Chaos::Slow(_)) | Some(Chaos::CutAfter) | None => {}
+    }
+    // A slow request passes the rate limit on arrival, then waits before it is acted on.
+    let mut refused = None;
+    if let Some(Chaos::Slow(d)) = chaos {
+        refused = {
+            let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+            let who = caller(&st, &headers, &uri);
+            rate_limit(&mut st, endpoint, &who)
+        };
+        if refused.is_none() {
+            tokio::time::sleep(d).await;
+        }
     }
     let (response, hold, auth) = {
         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
@@ -763,7 +793,13 @@ async fn handle(
         if endpoint == Endpoint::Create {
             st.creates_received += 1;
         }
-        let (response, mut hold) = answer(&mut st, &method, &uri, &path, endpoint, who, &body);
+        let (response, mut hold) = match refused {
+            Some(r) => (r, None),
+            None if matches!(chaos, Some(Chaos::Slow(_))) => {
+                answer_paced(&mut st, &method, &uri, &path, endpoint, who, &body)
+            }
+            None => answer(&mut st, &method, &uri, &path, endpoint, who, &body),
+        };
         if endpoint == Endpoint::Search && !st.config.search_delay.is_zero() {
             hold = Some(hold.unwrap_or_default() + st.config.search_delay);
         }
@@ -812,12 +848,20 @@ fn answer(
     who: Caller,
     body: &Bytes,
 ) -> (Response, Option<Duration>) {
-    // Rate limit first, as Vast's front does: a minimum gap per endpoint.
+    if let Some(refused) = rate_limit(st, endpoint, &who) {
+        return (refused, None);
+    }
+    answer_paced(st, method, uri, path, endpoint, who, body)
+}
+
+/// Vast's front: a minimum gap per endpoint and caller, judged when a request arrives
+/// (a request the server is slow to act on was let in on its arrival).
+fn rate_limit(st: &mut State, endpoint: Endpoint, who: &Caller) -> Option<Response> {
     if let Some(gap) = st.config.gaps.get(&endpoint).copied()
         && !gap.is_zero()
     {
         let now = Instant::now();
-        let identity = match &who {
+        let identity = match who {
             Caller::Instance(id) => format!("instance:{id}"),
             Caller::Account => "account".to_string(),
             Caller::Invalid(key) => format!("invalid:{key}"),
@@ -827,20 +871,29 @@ fn answer(
         if let Some(last) = st.last_call.get(&key)
             && now.duration_since(*last) < gap
         {
-            return (
-                text_response(
-                    429,
-                    "text/plain",
-                    format!(
-                        "API requests too frequent: endpoint threshold={}",
-                        gap.as_secs_f64()
-                    ),
+            return Some(text_response(
+                429,
+                "text/plain",
+                format!(
+                    "API requests too frequent: endpoint threshold={}",
+                    gap.as_secs_f64()
                 ),
-                None,
-            );
+            ));
         }
         st.last_call.insert(key, now);
     }
+    None
+}
+
+fn answer_paced(
+    st: &mut State,
+    method: &Method,
+    uri: &Uri,
+    path: &str,
+    endpoint: Endpoint,
+    who: Caller,
+    body: &Bytes,
+) -> (Response, Option<Duration>) {
     if endpoint == Endpoint::Destroy
         && st
             .config
@@ -1439,6 +1492,8 @@ fn instance_json(config: &Config, i: &InstanceRecord) -> Value {
         "is_bid": i.bid.is_some(),
         "min_bid": i.bid,
         "disk_space": i.disk,
+        // $/GB/month, as the offer priced the disk.
+        "storage_cost": if i.disk > 0.0 { i.storage_per_hour * 30.0 * 24.0 / i.disk } else { 0.0 },
         "start_date": start,
         // The proxy route exists from the start (sshN.vast.ai in reality); it is not
         // where the job should go before the container runs.
