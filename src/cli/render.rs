@@ -9,6 +9,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fmt::Write as _;
+use std::ops::Not as _;
 
 /// A run as `get runs -o json|yaml` prints it.
 #[derive(Debug, Serialize)]
@@ -140,7 +141,10 @@ fn scalar(out: &mut Vec<u8>, value: &impl Serialize) -> std::io::Result<()> {
 /// True when serde_json writes `s` as is between its quotes: no quote, backslash or
 /// control character (the only bytes it escapes).
 fn plain(s: &str) -> bool {
-    s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+    // Every byte looked at (no early exit), which the compiler turns into wide compares.
+    s.bytes()
+        .fold(false, |bad, b| bad | (b < 0x20) | (b == b'"') | (b == b'\\'))
+        .not()
 }
 
 /// A JSON string as serde_json writes it; most strings need no escaping and are
@@ -605,8 +609,25 @@ impl Columns {
         let start = self.text.len();
         // Writing into a `String` cannot fail.
         let _ = write!(self.text, "{value}");
+        self.ended(start);
+    }
+
+    /// `cell` for text as it is, copied without the formatting machinery (most cells).
+    pub fn text_cell(&mut self, value: &str) {
+        let start = self.text.len();
+        self.text.push_str(value);
+        self.ended(start);
+    }
+
+    /// Records the width of the cell written from `start` on.
+    fn ended(&mut self, start: usize) {
+        let cell = &self.text[start..];
+        let width = if cell.is_ascii() {
+            cell.len()
+        } else {
+            cell.chars().count()
+        };
         let column = self.ends.len() % self.widths.len().max(1);
-        let width = self.text[start..].chars().count();
         if let Some(w) = self.widths.get_mut(column) {
             *w = (*w).max(width);
         }
@@ -632,8 +653,14 @@ impl Columns {
                 }
                 line.push_str(cell);
                 if i + 1 < widths.len() {
-                    let pad = widths[i].saturating_sub(chars);
-                    line.extend(std::iter::repeat_n(' ', pad));
+                    // In chunks of a constant run of spaces, not one char at a time.
+                    const SPACES: &str = "                                ";
+                    let mut pad = widths[i].saturating_sub(chars);
+                    while pad > 0 {
+                        let take = pad.min(SPACES.len());
+                        line.push_str(&SPACES[..take]);
+                        pad -= take;
+                    }
                 }
             }
             out.write_all(line.trim_end().as_bytes())?;
@@ -696,16 +723,16 @@ impl RunsTable {
         let provider = run.provider.map(|p| p.as_str()).unwrap_or("-");
         let progress = ProgressCell(run.progress_done, run.progress_total);
         let commit = CommitCell(run.commit, run.dirty);
-        t.cell(run.name);
+        t.text_cell(run.name);
         if self.wide {
-            t.cell(run.job);
-            t.cell(run.phase.as_str());
+            t.text_cell(run.job);
+            t.text_cell(run.phase.as_str());
             t.cell(progress);
             t.cell(run.attempt);
-            t.cell(provider);
-            t.cell(dash(run.instance_id));
-            t.cell(dash(run.host));
-            t.cell(dash(run.gpu));
+            t.text_cell(provider);
+            t.text_cell(dash(run.instance_id));
+            t.text_cell(dash(run.host));
+            t.text_cell(dash(run.gpu));
             match run.price_per_hour {
                 Some(p) => t.cell(format_args!("{:.3}", p.dollars())),
                 None => t.cell("-"),
@@ -722,14 +749,17 @@ impl RunsTable {
                 None => t.cell("-"),
             }
         } else {
-            t.cell(run.phase.as_str());
+            t.text_cell(run.phase.as_str());
             t.cell(progress);
-            t.cell(provider);
+            t.text_cell(provider);
             t.cell(run.cost_at(self.now));
             t.cell(commit);
         }
         t.cell(Age(self.now - run.created_at));
-        t.cell(ReasonCell(run, error));
+        match error {
+            None => t.text_cell(run.reason),
+            Some(_) => t.cell(ReasonCell(run, error)),
+        }
         t.end_row();
     }
 

@@ -182,8 +182,9 @@ impl Shutdown {
 /// What one pass did.
 #[derive(Debug, Default)]
 pub struct PassReport {
-    /// Every op the planner asked for (including those of keys not due).
-    pub planned: Vec<Op>,
+    /// Every op the planner asked for (including those of keys not due); shared with
+    /// the op groups that apply them, not copied.
+    pub planned: Arc<Vec<Op>>,
     /// Ops applied successfully.
     pub applied: usize,
     /// Ops that failed, with their error, rendered.
@@ -252,10 +253,11 @@ struct InFlight {
     errored: BTreeSet<QueueKey>,
 }
 
-/// A group planned but not yet started.
+/// A group planned but not yet started: its ops are positions in its pass's plan.
 struct Waiting {
     id: GroupId,
-    ops: Vec<Op>,
+    plan: Arc<Vec<Op>>,
+    ops: Vec<u32>,
     desired: Arc<Desired>,
 }
 
@@ -953,8 +955,8 @@ impl Controller {
         shutdown: &Shutdown,
         inflight: &mut InFlight,
     ) -> PassReport {
-        let mut groups: BTreeMap<GroupId, Vec<Op>> = BTreeMap::new();
-        for op in &plan.ops {
+        let mut groups: BTreeMap<GroupId, Vec<u32>> = BTreeMap::new();
+        for (at, op) in (0u32..).zip(&plan.ops) {
             let key = plan.key_of(op);
             if !due.contains(&key) {
                 continue;
@@ -964,8 +966,11 @@ impl Controller {
                 (None, Op::Destroy { instance_id, .. }) => format!("orphan/{instance_id}"),
                 (None, _) => String::new(),
             };
-            groups.entry((key, group)).or_default().push(op.clone());
+            groups.entry((key, group)).or_default().push(at);
         }
+        let requeue_after = plan.requeue.values().min().copied();
+        let requeue = plan.requeue;
+        let ops_of_plan = Arc::new(plan.ops);
         let mut started: BTreeSet<QueueKey> = BTreeSet::new();
         // First shutdown signal: start nothing more.
         if shutdown.count() == 0 {
@@ -979,6 +984,7 @@ impl Controller {
                 ops.shrink_to_fit();
                 inflight.waiting.push_back(Waiting {
                     id,
+                    plan: Arc::clone(&ops_of_plan),
                     ops,
                     desired: Arc::clone(&desired),
                 });
@@ -991,9 +997,9 @@ impl Controller {
             f.retain(|k, _| !due.contains(k) || started.contains(k) || inflight.has_key(k));
         }
         PassReport {
-            requeue_after: plan.requeue.values().min().copied(),
-            planned: plan.ops,
-            requeue: plan.requeue,
+            requeue_after,
+            planned: ops_of_plan,
+            requeue,
             ..PassReport::default()
         }
     }
@@ -1002,7 +1008,13 @@ impl Controller {
     /// after a pass and after each group's end; never once shutting down.
     fn start_waiting(&self, inflight: &mut InFlight) {
         while inflight.set.len() < self.concurrency && !self.stopping.load(Ordering::SeqCst) {
-            let Some(Waiting { id, ops, desired }) = inflight.waiting.pop_front() else {
+            let Some(Waiting {
+                id,
+                plan,
+                ops,
+                desired,
+            }) = inflight.waiting.pop_front()
+            else {
                 break;
             };
             let executor = Arc::clone(&self.executor);
@@ -1011,15 +1023,15 @@ impl Controller {
             inflight.set.spawn(async move {
                 let mut applied = 0;
                 let mut failed: Option<(Op, ExecError)> = None;
-                for op in ops {
+                for op in ops.iter().filter_map(|&at| plan.get(at as usize)) {
                     // First shutdown signal: finish the op in flight, start no other.
                     if stopping.load(Ordering::SeqCst) {
                         break;
                     }
-                    match executor.apply(&op, &desired, clock.now()).await {
+                    match executor.apply(op, &desired, clock.now()).await {
                         Ok(()) => applied += 1,
                         Err(e) => {
-                            failed = Some((op, e));
+                            failed = Some((op.clone(), e));
                             break;
                         }
                     }
