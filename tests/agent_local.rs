@@ -274,6 +274,39 @@ async fn max_duration_kills_the_whole_process_group() {
     wait_no_process("sleep 3130", Duration::from_secs(10)).await;
 }
 
+/// An agent whose supervisor dies before the job starts (seen with a full disk: the
+/// supervisor could not write its files) leaves its state at setup forever; the status
+/// says the supervisor is dead and since when its state has not changed, so the
+/// controller can end the attempt instead of waiting on it.
+#[tokio::test]
+async fn a_supervisor_killed_during_setup_is_reported_dead() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("asimov.t9.dies-0.1");
+    let _cleanup = Cleanup::new(&[&root], &["sleep 3197"]);
+    let m = machine(&root, false);
+    let mut s = spec("asimov.t9.dies-0.1", "echo never");
+    s.setup = vec!["sleep 31977".into()];
+    m.start(&s).await.unwrap();
+    let alive = wait_until(&m, Duration::from_secs(10), |s| {
+        s.state == AgentState::Setup
+    })
+    .await;
+    assert_eq!(alive.dead_for, None, "its supervisor lives: {alive:?}");
+    let pid = std::fs::read_to_string(root.join("pid")).unwrap();
+    let killed = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{}", pid.trim())])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let dead = wait_until(&m, Duration::from_secs(10), |s| s.dead_for.is_some()).await;
+    assert_eq!(dead.state, AgentState::Setup, "{dead:?}");
+    assert!(
+        dead.dead_for.is_some_and(|d| (0..60).contains(&d)),
+        "{dead:?}"
+    );
+    // The setup it started lives on in its own group: the cleanup ends it.
+}
+
 #[tokio::test]
 async fn start_twice_runs_once() {
     let dir = tempfile::tempdir().unwrap();

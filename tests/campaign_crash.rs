@@ -371,10 +371,11 @@ impl Target for Cloud {
             // Vast's records say when each request arrived, before the server's lock:
             // judged by arrivals, the server's own 429s (decided under its lock, which a
             // loaded machine's scheduler may hold up so that requests sent a gap apart
-            // are answered in one burst) are not the client's doing. Judged over two
-            // gaps: one request held up on its way (a loaded machine's scheduler) arrives
-            // close to the next, which a pacing client then makes up for; a client that
-            // does not pace sends three in a row too close.
+            // are answered in one burst) are not the client's doing. Judged over
+            // `JUDGED_GAPS` gaps: requests held up on their way (a loaded machine's
+            // scheduler, a new connection's handshake) arrive close to the next ones,
+            // which a pacing client then makes up for; a client that does not pace (or
+            // paces each task alone) sends many in a row too close.
             Server::Vast(s) => {
                 let gaps = vast_server::Config::documented_gaps(PACING_SCALE * SLACK);
                 let mut last: BTreeMap<(vast_server::Endpoint, String), VecDeque<Instant>> =
@@ -387,8 +388,8 @@ impl Target for Cloud {
                         continue;
                     };
                     let recent = last.entry((r.endpoint, r.auth.clone())).or_default();
-                    if recent.len() == 2 {
-                        if r.arrived.duration_since(recent[0]) < *gap * 2 {
+                    if recent.len() == JUDGED_GAPS as usize {
+                        if r.arrived.duration_since(recent[0]) < *gap * JUDGED_GAPS {
                             too_close.push((r.arrived, show(&r.method, &r.path)));
                         }
                         recent.pop_front();
@@ -398,7 +399,8 @@ impl Target for Cloud {
                 too_close
             }
             // Lambda's server refuses a single short gap (429), judged when it takes its
-            // lock; as for Vast, a violation is three requests within two gaps (of all
+            // lock; as for Vast, a violation is `JUDGED_GAPS` + 1 requests within
+            // `JUDGED_GAPS` gaps (of all
             // requests, and of launches), which jitter alone does not make.
             Server::Lambda(s) => {
                 let mut requests = s.requests();
@@ -413,8 +415,8 @@ impl Target for Cloud {
                     .map(|r| (r.at, show(&r.method, &r.path)))
                     .collect();
                 let mut too_close =
-                    within_two_gaps(&all, Duration::from_secs_f64(1.0 * PACING_SCALE * SLACK));
-                too_close.extend(within_two_gaps(
+                    within_gaps(&all, Duration::from_secs_f64(1.0 * PACING_SCALE * SLACK));
+                too_close.extend(within_gaps(
                     &launches,
                     Duration::from_secs_f64(10.0 * PACING_SCALE * SLACK),
                 ));
@@ -441,13 +443,21 @@ impl Target for Cloud {
     }
 }
 
-/// The requests (in arrival order) that came less than two gaps after the one two
-/// before them.
-fn within_two_gaps(requests: &[(Instant, String)], gap: Duration) -> Vec<(Instant, String)> {
+/// How many gaps a window of requests is judged over: `JUDGED_GAPS` + 1 requests in a
+/// row closer than that many gaps is a pacing violation. Three within two gaps was
+/// met by jitter alone on a loaded machine (two list calls held up ~100 ms at a 50 ms
+/// judged gap, 6.7 s after a controller's start); a client that does not pace, or
+/// paces its tasks apart, sends five within far less.
+const JUDGED_GAPS: u32 = 4;
+
+/// The requests (in arrival order) that came less than `JUDGED_GAPS` gaps after the
+/// one `JUDGED_GAPS` before them.
+fn within_gaps(requests: &[(Instant, String)], gap: Duration) -> Vec<(Instant, String)> {
+    let n = JUDGED_GAPS as usize;
     requests
-        .windows(3)
-        .filter(|w| w[2].0.duration_since(w[0].0) < gap * 2)
-        .map(|w| w[2].clone())
+        .windows(n + 1)
+        .filter(|w| w[n].0.duration_since(w[0].0) < gap * JUDGED_GAPS)
+        .map(|w| w[n].clone())
         .collect()
 }
 
@@ -543,6 +553,52 @@ fn act(a: &Asimov, env: &[(String, String)], args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What a failed assertion needs to be understood without a replay (a seed replays the
+/// rates, not the timing): for each named run, the store's account of it, every
+/// controller log line that names it, and what each target billed under its tags.
+fn history_of(targets: &[Box<dyn Target>], a: &Asimov, spawned: usize, runs: &[String]) -> String {
+    let mut out = String::new();
+    let now = SystemTime::now();
+    for run in runs {
+        out.push_str(&format!("==== {run}\n"));
+        out.push_str(&String::from_utf8_lossy(
+            &a.run(&["describe", "run", run]).stdout,
+        ));
+        for t in targets {
+            for b in t.billed().unwrap_or_default() {
+                if run_of(&b.tag) == *run {
+                    out.push_str(&format!(
+                        "  {} billed {}: started {:.1}s ago, stopped {}\n",
+                        t.name(),
+                        b.tag,
+                        seconds_between(b.started, now),
+                        b.stopped.map_or("never".to_string(), |s| format!(
+                            "{:.1}s ago",
+                            seconds_between(s, now)
+                        ))
+                    ));
+                }
+            }
+        }
+        let word = format!("{run}.");
+        let named = format!(" {run} ");
+        let mut lines = Vec::new();
+        for n in 0..=spawned {
+            let text = std::fs::read_to_string(a.repo.path().join(format!("controller-{n}.log")))
+                .unwrap_or_default();
+            for l in text.lines() {
+                if l.contains(&word) || l.contains(&named) || l.ends_with(&format!(" {run}")) {
+                    lines.push(format!("  [controller {n}] {l}"));
+                }
+            }
+        }
+        let from = lines.len().saturating_sub(40);
+        out.push_str(&lines[from..].join("\n"));
+        out.push('\n');
+    }
+    out
 }
 
 /// The last lines of a controller's log, for a failure message.
@@ -1331,8 +1387,18 @@ fn campaign(sizes: Sizes) {
     let replay = format!("replay with ASIMOV_CAMPAIGN_SEED={seed}");
     assert!(
         tally.duplicates.is_empty(),
-        "duplicate instances ({replay}): {:#?}",
-        tally.duplicates
+        "duplicate instances ({replay}): {:#?}\n{}",
+        tally.duplicates,
+        history_of(
+            &targets,
+            &a,
+            spawned,
+            &tally
+                .duplicates
+                .iter()
+                .filter_map(|d| d.split(':').next().map(str::to_string))
+                .collect::<Vec<_>>()
+        )
     );
     assert_eq!(lost, 0, "runs lost ({replay}): {waiting:#?}");
     if !waiting.is_empty() {
@@ -1345,17 +1411,32 @@ fn campaign(sizes: Sizes) {
                 String::from_utf8_lossy(&a.run(&["describe", "run", run]).stdout).into_owned()
             })
             .collect();
+        let first: Vec<String> = waiting
+            .iter()
+            .take(2)
+            .filter_map(|w| w.split(':').next().map(str::to_string))
+            .collect();
         panic!(
-            "not converged after {:?} ({replay}): {waiting:#?}\n{}\ninstances: {:?}\nlog:\n{}",
+            "not converged after {:?} ({replay}): {waiting:#?}\n{}\ninstances: {:?}\nlog:\n{}\n{}",
             sizes.settle,
             described.join("\n"),
             instances_by_run(&targets, &a),
-            log_tail(&a, spawned)
+            log_tail(&a, spawned),
+            history_of(&targets, &a, spawned, &first)
         );
     }
     assert!(
         orphans.is_empty(),
-        "orphaned instances ({replay}): {orphans:?}"
+        "orphaned instances ({replay}): {orphans:?}\n{}",
+        history_of(
+            &targets,
+            &a,
+            spawned,
+            &orphans
+                .iter()
+                .map(|o| run_of(o.split_once(':').map_or(o.as_str(), |(_, t)| t)))
+                .collect::<Vec<_>>()
+        )
     );
     assert!(
         overbilled.is_empty(),

@@ -56,6 +56,7 @@ fn observed(instances: Vec<Instance>) -> Observed {
             started_at: Some(NOW - 300),
             finished_at: None,
             progress: None,
+            dead_for: None,
         }),
     );
     o

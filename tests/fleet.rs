@@ -607,6 +607,86 @@ exit $rc"#,
     )
 }
 
+/// A claim cut off after it ran, on a host that then goes down: asimov waits for it
+/// (`ASIMOV_SSH_UNSURE_CLAIM_SECS`, shortened here), then claims on the next host, so a
+/// host that never answers again does not hold the run forever. When the first host
+/// comes back, the slot the cut-off claim left there is destroyed as a duplicate: the
+/// run runs once, and nothing stays claimed.
+#[test]
+fn a_cut_off_claim_on_a_host_that_stays_down_moves_on_and_its_slot_is_destroyed_later() {
+    let Some((mut h1, h2)) = two_hosts() else {
+        return;
+    };
+    // The cut takes the whole server down with it: the host is gone, not only the link.
+    let script = claim_logging_mv(true).replace(
+        r#"case "$(cat /proc/$p/comm)" in sshd*) kill -9 "$p"; break ;; esac"#,
+        r#"case "$(cat /proc/$p/comm)" in sshd*) kill -9 "$(awk '{print $4}' /proc/$p/stat)" "$p"; break ;; esac"#,
+    );
+    assert_ne!(
+        script,
+        claim_logging_mv(true),
+        "the wrapper kills the listener too"
+    );
+    h1.install_command("mv", &script);
+    h2.install_command("mv", &claim_logging_mv(false));
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1), ("box-2", &h2)]));
+    let job = a.manifest(
+        "down.yaml",
+        &job_yaml("down", &["a"], "'mkdir -p out; echo done > out/result.txt'"),
+    );
+    let apply = a
+        .command()
+        .env("ASIMOV_SSH_UNSURE_CLAIM_SECS", "5")
+        .args(["apply", "-f"])
+        .arg(&fleet)
+        .arg(&job)
+        .output()
+        .expect("apply runs");
+    assert!(apply.status.success(), "{apply:?}");
+    a.wait_for("the run to end", Duration::from_secs(120), || {
+        matches!(
+            a.run_phase("down-0").as_deref(),
+            Some("Succeeded" | "Failed" | "Cancelled")
+        )
+    });
+    let describe = a.ok(&["describe", "run", "down-0"]);
+    assert!(
+        h1.home().join(".cut").exists(),
+        "the first claim's connection was cut: {describe}"
+    );
+    assert_eq!(
+        a.run_phase("down-0").as_deref(),
+        Some("Succeeded"),
+        "{describe}"
+    );
+    let claims = |h: &Sshd| {
+        std::fs::read_to_string(h.home().join("claims.log"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    assert_eq!(
+        claims(&h2),
+        1,
+        "claimed on box-2 once box-1 stayed down: {describe}"
+    );
+    assert_eq!(run_field(&a, "down-0", "attempt"), 1, "{describe}");
+    // Box-1 comes back holding the cut-off claim's slot: a duplicate, destroyed.
+    h1.restart();
+    let slots = |h: &Sshd| {
+        std::fs::read_dir(h.home().join(".asimov-agent/instances"))
+            .map(|d| d.flatten().count())
+            .unwrap_or(0)
+    };
+    a.wait_for(
+        "box-1's leftover slot to be destroyed",
+        Duration::from_secs(120),
+        || slots(&h1) == 0,
+    );
+    a.ok(&["delete", "job", "down"]);
+}
+
 /// A claim cut off after it ran on the first host (its slot written, its answer lost) is
 /// not followed by a claim on the second: asimov waits for the first host to answer and
 /// adopts the slot there, so the run never runs on two hosts. Seen in the fault

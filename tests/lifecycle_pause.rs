@@ -488,6 +488,7 @@ mod window {
                 started_at: None,
                 finished_at: None,
                 progress: None,
+                dead_for: None,
             }),
         );
         (h, o)

@@ -102,6 +102,7 @@ fn status(state: AgentState, exit_code: Option<i32>) -> AgentObservation {
         started_at: Some(NOW - 300),
         finished_at: None,
         progress: None,
+        dead_for: None,
     })
 }
 

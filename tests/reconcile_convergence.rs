@@ -657,3 +657,70 @@ async fn a_finished_job_whose_instance_ends_itself_before_collection_never_runs_
     assert_eq!(w.fake.calls().create, 1, "the finished job ran again");
     assert_eq!(w.fake.calls().start, 1, "the finished job ran again");
 }
+
+/// A create planned before its attempt ended, applied after (an op held up behind a
+/// permit or a pacer while the run finished): the executor refuses it without asking
+/// the provider, so no second instance bills under a tag whose run is over.
+#[tokio::test(start_paused = true)]
+async fn a_create_for_an_attempt_that_has_ended_is_refused_without_a_provider_call() {
+    let w = world(vec![job("train", 1)], FakeConfig::default());
+    converge(&w, 200).await;
+    assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
+    let creates = w.fake.calls().create;
+    let attempt = w
+        .store
+        .lock()
+        .unwrap()
+        .attempts("train-0")
+        .unwrap()
+        .into_iter()
+        .max_by_key(|a| a.attempt)
+        .expect("an attempt");
+    assert!(attempt.released_at.is_some(), "{attempt:?}");
+    let stale = asimov::reconcile::plan::Op::Create {
+        run: "train-0".into(),
+        attempt: attempt.attempt,
+        placement_index: 0,
+        provider: ProviderKind::Fake,
+        tag: asimov::model::OwnerTag::new(ME, "train-0", attempt.attempt),
+    };
+    let desired = asimov::reconcile::plan::Desired {
+        jobs: vec![job("train", 1)],
+        budgets: Vec::new(),
+        controller: ME.into(),
+    };
+    let result = w.executor.apply(&stale, &desired, 4_000_000_000).await;
+    let e = result.expect_err("a create for an ended attempt");
+    assert!(e.to_string().contains("has already ended"), "{e}");
+    assert_eq!(w.fake.calls().create, creates, "the provider was not asked");
+    assert!(w.fake.instances().is_empty(), "{:?}", w.fake.instances());
+    assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
+}
+
+/// A job edited after its run was recorded but before the run started: the attempt
+/// that starts runs the edited spec, so when it succeeds the run is done. Before, the
+/// run row kept the spec it was recorded with, and the finished run was run again for
+/// an edit it had already run (found by the fault campaign as an instance launched
+/// right after every run had converged).
+#[tokio::test(start_paused = true)]
+async fn a_run_that_started_after_its_job_was_edited_is_not_run_again() {
+    let w = world(vec![job("train", 1)], FakeConfig::default());
+    // Recorded and created, not started yet.
+    w.controller.run_once().await.expect("first pass");
+    assert_eq!(w.fake.calls().create, 1);
+    assert_eq!(w.fake.calls().start, 0, "the first pass only creates");
+    let mut edited = job("train", 1);
+    edited.spec_hash = "h2".into();
+    w.source.set(Manifests {
+        jobs: vec![edited],
+        ..Manifests::default()
+    });
+    converge(&w, 200).await;
+    assert_eq!(phases(&w), vec![("train-0".to_string(), Phase::Succeeded)]);
+    assert_eq!(
+        w.fake.calls().create,
+        1,
+        "the run ran the edited spec once; nothing ran it again"
+    );
+    delete_everything_and_converge(&w).await;
+}

@@ -124,6 +124,7 @@ fn agent(state: AgentState, progress: Option<(u64, u64)>, exit: Option<i32>) -> 
             done,
             total: Some(t),
         }),
+        dead_for: None,
     })
 }
 
@@ -910,6 +911,7 @@ fn max_duration_exceeded_and_stale_heartbeat() {
         started_at: Some(NOW - 300),
         finished_at: None,
         progress: None,
+        dead_for: None,
     };
     o.agents.insert(
         tag("train-0", 1).render(),
@@ -955,6 +957,7 @@ fn huge_max_duration_does_not_wrap() {
                 started_at: Some(started_at),
                 finished_at: None,
                 progress: None,
+                dead_for: None,
             }),
         );
         let p = plan(&desired(vec![j.clone()]), &o, &h, NOW).render();
@@ -1347,4 +1350,52 @@ fn intent_ahead_of_run_row_is_the_current_attempt() {
         )],
     );
     check(&d, &o, &h, NOW, "intent_ahead_of_run_row_adopts");
+}
+
+/// An agent stuck in setup whose supervisor is dead (`dead_for`, by the machine's own
+/// clock) is lost once past the heartbeat threshold, and waited for before it: a
+/// supervisor that died before the job started leaves no heartbeat to go stale.
+#[test]
+fn a_dead_supervisor_in_setup_is_lost_past_the_threshold() {
+    let d = desired(vec![job("train", 1, &[FAKE])]);
+    let h = history(
+        vec![record("train-0", "train", Phase::Starting, 1)],
+        vec![attempt("train-0", 1, FAKE, Some("i-7"))],
+    );
+    let mut o = listed(
+        FAKE,
+        vec![instance(
+            FAKE,
+            "i-7",
+            tag("train-0", 1),
+            InstanceState::Running,
+        )],
+    );
+    let setup = |dead_for| {
+        AgentObservation::Status(AgentStatus {
+            state: AgentState::Setup,
+            exit_code: None,
+            heartbeat: None,
+            started_at: None,
+            finished_at: None,
+            progress: None,
+            dead_for,
+        })
+    };
+    let ends = |o: &Observed| {
+        let p = plan(&d, o, &h, NOW).render();
+        (p.contains("destroy") && p.contains("lost"), p)
+    };
+    o.agents.insert(tag("train-0", 1).render(), setup(Some(61)));
+    let (lost, p) = ends(&o);
+    assert!(lost, "past the threshold the attempt ends as lost:\n{p}");
+    o.agents.insert(tag("train-0", 1).render(), setup(Some(30)));
+    let (lost, p) = ends(&o);
+    assert!(!lost, "within the threshold it is waited for:\n{p}");
+    o.agents.insert(tag("train-0", 1).render(), setup(None));
+    let (lost, p) = ends(&o);
+    assert!(
+        !lost,
+        "a live supervisor's setup takes as long as it takes:\n{p}"
+    );
 }

@@ -559,6 +559,8 @@ cmd_status() {
 		if [ -f "$ROOT/$key" ]; then printf '%s=%s\n' "$key" "$(get "$key")"; fi
 	done
 	if alive "$(get pid)"; then echo alive=1; else echo alive=0; fi
+	# When the state last changed: a dead supervisor's state stops changing.
+	printf 'changed_at=%s\n' "$(date -r "$ROOT/status" +%s 2>/dev/null)"
 	printf 'now=%s\n' "$(now)"
 	printf '%s\n' "$MARKER"
 	if [ -f "$ROOT/log" ]; then tail -c 4096 "$ROOT/log"; fi

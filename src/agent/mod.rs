@@ -182,6 +182,10 @@ pub struct AgentStatus {
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
     pub progress: Option<Progress>,
+    /// Not finished, no supervisor alive, and its state unchanged this many seconds (by
+    /// the machine's clock): an agent that died before it could say so (a full disk,
+    /// a reboot). `None` while the supervisor lives, or when the agent did not say.
+    pub dead_for: Option<i64>,
 }
 
 #[derive(Debug, thiserror::Error)]

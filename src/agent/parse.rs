@@ -26,13 +26,18 @@ pub fn parse_status(text: &str) -> Option<(AgentStatus, String)> {
         started_at: None,
         finished_at: None,
         progress: None,
+        dead_for: None,
     };
+    let (mut alive, mut now, mut changed_at) = (None, None, None);
     for line in head.lines() {
         let Some((key, value)) = line.split_once('=') else {
             continue;
         };
         let value = value.trim();
         match key.trim() {
+            "alive" => alive = Some(value == "1"),
+            "now" => now = value.parse::<i64>().ok(),
+            "changed_at" => changed_at = value.parse::<i64>().ok(),
             "status" => state = parse_state(value),
             "exit_code" => status.exit_code = value.parse().ok(),
             "heartbeat" => status.heartbeat = value.parse().ok(),
@@ -42,6 +47,11 @@ pub fn parse_status(text: &str) -> Option<(AgentStatus, String)> {
         }
     }
     status.state = state?;
+    if alive == Some(false) && !status.state.is_finished() {
+        status.dead_for = now
+            .zip(changed_at)
+            .map(|(now, at)| now.saturating_sub(at).max(0));
+    }
     status.progress = parse_progress(tail);
     Some((status, tail.to_string()))
 }
@@ -187,6 +197,27 @@ mod tests {
         let log = "ASIMOV_PROGRESS 7/9\n 45%|████▌     | 45/100 [00:01<00:01]\nloss 0.3\n";
         assert_eq!(parse_progress(log), p(45, Some(100)));
         assert_eq!(parse_progress("a|b| 3/4\n"), None);
+    }
+
+    #[test]
+    fn a_dead_supervisor_before_the_end_says_for_how_long() {
+        let block = |status: &str, alive: u8| {
+            format!(
+                "status={status}\nalive={alive}\nchanged_at=1000\nnow=1075\n--- asimov log tail ---\n"
+            )
+        };
+        let dead = |status, alive| parse_status(&block(status, alive)).unwrap().0.dead_for;
+        assert_eq!(dead("starting", 0), Some(75));
+        assert_eq!(dead("setup", 0), Some(75));
+        assert_eq!(dead("setup", 1), None, "a live supervisor");
+        assert_eq!(
+            dead("succeeded", 0),
+            None,
+            "a finished run needs no supervisor"
+        );
+        // An agent that does not say when its state changed: no claim either way.
+        let (old, _) = parse_status("status=starting\nalive=0\nnow=5\n").unwrap();
+        assert_eq!(old.dead_for, None);
     }
 
     #[test]

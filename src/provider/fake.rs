@@ -669,6 +669,7 @@ impl Machine for FakeMachine {
                 done,
                 total: Some(total),
             }),
+            dead_for: None,
         }))
     }
 

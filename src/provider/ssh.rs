@@ -48,8 +48,13 @@ use std::time::{Duration, Instant};
 /// before it claims on another host: the claim may have placed the attempt there, and a
 /// second claim elsewhere would run it twice. Past this, the host is taken for gone (as a
 /// silent run is after `HEARTBEAT_STALE_SECS`) and a duplicate it still holds when it
-/// comes back is the planner's to destroy.
+/// comes back is the planner's to destroy. `ASIMOV_SSH_UNSURE_CLAIM_SECS` overrides it
+/// (the tests shorten it).
 const UNSURE_CLAIM_WAIT: Duration = Duration::from_secs(120);
+
+fn unsure_claim_wait() -> Duration {
+    super::cloud::seconds_env("ASIMOV_SSH_UNSURE_CLAIM_SECS", UNSURE_CLAIM_WAIT)
+}
 
 /// Where slots live on a host unless the provider is told otherwise.
 pub const DEFAULT_REMOTE_ROOT: &str = "~/.asimov-agent";
@@ -713,7 +718,7 @@ impl Provider for SshProvider {
         };
         let tag = req.tag.render();
         let need = req.resources.gpu.as_ref().map(|g| g.count).unwrap_or(0);
-        let fleet = {
+        let (fleet, unanswered) = {
             let mut state = self.lock();
             let Some(fleet) = state.fleets.iter().find(|f| f.name == fleet_name).cloned() else {
                 return Err(err(
@@ -731,9 +736,11 @@ impl Provider for SshProvider {
                     return Ok(instance);
                 }
             }
+            let mut unanswered = None;
             if let Some((_, host, since)) = state.unsure.get(&tag) {
                 let waited = since.elapsed();
-                if waited < UNSURE_CLAIM_WAIT {
+                let wait = unsure_claim_wait();
+                if waited < wait {
                     return Err(err(
                         ErrorKind::Transient,
                         step,
@@ -742,13 +749,16 @@ impl Provider for SshProvider {
                              there; waiting for {host} to answer ({}s of at most {}s) \
                              before claiming elsewhere",
                             waited.as_secs(),
-                            UNSURE_CLAIM_WAIT.as_secs()
+                            wait.as_secs()
                         ),
                     ));
                 }
-                state.unsure.remove(&tag);
+                // Waited long enough: claim elsewhere this time. Should the cut-off
+                // claim have placed it there after all, the listing shows two slots
+                // for one attempt and the planner destroys the one it does not own.
+                unanswered = state.unsure.remove(&tag).map(|(_, host, _)| host);
             }
-            fleet
+            (fleet, unanswered)
         };
         if need > 0 && !fleet.hosts.iter().any(|h| h.gpus >= need) {
             return Err(err(
@@ -760,6 +770,10 @@ impl Provider for SshProvider {
         let mut skipped = Vec::new();
         for host in &fleet.hosts {
             if need > host.gpus {
+                continue;
+            }
+            if unanswered.as_ref() == Some(&host.name) {
+                skipped.push(format!("{} not answering since a cut-off claim", host.name));
                 continue;
             }
             match self.claim(&fleet.name, host, &tag, need).await {

@@ -73,6 +73,15 @@ pub enum ExecError {
         #[source]
         source: Box<crate::artifacts::S3Error>,
     },
+    /// A create for an attempt that has already ended (an op planned before the
+    /// attempt's end reached the store): creating now would start a second instance
+    /// under a tag whose first one is gone, billing for a run that is over.
+    #[error("{op}: attempt {attempt} of {run} has already ended; not creating it again")]
+    AttemptEnded {
+        op: String,
+        run: RunName,
+        attempt: u32,
+    },
     #[error("{op}: {attempts} attempt(s) of {run} are not released yet")]
     Unreleased {
         op: String,
@@ -90,6 +99,8 @@ impl ExecError {
             // The store is local: a failure is a busy or full disk, worth a retry.
             ExecError::Store { .. } => ErrorKind::Transient,
             ExecError::Unreleased { .. } | ExecError::MissingRun { .. } => ErrorKind::Transient,
+            // The next pass plans from what the store now says.
+            ExecError::AttemptEnded { .. } => ErrorKind::AlreadyExists,
             ExecError::NoProvider { .. } | ExecError::NotDesired { .. } => ErrorKind::Permanent,
             ExecError::Secret { .. } => ErrorKind::Permanent,
             ExecError::Local { .. } => ErrorKind::Transient,
@@ -359,20 +370,29 @@ impl Executor {
                 let mut rec = self.run_record(op, run)?;
                 // Intent FIRST: whatever happens to the create call, the tag is known.
                 // The attempt and the run row pointing at it are one transaction.
-                let mut a = self
-                    .attempt(op, run, *attempt)?
-                    .unwrap_or_else(|| AttemptRecord {
+                let existing = self.attempt(op, run, *attempt)?;
+                if existing
+                    .as_ref()
+                    .is_some_and(|a| a.outcome.is_some() || a.released_at.is_some())
+                {
+                    return Err(ExecError::AttemptEnded {
+                        op: op.to_string(),
                         run: run.clone(),
                         attempt: *attempt,
-                        tag: tag.render(),
-                        provider: *provider,
-                        placement_index: *placement_index,
-                        instance_id: None,
-                        host: None,
-                        intent_at: now,
-                        released_at: None,
-                        outcome: None,
                     });
+                }
+                let mut a = existing.unwrap_or_else(|| AttemptRecord {
+                    run: run.clone(),
+                    attempt: *attempt,
+                    tag: tag.render(),
+                    provider: *provider,
+                    placement_index: *placement_index,
+                    instance_id: None,
+                    host: None,
+                    intent_at: now,
+                    released_at: None,
+                    outcome: None,
+                });
                 rec.attempt = *attempt;
                 rec.placement_index = *placement_index;
                 rec.provider = Some(*provider);
@@ -552,10 +572,14 @@ impl Executor {
                         now,
                     );
                 }
-                // When the run started, even if it ends before the next look.
+                // When the run started, even if it ends before the next look; and the
+                // spec it runs: the job may have been edited since the run was recorded,
+                // and a run that started with the edit has run it (re-running it once
+                // it ends would pay for the same spec twice).
                 let mut rec = self.run_record(op, run)?;
-                if rec.started_at.is_none() {
-                    rec.started_at = Some(now);
+                if rec.started_at.is_none() || rec.spec_hash != job.spec_hash {
+                    rec.started_at.get_or_insert(now);
+                    rec.spec_hash = job.spec_hash.clone();
                     self.store(op, |s| s.put_run(&rec))?;
                 }
                 self.event(

@@ -1536,6 +1536,13 @@ impl<'a> Planner<'a> {
                     diverged: stop.diverged,
                 }
             }
+            // Its supervisor died before the job could start (a full disk, a reboot):
+            // nothing will move it on, and no heartbeat will go stale.
+            AgentState::Starting | AgentState::Setup
+                if status.dead_for.is_some_and(|d| d > HEARTBEAT_STALE_SECS) =>
+            {
+                Outcome::Lost
+            }
             AgentState::Starting | AgentState::Setup => {
                 let reason = format!("running setup on {}/{}", instance.provider, instance.id);
                 self.set_status(

@@ -642,6 +642,44 @@ impl SshTransport {
         }
     }
 
+    /// After a command failed on the master: a dead master is forgotten, and so is one
+    /// that still answers its control socket although the connection failed the
+    /// command (severed, or the multiplexer refused it). Such a master would pass every
+    /// check and fail every command, so the host looked unreachable for minutes while
+    /// its sshd answered (seen in the fault campaign). It is ended, and the next command
+    /// opens a fresh one.
+    async fn forget_after(&self, e: &openssh::Error) {
+        let mut slot = self.entry.conn.lock().await;
+        let Some(conn) = slot.as_ref() else {
+            return;
+        };
+        if conn.session.check().await.is_err() {
+            *slot = None;
+            return;
+        }
+        // A refusal by the multiplexer may be a limit (sshd's MaxSessions) while other
+        // commands run on it: those are not cut for it; an idle master is replaced.
+        let idle = Arc::strong_count(&conn.session) == 1;
+        let wedged = match e {
+            openssh::Error::Disconnected => true,
+            openssh::Error::SshMux(_) => idle,
+            _ => false,
+        };
+        if !wedged {
+            return;
+        }
+        if let Some(conn) = slot.take() {
+            tracing::debug!(machine = self.name(), error = %e, "ssh master failed a command while alive; replacing it");
+            let exit = tokio::process::Command::from(self.pool.exit_master(&conn.session))
+                .kill_on_drop(true)
+                .status();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), exit).await;
+                drop(conn);
+            });
+        }
+    }
+
     async fn run(
         &self,
         script: &str,
@@ -652,7 +690,8 @@ impl SshTransport {
         match run_on(&conn.session, script, stdin).await {
             Ok(out) => Ok(out),
             Err(e) => {
-                self.forget_if_dead().await;
+                drop(conn);
+                self.forget_after(&e).await;
                 Err(self.classify_exec(e, step))
             }
         }
