@@ -143,7 +143,9 @@ fn scalar(out: &mut Vec<u8>, value: &impl Serialize) -> std::io::Result<()> {
 fn plain(s: &str) -> bool {
     // Every byte looked at (no early exit), which the compiler turns into wide compares.
     s.bytes()
-        .fold(false, |bad, b| bad | (b < 0x20) | (b == b'"') | (b == b'\\'))
+        .fold(false, |bad, b| {
+            bad | (b < 0x20) | (b == b'"') | (b == b'\\')
+        })
         .not()
 }
 
@@ -872,7 +874,11 @@ mod tests {
             assert_eq!(pairs(text), None, "{text}");
         }
         // Whichever way a matrix is read, it prints the same.
-        for text in [r#"{"b":"1","a":"2"}"#, r#"{"a":"say \"hi\""}"#, r#"{"a":"1"}"#] {
+        for text in [
+            r#"{"b":"1","a":"2"}"#,
+            r#"{"a":"say \"hi\""}"#,
+            r#"{"a":"1"}"#,
+        ] {
             let mut seen = Vec::new();
             MatrixView::Json(text)
                 .each(|k, v| {
