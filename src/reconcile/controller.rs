@@ -1106,6 +1106,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_key_has_groups_in_flight_only_when_one_of_its_own_is() {
+        let job = |n: &str| QueueKey::Job(n.to_string());
+        let mut inflight = InFlight::default();
+        assert!(!inflight.has_key(&job("a")));
+        inflight.groups.insert((job("ab"), "ab-0".into()));
+        inflight
+            .groups
+            .insert((QueueKey::Orphans, "orphan/i-1".into()));
+        // A key that sorts just before another's, or shares its prefix, is not it.
+        assert!(!inflight.has_key(&job("a")));
+        assert!(!inflight.has_key(&job("b")));
+        assert!(inflight.has_key(&job("ab")));
+        assert!(inflight.has_key(&QueueKey::Orphans));
+        inflight.groups.insert((job("a"), String::new()));
+        assert!(inflight.has_key(&job("a")));
+    }
+
+    #[test]
     fn error_policy_table() {
         let s = Duration::from_secs;
         let table: Vec<(ErrorKind, u32, Duration)> = vec![
