@@ -113,23 +113,32 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
         }
         Output::Json => {
             // `{"items": [...]}` as serde_json's pretty printer lays it out, each run
-            // written as its row is read.
-            out.write_all(b"{\n  \"items\": [")?;
+            // rendered as its row is read into one buffer, written out when it fills.
+            const FLUSH_AT: usize = 1 << 16;
+            let mut buf: Vec<u8> = Vec::with_capacity(FLUSH_AT + 4096);
+            buf.extend_from_slice(b"{\n  \"items\": [");
             let mut first = true;
             store
                 .list_runs(which, Fields::All, |run| {
-                    out.write_all(if first { b"\n    " } else { b",\n    " })?;
+                    buf.extend_from_slice(if first { b"\n    " } else { b",\n    " });
                     first = false;
-                    RunView::listed(&run, errors.get(run.name), now).write_json(&mut out, 4)
+                    RunView::listed(&run, errors.get(run.name), now)
+                        .write_json_into(&mut buf, 4)?;
+                    if buf.len() >= FLUSH_AT {
+                        out.write_all(&buf)?;
+                        buf.clear();
+                    }
+                    Ok::<_, std::io::Error>(())
                 })
                 .map_err(|e| match e {
                     ListError::Store(e) => super::CliError::from(e),
                     ListError::Callback(e) => super::CliError::from(e),
                 })?;
             if !first {
-                out.write_all(b"\n  ")?;
+                buf.extend_from_slice(b"\n  ");
             }
-            out.write_all(b"]\n}\n")?;
+            buf.extend_from_slice(b"]\n}\n");
+            out.write_all(&buf)?;
         }
         Output::Yaml => {
             let list = RunList {

@@ -9,6 +9,7 @@ use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fmt::Write as _;
+use std::ops::Not as _;
 
 /// A run as `get runs -o json|yaml` prints it.
 #[derive(Debug, Serialize)]
@@ -133,80 +134,126 @@ impl<'a> RunView<'a> {
 }
 
 /// Writes a JSON scalar (string, number, bool, null) as serde_json writes it.
-fn scalar(out: &mut impl std::io::Write, value: &impl Serialize) -> std::io::Result<()> {
+fn scalar(out: &mut Vec<u8>, value: &impl Serialize) -> std::io::Result<()> {
     serde_json::to_writer(out, value).map_err(std::io::Error::from)
 }
 
+/// True when serde_json writes `s` as is between its quotes: no quote, backslash or
+/// control character (the only bytes it escapes).
+fn plain(s: &str) -> bool {
+    // Every byte looked at (no early exit), which the compiler turns into wide compares.
+    s.bytes()
+        .fold(false, |bad, b| {
+            bad | (b < 0x20) | (b == b'"') | (b == b'\\')
+        })
+        .not()
+}
+
+/// A JSON string as serde_json writes it; most strings need no escaping and are
+/// copied in one go.
+fn string(out: &mut Vec<u8>, s: &str) -> std::io::Result<()> {
+    if plain(s) {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        Ok(())
+    } else {
+        scalar(out, &s)
+    }
+}
+
+fn optional_string(out: &mut Vec<u8>, s: Option<&str>) -> std::io::Result<()> {
+    match s {
+        Some(s) => string(out, s),
+        None => {
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
+    }
+}
+
+fn time(out: &mut Vec<u8>, t: Rfc3339) -> std::io::Result<()> {
+    match t.ascii() {
+        Some(bytes) => {
+            out.push(b'"');
+            out.extend_from_slice(&bytes);
+            out.push(b'"');
+            Ok(())
+        }
+        None => scalar(out, &t),
+    }
+}
+
+fn optional_time(out: &mut Vec<u8>, t: Option<Rfc3339>) -> std::io::Result<()> {
+    match t {
+        Some(t) => time(out, t),
+        None => {
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
+    }
+}
+
 /// A pretty-printed JSON object written field by field, byte for byte as
-/// `serde_json::to_writer_pretty` writes it at this depth (two spaces a level).
-struct Object<'w, W: std::io::Write> {
-    out: &'w mut W,
+/// `serde_json::to_writer_pretty` writes it at this depth (two spaces a level). It
+/// writes into a `Vec`: a run is about 30 small pieces, and the pieces cost less as
+/// vector appends than as calls through `io::Write`.
+struct Object<'w> {
+    out: &'w mut Vec<u8>,
     /// Spaces before this object's own closing brace.
     indent: usize,
     empty: bool,
 }
 
-impl<'w, W: std::io::Write> Object<'w, W> {
-    fn open(out: &'w mut W, indent: usize) -> std::io::Result<Self> {
-        out.write_all(b"{")?;
-        Ok(Object {
+impl<'w> Object<'w> {
+    fn open(out: &'w mut Vec<u8>, indent: usize) -> Self {
+        out.push(b'{');
+        Object {
             out,
             indent,
             empty: true,
-        })
+        }
     }
 
     /// Starts the next field: its key is a plain identifier, written as is.
-    fn key(&mut self, key: &str) -> std::io::Result<&mut W> {
-        // Assembled first and written at once: a handful of tiny writes per field was
-        // a visible part of the cost.
-        let mut prefix = [b' '; 64];
-        let sep: &[u8] = if self.empty { b"\n" } else { b",\n" };
-        self.empty = false;
-        let spaces = self.indent + 2;
-        let len = sep.len() + spaces + key.len() + 4;
-        if len > prefix.len() {
-            self.out.write_all(sep)?;
-            write_spaces(self.out, spaces)?;
-            self.out.write_all(b"\"")?;
-            self.out.write_all(key.as_bytes())?;
-            self.out.write_all(b"\": ")?;
-            return Ok(self.out);
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        let out = &mut *self.out;
+        if self.empty {
+            out.push(b'\n');
+        } else {
+            out.extend_from_slice(b",\n");
         }
-        prefix[..sep.len()].copy_from_slice(sep);
-        let mut at = sep.len() + spaces;
-        prefix[at] = b'"';
-        at += 1;
-        prefix[at..at + key.len()].copy_from_slice(key.as_bytes());
-        at += key.len();
-        prefix[at..at + 3].copy_from_slice(b"\": ");
-        self.out.write_all(&prefix[..len])?;
-        Ok(self.out)
+        self.empty = false;
+        out.resize(out.len() + self.indent + 2, b' ');
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\": ");
+        out
     }
 
     fn field(&mut self, key: &str, value: &impl Serialize) -> std::io::Result<()> {
-        let out = self.key(key)?;
+        let out = self.key(key);
         scalar(out, value)
     }
 
-    fn close(self) -> std::io::Result<()> {
-        if !self.empty {
-            self.out.write_all(b"\n")?;
-            write_spaces(self.out, self.indent)?;
-        }
-        self.out.write_all(b"}")
+    fn string(&mut self, key: &str, value: &str) -> std::io::Result<()> {
+        let out = self.key(key);
+        string(out, value)
     }
-}
 
-fn write_spaces(out: &mut impl std::io::Write, n: usize) -> std::io::Result<()> {
-    const SPACES: &[u8; 32] = b"                                ";
-    let mut left = n;
-    while left > 0 {
-        let take = left.min(SPACES.len());
-        out.write_all(&SPACES[..take])?;
-        left -= take;
+    fn optional_string(&mut self, key: &str, value: Option<&str>) -> std::io::Result<()> {
+        let out = self.key(key);
+        optional_string(out, value)
     }
-    Ok(())
+
+    fn close(self) {
+        if !self.empty {
+            self.out.push(b'\n');
+            self.out.resize(self.out.len() + self.indent, b' ');
+        }
+        self.out.push(b'}');
+    }
 }
 
 impl RunView<'_> {
@@ -215,65 +262,100 @@ impl RunView<'_> {
     /// compares them), without serde's per-key escaping and dispatch, which was most of
     /// the cost of `get runs -o json` at 100,000 runs.
     pub fn write_json(&self, out: &mut impl std::io::Write, indent: usize) -> std::io::Result<()> {
-        let mut o = Object::open(out, indent)?;
-        o.field("name", &self.name)?;
-        o.field("job", &self.job)?;
-        o.field("phase", &self.phase)?;
-        o.field("reason", &self.reason)?;
-        o.field("provider", &self.provider)?;
-        o.field("instance_id", &self.instance_id)?;
-        o.field("host", &self.host)?;
-        o.field("gpu", &self.gpu)?;
+        let mut buf = Vec::with_capacity(1024);
+        self.write_json_into(&mut buf, indent)?;
+        out.write_all(&buf)
+    }
+
+    /// `write_json` appending to `out`: a listing renders each run into one buffer and
+    /// hands it to the output in large writes.
+    pub fn write_json_into(&self, out: &mut Vec<u8>, indent: usize) -> std::io::Result<()> {
+        let mut o = Object::open(out, indent);
+        o.string("name", self.name)?;
+        o.string("job", self.job)?;
+        o.string("phase", self.phase)?;
+        o.string("reason", self.reason)?;
+        o.optional_string("provider", self.provider)?;
+        o.optional_string("instance_id", self.instance_id)?;
+        o.optional_string("host", self.host)?;
+        o.optional_string("gpu", self.gpu)?;
         o.field("price_per_hour", &self.price_per_hour)?;
         o.field("cost_usd", &self.cost_usd)?;
         match &self.progress {
-            None => o.field("progress", &())?,
+            None => o.key("progress").extend_from_slice(b"null"),
             Some(p) => {
-                let out = o.key("progress")?;
-                let mut inner = Object::open(out, indent + 2)?;
+                let out = o.key("progress");
+                let mut inner = Object::open(out, indent + 2);
                 inner.field("done", &p.done)?;
                 inner.field("total", &p.total)?;
                 inner.field("fraction", &p.fraction)?;
-                inner.close()?;
+                inner.close();
             }
         }
         o.field("attempt", &self.attempt)?;
-        o.field("repository", &self.repository)?;
-        o.field("commit", &self.commit)?;
-        o.field("commit_message", &self.commit_message)?;
-        o.field("author", &self.author)?;
-        o.field("dirty", &self.dirty)?;
+        o.optional_string("repository", self.repository)?;
+        o.optional_string("commit", self.commit)?;
+        o.optional_string("commit_message", self.commit_message)?;
+        o.optional_string("author", self.author)?;
+        o.key("dirty")
+            .extend_from_slice(if self.dirty { b"true" } else { b"false" });
         o.field("exit_code", &self.exit_code)?;
         {
-            let out = o.key("matrix")?;
-            let mut inner = Object::open(out, indent + 2)?;
+            let out = o.key("matrix");
+            let mut inner = Object::open(out, indent + 2);
             self.matrix.each(|k, v| {
                 // Matrix keys are the user's: escaped like any string.
                 let sep: &[u8] = if inner.empty { b"\n" } else { b",\n" };
                 inner.empty = false;
-                inner.out.write_all(sep)?;
-                write_spaces(inner.out, indent + 4)?;
-                scalar(inner.out, &k)?;
-                inner.out.write_all(b": ")?;
-                scalar(inner.out, &v)
+                inner.out.extend_from_slice(sep);
+                inner.out.resize(inner.out.len() + indent + 4, b' ');
+                string(inner.out, k)?;
+                inner.out.extend_from_slice(b": ");
+                string(inner.out, v)
             })?;
-            inner.close()?;
+            inner.close();
         }
-        o.field("created_at", &self.created_at)?;
-        o.field("started_at", &self.started_at)?;
-        o.field("finished_at", &self.finished_at)?;
+        time(o.key("created_at"), self.created_at)?;
+        optional_time(o.key("started_at"), self.started_at)?;
+        optional_time(o.key("finished_at"), self.finished_at)?;
         match &self.last_error {
-            None => o.field("last_error", &())?,
+            None => o.key("last_error").extend_from_slice(b"null"),
             Some(e) => {
-                let out = o.key("last_error")?;
-                let mut inner = Object::open(out, indent + 2)?;
-                inner.field("step", &e.step)?;
-                inner.field("message", &e.message)?;
-                inner.field("at", &e.at)?;
-                inner.close()?;
+                let out = o.key("last_error");
+                let mut inner = Object::open(out, indent + 2);
+                inner.string("step", e.step)?;
+                inner.string("message", e.message)?;
+                time(inner.key("at"), e.at)?;
+                inner.close();
             }
         }
-        o.close()
+        o.close();
+        Ok(())
+    }
+}
+
+/// The pairs of a matrix as the store writes it (`serde_json` of a sorted map: compact,
+/// keys in order) when no key or value holds anything serde_json escapes; `None` for
+/// anything else, which the JSON parser then reads.
+fn plain_pairs(text: &str) -> Option<Vec<(&str, &str)>> {
+    let inner = text.strip_prefix('{')?.strip_suffix('}')?;
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    if inner.is_empty() {
+        return Some(pairs);
+    }
+    let mut rest = inner;
+    loop {
+        let (key, after) = rest.strip_prefix('"')?.split_once('"')?;
+        let (value, after) = after.strip_prefix(":\"")?.split_once('"')?;
+        if !plain(key) || !plain(value) || pairs.last().is_some_and(|(k, _)| *k >= key) {
+            return None;
+        }
+        pairs.push((key, value));
+        match after.strip_prefix(',') {
+            Some(next) => rest = next,
+            None if after.is_empty() => return Some(pairs),
+            None => return None,
+        }
     }
 }
 
@@ -284,13 +366,18 @@ impl MatrixView<'_> {
         match *self {
             MatrixView::Map(map) => map.iter().try_for_each(|(k, v)| f(k, v)),
             MatrixView::Json("{}") => Ok(()),
-            MatrixView::Json(text) => match serde_json::from_str::<BTreeMap<&str, &str>>(text) {
-                Ok(map) => map.iter().try_for_each(|(k, v)| f(k, v)),
-                Err(_) => serde_json::from_str::<BTreeMap<String, String>>(text)
-                    .map_err(bad)?
-                    .iter()
-                    .try_for_each(|(k, v)| f(k, v)),
-            },
+            MatrixView::Json(text) => {
+                if let Some(pairs) = plain_pairs(text) {
+                    return pairs.iter().try_for_each(|(k, v)| f(k, v));
+                }
+                match serde_json::from_str::<BTreeMap<&str, &str>>(text) {
+                    Ok(map) => map.iter().try_for_each(|(k, v)| f(k, v)),
+                    Err(_) => serde_json::from_str::<BTreeMap<String, String>>(text)
+                        .map_err(bad)?
+                        .iter()
+                        .try_for_each(|(k, v)| f(k, v)),
+                }
+            }
         }
     }
 }
@@ -524,8 +611,25 @@ impl Columns {
         let start = self.text.len();
         // Writing into a `String` cannot fail.
         let _ = write!(self.text, "{value}");
+        self.ended(start);
+    }
+
+    /// `cell` for text as it is, copied without the formatting machinery (most cells).
+    pub fn text_cell(&mut self, value: &str) {
+        let start = self.text.len();
+        self.text.push_str(value);
+        self.ended(start);
+    }
+
+    /// Records the width of the cell written from `start` on.
+    fn ended(&mut self, start: usize) {
+        let cell = &self.text[start..];
+        let width = if cell.is_ascii() {
+            cell.len()
+        } else {
+            cell.chars().count()
+        };
         let column = self.ends.len() % self.widths.len().max(1);
-        let width = self.text[start..].chars().count();
         if let Some(w) = self.widths.get_mut(column) {
             *w = (*w).max(width);
         }
@@ -551,8 +655,14 @@ impl Columns {
                 }
                 line.push_str(cell);
                 if i + 1 < widths.len() {
-                    let pad = widths[i].saturating_sub(chars);
-                    line.extend(std::iter::repeat_n(' ', pad));
+                    // In chunks of a constant run of spaces, not one char at a time.
+                    const SPACES: &str = "                                ";
+                    let mut pad = widths[i].saturating_sub(chars);
+                    while pad > 0 {
+                        let take = pad.min(SPACES.len());
+                        line.push_str(&SPACES[..take]);
+                        pad -= take;
+                    }
                 }
             }
             out.write_all(line.trim_end().as_bytes())?;
@@ -615,16 +725,16 @@ impl RunsTable {
         let provider = run.provider.map(|p| p.as_str()).unwrap_or("-");
         let progress = ProgressCell(run.progress_done, run.progress_total);
         let commit = CommitCell(run.commit, run.dirty);
-        t.cell(run.name);
+        t.text_cell(run.name);
         if self.wide {
-            t.cell(run.job);
-            t.cell(run.phase.as_str());
+            t.text_cell(run.job);
+            t.text_cell(run.phase.as_str());
             t.cell(progress);
             t.cell(run.attempt);
-            t.cell(provider);
-            t.cell(dash(run.instance_id));
-            t.cell(dash(run.host));
-            t.cell(dash(run.gpu));
+            t.text_cell(provider);
+            t.text_cell(dash(run.instance_id));
+            t.text_cell(dash(run.host));
+            t.text_cell(dash(run.gpu));
             match run.price_per_hour {
                 Some(p) => t.cell(format_args!("{:.3}", p.dollars())),
                 None => t.cell("-"),
@@ -641,14 +751,17 @@ impl RunsTable {
                 None => t.cell("-"),
             }
         } else {
-            t.cell(run.phase.as_str());
+            t.text_cell(run.phase.as_str());
             t.cell(progress);
-            t.cell(provider);
+            t.text_cell(provider);
             t.cell(run.cost_at(self.now));
             t.cell(commit);
         }
         t.cell(Age(self.now - run.created_at));
-        t.cell(ReasonCell(run, error));
+        match error {
+            None => t.text_cell(run.reason),
+            Some(_) => t.cell(ReasonCell(run, error)),
+        }
         t.end_row();
     }
 
@@ -706,11 +819,23 @@ mod tests {
         let matrix_json = serde_json::to_string(&full.matrix).unwrap();
         let mut listed_full = listed(&full);
         listed_full.matrix_json = &matrix_json;
+        // A matrix with nothing to escape, as the store keeps it (read without the
+        // JSON parser).
+        let mut plain_run = full.clone();
+        plain_run.matrix = BTreeMap::from([
+            ("lr".to_string(), "3e-4".to_string()),
+            ("seed".to_string(), "0".to_string()),
+            ("Ünï".to_string(), "✓".to_string()),
+        ]);
+        let plain_json = serde_json::to_string(&plain_run.matrix).unwrap();
+        let mut listed_plain = listed(&plain_run);
+        listed_plain.matrix_json = &plain_json;
         let views = [
             RunView::of(&full, Some(&error), 1_700_000_100),
             RunView::of(&bare, None, 0),
             RunView::listed(&listed_full, None, 1_700_000_100),
             RunView::listed(&listed(&bare), Some(&error), 9),
+            RunView::listed(&listed_plain, Some(&error), 1_700_000_100),
         ];
         for view in &views {
             for indent in [0, 4] {
@@ -722,6 +847,47 @@ mod tests {
                 let shifted = theirs.replace('\n', &format!("\n{pad}"));
                 assert_eq!(String::from_utf8(ours).unwrap(), shifted);
             }
+        }
+    }
+
+    #[test]
+    fn plain_matrices_are_read_without_the_parser_and_the_rest_with_it() {
+        let pairs = |t| plain_pairs(t);
+        assert_eq!(pairs("{}"), Some(vec![]));
+        assert_eq!(
+            pairs(r#"{"a":"1","b":"x y"}"#),
+            Some(vec![("a", "1"), ("b", "x y")])
+        );
+        // Escapes, keys out of order or repeated, spacing or anything else the store
+        // does not write: the parser decides.
+        for text in [
+            r#"{"a":"say \"hi\""}"#,
+            r#"{"a\\b":"1"}"#,
+            r#"{"b":"1","a":"2"}"#,
+            r#"{"a":"1","a":"2"}"#,
+            r#"{"a": "1"}"#,
+            r#"{"a":"1",}"#,
+            r#"{"a":1}"#,
+            r#" {"a":"1"}"#,
+            "{\"a\":\"\u{1}\"}",
+        ] {
+            assert_eq!(pairs(text), None, "{text}");
+        }
+        // Whichever way a matrix is read, it prints the same.
+        for text in [
+            r#"{"b":"1","a":"2"}"#,
+            r#"{"a":"say \"hi\""}"#,
+            r#"{"a":"1"}"#,
+        ] {
+            let mut seen = Vec::new();
+            MatrixView::Json(text)
+                .each(|k, v| {
+                    seen.push((k.to_string(), v.to_string()));
+                    Ok(())
+                })
+                .unwrap();
+            let parsed: BTreeMap<String, String> = serde_json::from_str(text).unwrap();
+            assert_eq!(seen, parsed.into_iter().collect::<Vec<_>>(), "{text}");
         }
     }
 

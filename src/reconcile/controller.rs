@@ -182,8 +182,9 @@ impl Shutdown {
 /// What one pass did.
 #[derive(Debug, Default)]
 pub struct PassReport {
-    /// Every op the planner asked for (including those of keys not due).
-    pub planned: Vec<Op>,
+    /// Every op the planner asked for (including those of keys not due); shared with
+    /// the op groups that apply them, not copied.
+    pub planned: Arc<Vec<Op>>,
     /// Ops applied successfully.
     pub applied: usize,
     /// Ops that failed, with their error, rendered.
@@ -212,11 +213,9 @@ pub struct Controller {
     source: Arc<dyn DesiredSource>,
     controller_id: String,
     clock: Clock,
-    /// Op groups (runs) applied at the same time.
+    /// Op groups (runs) applied at the same time, whichever pass planned them: groups
+    /// still running from an earlier pass count against the same limit.
     concurrency: usize,
-    /// Shared by every pass's op groups: groups still running from an earlier pass
-    /// count against the same limit.
-    limit: Arc<Semaphore>,
     stopping: Arc<AtomicBool>,
     failures: std::sync::Mutex<BTreeMap<QueueKey, u32>>,
     /// The metrics line last recorded for each run: a steady run writes nothing.
@@ -239,17 +238,37 @@ struct GroupDone {
 /// them: a run whose instance is ready is started while other runs' paced creates are
 /// still waiting their turn, and a slow group holds up only its own run (a pass skips
 /// a group still in flight; its end requeues its key).
+///
+/// Only as many groups as may apply at once are tasks; the rest wait in `waiting`, in
+/// the order they were planned, and start as running ones end. A waiting group holds
+/// its ops and nothing else: with 10,000 groups from one pass, a task (and its future)
+/// each was the largest part of the controller's memory.
 #[derive(Default)]
 struct InFlight {
     set: JoinSet<GroupDone>,
+    /// Running and waiting groups.
     groups: BTreeSet<GroupId>,
+    waiting: std::collections::VecDeque<Waiting>,
     /// Keys with a group that failed since their groups last all ended.
     errored: BTreeSet<QueueKey>,
 }
 
+/// A group planned but not yet started: its ops are positions in its pass's plan.
+struct Waiting {
+    id: GroupId,
+    plan: Arc<Vec<Op>>,
+    ops: Vec<u32>,
+    desired: Arc<Desired>,
+}
+
 impl InFlight {
     fn has_key(&self, key: &QueueKey) -> bool {
-        self.groups.iter().any(|(k, _)| k == key)
+        // The groups of a key are contiguous, from (key, ""): a lookup, not a scan (a
+        // pass asks this for every key, with thousands of groups in flight).
+        self.groups
+            .range((key.clone(), String::new())..)
+            .next()
+            .is_some_and(|(k, _)| k == key)
     }
 }
 
@@ -273,7 +292,6 @@ impl Controller {
             controller_id: controller_id.into(),
             clock: Clock::new(),
             concurrency: 16,
-            limit: Arc::new(Semaphore::new(16)),
             stopping: Arc::new(AtomicBool::new(false)),
             failures: std::sync::Mutex::new(BTreeMap::new()),
             metrics_written: std::sync::Mutex::new(BTreeMap::new()),
@@ -283,7 +301,6 @@ impl Controller {
 
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
-        self.limit = Arc::new(Semaphore::new(self.concurrency));
         self
     }
 
@@ -303,7 +320,10 @@ impl Controller {
         let mut inflight = InFlight::default();
         let mut report = self.pass(&Due::All, &shutdown, &mut inflight).await?;
         while let Some(joined) = inflight.set.join_next().await {
-            let Ok(done) = joined else { continue };
+            let Ok(done) = joined else {
+                self.start_waiting(&mut inflight);
+                continue;
+            };
             if let Some(r) = self.group_ended(done, &mut inflight, &mut report) {
                 report.requeue.insert(r.key, r.after);
             }
@@ -369,6 +389,7 @@ impl Controller {
                 Timer,
                 Changed,
                 Ended(Box<GroupDone>),
+                Panicked,
                 Stop,
             }
             let wake = tokio::select! {
@@ -385,12 +406,14 @@ impl Controller {
                 Some(joined) = inflight.set.join_next(), if !inflight.set.is_empty() => match joined {
                     Ok(done) => Wake::Ended(Box::new(done)),
                     // A group that panicked: its key is looked at again by its timer.
-                    Err(_) => continue,
+                    Err(_) => Wake::Panicked,
                 },
                 _ = shutdown.reached(1) => Wake::Stop,
             };
             match wake {
                 Wake::Stop => return self.drain(inflight, shutdown).await,
+                // Its place goes to the next waiting group.
+                Wake::Panicked => self.start_waiting(&mut inflight),
                 Wake::Changed => {
                     retry_all = None;
                     due = Some(Due::All);
@@ -458,6 +481,8 @@ impl Controller {
         report: &mut PassReport,
     ) -> Option<GroupRequeue> {
         inflight.groups.remove(&done.id);
+        // Its place goes to the next waiting group.
+        self.start_waiting(inflight);
         let key = done.id.0;
         report.applied += done.applied;
         let last = !inflight.has_key(&key);
@@ -934,8 +959,8 @@ impl Controller {
         shutdown: &Shutdown,
         inflight: &mut InFlight,
     ) -> PassReport {
-        let mut groups: BTreeMap<GroupId, Vec<Op>> = BTreeMap::new();
-        for op in &plan.ops {
+        let mut groups: BTreeMap<GroupId, Vec<u32>> = BTreeMap::new();
+        for (at, op) in (0u32..).zip(&plan.ops) {
             let key = plan.key_of(op);
             if !due.contains(&key) {
                 continue;
@@ -945,51 +970,30 @@ impl Controller {
                 (None, Op::Destroy { instance_id, .. }) => format!("orphan/{instance_id}"),
                 (None, _) => String::new(),
             };
-            groups.entry((key, group)).or_default().push(op.clone());
+            groups.entry((key, group)).or_default().push(at);
         }
+        let requeue_after = plan.requeue.values().min().copied();
+        let requeue = plan.requeue;
+        let ops_of_plan = Arc::new(plan.ops);
         let mut started: BTreeSet<QueueKey> = BTreeSet::new();
         // First shutdown signal: start nothing more.
         if shutdown.count() == 0 {
-            for (id, ops) in groups {
+            for (id, mut ops) in groups {
                 if inflight.groups.contains(&id) {
                     continue;
                 }
                 started.insert(id.0.clone());
                 inflight.groups.insert(id.clone());
-                let (executor, desired, limit) = (
-                    Arc::clone(&self.executor),
-                    Arc::clone(&desired),
-                    Arc::clone(&self.limit),
-                );
-                let stopping = Arc::clone(&self.stopping);
-                let clock = self.clock;
-                inflight.set.spawn(async move {
-                    let _permit = limit.acquire_owned().await;
-                    let mut applied = 0;
-                    let mut failed: Option<(Op, ExecError)> = None;
-                    for op in ops {
-                        // First shutdown signal: finish the op in flight, start no other.
-                        if stopping.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        // Boxed: a group waiting for its permit then holds a pointer,
-                        // not the apply future's whole state (kilobytes), which with
-                        // 10,000 groups spawned at once was the pass's largest peak.
-                        match Box::pin(executor.apply(&op, &desired, clock.now())).await {
-                            Ok(()) => applied += 1,
-                            Err(e) => {
-                                failed = Some((op, e));
-                                break;
-                            }
-                        }
-                    }
-                    GroupDone {
-                        id,
-                        applied,
-                        failed,
-                    }
+                // Grown one push at a time: most groups hold one or two ops.
+                ops.shrink_to_fit();
+                inflight.waiting.push_back(Waiting {
+                    id,
+                    plan: Arc::clone(&ops_of_plan),
+                    ops,
+                    desired: Arc::clone(&desired),
                 });
             }
+            self.start_waiting(inflight);
         }
         {
             // A due key that started nothing and has nothing running passed cleanly.
@@ -997,10 +1001,51 @@ impl Controller {
             f.retain(|k, _| !due.contains(k) || started.contains(k) || inflight.has_key(k));
         }
         PassReport {
-            planned: plan.ops.clone(),
-            requeue_after: plan.requeue.values().min().copied(),
-            requeue: plan.requeue,
+            requeue_after,
+            planned: ops_of_plan,
+            requeue,
             ..PassReport::default()
+        }
+    }
+
+    /// Starts waiting groups, oldest first, while fewer than `concurrency` run. Called
+    /// after a pass and after each group's end; never once shutting down.
+    fn start_waiting(&self, inflight: &mut InFlight) {
+        while inflight.set.len() < self.concurrency && !self.stopping.load(Ordering::SeqCst) {
+            let Some(Waiting {
+                id,
+                plan,
+                ops,
+                desired,
+            }) = inflight.waiting.pop_front()
+            else {
+                break;
+            };
+            let executor = Arc::clone(&self.executor);
+            let stopping = Arc::clone(&self.stopping);
+            let clock = self.clock;
+            inflight.set.spawn(async move {
+                let mut applied = 0;
+                let mut failed: Option<(Op, ExecError)> = None;
+                for op in ops.iter().filter_map(|&at| plan.get(at as usize)) {
+                    // First shutdown signal: finish the op in flight, start no other.
+                    if stopping.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match executor.apply(op, &desired, clock.now()).await {
+                        Ok(()) => applied += 1,
+                        Err(e) => {
+                            failed = Some((op.clone(), e));
+                            break;
+                        }
+                    }
+                }
+                GroupDone {
+                    id,
+                    applied,
+                    failed,
+                }
+            });
         }
     }
 }
@@ -1063,6 +1108,24 @@ fn render_metrics(record: &super::stop::Record) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_has_groups_in_flight_only_when_one_of_its_own_is() {
+        let job = |n: &str| QueueKey::Job(n.to_string());
+        let mut inflight = InFlight::default();
+        assert!(!inflight.has_key(&job("a")));
+        inflight.groups.insert((job("ab"), "ab-0".into()));
+        inflight
+            .groups
+            .insert((QueueKey::Orphans, "orphan/i-1".into()));
+        // A key that sorts just before another's, or shares its prefix, is not it.
+        assert!(!inflight.has_key(&job("a")));
+        assert!(!inflight.has_key(&job("b")));
+        assert!(inflight.has_key(&job("ab")));
+        assert!(inflight.has_key(&QueueKey::Orphans));
+        inflight.groups.insert((job("a"), String::new()));
+        assert!(inflight.has_key(&job("a")));
+    }
 
     #[test]
     fn error_policy_table() {

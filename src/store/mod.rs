@@ -260,6 +260,9 @@ pub struct Store {
     conn: rusqlite::Connection,
 }
 
+/// How much of the database file a reader maps (the whole file, up to this size).
+const READ_MMAP_BYTES: u64 = 1 << 30;
+
 impl Store {
     /// Opens (creating and migrating) the database at `path`, in WAL mode with a busy
     /// timeout so readers never block the controller. Creates the parent directory.
@@ -309,6 +312,11 @@ impl Store {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
         let conn = rusqlite::Connection::open_with_flags(path, flags).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        // Pages read from the mapped file instead of copied out of it: a listing of
+        // 100,000 runs reads some 30 MB. The store is never truncated (no VACUUM), so
+        // the mapping stays valid while the controller writes.
+        conn.execute_batch(&format!("PRAGMA mmap_size={READ_MMAP_BYTES}"))
+            .map_err(open_err)?;
         let found = migrations::version(&conn).map_err(open_err)?;
         if found != SCHEMA_VERSION {
             return Err(StoreError::Version {
