@@ -541,3 +541,46 @@ fn apply_while_a_stopped_controller_still_holds_the_lock_starts_another() {
         .unwrap();
     assert_ne!(now, pid, "apply trusted the controller that had stopped");
 }
+
+/// A SIGTERM that reaches a controller after it took its lock but before its loop runs
+/// (opening the store and ending a predecessor's masters take seconds on a loaded
+/// machine) is a clean stop, not a kill: the controller says it stopped and exits 0.
+/// Before, the signal's default action killed it in that window (a CI flake of the
+/// test above: the stop it waited for was never logged).
+#[test]
+fn a_sigterm_before_the_loop_starts_is_a_clean_stop() {
+    let a = Asimov::new();
+    let log = std::fs::File::create(a.repo.path().join("controller-early.log")).unwrap();
+    let mut child = a
+        .command()
+        .arg("controller")
+        .env("ASIMOV_DELAYPOINT", "controller:after-lock:4000")
+        .env("ASIMOV_LOG", "info")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    a.wait_for(
+        "the controller to take its lock",
+        Duration::from_secs(30),
+        || a.controller_running(),
+    );
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the controller did not stop within 60 s of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let text = std::fs::read_to_string(a.repo.path().join("controller-early.log")).unwrap();
+    assert!(
+        status.success(),
+        "killed instead of stopping: {status:?}\n{text}"
+    );
+    assert!(text.contains("controller stopped"), "{text}");
+}

@@ -327,6 +327,14 @@ pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool
             home.root().display()
         )));
     };
+    // From the moment the lock is ours, a SIGTERM is a clean stop, not a kill: opening
+    // the store and ending a predecessor's masters can take seconds on a loaded
+    // machine, and a stop asked for then is acted on once the loop runs.
+    if !once {
+        watch_stop_flag();
+    }
+    // Tests widen the window between taking the lock and running the loop.
+    std::thread::sleep(crate::failpoint::delay("controller:after-lock"));
     let dir = manifests.unwrap_or_else(|| home.manifests());
     if !dir.is_dir() {
         return Err(fail(format!(
@@ -421,6 +429,12 @@ fn spawn_signal_handlers(handle: Handle, liveness: Liveness) {
             tracing::warn!("cannot install signal handlers");
             return;
         };
+        // A stop signalled before these handlers existed (the flag's handler took it).
+        if stop_signalled() {
+            tracing::info!("shutdown signal received before the controller loop started");
+            liveness.stopping();
+            handle.signal();
+        }
         loop {
             tokio::select! {
                 _ = int.recv() => {}
