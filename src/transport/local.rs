@@ -22,19 +22,22 @@ impl LocalTransport {
 
 /// `sh -c script`, with the user's umask when the CLI made its own private: the agent
 /// keeps its own files private itself, the job gets what the user's shell would give.
+///
+/// The umask is set by the shell itself rather than in a `pre_exec` hook: a hook makes
+/// the standard library fork (copying the controller's page tables) instead of
+/// `posix_spawn`, and with 1,000 running runs the controller spent most of its time in
+/// the kernel forking itself for each status read (issue 10's metrics figure).
 fn shell(script: &str) -> Command {
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(script);
-    if let Some(mask) = crate::home::user_umask() {
-        // SAFETY: umask is async-signal-safe and touches no memory.
-        unsafe {
-            cmd.pre_exec(move || {
-                libc::umask(mask);
-                Ok(())
-            });
-        }
-    }
+    cmd.arg("-c").arg(with_user_umask(script));
     cmd
+}
+
+fn with_user_umask(script: &str) -> String {
+    match crate::home::user_umask() {
+        Some(mask) => format!("umask {mask:04o}\n{script}"),
+        None => script.to_string(),
+    }
 }
 
 fn io_error(step: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
@@ -101,17 +104,7 @@ impl Transport for LocalTransport {
 
     async fn interactive(&self, script: &str) -> Result<std::process::Command, TransportError> {
         let mut cmd = std::process::Command::new("sh");
-        cmd.arg("-c").arg(script);
-        if let Some(mask) = crate::home::user_umask() {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: umask is async-signal-safe and touches no memory.
-            unsafe {
-                cmd.pre_exec(move || {
-                    libc::umask(mask);
-                    Ok(())
-                });
-            }
-        }
+        cmd.arg("-c").arg(with_user_umask(script));
         Ok(cmd)
     }
 
