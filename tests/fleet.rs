@@ -582,11 +582,24 @@ fn a_controller_started_after_one_was_killed_ends_the_masters_it_left() {
     a.ok(&["delete", "job", "hold"]);
 }
 
+/// What the first claim on a test host loses, after its slot is written.
+#[derive(Clone, Copy, PartialEq)]
+enum Cut {
+    Nothing,
+    /// Its SSH connection (the session's sshd process): the answer is lost.
+    Link,
+    /// The whole server (the session's sshd and its listener): the host is gone.
+    Host,
+}
+
 /// `mv` for a test host: renames, and logs every slot tag a claim renames into place
-/// (a claim's last step) to `$HOME/claims.log`. With `cut`, the first such claim also
-/// kills its SSH connection (the session's sshd process) before the claim can answer:
-/// the slot is written, the answer lost.
-fn claim_logging_mv(cut: bool) -> String {
+/// (a claim's last step) to `$HOME/claims.log`; the first such claim then loses what
+/// `cut` says, before the claim can answer.
+fn claim_logging_mv(cut: Cut) -> String {
+    let kill = match cut {
+        Cut::Host => r#"kill -9 "$(awk '{print $4}' /proc/$p/stat)" "$p""#,
+        _ => r#"kill -9 "$p""#,
+    };
     format!(
         r#"/bin/mv "$@"; rc=$?
 for last; do :; done
@@ -597,14 +610,40 @@ case "$last" in
       : > "$HOME/.cut"
       p=$PPID
       while [ "$p" -gt 1 ]; do
-        case "$(cat /proc/$p/comm)" in sshd*) kill -9 "$p"; break ;; esac
+        case "$(cat /proc/$p/comm)" in sshd*) {kill}; break ;; esac
         p=$(awk '{{print $4}}' /proc/$p/stat)
       done
     fi ;;
 esac
 exit $rc"#,
-        cut = if cut { "yes" } else { "no" }
+        cut = if cut == Cut::Nothing { "no" } else { "yes" }
     )
+}
+
+/// How many claims reached a test host's `mv` (see [`claim_logging_mv`]).
+fn claims(h: &Sshd) -> usize {
+    std::fs::read_to_string(h.home().join("claims.log"))
+        .unwrap_or_default()
+        .lines()
+        .count()
+}
+
+/// Waits for `run` to end after a cut-off claim on `cut_host`, insists it succeeded,
+/// and returns its `describe run` for the assertions that follow.
+fn succeeded_after_a_cut(a: &Asimov, run: &str, cut_host: &Sshd) -> String {
+    a.wait_for("the run to end", Duration::from_secs(120), || {
+        matches!(
+            a.run_phase(run).as_deref(),
+            Some("Succeeded" | "Failed" | "Cancelled")
+        )
+    });
+    let describe = a.ok(&["describe", "run", run]);
+    assert!(
+        cut_host.home().join(".cut").exists(),
+        "the first claim's connection was cut: {describe}"
+    );
+    assert_eq!(a.run_phase(run).as_deref(), Some("Succeeded"), "{describe}");
+    describe
 }
 
 /// A claim cut off after it ran, on a host that then goes down: asimov waits for it
@@ -618,17 +657,8 @@ fn a_cut_off_claim_on_a_host_that_stays_down_moves_on_and_its_slot_is_destroyed_
         return;
     };
     // The cut takes the whole server down with it: the host is gone, not only the link.
-    let script = claim_logging_mv(true).replace(
-        r#"case "$(cat /proc/$p/comm)" in sshd*) kill -9 "$p"; break ;; esac"#,
-        r#"case "$(cat /proc/$p/comm)" in sshd*) kill -9 "$(awk '{print $4}' /proc/$p/stat)" "$p"; break ;; esac"#,
-    );
-    assert_ne!(
-        script,
-        claim_logging_mv(true),
-        "the wrapper kills the listener too"
-    );
-    h1.install_command("mv", &script);
-    h2.install_command("mv", &claim_logging_mv(false));
+    h1.install_command("mv", &claim_logging_mv(Cut::Host));
+    h2.install_command("mv", &claim_logging_mv(Cut::Nothing));
     let a = Asimov::new();
     let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1), ("box-2", &h2)]));
     let job = a.manifest(
@@ -644,28 +674,7 @@ fn a_cut_off_claim_on_a_host_that_stays_down_moves_on_and_its_slot_is_destroyed_
         .output()
         .expect("apply runs");
     assert!(apply.status.success(), "{apply:?}");
-    a.wait_for("the run to end", Duration::from_secs(120), || {
-        matches!(
-            a.run_phase("down-0").as_deref(),
-            Some("Succeeded" | "Failed" | "Cancelled")
-        )
-    });
-    let describe = a.ok(&["describe", "run", "down-0"]);
-    assert!(
-        h1.home().join(".cut").exists(),
-        "the first claim's connection was cut: {describe}"
-    );
-    assert_eq!(
-        a.run_phase("down-0").as_deref(),
-        Some("Succeeded"),
-        "{describe}"
-    );
-    let claims = |h: &Sshd| {
-        std::fs::read_to_string(h.home().join("claims.log"))
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let describe = succeeded_after_a_cut(&a, "down-0", &h1);
     assert_eq!(
         claims(&h2),
         1,
@@ -694,8 +703,8 @@ fn a_cut_off_claim_on_a_host_that_stays_down_moves_on_and_its_slot_is_destroyed_
 #[test]
 fn a_claim_cut_off_after_it_ran_is_adopted_and_never_placed_on_a_second_host() {
     let Some((h1, h2)) = two_hosts() else { return };
-    h1.install_command("mv", &claim_logging_mv(true));
-    h2.install_command("mv", &claim_logging_mv(false));
+    h1.install_command("mv", &claim_logging_mv(Cut::Link));
+    h2.install_command("mv", &claim_logging_mv(Cut::Nothing));
     let a = Asimov::new();
     let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1), ("box-2", &h2)]));
     let job = a.manifest(
@@ -708,28 +717,7 @@ fn a_claim_cut_off_after_it_ran_is_adopted_and_never_placed_on_a_second_host() {
         fleet.to_str().unwrap(),
         job.to_str().unwrap(),
     ]);
-    a.wait_for("the run to end", Duration::from_secs(120), || {
-        matches!(
-            a.run_phase("cut-0").as_deref(),
-            Some("Succeeded" | "Failed" | "Cancelled")
-        )
-    });
-    let describe = a.ok(&["describe", "run", "cut-0"]);
-    assert!(
-        h1.home().join(".cut").exists(),
-        "the first claim's connection was cut: {describe}"
-    );
-    assert_eq!(
-        a.run_phase("cut-0").as_deref(),
-        Some("Succeeded"),
-        "{describe}"
-    );
-    let claims = |h: &Sshd| {
-        std::fs::read_to_string(h.home().join("claims.log"))
-            .unwrap_or_default()
-            .lines()
-            .count()
-    };
+    let describe = succeeded_after_a_cut(&a, "cut-0", &h1);
     assert_eq!(claims(&h1), 1, "one claim, on box-1: {describe}");
     assert_eq!(claims(&h2), 0, "nothing claimed on box-2: {describe}");
     assert_eq!(run_field(&a, "cut-0", "attempt"), 1, "{describe}");
