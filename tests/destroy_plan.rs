@@ -23,11 +23,11 @@ fn desired(spec_hash: &str) -> Desired {
         }],
         ..JobSpec::with_run("python train.py")
     };
-    Desired {
-        jobs: vec![Job::from_spec("train", spec, 1, spec_hash)],
-        budgets: vec![],
-        controller: ME.into(),
-    }
+    Desired::new(
+        vec![Job::from_spec("train", spec, 1, spec_hash)],
+        vec![],
+        ME,
+    )
 }
 
 fn instance(state: InstanceState) -> Instance {

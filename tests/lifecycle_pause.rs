@@ -428,11 +428,7 @@ mod window {
             }),
             ..JobSpec::with_run("python train.py")
         };
-        Desired {
-            jobs: vec![Job::from_spec("w", spec, 1, "h1")],
-            budgets: vec![],
-            controller: "c".into(),
-        }
+        Desired::new(vec![Job::from_spec("w", spec, 1, "h1")], vec![], "c")
     }
 
     /// A run Running on local attempt 1.

@@ -34,11 +34,7 @@ fn job(retry: RetryPolicy) -> Job {
 }
 
 fn desired(job: Job) -> Desired {
-    Desired {
-        jobs: vec![job],
-        budgets: vec![],
-        controller: ME.into(),
-    }
+    Desired::new(vec![job], vec![], ME)
 }
 
 fn tag(n: u32) -> OwnerTag {

@@ -11,6 +11,7 @@ use asimov::provider::{Capabilities, Instance, InstanceState};
 use asimov::reconcile::{Desired, History, ListResult, Observed, plan};
 use asimov::store::{AttemptRecord, KeptDisk, Pause, RunRecord};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 const ME: &str = "ctl1";
@@ -43,11 +44,7 @@ fn job(runs: u32, keep: bool) -> Job {
 }
 
 fn desired(jobs: Vec<Job>) -> Desired {
-    Desired {
-        jobs,
-        budgets: vec![],
-        controller: ME.into(),
-    }
+    Desired::new(jobs, vec![], ME)
 }
 
 /// Vast as it declares itself: keeps a disk, bills while stopped.
@@ -314,7 +311,7 @@ fn budget_case(price: f64, name: &str) -> String {
     let mut j = job(2, true);
     j.spec.budget = Some("team".into());
     let mut d = desired(vec![j]);
-    d.budgets.push(Budget {
+    Arc::make_mut(&mut d.manifests).budgets.push(Budget {
         name: "team".into(),
         labels: BTreeMap::new(),
         limit_usd: 10.0,
@@ -354,7 +351,7 @@ fn a_budget_that_blocks_new_attempts_keeps_a_resumed_instance_stopped() {
     let mut j = job(1, true);
     j.spec.budget = Some("team".into());
     let mut d = desired(vec![j]);
-    d.budgets.push(Budget {
+    Arc::make_mut(&mut d.manifests).budgets.push(Budget {
         name: "team".into(),
         labels: BTreeMap::new(),
         limit_usd: 10.0,

@@ -505,7 +505,7 @@ struct Debounced {
 
 #[async_trait::async_trait]
 impl DesiredSource for Debounced {
-    async fn load(&self) -> Result<Manifests, SourceError> {
+    async fn load(&self) -> Result<Arc<Manifests>, SourceError> {
         self.inner.load().await
     }
 
@@ -684,11 +684,7 @@ async fn a_create_for_an_attempt_that_has_ended_is_refused_without_a_provider_ca
         provider: ProviderKind::Fake,
         tag: asimov::model::OwnerTag::new(ME, "train-0", attempt.attempt),
     };
-    let desired = asimov::reconcile::plan::Desired {
-        jobs: vec![job("train", 1)],
-        budgets: Vec::new(),
-        controller: ME.into(),
-    };
+    let desired = asimov::reconcile::plan::Desired::new(vec![job("train", 1)], Vec::new(), ME);
     let result = w.executor.apply(&stale, &desired, 4_000_000_000).await;
     let e = result.expect_err("a create for an ended attempt");
     assert!(e.to_string().contains("has already ended"), "{e}");

@@ -10,6 +10,7 @@ use asimov::provider::{Capabilities, ErrorKind, Instance, InstanceState};
 use asimov::reconcile::{AgentObservation, Desired, History, ListResult, Observed, plan};
 use asimov::store::{AttemptRecord, RunRecord};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 const ME: &str = "ctl1";
@@ -37,11 +38,7 @@ fn job(name: &str, runs: u32, placement: &[ProviderKind]) -> Job {
 }
 
 fn desired(jobs: Vec<Job>) -> Desired {
-    Desired {
-        jobs,
-        budgets: vec![],
-        controller: ME.into(),
-    }
+    Desired::new(jobs, vec![], ME)
 }
 
 fn listed(provider: ProviderKind, instances: Vec<Instance>) -> Observed {
@@ -588,7 +585,7 @@ fn blocked_by_budget() {
     let mut j = job("train", 1, &[FAKE]);
     j.spec.budget = Some("team-a".into());
     let mut d = desired(vec![j]);
-    d.budgets = vec![budget(BudgetAction::Block)];
+    Arc::make_mut(&mut d.manifests).budgets = vec![budget(BudgetAction::Block)];
     let mut h = history(vec![record("train-0", "train", Phase::Pending, 0)], vec![]);
     h.spent.insert("team-a".into(), Usd::from_dollars(10.5));
     check(&d, &listed(FAKE, vec![]), &h, NOW, "blocked_by_budget");
@@ -602,7 +599,7 @@ fn budget_stop_destroys_running() {
     let mut j = job("train", 1, &[FAKE]);
     j.spec.budget = Some("team-a".into());
     let mut d = desired(vec![j]);
-    d.budgets = vec![budget(BudgetAction::Stop)];
+    Arc::make_mut(&mut d.manifests).budgets = vec![budget(BudgetAction::Stop)];
     let mut h = history(
         vec![record("train-0", "train", Phase::Running, 1)],
         vec![attempt("train-0", 1, FAKE, Some("i-7"))],

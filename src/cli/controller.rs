@@ -50,19 +50,43 @@ struct Folder {
     dir: PathBuf,
     home: Home,
     /// What is in force; `None` until a read succeeded.
-    state: Mutex<Option<Loaded>>,
+    state: Mutex<Option<InForce>>,
     /// `None` when the store cannot be opened: the controller then works unrecorded.
     store: Mutex<Option<Store>>,
+}
+
+/// The folder's state in force: its manifests shared with every pass that reconciles
+/// them (one copy, however many passes and op groups hold it), and its documents.
+struct InForce {
+    manifests: Arc<Manifests>,
+    documents: Vec<manifest::Document>,
+}
+
+impl InForce {
+    fn of(loaded: Loaded) -> InForce {
+        InForce {
+            manifests: Arc::new(loaded.manifests),
+            documents: loaded.documents,
+        }
+    }
+
+    /// A copy to read the folder again against (only when the folder changed).
+    fn loaded(&self) -> Loaded {
+        Loaded {
+            manifests: (*self.manifests).clone(),
+            documents: self.documents.clone(),
+        }
+    }
 }
 
 impl Folder {
     /// Reads the folder, keeps broken files' objects at their last good state, records
     /// the result, and returns what is in force.
-    fn refresh(&self) -> Result<Manifests, SourceError> {
+    fn refresh(&self) -> Result<Arc<Manifests>, SourceError> {
         let read_at_ms = chrono::Utc::now().timestamp_millis();
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let ctx = desired::secrets_context(&self.home);
-        let last_good = state.clone();
+        let last_good = state.as_ref().map(InForce::loaded);
         let no_history = last_good.is_none() && !self.has_runs();
         let loaded = match (&last_good, no_history) {
             // Nothing is known of what a broken file held, and runs exist that it may
@@ -86,8 +110,8 @@ impl Folder {
                     Ok(s) => s,
                     Err(problems) => {
                         tracing::error!(dir = %self.dir.display(), "cannot read the manifests folder; keeping the last good state:\n{problems}");
-                        return match last {
-                            Some(l) => Ok(l.manifests.clone()),
+                        return match state.as_ref() {
+                            Some(l) => Ok(Arc::clone(&l.manifests)),
                             None => Err(SourceError {
                                 message: format!("cannot read {}", self.dir.display()),
                                 source: Some(Box::new(problems)),
@@ -102,8 +126,9 @@ impl Folder {
             tracing::error!(dir = %self.dir.display(), "some manifests do not validate; their objects keep their last good state:\n{problems}");
         }
         self.record(&loaded, read_at_ms);
-        let manifests = loaded.loaded.manifests.clone();
-        *state = Some(loaded.loaded);
+        let in_force = InForce::of(loaded.loaded);
+        let manifests = Arc::clone(&in_force.manifests);
+        *state = Some(in_force);
         Ok(manifests)
     }
 
@@ -241,7 +266,7 @@ impl FolderSource {
         let folder = Arc::new(Folder {
             dir: dir.clone(),
             home: home.clone(),
-            state: Mutex::new(recorded),
+            state: Mutex::new(recorded.map(InForce::of)),
             store: Mutex::new(store),
         });
         let notify = Arc::new(Notify::new());
@@ -295,11 +320,11 @@ impl FolderSource {
 
 #[async_trait]
 impl DesiredSource for FolderSource {
-    async fn load(&self) -> Result<Manifests, SourceError> {
+    async fn load(&self) -> Result<Arc<Manifests>, SourceError> {
         if self.watching {
             let state = self.folder.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(l) = state.as_ref() {
-                return Ok(l.manifests.clone());
+                return Ok(Arc::clone(&l.manifests));
             }
         }
         let folder = Arc::clone(&self.folder);

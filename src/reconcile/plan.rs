@@ -30,7 +30,7 @@
 
 use super::budget::{self, BudgetState};
 use crate::agent::{AgentState, AgentStatus};
-use crate::manifest::{Budget, BudgetAction, Job, RunSpec};
+use crate::manifest::{Budget, BudgetAction, Job, Manifests, RunSpec};
 use crate::model::{
     HostStatus, InstanceId, JobName, Outcome, OwnerTag, Phase, Progress, ProviderKind, RunName,
     Timestamp, Usd,
@@ -39,6 +39,7 @@ use crate::provider::{Capabilities, ErrorKind, Instance, InstanceState};
 use crate::store::{AttemptRecord, KeptDisk, Pause, RunRecord};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Look again at once: a step was just taken (created, started, collected, destroyed...)
@@ -67,10 +68,33 @@ pub const HEARTBEAT_STALE_SECS: i64 = 60;
 /// The desired state this pass: validated jobs (with their runs) and budgets.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Desired {
-    pub jobs: Vec<Job>,
-    pub budgets: Vec<Budget>,
+    /// Shared with the source that loaded them, not copied: at 10,000 jobs a copy per
+    /// pass was some 10 MiB of the controller's peak.
+    pub manifests: Arc<Manifests>,
     /// This home's controller id, the `<controller>` of ownership tags.
     pub controller: String,
+}
+
+impl Desired {
+    /// A desired state of its own (tests, previews): `jobs` and `budgets`, no fleets.
+    pub fn new(jobs: Vec<Job>, budgets: Vec<Budget>, controller: impl Into<String>) -> Desired {
+        Desired {
+            manifests: Arc::new(Manifests {
+                jobs,
+                budgets,
+                ..Manifests::default()
+            }),
+            controller: controller.into(),
+        }
+    }
+
+    pub fn jobs(&self) -> &[Job] {
+        &self.manifests.jobs
+    }
+
+    pub fn budgets(&self) -> &[Budget] {
+        &self.manifests.budgets
+    }
 }
 
 /// One provider's listing this pass.
@@ -154,6 +178,9 @@ pub struct StatusUpdate {
 }
 
 /// One idempotent step. Applying an op twice, or after a crash half-way, is harmless.
+///
+/// An instance rides boxed: inline it made every op (a status change as much as a
+/// start) some 300 bytes, and a pass at 10,000 jobs plans 20,000 ops.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     /// Insert (or, on a spec change, reset to Pending) the store row of a desired run.
@@ -186,7 +213,7 @@ pub enum Op {
     Start {
         run: RunName,
         attempt: u32,
-        instance: Instance,
+        instance: Box<Instance>,
     },
     SetStatus(StatusUpdate),
     /// Bring the run's checkpoint folder home while it runs (its last sync is part of
@@ -194,13 +221,13 @@ pub enum Op {
     SyncCheckpoint {
         run: RunName,
         attempt: u32,
-        instance: Instance,
+        instance: Box<Instance>,
     },
     /// Bring the log, the checkpoint and the outputs home.
     Collect {
         run: RunName,
         attempt: u32,
-        instance: Instance,
+        instance: Box<Instance>,
     },
     /// Destroy an instance; `NotFound` counts as done.
     Destroy {
@@ -236,21 +263,21 @@ pub enum Op {
     StopKeepingDisk {
         run: RunName,
         attempt: u32,
-        instance: Instance,
+        instance: Box<Instance>,
     },
     /// Start the kept attempt's stopped instance again (waiting, within the provider's
     /// `keep_disk` time, for it to run); a refusal for good is recorded for the planner.
     StartKept {
         run: RunName,
         attempt: u32,
-        instance: Instance,
+        instance: Box<Instance>,
     },
     /// Run the job again on the kept disk, in the same working folder, resuming from
     /// the checkpoint there (`ASIMOV_RESUME_FROM`); the attempt is no longer kept.
     ResumeKept {
         run: RunName,
         attempt: u32,
-        instance: Instance,
+        instance: Box<Instance>,
     },
 }
 
@@ -620,7 +647,13 @@ impl<'a> Planner<'a> {
                 Some((rec.job.to_string(), i.price_per_hour, since))
             })
             .collect();
-        let budgets = budget::states(&desired.budgets, &desired.jobs, &history.spent, &live, now);
+        let budgets = budget::states(
+            desired.budgets(),
+            desired.jobs(),
+            &history.spent,
+            &live,
+            now,
+        );
         Planner {
             desired,
             observed,
@@ -763,7 +796,7 @@ impl<'a> Planner<'a> {
             }
         }
         let mut handled: BTreeSet<&str> = BTreeSet::new();
-        for job in &self.desired.jobs {
+        for job in self.desired.jobs() {
             for spec in &job.runs {
                 handled.insert(spec.name.as_str());
                 self.desired_run(job, spec);
@@ -998,7 +1031,7 @@ impl<'a> Planner<'a> {
                 Op::Collect {
                     run: rec.name.clone(),
                     attempt: a.attempt,
-                    instance: i.clone(),
+                    instance: Box::new(i.clone()),
                 },
             );
         }
@@ -1337,7 +1370,7 @@ impl<'a> Planner<'a> {
                             Op::Collect {
                                 run: rec.name.clone(),
                                 attempt: a.attempt,
-                                instance: instance.clone(),
+                                instance: Box::new(instance.clone()),
                             },
                         );
                     }
@@ -1347,7 +1380,7 @@ impl<'a> Planner<'a> {
                     Op::StopKeepingDisk {
                         run: rec.name.clone(),
                         attempt: a.attempt,
-                        instance: instance.clone(),
+                        instance: Box::new(instance.clone()),
                     },
                 );
                 true
@@ -1372,7 +1405,7 @@ impl<'a> Planner<'a> {
                         Op::StopKeepingDisk {
                             run: rec.name.clone(),
                             attempt: a.attempt,
-                            instance: instance.clone(),
+                            instance: Box::new(instance.clone()),
                         },
                     );
                 }
@@ -1445,7 +1478,7 @@ impl<'a> Planner<'a> {
         // A budget that blocks new attempts holds a stopped one too: starting it bills
         // the GPU again. It stays stopped (storage only) until the budget allows.
         if i.state != InstanceState::Running
-            && let Some(b) = budget::over_limit(job, &self.desired.budgets, &self.budgets).first()
+            && let Some(b) = budget::over_limit(job, self.desired.budgets(), &self.budgets).first()
         {
             self.block(key, rec, b.reason());
             return;
@@ -1456,7 +1489,7 @@ impl<'a> Planner<'a> {
             Op::ResumeKept {
                 run: rec.name.clone(),
                 attempt: a.attempt,
-                instance: i.clone(),
+                instance: Box::new(i.clone()),
             }
         } else {
             let reason = format!("starting the stopped {}/{} again", i.provider, i.id);
@@ -1464,7 +1497,7 @@ impl<'a> Planner<'a> {
             Op::StartKept {
                 run: rec.name.clone(),
                 attempt: a.attempt,
-                instance: i.clone(),
+                instance: Box::new(i.clone()),
             }
         };
         self.push(key, op);
@@ -1486,7 +1519,7 @@ impl<'a> Planner<'a> {
             && i.state == InstanceState::Running
             && !self.on_unreachable_host(i)
         {
-            let instance = i.clone();
+            let instance = Box::new(i.clone());
             self.push(
                 key,
                 Op::Collect {
@@ -1559,7 +1592,7 @@ impl<'a> Planner<'a> {
             self.wake_at(key, at);
             return;
         }
-        if let Some(b) = budget::over_limit(job, &self.desired.budgets, &self.budgets).first() {
+        if let Some(b) = budget::over_limit(job, self.desired.budgets(), &self.budgets).first() {
             self.block(key, rec, b.reason());
             return;
         }
@@ -1799,7 +1832,7 @@ impl<'a> Planner<'a> {
                     Op::Start {
                         run: rec.name.clone(),
                         attempt: a.attempt,
-                        instance: instance.clone(),
+                        instance: Box::new(instance.clone()),
                     },
                 );
                 return;
@@ -1814,7 +1847,7 @@ impl<'a> Planner<'a> {
                     self.now.saturating_sub(t) > i64::try_from(max.as_secs()).unwrap_or(i64::MAX)
                 })
         });
-        let stop_budget = budget::over_limit(job, &self.desired.budgets, &self.budgets)
+        let stop_budget = budget::over_limit(job, self.desired.budgets(), &self.budgets)
             .into_iter()
             .find(|b| b.action == BudgetAction::Stop)
             .map(BudgetState::reason);
@@ -1979,7 +2012,7 @@ impl<'a> Planner<'a> {
                 Op::SyncCheckpoint {
                     run: rec.name.clone(),
                     attempt: a.attempt,
-                    instance: instance.clone(),
+                    instance: Box::new(instance.clone()),
                 },
             );
             self.wake(key, Duration::from_secs(every as u64));
@@ -2010,7 +2043,7 @@ impl<'a> Planner<'a> {
                 Op::Collect {
                     run: rec.name.clone(),
                     attempt: a.attempt,
-                    instance: instance.clone(),
+                    instance: Box::new(instance.clone()),
                 },
             );
         }
@@ -2028,7 +2061,7 @@ impl<'a> Planner<'a> {
             ),
             Outcome::Budget => (
                 Phase::Pending,
-                budget::over_limit(job, &self.desired.budgets, &self.budgets)
+                budget::over_limit(job, self.desired.budgets(), &self.budgets)
                     .first()
                     .map_or_else(|| "stopped by budget".to_string(), |b| b.reason()),
             ),
