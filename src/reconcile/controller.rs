@@ -566,6 +566,9 @@ impl Controller {
         };
         let now = self.now();
         let plan = plan::plan(&desired, &observed, &history, now);
+        // What the plan was made from goes before its groups are queued: at 10,000 jobs
+        // the listing, the observations and every run's record are tens of MiB.
+        drop((observed, history));
         Ok(self.dispatch(plan, desired, due, shutdown, inflight))
     }
 
@@ -757,7 +760,12 @@ impl Controller {
         while let Some(joined) = set.join_next().await {
             let Ok((kind, result)) = joined else { continue };
             let entry = match result {
-                Ok(instances) => ListResult::Listed(instances),
+                Ok(mut instances) => {
+                    // Held for the whole pass; a listing grown page by page may hold
+                    // twice the room its instances need.
+                    instances.shrink_to_fit();
+                    ListResult::Listed(instances)
+                }
                 Err(e) => {
                     tracing::warn!(provider = %kind, error = %e, "listing failed");
                     ListResult::Failed {
