@@ -530,10 +530,10 @@ impl Controller {
         for provider in self.executor.providers.values() {
             provider.set_fleets(&manifests.fleets);
         }
-        let desired = Arc::new(Desired {
-            manifests: Arc::clone(&manifests),
-            controller: self.controller_id.clone(),
-        });
+        let desired = Arc::new(Desired::of(
+            Arc::clone(&manifests),
+            self.controller_id.clone(),
+        ));
         // List FIRST, then read the store: an instance in the listing was created under
         // an intent the store already holds, so nothing looks like an orphan by mistake.
         let listed = self.list_all().await;

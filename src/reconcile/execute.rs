@@ -1610,10 +1610,7 @@ fn s3_url(job: &Job) -> Option<&str> {
 
 /// The job and run spec of a desired run.
 pub fn find_run<'a>(desired: &'a Desired, run: &str) -> Option<(&'a Job, &'a RunSpec)> {
-    desired
-        .jobs()
-        .iter()
-        .find_map(|j| j.runs.iter().find(|r| r.name == run).map(|r| (j, r)))
+    desired.find_run(run)
 }
 
 /// Records which code the run executes: for a workdir inside a git work tree, the
