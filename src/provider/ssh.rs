@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 const UNSURE_CLAIM_WAIT: Duration = Duration::from_secs(120);
 
 fn unsure_claim_wait() -> Duration {
-    super::cloud::seconds_env("ASIMOV_SSH_UNSURE_CLAIM_SECS", UNSURE_CLAIM_WAIT)
+    super::seconds_env("ASIMOV_SSH_UNSURE_CLAIM_SECS", UNSURE_CLAIM_WAIT)
 }
 
 /// Where slots live on a host unless the provider is told otherwise.
