@@ -13,7 +13,7 @@ mod support;
 use runpod_server::{Config, Endpoint as Api, Fault, RunpodServer, SshTarget, gpu};
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::cli::{Asimov, Cloud, kill9};
 use support::sshd::Sshd;
