@@ -7,49 +7,49 @@
 //! give (see `stop::Watch`).
 //!
 //! A read resumes only when the file is the same (its inode) and the byte before the
-//! offset is still the one it was (a newline, or the last byte skipped of a line too
-//! long for one read); otherwise (the file truncated, rotated or replaced, a
+//! offset is still the newline it was; otherwise (the file truncated, rotated or replaced, a
 //! controller restart with no cursor yet, rules naming a metric the window does not
 //! keep) the window starts again from the file's tail. No cursor survives a restart:
 //! the first pass after one reads the tail.
 //!
-//! A line longer than a read (`cap` bytes) is never a record: it is skipped a read at
-//! a time up to its newline, so it neither stalls the cursor nor costs more than one
-//! read's memory.
+//! A line longer than a read (`cap` bytes) is never a record: while in one, each pass
+//! reads the file's tail, and the window goes on after the line's newline, so such a
+//! line neither stalls the cursor (before, it read the line's first bytes every pass
+//! and never got past them) nor costs more than a read.
 
 use super::stop::{Watch, parse_line};
 use crate::manifest::StopRule;
 use crate::agent::MetricsRead;
 use std::sync::Arc;
 
-/// Where the next read of an attempt's metrics starts, and how to tell that it goes on
-/// where the last one ended.
+/// Where the next read of an attempt's metrics starts.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Position {
     /// The file's identity (inode) when last read.
     pub file: Option<u64>,
-    /// Bytes of the file consumed: 0 for none (read its tail).
+    /// Bytes of the file read and parsed, up to just after a newline: 0 for none (read
+    /// its tail).
     pub offset: u64,
-    /// The byte just before `offset`, which the next read starts with.
-    before: u8,
 }
 
 /// One attempt's place in its metrics file.
 #[derive(Debug, Default)]
 pub struct MetricsCursor {
     at: Position,
-    /// The offset is inside a line longer than a read: what comes up to its newline
-    /// is skipped.
-    skipping: bool,
+    /// Inside a line longer than a read: the file, and how far into it the bytes read
+    /// had no newline. The next reads are of the file's tail, where the line's end (or
+    /// more of it) is.
+    skipping: Option<Position>,
     /// The rules' state over the window, shared with the pass's observations.
     watch: Arc<Watch>,
 }
 
 impl MetricsCursor {
     /// Where the next read starts for `rules` (with reads of `cap` bytes): from the
-    /// offset, or the file's tail when this window does not keep what they need.
+    /// offset; the file's tail when this window does not keep what they need, or
+    /// inside a line too long for a read.
     pub fn position(&self, rules: &[StopRule], cap: usize) -> Position {
-        if self.watch.covers(rules, cap) {
+        if self.watch.covers(rules, cap) && self.skipping.is_none() {
             self.at
         } else {
             Position::default()
@@ -63,46 +63,48 @@ impl MetricsCursor {
 
     /// Takes in what a read of at most `cap` bytes returned, keeping what `rules` need
     /// of the window: the lines after the offset when the read [`resumes`] from this
-    /// cursor's position for these rules, else (a read of the file's tail) a new
-    /// window.
+    /// cursor's position for these rules, the lines after the end of a long line being
+    /// skipped, else (a read of the file's tail) a new window.
     pub fn advance(&mut self, read: &MetricsRead, rules: &[StopRule], cap: usize) {
-        let resumed = resumes(&self.position(rules, cap), read);
-        let (mut body, base) = match read.text.get(1..) {
-            Some(rest) if resumed => (rest, self.at.offset),
-            _ => {
-                self.watch = Arc::new(Watch::new(rules, cap));
-                self.skipping = false;
-                (read.text.as_str(), read.start)
-            }
-        };
-        self.at.file = read.file;
-        let full = read.text.len() >= cap;
-        let mut skipped = 0;
-        if self.skipping {
-            match body.find('\n') {
+        let (body, base) = if resumes(&self.position(rules, cap), read) {
+            (&read.text[1..], self.at.offset)
+        } else if self.skipping.is_some_and(|skip| {
+            self.watch.covers(rules, cap)
+                && read.file.is_some()
+                && read.file == skip.file
+                && read.start + read.text.len() as u64 >= skip.offset
+        }) {
+            // The tail of the same file, no shorter: the long line ends at its first
+            // newline (none was in the bytes of it read before).
+            match read.text.find('\n') {
                 Some(i) => {
-                    self.skipping = false;
-                    skipped = i + 1;
-                    body = &body[skipped..];
+                    self.skipping = None;
+                    (&read.text[i + 1..], read.start + i as u64 + 1)
                 }
                 None => {
-                    self.skip(base, body);
+                    self.skipping = Some(Position {
+                        file: read.file,
+                        offset: read.start + read.text.len() as u64,
+                    });
                     return;
                 }
             }
-        }
+        } else {
+            self.watch = Arc::new(Watch::new(rules, cap));
+            self.skipping = None;
+            (read.text.as_str(), read.start)
+        };
+        self.at.file = read.file;
         // Complete lines only: a half-written last line is read whole next time.
         let Some(end) = body.rfind('\n').map(|i| i + 1) else {
-            if skipped == 0 && full {
+            if body.len() + 1 >= cap {
                 // No newline in a whole read: a line too long to ever be a record.
-                self.skipping = true;
-                self.skip(base, body);
-            } else if skipped > 0 {
-                self.at.offset = base + skipped as u64;
-                self.at.before = b'\n';
+                self.skipping = Some(Position {
+                    file: read.file,
+                    offset: base + body.len() as u64,
+                });
             } else {
                 self.at.offset = base;
-                self.at.before = b'\n';
             }
             return;
         };
@@ -118,34 +120,19 @@ impl MetricsCursor {
         if let Some(record) = whole {
             watch.set_last(record);
         }
-        self.at.offset = base + (skipped + end) as u64;
-        self.at.before = b'\n';
-    }
-
-    /// Consumes `body` (read from `base`) as part of a line too long for a read, up to
-    /// its last ASCII byte (so the next read starts on a whole character); without
-    /// one, the tail is read next time.
-    fn skip(&mut self, base: u64, body: &str) {
-        match body.bytes().rposition(|b| b.is_ascii()) {
-            Some(i) => {
-                self.at.offset = base + i as u64 + 1;
-                self.at.before = body.as_bytes()[i];
-            }
-            None if body.is_empty() => {}
-            None => self.at = Position::default(),
-        }
+        self.at.offset = base + end as u64;
     }
 }
 
 /// True when `read`, asked from `at`, goes on where the last one ended: the same file,
-/// starting at the byte just before the offset, which is the one it was. When not (and
-/// the offset was not 0), the file changed under it: read its tail instead.
+/// starting at the newline just before the offset. When not (and the offset was not
+/// 0), the file changed under it: read its tail instead.
 pub fn resumes(at: &Position, read: &MetricsRead) -> bool {
     read.file.is_some()
         && read.file == at.file
         && at.offset > 0
         && read.start + 1 == at.offset
-        && read.text.as_bytes().first() == Some(&at.before)
+        && read.text.starts_with('\n')
 }
 
 #[cfg(test)]
@@ -574,9 +561,10 @@ mod tests {
 
     /// A line longer than a read (100 MB here) neither stalls the cursor (before, it
     /// read the same first 256 KiB of it every pass and never saw a line after it)
-    /// nor costs more than a read; the records after it count again.
+    /// nor costs more than a read; the records after it count again, in the same
+    /// window as the ones before it.
     #[test]
-    fn a_line_of_100_mb_is_skipped_a_read_at_a_time() {
+    fn a_line_of_100_mb_neither_stalls_nor_costs_memory() {
         let rules = [StopRule {
             threshold: Some(0.9),
             ..rule("val", MetricMode::Max)
@@ -598,7 +586,7 @@ mod tests {
         while last_step(&c) != Some(3.0) {
             pass(&mut c, &file, &rules, cap);
             passes += 1;
-            assert!(passes < 1000, "stalled at {:?}", c.position(&rules, cap));
+            assert!(passes <= 2, "stalled at {:?}", c.position(&rules, cap));
         }
         assert_eq!(c.position(&rules, cap).offset, file.len());
         assert_eq!(
@@ -616,7 +604,8 @@ mod tests {
         file.pieces.push(Piece::Repeat(b'a', 10 << 20));
         let mut c = MetricsCursor::default();
         pass(&mut c, &file, &rules, cap);
-        assert_eq!(c.position(&rules, cap).offset, file.len());
+        assert_eq!(c.position(&rules, cap), Position::default());
+        assert_eq!(c.watch().last(), None);
         file.push("\"}\n{\"step\": 2, \"val\": 0.7}\n");
         pass(&mut c, &file, &rules, cap);
         assert_eq!(last_step(&c), Some(2.0));

@@ -713,4 +713,94 @@ mod tests {
         assert!(records[1]["val"].is_nan());
         assert_eq!(records[2]["val"], f64::NEG_INFINITY);
     }
+
+    /// The watch decides as `evaluate` over every prefix of a series: ties, new bests,
+    /// both modes, thresholds, max_steps, NaN, -0.0, records without the metric or
+    /// without `step`, and a window of three records.
+    #[test]
+    fn the_watch_decides_as_evaluate_over_the_window() {
+        let values = [
+            0.1, 0.5, 0.5, 0.4, -0.0, 0.0, 0.9, 0.9, 0.2, 0.95, 0.3, 0.1, 0.1, 0.05, 0.6,
+        ];
+        let mut records: Vec<Record> = Vec::new();
+        for (i, v) in values.iter().enumerate() {
+            let mut r = Record::new();
+            if i % 4 != 3 {
+                r.insert("step".into(), i as f64 * 10.0);
+            }
+            if i % 5 != 4 {
+                r.insert("val".into(), *v);
+            }
+            records.push(r);
+        }
+        records.insert(12, Record::from([("val".into(), f64::NAN)]));
+        let mut rules = Vec::new();
+        for mode in [MetricMode::Max, MetricMode::Min] {
+            for patience in [None, Some(1), Some(2), Some(4)] {
+                for threshold in [None, Some(0.9), Some(0.1)] {
+                    for max_steps in [None, Some(90)] {
+                        rules.push(StopRule {
+                            patience,
+                            threshold,
+                            max_steps,
+                            ..rule(mode)
+                        });
+                    }
+                }
+            }
+        }
+        let line = 10; // every record's line counts 10 bytes
+        for cap in [usize::MAX / 2, 3 * line] {
+            for r in &rules {
+                let rules = std::slice::from_ref(r);
+                let mut watch = Watch::new(rules, cap);
+                for n in 1..=records.len() {
+                    watch.take(line, &records[n - 1]);
+                    let from = n.saturating_sub(cap / line);
+                    assert_eq!(
+                        watch.evaluate(rules),
+                        evaluate(rules, &records[from..n]),
+                        "{r:?} cap {cap} after {n}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// `parse_line` reads what `parse_metrics` reads, keeping only the fields asked.
+    #[test]
+    fn parse_line_reads_as_parse_metrics_does() {
+        let deep = |n: usize| format!("{{\"val\": 1, \"x\": {}{}}}", "[".repeat(n), "]".repeat(n));
+        let lines = [
+            "{\"step\": 1, \"val\": 0.5, \"name\": \"a: NaN\"}".to_string(),
+            "{\"step\": 2, \"val\": NaN, \"b\": Infinity, \"c\": -Infinity}".into(),
+            "{\"val\": 1, \"val\": \"x\"}".into(),
+            "{\"val\": \"x\", \"val\": 2}".into(),
+            "{\"v\\u0061l\": 3, \"o\": {\"val\": 9}, \"l\": [1, {\"a\": NaN}]}".into(),
+            "{\"val\": 1e999}".into(),
+            "{\"val\": 1, \"x\": 1e999}".into(),
+            "{\"val\": -0, \"n\": null, \"t\": true, \"big\": 18446744073709551615}".into(),
+            "  {\"val\": 1}\r".into(),
+            "{\"val\": 1} trailing".into(),
+            "{\"val\": 1,}".into(),
+            "{\"val\": 1".into(),
+            "[{\"val\": 1}]".into(),
+            "ep\": 3}".into(),
+            "{}".into(),
+            "{\"val\": \"\\u0000NaN\"}".into(),
+            deep(126),
+            deep(127),
+            deep(128),
+            deep(400),
+        ];
+        for line in &lines {
+            let whole = parse_metrics(line).pop();
+            let all = parse_line(line, &mut |_| true);
+            assert_eq!(format!("{all:?}"), format!("{whole:?}"), "{line}");
+            let val = parse_line(line, &mut |name| name == "val");
+            let only: Option<Record> = whole.map(|r| r.into_iter().filter(|(k, _)| k == "val").collect());
+            assert_eq!(format!("{val:?}"), format!("{only:?}"), "{line}");
+        }
+    }
 }
+
