@@ -1114,7 +1114,9 @@ fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, Ben
                 set.spawn(async move {
                     let _permit = limit.acquire_owned().await;
                     let read = if incremental {
-                        machine.metrics_since(at.offset, at.file, METRICS_TAIL).await
+                        machine
+                            .metrics_since(at.offset, at.file, METRICS_TAIL)
+                            .await
                     } else {
                         machine.metrics_tail(METRICS_TAIL).await.map(|text| {
                             crate::agent::MetricsRead {

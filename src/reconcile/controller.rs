@@ -884,10 +884,7 @@ impl Controller {
             };
             let limit = Arc::clone(&limit);
             let read_metrics = with_metrics.contains_key(&inst.tag.render());
-            let at = cursors
-                .get(&inst.tag.render())
-                .copied()
-                .unwrap_or_default();
+            let at = cursors.get(&inst.tag.render()).copied().unwrap_or_default();
             let executor = Arc::clone(&self.executor);
             set.spawn(async move {
                 let _permit = limit.acquire_owned().await;

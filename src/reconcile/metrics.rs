@@ -18,8 +18,8 @@
 //! and never got past them) nor costs more than a read.
 
 use super::stop::{Watch, parse_line};
-use crate::manifest::StopRule;
 use crate::agent::MetricsRead;
+use crate::manifest::StopRule;
 use std::sync::Arc;
 
 /// Where the next read of an attempt's metrics starts.
@@ -260,9 +260,9 @@ mod tests {
                 let (lo, hi) = (from.max(at), to.min(at + len));
                 if lo < hi {
                     match p {
-                        Piece::Text(t) => {
-                            out.extend_from_slice(&t.as_bytes()[(lo - at) as usize..(hi - at) as usize])
-                        }
+                        Piece::Text(t) => out.extend_from_slice(
+                            &t.as_bytes()[(lo - at) as usize..(hi - at) as usize],
+                        ),
                         Piece::Repeat(b, _) => out.resize(out.len() + (hi - lo) as usize, *b),
                     }
                 }
@@ -331,7 +331,9 @@ mod tests {
             .map(|_| StopRule {
                 metric: rng.pick(&["val", "loss", "acc"]).to_string(),
                 mode: *rng.pick(&[MetricMode::Max, MetricMode::Min]),
-                patience: rng.pick(&[None, Some(1), Some(3), Some(8), Some(30)]).to_owned(),
+                patience: rng
+                    .pick(&[None, Some(1), Some(3), Some(8), Some(30)])
+                    .to_owned(),
                 threshold: rng.pick(&[None, Some(0.85), Some(0.15)]).to_owned(),
                 max_steps: rng.pick(&[None, None, Some(40), Some(200)]).to_owned(),
             })
@@ -357,15 +359,28 @@ mod tests {
             3 => "{}\n".into(),
             4 => "\n".into(),
             5 => format!("{{\"val\": \"x\", \"loss\": {}}}\r\n", value(rng)),
-            6 => format!("{{\"step\": {step}, \"val\": {}, \"val\": true}}\n", value(rng)),
-            7 => format!("{{\"step\": {step}, \"note\": \"a: NaN\", \"acc\": {}}}\n", value(rng)),
+            6 => format!(
+                "{{\"step\": {step}, \"val\": {}, \"val\": true}}\n",
+                value(rng)
+            ),
+            7 => format!(
+                "{{\"step\": {step}, \"note\": \"a: NaN\", \"acc\": {}}}\n",
+                value(rng)
+            ),
             8 => format!("{{\"acc\": {}, \"ünï\": 1}}\n", value(rng)),
             9 => {
                 // A long record (within a read): it pushes several records out at once.
-                let extra: String = (0..rng.below(40)).map(|i| format!(", \"f{i}\": {i}")).collect();
+                let extra: String = (0..rng.below(40))
+                    .map(|i| format!(", \"f{i}\": {i}"))
+                    .collect();
                 format!("{{\"step\": {step}, \"val\": {}{extra}}}\n", value(rng))
             }
-            10 => format!("{{\"val\": {}, \"deep\": {}{}}}\n", value(rng), "[".repeat(130), "]".repeat(130)),
+            10 => format!(
+                "{{\"val\": {}, \"deep\": {}{}}}\n",
+                value(rng),
+                "[".repeat(130),
+                "]".repeat(130)
+            ),
             11 => format!("{{\"val\": {}, \"big\": 1e999}}\n", value(rng)),
             _ => {
                 let mut fields = Vec::new();
@@ -437,7 +452,10 @@ mod tests {
                             // Half a line now, the rest with the next write.
                             let line = random_line(&mut rng, &mut step);
                             let cut = rng.below(line.len() as u64) as usize;
-                            let cut = (0..=cut).rev().find(|i| line.is_char_boundary(*i)).unwrap_or(0);
+                            let cut = (0..=cut)
+                                .rev()
+                                .find(|i| line.is_char_boundary(*i))
+                                .unwrap_or(0);
                             text.push_str(&line[..cut]);
                             pending = line[cut..].to_string();
                         }
@@ -498,13 +516,21 @@ mod tests {
         // the tail is read instead, and a new window starts.
         let at = c.position(&rules, cap);
         assert!(!resumes(&at, &read(Some(7), 35, "9}\n")));
-        c.advance(&read(Some(7), 0, "{\"step\": 1}\n{\"step\": 9}\n"), &rules, cap);
+        c.advance(
+            &read(Some(7), 0, "{\"step\": 1}\n{\"step\": 9}\n"),
+            &rules,
+            cap,
+        );
         assert_eq!(last_step(&c), Some(9.0));
         assert_eq!(c.position(&rules, cap).offset, 24);
         // Rotated: another file, read from its tail (a cut first line skipped).
         let at = c.position(&rules, cap);
         assert!(!resumes(&at, &read(Some(8), 23, "\n{\"step\": 5}\n")));
-        c.advance(&read(Some(8), 100, "p\": 41}\n{\"step\": 42}\n"), &rules, cap);
+        c.advance(
+            &read(Some(8), 100, "p\": 41}\n{\"step\": 42}\n"),
+            &rules,
+            cap,
+        );
         assert_eq!(last_step(&c), Some(42.0));
         assert_eq!(c.position(&rules, cap).offset, 100 + 21);
         // Rules naming a metric this window does not keep: read the tail again.
@@ -526,11 +552,21 @@ mod tests {
         let text: String = (0..10).map(line).collect();
         c.advance(&read(Some(1), 0, &text), &rules, size * 3);
         let stop = c.watch().evaluate(&rules).expect("stops");
-        assert_eq!(stop.why, "v did not improve for 2 evaluations (best 93 at step 7)");
+        assert_eq!(
+            stop.why,
+            "v did not improve for 2 evaluations (best 93 at step 7)"
+        );
         let start = text.len() as u64 - 1;
-        c.advance(&read(Some(1), start, &format!("\n{}", line(10))), &rules, size * 3);
+        c.advance(
+            &read(Some(1), start, &format!("\n{}", line(10))),
+            &rules,
+            size * 3,
+        );
         let stop = c.watch().evaluate(&rules).expect("stops");
-        assert_eq!(stop.why, "v did not improve for 2 evaluations (best 92 at step 8)");
+        assert_eq!(
+            stop.why,
+            "v did not improve for 2 evaluations (best 92 at step 8)"
+        );
     }
 
     /// A restart keeps no cursor: the window is built again from the file's tail, and
@@ -546,7 +582,11 @@ mod tests {
         let mut file = File::new(3);
         let mut c = MetricsCursor::default();
         for i in 0..400 {
-            let v = if i == 150 { 0.9 } else { 0.5 + (i % 7) as f64 / 100.0 };
+            let v = if i == 150 {
+                0.9
+            } else {
+                0.5 + (i % 7) as f64 / 100.0
+            };
             file.push(&format!("{{\"step\": {i}, \"val\": {v}, \"loss\": 1}}\n"));
             pass(&mut c, &file, &rules, cap);
         }

@@ -1949,7 +1949,10 @@ impl<'a> Planner<'a> {
         if job.spec.stop_when.is_empty() {
             return None;
         }
-        self.observed.metrics.get(&a.tag)?.evaluate(&job.spec.stop_when)
+        self.observed
+            .metrics
+            .get(&a.tag)?
+            .evaluate(&job.spec.stop_when)
     }
 
     /// Syncs the running attempt's checkpoint folder every `checkpoint.every` (counted

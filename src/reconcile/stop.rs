@@ -418,10 +418,12 @@ impl Watch {
     pub fn covers(&self, rules: &[StopRule], cap: usize) -> bool {
         self.cap == cap as u64
             && rules.iter().all(|rule| {
-                self.series.get(&rule.metric).is_some_and(|s| match rule.mode {
-                    MetricMode::Max => s.max.is_some(),
-                    MetricMode::Min => s.min.is_some(),
-                })
+                self.series
+                    .get(&rule.metric)
+                    .is_some_and(|s| match rule.mode {
+                        MetricMode::Max => s.max.is_some(),
+                        MetricMode::Min => s.min.is_some(),
+                    })
             })
     }
 
@@ -561,11 +563,12 @@ impl Watch {
         let at = |step: Option<f64>| step.map_or_else(String::new, |s| format!(" at step {s}"));
         let series = self.series.get(&rule.metric);
         if let Some(e) = series.and_then(|s| s.non_finite.front()) {
-            return stop(format!("{} is {}{}", rule.metric, e.value, at(e.step)), true);
+            return stop(
+                format!("{} is {}{}", rule.metric, e.value, at(e.step)),
+                true,
+            );
         }
-        let last = series
-            .and_then(|s| s.last)
-            .filter(|e| self.inside(e.start));
+        let last = series.and_then(|s| s.last).filter(|e| self.inside(e.start));
         if let (Some(threshold), Some(e)) = (rule.threshold, last) {
             let reached = match rule.mode {
                 MetricMode::Max => e.value >= threshold,
@@ -573,7 +576,12 @@ impl Watch {
             };
             if reached {
                 return stop(
-                    format!("{} reached {threshold} ({}{})", rule.metric, e.value, at(e.step)),
+                    format!(
+                        "{} reached {threshold} ({}{})",
+                        rule.metric,
+                        e.value,
+                        at(e.step)
+                    ),
                     false,
                 );
             }
@@ -798,9 +806,9 @@ mod tests {
             let all = parse_line(line, &mut |_| true);
             assert_eq!(format!("{all:?}"), format!("{whole:?}"), "{line}");
             let val = parse_line(line, &mut |name| name == "val");
-            let only: Option<Record> = whole.map(|r| r.into_iter().filter(|(k, _)| k == "val").collect());
+            let only: Option<Record> =
+                whole.map(|r| r.into_iter().filter(|(k, _)| k == "val").collect());
             assert_eq!(format!("{val:?}"), format!("{only:?}"), "{line}");
         }
     }
 }
-
