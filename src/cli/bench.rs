@@ -944,6 +944,18 @@ impl fmt::Display for BenchReport {
                         ms(m.parse.median),
                         ms(m.record.median)
                     )?;
+                    writeln!(
+                        f,
+                        "  memory: RSS {} before, {} after (the cursors held), peak (VmHWM) {}{}",
+                        mib(m.rss_before_kib),
+                        mib(m.rss_after_kib),
+                        mib(m.peak_kib),
+                        if m.peak_reset {
+                            ""
+                        } else {
+                            " (peak not reset: covers the whole process)"
+                        }
+                    )?;
                 }
                 Err(e) => not_measured(f, e)?,
             }
@@ -990,6 +1002,14 @@ pub struct MetricsFigures {
     pub cpu_children: Duration,
     pub parse: Spread,
     pub record: Spread,
+    /// RSS when this way started (its file and store made), after its passes (the
+    /// cursors still held), and its peak (VmHWM).
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+    pub peak_kib: u64,
+    /// Whether the peak was reset when this way started; when false, it also covers
+    /// what the process did before.
+    pub peak_reset: bool,
 }
 
 /// User + system CPU time of `who` (`RUSAGE_SELF` or `RUSAGE_CHILDREN`).
@@ -1073,21 +1093,30 @@ fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, Ben
     }];
     let transport: Arc<dyn crate::transport::Transport> = Arc::new(LocalTransport::new());
     use crate::reconcile::controller::METRICS_TAIL;
-    use crate::reconcile::metrics::MetricsCursor;
+    use crate::reconcile::metrics::{MetricsCursor, Position};
     let mut cursors: Vec<MetricsCursor> = (0..runs).map(|_| MetricsCursor::default()).collect();
-    let read_all = |roots: &[String],
-                    at: Vec<(u64, Option<u64>)>|
-     -> Result<Vec<crate::agent::MetricsRead>, BenchError> {
+    // The memory peak of this way alone (the process's before it is not counted).
+    let peak_reset = reset_peak_rss();
+    let rss_before_kib = self_status()?.rss_kib;
+    // One pass: every run's file read (16 at a time) and each read judged as it comes,
+    // as the controller does, so that no pass holds every run's read at once.
+    let pass_once = |cursors: &mut [MetricsCursor]| -> Result<PassRead, BenchError> {
+        let at: Vec<Position> = cursors
+            .iter()
+            .map(|c| c.position(&rules, METRICS_TAIL))
+            .collect();
         runtime.block_on(async {
             let limit = Arc::new(tokio::sync::Semaphore::new(METRICS_CONCURRENCY));
             let mut set = tokio::task::JoinSet::new();
-            for (i, (root, (offset, file))) in roots.iter().zip(at).enumerate() {
+            for (i, (root, at)) in roots.iter().zip(at).enumerate() {
                 let machine = AgentMachine::new(Arc::clone(&transport), root.clone());
                 let limit = Arc::clone(&limit);
                 set.spawn(async move {
                     let _permit = limit.acquire_owned().await;
                     let read = if incremental {
-                        machine.metrics_since(offset, file, METRICS_TAIL).await
+                        machine
+                            .metrics_since(at.offset, at.file, METRICS_TAIL)
+                            .await
                     } else {
                         machine.metrics_tail(METRICS_TAIL).await.map(|text| {
                             crate::agent::MetricsRead {
@@ -1100,42 +1129,49 @@ fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, Ben
                     (i, read)
                 });
             }
-            let mut out = vec![crate::agent::MetricsRead::default(); roots.len()];
+            let mut out = PassRead::default();
             while let Some(joined) = set.join_next().await {
-                let Ok((i, read)) = joined else { continue };
-                out[i] = read.map_err(|e| BenchError::Metrics(e.to_string()))?;
-            }
-            Ok(out)
-        })
-    };
-    let judge = |reads: &[crate::agent::MetricsRead],
-                 cursors: &mut [MetricsCursor]|
-     -> Vec<(String, crate::store::RunMetrics)> {
-        reads
-            .iter()
-            .zip(cursors.iter_mut())
-            .enumerate()
-            .map(|(r, (read, cursor))| {
-                let records = if incremental {
-                    cursor.advance(read, METRICS_TAIL);
-                    cursor.records()
+                let Ok((r, read)) = joined else { continue };
+                let read = read.map_err(|e| BenchError::Metrics(e.to_string()))?;
+                let judged_at = Instant::now();
+                let (line, value) = if incremental {
+                    let cursor = &mut cursors[r];
+                    cursor.advance(&read, &rules, METRICS_TAIL);
+                    let watch = cursor.watch();
+                    std::hint::black_box(watch.evaluate(&rules));
+                    let last = watch.last();
+                    (
+                        last.map_or_else(String::new, |l| format!("{l:?}")),
+                        last.and_then(|l| l.get("val_acc").copied()),
+                    )
                 } else {
-                    Arc::new(stop::parse_metrics(&read.text))
+                    let records = stop::parse_metrics(&read.text);
+                    std::hint::black_box(stop::evaluate(&rules, &records));
+                    let last = records.last();
+                    (
+                        last.map_or_else(String::new, |l| format!("{l:?}")),
+                        last.and_then(|l| l.get("val_acc").copied()),
+                    )
                 };
-                let _ = stop::evaluate(&rules, &records);
-                let last = records.last();
-                (
+                out.judged += judged_at.elapsed();
+                out.empty |= read.text.is_empty();
+                if r == 0 {
+                    out.first_bytes = read.text.len() as u64;
+                    out.first_lines = read.text.lines().count();
+                }
+                out.changed.push((
                     format!("run-{r:05}"),
                     crate::store::RunMetrics {
                         attempt: 1,
-                        line: last.map_or_else(String::new, |l| format!("{l:?}")),
+                        line,
                         metric: Some("val_acc".into()),
-                        value: last.and_then(|l| l.get("val_acc").copied()),
+                        value,
                         at: now(),
                     },
-                )
-            })
-            .collect()
+                ));
+            }
+            Ok(out)
+        })
     };
     let (mut walls, mut parses, mut records) = (Vec::new(), Vec::new(), Vec::new());
     let (mut cpu_self, mut cpu_children) = (Vec::new(), Vec::new());
@@ -1158,12 +1194,14 @@ fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, Ben
             )
             .map_err(local)?;
         }
-        let at: Vec<(u64, Option<u64>)> = cursors.iter().map(|c| (c.offset(), c.file())).collect();
         let started = Instant::now();
-        let tails = read_all(&roots, at)?;
-        let parsed_at = Instant::now();
-        let mut changed = judge(&tails, &mut cursors);
-        let judged = parsed_at.elapsed();
+        let PassRead {
+            mut changed,
+            judged,
+            empty,
+            first_bytes,
+            first_lines,
+        } = pass_once(&mut cursors)?;
         // Every run's line changed, as when each job wrote a line since the last pass.
         for (_, m) in &mut changed {
             m.line.push_str(&format!(" pass={pass}"));
@@ -1177,11 +1215,11 @@ fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, Ben
             })?;
         let written = write_at.elapsed();
         let wall = started.elapsed();
-        if tails.iter().any(|t| t.text.is_empty()) {
+        if empty {
             return Err(BenchError::Metrics("a metrics read came back empty".into()));
         }
-        tail_bytes = tails.first().map_or(0, |t| t.text.len() as u64);
-        tail_lines = tails.first().map_or(0, |t| t.text.lines().count());
+        tail_bytes = first_bytes;
+        tail_lines = first_lines;
         if pass == 0 {
             continue;
         }
@@ -1191,6 +1229,7 @@ fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, Ben
         cpu_self.push(cpu_time(libc::RUSAGE_SELF).saturating_sub(self_before));
         cpu_children.push(cpu_time(libc::RUSAGE_CHILDREN).saturating_sub(children_before));
     }
+    let status = self_status()?;
     let median = |mut v: Vec<Duration>| {
         v.sort();
         v.get(v.len() / 2).copied().unwrap_or_default()
@@ -1208,7 +1247,24 @@ fn metrics_figures(runs: usize, incremental: bool) -> Result<MetricsFigures, Ben
         cpu_children: median(cpu_children),
         parse: spread(&parses)?,
         record: spread(&records)?,
+        rss_before_kib,
+        rss_after_kib: status.rss_kib,
+        peak_kib: status.peak_kib,
+        peak_reset,
     })
+}
+
+/// What one pass of metrics reads gave.
+#[derive(Default)]
+struct PassRead {
+    changed: Vec<(String, crate::store::RunMetrics)>,
+    /// Time spent on what was read: parse, rules, the latest line.
+    judged: Duration,
+    /// A read came back empty.
+    empty: bool,
+    /// The first run's read.
+    first_bytes: u64,
+    first_lines: usize,
 }
 
 #[cfg(test)]

@@ -540,11 +540,11 @@ impl Controller {
         let now = self.now();
         let hosts = self.hosts(&manifests.fleets, now);
         let mut history = self.history(&desired, now)?;
-        let stop_when: BTreeSet<String> = desired
+        let stop_when: BTreeMap<String, Vec<crate::manifest::StopRule>> = desired
             .jobs()
             .iter()
             .filter(|j| !j.spec.stop_when.is_empty())
-            .map(|j| j.name.clone())
+            .map(|j| (j.name.clone(), j.spec.stop_when.clone()))
             .collect();
         let (agents, metrics) = self.observe(&listed, &history, due, &stop_when).await;
         self.record_progress(&agents, &mut history);
@@ -661,7 +661,7 @@ impl Controller {
     fn record_metrics(
         &self,
         desired: &Desired,
-        metrics: &BTreeMap<String, Arc<Vec<super::stop::Record>>>,
+        metrics: &BTreeMap<String, Arc<super::stop::Watch>>,
         now: Timestamp,
     ) {
         let mut written = self
@@ -669,8 +669,8 @@ impl Controller {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let mut changed = Vec::new();
-        for (tag, records) in metrics {
-            let (Some(tag), Some(last)) = (OwnerTag::parse(tag), records.last()) else {
+        for (tag, watch) in metrics {
+            let (Some(tag), Some(last)) = (OwnerTag::parse(tag), watch.last()) else {
                 continue;
             };
             let line = render_metrics(last);
@@ -822,11 +822,12 @@ impl Controller {
         listed: &BTreeMap<ProviderKind, ListResult>,
         history: &History,
         due: &Due,
-        // Jobs with `stop_when` rules: their metrics are read with the status.
-        stop_when: &BTreeSet<String>,
+        // Jobs with `stop_when` rules, and their rules: their metrics are read with the
+        // status.
+        stop_when: &BTreeMap<String, Vec<crate::manifest::StopRule>>,
     ) -> (
         BTreeMap<String, AgentObservation>,
-        BTreeMap<String, Arc<Vec<super::stop::Record>>>,
+        BTreeMap<String, Arc<super::stop::Watch>>,
     ) {
         let live: BTreeMap<String, &RunName> = history
             .attempts
@@ -841,15 +842,12 @@ impl Controller {
             })
             .map(|(run, a)| (a.tag.clone(), run))
             .collect();
-        let with_metrics: BTreeSet<String> = live
+        let with_metrics: BTreeMap<String, &[crate::manifest::StopRule]> = live
             .iter()
-            .filter(|(_, run)| {
-                history
-                    .runs
-                    .get(**run)
-                    .is_some_and(|r| stop_when.contains(&r.job))
+            .filter_map(|(tag, run)| {
+                let rules = stop_when.get(&history.runs.get(*run)?.job)?;
+                Some((tag.clone(), rules.as_slice()))
             })
-            .map(|(tag, _)| tag.clone())
             .collect();
         let targets: Vec<&Instance> = listed
             .values()
@@ -862,7 +860,7 @@ impl Controller {
             .filter(|i| i.state == InstanceState::Running && live.contains_key(&i.tag.render()))
             .collect();
         // Cursors of attempts no longer open go; the rest say where to read from.
-        let cursors: BTreeMap<String, (u64, Option<u64>)> = {
+        let cursors: BTreeMap<String, super::metrics::Position> = {
             let open: BTreeSet<String> = history
                 .attempts
                 .values()
@@ -877,7 +875,10 @@ impl Controller {
             cursors.retain(|tag, _| open.contains(tag));
             cursors
                 .iter()
-                .map(|(tag, c)| (tag.clone(), (c.offset(), c.file())))
+                .filter_map(|(tag, c)| {
+                    let rules = with_metrics.get(tag)?;
+                    Some((tag.clone(), c.position(rules, METRICS_TAIL)))
+                })
                 .collect()
         };
         let limit = Arc::new(Semaphore::new(self.concurrency));
@@ -890,7 +891,7 @@ impl Controller {
             // the largest part of a pass's peak at 10,000 jobs.
             while set.len() >= self.concurrency {
                 match set.join_next().await {
-                    Some(joined) => self.observed(joined, &mut out, &mut metrics),
+                    Some(joined) => self.observed(joined, &with_metrics, &mut out, &mut metrics),
                     None => break,
                 }
             }
@@ -899,11 +900,8 @@ impl Controller {
                 continue;
             };
             let limit = Arc::clone(&limit);
-            let read_metrics = with_metrics.contains(&inst.tag.render());
-            let (offset, file) = cursors
-                .get(&inst.tag.render())
-                .copied()
-                .unwrap_or((0, None));
+            let read_metrics = with_metrics.contains_key(&inst.tag.render());
+            let at = cursors.get(&inst.tag.render()).copied().unwrap_or_default();
             let executor = Arc::clone(&self.executor);
             set.spawn(async move {
                 let _permit = limit.acquire_owned().await;
@@ -921,11 +919,12 @@ impl Controller {
                             if read_metrics {
                                 // Only what the job wrote since the last pass; the
                                 // tail again when the file is not the one read then.
-                                let mut read = m.metrics_since(offset, file, METRICS_TAIL).await;
-                                if offset > 0
+                                let mut read =
+                                    m.metrics_since(at.offset, at.file, METRICS_TAIL).await;
+                                if at.offset > 0
                                     && read
                                         .as_ref()
-                                        .is_ok_and(|r| !super::metrics::resumes(file, offset, r))
+                                        .is_ok_and(|r| !super::metrics::resumes(&at, r))
                                 {
                                     read = m.metrics_since(0, None, METRICS_TAIL).await;
                                 }
@@ -947,7 +946,7 @@ impl Controller {
             });
         }
         while let Some(joined) = set.join_next().await {
-            self.observed(joined, &mut out, &mut metrics);
+            self.observed(joined, &with_metrics, &mut out, &mut metrics);
         }
         (out, metrics)
     }
@@ -959,18 +958,19 @@ impl Controller {
             (String, AgentObservation, Option<crate::agent::MetricsRead>),
             tokio::task::JoinError,
         >,
+        with_metrics: &BTreeMap<String, &[crate::manifest::StopRule]>,
         out: &mut BTreeMap<String, AgentObservation>,
-        metrics: &mut BTreeMap<String, Arc<Vec<super::stop::Record>>>,
+        metrics: &mut BTreeMap<String, Arc<super::stop::Watch>>,
     ) {
         if let Ok((tag, obs, m)) = joined {
-            if let Some(read) = m {
+            if let (Some(read), Some(rules)) = (m, with_metrics.get(&tag)) {
                 let mut cursors = self
                     .metrics_cursors
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
                 let cursor = cursors.entry(tag.clone()).or_default();
-                cursor.advance(&read, METRICS_TAIL);
-                metrics.insert(tag.clone(), cursor.records());
+                cursor.advance(&read, rules, METRICS_TAIL);
+                metrics.insert(tag.clone(), cursor.watch());
             }
             out.insert(tag, obs);
         }

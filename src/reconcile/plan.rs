@@ -171,9 +171,9 @@ pub struct Observed {
     /// Agent observations keyed by the instance's rendered ownership tag. An instance
     /// without an entry was not observed this pass: the planner waits, it never guesses.
     pub agents: BTreeMap<String, AgentObservation>,
-    /// The latest metrics of running jobs with `stop_when` rules, by rendered tag, in
-    /// the order the job wrote them (see `reconcile::stop`).
-    pub metrics: BTreeMap<String, std::sync::Arc<Vec<super::stop::Record>>>,
+    /// What the `stop_when` rules need of the latest metrics of running jobs that have
+    /// them, by rendered tag (see `reconcile::stop::Watch`).
+    pub metrics: BTreeMap<String, std::sync::Arc<super::stop::Watch>>,
 }
 
 /// What the store remembers.
@@ -2019,8 +2019,10 @@ impl<'a> Planner<'a> {
         if job.spec.stop_when.is_empty() {
             return None;
         }
-        let records = self.observed.metrics.get(&a.tag)?;
-        super::stop::evaluate(&job.spec.stop_when, records)
+        self.observed
+            .metrics
+            .get(&a.tag)?
+            .evaluate(&job.spec.stop_when)
     }
 
     /// Syncs the running attempt's checkpoint folder every `checkpoint.every` (counted
