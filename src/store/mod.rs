@@ -22,6 +22,8 @@ mod hosts;
 mod lifecycle;
 mod migrations;
 mod runs;
+pub mod view;
+mod listing;
 
 pub use checkpoints::CheckpointSync;
 pub use desired::{
@@ -30,6 +32,7 @@ pub use desired::{
 pub use disks::KeptDisk;
 pub use lifecycle::{Pause, RunMetrics};
 pub use migrations::SCHEMA_VERSION;
+pub use listing::{ITEM_INDENT, RunJson};
 pub use runs::{Fields, ListError, ListedRun, Listing};
 
 /// A run as the store remembers it. `get runs -o json` is rendered from this.
