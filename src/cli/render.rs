@@ -64,7 +64,8 @@ struct ProgressCell(Option<u64>, Option<u64>);
 impl fmt::Display for ProgressCell {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.0, self.1) {
-            (Some(d), Some(t)) if t > 0 => write!(f, "{}%", (d * 100 / t).min(100)),
+            // Wrapping, as release builds always did (past 1.8e17 steps), not a panic.
+            (Some(d), Some(t)) if t > 0 => write!(f, "{}%", (d.wrapping_mul(100) / t).min(100)),
             (Some(d), _) => write!(f, "{d}"),
             _ => f.write_str("-"),
         }
@@ -89,6 +90,85 @@ impl fmt::Display for CommitCell<'_> {
     }
 }
 
+/// Appends `n` in decimal.
+fn push_int(text: &mut String, n: impl itoa::Integer) {
+    text.push_str(itoa::Buffer::new().format(n));
+}
+
+/// What `ProgressCell` writes, appended to `text`.
+fn push_progress(text: &mut String, done: Option<u64>, total: Option<u64>) {
+    match (done, total) {
+        (Some(d), Some(t)) if t > 0 => {
+            // As `ProgressCell`: wrapping past 1.8e17 steps, capped at 100.
+            push_int(text, (d.wrapping_mul(100) / t).min(100));
+            text.push('%');
+        }
+        (Some(d), _) => push_int(text, d),
+        _ => text.push('-'),
+    }
+}
+
+/// What `Usd`'s `Display` writes (`$12.34`), appended to `text`.
+fn push_usd(text: &mut String, usd: crate::model::Usd) {
+    let micros = i128::from(usd.micros());
+    let cents = (micros + if micros < 0 { -5_000 } else { 5_000 }) / 10_000;
+    if cents < 0 {
+        text.push('-');
+    }
+    text.push('$');
+    let cents = cents.unsigned_abs();
+    push_int(text, cents / 100);
+    text.push('.');
+    let rest = (cents % 100) as u8;
+    text.push(char::from(b'0' + rest / 10));
+    text.push(char::from(b'0' + rest % 10));
+}
+
+/// What `Age` writes, appended to `text`.
+fn push_age(text: &mut String, seconds: i64) {
+    let s = seconds.max(0);
+    match s {
+        0..60 => {
+            push_int(text, s);
+            text.push('s');
+        }
+        60..3600 => {
+            push_int(text, s / 60);
+            text.push('m');
+        }
+        3600..86_400 => {
+            push_int(text, s / 3600);
+            text.push('h');
+            push_int(text, (s % 3600) / 60);
+            text.push('m');
+        }
+        _ => {
+            push_int(text, s / 86_400);
+            text.push('d');
+            push_int(text, (s % 86_400) / 3600);
+            text.push('h');
+        }
+    }
+}
+
+/// What `CommitCell` writes, appended to `text`.
+fn push_commit(text: &mut String, commit: Option<&str>, dirty: bool) {
+    match commit {
+        Some(c) => {
+            let short = if c.is_ascii() {
+                &c[..c.len().min(8)]
+            } else {
+                c.char_indices().nth(8).map_or(c, |(end, _)| &c[..end])
+            };
+            text.push_str(short);
+            if dirty {
+                text.push_str("+dirty");
+            }
+        }
+        None => text.push('-'),
+    }
+}
+
 fn dash(v: Option<&str>) -> &str {
     v.unwrap_or("-")
 }
@@ -105,6 +185,8 @@ pub struct Columns {
     /// Where each cell ends in `text` and how many characters it has, row after row;
     /// a cell starts where the one before it ends.
     ends: Vec<(usize, usize)>,
+    /// The column of the next cell (kept, not derived from `ends` by a division).
+    column: usize,
 }
 
 impl Columns {
@@ -114,6 +196,7 @@ impl Columns {
             widths: header.iter().map(|h| h.chars().count()).collect(),
             text: String::new(),
             ends: Vec::new(),
+            column: 0,
         }
     }
 
@@ -139,6 +222,14 @@ impl Columns {
         self.ended(start);
     }
 
+    /// A cell `write` appends to the text directly (the table's numbers, without the
+    /// formatting machinery).
+    fn cell_with(&mut self, write: impl FnOnce(&mut String)) {
+        let start = self.text.len();
+        write(&mut self.text);
+        self.ended(start);
+    }
+
     /// Records the width of the cell written from `start` on.
     fn ended(&mut self, start: usize) {
         let cell = &self.text[start..];
@@ -147,18 +238,20 @@ impl Columns {
         } else {
             cell.chars().count()
         };
-        let column = self.ends.len() % self.widths.len().max(1);
-        if let Some(w) = self.widths.get_mut(column) {
+        if let Some(w) = self.widths.get_mut(self.column) {
             *w = (*w).max(width);
         }
         self.ends.push((self.text.len(), width));
+        self.column += 1;
+        if self.column >= self.widths.len() {
+            self.column = 0;
+        }
     }
 
     /// Ends the current row; missing cells are empty.
     pub fn end_row(&mut self) {
-        let columns = self.widths.len().max(1);
-        while !self.ends.len().is_multiple_of(columns) {
-            self.ends.push((self.text.len(), 0));
+        while self.column != 0 {
+            self.ended(self.text.len());
         }
     }
 
@@ -241,13 +334,14 @@ impl RunsTable {
     pub fn push(&mut self, run: &ListedRun<'_>, error: Option<&RunError>) {
         let t = &mut self.columns;
         let provider = run.provider.map(|p| p.as_str()).unwrap_or("-");
-        let progress = ProgressCell(run.progress_done, run.progress_total);
-        let commit = CommitCell(run.commit, run.dirty);
+        let progress = |text: &mut String| push_progress(text, run.progress_done, run.progress_total);
+        let commit = |text: &mut String| push_commit(text, run.commit, run.dirty);
+        let cost = run.cost_at(self.now);
         t.text_cell(run.name);
         if self.wide {
             t.text_cell(run.job);
             t.text_cell(run.phase.as_str());
-            t.cell(progress);
+            t.cell_with(progress);
             t.cell(run.attempt);
             t.text_cell(provider);
             t.text_cell(dash(run.instance_id));
@@ -257,8 +351,8 @@ impl RunsTable {
                 Some(p) => t.cell(format_args!("{:.3}", p.dollars())),
                 None => t.cell("-"),
             }
-            t.cell(run.cost_at(self.now));
-            t.cell(commit);
+            t.cell_with(|text| push_usd(text, cost));
+            t.cell_with(commit);
             t.cell(dash(run.commit_message));
             match run.exit_code {
                 Some(c) => t.cell(c),
@@ -270,12 +364,13 @@ impl RunsTable {
             }
         } else {
             t.text_cell(run.phase.as_str());
-            t.cell(progress);
+            t.cell_with(progress);
             t.text_cell(provider);
-            t.cell(run.cost_at(self.now));
-            t.cell(commit);
+            t.cell_with(|text| push_usd(text, cost));
+            t.cell_with(commit);
         }
-        t.cell(Age(self.now - run.created_at));
+        let age = self.now - run.created_at;
+        t.cell_with(|text| push_age(text, age));
         match error {
             None => t.text_cell(run.reason),
             Some(_) => t.cell(ReasonCell(run, error)),
@@ -321,6 +416,46 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "NAME         PHASE\na-long-name  Running\nb            -\n"
         );
+    }
+
+    #[test]
+    fn table_numbers_appended_are_what_their_display_writes() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut ints: Vec<i64> = vec![0, 1, -1, 59, 60, 3599, 3600, 86_399, 86_400, i64::MAX, i64::MIN];
+        for _ in 0..20_000 {
+            let v = next();
+            ints.push(v as i64 >> (v % 60));
+        }
+        for &n in &ints {
+            let mut text = String::new();
+            push_age(&mut text, n);
+            assert_eq!(text, Age(n).to_string(), "age {n}");
+            let usd = crate::model::Usd::from_micros(n);
+            text.clear();
+            push_usd(&mut text, usd);
+            assert_eq!(text, usd.to_string(), "usd {n}");
+            let done = n.unsigned_abs() >> 8;
+            for total in [None, Some(0), Some(1), Some(done / 3 + 1), Some(n.unsigned_abs())] {
+                for done in [None, Some(done)] {
+                    text.clear();
+                    push_progress(&mut text, done, total);
+                    assert_eq!(text, ProgressCell(done, total).to_string(), "{done:?}/{total:?}");
+                }
+            }
+        }
+        for commit in [None, Some(""), Some("abc"), Some("0123456789"), Some("ünïcödé-ünï")] {
+            for dirty in [false, true] {
+                let mut text = String::new();
+                push_commit(&mut text, commit, dirty);
+                assert_eq!(text, CommitCell(commit, dirty).to_string());
+            }
+        }
     }
 
     #[test]
