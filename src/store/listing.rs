@@ -336,3 +336,256 @@ impl RunJson<'_> {
         write_last_error(out, ITEM_INDENT, error.as_ref())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Fields, ListError, Listing, RunRecord, Store};
+    use super::*;
+    use crate::model::Progress;
+    use std::collections::BTreeMap;
+    use std::convert::Infallible;
+
+    /// xorshift64: deterministic, so a failure replays from its seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn chance(&mut self, percent: u64) -> bool {
+            self.below(100) < percent
+        }
+        fn text(&mut self) -> String {
+            const PIECES: [&str; 8] = ["a", "training", " ", "\"q\"", "\\", "\n\t", "ünï", "\u{1}"];
+            (0..self.below(5))
+                .map(|_| PIECES[self.below(PIECES.len() as u64) as usize])
+                .collect()
+        }
+        fn maybe_text(&mut self) -> Option<String> {
+            self.chance(70).then(|| self.text())
+        }
+    }
+
+    const PHASES: [Phase; 9] = [
+        Phase::Pending,
+        Phase::Provisioning,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Deleting,
+        Phase::Stopped,
+        Phase::Paused,
+    ];
+
+    fn random_run(rng: &mut Rng, names: &[String]) -> RunRecord {
+        let name = names[rng.below(names.len() as u64) as usize].clone();
+        let job = name.split('-').next().unwrap_or("j").to_string();
+        let mut run = RunRecord::new_pending(&name, &job, 0, "h", &BTreeMap::new(), "", 0);
+        // Mostly 0 (keep the seq it has); sometimes an explicit one, which moves the run
+        // in the listing, or ties it with another run.
+        run.seq = if rng.chance(70) { 0 } else { rng.below(8) as i64 + 1 };
+        run.phase = PHASES[rng.below(PHASES.len() as u64) as usize];
+        run.reason = rng.text();
+        for _ in 0..rng.below(3) {
+            run.matrix.insert(rng.text(), rng.text());
+        }
+        run.attempt = rng.below(4) as u32;
+        run.provider = rng
+            .chance(70)
+            .then(|| [ProviderKind::Vast, ProviderKind::Lambda, ProviderKind::Fake][rng.below(3) as usize]);
+        run.instance_id = rng.maybe_text();
+        run.host = rng.maybe_text();
+        run.gpu = rng.maybe_text();
+        run.price_per_hour = rng.chance(60).then(|| Usd::from_micros(rng.below(5_000_000) as i64));
+        run.cost_usd = Usd::from_micros(rng.below(100_000_000) as i64);
+        run.billing_since = rng.chance(40).then(|| 1_700_000_000 + rng.below(10_000) as i64);
+        run.progress_done = rng.chance(60).then(|| rng.below(1000));
+        run.progress_total = rng.chance(60).then(|| rng.below(1000));
+        run.exit_code = rng.chance(40).then(|| rng.below(256) as i32 - 128);
+        run.repository = rng.maybe_text();
+        run.commit = rng.chance(70).then(|| format!("{:016x}{}", rng.next(), rng.text()));
+        run.commit_message = rng.maybe_text();
+        run.author = rng.maybe_text();
+        run.dirty = rng.chance(30);
+        run.created_at = 1_699_000_000 + rng.below(1_000_000) as i64;
+        run.updated_at = run.created_at + 5;
+        run.started_at = rng.chance(60).then(|| run.created_at + 10);
+        run.finished_at = rng.chance(40).then(|| run.created_at + 99);
+        run
+    }
+
+    /// The JSON objects and table rows of `which`: as the listing rows give them, and as
+    /// rendered afresh from the full rows by the code that rendered them before there
+    /// were listing rows.
+    fn both(store: &Store, which: Listing<'_>, now: i64) -> [(Vec<String>, Vec<String>); 2] {
+        let errors = store.run_errors().unwrap();
+        let mut kept = (Vec::new(), Vec::new());
+        store
+            .list_runs_json(which, |run| {
+                let mut out = Vec::new();
+                run.write_into(&mut out, errors.get(run.name), now).unwrap();
+                kept.0.push(String::from_utf8(out).unwrap());
+                Ok::<_, Infallible>(())
+            })
+            .unwrap();
+        store
+            .list_runs(which, Fields::Table, |run| {
+                kept.1.push(format!("{run:?}"));
+                Ok::<_, Infallible>(())
+            })
+            .unwrap();
+        let mut fresh = (Vec::new(), Vec::new());
+        store
+            .each_full_row(which, Fields::All, &mut |run| {
+                let mut out = Vec::new();
+                RunView::listed(&run, errors.get(run.name), now)
+                    .write_json_into(&mut out, ITEM_INDENT)
+                    .unwrap();
+                fresh.0.push(String::from_utf8(out).unwrap());
+                Ok::<_, Infallible>(())
+            })
+            .map_err(|e| match e {
+                ListError::Store(e) => panic!("{e}"),
+                ListError::Callback(never) => match never {},
+            })
+            .unwrap();
+        store
+            .each_full_row(which, Fields::Table, &mut |run| {
+                fresh.1.push(format!("{run:?}"));
+                Ok::<_, Infallible>(())
+            })
+            .map_err(|_| ())
+            .unwrap();
+        [kept, fresh]
+    }
+
+    /// The keys of the listing tables are exactly those of the runs: the listings above
+    /// came from them, not from the fallback.
+    fn keys_match(store: &Store) {
+        let keys = |sql: &str| -> Vec<(i64, String)> {
+            let mut stmt = store.conn.prepare(sql).unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let runs = keys("SELECT seq, name FROM runs ORDER BY seq, name");
+        assert_eq!(keys("SELECT seq, run FROM run_cells ORDER BY seq, run"), runs);
+        assert_eq!(keys("SELECT seq, run FROM run_json ORDER BY seq, run"), runs);
+    }
+
+    fn check(store: &Store, rng: &mut Rng, names: &[String], context: &str) {
+        keys_match(store);
+        let now = 1_700_005_000 + rng.below(100_000) as i64;
+        let name = &names[rng.below(names.len() as u64) as usize];
+        let job = name.split('-').next().unwrap_or("j");
+        for which in [Listing::All, Listing::Job(job), Listing::Run(name)] {
+            let [kept, fresh] = both(store, which, now);
+            assert_eq!(kept.0, fresh.0, "JSON of {which:?} after {context}");
+            assert_eq!(kept.1, fresh.1, "table of {which:?} after {context}");
+        }
+    }
+
+    #[test]
+    fn listing_rows_are_what_the_full_rows_render_after_any_writes() {
+        for seed in 1..=12u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("state.db")).unwrap();
+            let names: Vec<String> = (0..10).map(|i| format!("j{}-{i}", i % 3)).collect();
+            for step in 0..60 {
+                let context = match rng.below(8) {
+                    0 | 1 => {
+                        store.put_run(&random_run(&mut rng, &names)).unwrap();
+                        "put_run"
+                    }
+                    2 => {
+                        let runs: Vec<RunRecord> =
+                            (0..rng.below(4)).map(|_| random_run(&mut rng, &names)).collect();
+                        store.put_runs(&runs).unwrap();
+                        "put_runs"
+                    }
+                    3 => {
+                        let run = random_run(&mut rng, &names);
+                        let diff = rng.maybe_text();
+                        store.put_run_with_diff(&run, diff.as_deref()).unwrap();
+                        "put_run_with_diff"
+                    }
+                    4 => {
+                        let progress: Vec<(String, Progress)> = (0..rng.below(4))
+                            .map(|_| {
+                                let name = names[rng.below(names.len() as u64) as usize].clone();
+                                let total = rng.chance(50).then(|| rng.below(500));
+                                (name, Progress { done: rng.below(500), total })
+                            })
+                            .collect();
+                        store.put_progress(&progress).unwrap();
+                        "put_progress"
+                    }
+                    5 => {
+                        let name = &names[rng.below(names.len() as u64) as usize];
+                        store.forget_run(name).unwrap();
+                        "forget_run"
+                    }
+                    6 => {
+                        let name = &names[rng.below(names.len() as u64) as usize];
+                        let error = crate::store::RunError {
+                            step: rng.text(),
+                            message: rng.text(),
+                            detail: String::new(),
+                            at: 1_700_000_000,
+                        };
+                        store.set_run_error(name, &error).unwrap();
+                        "set_run_error"
+                    }
+                    _ => {
+                        let name = &names[rng.below(names.len() as u64) as usize];
+                        store.clear_run_error(name).unwrap();
+                        "clear_run_error"
+                    }
+                };
+                check(&store, &mut rng, &names, &format!("{context} (seed {seed}, step {step})"));
+            }
+        }
+    }
+
+    #[test]
+    fn missing_listing_rows_are_rendered_from_the_full_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.db")).unwrap();
+        store.seed_runs_for_benchmark(40, 1_700_000_000).unwrap();
+        let mut rng = Rng(7);
+        let names: Vec<String> = vec!["bench-00002-3".into()];
+        let [kept, fresh] = both(&store, Listing::All, 1_700_000_100);
+        assert_eq!(kept, fresh);
+        // A run written behind the store's back (no listing rows): still listed, as
+        // its full row renders.
+        store
+            .conn
+            .execute_batch(
+                "DELETE FROM run_json WHERE run = 'bench-00002-3';
+                 DELETE FROM run_cells WHERE run = 'bench-00002-3';",
+            )
+            .unwrap();
+        assert!(!store.listing_complete(Listing::All, "run_json").unwrap());
+        let [kept_after, fresh_after] = both(&store, Listing::All, 1_700_000_100);
+        assert_eq!(kept_after, fresh_after);
+        assert_eq!(kept_after, kept);
+        for which in [Listing::Job("bench-00002"), Listing::Run("bench-00002-3")] {
+            let [kept, fresh] = both(&store, which, 1_700_000_100);
+            assert_eq!(kept, fresh, "{which:?}");
+            assert!(!kept.0.is_empty());
+        }
+        // The next write of the run puts its rows back.
+        let run = store.run("bench-00002-3").unwrap().unwrap();
+        store.put_run(&run).unwrap();
+        check(&store, &mut rng, &names, "rewriting the run");
+    }
+}

@@ -582,7 +582,7 @@ impl Store {
     /// `run_cells`, `run_json`), as the writers keep it; should it not, a listing reads
     /// the full rows rather than leave a run out. Counts, not a join: for all runs,
     /// two index counts (about a millisecond at 100,000 runs).
-    fn listing_complete(&self, which: Listing<'_>, table: &str) -> rusqlite::Result<bool> {
+    pub(super) fn listing_complete(&self, which: Listing<'_>, table: &str) -> rusqlite::Result<bool> {
         let sql = match which {
             Listing::All => {
                 format!("SELECT (SELECT count(*) FROM runs) = (SELECT count(*) FROM {table})")
@@ -640,7 +640,7 @@ impl Store {
     }
 
     /// `list_runs` from the full `runs` rows.
-    fn each_full_row<E>(
+    pub(super) fn each_full_row<E>(
         &self,
         which: Listing<'_>,
         fields: Fields,
