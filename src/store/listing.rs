@@ -338,12 +338,80 @@ impl RunJson<'_> {
 }
 
 #[cfg(test)]
+mod tests_support {
+    use super::super::{Fields, ListError, Listing, Store};
+    use super::*;
+    use std::convert::Infallible;
+
+    /// The JSON objects and table rows of `which`: as the listing rows give them, and as
+    /// rendered afresh from the full rows by the code that rendered them before there
+    /// were listing rows.
+    pub fn both(store: &Store, which: Listing<'_>, now: i64) -> [(Vec<String>, Vec<String>); 2] {
+        let errors = store.run_errors().unwrap();
+        let mut kept = (Vec::new(), Vec::new());
+        store
+            .list_runs_json(which, |run| {
+                let mut out = Vec::new();
+                run.write_into(&mut out, errors.get(run.name), now).unwrap();
+                kept.0.push(String::from_utf8(out).unwrap());
+                Ok::<_, Infallible>(())
+            })
+            .unwrap();
+        store
+            .list_runs(which, Fields::Table, |run| {
+                kept.1.push(format!("{run:?}"));
+                Ok::<_, Infallible>(())
+            })
+            .unwrap();
+        let mut fresh = (Vec::new(), Vec::new());
+        store
+            .each_full_row(which, Fields::All, &mut |run| {
+                let mut out = Vec::new();
+                RunView::listed(&run, errors.get(run.name), now)
+                    .write_json_into(&mut out, ITEM_INDENT)
+                    .unwrap();
+                fresh.0.push(String::from_utf8(out).unwrap());
+                Ok::<_, Infallible>(())
+            })
+            .map_err(|e| match e {
+                ListError::Store(e) => panic!("{e}"),
+                ListError::Callback(never) => match never {},
+            })
+            .unwrap();
+        store
+            .each_full_row(which, Fields::Table, &mut |run| {
+                fresh.1.push(format!("{run:?}"));
+                Ok::<_, Infallible>(())
+            })
+            .map_err(|_| ())
+            .unwrap();
+        [kept, fresh]
+    }
+
+    /// The keys of the listing tables are exactly those of the runs: the listings above
+    /// came from them, not from the fallback.
+    pub fn keys_match(store: &Store) {
+        let keys = |sql: &str| -> Vec<(i64, String)> {
+            let mut stmt = store.conn.prepare(sql).unwrap();
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let runs = keys("SELECT seq, name FROM runs ORDER BY seq, name");
+        assert_eq!(keys("SELECT seq, run FROM run_cells ORDER BY seq, run"), runs);
+        assert_eq!(keys("SELECT seq, run FROM run_json ORDER BY seq, run"), runs);
+    }
+
+}
+
+#[cfg(test)]
 mod tests {
-    use super::super::{Fields, ListError, Listing, RunRecord, Store};
+    use super::super::{Listing, RunRecord, Store};
+    use super::tests_support::*;
     use super::*;
     use crate::model::Progress;
     use std::collections::BTreeMap;
-    use std::convert::Infallible;
 
     /// xorshift64: deterministic, so a failure replays from its seed.
     struct Rng(u64);
@@ -419,66 +487,6 @@ mod tests {
         run.started_at = rng.chance(60).then(|| run.created_at + 10);
         run.finished_at = rng.chance(40).then(|| run.created_at + 99);
         run
-    }
-
-    /// The JSON objects and table rows of `which`: as the listing rows give them, and as
-    /// rendered afresh from the full rows by the code that rendered them before there
-    /// were listing rows.
-    fn both(store: &Store, which: Listing<'_>, now: i64) -> [(Vec<String>, Vec<String>); 2] {
-        let errors = store.run_errors().unwrap();
-        let mut kept = (Vec::new(), Vec::new());
-        store
-            .list_runs_json(which, |run| {
-                let mut out = Vec::new();
-                run.write_into(&mut out, errors.get(run.name), now).unwrap();
-                kept.0.push(String::from_utf8(out).unwrap());
-                Ok::<_, Infallible>(())
-            })
-            .unwrap();
-        store
-            .list_runs(which, Fields::Table, |run| {
-                kept.1.push(format!("{run:?}"));
-                Ok::<_, Infallible>(())
-            })
-            .unwrap();
-        let mut fresh = (Vec::new(), Vec::new());
-        store
-            .each_full_row(which, Fields::All, &mut |run| {
-                let mut out = Vec::new();
-                RunView::listed(&run, errors.get(run.name), now)
-                    .write_json_into(&mut out, ITEM_INDENT)
-                    .unwrap();
-                fresh.0.push(String::from_utf8(out).unwrap());
-                Ok::<_, Infallible>(())
-            })
-            .map_err(|e| match e {
-                ListError::Store(e) => panic!("{e}"),
-                ListError::Callback(never) => match never {},
-            })
-            .unwrap();
-        store
-            .each_full_row(which, Fields::Table, &mut |run| {
-                fresh.1.push(format!("{run:?}"));
-                Ok::<_, Infallible>(())
-            })
-            .map_err(|_| ())
-            .unwrap();
-        [kept, fresh]
-    }
-
-    /// The keys of the listing tables are exactly those of the runs: the listings above
-    /// came from them, not from the fallback.
-    fn keys_match(store: &Store) {
-        let keys = |sql: &str| -> Vec<(i64, String)> {
-            let mut stmt = store.conn.prepare(sql).unwrap();
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap()
-        };
-        let runs = keys("SELECT seq, name FROM runs ORDER BY seq, name");
-        assert_eq!(keys("SELECT seq, run FROM run_cells ORDER BY seq, run"), runs);
-        assert_eq!(keys("SELECT seq, run FROM run_json ORDER BY seq, run"), runs);
     }
 
     fn check(store: &Store, rng: &mut Rng, names: &[String], context: &str) {
@@ -587,5 +595,57 @@ mod tests {
         let run = store.run("bench-00002-3").unwrap().unwrap();
         store.put_run(&run).unwrap();
         check(&store, &mut rng, &names, "rewriting the run");
+    }
+}
+
+#[cfg(test)]
+mod migration_tests {
+    use super::super::{Listing, Store, migrations};
+    use super::tests_support::*;
+
+    #[test]
+    fn a_store_from_before_the_listing_rows_lists_the_same_after_migrating() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        {
+            let mut conn = rusqlite::Connection::open(&path).unwrap();
+            migrations::migrate_to(&mut conn, &path, 9).unwrap();
+            // Rows as schema 9 wrote them: every field set, every optional one empty, a
+            // matrix with escapes, a seq out of write order and two runs sharing one.
+            conn.execute_batch(
+                r#"INSERT INTO runs VALUES ('a-0', 'a', 0, 5, 'Running', 'training', 'h',
+                   '{"lr":"3e-4","model":"llama \"7b\"\tü"}', 2, 1, 'lambda', 'i-1', 'gpu3',
+                   'H100', 2.49, 12.345678, 1234, 5000, -9, 'git@x:y.git', '0123456789abcdef',
+                   'tune, ünï', 'Ada <a@b>', 1, 'diff', 1700000000, 1700000100, 1700000050,
+                   NULL, 1700000060);
+                 INSERT INTO runs VALUES ('b-0', 'b', 0, 2, 'Pending', '', '', '{}', 0, 0,
+                   NULL, NULL, NULL, NULL, NULL, 0.0, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                   0, NULL, 1700000001, 1700000001, NULL, NULL, NULL);
+                 INSERT INTO runs VALUES ('c-0', 'b', 1, 2, 'Succeeded', 'run command exited 0',
+                   'h', '{"seed":"1"}', 1, 0, 'vast', NULL, NULL, 'A100', 1.5, 3.0, 10, 10, 0,
+                   NULL, 'abc', NULL, NULL, 0, NULL, 1700000002, 1700000003, 1700000004,
+                   1700000005, NULL);
+                 INSERT INTO run_errors VALUES ('b-0', 'create', 'no "capacity"', '', 1700000009);"#,
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(migrations::version(&store.conn).unwrap(), migrations::SCHEMA_VERSION);
+        keys_match(&store);
+        for which in [Listing::All, Listing::Job("b"), Listing::Run("a-0")] {
+            let [kept, fresh] = both(&store, which, 1_700_003_600);
+            assert_eq!(kept, fresh, "{which:?}");
+        }
+        let [kept, _] = both(&store, Listing::All, 1_700_003_600);
+        let names: Vec<&str> = kept
+            .0
+            .iter()
+            .map(|j| if j.contains("\"a-0\"") { "a-0" } else if j.contains("\"b-0\"") { "b-0" } else { "c-0" })
+            .collect();
+        assert_eq!(names, ["b-0", "c-0", "a-0"], "seq order, then name");
+        // A read-only reader (what `get runs` opens) reads the same rows.
+        drop(store);
+        let reader = Store::open_read_only(&path).unwrap();
+        assert_eq!(both(&reader, Listing::All, 1_700_003_600)[0], kept);
     }
 }

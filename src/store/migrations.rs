@@ -272,7 +272,7 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> StoreResult<()> {
     migrate_to(conn, path, SCHEMA_VERSION)
 }
 
-fn migrate_to(conn: &mut Connection, path: &Path, target: u32) -> StoreResult<()> {
+pub(super) fn migrate_to(conn: &mut Connection, path: &Path, target: u32) -> StoreResult<()> {
     loop {
         // IMMEDIATE, and the version read inside it: two processes opening a new file at
         // once must not both apply the same step.
