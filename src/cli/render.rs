@@ -32,7 +32,6 @@ impl fmt::Display for ReasonCell<'_> {
     }
 }
 
-
 /// "3m", "2h5m", "4d1h": how long ago or how long, for tables.
 pub fn age(seconds: i64) -> String {
     Age(seconds).to_string()
@@ -59,8 +58,12 @@ pub fn new_table(header: &[&str]) -> Table {
     table
 }
 
+/// The progress cell by the formatting machinery: what `push_progress` is tested
+/// against.
+#[cfg(test)]
 struct ProgressCell(Option<u64>, Option<u64>);
 
+#[cfg(test)]
 impl fmt::Display for ProgressCell {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.0, self.1) {
@@ -72,8 +75,11 @@ impl fmt::Display for ProgressCell {
     }
 }
 
+/// The commit cell by the formatting machinery: what `push_commit` is tested against.
+#[cfg(test)]
 struct CommitCell<'a>(Option<&'a str>, bool);
 
+#[cfg(test)]
 impl fmt::Display for CommitCell<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
@@ -334,7 +340,8 @@ impl RunsTable {
     pub fn push(&mut self, run: &ListedRun<'_>, error: Option<&RunError>) {
         let t = &mut self.columns;
         let provider = run.provider.map(|p| p.as_str()).unwrap_or("-");
-        let progress = |text: &mut String| push_progress(text, run.progress_done, run.progress_total);
+        let progress =
+            |text: &mut String| push_progress(text, run.progress_done, run.progress_total);
         let commit = |text: &mut String| push_commit(text, run.commit, run.dirty);
         let cost = run.cost_at(self.now);
         t.text_cell(run.name);
@@ -427,7 +434,19 @@ mod tests {
             x ^= x << 17;
             x
         };
-        let mut ints: Vec<i64> = vec![0, 1, -1, 59, 60, 3599, 3600, 86_399, 86_400, i64::MAX, i64::MIN];
+        let mut ints: Vec<i64> = vec![
+            0,
+            1,
+            -1,
+            59,
+            60,
+            3599,
+            3600,
+            86_399,
+            86_400,
+            i64::MAX,
+            i64::MIN,
+        ];
         for _ in 0..20_000 {
             let v = next();
             ints.push(v as i64 >> (v % 60));
@@ -441,15 +460,31 @@ mod tests {
             push_usd(&mut text, usd);
             assert_eq!(text, usd.to_string(), "usd {n}");
             let done = n.unsigned_abs() >> 8;
-            for total in [None, Some(0), Some(1), Some(done / 3 + 1), Some(n.unsigned_abs())] {
+            for total in [
+                None,
+                Some(0),
+                Some(1),
+                Some(done / 3 + 1),
+                Some(n.unsigned_abs()),
+            ] {
                 for done in [None, Some(done)] {
                     text.clear();
                     push_progress(&mut text, done, total);
-                    assert_eq!(text, ProgressCell(done, total).to_string(), "{done:?}/{total:?}");
+                    assert_eq!(
+                        text,
+                        ProgressCell(done, total).to_string(),
+                        "{done:?}/{total:?}"
+                    );
                 }
             }
         }
-        for commit in [None, Some(""), Some("abc"), Some("0123456789"), Some("ünïcödé-ünï")] {
+        for commit in [
+            None,
+            Some(""),
+            Some("abc"),
+            Some("0123456789"),
+            Some("ünïcödé-ünï"),
+        ] {
             for dirty in [false, true] {
                 let mut text = String::new();
                 push_commit(&mut text, commit, dirty);

@@ -18,9 +18,9 @@
 //! A reader that finds the counts of the three tables apart reads the full rows instead
 //! (`Store::listing_complete`).
 
-use super::{ListedRun, RunError};
 use super::view::{ErrorView, Rfc3339, RunView, cost_view, progress_view, scalar};
 use super::view::{write_last_error, write_progress};
+use super::{ListedRun, RunError};
 use crate::model::{Phase, ProviderKind, Timestamp, Usd};
 use rusqlite::Connection;
 
@@ -399,10 +399,15 @@ mod tests_support {
                 .unwrap()
         };
         let runs = keys("SELECT seq, name FROM runs ORDER BY seq, name");
-        assert_eq!(keys("SELECT seq, run FROM run_cells ORDER BY seq, run"), runs);
-        assert_eq!(keys("SELECT seq, run FROM run_json ORDER BY seq, run"), runs);
+        assert_eq!(
+            keys("SELECT seq, run FROM run_cells ORDER BY seq, run"),
+            runs
+        );
+        assert_eq!(
+            keys("SELECT seq, run FROM run_json ORDER BY seq, run"),
+            runs
+        );
     }
-
 }
 
 #[cfg(test)]
@@ -458,27 +463,37 @@ mod tests {
         let mut run = RunRecord::new_pending(&name, &job, 0, "h", &BTreeMap::new(), "", 0);
         // Mostly 0 (keep the seq it has); sometimes an explicit one, which moves the run
         // in the listing, or ties it with another run.
-        run.seq = if rng.chance(70) { 0 } else { rng.below(8) as i64 + 1 };
+        run.seq = if rng.chance(70) {
+            0
+        } else {
+            rng.below(8) as i64 + 1
+        };
         run.phase = PHASES[rng.below(PHASES.len() as u64) as usize];
         run.reason = rng.text();
         for _ in 0..rng.below(3) {
             run.matrix.insert(rng.text(), rng.text());
         }
         run.attempt = rng.below(4) as u32;
-        run.provider = rng
-            .chance(70)
-            .then(|| [ProviderKind::Vast, ProviderKind::Lambda, ProviderKind::Fake][rng.below(3) as usize]);
+        run.provider = rng.chance(70).then(|| {
+            [ProviderKind::Vast, ProviderKind::Lambda, ProviderKind::Fake][rng.below(3) as usize]
+        });
         run.instance_id = rng.maybe_text();
         run.host = rng.maybe_text();
         run.gpu = rng.maybe_text();
-        run.price_per_hour = rng.chance(60).then(|| Usd::from_micros(rng.below(5_000_000) as i64));
+        run.price_per_hour = rng
+            .chance(60)
+            .then(|| Usd::from_micros(rng.below(5_000_000) as i64));
         run.cost_usd = Usd::from_micros(rng.below(100_000_000) as i64);
-        run.billing_since = rng.chance(40).then(|| 1_700_000_000 + rng.below(10_000) as i64);
+        run.billing_since = rng
+            .chance(40)
+            .then(|| 1_700_000_000 + rng.below(10_000) as i64);
         run.progress_done = rng.chance(60).then(|| rng.below(1000));
         run.progress_total = rng.chance(60).then(|| rng.below(1000));
         run.exit_code = rng.chance(40).then(|| rng.below(256) as i32 - 128);
         run.repository = rng.maybe_text();
-        run.commit = rng.chance(70).then(|| format!("{:016x}{}", rng.next(), rng.text()));
+        run.commit = rng
+            .chance(70)
+            .then(|| format!("{:016x}{}", rng.next(), rng.text()));
         run.commit_message = rng.maybe_text();
         run.author = rng.maybe_text();
         run.dirty = rng.chance(30);
@@ -515,8 +530,9 @@ mod tests {
                         "put_run"
                     }
                     2 => {
-                        let runs: Vec<RunRecord> =
-                            (0..rng.below(4)).map(|_| random_run(&mut rng, &names)).collect();
+                        let runs: Vec<RunRecord> = (0..rng.below(4))
+                            .map(|_| random_run(&mut rng, &names))
+                            .collect();
                         store.put_runs(&runs).unwrap();
                         "put_runs"
                     }
@@ -531,7 +547,13 @@ mod tests {
                             .map(|_| {
                                 let name = names[rng.below(names.len() as u64) as usize].clone();
                                 let total = rng.chance(50).then(|| rng.below(500));
-                                (name, Progress { done: rng.below(500), total })
+                                (
+                                    name,
+                                    Progress {
+                                        done: rng.below(500),
+                                        total,
+                                    },
+                                )
                             })
                             .collect();
                         store.put_progress(&progress).unwrap();
@@ -559,7 +581,12 @@ mod tests {
                         "clear_run_error"
                     }
                 };
-                check(&store, &mut rng, &names, &format!("{context} (seed {seed}, step {step})"));
+                check(
+                    &store,
+                    &mut rng,
+                    &names,
+                    &format!("{context} (seed {seed}, step {step})"),
+                );
             }
         }
     }
@@ -630,7 +657,10 @@ mod migration_tests {
             .unwrap();
         }
         let store = Store::open(&path).unwrap();
-        assert_eq!(migrations::version(&store.conn).unwrap(), migrations::SCHEMA_VERSION);
+        assert_eq!(
+            migrations::version(&store.conn).unwrap(),
+            migrations::SCHEMA_VERSION
+        );
         keys_match(&store);
         for which in [Listing::All, Listing::Job("b"), Listing::Run("a-0")] {
             let [kept, fresh] = both(&store, which, 1_700_003_600);
@@ -640,7 +670,15 @@ mod migration_tests {
         let names: Vec<&str> = kept
             .0
             .iter()
-            .map(|j| if j.contains("\"a-0\"") { "a-0" } else if j.contains("\"b-0\"") { "b-0" } else { "c-0" })
+            .map(|j| {
+                if j.contains("\"a-0\"") {
+                    "a-0"
+                } else if j.contains("\"b-0\"") {
+                    "b-0"
+                } else {
+                    "c-0"
+                }
+            })
             .collect();
         assert_eq!(names, ["b-0", "c-0", "a-0"], "seq order, then name");
         // A read-only reader (what `get runs` opens) reads the same rows.

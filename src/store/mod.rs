@@ -20,10 +20,10 @@ mod disks;
 mod history;
 mod hosts;
 mod lifecycle;
+mod listing;
 mod migrations;
 mod runs;
 pub mod view;
-mod listing;
 
 pub use checkpoints::CheckpointSync;
 pub use desired::{
@@ -31,8 +31,8 @@ pub use desired::{
 };
 pub use disks::KeptDisk;
 pub use lifecycle::{Pause, RunMetrics};
-pub use migrations::SCHEMA_VERSION;
 pub use listing::{ITEM_INDENT, RunJson};
+pub use migrations::SCHEMA_VERSION;
 pub use runs::{Fields, ListError, ListedRun, Listing};
 
 /// A run as the store remembers it. `get runs -o json` is rendered from this.

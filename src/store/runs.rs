@@ -582,7 +582,11 @@ impl Store {
     /// `run_cells`, `run_json`), as the writers keep it; should it not, a listing reads
     /// the full rows rather than leave a run out. Counts, not a join: for all runs,
     /// two index counts (about a millisecond at 100,000 runs).
-    pub(super) fn listing_complete(&self, which: Listing<'_>, table: &str) -> rusqlite::Result<bool> {
+    pub(super) fn listing_complete(
+        &self,
+        which: Listing<'_>,
+        table: &str,
+    ) -> rusqlite::Result<bool> {
         let sql = match which {
             Listing::All => {
                 format!("SELECT (SELECT count(*) FROM runs) = (SELECT count(*) FROM {table})")

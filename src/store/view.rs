@@ -478,7 +478,6 @@ pub fn usd(value: f64) -> f64 {
     if value == 0.0 { 0.0 } else { value }
 }
 
-
 pub fn rfc3339(t: Timestamp) -> String {
     chrono::DateTime::from_timestamp(t, 0)
         .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
