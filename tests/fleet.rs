@@ -7,7 +7,7 @@ mod support;
 use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use support::cli::Asimov;
+use support::cli::{Asimov, kill9};
 use support::sshd::Sshd;
 
 fn fleet_yaml(hosts: &[(&str, &Sshd)]) -> String {
@@ -694,6 +694,80 @@ fn a_cut_off_claim_on_a_host_that_stays_down_moves_on_and_its_slot_is_destroyed_
         || slots(&h1) == 0,
     );
     a.ok(&["delete", "job", "down"]);
+}
+
+/// A controller killed while it waits for a host whose claim was cut off, and restarted
+/// while that host is still down, keeps waiting (the cut-off claim is recorded in the
+/// home) instead of claiming on the next host at once; when the host is back, the slot
+/// the cut-off claim left there is adopted: the run runs on one host, once. Before the
+/// record, the restarted controller claimed on box-2 within its first pass.
+#[test]
+fn a_controller_restarted_while_it_waits_for_a_silent_host_goes_on_waiting() {
+    let Some((mut h1, h2)) = two_hosts() else {
+        return;
+    };
+    h1.install_command("mv", &claim_logging_mv(Cut::Host));
+    h2.install_command("mv", &claim_logging_mv(Cut::Nothing));
+    let a = Asimov::new();
+    let fleet = a.manifest("fleet.yaml", &fleet_yaml(&[("box-1", &h1), ("box-2", &h2)]));
+    let job = a.manifest(
+        "wait.yaml",
+        &job_yaml("wait", &["a"], "'mkdir -p out; echo done > out/result.txt'"),
+    );
+    // Longer than the test: only box-1's return may end the wait.
+    let wait = [("ASIMOV_SSH_UNSURE_CLAIM_SECS", "600")];
+    let mut first = a.start_controller({
+        let mut cmd = a.command();
+        cmd.envs(wait);
+        cmd
+    });
+    a.ok(&[
+        "apply",
+        "-f",
+        fleet.to_str().unwrap(),
+        job.to_str().unwrap(),
+    ]);
+    let record = a.home().join("providers/ssh/unsure");
+    a.wait_for(
+        "the cut-off claim on box-1 to be recorded",
+        Duration::from_secs(60),
+        || claims(&h1) == 1 && std::fs::read_dir(&record).is_ok_and(|d| d.count() == 1),
+    );
+    kill9(&mut first);
+    let mut second = a.start_controller({
+        let mut cmd = a.command();
+        cmd.envs(wait);
+        cmd
+    });
+    // The new controller has looked at the run (box-1 still down) at least twice.
+    let stderr_len = || std::fs::metadata(a.controller_stderr()).map_or(0, |m| m.len());
+    let at_start = stderr_len();
+    a.wait_for(
+        "passes of the new controller",
+        Duration::from_secs(60),
+        || {
+            let text = std::fs::read_to_string(a.controller_stderr()).unwrap_or_default();
+            text.get(at_start as usize..)
+                .is_some_and(|new| new.matches("ssh host not listed").count() >= 2)
+        },
+    );
+    assert_eq!(
+        claims(&h2),
+        0,
+        "claimed on box-2 while box-1 may hold the run: {}",
+        a.ok(&["describe", "run", "wait-0"])
+    );
+    h1.restart();
+    let describe = succeeded_after_a_cut(&a, "wait-0", &h1);
+    assert_eq!(claims(&h2), 0, "nothing claimed on box-2: {describe}");
+    assert_eq!(claims(&h1), 1, "one claim, on box-1: {describe}");
+    assert_eq!(run_field(&a, "wait-0", "attempt"), 1, "{describe}");
+    assert!(
+        std::fs::read_dir(&record).is_ok_and(|d| d.count() == 0),
+        "the record is dropped once box-1 answered"
+    );
+    a.ok(&["delete", "job", "wait"]);
+    kill9(&mut second);
 }
 
 /// A claim cut off after it ran on the first host (its slot written, its answer lost) is

@@ -13,9 +13,9 @@ mod support;
 use runpod_server::{Config, Endpoint as Api, Fault, RunpodServer, SshTarget, gpu};
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use support::cli::{Asimov, kill9};
+use support::cli::{Asimov, Cloud, kill9};
 use support::sshd::Sshd;
 
 /// The client's gap (seconds) until the server's quota headers say otherwise.
@@ -50,23 +50,15 @@ fn world() -> Option<World> {
         ],
     );
     let a = Asimov::new();
-    let mut set = a
-        .command()
-        .args(["secret", "set", "RUNPOD_API_KEY"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    set.stdin
-        .take()
-        .unwrap()
-        .write_all(runpod_server::API_KEY.as_bytes())
-        .unwrap();
-    assert!(set.wait().unwrap().success());
+    a.set_secret("RUNPOD_API_KEY", runpod_server::API_KEY);
     Some(World { server, sshd, a })
 }
 
-impl World {
+impl Cloud for World {
+    fn asimov(&self) -> &Asimov {
+        &self.a
+    }
+
     fn command(&self) -> Command {
         let mut cmd = self.a.command();
         cmd.env("ASIMOV_RUNPOD_API_URL", self.server.url())
@@ -78,6 +70,17 @@ impl World {
         cmd
     }
 
+    fn state(&self) -> String {
+        format!(
+            "{}\n{:#?}\n{}",
+            self.a.ok(&["get", "runs", "-o", "wide"]),
+            self.server.pods(),
+            self.a.controller_logs(20)
+        )
+    }
+}
+
+impl World {
     fn job_with(&self, run: &str, extra: &str) -> std::path::PathBuf {
         self.a.manifest(
             "gpu.yaml",
@@ -96,58 +99,6 @@ spec:
                 user = self.sshd.user()
             ),
         )
-    }
-
-    fn spawn_controller(&self) -> std::process::Child {
-        self.spawn_controller_with(&[])
-    }
-
-    fn spawn_controller_with(&self, env: &[(&str, &str)]) -> std::process::Child {
-        let child = self
-            .command()
-            .envs(env.iter().copied())
-            .args(["controller"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.a
-            .wait_for("the controller's lock", Duration::from_secs(10), || {
-                self.a.controller_running()
-            });
-        child
-    }
-
-    fn apply(&self, job: &std::path::Path) {
-        let out = self
-            .command()
-            .args(["apply", "-f", job.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn until(&self, what: &str, secs: u64, mut done: impl FnMut() -> bool) {
-        let start = Instant::now();
-        while !done() {
-            assert!(
-                start.elapsed() < Duration::from_secs(secs),
-                "timed out waiting for {what}: {}\n{:#?}",
-                self.a.ok(&["get", "runs", "-o", "wide"]),
-                self.server.pods()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn attempt(&self) -> u64 {
-        self.a.runs_json()["items"][0]["attempt"]
-            .as_u64()
-            .unwrap_or(0)
     }
 }
 

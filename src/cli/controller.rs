@@ -6,7 +6,7 @@
 //! controller also reports its liveness in the store (started, heartbeat, stopping,
 //! stopped).
 
-use super::daemon::{self, ControllerLock};
+use super::daemon;
 use super::{CliResult, desired, fail};
 use crate::home::Home;
 use crate::manifest::{self, Loaded, Manifests};
@@ -318,7 +318,7 @@ impl DesiredSource for FolderSource {
 
 pub fn run(home: &Home, manifests: Option<PathBuf>, once: bool, background: bool) -> CliResult {
     home.ensure()?;
-    let Some(_lock) = ControllerLock::try_acquire(home)? else {
+    let Some(_lock) = daemon::acquire_when_left(home)? else {
         let pid = daemon::running_pid(home)
             .map(|p| format!(" (pid {p})"))
             .unwrap_or_default();

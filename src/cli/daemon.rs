@@ -52,6 +52,24 @@ impl ControllerLock {
     }
 }
 
+/// Takes the lock, waiting (up to [`LEAVING_PATIENCE`]) while its holder is a
+/// controller on its way out: one stopping, or one that died a moment ago (a child it
+/// was spawning can hold a copy of the lock until it execs). `None` when a working
+/// controller holds it.
+pub fn acquire_when_left(home: &Home) -> io::Result<Option<ControllerLock>> {
+    let deadline = Instant::now() + LEAVING_PATIENCE;
+    loop {
+        if let Some(lock) = ControllerLock::try_acquire(home)? {
+            return Ok(Some(lock));
+        }
+        match holder(home)? {
+            Holder::Working => return Ok(None),
+            Holder::Leaving(_) if Instant::now() > deadline => return Ok(None),
+            Holder::Leaving(_) | Holder::Free => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// Environment variables a background controller keeps from the shell that started it.
 fn inherited(name: &std::ffi::OsStr) -> bool {
     let Some(name) = name.to_str() else {
@@ -376,5 +394,40 @@ mod tests {
         assert_eq!(running_pid(&home), Some(std::process::id()));
         drop(held);
         assert!(!is_running(&home).unwrap());
+    }
+
+    /// The lock held a moment longer than its dead controller lived (here a second
+    /// descriptor of this process, with `controller.pid` naming an exited process):
+    /// a new controller waits it out instead of refusing to start.
+    #[test]
+    fn a_lock_left_by_a_dead_controller_is_waited_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        let lingering = open_lock(&home).unwrap();
+        assert!(flock(&lingering, libc::LOCK_EX).unwrap());
+        let mut dead = Command::new("true").spawn().unwrap();
+        dead.wait().unwrap();
+        std::fs::write(home.controller_pid(), dead.id().to_string()).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(lingering);
+        });
+        let started = Instant::now();
+        let lock = acquire_when_left(&home).unwrap();
+        assert!(lock.is_some(), "refused though its holder is dead");
+        assert!(started.elapsed() >= Duration::from_millis(250));
+        release.join().unwrap();
+        assert_eq!(running_pid(&home), Some(std::process::id()));
+    }
+
+    /// A working controller (a live pid that is not stopping) is not waited for.
+    #[test]
+    fn a_working_controller_is_not_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = Home::at(dir.path());
+        let _held = ControllerLock::try_acquire(&home).unwrap().expect("holder");
+        let started = Instant::now();
+        assert!(acquire_when_left(&home).unwrap().is_none());
+        assert!(started.elapsed() < LEAVING_PATIENCE / 2);
     }
 }

@@ -5,6 +5,7 @@
 //!
 //! Must not know about the store or the planner.
 
+use crate::agent::AgentError;
 use crate::home::Home;
 use crate::model::Secret;
 use std::collections::BTreeMap;
@@ -64,24 +65,7 @@ pub fn short_body(text: &str) -> String {
 /// How long an instance's end hook waits for the controller to collect the run before
 /// ending the instance anyway: `env` in seconds, else five minutes.
 pub fn self_end_grace(env: &str) -> Duration {
-    std::env::var(env)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::from_secs(300), Duration::from_secs)
-}
-
-/// A boot timeout from `env` in seconds (for tests on a faster clock, or a slow image),
-/// else `default`.
-pub fn boot_timeout(env: &str, default: Duration) -> Duration {
-    seconds_env(env, default)
-}
-
-/// Whole seconds from `env`, else `default` (unset or not a number).
-pub fn seconds_env(env: &str, default: Duration) -> Duration {
-    std::env::var(env)
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(default, Duration::from_secs)
+    super::seconds_env(env, Duration::from_secs(300))
 }
 
 /// `Retry-After` in seconds (the only form the clouds send), capped at an hour.
@@ -370,104 +354,12 @@ pub async fn probe_gpus(
         })
 }
 
-/// The agent on a cloud instance reached over SSH, whose GPUs are checked before its
-/// job starts (`probe_gpus`); everything else is the agent's.
-pub struct CloudAgent {
-    agent: crate::agent::AgentMachine,
-    transport: std::sync::Arc<dyn crate::transport::Transport>,
-}
-
-/// The machine for a cloud instance: the agent at `root` over `transport`.
+/// The machine for a cloud instance: the agent at `root` over `transport`, no more.
 pub fn agent_machine(
     transport: crate::transport::ssh::SshTransport,
     root: String,
 ) -> std::sync::Arc<dyn crate::agent::Machine> {
-    let transport: std::sync::Arc<dyn crate::transport::Transport> = std::sync::Arc::new(transport);
-    std::sync::Arc::new(CloudAgent {
-        agent: crate::agent::AgentMachine::new(std::sync::Arc::clone(&transport), root),
-        transport,
-    })
-}
-
-#[async_trait::async_trait]
-impl crate::agent::Machine for CloudAgent {
-    async fn gpus(&self) -> Result<crate::agent::GpuProbe, crate::agent::AgentError> {
-        probe_gpus(self.transport.as_ref()).await
-    }
-
-    async fn start(&self, spec: &crate::agent::LaunchSpec) -> Result<(), crate::agent::AgentError> {
-        self.agent.start(spec).await
-    }
-
-    async fn observe(&self) -> Result<Option<crate::agent::AgentStatus>, crate::agent::AgentError> {
-        self.agent.observe().await
-    }
-
-    async fn log_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
-        self.agent.log_tail(max_bytes).await
-    }
-
-    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), crate::agent::AgentError> {
-        self.agent.collect(log, outputs).await
-    }
-
-    async fn copy_log(&self, to: &Path) -> Result<bool, crate::agent::AgentError> {
-        self.agent.copy_log(to).await
-    }
-
-    async fn follow_log(
-        &self,
-    ) -> Result<crate::transport::ByteStream<'_>, crate::agent::AgentError> {
-        self.agent.follow_log().await
-    }
-
-    async fn sync_checkpoint(
-        &self,
-        path: &str,
-        into: &Path,
-    ) -> Result<bool, crate::agent::AgentError> {
-        self.agent.sync_checkpoint(path, into).await
-    }
-
-    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
-        self.agent.metrics_tail(max_bytes).await
-    }
-
-    async fn metrics_since(
-        &self,
-        offset: u64,
-        file: Option<u64>,
-        max_bytes: usize,
-    ) -> Result<crate::agent::MetricsRead, crate::agent::AgentError> {
-        self.agent.metrics_since(offset, file, max_bytes).await
-    }
-
-    async fn sync_s3(
-        &self,
-        last: bool,
-    ) -> Result<crate::agent::S3Synced, crate::agent::AgentError> {
-        self.agent.sync_s3(last).await
-    }
-
-    async fn interactive(
-        &self,
-        session: crate::agent::Session,
-        run: &str,
-    ) -> Result<std::process::Command, crate::agent::AgentError> {
-        self.agent.interactive(session, run).await
-    }
-
-    async fn stop(&self) -> Result<(), crate::agent::AgentError> {
-        self.agent.stop().await
-    }
-
-    async fn pause(&self) -> Result<(), crate::agent::AgentError> {
-        self.agent.pause().await
-    }
-
-    async fn resume(&self, resume_from: Option<&str>) -> Result<(), crate::agent::AgentError> {
-        self.agent.resume(resume_from).await
-    }
+    std::sync::Arc::new(CloudMachine::new(std::sync::Arc::new(transport), root))
 }
 
 /// Which errors a cloud call may retry in place (through `retry::retry_transient`),
@@ -676,77 +568,129 @@ pub async fn mark_collected(
     run_script(transport, "mark collected", &script, b"").await
 }
 
-/// The agent on a cloud instance plus its self-termination ([`SelfEnd`]): the hook and
-/// its key go in before the agent starts; `collect` marks the run collected.
-pub struct EndingMachine {
+/// What a provider does when an instance refuses asimov's login while the instance
+/// itself is fine (images and users replace `authorized_keys`): attach the key again.
+#[async_trait::async_trait]
+pub trait Reattach: Send + Sync {
+    async fn reattach(&self, why: &AgentError) -> Result<(), AgentError>;
+}
+
+/// A login refused at authentication (not a network or host failure).
+fn login_refused(e: &AgentError) -> bool {
+    matches!(
+        e,
+        AgentError::Transport {
+            source: crate::transport::TransportError::Failed {
+                step: "authenticate",
+                ..
+            },
+            ..
+        }
+    )
+}
+
+/// The agent on a cloud instance reached over SSH, the one [`Machine`] of every
+/// cloud: its GPUs are checked before the job starts (`probe_gpus`); with a
+/// [`SelfEnd`] the hook and its key go in before the agent starts and `collect` marks
+/// the run collected, so the instance ends itself; with a [`Reattach`] a refused login
+/// re-attaches asimov's key and tries once more, so a run is never lost to a replaced
+/// `authorized_keys`. Everything else is the agent's.
+///
+/// [`Machine`]: crate::agent::Machine
+pub struct CloudMachine {
     agent: crate::agent::AgentMachine,
     transport: std::sync::Arc<dyn crate::transport::Transport>,
     root: String,
-    end: SelfEnd,
-    auth: Option<Secret>,
+    end: Option<(SelfEnd, Option<Secret>)>,
+    reattach: Option<Box<dyn Reattach>>,
 }
 
-impl EndingMachine {
+impl CloudMachine {
     pub fn new(
         transport: std::sync::Arc<dyn crate::transport::Transport>,
         root: String,
-        end: SelfEnd,
-        auth: Option<Secret>,
-    ) -> EndingMachine {
-        EndingMachine {
+    ) -> CloudMachine {
+        CloudMachine {
             agent: crate::agent::AgentMachine::new(std::sync::Arc::clone(&transport), root.clone()),
             transport,
             root,
-            end,
-            auth,
+            end: None,
+            reattach: None,
+        }
+    }
+
+    /// The instance ends itself through `end`, authorised by `auth` (a header line)
+    /// when the hook does not find its own key.
+    pub fn ending(mut self, end: SelfEnd, auth: Option<Secret>) -> CloudMachine {
+        self.end = Some((end, auth));
+        self
+    }
+
+    pub fn reattaching(mut self, reattach: impl Reattach + 'static) -> CloudMachine {
+        self.reattach = Some(Box::new(reattach));
+        self
+    }
+
+    /// Runs one agent call, again once after a re-attach if its login was refused.
+    async fn again<T, F, Fut>(&self, call: F) -> Result<T, AgentError>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, AgentError>>,
+    {
+        match (call().await, &self.reattach) {
+            (Err(e), Some(r)) if login_refused(&e) => {
+                r.reattach(&e).await?;
+                call().await
+            }
+            (result, _) => result,
         }
     }
 }
 
 #[async_trait::async_trait]
-impl crate::agent::Machine for EndingMachine {
-    async fn gpus(&self) -> Result<crate::agent::GpuProbe, crate::agent::AgentError> {
-        probe_gpus(self.transport.as_ref()).await
+impl crate::agent::Machine for CloudMachine {
+    async fn gpus(&self) -> Result<crate::agent::GpuProbe, AgentError> {
+        self.again(|| probe_gpus(self.transport.as_ref())).await
     }
 
-    async fn start(&self, spec: &crate::agent::LaunchSpec) -> Result<(), crate::agent::AgentError> {
-        install_end_hook(&*self.transport, &self.root, &self.end, self.auth.as_ref()).await?;
+    async fn start(&self, spec: &crate::agent::LaunchSpec) -> Result<(), AgentError> {
+        if let Some((end, auth)) = &self.end {
+            self.again(|| install_end_hook(&*self.transport, &self.root, end, auth.as_ref()))
+                .await?;
+        }
         self.agent.start(spec).await
     }
 
-    async fn observe(&self) -> Result<Option<crate::agent::AgentStatus>, crate::agent::AgentError> {
-        self.agent.observe().await
+    async fn observe(&self) -> Result<Option<crate::agent::AgentStatus>, AgentError> {
+        self.again(|| self.agent.observe()).await
     }
 
-    async fn log_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
-        self.agent.log_tail(max_bytes).await
+    async fn log_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        self.again(|| self.agent.log_tail(max_bytes)).await
     }
 
-    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), crate::agent::AgentError> {
-        self.agent.collect(log, outputs).await?;
-        mark_collected(&*self.transport, &self.root).await
+    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError> {
+        self.again(|| self.agent.collect(log, outputs)).await?;
+        if self.end.is_some() {
+            mark_collected(&*self.transport, &self.root).await?;
+        }
+        Ok(())
     }
 
-    async fn copy_log(&self, to: &Path) -> Result<bool, crate::agent::AgentError> {
-        self.agent.copy_log(to).await
+    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {
+        self.again(|| self.agent.copy_log(to)).await
     }
 
-    async fn follow_log(
-        &self,
-    ) -> Result<crate::transport::ByteStream<'_>, crate::agent::AgentError> {
+    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
         self.agent.follow_log().await
     }
 
-    async fn sync_checkpoint(
-        &self,
-        path: &str,
-        into: &Path,
-    ) -> Result<bool, crate::agent::AgentError> {
-        self.agent.sync_checkpoint(path, into).await
+    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
+        self.again(|| self.agent.sync_checkpoint(path, into)).await
     }
 
-    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, crate::agent::AgentError> {
-        self.agent.metrics_tail(max_bytes).await
+    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
+        self.again(|| self.agent.metrics_tail(max_bytes)).await
     }
 
     async fn metrics_since(
@@ -754,35 +698,33 @@ impl crate::agent::Machine for EndingMachine {
         offset: u64,
         file: Option<u64>,
         max_bytes: usize,
-    ) -> Result<crate::agent::MetricsRead, crate::agent::AgentError> {
-        self.agent.metrics_since(offset, file, max_bytes).await
+    ) -> Result<crate::agent::MetricsRead, AgentError> {
+        self.again(|| self.agent.metrics_since(offset, file, max_bytes))
+            .await
     }
 
-    async fn sync_s3(
-        &self,
-        last: bool,
-    ) -> Result<crate::agent::S3Synced, crate::agent::AgentError> {
-        self.agent.sync_s3(last).await
+    async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, AgentError> {
+        self.again(|| self.agent.sync_s3(last)).await
     }
 
     async fn interactive(
         &self,
         session: crate::agent::Session,
         run: &str,
-    ) -> Result<std::process::Command, crate::agent::AgentError> {
-        self.agent.interactive(session, run).await
+    ) -> Result<std::process::Command, AgentError> {
+        self.again(|| self.agent.interactive(session, run)).await
     }
 
-    async fn stop(&self) -> Result<(), crate::agent::AgentError> {
-        self.agent.stop().await
+    async fn stop(&self) -> Result<(), AgentError> {
+        self.again(|| self.agent.stop()).await
     }
 
-    async fn pause(&self) -> Result<(), crate::agent::AgentError> {
-        self.agent.pause().await
+    async fn pause(&self) -> Result<(), AgentError> {
+        self.again(|| self.agent.pause()).await
     }
 
-    async fn resume(&self, resume_from: Option<&str>) -> Result<(), crate::agent::AgentError> {
-        self.agent.resume(resume_from).await
+    async fn resume(&self, resume_from: Option<&str>) -> Result<(), AgentError> {
+        self.again(|| self.agent.resume(resume_from)).await
     }
 }
 

@@ -528,7 +528,7 @@ impl LambdaProvider {
             booting: std::sync::Mutex::new(BTreeMap::new()),
             ssh_port,
             key_name: tokio::sync::Mutex::new(None),
-            listing_lag: cloud::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
+            listing_lag: super::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
         })
     }
 
@@ -1048,12 +1048,9 @@ impl Provider for LambdaProvider {
             find_key: None,
         };
         let auth = Secret::new(format!("Authorization: Bearer {}", key.expose()));
-        Ok(Arc::new(cloud::EndingMachine::new(
-            transport,
-            root,
-            end,
-            Some(auth),
-        )))
+        Ok(Arc::new(
+            cloud::CloudMachine::new(transport, root).ending(end, Some(auth)),
+        ))
     }
 }
 

@@ -373,6 +373,16 @@ pub struct Registry {
     pub ssh_pool: Arc<crate::transport::ssh::SshPool>,
 }
 
+/// Whole seconds from `env`, else `default` (unset or not a number): the providers'
+/// tunable waits (listing lags, boot timeouts, claim waits), for tests on a faster
+/// clock or a slow image.
+pub fn seconds_env(env: &str, default: Duration) -> Duration {
+    std::env::var(env)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(default, Duration::from_secs)
+}
+
 /// Builds every provider in [`DRIVEN`] for the controller of `home`.
 pub fn registry(home: &Home) -> std::io::Result<Registry> {
     let ssh_pool = crate::transport::ssh::SshPool::new(home.clone())?;

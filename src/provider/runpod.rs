@@ -40,7 +40,6 @@ use crate::provider::{
     Pacing as ProviderPacing, Provider, ProviderError, ProviderResult,
 };
 use crate::retry::{Backoff, retry_transient};
-use crate::transport::Transport;
 use crate::transport::ssh::SshPool;
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -444,8 +443,8 @@ impl RunpodProvider {
             ),
             recent: Recent::new(home.provider_state("runpod").join("recent")),
             self_end_grace: cloud::self_end_grace(GRACE_ENV),
-            boot_timeout: cloud::boot_timeout(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
-            listing_lag: cloud::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
+            boot_timeout: super::seconds_env(BOOT_TIMEOUT_ENV, BOOT_TIMEOUT),
+            listing_lag: super::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
             starts: std::sync::Mutex::new(BTreeMap::new()),
             pod_env_file: std::env::var(POD_ENV_FILE_ENV)
                 .ok()
@@ -907,12 +906,9 @@ impl Provider for RunpodProvider {
             grace: self.self_end_grace,
             find_key: Some(find_key),
         };
-        Ok(Arc::new(cloud::EndingMachine::new(
-            Arc::new(transport) as Arc<dyn Transport>,
-            root,
-            end,
-            None,
-        )))
+        Ok(Arc::new(
+            cloud::CloudMachine::new(Arc::new(transport), root).ending(end, None),
+        ))
     }
 }
 

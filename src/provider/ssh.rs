@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 const UNSURE_CLAIM_WAIT: Duration = Duration::from_secs(120);
 
 fn unsure_claim_wait() -> Duration {
-    super::cloud::seconds_env("ASIMOV_SSH_UNSURE_CLAIM_SECS", UNSURE_CLAIM_WAIT)
+    super::seconds_env("ASIMOV_SSH_UNSURE_CLAIM_SECS", UNSURE_CLAIM_WAIT)
 }
 
 /// Where slots live on a host unless the provider is told otherwise.
@@ -109,10 +109,94 @@ struct State {
     /// still be destroyed.
     known: BTreeMap<(String, String), Host>,
     views: BTreeMap<(String, String), HostView>,
-    /// Claims sent whose answer was lost, by tag: (fleet, host, when). Kept in memory
-    /// only: a restarted controller lists every host first, and what it cannot list
-    /// then is covered by the planner's duplicate rule.
+    /// Claims sent whose answer was lost, by tag: (fleet, host, when). Also on disk
+    /// ([`UnsureClaims`]): a controller restarted while that host is silent must not
+    /// claim elsewhere at once either.
     unsure: BTreeMap<String, (String, String, Instant)>,
+}
+
+/// How long a cut-off claim's record is kept when its host never answers again.
+const UNSURE_RECORD_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// The cut-off claims, one file per tag under `providers/ssh/unsure/` (`fleet`, `host`
+/// and the claim's Unix time, a line each), so the wait for a silent host outlives the
+/// controller that started it: without them, a controller killed during the wait and
+/// restarted while the host is still down claims on the next host at once, and the
+/// attempt may run on two hosts until the first answers again.
+struct UnsureClaims {
+    dir: std::path::PathBuf,
+}
+
+impl UnsureClaims {
+    /// Tags are asimov's own (`asimov.<home>.<run>.<attempt>`); nothing else names a file.
+    fn file(&self, tag: &str) -> Option<std::path::PathBuf> {
+        let plain = !tag.is_empty()
+            && tag.len() <= 200
+            && !tag.starts_with('.')
+            && tag
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'));
+        plain.then(|| self.dir.join(tag))
+    }
+
+    fn record(&self, tag: &str, fleet: &str, host: &str) {
+        let Some(file) = self.file(tag) else { return };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let text = format!("{fleet}\n{host}\n{now}\n");
+        // Unrecorded, only a restart during the wait loses it: a warning, not a failure.
+        if let Err(e) = std::fs::create_dir_all(&self.dir)
+            .and_then(|()| crate::home::write_private(&file, text.as_bytes()))
+        {
+            tracing::warn!(%tag, file = %file.display(), error = %e, "cannot record a cut-off claim");
+        }
+    }
+
+    fn forget(&self, tag: &str) {
+        if let Some(file) = self.file(tag) {
+            let _ = std::fs::remove_file(file);
+        }
+    }
+
+    /// Every recorded claim, its time turned into an `Instant` as old as the record.
+    fn load(&self) -> BTreeMap<String, (String, String, Instant)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return BTreeMap::new();
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let mut out = BTreeMap::new();
+        for entry in entries.flatten() {
+            let Some(tag) = entry.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if self.file(&tag).is_none() {
+                continue;
+            }
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            let mut lines = text.lines();
+            let (Some(fleet), Some(host), Some(at)) = (
+                lines.next(),
+                lines.next(),
+                lines.next().and_then(|t| t.trim().parse::<u64>().ok()),
+            ) else {
+                self.forget(&tag);
+                continue;
+            };
+            let age = Duration::from_secs(now.saturating_sub(at));
+            // A host silent for a day is not coming back for this claim; nor does a
+            // record for an attempt long over need keeping.
+            if age > UNSURE_RECORD_MAX_AGE {
+                self.forget(&tag);
+                continue;
+            }
+            let since = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            out.insert(tag, (fleet.to_string(), host.to_string(), since));
+        }
+        out
+    }
 }
 
 /// Why a claim has no slot to show.
@@ -128,6 +212,7 @@ pub struct SshProvider {
     remote_root: String,
     local_user: String,
     state: Mutex<State>,
+    unsure: UnsureClaims,
 }
 
 impl std::fmt::Debug for SshProvider {
@@ -190,11 +275,19 @@ impl SshProvider {
         let local_user = std::env::var("USER")
             .or_else(|_| std::env::var("LOGNAME"))
             .unwrap_or_else(|_| "root".to_string());
+        let unsure = UnsureClaims {
+            dir: pool.home().provider_state("ssh").join("unsure"),
+        };
+        let state = State {
+            unsure: unsure.load(),
+            ..State::default()
+        };
         SshProvider {
             pool,
             remote_root: DEFAULT_REMOTE_ROOT.to_string(),
             local_user,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
+            unsure,
         }
     }
 
@@ -671,9 +764,13 @@ impl Provider for SshProvider {
                 Ok(mut view) => {
                     // Its slots are known again: a cut-off claim there is either among
                     // them (and adopted) or never happened.
-                    state
-                        .unsure
-                        .retain(|_, (f, h, _)| !(f == fleet && *h == host.name));
+                    state.unsure.retain(|tag, (f, h, _)| {
+                        let answered = f == fleet && *h == host.name;
+                        if answered {
+                            self.unsure.forget(tag);
+                        }
+                        !answered
+                    });
                     if view.gpu_names.is_empty() {
                         view.gpu_names = previous.gpu_names;
                     }
@@ -758,6 +855,7 @@ impl Provider for SshProvider {
                 // claim have placed it there after all, the listing shows two slots
                 // for one attempt and the planner destroys the one it does not own.
                 unanswered = state.unsure.remove(&tag).map(|(_, host, _)| host);
+                self.unsure.forget(&tag);
             }
             (fleet, unanswered)
         };
@@ -813,6 +911,7 @@ impl Provider for SshProvider {
                 Err(ClaimError::Unsure(e)) => {
                     // Claiming on the next host now could place the attempt twice.
                     self.mark_unreachable(&fleet.name, &host.name, &e);
+                    self.unsure.record(&tag, &fleet.name, &host.name);
                     self.lock().unsure.insert(
                         tag.clone(),
                         (fleet.name.clone(), host.name.clone(), Instant::now()),
@@ -936,6 +1035,56 @@ fn resolve_root(root: &str, home: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_off_claims_are_kept_on_disk_by_plain_tags_until_forgotten_or_a_day_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let claims = UnsureClaims {
+            dir: dir.path().join("unsure"),
+        };
+        assert!(claims.load().is_empty());
+        claims.record("asimov.houw128d.kd-0.1", "lab", "box-1");
+        // Not a tag of ours: never a path.
+        claims.record("../escape", "lab", "box-1");
+        claims.record(".hidden", "lab", "box-1");
+        let loaded = claims.load();
+        assert_eq!(loaded.len(), 1, "{loaded:?}");
+        let (fleet, host, since) = &loaded["asimov.houw128d.kd-0.1"];
+        assert_eq!((fleet.as_str(), host.as_str()), ("lab", "box-1"));
+        assert!(since.elapsed() < Duration::from_secs(5));
+        assert!(!dir.path().join("escape").exists());
+        // A record's age survives the reload.
+        let old = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - 90;
+        std::fs::write(
+            claims.dir.join("asimov.h.old-0.1"),
+            format!("lab\nbox-2\n{old}\n"),
+        )
+        .unwrap();
+        let stale = old - 2 * 24 * 3600;
+        std::fs::write(
+            claims.dir.join("asimov.h.stale-0.1"),
+            format!("lab\nbox-2\n{stale}\n"),
+        )
+        .unwrap();
+        std::fs::write(claims.dir.join("asimov.h.torn-0.1"), "lab\n").unwrap();
+        let loaded = claims.load();
+        let aged = loaded["asimov.h.old-0.1"].2.elapsed();
+        assert!(aged >= Duration::from_secs(89), "{aged:?}");
+        assert_eq!(
+            loaded.len(),
+            2,
+            "the day-old and the torn ones dropped: {loaded:?}"
+        );
+        assert!(!claims.dir.join("asimov.h.stale-0.1").exists());
+        assert!(!claims.dir.join("asimov.h.torn-0.1").exists());
+        claims.forget("asimov.houw128d.kd-0.1");
+        claims.forget("asimov.h.old-0.1");
+        assert!(claims.load().is_empty());
+    }
 
     fn host(gpus: u32) -> Host {
         Host {

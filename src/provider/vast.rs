@@ -33,7 +33,7 @@
 //! Must not know about the store or the planner.
 
 use super::cloud::{LoginUsers, Pacer, ensure_identity, key_body, short_body};
-use crate::agent::{AgentError, AgentMachine, AgentStatus, LaunchSpec};
+use crate::agent::AgentError;
 use crate::home::Home;
 use crate::manifest::{GpuRequest, Placement, Resources};
 use crate::model::{InstanceId, Offer, OfferQuery, OwnerTag, ProviderKind, Secret, Usd};
@@ -43,7 +43,7 @@ use crate::provider::{
 };
 use crate::retry::{Backoff, retry_transient};
 use crate::transport::Transport;
-use crate::transport::ssh::{SshPool, SshTransport};
+use crate::transport::ssh::SshPool;
 use async_trait::async_trait;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
@@ -821,7 +821,7 @@ impl VastProvider {
             instance_keys: Mutex::new(BTreeMap::new()),
             key_registered: tokio::sync::Mutex::new(false),
             claimed: Mutex::new(BTreeMap::new()),
-            listing_lag: super::cloud::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
+            listing_lag: super::seconds_env(LISTING_LAG_ENV, LISTING_LAG),
         })
     }
 
@@ -1355,22 +1355,22 @@ impl Provider for VastProvider {
             tracing::warn!(instance = %instance.id, "no key of its own for this instance: it cannot destroy itself");
             return Ok(super::cloud::agent_machine(transport, root));
         };
-        let root = &root;
-        let transport = Arc::new(transport);
-        let agent = AgentMachine::new(Arc::clone(&transport) as Arc<dyn Transport>, root.clone());
-        Ok(Arc::new(VastMachine {
-            agent,
-            transport,
-            root: root.clone(),
-            hook: self_destroy(
-                &format!("{}/api/v0/instances/{}/", self.api.base, instance.id),
-                self.self_destroy_grace,
-            ),
-            auth: Secret::new(format!("Authorization: Bearer {}", key.expose())),
+        let hook = self_destroy(
+            &format!("{}/api/v0/instances/{}/", self.api.base, instance.id),
+            self.self_destroy_grace,
+        );
+        let auth = Secret::new(format!("Authorization: Bearer {}", key.expose()));
+        let reattach = Reattach {
             api: Arc::clone(&self.api),
             id: instance.id.clone(),
+            machine: transport.machine().to_string(),
             public_key: self.identity.with_extension("pub"),
-        }))
+        };
+        Ok(Arc::new(
+            super::cloud::CloudMachine::new(Arc::new(transport), root)
+                .ending(hook, Some(auth))
+                .reattaching(reattach),
+        ))
     }
 }
 
@@ -1389,55 +1389,22 @@ fn self_destroy(url: &str, grace: Duration) -> super::cloud::SelfEnd {
     }
 }
 
-/// The agent on a Vast instance, plus what lets the instance end itself: the hook and
-/// its key go in before the agent starts; `collected` tells the hook the controller
-/// has what it needs.
-struct VastMachine {
-    agent: AgentMachine,
-    transport: Arc<SshTransport>,
-    root: String,
-    hook: super::cloud::SelfEnd,
-    auth: Secret,
+/// A login refused on a Vast instance: asimov's key is attached to it again through
+/// the API (`POST /instances/{id}/ssh/`).
+struct Reattach {
     api: Arc<Api>,
     id: InstanceId,
+    machine: String,
     public_key: PathBuf,
 }
 
-/// A login refused: the instance's `authorized_keys` lost our key (images and users do
-/// replace it), while the instance itself is fine.
-fn login_refused(e: &AgentError) -> bool {
-    matches!(
-        e,
-        AgentError::Transport {
-            source: crate::transport::TransportError::Failed {
-                step: "authenticate",
-                ..
-            },
-            ..
-        }
-    )
-}
-
-/// Runs one agent call; a refused login re-attaches asimov's key through the API and
-/// tries once more, so a run is never lost to a replaced `authorized_keys`.
-macro_rules! relogin {
-    ($self:ident, $call:expr) => {
-        match $call {
-            Err(e) if login_refused(&e) => {
-                $self.reattach(&e).await?;
-                $call
-            }
-            other => other,
-        }
-    };
-}
-
-impl VastMachine {
+#[async_trait]
+impl super::cloud::Reattach for Reattach {
     async fn reattach(&self, why: &AgentError) -> Result<(), AgentError> {
         let step = "re-attach the ssh key";
         tracing::warn!(instance = %self.id, error = %why, "ssh login refused; attaching asimov's key to the instance again");
         let fail = |message: String| AgentError::Failed {
-            machine: self.transport.machine().to_string(),
+            machine: self.machine.clone(),
             step,
             message,
         };
@@ -1455,95 +1422,6 @@ impl VastMachine {
             .await
             .map_err(|e| fail(e.to_string()))?;
         Ok(())
-    }
-}
-
-#[async_trait]
-impl crate::agent::Machine for VastMachine {
-    async fn gpus(&self) -> Result<crate::agent::GpuProbe, AgentError> {
-        relogin!(
-            self,
-            super::cloud::probe_gpus(self.transport.as_ref()).await
-        )
-    }
-
-    async fn start(&self, spec: &LaunchSpec) -> Result<(), AgentError> {
-        relogin!(
-            self,
-            super::cloud::install_end_hook(
-                &*self.transport,
-                &self.root,
-                &self.hook,
-                Some(&self.auth)
-            )
-            .await
-        )?;
-        self.agent.start(spec).await
-    }
-
-    async fn observe(&self) -> Result<Option<AgentStatus>, AgentError> {
-        relogin!(self, self.agent.observe().await)
-    }
-
-    async fn log_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
-        relogin!(self, self.agent.log_tail(max_bytes).await)
-    }
-
-    async fn collect(&self, log: &Path, outputs: &Path) -> Result<(), AgentError> {
-        relogin!(self, self.agent.collect(log, outputs).await)?;
-        super::cloud::mark_collected(&*self.transport, &self.root).await
-    }
-
-    async fn copy_log(&self, to: &Path) -> Result<bool, AgentError> {
-        relogin!(self, self.agent.copy_log(to).await)
-    }
-
-    async fn follow_log(&self) -> Result<crate::transport::ByteStream<'_>, AgentError> {
-        self.agent.follow_log().await
-    }
-
-    async fn sync_checkpoint(&self, path: &str, into: &Path) -> Result<bool, AgentError> {
-        relogin!(self, self.agent.sync_checkpoint(path, into).await)
-    }
-
-    async fn metrics_tail(&self, max_bytes: usize) -> Result<String, AgentError> {
-        relogin!(self, self.agent.metrics_tail(max_bytes).await)
-    }
-
-    async fn metrics_since(
-        &self,
-        offset: u64,
-        file: Option<u64>,
-        max_bytes: usize,
-    ) -> Result<crate::agent::MetricsRead, AgentError> {
-        relogin!(
-            self,
-            self.agent.metrics_since(offset, file, max_bytes).await
-        )
-    }
-
-    async fn sync_s3(&self, last: bool) -> Result<crate::agent::S3Synced, AgentError> {
-        relogin!(self, self.agent.sync_s3(last).await)
-    }
-
-    async fn interactive(
-        &self,
-        session: crate::agent::Session,
-        run: &str,
-    ) -> Result<std::process::Command, AgentError> {
-        relogin!(self, self.agent.interactive(session, run).await)
-    }
-
-    async fn stop(&self) -> Result<(), AgentError> {
-        relogin!(self, self.agent.stop().await)
-    }
-
-    async fn pause(&self) -> Result<(), AgentError> {
-        relogin!(self, self.agent.pause().await)
-    }
-
-    async fn resume(&self, resume_from: Option<&str>) -> Result<(), AgentError> {
-        relogin!(self, self.agent.resume(resume_from).await)
     }
 }
 

@@ -126,6 +126,11 @@ impl SshPool {
         SshPool::with_options(home, SshOptions::default())
     }
 
+    /// The asimov home this pool keeps its keys and pins in.
+    pub fn home(&self) -> &Home {
+        &self.home
+    }
+
     pub fn with_options(home: Home, options: SshOptions) -> std::io::Result<Arc<SshPool>> {
         let control_dir = tempfile::Builder::new()
             .prefix(CONTROL_DIR_PREFIX)

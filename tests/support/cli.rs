@@ -133,6 +133,57 @@ impl Asimov {
         rc != 0
     }
 
+    /// True when a live controller holds the lock, false once the lock is free. A
+    /// controller just killed can leave its lock held a moment longer (a child it was
+    /// spawning holds a copy of the descriptor until it execs; seen in CI under load),
+    /// so a lock whose `controller.pid` names a dead process is waited out.
+    pub fn live_controller(&self) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            if !self.controller_running() {
+                return false;
+            }
+            let pid = std::fs::read_to_string(self.home.path().join("controller.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            let alive = pid.is_some_and(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    // The state follows the command name, which may hold spaces.
+                    stat.rsplit_once(')')
+                        .is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
+                })
+            });
+            if alive {
+                return true;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the lock of a dead controller (pid {pid:?}) is still held after 30s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The last `lines` lines of the background controller's log and of the foreground
+    /// controllers' stderr, for a failure's message.
+    pub fn controller_logs(&self, lines: usize) -> String {
+        let tail = |path: std::path::PathBuf| {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            let from = all.len().saturating_sub(lines);
+            format!(
+                "--- {} (last {lines} lines)\n{}",
+                path.display(),
+                all[from..].join("\n")
+            )
+        };
+        format!(
+            "{}\n{}",
+            tail(self.home.path().join("controller.log")),
+            tail(self.controller_stderr())
+        )
+    }
+
     pub fn runs_json(&self) -> serde_json::Value {
         let text = self.ok(&["get", "runs", "-o", "json"]);
         serde_json::from_str(&text).expect("get runs -o json is JSON")
