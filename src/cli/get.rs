@@ -112,18 +112,18 @@ fn runs(home: &Home, name: Option<&str>, output: Output) -> CliResult {
             }
         }
         Output::Json => {
-            // `{"items": [...]}` as serde_json's pretty printer lays it out, each run
-            // rendered as its row is read into one buffer, written out when it fills.
+            // `{"items": [...]}` as serde_json's pretty printer lays it out, each run's
+            // object (kept rendered by the store, `store::listing`) completed into one
+            // buffer as its row is read, written out when it fills.
             const FLUSH_AT: usize = 1 << 16;
             let mut buf: Vec<u8> = Vec::with_capacity(FLUSH_AT + 4096);
             buf.extend_from_slice(b"{\n  \"items\": [");
             let mut first = true;
             store
-                .list_runs(which, Fields::All, |run| {
+                .list_runs_json(which, |run| {
                     buf.extend_from_slice(if first { b"\n    " } else { b",\n    " });
                     first = false;
-                    RunView::listed(&run, errors.get(run.name), now)
-                        .write_json_into(&mut buf, 4)?;
+                    run.write_into(&mut buf, errors.get(run.name), now)?;
                     if buf.len() >= FLUSH_AT {
                         out.write_all(&buf)?;
                         buf.clear();

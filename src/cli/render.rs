@@ -3,425 +3,13 @@
 //! only ever added, never renamed or removed.
 
 use crate::model::Timestamp;
+use crate::store::view::listed;
+pub use crate::store::view::{ErrorView, MatrixView, ProgressView, Rfc3339, RunView, rfc3339, usd};
 use crate::store::{ListedRun, RunError, RunRecord};
 use comfy_table::{Table, presets};
-use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fmt::Write as _;
-use std::ops::Not as _;
-
-/// A run as `get runs -o json|yaml` prints it.
-#[derive(Debug, Serialize)]
-pub struct RunView<'a> {
-    pub name: &'a str,
-    pub job: &'a str,
-    pub phase: &'static str,
-    pub reason: &'a str,
-    pub provider: Option<&'static str>,
-    pub instance_id: Option<&'a str>,
-    pub host: Option<&'a str>,
-    pub gpu: Option<&'a str>,
-    pub price_per_hour: Option<f64>,
-    pub cost_usd: f64,
-    pub progress: Option<ProgressView>,
-    pub attempt: u32,
-    pub repository: Option<&'a str>,
-    pub commit: Option<&'a str>,
-    pub commit_message: Option<&'a str>,
-    pub author: Option<&'a str>,
-    pub dirty: bool,
-    pub exit_code: Option<i32>,
-    pub matrix: MatrixView<'a>,
-    pub created_at: Rfc3339,
-    pub started_at: Option<Rfc3339>,
-    pub finished_at: Option<Rfc3339>,
-    /// The last failure of any of the run's steps (create, start, setup, ...), kept until
-    /// that work goes through.
-    pub last_error: Option<ErrorView<'a>>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ErrorView<'a> {
-    pub step: &'a str,
-    pub message: &'a str,
-    pub at: Rfc3339,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ProgressView {
-    pub done: u64,
-    pub total: Option<u64>,
-    pub fraction: Option<f64>,
-}
-
-/// A run's matrix: the map of a record, or the JSON text of a listed row, printed the
-/// same way either way.
-#[derive(Debug, Clone, Copy)]
-pub enum MatrixView<'a> {
-    Map(&'a BTreeMap<String, String>),
-    /// A JSON object of strings, as the store keeps it.
-    Json(&'a str),
-}
-
-impl Serialize for MatrixView<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::Error;
-        match *self {
-            MatrixView::Map(map) => map.serialize(serializer),
-            // Most runs have no matrix: no parser for them.
-            MatrixView::Json("{}") => BTreeMap::<&str, &str>::new().serialize(serializer),
-            MatrixView::Json(text) => {
-                // Borrowed strings unless a value has escapes, which must be decoded.
-                match serde_json::from_str::<BTreeMap<&str, &str>>(text) {
-                    Ok(map) => map.serialize(serializer),
-                    Err(_) => serde_json::from_str::<BTreeMap<String, String>>(text)
-                        .map_err(S::Error::custom)?
-                        .serialize(serializer),
-                }
-            }
-        }
-    }
-}
-
-impl<'a> RunView<'a> {
-    /// The run as of `now` (its cost so far is derived at `now`).
-    pub fn of(run: &'a RunRecord, error: Option<&'a RunError>, now: Timestamp) -> Self {
-        let mut view = RunView::listed(&listed(run), error, now);
-        view.matrix = MatrixView::Map(&run.matrix);
-        view
-    }
-
-    /// A listed row as of `now`.
-    pub fn listed(run: &ListedRun<'a>, error: Option<&'a RunError>, now: Timestamp) -> Self {
-        RunView {
-            name: run.name,
-            job: run.job,
-            phase: run.phase.as_str(),
-            reason: run.reason,
-            provider: run.provider.map(|p| p.as_str()),
-            instance_id: run.instance_id,
-            host: run.host,
-            gpu: run.gpu,
-            price_per_hour: run.price_per_hour.map(|p| p.dollars()),
-            cost_usd: round_cents(run.cost_at(now).dollars()),
-            progress: run.progress_done.map(|done| ProgressView {
-                done,
-                total: run.progress_total,
-                fraction: run
-                    .progress_total
-                    .filter(|t| *t > 0)
-                    .map(|t| done as f64 / t as f64),
-            }),
-            attempt: run.attempt,
-            repository: run.repository,
-            commit: run.commit,
-            commit_message: run.commit_message,
-            author: run.author,
-            dirty: run.dirty,
-            exit_code: run.exit_code,
-            matrix: MatrixView::Json(run.matrix_json),
-            created_at: Rfc3339(run.created_at),
-            started_at: run.started_at.map(Rfc3339),
-            finished_at: run.finished_at.map(Rfc3339),
-            last_error: error.map(|e| ErrorView {
-                step: &e.step,
-                message: &e.message,
-                at: Rfc3339(e.at),
-            }),
-        }
-    }
-}
-
-/// Writes a JSON scalar (string, number, bool, null) as serde_json writes it.
-fn scalar(out: &mut Vec<u8>, value: &impl Serialize) -> std::io::Result<()> {
-    serde_json::to_writer(out, value).map_err(std::io::Error::from)
-}
-
-/// True when serde_json writes `s` as is between its quotes: no quote, backslash or
-/// control character (the only bytes it escapes).
-fn plain(s: &str) -> bool {
-    // Every byte looked at (no early exit), which the compiler turns into wide compares.
-    s.bytes()
-        .fold(false, |bad, b| {
-            bad | (b < 0x20) | (b == b'"') | (b == b'\\')
-        })
-        .not()
-}
-
-/// A JSON string as serde_json writes it; most strings need no escaping and are
-/// copied in one go.
-fn string(out: &mut Vec<u8>, s: &str) -> std::io::Result<()> {
-    if plain(s) {
-        out.reserve(s.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-        Ok(())
-    } else {
-        scalar(out, &s)
-    }
-}
-
-fn optional_string(out: &mut Vec<u8>, s: Option<&str>) -> std::io::Result<()> {
-    match s {
-        Some(s) => string(out, s),
-        None => {
-            out.extend_from_slice(b"null");
-            Ok(())
-        }
-    }
-}
-
-fn time(out: &mut Vec<u8>, t: Rfc3339) -> std::io::Result<()> {
-    match t.ascii() {
-        Some(bytes) => {
-            out.push(b'"');
-            out.extend_from_slice(&bytes);
-            out.push(b'"');
-            Ok(())
-        }
-        None => scalar(out, &t),
-    }
-}
-
-fn optional_time(out: &mut Vec<u8>, t: Option<Rfc3339>) -> std::io::Result<()> {
-    match t {
-        Some(t) => time(out, t),
-        None => {
-            out.extend_from_slice(b"null");
-            Ok(())
-        }
-    }
-}
-
-/// A pretty-printed JSON object written field by field, byte for byte as
-/// `serde_json::to_writer_pretty` writes it at this depth (two spaces a level). It
-/// writes into a `Vec`: a run is about 30 small pieces, and the pieces cost less as
-/// vector appends than as calls through `io::Write`.
-struct Object<'w> {
-    out: &'w mut Vec<u8>,
-    /// Spaces before this object's own closing brace.
-    indent: usize,
-    empty: bool,
-}
-
-impl<'w> Object<'w> {
-    fn open(out: &'w mut Vec<u8>, indent: usize) -> Self {
-        out.push(b'{');
-        Object {
-            out,
-            indent,
-            empty: true,
-        }
-    }
-
-    /// Starts the next field: its key is a plain identifier, written as is.
-    fn key(&mut self, key: &str) -> &mut Vec<u8> {
-        let out = &mut *self.out;
-        if self.empty {
-            out.push(b'\n');
-        } else {
-            out.extend_from_slice(b",\n");
-        }
-        self.empty = false;
-        out.resize(out.len() + self.indent + 2, b' ');
-        out.push(b'"');
-        out.extend_from_slice(key.as_bytes());
-        out.extend_from_slice(b"\": ");
-        out
-    }
-
-    fn field(&mut self, key: &str, value: &impl Serialize) -> std::io::Result<()> {
-        let out = self.key(key);
-        scalar(out, value)
-    }
-
-    fn string(&mut self, key: &str, value: &str) -> std::io::Result<()> {
-        let out = self.key(key);
-        string(out, value)
-    }
-
-    fn optional_string(&mut self, key: &str, value: Option<&str>) -> std::io::Result<()> {
-        let out = self.key(key);
-        optional_string(out, value)
-    }
-
-    fn close(self) {
-        if !self.empty {
-            self.out.push(b'\n');
-            self.out.resize(self.out.len() + self.indent, b' ');
-        }
-        self.out.push(b'}');
-    }
-}
-
-impl RunView<'_> {
-    /// Writes the run as `serde_json::to_writer_pretty` would, its opening brace where
-    /// the cursor is and its closing one `indent` spaces in: the same bytes (a test
-    /// compares them), without serde's per-key escaping and dispatch, which was most of
-    /// the cost of `get runs -o json` at 100,000 runs.
-    pub fn write_json(&self, out: &mut impl std::io::Write, indent: usize) -> std::io::Result<()> {
-        let mut buf = Vec::with_capacity(1024);
-        self.write_json_into(&mut buf, indent)?;
-        out.write_all(&buf)
-    }
-
-    /// `write_json` appending to `out`: a listing renders each run into one buffer and
-    /// hands it to the output in large writes.
-    pub fn write_json_into(&self, out: &mut Vec<u8>, indent: usize) -> std::io::Result<()> {
-        let mut o = Object::open(out, indent);
-        o.string("name", self.name)?;
-        o.string("job", self.job)?;
-        o.string("phase", self.phase)?;
-        o.string("reason", self.reason)?;
-        o.optional_string("provider", self.provider)?;
-        o.optional_string("instance_id", self.instance_id)?;
-        o.optional_string("host", self.host)?;
-        o.optional_string("gpu", self.gpu)?;
-        o.field("price_per_hour", &self.price_per_hour)?;
-        o.field("cost_usd", &self.cost_usd)?;
-        match &self.progress {
-            None => o.key("progress").extend_from_slice(b"null"),
-            Some(p) => {
-                let out = o.key("progress");
-                let mut inner = Object::open(out, indent + 2);
-                inner.field("done", &p.done)?;
-                inner.field("total", &p.total)?;
-                inner.field("fraction", &p.fraction)?;
-                inner.close();
-            }
-        }
-        o.field("attempt", &self.attempt)?;
-        o.optional_string("repository", self.repository)?;
-        o.optional_string("commit", self.commit)?;
-        o.optional_string("commit_message", self.commit_message)?;
-        o.optional_string("author", self.author)?;
-        o.key("dirty")
-            .extend_from_slice(if self.dirty { b"true" } else { b"false" });
-        o.field("exit_code", &self.exit_code)?;
-        {
-            let out = o.key("matrix");
-            let mut inner = Object::open(out, indent + 2);
-            self.matrix.each(|k, v| {
-                // Matrix keys are the user's: escaped like any string.
-                let sep: &[u8] = if inner.empty { b"\n" } else { b",\n" };
-                inner.empty = false;
-                inner.out.extend_from_slice(sep);
-                inner.out.resize(inner.out.len() + indent + 4, b' ');
-                string(inner.out, k)?;
-                inner.out.extend_from_slice(b": ");
-                string(inner.out, v)
-            })?;
-            inner.close();
-        }
-        time(o.key("created_at"), self.created_at)?;
-        optional_time(o.key("started_at"), self.started_at)?;
-        optional_time(o.key("finished_at"), self.finished_at)?;
-        match &self.last_error {
-            None => o.key("last_error").extend_from_slice(b"null"),
-            Some(e) => {
-                let out = o.key("last_error");
-                let mut inner = Object::open(out, indent + 2);
-                inner.string("step", e.step)?;
-                inner.string("message", e.message)?;
-                time(inner.key("at"), e.at)?;
-                inner.close();
-            }
-        }
-        o.close();
-        Ok(())
-    }
-}
-
-/// The pairs of a matrix as the store writes it (`serde_json` of a sorted map: compact,
-/// keys in order) when no key or value holds anything serde_json escapes; `None` for
-/// anything else, which the JSON parser then reads.
-fn plain_pairs(text: &str) -> Option<Vec<(&str, &str)>> {
-    let inner = text.strip_prefix('{')?.strip_suffix('}')?;
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
-    if inner.is_empty() {
-        return Some(pairs);
-    }
-    let mut rest = inner;
-    loop {
-        let (key, after) = rest.strip_prefix('"')?.split_once('"')?;
-        let (value, after) = after.strip_prefix(":\"")?.split_once('"')?;
-        if !plain(key) || !plain(value) || pairs.last().is_some_and(|(k, _)| *k >= key) {
-            return None;
-        }
-        pairs.push((key, value));
-        match after.strip_prefix(',') {
-            Some(next) => rest = next,
-            None if after.is_empty() => return Some(pairs),
-            None => return None,
-        }
-    }
-}
-
-impl MatrixView<'_> {
-    /// Each key and value, keys sorted, as the matrix serializes.
-    fn each(&self, mut f: impl FnMut(&str, &str) -> std::io::Result<()>) -> std::io::Result<()> {
-        let bad = |e: serde_json::Error| std::io::Error::other(e);
-        match *self {
-            MatrixView::Map(map) => map.iter().try_for_each(|(k, v)| f(k, v)),
-            MatrixView::Json("{}") => Ok(()),
-            MatrixView::Json(text) => {
-                if let Some(pairs) = plain_pairs(text) {
-                    return pairs.iter().try_for_each(|(k, v)| f(k, v));
-                }
-                match serde_json::from_str::<BTreeMap<&str, &str>>(text) {
-                    Ok(map) => map.iter().try_for_each(|(k, v)| f(k, v)),
-                    Err(_) => serde_json::from_str::<BTreeMap<String, String>>(text)
-                        .map_err(bad)?
-                        .iter()
-                        .try_for_each(|(k, v)| f(k, v)),
-                }
-            }
-        }
-    }
-}
-
-/// A record seen as a listing row. The matrix is left out (`{}`): callers that show it
-/// take it from the record (`RunView::of`).
-fn listed(run: &RunRecord) -> ListedRun<'_> {
-    ListedRun {
-        name: &run.name,
-        job: &run.job,
-        phase: run.phase,
-        reason: &run.reason,
-        matrix_json: "{}",
-        attempt: run.attempt,
-        provider: run.provider,
-        instance_id: run.instance_id.as_deref(),
-        host: run.host.as_deref(),
-        gpu: run.gpu.as_deref(),
-        price_per_hour: run.price_per_hour,
-        cost_usd: run.cost_usd,
-        billing_since: run.billing_since,
-        progress_done: run.progress_done,
-        progress_total: run.progress_total,
-        exit_code: run.exit_code,
-        repository: run.repository.as_deref(),
-        commit: run.commit.as_deref(),
-        commit_message: run.commit_message.as_deref(),
-        author: run.author.as_deref(),
-        dirty: run.dirty,
-        created_at: run.created_at,
-        started_at: run.started_at,
-        finished_at: run.finished_at,
-    }
-}
-
-fn round_cents(usd: f64) -> f64 {
-    self::usd((usd * 10_000.0).round() / 10_000.0)
-}
-
-/// A sum of money as shown: an empty sum of `f64`s is `-0.0`, which would print as
-/// `$-0.00` and `-0.0`.
-pub fn usd(value: f64) -> f64 {
-    if value == 0.0 { 0.0 } else { value }
-}
 
 /// The reason of a run as a table shows it: with the last error of its steps, if any.
 pub fn reason_cell(run: &RunRecord, error: Option<&RunError>) -> String {
@@ -440,77 +28,6 @@ impl fmt::Display for ReasonCell<'_> {
                 write!(f, "{}; last error ({}): {}", run.reason, e.step, e.message)
             }
             _ => f.write_str(run.reason),
-        }
-    }
-}
-
-pub fn rfc3339(t: Timestamp) -> String {
-    chrono::DateTime::from_timestamp(t, 0)
-        .map(|d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_else(|| t.to_string())
-}
-
-/// A time as `rfc3339` writes it, without building a `String`: listings print three
-/// per run.
-#[derive(Debug, Clone, Copy)]
-pub struct Rfc3339(pub Timestamp);
-
-impl Rfc3339 {
-    /// "1970-01-01T00:00:00Z" up to the end of year 9999, the range chrono also writes
-    /// with four-digit years; `None` outside it.
-    fn ascii(self) -> Option<[u8; 20]> {
-        const END_OF_9999: i64 = 253_402_300_800;
-        if !(0..END_OF_9999).contains(&self.0) {
-            return None;
-        }
-        let days = self.0 / 86_400;
-        let secs = self.0 % 86_400;
-        // Days to a civil date (Howard Hinnant's algorithm), for days >= 0.
-        let z = days + 719_468;
-        let era = z / 146_097;
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = doy - (153 * mp + 2) / 5 + 1;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 };
-        let year = yoe + era * 400 + i64::from(month <= 2);
-        let mut out = *b"0000-00-00T00:00:00Z";
-        let mut put = |at: usize, value: i64, digits: usize| {
-            let mut v = value;
-            for i in (0..digits).rev() {
-                out[at + i] = b'0' + (v % 10) as u8;
-                v /= 10;
-            }
-        };
-        put(0, year, 4);
-        put(5, month, 2);
-        put(8, day, 2);
-        put(11, secs / 3600, 2);
-        put(14, secs % 3600 / 60, 2);
-        put(17, secs % 60, 2);
-        Some(out)
-    }
-}
-
-impl fmt::Display for Rfc3339 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.ascii() {
-            // Only ASCII digits and separators were written.
-            Some(bytes) => f.write_str(std::str::from_utf8(&bytes).map_err(|_| fmt::Error)?),
-            None => f.write_str(&rfc3339(self.0)),
-        }
-    }
-}
-
-impl Serialize for Rfc3339 {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self.ascii() {
-            Some(bytes) => match std::str::from_utf8(&bytes) {
-                Ok(text) => serializer.serialize_str(text),
-                Err(_) => serializer.serialize_str(&rfc3339(self.0)),
-            },
-            None => serializer.serialize_str(&rfc3339(self.0)),
         }
     }
 }
@@ -541,20 +58,28 @@ pub fn new_table(header: &[&str]) -> Table {
     table
 }
 
+/// The progress cell by the formatting machinery: what `push_progress` is tested
+/// against.
+#[cfg(test)]
 struct ProgressCell(Option<u64>, Option<u64>);
 
+#[cfg(test)]
 impl fmt::Display for ProgressCell {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match (self.0, self.1) {
-            (Some(d), Some(t)) if t > 0 => write!(f, "{}%", (d * 100 / t).min(100)),
+            // Wrapping, as release builds always did (past 1.8e17 steps), not a panic.
+            (Some(d), Some(t)) if t > 0 => write!(f, "{}%", (d.wrapping_mul(100) / t).min(100)),
             (Some(d), _) => write!(f, "{d}"),
             _ => f.write_str("-"),
         }
     }
 }
 
+/// The commit cell by the formatting machinery: what `push_commit` is tested against.
+#[cfg(test)]
 struct CommitCell<'a>(Option<&'a str>, bool);
 
+#[cfg(test)]
 impl fmt::Display for CommitCell<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.0 {
@@ -568,6 +93,85 @@ impl fmt::Display for CommitCell<'_> {
             }
             None => f.write_str("-"),
         }
+    }
+}
+
+/// Appends `n` in decimal.
+fn push_int(text: &mut String, n: impl itoa::Integer) {
+    text.push_str(itoa::Buffer::new().format(n));
+}
+
+/// What `ProgressCell` writes, appended to `text`.
+fn push_progress(text: &mut String, done: Option<u64>, total: Option<u64>) {
+    match (done, total) {
+        (Some(d), Some(t)) if t > 0 => {
+            // As `ProgressCell`: wrapping past 1.8e17 steps, capped at 100.
+            push_int(text, (d.wrapping_mul(100) / t).min(100));
+            text.push('%');
+        }
+        (Some(d), _) => push_int(text, d),
+        _ => text.push('-'),
+    }
+}
+
+/// What `Usd`'s `Display` writes (`$12.34`), appended to `text`.
+fn push_usd(text: &mut String, usd: crate::model::Usd) {
+    let micros = i128::from(usd.micros());
+    let cents = (micros + if micros < 0 { -5_000 } else { 5_000 }) / 10_000;
+    if cents < 0 {
+        text.push('-');
+    }
+    text.push('$');
+    let cents = cents.unsigned_abs();
+    push_int(text, cents / 100);
+    text.push('.');
+    let rest = (cents % 100) as u8;
+    text.push(char::from(b'0' + rest / 10));
+    text.push(char::from(b'0' + rest % 10));
+}
+
+/// What `Age` writes, appended to `text`.
+fn push_age(text: &mut String, seconds: i64) {
+    let s = seconds.max(0);
+    match s {
+        0..60 => {
+            push_int(text, s);
+            text.push('s');
+        }
+        60..3600 => {
+            push_int(text, s / 60);
+            text.push('m');
+        }
+        3600..86_400 => {
+            push_int(text, s / 3600);
+            text.push('h');
+            push_int(text, (s % 3600) / 60);
+            text.push('m');
+        }
+        _ => {
+            push_int(text, s / 86_400);
+            text.push('d');
+            push_int(text, (s % 86_400) / 3600);
+            text.push('h');
+        }
+    }
+}
+
+/// What `CommitCell` writes, appended to `text`.
+fn push_commit(text: &mut String, commit: Option<&str>, dirty: bool) {
+    match commit {
+        Some(c) => {
+            let short = if c.is_ascii() {
+                &c[..c.len().min(8)]
+            } else {
+                c.char_indices().nth(8).map_or(c, |(end, _)| &c[..end])
+            };
+            text.push_str(short);
+            if dirty {
+                text.push_str("+dirty");
+            }
+        }
+        None => text.push('-'),
     }
 }
 
@@ -587,6 +191,8 @@ pub struct Columns {
     /// Where each cell ends in `text` and how many characters it has, row after row;
     /// a cell starts where the one before it ends.
     ends: Vec<(usize, usize)>,
+    /// The column of the next cell (kept, not derived from `ends` by a division).
+    column: usize,
 }
 
 impl Columns {
@@ -596,6 +202,7 @@ impl Columns {
             widths: header.iter().map(|h| h.chars().count()).collect(),
             text: String::new(),
             ends: Vec::new(),
+            column: 0,
         }
     }
 
@@ -621,6 +228,14 @@ impl Columns {
         self.ended(start);
     }
 
+    /// A cell `write` appends to the text directly (the table's numbers, without the
+    /// formatting machinery).
+    fn cell_with(&mut self, write: impl FnOnce(&mut String)) {
+        let start = self.text.len();
+        write(&mut self.text);
+        self.ended(start);
+    }
+
     /// Records the width of the cell written from `start` on.
     fn ended(&mut self, start: usize) {
         let cell = &self.text[start..];
@@ -629,18 +244,20 @@ impl Columns {
         } else {
             cell.chars().count()
         };
-        let column = self.ends.len() % self.widths.len().max(1);
-        if let Some(w) = self.widths.get_mut(column) {
+        if let Some(w) = self.widths.get_mut(self.column) {
             *w = (*w).max(width);
         }
         self.ends.push((self.text.len(), width));
+        self.column += 1;
+        if self.column >= self.widths.len() {
+            self.column = 0;
+        }
     }
 
     /// Ends the current row; missing cells are empty.
     pub fn end_row(&mut self) {
-        let columns = self.widths.len().max(1);
-        while !self.ends.len().is_multiple_of(columns) {
-            self.ends.push((self.text.len(), 0));
+        while self.column != 0 {
+            self.ended(self.text.len());
         }
     }
 
@@ -723,13 +340,15 @@ impl RunsTable {
     pub fn push(&mut self, run: &ListedRun<'_>, error: Option<&RunError>) {
         let t = &mut self.columns;
         let provider = run.provider.map(|p| p.as_str()).unwrap_or("-");
-        let progress = ProgressCell(run.progress_done, run.progress_total);
-        let commit = CommitCell(run.commit, run.dirty);
+        let progress =
+            |text: &mut String| push_progress(text, run.progress_done, run.progress_total);
+        let commit = |text: &mut String| push_commit(text, run.commit, run.dirty);
+        let cost = run.cost_at(self.now);
         t.text_cell(run.name);
         if self.wide {
             t.text_cell(run.job);
             t.text_cell(run.phase.as_str());
-            t.cell(progress);
+            t.cell_with(progress);
             t.cell(run.attempt);
             t.text_cell(provider);
             t.text_cell(dash(run.instance_id));
@@ -739,8 +358,8 @@ impl RunsTable {
                 Some(p) => t.cell(format_args!("{:.3}", p.dollars())),
                 None => t.cell("-"),
             }
-            t.cell(run.cost_at(self.now));
-            t.cell(commit);
+            t.cell_with(|text| push_usd(text, cost));
+            t.cell_with(commit);
             t.cell(dash(run.commit_message));
             match run.exit_code {
                 Some(c) => t.cell(c),
@@ -752,12 +371,13 @@ impl RunsTable {
             }
         } else {
             t.text_cell(run.phase.as_str());
-            t.cell(progress);
+            t.cell_with(progress);
             t.text_cell(provider);
-            t.cell(run.cost_at(self.now));
-            t.cell(commit);
+            t.cell_with(|text| push_usd(text, cost));
+            t.cell_with(commit);
         }
-        t.cell(Age(self.now - run.created_at));
+        let age = self.now - run.created_at;
+        t.cell_with(|text| push_age(text, age));
         match error {
             None => t.text_cell(run.reason),
             Some(_) => t.cell(ReasonCell(run, error)),
@@ -793,105 +413,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn runs_written_field_by_field_are_what_serde_json_writes() {
-        let mut full = RunRecord::new_pending("a-0", "a", 0, "h", &BTreeMap::new(), "c", 5);
-        full.matrix
-            .insert("model".into(), "llama \"7b\"\t/ ü".into());
-        full.matrix.insert("lr".into(), "3e-4".into());
-        full.provider = Some(crate::model::ProviderKind::Lambda);
-        full.instance_id = Some("i-1".into());
-        full.gpu = Some("H100".into());
-        full.price_per_hour = Some(crate::model::Usd::from_dollars(2.49));
-        full.cost_usd = crate::model::Usd::from_dollars(12.345678);
-        full.progress_done = Some(7);
-        full.progress_total = Some(0);
-        full.exit_code = Some(-9);
-        full.commit = Some("0123456789".into());
-        full.commit_message = Some("line\nbreak \u{1} ünï".into());
-        full.started_at = Some(1_700_000_050);
-        let error = RunError {
-            step: "create".into(),
-            message: "no \"capacity\"".into(),
-            detail: String::new(),
-            at: 1_700_000_000,
-        };
-        let bare = RunRecord::new_pending("b-0", "b", 0, "", &BTreeMap::new(), "", 0);
-        let matrix_json = serde_json::to_string(&full.matrix).unwrap();
-        let mut listed_full = listed(&full);
-        listed_full.matrix_json = &matrix_json;
-        // A matrix with nothing to escape, as the store keeps it (read without the
-        // JSON parser).
-        let mut plain_run = full.clone();
-        plain_run.matrix = BTreeMap::from([
-            ("lr".to_string(), "3e-4".to_string()),
-            ("seed".to_string(), "0".to_string()),
-            ("Ünï".to_string(), "✓".to_string()),
-        ]);
-        let plain_json = serde_json::to_string(&plain_run.matrix).unwrap();
-        let mut listed_plain = listed(&plain_run);
-        listed_plain.matrix_json = &plain_json;
-        let views = [
-            RunView::of(&full, Some(&error), 1_700_000_100),
-            RunView::of(&bare, None, 0),
-            RunView::listed(&listed_full, None, 1_700_000_100),
-            RunView::listed(&listed(&bare), Some(&error), 9),
-            RunView::listed(&listed_plain, Some(&error), 1_700_000_100),
-        ];
-        for view in &views {
-            for indent in [0, 4] {
-                let mut ours = Vec::new();
-                view.write_json(&mut ours, indent).unwrap();
-                let theirs = serde_json::to_string_pretty(view).unwrap();
-                // serde_json's nesting, shifted `indent` spaces in.
-                let pad = " ".repeat(indent);
-                let shifted = theirs.replace('\n', &format!("\n{pad}"));
-                assert_eq!(String::from_utf8(ours).unwrap(), shifted);
-            }
-        }
-    }
-
-    #[test]
-    fn plain_matrices_are_read_without_the_parser_and_the_rest_with_it() {
-        let pairs = |t| plain_pairs(t);
-        assert_eq!(pairs("{}"), Some(vec![]));
-        assert_eq!(
-            pairs(r#"{"a":"1","b":"x y"}"#),
-            Some(vec![("a", "1"), ("b", "x y")])
-        );
-        // Escapes, keys out of order or repeated, spacing or anything else the store
-        // does not write: the parser decides.
-        for text in [
-            r#"{"a":"say \"hi\""}"#,
-            r#"{"a\\b":"1"}"#,
-            r#"{"b":"1","a":"2"}"#,
-            r#"{"a":"1","a":"2"}"#,
-            r#"{"a": "1"}"#,
-            r#"{"a":"1",}"#,
-            r#"{"a":1}"#,
-            r#" {"a":"1"}"#,
-            "{\"a\":\"\u{1}\"}",
-        ] {
-            assert_eq!(pairs(text), None, "{text}");
-        }
-        // Whichever way a matrix is read, it prints the same.
-        for text in [
-            r#"{"b":"1","a":"2"}"#,
-            r#"{"a":"say \"hi\""}"#,
-            r#"{"a":"1"}"#,
-        ] {
-            let mut seen = Vec::new();
-            MatrixView::Json(text)
-                .each(|k, v| {
-                    seen.push((k.to_string(), v.to_string()));
-                    Ok(())
-                })
-                .unwrap();
-            let parsed: BTreeMap<String, String> = serde_json::from_str(text).unwrap();
-            assert_eq!(seen, parsed.into_iter().collect::<Vec<_>>(), "{text}");
-        }
-    }
-
-    #[test]
     fn columns_align_and_trim() {
         let mut t = Columns::new(&["NAME", "PHASE"]);
         t.push(vec!["a-long-name".into(), "Running".into()]);
@@ -905,34 +426,70 @@ mod tests {
     }
 
     #[test]
-    fn rfc3339_without_chrono_writes_what_chrono_writes() {
-        // Every boundary that matters (epoch, leap days, century rules, the end of the
-        // fast range) and a spread of times in between.
-        let mut times = vec![
-            -1,
-            0,
-            59,
-            86_399,
-            951_782_400,   // 2000-02-29
-            4_107_542_400, // 2100-03-01
-            253_402_300_799,
-            253_402_300_800,
-            i64::MIN,
-            i64::MAX,
-        ];
+    fn table_numbers_appended_are_what_their_display_writes() {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        for _ in 0..20_000 {
+        let mut next = || {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            times.push((x % 260_000_000_000) as i64 - 1_000_000_000);
+            x
+        };
+        let mut ints: Vec<i64> = vec![
+            0,
+            1,
+            -1,
+            59,
+            60,
+            3599,
+            3600,
+            86_399,
+            86_400,
+            i64::MAX,
+            i64::MIN,
+        ];
+        for _ in 0..20_000 {
+            let v = next();
+            ints.push(v as i64 >> (v % 60));
         }
-        for t in times {
-            assert_eq!(Rfc3339(t).to_string(), rfc3339(t), "at {t}");
-            assert_eq!(
-                serde_json::to_string(&Rfc3339(t)).unwrap(),
-                serde_json::to_string(&rfc3339(t)).unwrap()
-            );
+        for &n in &ints {
+            let mut text = String::new();
+            push_age(&mut text, n);
+            assert_eq!(text, Age(n).to_string(), "age {n}");
+            let usd = crate::model::Usd::from_micros(n);
+            text.clear();
+            push_usd(&mut text, usd);
+            assert_eq!(text, usd.to_string(), "usd {n}");
+            let done = n.unsigned_abs() >> 8;
+            for total in [
+                None,
+                Some(0),
+                Some(1),
+                Some(done / 3 + 1),
+                Some(n.unsigned_abs()),
+            ] {
+                for done in [None, Some(done)] {
+                    text.clear();
+                    push_progress(&mut text, done, total);
+                    assert_eq!(
+                        text,
+                        ProgressCell(done, total).to_string(),
+                        "{done:?}/{total:?}"
+                    );
+                }
+            }
+        }
+        for commit in [
+            None,
+            Some(""),
+            Some("abc"),
+            Some("0123456789"),
+            Some("ünïcödé-ünï"),
+        ] {
+            for dirty in [false, true] {
+                let mut text = String::new();
+                push_commit(&mut text, commit, dirty);
+                assert_eq!(text, CommitCell(commit, dirty).to_string());
+            }
         }
     }
 

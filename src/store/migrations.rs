@@ -6,10 +6,21 @@ use super::{StoreError, StoreResult};
 use rusqlite::{Connection, TransactionBehavior};
 use std::path::Path;
 
+/// One schema step: SQL, then (for steps that fill what they made from what is there)
+/// code run in the same transaction.
+struct Step {
+    sql: &'static str,
+    fill: Option<fn(&Connection) -> rusqlite::Result<()>>,
+}
+
+const fn sql(sql: &'static str) -> Step {
+    Step { sql, fill: None }
+}
+
 /// The schema steps, oldest first.
-const STEPS: &[&str] = &[
+const STEPS: &[Step] = &[
     // 1: runs, attempts, events and the cost ledger.
-    r#"
+    sql(r#"
     CREATE TABLE runs (
         name            TEXT PRIMARY KEY NOT NULL,
         job             TEXT NOT NULL,
@@ -80,9 +91,9 @@ const STEPS: &[&str] = &[
     );
     CREATE INDEX cost_job ON cost (job, to_at);
     CREATE INDEX cost_run ON cost (run);
-    "#,
+    "#),
     // 2: last known status of fleet hosts.
-    r#"
+    sql(r#"
     CREATE TABLE hosts (
         fleet      TEXT NOT NULL,
         host       TEXT NOT NULL,
@@ -96,11 +107,11 @@ const STEPS: &[&str] = &[
         message    TEXT NOT NULL,
         PRIMARY KEY (fleet, host)
     );
-    "#,
+    "#),
     // 3: what the controller reconciles (its desired state, where each object came
     // from, the problems of files kept at their last good state), whether a controller
     // watches this home, and the last error of each run's steps.
-    r#"
+    sql(r#"
     CREATE TABLE desired_source (
         id          INTEGER PRIMARY KEY CHECK (id = 1),
         folder      TEXT NOT NULL,
@@ -140,12 +151,12 @@ const STEPS: &[&str] = &[
         detail  TEXT NOT NULL,
         at      INTEGER NOT NULL
     );
-    "#,
+    "#),
     // 4: attempt outcomes in the stable text form of `model::Outcome` (a failure keeps
     // its exit code, `ended` was a superseded attempt); runs remember when their held
     // instance started billing, and `cost_usd` is the ledger alone: cost so far is
     // derived when read instead of rewritten as time passes.
-    r#"
+    sql(r#"
     UPDATE attempts SET outcome = 'superseded' WHERE outcome = 'ended';
     UPDATE attempts SET outcome = 'superseded (spec changed)'
         WHERE outcome = 'ended (spec changed)';
@@ -161,20 +172,20 @@ const STEPS: &[&str] = &[
             AND a.released_at IS NULL AND a.instance_id IS NOT NULL)
         WHERE price_per_hour IS NOT NULL;
     UPDATE runs SET cost_usd = coalesce((SELECT sum(c.usd) FROM cost c WHERE c.run = runs.name), 0.0);
-    "#,
+    "#),
     // 5: runs stopped by `asimov destroy`, for the spec they had: desired state the
     // planner honours (a restarted controller does not bring them back). IF NOT EXISTS
     // keeps the step harmless wherever it lands in the order of steps.
-    r#"
+    sql(r#"
     CREATE TABLE IF NOT EXISTS stops (
         run       TEXT PRIMARY KEY,
         spec_hash TEXT NOT NULL,
         at        INTEGER NOT NULL
     );
-    "#,
+    "#),
     // 6: checkpoints: each sync of a run's checkpoint folder brought home complete, and
     // which checkpoint each attempt resumed from (gone with the run).
-    r#"
+    sql(r#"
     CREATE TABLE checkpoint_syncs (
         run      TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
         attempt  INTEGER NOT NULL,
@@ -190,10 +201,10 @@ const STEPS: &[&str] = &[
         at         INTEGER NOT NULL,
         PRIMARY KEY (run, attempt)
     );
-    "#,
+    "#),
     // 7: run lifecycle: pauses and resumes (desired state, like `stops`), when each
     // attempt's agent last answered and why it ended, the latest metrics of each run.
-    r#"
+    sql(r#"
     CREATE TABLE IF NOT EXISTS run_pauses (
         run    TEXT PRIMARY KEY,
         paused INTEGER NOT NULL,
@@ -214,11 +225,11 @@ const STEPS: &[&str] = &[
         value   REAL,
         at      INTEGER NOT NULL
     );
-    "#,
+    "#),
     // 8: how each attempt's job ended, as its agent reported it the first time the
     // controller saw it, before anything was collected. An instance that then ends
     // itself is not taken for a preempted one.
-    r#"
+    sql(r#"
     CREATE TABLE IF NOT EXISTS attempt_ends (
         run      TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
         attempt  INTEGER NOT NULL,
@@ -226,10 +237,10 @@ const STEPS: &[&str] = &[
         seen_at  INTEGER NOT NULL,
         PRIMARY KEY (run, attempt)
     );
-    "#,
+    "#),
     // 9: attempts whose instance was stopped with its disk kept on pause (and a start
     // of it refused for good), gone with the run.
-    r#"
+    sql(r#"
     CREATE TABLE IF NOT EXISTS attempt_disks (
         run      TEXT NOT NULL REFERENCES runs (name) ON DELETE CASCADE,
         attempt  INTEGER NOT NULL,
@@ -238,7 +249,13 @@ const STEPS: &[&str] = &[
         refused  TEXT,
         PRIMARY KEY (run, attempt)
     );
-    "#,
+    "#),
+    // 10: the listing rows `get runs` reads instead of the full rows (`listing.rs`),
+    // filled from every run there is.
+    Step {
+        sql: super::listing::TABLES,
+        fill: Some(super::listing::rebuild),
+    },
 ];
 
 /// The schema version this build writes and reads.
@@ -255,7 +272,7 @@ pub(super) fn migrate(conn: &mut Connection, path: &Path) -> StoreResult<()> {
     migrate_to(conn, path, SCHEMA_VERSION)
 }
 
-fn migrate_to(conn: &mut Connection, path: &Path, target: u32) -> StoreResult<()> {
+pub(super) fn migrate_to(conn: &mut Connection, path: &Path, target: u32) -> StoreResult<()> {
     loop {
         // IMMEDIATE, and the version read inside it: two processes opening a new file at
         // once must not both apply the same step.
@@ -280,12 +297,15 @@ fn migrate_to(conn: &mut Connection, path: &Path, target: u32) -> StoreResult<()
             return Ok(());
         }
         let next = current + 1;
-        let step = STEPS[current as usize];
+        let step = &STEPS[current as usize];
         let migrate_err = |source| StoreError::Migrate {
             version: next,
             source,
         };
-        tx.execute_batch(step).map_err(migrate_err)?;
+        tx.execute_batch(step.sql).map_err(migrate_err)?;
+        if let Some(fill) = step.fill {
+            fill(&tx).map_err(migrate_err)?;
+        }
         tx.pragma_update(None, "user_version", next)
             .map_err(migrate_err)?;
         tx.commit().map_err(migrate_err)?;

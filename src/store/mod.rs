@@ -20,8 +20,10 @@ mod disks;
 mod history;
 mod hosts;
 mod lifecycle;
+mod listing;
 mod migrations;
 mod runs;
+pub mod view;
 
 pub use checkpoints::CheckpointSync;
 pub use desired::{
@@ -29,6 +31,7 @@ pub use desired::{
 };
 pub use disks::KeptDisk;
 pub use lifecycle::{Pause, RunMetrics};
+pub use listing::{ITEM_INDENT, RunJson};
 pub use migrations::SCHEMA_VERSION;
 pub use runs::{Fields, ListError, ListedRun, Listing};
 
