@@ -99,6 +99,19 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Every phase, in lifecycle order.
+    pub const ALL: [Phase; 9] = [
+        Phase::Pending,
+        Phase::Provisioning,
+        Phase::Starting,
+        Phase::Running,
+        Phase::Succeeded,
+        Phase::Failed,
+        Phase::Deleting,
+        Phase::Stopped,
+        Phase::Paused,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Pending => "Pending",

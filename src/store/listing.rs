@@ -445,17 +445,7 @@ mod tests {
         }
     }
 
-    const PHASES: [Phase; 9] = [
-        Phase::Pending,
-        Phase::Provisioning,
-        Phase::Starting,
-        Phase::Running,
-        Phase::Succeeded,
-        Phase::Failed,
-        Phase::Deleting,
-        Phase::Stopped,
-        Phase::Paused,
-    ];
+    const PHASES: [Phase; 9] = Phase::ALL;
 
     fn random_run(rng: &mut Rng, names: &[String]) -> RunRecord {
         let name = names[rng.below(names.len() as u64) as usize].clone();

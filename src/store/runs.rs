@@ -721,16 +721,7 @@ impl Store {
     pub fn any_unfinished_run(&self, which: Listing<'_>) -> StoreResult<bool> {
         const STEP: &str = "looking for unfinished runs";
         // The phases `Phase::is_terminal` names, asked of it rather than repeated here.
-        let every = [
-            Phase::Pending,
-            Phase::Provisioning,
-            Phase::Starting,
-            Phase::Running,
-            Phase::Succeeded,
-            Phase::Failed,
-            Phase::Deleting,
-        ];
-        let list = every
+        let list = Phase::ALL
             .iter()
             .filter(|p| p.is_terminal())
             .map(|p| format!("'{}'", p.as_str()))
@@ -810,5 +801,13 @@ mod tests {
         store.put_run(&done).unwrap();
         assert!(!store.any_unfinished_run(Listing::Run("a-0")).unwrap());
         assert!(store.any_unfinished_run(Listing::Job("j")).unwrap());
+        // A run ended by `asimov destroy` is finished too (it was missed once).
+        done.phase = Phase::Stopped;
+        store.put_run(&done).unwrap();
+        assert!(!store.any_unfinished_run(Listing::Run("a-0")).unwrap());
+        // A paused run is not: it resumes.
+        done.phase = Phase::Paused;
+        store.put_run(&done).unwrap();
+        assert!(store.any_unfinished_run(Listing::Run("a-0")).unwrap());
     }
 }
